@@ -1,0 +1,3 @@
+//! The Gleaner client: the factory daemon and the `gleaner` CLI, over the sans-IO core.
+
+pub mod runtime;

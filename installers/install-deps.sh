@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+#! Installs (idempotently) the system packages that Gleaner's build and tests need on Debian.
+# Usage: installers/install-deps.sh [--start]
+#   --start  also start the daemons the tests use (dockerd) if they are not running.
+set -euo pipefail
+
+PKGS=(
+  pkg-config          # build: -sys crates
+  docker.io           # runtime: containers (Docker Engine)
+  busybox-static      # test assets: a rootfs for the container image
+  iproute2            # tests: network namespaces
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ "${1:-}" == "--start" ]]; then
+  "$(dirname "$0")/start-engines.sh"
+fi

@@ -1,0 +1,214 @@
+//! Signed envelopes: payload bytes + signer + an ed25519 signature over a per-kind domain tag and the
+//! payload. The payload is decoded only after the signature holds.
+//!
+//! Wire layout (docs/protocol.md): a CBOR array `[version, kind, signer, signature, payload]` where
+//! version is 1, kind a small unsigned integer, signer a 32-byte string, signature a 64-byte string and
+//! payload a byte string holding the CBOR of the message. The signed bytes are
+//! `"gleaner/v1/" || kind name || 0x00 || payload`.
+
+use serde::{Serialize, de::DeserializeOwned};
+use serde_tuple::{Deserialize_tuple, Serialize_tuple};
+
+use crate::cbor::{self, Limits};
+use crate::ident::{PublicKey, SecretKey};
+use crate::wire::{Digest, wire_code};
+use crate::Error;
+
+/// The envelope format version this build writes and reads.
+pub const ENVELOPE_VERSION: u8 = 1;
+
+wire_code! {
+    /// What a signed envelope carries; part of the signed bytes, so a signature for one kind never
+    /// verifies as another.
+    Kind {
+        MachineType = 1 => "machine-type",
+        UsageRecord = 2 => "usage-record",
+        CapacityAdvert = 3 => "capacity-advert",
+        Outcome = 4 => "outcome",
+        Enrolment = 5 => "enrolment",
+        KeyRotation = 6 => "key-rotation",
+    }
+}
+
+impl Kind {
+    /// The domain-separation prefix signed before the payload.
+    pub fn domain_tag(self) -> Vec<u8> {
+        let mut tag = Vec::with_capacity(32);
+        tag.extend_from_slice(b"gleaner/v1/");
+        tag.extend_from_slice(self.as_str().as_bytes());
+        tag.push(0);
+        tag
+    }
+}
+
+/// A message that travels inside a signed envelope.
+pub trait Message: Serialize + DeserializeOwned {
+    /// The envelope kind that carries this message.
+    const KIND: Kind;
+    /// Checks the decoded values (ranges, consistency with the signer); time-free.
+    fn validate(&self, signer: &PublicKey) -> Result<(), Error>;
+}
+
+/// The raw envelope as it travels; nothing in it is trusted until [`Envelope::open`] succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+pub struct Envelope {
+    pub version: u8,
+    pub kind: u8,
+    pub signer: serde_bytes::ByteArray<32>,
+    pub signature: serde_bytes::ByteArray<64>,
+    pub payload: serde_bytes::ByteBuf,
+}
+
+/// A message whose signature and contents have been checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified<T> {
+    pub signer: PublicKey,
+    pub message: T,
+    /// SHA-256 of the payload bytes: the stable id of this exact message.
+    pub digest: Digest,
+}
+
+impl Envelope {
+    /// Encodes `message` and signs it with `key`.
+    pub fn seal<T: Message>(message: &T, key: &SecretKey) -> Envelope {
+        let payload = cbor::to_vec(message);
+        let signature = key.sign_raw(&signed_bytes(T::KIND, &payload));
+        Envelope {
+            version: ENVELOPE_VERSION,
+            kind: T::KIND as u8,
+            signer: serde_bytes::ByteArray::new(key.public().to_bytes()),
+            signature: serde_bytes::ByteArray::new(signature),
+            payload: serde_bytes::ByteBuf::from(payload),
+        }
+    }
+
+    /// Encodes the envelope as CBOR.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        cbor::to_vec(self)
+    }
+
+    /// Decodes the outer envelope under [`Limits::ENVELOPE`]; verifies nothing yet.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Envelope, Error> {
+        let env: Envelope = cbor::from_slice(bytes, &Limits::ENVELOPE, "envelope")?;
+        if env.version != ENVELOPE_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "envelope",
+                found: env.version.into(),
+                supported: ENVELOPE_VERSION.into(),
+            });
+        }
+        Ok(env)
+    }
+
+    /// The kind this envelope claims (unverified until opened).
+    pub fn kind(&self) -> Result<Kind, Error> {
+        Kind::from_code(self.kind).ok_or(Error::UnknownKind(self.kind))
+    }
+
+    /// The signer this envelope claims (unverified until opened).
+    pub fn signer(&self) -> Result<PublicKey, Error> {
+        PublicKey::from_bytes(self.signer.as_slice())
+    }
+
+    /// Checks kind and signature, then decodes and validates the payload as `T`.
+    pub fn open<T: Message>(&self) -> Result<Verified<T>, Error> {
+        let signer = self.check_header::<T>()?;
+        signer
+            .dalek()
+            .verify_strict(
+                &signed_bytes(T::KIND, &self.payload),
+                &ed25519_dalek::Signature::from_bytes(&self.signature),
+            )
+            .map_err(|_| Error::BadSignature {
+                kind: T::KIND,
+                signer: signer.to_string(),
+            })?;
+        self.decode_payload(signer)
+    }
+
+    /// Decodes and opens envelope bytes in one step.
+    pub fn open_bytes<T: Message>(bytes: &[u8]) -> Result<Verified<T>, Error> {
+        Envelope::from_bytes(bytes)?.open()
+    }
+
+    fn check_header<T: Message>(&self) -> Result<PublicKey, Error> {
+        let kind = self.kind()?;
+        if kind != T::KIND {
+            return Err(Error::WrongKind {
+                expected: T::KIND,
+                found: kind,
+            });
+        }
+        self.signer()
+    }
+
+    fn decode_payload<T: Message>(&self, signer: PublicKey) -> Result<Verified<T>, Error> {
+        let message: T = cbor::from_slice(&self.payload, &Limits::PAYLOAD, T::KIND.as_str())?;
+        message.validate(&signer)?;
+        Ok(Verified {
+            signer,
+            message,
+            digest: Digest::of(&self.payload),
+        })
+    }
+}
+
+/// Opens many envelopes of one kind with a single batch verification; when the batch fails, each
+/// signature is judged alone with `verify_strict` so that one bad record does not sink the rest.
+/// The result has one entry per envelope, in order.
+pub fn open_batch<T: Message>(envelopes: &[Envelope]) -> Vec<Result<Verified<T>, Error>> {
+    let mut results: Vec<Option<Result<Verified<T>, Error>>> = Vec::with_capacity(envelopes.len());
+    let mut keys = Vec::with_capacity(envelopes.len());
+    let mut sigs = Vec::with_capacity(envelopes.len());
+    let mut msgs: Vec<Vec<u8>> = Vec::with_capacity(envelopes.len());
+    let mut idx = Vec::with_capacity(envelopes.len());
+    for (i, env) in envelopes.iter().enumerate() {
+        match env.check_header::<T>() {
+            Ok(k) if !k.dalek().is_weak() => {
+                keys.push(*k.dalek());
+                sigs.push(ed25519_dalek::Signature::from_bytes(&env.signature));
+                msgs.push(signed_bytes(T::KIND, &env.payload));
+                idx.push(i);
+                results.push(None);
+            }
+            Ok(k) => results.push(Some(Err(Error::BadKey {
+                signer: k.to_string(),
+            }))),
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    let batch_ok = ed25519_dalek::verify_batch(&refs, &sigs, &keys).is_ok();
+    for (j, &i) in idx.iter().enumerate() {
+        let env = &envelopes[i];
+        let signer = PublicKey::from_bytes(keys[j].as_bytes());
+        results[i] = Some(signer.and_then(|signer| {
+            if !batch_ok && keys[j].verify_strict(refs[j], &sigs[j]).is_err() {
+                return Err(Error::BadSignature {
+                    kind: T::KIND,
+                    signer: signer.to_string(),
+                });
+            }
+            env.decode_payload(signer)
+        }));
+    }
+    results.into_iter().flatten().collect()
+}
+
+fn signed_bytes(kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let mut out = kind.domain_tag();
+    out.extend_from_slice(payload);
+    out
+}
+
+pub(crate) fn check_version(what: &'static str, found: u8, supported: u8) -> Result<(), Error> {
+    if found == supported {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedVersion {
+            what,
+            found: found.into(),
+            supported: supported.into(),
+        })
+    }
+}

@@ -1,0 +1,182 @@
+//! Identities: ed25519 keys whose printable id is the libp2p PeerId of the same key.
+//!
+//! One key is one identity everywhere: the host key signs usage records and adverts and is the host's
+//! libp2p identity; a publisher key signs machine types. The printable id is the base58btc of the
+//! identity multihash of the protobuf-encoded public key, exactly as libp2p prints a PeerId.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+
+use crate::Error;
+
+/// Prefix of the protobuf encoding of an ed25519 public key (field 1 = KeyType::Ed25519, field 2 = 32
+/// bytes) followed by the identity multihash header (code 0x00, length 36).
+const PEER_ID_PREFIX: [u8; 6] = [0x00, 0x24, 0x08, 0x01, 0x12, 0x20];
+
+/// A secret ed25519 key. Never printed: its Debug shows only the public id.
+#[derive(Clone)]
+pub struct SecretKey(SigningKey);
+
+impl SecretKey {
+    /// Builds a key from 32 secret bytes; the caller provides the randomness (the core has no RNG).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        SecretKey(SigningKey::from_bytes(&seed))
+    }
+
+    /// The 32 secret bytes, for storing in a 0600 file or handing to libp2p.
+    pub fn seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The matching public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    pub(crate) fn sign_raw(&self, msg: &[u8]) -> [u8; 64] {
+        self.0.sign(msg).to_bytes()
+    }
+
+    /// Encodes the key as the text stored in a key file.
+    pub fn to_file_text(&self) -> String {
+        format!(
+            "{KEY_FILE_HEADER}\n{}\n# id {}\n",
+            hex::encode(self.seed()),
+            self.public()
+        )
+    }
+
+    /// Parses the text of a key file written by [`SecretKey::to_file_text`].
+    pub fn from_file_text(text: &str) -> Result<Self, Error> {
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        if lines.next() != Some(KEY_FILE_HEADER) {
+            return Err(Error::KeyFormat(format!(
+                "not a gleaner secret key file (the first line must be {KEY_FILE_HEADER:?})"
+            )));
+        }
+        let hex_seed = lines
+            .next()
+            .ok_or_else(|| Error::KeyFormat("the key line is missing".into()))?;
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(hex_seed, &mut seed)
+            .map_err(|e| Error::KeyFormat(format!("the key line is not 64 hex digits: {e}")))?;
+        Ok(SecretKey::from_seed(seed))
+    }
+}
+
+const KEY_FILE_HEADER: &str = "gleaner-secret-key-v1";
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey({})", self.public())
+    }
+}
+
+/// A public ed25519 key; displays as its PeerId-compatible id (`12D3KooW…`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    /// Parses 32 raw bytes; refuses points that are not valid keys.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| Error::BadKey {
+            signer: hex::encode(bytes),
+        })?;
+        VerifyingKey::from_bytes(&arr)
+            .map(PublicKey)
+            .map_err(|_| Error::BadKey {
+                signer: hex::encode(bytes),
+            })
+    }
+
+    /// The 32 raw bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    pub(crate) fn dalek(&self) -> &VerifyingKey {
+        &self.0
+    }
+
+    /// The id bytes: the identity multihash of the protobuf-encoded key (a libp2p PeerId).
+    pub fn peer_id_bytes(&self) -> [u8; 38] {
+        let mut out = [0u8; 38];
+        out[..6].copy_from_slice(&PEER_ID_PREFIX);
+        out[6..].copy_from_slice(self.0.as_bytes());
+        out
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&bs58::encode(self.peer_id_bytes()).into_string())
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = Error;
+
+    /// Parses an id (`12D3KooW…`) or 64 hex digits of the raw key.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let s = s.trim();
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let raw = hex::decode(s).map_err(|e| Error::KeyFormat(e.to_string()))?;
+            return PublicKey::from_bytes(&raw);
+        }
+        let raw = bs58::decode(s)
+            .into_vec()
+            .map_err(|e| Error::KeyFormat(format!("{s:?} is neither an id nor hex: {e}")))?;
+        if raw.len() != 38 || raw[..6] != PEER_ID_PREFIX {
+            return Err(Error::KeyFormat(format!(
+                "{s:?} is not the id of an ed25519 key"
+            )));
+        }
+        PublicKey::from_bytes(&raw[6..])
+    }
+}
+
+impl serde::Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0.as_bytes())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw: serde_bytes::ByteArray<32> = serde::Deserialize::deserialize(d)?;
+        PublicKey::from_bytes(raw.as_slice()).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_round_trips_and_looks_like_a_peer_id() {
+        let k = SecretKey::from_seed([7; 32]).public();
+        let id = k.to_string();
+        assert!(id.starts_with("12D3KooW"), "{id}");
+        assert_eq!(id.parse::<PublicKey>().unwrap(), k);
+        assert_eq!(hex::encode(k.to_bytes()).parse::<PublicKey>().unwrap(), k);
+        assert!("12D3KooWnotakey".parse::<PublicKey>().is_err());
+    }
+
+    #[test]
+    fn key_file_round_trips_and_debug_hides_secret() {
+        let k = SecretKey::from_seed([9; 32]);
+        let text = k.to_file_text();
+        assert_eq!(SecretKey::from_file_text(&text).unwrap().seed(), k.seed());
+        assert!(!format!("{k:?}").contains(&hex::encode(k.seed())));
+        assert!(SecretKey::from_file_text("nope\n00").is_err());
+        assert!(SecretKey::from_file_text("gleaner-secret-key-v1\nzz").is_err());
+    }
+}

@@ -1,0 +1,292 @@
+//! Machine type v1: a project's signed definition of a logical machine (Vac's vacuum pipe merged with
+//! a Golem-style manifest) and its validation.
+
+use serde_tuple::{Deserialize_tuple, Serialize_tuple};
+
+use crate::envelope::{Kind, Message, check_version};
+use crate::ident::PublicKey;
+use crate::wire::{Digest, wire_code};
+use crate::Error;
+
+/// The machine-type schema version this build writes and reads.
+pub const MACHINE_TYPE_VERSION: u8 = 1;
+
+wire_code! {
+    /// How a machine type runs.
+    Backend {
+        Container = 0 => "container",
+        Vm = 1 => "vm",
+    }
+}
+
+/// A content-addressed blob: where to fetch it and the SHA-256 it must have.
+///
+/// `url` is `http(s)://…` or `file://…` for a tarball or disk image; for a container image from a
+/// registry it is `oci://registry/name` and `sha256` is the manifest digest it is pinned to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+pub struct Blob {
+    pub url: String,
+    pub sha256: Digest,
+}
+
+/// A machine type as signed by its publisher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+pub struct MachineType {
+    /// Schema version, always [`MACHINE_TYPE_VERSION`].
+    pub v: u8,
+    /// Lowercase name, unique per publisher: `[a-z0-9][a-z0-9._-]{0,63}`.
+    pub name: String,
+    /// The publisher's key; must be the envelope's signer.
+    pub publisher: PublicKey,
+    /// Increases with every release; factories refuse a lower version than one they have seen.
+    pub version: u64,
+    /// Unix seconds after which the definition is refused.
+    pub not_after: u64,
+    pub backend: Backend,
+    /// The container image or the VM disk image (optional for VMs that boot a kernel directly).
+    pub image: Option<Blob>,
+    /// Kernel and initrd for direct kernel boot (VMs only).
+    pub kernel: Option<Blob>,
+    pub initrd: Option<Blob>,
+    /// The user_data template handed to the machine; `##user_data_…##` placeholders are substituted.
+    pub user_data: String,
+    pub cores_min: u16,
+    pub cores_max: u16,
+    pub memory_mib: u32,
+    pub disk_mib: u32,
+    pub max_wallclock_s: u32,
+    pub heartbeat_s: u32,
+    pub fizzle_s: u32,
+    pub backoff_s: u32,
+    /// Outbound network allowed: empty for none, `["*"]` for any, else `host:port` entries.
+    pub egress: Vec<String>,
+    /// Accounting weight in thousandths (1000 = 1.0).
+    pub weight_milli: u32,
+    pub description: String,
+}
+
+/// Upper bounds that keep a definition sane; beyond them a definition is refused.
+pub mod bounds {
+    pub const NAME_MAX: usize = 64;
+    pub const CORES_MAX: u16 = 1024;
+    pub const MEMORY_MIB_MIN: u32 = 16;
+    pub const MEMORY_MIB_MAX: u32 = 4 * 1024 * 1024;
+    pub const DISK_MIB_MAX: u32 = 64 * 1024 * 1024;
+    pub const WALLCLOCK_MAX_S: u32 = 30 * 24 * 3600;
+    pub const USER_DATA_MAX: usize = 64 * 1024;
+    pub const EGRESS_MAX: usize = 32;
+    pub const WEIGHT_MILLI_MAX: u32 = 100_000;
+    pub const URL_MAX: usize = 2048;
+    pub const DESCRIPTION_MAX: usize = 4096;
+}
+
+impl MachineType {
+    /// Refuses a definition that has expired at `now` (unix seconds).
+    pub fn check_fresh(&self, now: u64) -> Result<(), Error> {
+        if now > self.not_after {
+            return Err(Error::Expired {
+                not_after: self.not_after,
+                now,
+            });
+        }
+        Ok(())
+    }
+
+    /// True when the signed egress policy allows any outbound network at all.
+    pub fn allows_network(&self) -> bool {
+        !self.egress.is_empty()
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    let ok_first = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let ok_rest = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if name.len() > bounds::NAME_MAX || !ok_first || !ok_rest {
+        return Err(Error::invalid(
+            "name",
+            format!(
+                "{name:?} must be 1 to {} characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+                bounds::NAME_MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_blob(field: &'static str, blob: &Blob) -> Result<(), Error> {
+    let url = &blob.url;
+    if url.len() > bounds::URL_MAX {
+        return Err(Error::invalid(field, format!("url longer than {} bytes", bounds::URL_MAX)));
+    }
+    let scheme_ok = ["https://", "http://", "file://", "oci://"]
+        .iter()
+        .any(|s| url.starts_with(s) && url.len() > s.len());
+    if !scheme_ok || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(
+            field,
+            format!("{url:?} must be an https://, http://, file:// or oci:// url without spaces"),
+        ));
+    }
+    if blob.sha256 == Digest::default() {
+        return Err(Error::invalid(field, "sha256 is all zeros"));
+    }
+    Ok(())
+}
+
+fn check_egress(egress: &[String]) -> Result<(), Error> {
+    if egress.len() > bounds::EGRESS_MAX {
+        return Err(Error::invalid(
+            "egress",
+            format!("{} entries, at most {}", egress.len(), bounds::EGRESS_MAX),
+        ));
+    }
+    for e in egress {
+        if e == "*" {
+            continue;
+        }
+        let ok = e.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b))
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            return Err(Error::invalid(
+                "egress",
+                format!("{e:?} is neither \"*\" nor host:port"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Message for MachineType {
+    const KIND: Kind = Kind::MachineType;
+
+    fn validate(&self, signer: &PublicKey) -> Result<(), Error> {
+        use bounds::*;
+        check_version("machine type", self.v, MACHINE_TYPE_VERSION)?;
+        check_name(&self.name)?;
+        if &self.publisher != signer {
+            return Err(Error::invalid(
+                "publisher",
+                format!("names {} but was signed by {signer}", self.publisher),
+            ));
+        }
+        if self.version == 0 {
+            return Err(Error::invalid("version", "must be at least 1"));
+        }
+        match self.backend {
+            Backend::Container => {
+                let Some(image) = &self.image else {
+                    return Err(Error::invalid("image", "a container needs an image"));
+                };
+                check_blob("image", image)?;
+                if self.kernel.is_some() || self.initrd.is_some() {
+                    return Err(Error::invalid(
+                        "kernel",
+                        "kernel and initrd are for vm machine types only",
+                    ));
+                }
+            }
+            Backend::Vm => {
+                if let Some(image) = &self.image {
+                    check_blob("image", image)?;
+                    if image.url.starts_with("oci://") {
+                        return Err(Error::invalid("image", "a vm image cannot be an oci:// reference"));
+                    }
+                }
+                match (&self.kernel, &self.initrd) {
+                    (Some(k), i) => {
+                        check_blob("kernel", k)?;
+                        if let Some(i) = i {
+                            check_blob("initrd", i)?;
+                        }
+                    }
+                    (None, Some(_)) => {
+                        return Err(Error::invalid("initrd", "an initrd needs a kernel"));
+                    }
+                    (None, None) if self.image.is_none() => {
+                        return Err(Error::invalid("image", "a vm needs a disk image or a kernel"));
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        if self.user_data.len() > USER_DATA_MAX {
+            return Err(Error::invalid(
+                "user_data",
+                format!("{} bytes, at most {USER_DATA_MAX}", self.user_data.len()),
+            ));
+        }
+        if self.cores_min == 0 || self.cores_min > self.cores_max || self.cores_max > CORES_MAX {
+            return Err(Error::invalid(
+                "cores",
+                format!(
+                    "min {} and max {} must satisfy 1 <= min <= max <= {CORES_MAX}",
+                    self.cores_min, self.cores_max
+                ),
+            ));
+        }
+        if !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&self.memory_mib) {
+            return Err(Error::invalid(
+                "memory",
+                format!("{} MiB is outside {MEMORY_MIB_MIN}..={MEMORY_MIB_MAX} MiB", self.memory_mib),
+            ));
+        }
+        if self.disk_mib == 0 || self.disk_mib > DISK_MIB_MAX {
+            return Err(Error::invalid(
+                "disk",
+                format!("{} MiB is outside 1..={DISK_MIB_MAX} MiB", self.disk_mib),
+            ));
+        }
+        if self.max_wallclock_s == 0 || self.max_wallclock_s > WALLCLOCK_MAX_S {
+            return Err(Error::invalid(
+                "max_wallclock",
+                format!("{} s is outside 1..={WALLCLOCK_MAX_S} s", self.max_wallclock_s),
+            ));
+        }
+        if self.heartbeat_s == 0 || self.heartbeat_s > self.max_wallclock_s {
+            return Err(Error::invalid(
+                "heartbeat",
+                format!(
+                    "{} s must be at least 1 s and at most max_wallclock ({} s)",
+                    self.heartbeat_s, self.max_wallclock_s
+                ),
+            ));
+        }
+        if self.fizzle_s >= self.max_wallclock_s {
+            return Err(Error::invalid(
+                "fizzle",
+                format!(
+                    "{} s must be below max_wallclock ({} s)",
+                    self.fizzle_s, self.max_wallclock_s
+                ),
+            ));
+        }
+        if self.backoff_s > WALLCLOCK_MAX_S {
+            return Err(Error::invalid("backoff", format!("{} s is more than {WALLCLOCK_MAX_S} s", self.backoff_s)));
+        }
+        check_egress(&self.egress)?;
+        if self.weight_milli == 0 || self.weight_milli > WEIGHT_MILLI_MAX {
+            return Err(Error::invalid(
+                "weight",
+                format!("{} must be in 0.001..=100", f64::from(self.weight_milli) / 1000.0),
+            ));
+        }
+        if self.description.len() > DESCRIPTION_MAX {
+            return Err(Error::invalid(
+                "description",
+                format!("{} bytes, at most {DESCRIPTION_MAX}", self.description.len()),
+            ));
+        }
+        Ok(())
+    }
+}
