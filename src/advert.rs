@@ -1,13 +1,11 @@
 //! Capacity adverts (what a factory can still take) and outcome reports (how a machine ended), both
 //! gossiped across the space and signed by the host.
 
-use serde_tuple::{Deserialize_tuple, Serialize_tuple};
-
+use crate::Error;
 use crate::envelope::{Kind, Message, check_version};
 use crate::ident::PublicKey;
 use crate::usage::OutcomeCode;
-use crate::wire::{Digest, Id16};
-use crate::Error;
+use crate::wire::{Digest, Id16, wire_struct};
 
 /// The advert and outcome schema version this build writes and reads.
 pub const ADVERT_VERSION: u8 = 1;
@@ -19,15 +17,18 @@ pub mod backend_bits {
     pub const TCG: u8 = 4;
 }
 
+wire_struct! {
 /// How many machines of one type a factory runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Running {
     pub machine_type: Digest,
     pub count: u16,
 }
+}
 
+wire_struct! {
 /// A factory's free capacity and what it runs, published jittered and on change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapacityAdvert {
     pub v: u8,
     /// The host key; must be the envelope's signer.
@@ -45,6 +46,7 @@ pub struct CapacityAdvert {
     pub owner_present: bool,
     pub draining: bool,
     pub benchmark: u32,
+}
 }
 
 /// Most machine types one advert may list.
@@ -64,7 +66,10 @@ impl Message for CapacityAdvert {
         if self.running.len() > ADVERT_RUNNING_MAX {
             return Err(Error::invalid(
                 "running",
-                format!("{} entries, at most {ADVERT_RUNNING_MAX}", self.running.len()),
+                format!(
+                    "{} entries, at most {ADVERT_RUNNING_MAX}",
+                    self.running.len()
+                ),
             ));
         }
         if self.backends & !(backend_bits::DOCKER | backend_bits::KVM | backend_bits::TCG) != 0 {
@@ -77,8 +82,9 @@ impl Message for CapacityAdvert {
     }
 }
 
+wire_struct! {
 /// How one logical machine ended, published to the space so that aborts back its type off everywhere.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutcomeReport {
     pub v: u8,
     pub host: PublicKey,
@@ -91,6 +97,7 @@ pub struct OutcomeReport {
     pub outcome: OutcomeCode,
     /// A short message from the workload or the factory.
     pub detail: String,
+}
 }
 
 /// Longest detail an outcome report may carry.
@@ -114,7 +121,10 @@ impl Message for OutcomeReport {
             ));
         }
         if self.outcome == OutcomeCode::Running {
-            return Err(Error::invalid("outcome", "a finished machine cannot be running"));
+            return Err(Error::invalid(
+                "outcome",
+                "a finished machine cannot be running",
+            ));
         }
         Ok(())
     }

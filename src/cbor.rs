@@ -30,7 +30,7 @@ impl Limits {
     pub const PAYLOAD: Limits = Limits {
         max_size: 240 * 1024,
         max_depth: 8,
-        max_len: 64 * 1024,
+        max_len: 128 * 1024,
     };
     /// Limits for a batch of usage-record envelopes as posted to a coordinator.
     pub const BATCH: Limits = Limits {

@@ -7,12 +7,11 @@
 //! `"gleaner/v1/" || kind name || 0x00 || payload`.
 
 use serde::{Serialize, de::DeserializeOwned};
-use serde_tuple::{Deserialize_tuple, Serialize_tuple};
 
+use crate::Error;
 use crate::cbor::{self, Limits};
 use crate::ident::{PublicKey, SecretKey};
-use crate::wire::{Digest, wire_code};
-use crate::Error;
+use crate::wire::{Digest, wire_code, wire_struct};
 
 /// The envelope format version this build writes and reads.
 pub const ENVELOPE_VERSION: u8 = 1;
@@ -49,14 +48,16 @@ pub trait Message: Serialize + DeserializeOwned {
     fn validate(&self, signer: &PublicKey) -> Result<(), Error>;
 }
 
+wire_struct! {
 /// The raw envelope as it travels; nothing in it is trusted until [`Envelope::open`] succeeds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     pub version: u8,
     pub kind: u8,
     pub signer: serde_bytes::ByteArray<32>,
     pub signature: serde_bytes::ByteArray<64>,
     pub payload: serde_bytes::ByteBuf,
+}
 }
 
 /// A message whose signature and contents have been checked.

@@ -1,12 +1,10 @@
 //! Machine type v1: a project's signed definition of a logical machine (Vac's vacuum pipe merged with
 //! a Golem-style manifest) and its validation.
 
-use serde_tuple::{Deserialize_tuple, Serialize_tuple};
-
+use crate::Error;
 use crate::envelope::{Kind, Message, check_version};
 use crate::ident::PublicKey;
-use crate::wire::{Digest, wire_code};
-use crate::Error;
+use crate::wire::{Digest, wire_code, wire_struct};
 
 /// The machine-type schema version this build writes and reads.
 pub const MACHINE_TYPE_VERSION: u8 = 1;
@@ -19,18 +17,21 @@ wire_code! {
     }
 }
 
+wire_struct! {
 /// A content-addressed blob: where to fetch it and the SHA-256 it must have.
 ///
 /// `url` is `http(s)://…` or `file://…` for a tarball or disk image; for a container image from a
 /// registry it is `oci://registry/name` and `sha256` is the manifest digest it is pinned to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blob {
     pub url: String,
     pub sha256: Digest,
 }
+}
 
+wire_struct! {
 /// A machine type as signed by its publisher.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineType {
     /// Schema version, always [`MACHINE_TYPE_VERSION`].
     pub v: u8,
@@ -63,6 +64,7 @@ pub struct MachineType {
     /// Accounting weight in thousandths (1000 = 1.0).
     pub weight_milli: u32,
     pub description: String,
+}
 }
 
 /// Upper bounds that keep a definition sane; beyond them a definition is refused.
@@ -121,7 +123,10 @@ fn check_name(name: &str) -> Result<(), Error> {
 fn check_blob(field: &'static str, blob: &Blob) -> Result<(), Error> {
     let url = &blob.url;
     if url.len() > bounds::URL_MAX {
-        return Err(Error::invalid(field, format!("url longer than {} bytes", bounds::URL_MAX)));
+        return Err(Error::invalid(
+            field,
+            format!("url longer than {} bytes", bounds::URL_MAX),
+        ));
     }
     let scheme_ok = ["https://", "http://", "file://", "oci://"]
         .iter()
@@ -200,7 +205,10 @@ impl Message for MachineType {
                 if let Some(image) = &self.image {
                     check_blob("image", image)?;
                     if image.url.starts_with("oci://") {
-                        return Err(Error::invalid("image", "a vm image cannot be an oci:// reference"));
+                        return Err(Error::invalid(
+                            "image",
+                            "a vm image cannot be an oci:// reference",
+                        ));
                     }
                 }
                 match (&self.kernel, &self.initrd) {
@@ -214,7 +222,10 @@ impl Message for MachineType {
                         return Err(Error::invalid("initrd", "an initrd needs a kernel"));
                     }
                     (None, None) if self.image.is_none() => {
-                        return Err(Error::invalid("image", "a vm needs a disk image or a kernel"));
+                        return Err(Error::invalid(
+                            "image",
+                            "a vm needs a disk image or a kernel",
+                        ));
                     }
                     (None, None) => {}
                 }
@@ -238,7 +249,10 @@ impl Message for MachineType {
         if !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&self.memory_mib) {
             return Err(Error::invalid(
                 "memory",
-                format!("{} MiB is outside {MEMORY_MIB_MIN}..={MEMORY_MIB_MAX} MiB", self.memory_mib),
+                format!(
+                    "{} MiB is outside {MEMORY_MIB_MIN}..={MEMORY_MIB_MAX} MiB",
+                    self.memory_mib
+                ),
             ));
         }
         if self.disk_mib == 0 || self.disk_mib > DISK_MIB_MAX {
@@ -250,7 +264,10 @@ impl Message for MachineType {
         if self.max_wallclock_s == 0 || self.max_wallclock_s > WALLCLOCK_MAX_S {
             return Err(Error::invalid(
                 "max_wallclock",
-                format!("{} s is outside 1..={WALLCLOCK_MAX_S} s", self.max_wallclock_s),
+                format!(
+                    "{} s is outside 1..={WALLCLOCK_MAX_S} s",
+                    self.max_wallclock_s
+                ),
             ));
         }
         if self.heartbeat_s == 0 || self.heartbeat_s > self.max_wallclock_s {
@@ -272,21 +289,63 @@ impl Message for MachineType {
             ));
         }
         if self.backoff_s > WALLCLOCK_MAX_S {
-            return Err(Error::invalid("backoff", format!("{} s is more than {WALLCLOCK_MAX_S} s", self.backoff_s)));
+            return Err(Error::invalid(
+                "backoff",
+                format!("{} s is more than {WALLCLOCK_MAX_S} s", self.backoff_s),
+            ));
         }
         check_egress(&self.egress)?;
         if self.weight_milli == 0 || self.weight_milli > WEIGHT_MILLI_MAX {
             return Err(Error::invalid(
                 "weight",
-                format!("{} must be in 0.001..=100", f64::from(self.weight_milli) / 1000.0),
+                format!(
+                    "{} must be in 0.001..=100",
+                    f64::from(self.weight_milli) / 1000.0
+                ),
             ));
         }
         if self.description.len() > DESCRIPTION_MAX {
             return Err(Error::invalid(
                 "description",
-                format!("{} bytes, at most {DESCRIPTION_MAX}", self.description.len()),
+                format!(
+                    "{} bytes, at most {DESCRIPTION_MAX}",
+                    self.description.len()
+                ),
             ));
         }
         Ok(())
+    }
+}
+
+impl MachineType {
+    /// A complete, valid container machine type for `publisher`: the template behind
+    /// `gleaner machine-type new`, test vectors and examples.
+    pub fn example(publisher: PublicKey) -> MachineType {
+        MachineType {
+            v: MACHINE_TYPE_VERSION,
+            name: "example-busybox".into(),
+            publisher,
+            version: 1,
+            not_after: 1_900_000_000,
+            backend: Backend::Container,
+            image: Some(Blob {
+                url: "http://127.0.0.1:8080/busybox.tar".into(),
+                sha256: Digest::of(b"example image"),
+            }),
+            kernel: None,
+            initrd: None,
+            user_data: "#!/bin/sh\necho hello from ##user_data_machine_id##\n".into(),
+            cores_min: 1,
+            cores_max: 2,
+            memory_mib: 256,
+            disk_mib: 512,
+            max_wallclock_s: 3600,
+            heartbeat_s: 60,
+            fizzle_s: 30,
+            backoff_s: 600,
+            egress: vec![],
+            weight_milli: 1000,
+            description: "an example machine type".into(),
+        }
     }
 }

@@ -1,12 +1,10 @@
 //! Usage records (signed by the host, one per finished machine or per interim period) and the outcome
 //! codes a machine ends with.
 
-use serde_tuple::{Deserialize_tuple, Serialize_tuple};
-
+use crate::Error;
 use crate::envelope::{Kind, Message, check_version};
 use crate::ident::PublicKey;
-use crate::wire::{Digest, Id16, wire_code};
-use crate::Error;
+use crate::wire::{Digest, Id16, wire_code, wire_struct};
 
 /// The usage-record schema version this build writes and reads.
 pub const USAGE_RECORD_VERSION: u8 = 1;
@@ -35,11 +33,12 @@ impl OutcomeCode {
     }
 }
 
+wire_struct! {
 /// The accounting of one logical machine over one period `[start, end]`.
 ///
 /// Interim records (outcome `Running`) and the final record of a machine cover disjoint periods, so
 /// their sums are the machine's totals.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
     /// Schema version, always [`USAGE_RECORD_VERSION`].
     pub v: u8,
@@ -67,6 +66,7 @@ pub struct UsageRecord {
     /// The host's benchmark score (per core, in benchmark units) when the record was made.
     pub benchmark: u32,
     pub outcome: OutcomeCode,
+}
 }
 
 /// How much longer than `end - start` the wall time may be, for rounding of second-granular times.

@@ -171,3 +171,57 @@ mod tests {
         assert_eq!(bytes[..2], [0x58, 32]);
     }
 }
+
+/// Declares a wire struct encoded as a CBOR array of its fields in order (compact, positional).
+///
+/// Decoding is strict: a missing field and an extra (unknown) field are both refused, by name.
+macro_rules! wire_struct {
+    ($(#[$m:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $field:ident : $ty:ty),+ $(,)? }) => {
+        $(#[$m])*
+        pub struct $name { $($(#[$fm])* pub $field: $ty),+ }
+
+        impl $name {
+            /// Field names in wire order.
+            pub const FIELDS: &'static [&'static str] = &[$(stringify!($field)),+];
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeTuple;
+                let mut t = s.serialize_tuple(Self::FIELDS.len())?;
+                $( t.serialize_element(&self.$field)?; )+
+                t.end()
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        write!(f, "{} as an array of {} fields", stringify!($name), $name::FIELDS.len())
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<$name, A::Error> {
+                        $(
+                            let $field: $ty = seq.next_element()?.ok_or_else(|| {
+                                serde::de::Error::custom(format!(
+                                    "{}: missing field {}", stringify!($name), stringify!($field)
+                                ))
+                            })?;
+                        )+
+                        if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                            return Err(serde::de::Error::custom(format!(
+                                "{}: unknown field after the {} known ones",
+                                stringify!($name), $name::FIELDS.len()
+                            )));
+                        }
+                        Ok($name { $($field),+ })
+                    }
+                }
+                d.deserialize_tuple($name::FIELDS.len(), V)
+            }
+        }
+    };
+}
+pub(crate) use wire_struct;
