@@ -6,6 +6,7 @@ pub mod advert;
 pub mod cbor;
 pub mod envelope;
 mod error;
+pub mod fuzz;
 pub mod ident;
 pub mod machine_type;
 pub mod usage;

@@ -1,0 +1,6 @@
+//! Fuzz target: untrusted bytes as payloads (see gleaner::fuzz).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    gleaner::fuzz::decode_payloads(data);
+});
