@@ -108,14 +108,14 @@ impl Envelope {
 
     /// The signer this envelope claims (unverified until opened).
     pub fn signer(&self) -> Result<PublicKey, Error> {
-        PublicKey::from_bytes(self.signer.as_slice())
+        PublicKey::from_wire(self.signer.as_slice())
     }
 
     /// Checks kind and signature, then decodes and validates the payload as `T`.
     pub fn open<T: Message>(&self) -> Result<Verified<T>, Error> {
         let signer = self.check_header::<T>()?;
         signer
-            .dalek()
+            .verifying_key()?
             .verify_strict(
                 &signed_bytes(T::KIND, &self.payload),
                 &ed25519_dalek::Signature::from_bytes(&self.signature),
@@ -164,15 +164,18 @@ pub fn open_batch<T: Message>(envelopes: &[Envelope]) -> Vec<Result<Verified<T>,
     let mut msgs: Vec<Vec<u8>> = Vec::with_capacity(envelopes.len());
     let mut idx = Vec::with_capacity(envelopes.len());
     for (i, env) in envelopes.iter().enumerate() {
-        match env.check_header::<T>() {
-            Ok(k) if !k.dalek().is_weak() => {
-                keys.push(*k.dalek());
+        match env
+            .check_header::<T>()
+            .and_then(|k| Ok((k, k.verifying_key()?)))
+        {
+            Ok((_, vk)) if !vk.is_weak() => {
+                keys.push(vk);
                 sigs.push(ed25519_dalek::Signature::from_bytes(&env.signature));
                 msgs.push(signed_bytes(T::KIND, &env.payload));
                 idx.push(i);
                 results.push(None);
             }
-            Ok(k) => results.push(Some(Err(Error::BadKey {
+            Ok((k, _)) => results.push(Some(Err(Error::BadKey {
                 signer: k.to_string(),
             }))),
             Err(e) => results.push(Some(Err(e))),
@@ -182,7 +185,7 @@ pub fn open_batch<T: Message>(envelopes: &[Envelope]) -> Vec<Result<Verified<T>,
     let batch_ok = ed25519_dalek::verify_batch(&refs, &sigs, &keys).is_ok();
     for (j, &i) in idx.iter().enumerate() {
         let env = &envelopes[i];
-        let signer = PublicKey::from_bytes(keys[j].as_bytes());
+        let signer = PublicKey::from_wire(keys[j].as_bytes());
         results[i] = Some(signer.and_then(|signer| {
             if !batch_ok && keys[j].verify_strict(refs[j], &sigs[j]).is_err() {
                 return Err(Error::BadSignature {

@@ -32,7 +32,7 @@ impl SecretKey {
 
     /// The matching public key.
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key())
+        PublicKey(self.0.verifying_key().to_bytes())
     }
 
     pub(crate) fn sign_raw(&self, msg: &[u8]) -> [u8; 64] {
@@ -75,36 +75,44 @@ impl fmt::Debug for SecretKey {
 }
 
 /// A public ed25519 key; displays as its PeerId-compatible id (`12D3KooW…`).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKey(VerifyingKey);
+///
+/// Holds the 32 key bytes as they travel; the curve point is decompressed only when a signature is
+/// verified, so decoding a message that names keys (a usage record names two) stays cheap.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
-    /// Parses 32 raw bytes; refuses points that are not valid keys.
+    /// Parses 32 raw bytes, refusing points that are not valid keys (for keys typed by people).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| Error::BadKey {
+        let key = Self::from_wire(bytes)?;
+        key.verifying_key()?;
+        Ok(key)
+    }
+
+    /// Takes 32 bytes as they came off the wire; validity is checked when verifying.
+    pub fn from_wire(bytes: &[u8]) -> Result<Self, Error> {
+        bytes.try_into().map(PublicKey).map_err(|_| Error::BadKey {
             signer: hex::encode(bytes),
-        })?;
-        VerifyingKey::from_bytes(&arr)
-            .map(PublicKey)
-            .map_err(|_| Error::BadKey {
-                signer: hex::encode(bytes),
-            })
+        })
     }
 
     /// The 32 raw bytes.
     pub fn to_bytes(&self) -> [u8; 32] {
-        self.0.to_bytes()
+        self.0
     }
 
-    pub(crate) fn dalek(&self) -> &VerifyingKey {
-        &self.0
+    /// The decompressed key, or why these bytes are not one.
+    pub fn verifying_key(&self) -> Result<VerifyingKey, Error> {
+        VerifyingKey::from_bytes(&self.0).map_err(|_| Error::BadKey {
+            signer: hex::encode(self.0),
+        })
     }
 
     /// The id bytes: the identity multihash of the protobuf-encoded key (a libp2p PeerId).
     pub fn peer_id_bytes(&self) -> [u8; 38] {
         let mut out = [0u8; 38];
         out[..6].copy_from_slice(&PEER_ID_PREFIX);
-        out[6..].copy_from_slice(self.0.as_bytes());
+        out[6..].copy_from_slice(&self.0);
         out
     }
 }
@@ -145,14 +153,14 @@ impl FromStr for PublicKey {
 
 impl serde::Serialize for PublicKey {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0.as_bytes())
+        s.serialize_bytes(&self.0)
     }
 }
 
 impl<'de> serde::Deserialize<'de> for PublicKey {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw: serde_bytes::ByteArray<32> = serde::Deserialize::deserialize(d)?;
-        PublicKey::from_bytes(raw.as_slice()).map_err(serde::de::Error::custom)
+        Ok(PublicKey(raw.into_array()))
     }
 }
 

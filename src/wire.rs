@@ -150,28 +150,6 @@ macro_rules! wire_code {
 }
 pub(crate) use wire_code;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn digest_parses_with_or_without_prefix() {
-        let d = Digest::of(b"abc");
-        assert_eq!(
-            d.to_string(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert_eq!(format!("sha256:{d}").parse::<Digest>().unwrap(), d);
-        assert!("xyz".parse::<Digest>().is_err());
-    }
-
-    #[test]
-    fn digest_is_a_cbor_byte_string() {
-        let bytes = crate::cbor::to_vec(&Digest([1; 32]));
-        assert_eq!(bytes[..2], [0x58, 32]);
-    }
-}
-
 /// Declares a wire struct encoded as a CBOR array of its fields in order (compact, positional).
 ///
 /// Decoding is strict: a missing field and an extra (unknown) field are both refused, by name.
@@ -225,3 +203,25 @@ macro_rules! wire_struct {
     };
 }
 pub(crate) use wire_struct;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_parses_with_or_without_prefix() {
+        let d = Digest::of(b"abc");
+        assert_eq!(
+            d.to_string(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(format!("sha256:{d}").parse::<Digest>().unwrap(), d);
+        assert!("xyz".parse::<Digest>().is_err());
+    }
+
+    #[test]
+    fn digest_is_a_cbor_byte_string() {
+        let bytes = crate::cbor::to_vec(&Digest([1; 32]));
+        assert_eq!(bytes[..2], [0x58, 32]);
+    }
+}
