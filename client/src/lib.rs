@@ -1,3 +1,6 @@
 //! The Gleaner client: the factory daemon and the `gleaner` CLI, over the sans-IO core.
 
+pub mod cli;
+pub mod keys;
+pub mod publish;
 pub mod runtime;

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `gleaner` binary: a thin shell over the client library's command line.
+
+fn main() -> std::process::ExitCode {
+    gleaner_client::cli::main()
+}

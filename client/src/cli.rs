@@ -1,0 +1,264 @@
+//! The `gleaner` command line: one typed enum of commands, handled in one place.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use gleaner::{Backend, PublicKey};
+
+use crate::{keys, publish};
+
+/// Exit codes of the `gleaner` binary.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// An operation failed (I/O, engine, bad input); the message says what and why.
+    pub const FAILURE: u8 = 1;
+    /// The command line was wrong (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// A signature, schema or trust check refused the input.
+    pub const REFUSED: u8 = 3;
+}
+
+/// Gleaner gathers the CPU, memory and disk that machines leave idle and lends them to science
+/// projects, within limits the owner sets, with signed credit for every core-hour given.
+#[derive(Debug, Parser)]
+#[command(name = "gleaner", version, propagate_version = true)]
+#[command(
+    after_help = "Exit codes: 0 ok, 1 failure, 2 bad command line, 3 refused (signature, schema or trust)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make and inspect ed25519 keys (publisher keys sign machine types; host keys sign credit).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Write, sign, verify and show machine types (for projects publishing work).
+    #[command(subcommand, name = "machine-type")]
+    MachineType(MachineTypeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Generate a new key, written with 0600 permissions; its public id goes to <FILE>.pub.
+    ///
+    /// The secret is never printed. Keep a backup: machine types you sign can only be updated by
+    /// the same key (or one it rotated to).
+    Generate {
+        /// Where to write the key [default: publisher.key in the user's config dir]
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Replace an existing key file (the old key is lost)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a key's public id (the same string as its libp2p PeerId) and raw public key.
+    Show {
+        /// The key file [default: publisher.key in the user's config dir]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineTypeCommand {
+    /// Write a commented TOML template to start a machine type from.
+    New {
+        /// The machine type's name (a-z, 0-9, '.', '_', '-')
+        name: String,
+        /// container or vm
+        #[arg(long, default_value = "container")]
+        backend: Backend,
+        /// Output file [default: <NAME>.toml]
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Validate a TOML machine type and sign it into the binary envelope that travels.
+    Sign {
+        /// The TOML file
+        file: PathBuf,
+        /// The publisher key [default: publisher.key in the user's config dir]
+        #[arg(long, short)]
+        key: Option<PathBuf>,
+        /// Output file [default: the TOML file with the extension .gmt]
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Check a signed machine type: signature, schema, expiry and (optionally) the signer.
+    ///
+    /// Prints who signed it; exits 3 with the reason if anything is wrong.
+    Verify {
+        /// The signed file (.gmt)
+        file: PathBuf,
+        /// Accept only these publisher ids (repeatable)
+        #[arg(long = "publisher", value_name = "ID")]
+        publishers: Vec<PublicKey>,
+    },
+    /// Print a signed machine type (or a TOML one, validated) in its TOML form.
+    Show {
+        /// A .gmt (signed) or .toml file
+        file: PathBuf,
+        /// Print JSON instead of TOML
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Failures that map to their own exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("gleaner: {e:#}");
+            if e.downcast_ref::<Refused>().is_some() {
+                ExitCode::from(exit::REFUSED)
+            } else {
+                ExitCode::from(exit::FAILURE)
+            }
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Key(cmd) => key(cmd),
+        Command::MachineType(cmd) => machine_type(cmd),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn default_publisher_key() -> Result<PathBuf> {
+    directories::ProjectDirs::from("org", "gleaner", "gleaner")
+        .map(|d| d.config_dir().join("publisher.key"))
+        .context("cannot find the user's config dir; pass the key path explicitly")
+}
+
+fn key(cmd: KeyCommand) -> Result<()> {
+    match cmd {
+        KeyCommand::Generate { out, force } => {
+            let path = match out {
+                Some(p) => p,
+                None => default_publisher_key()?,
+            };
+            let key = keys::generate()?;
+            keys::write(&path, &key, force)?;
+            println!("wrote {} (mode 0600)", path.display());
+            println!("id    {}", key.public());
+            println!("public id also in {}", keys::public_path(&path).display());
+        }
+        KeyCommand::Show { file } => {
+            let path = match file {
+                Some(p) => p,
+                None => default_publisher_key()?,
+            };
+            let key = keys::read(&path)?;
+            println!("id      {}", key.public());
+            println!("public  {}", hex::encode(key.public().to_bytes()));
+        }
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn machine_type(cmd: MachineTypeCommand) -> Result<()> {
+    match cmd {
+        MachineTypeCommand::New { name, backend, out } => {
+            let path = out.unwrap_or_else(|| PathBuf::from(format!("{name}.toml")));
+            if path.exists() {
+                anyhow::bail!("{} already exists; choose another --out", path.display());
+            }
+            std::fs::write(&path, publish::template(&name, backend))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!(
+                "wrote {}: fill in the image url and sha256, then run",
+                path.display()
+            );
+            println!("  gleaner machine-type sign {}", path.display());
+        }
+        MachineTypeCommand::Sign { file, key, out } => {
+            let key_path = match key {
+                Some(p) => p,
+                None => default_publisher_key()?,
+            };
+            let key = keys::read(&key_path)?;
+            let (mt, bytes) =
+                publish::sign_file(&file, &key, now()).map_err(|e| Refused(e.to_string()))?;
+            let out = out.unwrap_or_else(|| file.with_extension("gmt"));
+            std::fs::write(&out, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("signed {} v{} as {}", mt.name, mt.version, key.public());
+            println!(
+                "wrote  {} ({} bytes, sha256 {})",
+                out.display(),
+                bytes.len(),
+                gleaner::Digest::of(&bytes)
+            );
+        }
+        MachineTypeCommand::Verify { file, publishers } => {
+            let bytes = read_file(&file)?;
+            let v = publish::verify_bytes(&file, &bytes, now(), &publishers)
+                .map_err(|e| Refused(e.to_string()))?;
+            println!(
+                "ok: {} v{} signed by {}",
+                v.message.name, v.message.version, v.signer
+            );
+            println!("machine type {}", v.digest);
+        }
+        MachineTypeCommand::Show { file, json } => {
+            let bytes = read_file(&file)?;
+            let mt = if file.extension().is_some_and(|e| e == "toml") {
+                let text = String::from_utf8(bytes)
+                    .with_context(|| format!("{} is not UTF-8", file.display()))?;
+                let placeholder = gleaner::SecretKey::from_seed([0; 32]).public();
+                publish::parse_toml(&file, &text, now(), placeholder)
+                    .map_err(|e| Refused(e.to_string()))?
+            } else {
+                let v = gleaner::Envelope::open_bytes::<gleaner::MachineType>(&bytes)
+                    .map_err(|e| Refused(format!("{}: {e}", file.display())))?;
+                if let Err(e) = v.message.check_fresh(now()) {
+                    eprintln!("warning: {}: {e}", file.display());
+                }
+                v.message
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&publish_json(&mt))?);
+            } else {
+                print!("{}", publish::to_toml(&mt));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn publish_json(mt: &gleaner::MachineType) -> serde_json::Value {
+    let text = publish::to_toml(mt);
+    let body: String = text.lines().skip(1).collect::<Vec<_>>().join("\n");
+    let mut v: serde_json::Value = toml::from_str::<toml::Value>(&body)
+        .ok()
+        .and_then(|t| serde_json::to_value(t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("publisher".into(), mt.publisher.to_string().into());
+    }
+    v
+}
