@@ -2,5 +2,6 @@
 
 pub mod cli;
 pub mod keys;
+pub mod ledger;
 pub mod publish;
 pub mod runtime;
