@@ -8,6 +8,7 @@ pub mod envelope;
 mod error;
 pub mod fuzz;
 pub mod ident;
+pub mod lifecycle;
 pub mod machine_type;
 pub mod usage;
 pub mod wire;
