@@ -1,7 +1,10 @@
 //! The Gleaner client: the factory daemon and the `gleaner` CLI, over the sans-IO core.
 
 pub mod cli;
+pub mod control;
+pub mod factory;
 pub mod keys;
 pub mod ledger;
+pub mod mjf;
 pub mod publish;
 pub mod runtime;

@@ -1,0 +1,473 @@
+//! The daemon's local control API: newline-delimited JSON over a Unix socket that only root, the
+//! daemon's own user and the `gleaner` group may use (checked twice: by the socket file's mode and
+//! group, and by the caller's kernel-reported credentials), with a streaming watch of state.
+//!
+//! The server is generic over a [`Controller`] (the daemon implements it; tests use their own), and
+//! [`ControlClient`] is what the CLI, the GUI and the batch-system hooks use.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use futures_util::StreamExt;
+use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Longest request line accepted, in bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Most connections served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Machines, usage, owner state and why, limits, space summary.
+    Status,
+    /// Freeze work now (all, or one machine type by name) for `minutes` or until resumed.
+    Pause {
+        #[serde(default)]
+        minutes: Option<u64>,
+        #[serde(default)]
+        machine_type: Option<String>,
+    },
+    /// Thaw what a pause froze.
+    Resume {
+        #[serde(default)]
+        machine_type: Option<String>,
+    },
+    /// The owner's limits: show (no `set`) or change (validated, persisted, applied live).
+    Limits {
+        #[serde(default)]
+        set: Option<serde_json::Value>,
+    },
+    /// Trust a publisher (by id, or by the hex of a signed machine-type file) with a share.
+    Trust {
+        publisher: Option<String>,
+        #[serde(default)]
+        machine_type_hex: Option<String>,
+        #[serde(default)]
+        share: Option<f64>,
+    },
+    Untrust {
+        publisher: String,
+    },
+    /// Credit earned: the local ledger (and the coordinator's view when reachable).
+    Credit,
+    /// Stop starting machines; running ones finish by their shutdowntime (`now`: bring it forward).
+    Drain {
+        #[serde(default)]
+        now: bool,
+    },
+    Undrain,
+    /// Recent events.
+    Events,
+    /// A stream of status objects, one per `interval_ms` (at least 100).
+    Watch {
+        #[serde(default)]
+        interval_ms: Option<u64>,
+    },
+    /// The site's batch system takes resources (prolog) or gives them back (epilog).
+    BatchYield {
+        job: String,
+        cpus: u32,
+        #[serde(default)]
+        memory_bytes: Option<u64>,
+    },
+    BatchRelease {
+        job: String,
+    },
+}
+
+/// The daemon's answer: `{"ok": true, "data": …}` or `{"ok": false, "error": "…"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(data: impl Serialize) -> Response {
+        match serde_json::to_value(data) {
+            Ok(v) => Response {
+                ok: true,
+                data: Some(v),
+                error: None,
+            },
+            Err(e) => Response::error(format!("cannot encode the answer: {e}")),
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            data: None,
+            error: Some(message.into()),
+        }
+    }
+}
+
+/// What serves requests (the daemon).
+pub trait Controller: Send + Sync + 'static {
+    fn handle(&self, req: Request) -> impl Future<Output = Response> + Send;
+}
+
+/// Who may call: root, the daemon's own user, and members of `group` (gid).
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub daemon_uid: u32,
+    pub group: Option<u32>,
+}
+
+impl Access {
+    /// Whether a caller with these credentials may use the API.
+    pub fn allows(&self, uid: u32, gid: u32, supplementary: &[u32]) -> bool {
+        uid == 0
+            || uid == self.daemon_uid
+            || self
+                .group
+                .is_some_and(|g| gid == g || supplementary.contains(&g))
+    }
+}
+
+/// Why the control API failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot reach the gleaner daemon at {path}: {source} (is it running? `gleaner daemon`, or `systemctl status gleaner`)"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "permission denied on {path}: add yourself to the gleaner group (`sudo usermod -aG gleaner $USER`, then log in again)"
+    )]
+    Permission { path: PathBuf },
+    #[error("control connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon sent something that is not a response: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The group id of `name` from /etc/group, if it exists.
+pub fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.next()?;
+        f.next()?.parse().ok()
+    })
+}
+
+fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
+    let Some(pid) = pid else { return Vec::new() };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Groups:")).map(|l| {
+                l[7..]
+                    .split_whitespace()
+                    .filter_map(|g| g.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Binds the control socket at `path` (replacing a stale one), mode 0660 and owned by `group`.
+pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, ControlError> {
+    let err = |source| ControlError::Listen {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(g) = group {
+        std::os::unix::fs::chown(path, None, Some(g)).map_err(err)?;
+    }
+    Ok(listener)
+}
+
+/// Serves the control API until `cancel` fires.
+pub async fn serve<C: Controller>(
+    listener: UnixListener,
+    access: Access,
+    controller: Arc<C>,
+    cancel: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("control accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("control: too many connections, refusing one");
+            continue;
+        };
+        let controller = controller.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = connection(stream, access, controller, cancel).await {
+                tracing::debug!("control connection ended: {e}");
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn write_line(w: &mut (impl AsyncWriteExt + Unpin), r: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+async fn connection<C: Controller>(
+    stream: UnixStream,
+    access: Access,
+    controller: Arc<C>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    if !access.allows(cred.uid(), cred.gid(), &supplementary_groups(cred.pid())) {
+        write_line(
+            &mut write,
+            &Response::error(
+                "permission denied: only root and the gleaner group may control the daemon",
+            ),
+        )
+        .await?;
+        return Ok(());
+    }
+    // A line longer than MAX_REQUEST ends the connection instead of growing a buffer.
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST));
+    loop {
+        let line = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            l = lines.next() => l,
+        };
+        let line = match line {
+            None => return Ok(()),
+            Some(Ok(l)) => l,
+            Some(Err(e)) => {
+                write_line(&mut write, &Response::error(format!("bad request: {e}"))).await?;
+                return Ok(());
+            }
+        };
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                write_line(&mut write, &Response::error(format!("bad request: {e}"))).await?;
+                continue;
+            }
+        };
+        if let Request::Watch { interval_ms } = req {
+            let every = Duration::from_millis(interval_ms.unwrap_or(1000).max(100));
+            loop {
+                let r = controller.handle(Request::Status).await;
+                write_line(&mut write, &r).await?;
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        }
+        let r = controller.handle(req).await;
+        write_line(&mut write, &r).await?;
+    }
+}
+
+/// A connection to the daemon's control socket.
+pub struct ControlClient {
+    path: PathBuf,
+    lines: tokio::io::Split<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl ControlClient {
+    pub async fn connect(path: &Path) -> Result<ControlClient, ControlError> {
+        let stream = UnixStream::connect(path).await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                ControlError::Permission {
+                    path: path.to_owned(),
+                }
+            } else {
+                ControlError::Connect {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        let (read, write) = stream.into_split();
+        Ok(ControlClient {
+            path: path.to_owned(),
+            lines: BufReader::new(read).split(b'\n'),
+            write,
+        })
+    }
+
+    /// Sends a request and reads one response; an error response becomes `ControlError::Refused`.
+    pub async fn call(&mut self, req: &Request) -> Result<serde_json::Value, ControlError> {
+        let mut line =
+            serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        self.write.write_all(&line).await?;
+        self.next().await
+    }
+
+    /// Reads the next response (for `Watch` streams).
+    pub async fn next(&mut self) -> Result<serde_json::Value, ControlError> {
+        let line = self.lines.next_segment().await?.ok_or_else(|| {
+            ControlError::Protocol(format!("{} closed the connection", self.path.display()))
+        })?;
+        let r: Response =
+            serde_json::from_slice(&line).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        if r.ok {
+            Ok(r.data.unwrap_or(serde_json::Value::Null))
+        } else {
+            let msg = r.error.unwrap_or_else(|| "refused".into());
+            if msg.starts_with("permission denied") {
+                return Err(ControlError::Permission {
+                    path: self.path.clone(),
+                });
+            }
+            Err(ControlError::Refused(msg))
+        }
+    }
+}
+
+/// The default socket: `/run/gleaner/control.sock` for root, else under `$XDG_RUNTIME_DIR`.
+pub fn default_socket() -> PathBuf {
+    if let Ok(p) = std::env::var("GLEANER_SOCKET") {
+        return PathBuf::from(p);
+    }
+    // SAFETY-free check of the effective user: root's runtime dir is /run.
+    let root = std::fs::metadata("/proc/self").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    match (root, std::env::var("XDG_RUNTIME_DIR")) {
+        (Ok(false), Ok(dir)) => PathBuf::from(dir).join("gleaner/control.sock"),
+        _ => PathBuf::from("/run/gleaner/control.sock"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl Controller for Echo {
+        async fn handle(&self, req: Request) -> Response {
+            match req {
+                Request::Status => Response::ok(serde_json::json!({"machines": []})),
+                Request::Drain { now } => Response::ok(serde_json::json!({"now": now})),
+                _ => Response::error("not here"),
+            }
+        }
+    }
+
+    #[test]
+    fn access_rules() {
+        let a = Access {
+            daemon_uid: 1000,
+            group: Some(500),
+        };
+        assert!(a.allows(0, 0, &[]));
+        assert!(a.allows(1000, 1000, &[]));
+        assert!(a.allows(1001, 500, &[]));
+        assert!(a.allows(1001, 1001, &[7, 500]));
+        assert!(!a.allows(1001, 1001, &[7]));
+    }
+
+    #[test]
+    fn requests_are_typed_and_strict() {
+        let r: Request = serde_json::from_str(r#"{"op":"drain","now":true}"#).unwrap();
+        assert_eq!(r, Request::Drain { now: true });
+        assert!(serde_json::from_str::<Request>(r#"{"op":"drain","bogus":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn round_trip_over_a_socket_and_watch_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let listener = bind(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let cancel = CancellationToken::new();
+        let uid = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap();
+        let server = tokio::spawn(serve(
+            listener,
+            Access {
+                daemon_uid: uid,
+                group: None,
+            },
+            Arc::new(Echo),
+            cancel.clone(),
+        ));
+        let mut c = ControlClient::connect(&path).await.unwrap();
+        let v = c.call(&Request::Drain { now: true }).await.unwrap();
+        assert_eq!(v["now"], true);
+        assert!(
+            matches!(c.call(&Request::Undrain).await, Err(ControlError::Refused(m)) if m == "not here")
+        );
+        let mut w = ControlClient::connect(&path).await.unwrap();
+        w.call(&Request::Watch {
+            interval_ms: Some(100),
+        })
+        .await
+        .unwrap();
+        let second = w.next().await.unwrap();
+        assert!(second["machines"].is_array());
+        cancel.cancel();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unreachable_daemon_says_how_to_fix_it() {
+        let err = ControlClient::connect(Path::new("/nonexistent/gleaner.sock"))
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("is it running"), "{err}");
+    }
+}

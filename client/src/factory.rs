@@ -1,0 +1,1267 @@
+//! The factory: the Vac loop that turns admitted machine types into running logical machines —
+//! decide → start / stop → account — with lifetimes, heartbeats, outcomes and usage records.
+//!
+//! One task owns all machine state; the rest of the daemon talks to it through a [`FactoryHandle`]
+//! (bounded command channel, oneshot replies). Slow work (image downloads, engine calls to create a
+//! machine) runs in spawned tasks that report back over a bounded channel, so the loop keeps its tick.
+//! Every machine is recorded in the ledger before the engine creates it, and its final usage record
+//! replaces that entry in one transaction: after a crash, [`Factory::recover`] adopts or accounts for
+//! every machine, losing and duplicating nothing.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gleaner::lifecycle::{self, Action, Lifetimes, Observation, StopCause};
+use gleaner::{
+    Backend, Digest, Envelope, Id16, MachineType, OutcomeCode, OutcomeReport, PublicKey, SecretKey,
+    UsageRecord,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::ledger::Ledger;
+use crate::mjf::{Features, MjfDir};
+use crate::runtime::{
+    ImageSource, Limits, MachineHandle, MachineSpec, MachineState, Runtime, Usage,
+};
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where the factory reads the time (a real clock, or a test's).
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+}
+
+/// Static settings of a factory.
+#[derive(Debug, Clone)]
+pub struct FactoryConfig {
+    /// The space this factory belongs to (rendered into user_data).
+    pub space: String,
+    /// Root of per-machine folders (`<state_dir>/machines/<id>`).
+    pub state_dir: PathBuf,
+    /// How often the loop looks at its machines.
+    pub tick: Duration,
+    /// Grace between asking a machine to stop and killing it.
+    pub stop_grace: Duration,
+    /// A long-running machine emits an interim usage record this often.
+    pub interim_every_s: u64,
+    /// The host's per-core benchmark score, signed into records.
+    pub benchmark: u32,
+    /// Cores on the host (for machinefeatures/total_cpu).
+    pub host_cores: u16,
+    pub pids_limit: u32,
+    /// Most machines started at once (image downloads and engine calls in flight).
+    pub max_starting: usize,
+}
+
+impl FactoryConfig {
+    /// Defaults for a factory keeping its state in `state_dir`.
+    pub fn new(state_dir: PathBuf) -> FactoryConfig {
+        FactoryConfig {
+            space: "default".into(),
+            state_dir,
+            tick: Duration::from_millis(500),
+            stop_grace: Duration::from_secs(30),
+            interim_every_s: 3600,
+            benchmark: 1000,
+            host_cores: std::thread::available_parallelism()
+                .map(|n| n.get() as u16)
+                .unwrap_or(1),
+            pids_limit: 512,
+            max_starting: 2,
+        }
+    }
+}
+
+/// What the owner policy currently allows (fed by the owner module through a watch channel).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Allowance {
+    /// Cores Gleaner may allocate to machines in all.
+    pub cores: u16,
+    pub memory_bytes: u64,
+    /// Most machines at once.
+    pub max_machines: usize,
+    /// New machines may be started.
+    pub may_start: bool,
+    /// Running machines must be stopped (gracefully) — e.g. the owner's policy says so.
+    pub stop_all: bool,
+    /// Why, in words, and which source decided (for status).
+    pub reason: String,
+}
+
+impl Allowance {
+    /// Everything up to `cores` and `memory_bytes`, starting allowed.
+    pub fn open(cores: u16, memory_bytes: u64) -> Allowance {
+        Allowance {
+            cores,
+            memory_bytes,
+            max_machines: usize::from(cores).max(1),
+            may_start: true,
+            stop_all: false,
+            reason: "allowed".into(),
+        }
+    }
+}
+
+/// A machine type the factory may run, admitted by the trust store.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub machine_type: MachineType,
+    pub digest: Digest,
+    /// Target share (relative weight among offers).
+    pub share: f64,
+    /// The publisher's cap on cores per machine.
+    pub max_cores: u16,
+}
+
+/// Something that happened, for status and the GUI.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub at: u64,
+    pub machine: Option<String>,
+    pub message: String,
+}
+
+/// One machine as status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineStatus {
+    pub machine_id: String,
+    pub machine_type: String,
+    pub name: String,
+    pub publisher: String,
+    pub state: String,
+    pub cores: u16,
+    pub memory_bytes: u64,
+    pub started_at: u64,
+    pub shutdown_at: u64,
+    pub cpu_seconds: f64,
+    pub memory_now_bytes: u64,
+}
+
+/// The factory's state, for `gleaner status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FactoryStatus {
+    pub draining: bool,
+    pub allowance: Allowance,
+    pub machines: Vec<MachineStatus>,
+    pub offers: Vec<OfferStatus>,
+    pub events: Vec<Event>,
+}
+
+/// One admitted machine type as status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OfferStatus {
+    pub machine_type: String,
+    pub name: String,
+    pub version: u64,
+    pub publisher: String,
+    pub share: f64,
+    pub running: usize,
+    pub backed_off_until: Option<u64>,
+}
+
+/// Requests to the factory loop.
+pub enum Command {
+    Status(oneshot::Sender<FactoryStatus>),
+    /// Stop starting machines; running ones finish by their shutdowntime (or now + grace if `now`).
+    Drain {
+        now: bool,
+    },
+    /// Start machines again after a drain.
+    Undrain,
+    /// Admit (or replace) a machine type.
+    Offer(Box<Offer>),
+    /// Forget a machine type (untrusted or revoked); its running machines are stopped.
+    Withdraw(Digest),
+}
+
+/// A cloneable handle to the factory loop.
+#[derive(Clone)]
+pub struct FactoryHandle {
+    tx: mpsc::Sender<Command>,
+    registry: Registry,
+}
+
+/// Why the factory could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("the factory has stopped")]
+pub struct FactoryGone;
+
+impl FactoryHandle {
+    async fn send(&self, c: Command) -> Result<(), FactoryGone> {
+        self.tx.send(c).await.map_err(|_| FactoryGone)
+    }
+
+    pub async fn status(&self) -> Result<FactoryStatus, FactoryGone> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Status(tx)).await?;
+        rx.await.map_err(|_| FactoryGone)
+    }
+
+    pub async fn drain(&self, now: bool) -> Result<(), FactoryGone> {
+        self.send(Command::Drain { now }).await
+    }
+
+    pub async fn undrain(&self) -> Result<(), FactoryGone> {
+        self.send(Command::Undrain).await
+    }
+
+    pub async fn offer(&self, offer: Offer) -> Result<(), FactoryGone> {
+        self.send(Command::Offer(Box::new(offer))).await
+    }
+
+    pub async fn withdraw(&self, digest: Digest) -> Result<(), FactoryGone> {
+        self.send(Command::Withdraw(digest)).await
+    }
+
+    /// The machines running now (for the owner enforcer, which freezes them directly).
+    pub fn registry(&self) -> Registry {
+        self.registry.clone()
+    }
+}
+
+/// The engine handles of running machines, shared read-mostly with the owner enforcer.
+pub type Registry = Arc<RwLock<BTreeMap<Id16, MachineHandle>>>;
+
+/// What the ledger keeps about a running machine, enough to adopt or account for it after a crash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Persisted {
+    machine_id: String,
+    machine_type: String,
+    publisher: String,
+    type_name: String,
+    engine_id: Option<String>,
+    engine_name: String,
+    cores: u16,
+    memory_bytes: u64,
+    started_at: u64,
+    shutdown_at: u64,
+    heartbeat_s: u64,
+    fizzle_s: u64,
+    backoff_s: u64,
+    record_start_ms: u64,
+    cpu_ns_at_record_start: u64,
+    last_cpu_ns: u64,
+    peak_memory: u64,
+    stopping: Option<String>,
+    mjf_root: PathBuf,
+}
+
+#[derive(Debug)]
+struct Machine {
+    id: Id16,
+    digest: Digest,
+    publisher: PublicKey,
+    type_name: String,
+    handle: MachineHandle,
+    cores: u16,
+    memory_bytes: u64,
+    lifetimes: Lifetimes,
+    backoff_s: u64,
+    mjf: MjfDir,
+    record_start_ms: u64,
+    cpu_ns_at_record_start: u64,
+    last: Usage,
+    peak_memory: u64,
+    /// Set once the factory asked it to stop: why, and when to kill it.
+    stopping: Option<(StopCause, u64)>,
+    /// When a freeze was first seen (heartbeats cannot arrive while frozen).
+    frozen_since: Option<u64>,
+    /// Heartbeat clock restarts here after a thaw.
+    heartbeat_base: u64,
+    ticks_since_persist: u32,
+}
+
+impl Machine {
+    fn persisted(&self) -> Persisted {
+        Persisted {
+            machine_id: self.id.to_string(),
+            machine_type: self.digest.to_string(),
+            publisher: self.publisher.to_string(),
+            type_name: self.type_name.clone(),
+            engine_id: Some(self.handle.engine_id.clone()),
+            engine_name: self.handle.name.clone(),
+            cores: self.cores,
+            memory_bytes: self.memory_bytes,
+            started_at: self.lifetimes.started_at,
+            shutdown_at: self.lifetimes.shutdown_at,
+            heartbeat_s: self.lifetimes.heartbeat_s,
+            fizzle_s: self.lifetimes.fizzle_s,
+            backoff_s: self.backoff_s,
+            record_start_ms: self.record_start_ms,
+            cpu_ns_at_record_start: self.cpu_ns_at_record_start,
+            last_cpu_ns: self.last.cpu_ns,
+            peak_memory: self.peak_memory,
+            stopping: self.stopping.map(|(c, _)| cause_name(c).to_owned()),
+            mjf_root: self.mjf.root.clone(),
+        }
+    }
+
+    fn from_persisted(p: &Persisted, handle: MachineHandle) -> Option<Machine> {
+        Some(Machine {
+            id: p.machine_id.parse().ok()?,
+            digest: p.machine_type.parse().ok()?,
+            publisher: p.publisher.parse().ok()?,
+            type_name: p.type_name.clone(),
+            handle,
+            cores: p.cores,
+            memory_bytes: p.memory_bytes,
+            lifetimes: Lifetimes {
+                started_at: p.started_at,
+                shutdown_at: p.shutdown_at,
+                heartbeat_s: p.heartbeat_s,
+                fizzle_s: p.fizzle_s,
+            },
+            backoff_s: p.backoff_s,
+            mjf: MjfDir {
+                root: p.mjf_root.clone(),
+            },
+            record_start_ms: p.record_start_ms,
+            cpu_ns_at_record_start: p.cpu_ns_at_record_start,
+            last: Usage {
+                cpu_ns: p.last_cpu_ns,
+                memory_bytes: 0,
+                peak_memory_bytes: p.peak_memory,
+            },
+            peak_memory: p.peak_memory,
+            stopping: p
+                .stopping
+                .as_deref()
+                .and_then(cause_from_name)
+                .map(|c| (c, 0)),
+            frozen_since: None,
+            heartbeat_base: p.started_at,
+            ticks_since_persist: 0,
+        })
+    }
+}
+
+fn cause_name(c: StopCause) -> &'static str {
+    match c {
+        StopCause::HeartbeatLost => "heartbeat-lost",
+        StopCause::Wallclock => "wallclock",
+        StopCause::Owner => "owner",
+        StopCause::Drain => "drain",
+    }
+}
+
+fn cause_from_name(s: &str) -> Option<StopCause> {
+    Some(match s {
+        "heartbeat-lost" => StopCause::HeartbeatLost,
+        "wallclock" => StopCause::Wallclock,
+        "owner" => StopCause::Owner,
+        "drain" => StopCause::Drain,
+        _ => return None,
+    })
+}
+
+/// A start that finished in its task.
+struct Started {
+    result: Result<Machine, String>,
+    digest: Digest,
+    id: Id16,
+}
+
+/// The factory loop's state. Build with [`Factory::new`], then [`Factory::spawn`].
+pub struct Factory<R: Runtime + 'static> {
+    cfg: FactoryConfig,
+    runtime: Arc<R>,
+    ledger: Arc<Ledger>,
+    host_key: SecretKey,
+    clock: Arc<dyn Clock>,
+    allowance: watch::Receiver<Allowance>,
+    gossip: Option<mpsc::Sender<Envelope>>,
+    offers: BTreeMap<Digest, Offer>,
+    backoff_until: BTreeMap<Digest, u64>,
+    machines: BTreeMap<Id16, Machine>,
+    starting: BTreeMap<Id16, (Digest, u16, u64)>,
+    registry: Registry,
+    draining: bool,
+    events: VecDeque<Event>,
+}
+
+const EVENTS_KEPT: usize = 200;
+
+impl<R: Runtime + 'static> Factory<R> {
+    pub fn new(
+        cfg: FactoryConfig,
+        runtime: Arc<R>,
+        ledger: Arc<Ledger>,
+        host_key: SecretKey,
+        allowance: watch::Receiver<Allowance>,
+    ) -> Self {
+        Factory {
+            cfg,
+            runtime,
+            ledger,
+            host_key,
+            clock: Arc::new(SystemClock),
+            allowance,
+            gossip: None,
+            offers: BTreeMap::new(),
+            backoff_until: BTreeMap::new(),
+            machines: BTreeMap::new(),
+            starting: BTreeMap::new(),
+            registry: Arc::new(RwLock::new(BTreeMap::new())),
+            draining: false,
+            events: VecDeque::with_capacity(EVENTS_KEPT),
+        }
+    }
+
+    /// Use another clock (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Signed outcome reports are sent here for the space (bounded; dropped with a log when full).
+    pub fn with_gossip(mut self, tx: mpsc::Sender<Envelope>) -> Self {
+        self.gossip = Some(tx);
+        self
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now_ms() / 1000
+    }
+
+    fn event(&mut self, machine: Option<Id16>, message: String) {
+        tracing::info!(machine = machine.map(|m| m.to_string()), "{message}");
+        if self.events.len() == EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event {
+            at: self.now(),
+            machine: machine.map(|m| m.to_string()),
+            message,
+        });
+    }
+
+    /// Adopts the machines a previous run left behind and accounts for the rest, so that nothing is
+    /// orphaned and no record is lost or duplicated. Call before [`Factory::spawn`].
+    pub async fn recover(&mut self) -> Result<(), crate::ledger::LedgerError> {
+        let persisted = self.ledger.machines()?;
+        let owned = match self.runtime.list_owned().await {
+            Ok(o) => o,
+            Err(e) => {
+                self.event(None, format!("cannot list machines to recover: {e}"));
+                Vec::new()
+            }
+        };
+        let mut known = std::collections::BTreeSet::new();
+        for (id, bytes) in persisted {
+            let Ok(p) = serde_json::from_slice::<Persisted>(&bytes) else {
+                self.event(Some(id), "unreadable ledger entry; forgetting it".into());
+                self.ledger.remove_machine(id)?;
+                continue;
+            };
+            let engine = owned
+                .iter()
+                .find(|o| o.machine_id == Some(id) || Some(&o.engine_id) == p.engine_id.as_ref());
+            let handle = match engine {
+                Some(o) => MachineHandle {
+                    engine_id: o.engine_id.clone(),
+                    name: o.name.clone(),
+                },
+                None => MachineHandle {
+                    engine_id: p.engine_id.clone().unwrap_or_default(),
+                    name: p.engine_name.clone(),
+                },
+            };
+            known.insert(handle.engine_id.clone());
+            let Some(mut m) = Machine::from_persisted(&p, handle) else {
+                self.ledger.remove_machine(id)?;
+                continue;
+            };
+            m.heartbeat_base = self.now();
+            match engine.map(|o| o.state) {
+                Some(MachineState::Running) | Some(MachineState::Frozen) => {
+                    self.event(Some(id), format!("adopted running machine {}", m.type_name));
+                    self.register(&m);
+                    self.machines.insert(id, m);
+                }
+                Some(MachineState::Exited { code }) => {
+                    let obs = Observation::Exited {
+                        exit_code: code,
+                        shutdown_message: m.mjf.shutdown_message(),
+                    };
+                    let (outcome, detail) = match m.stopping {
+                        Some((cause, _)) => (lifecycle::stopped_outcome(cause), "stopped".into()),
+                        None => match lifecycle::assess(&m.lifetimes, &obs, self.now()) {
+                            Action::Finish { outcome, detail } => (outcome, detail),
+                            _ => (OutcomeCode::Error, "ended while the daemon was down".into()),
+                        },
+                    };
+                    self.finish(m, outcome, detail).await;
+                }
+                _ => {
+                    // Created but never started, or gone: account for what is known (CPU up to the
+                    // last persisted sample) and clean up.
+                    self.finish(
+                        m,
+                        OutcomeCode::Error,
+                        "lost while the daemon was down".into(),
+                    )
+                    .await;
+                }
+            }
+        }
+        // Machines with our label that the ledger does not know: their record was already written
+        // (finish committed, removal did not happen) or they never got one; either way remove them.
+        for o in owned {
+            if !known.contains(&o.engine_id) {
+                let h = MachineHandle {
+                    engine_id: o.engine_id.clone(),
+                    name: o.name.clone(),
+                };
+                let _ = self.runtime.stop(&h, Duration::from_secs(1)).await;
+                match self.runtime.remove(&h).await {
+                    Ok(()) => self.event(None, format!("removed orphan {}", o.name)),
+                    Err(e) => self.event(None, format!("cannot remove orphan {}: {e}", o.name)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn register(&self, m: &Machine) {
+        if let Ok(mut r) = self.registry.write() {
+            r.insert(m.id, m.handle.clone());
+        }
+    }
+
+    fn unregister(&self, id: Id16) {
+        if let Ok(mut r) = self.registry.write() {
+            r.remove(&id);
+        }
+    }
+
+    /// Starts the loop; it runs until `cancel` fires, then stops every machine gracefully
+    /// (accounting for each) before returning.
+    pub fn spawn(self, cancel: CancellationToken) -> (FactoryHandle, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(64);
+        let handle = FactoryHandle {
+            tx,
+            registry: self.registry.clone(),
+        };
+        let task = tokio::spawn(self.run(rx, cancel));
+        (handle, task)
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let (started_tx, mut started_rx) = mpsc::channel::<Started>(16);
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(cmd) = commands.recv() => self.command(cmd).await,
+                Some(s) = started_rx.recv() => self.started(s).await,
+                _ = tick.tick() => {
+                    self.tick().await;
+                    self.start_new(&started_tx);
+                }
+            }
+        }
+        self.shutdown(&mut started_rx).await;
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Drain { now } => {
+                self.draining = true;
+                let at = self.now() + self.cfg.stop_grace.as_secs();
+                let mut n = 0;
+                for m in self.machines.values_mut() {
+                    if now && m.lifetimes.shutdown_at > at {
+                        m.lifetimes.shutdown_at = at;
+                        let _ = m.mjf.write_shutdown_time(at);
+                    }
+                    n += 1;
+                }
+                self.event(
+                    None,
+                    format!("draining: no new machines; {n} running finish by their shutdowntime"),
+                );
+            }
+            Command::Undrain => {
+                self.draining = false;
+                self.event(None, "drain lifted".into());
+            }
+            Command::Offer(offer) => {
+                let o = *offer;
+                self.event(
+                    None,
+                    format!(
+                        "admitted machine type {} v{} ({})",
+                        o.machine_type.name, o.machine_type.version, o.digest
+                    ),
+                );
+                // A newer version of the same (publisher, name) replaces the older one.
+                self.offers.retain(|_, old| {
+                    !(old.machine_type.publisher == o.machine_type.publisher
+                        && old.machine_type.name == o.machine_type.name)
+                });
+                self.offers.insert(o.digest, o);
+            }
+            Command::Withdraw(digest) => {
+                self.offers.remove(&digest);
+                let now = self.now();
+                let grace = self.cfg.stop_grace.as_secs();
+                let ids: Vec<Id16> = self
+                    .machines
+                    .values()
+                    .filter(|m| m.digest == digest && m.stopping.is_none())
+                    .map(|m| m.id)
+                    .collect();
+                for id in ids {
+                    self.begin_stop(id, StopCause::Drain, now + grace).await;
+                }
+                self.event(None, format!("withdrew machine type {digest}"));
+            }
+        }
+    }
+
+    fn status(&self) -> FactoryStatus {
+        let machines = self
+            .machines
+            .values()
+            .map(|m| MachineStatus {
+                machine_id: m.id.to_string(),
+                machine_type: m.digest.to_string(),
+                name: m.type_name.clone(),
+                publisher: m.publisher.to_string(),
+                state: match (m.stopping, m.frozen_since) {
+                    (Some((c, _)), _) => format!("stopping ({})", cause_name(c)),
+                    (None, Some(_)) => "frozen".into(),
+                    _ => "running".into(),
+                },
+                cores: m.cores,
+                memory_bytes: m.memory_bytes,
+                started_at: m.lifetimes.started_at,
+                shutdown_at: m.lifetimes.shutdown_at,
+                cpu_seconds: m.last.cpu_ns as f64 / 1e9,
+                memory_now_bytes: m.last.memory_bytes,
+            })
+            .collect();
+        let offers = self
+            .offers
+            .values()
+            .map(|o| OfferStatus {
+                machine_type: o.digest.to_string(),
+                name: o.machine_type.name.clone(),
+                version: o.machine_type.version,
+                publisher: o.machine_type.publisher.to_string(),
+                share: o.share,
+                running: self.running_of(&o.digest),
+                backed_off_until: self.backoff_until.get(&o.digest).copied(),
+            })
+            .collect();
+        FactoryStatus {
+            draining: self.draining,
+            allowance: self.allowance.borrow().clone(),
+            machines,
+            offers,
+            events: self.events.iter().cloned().collect(),
+        }
+    }
+
+    fn running_of(&self, digest: &Digest) -> usize {
+        self.machines
+            .values()
+            .filter(|m| &m.digest == digest)
+            .count()
+            + self
+                .starting
+                .values()
+                .filter(|(d, _, _)| d == digest)
+                .count()
+    }
+
+    /// Looks at every machine: samples its usage, applies lifetimes, finishes ended ones.
+    async fn tick(&mut self) {
+        let now = self.now();
+        let allowance = self.allowance.borrow().clone();
+        let ids: Vec<Id16> = self.machines.keys().copied().collect();
+        for id in ids {
+            let Some(m) = self.machines.get(&id) else {
+                continue;
+            };
+            let handle = m.handle.clone();
+            let state = match self.runtime.state(&handle).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("state of {}: {e}", handle.name);
+                    continue;
+                }
+            };
+            if matches!(state, MachineState::Running | MachineState::Frozen)
+                && let Ok(u) = self.runtime.sample(&handle).await
+                && let Some(m) = self.machines.get_mut(&id)
+            {
+                if u.cpu_ns >= m.last.cpu_ns {
+                    m.last = u;
+                }
+                m.peak_memory = m.peak_memory.max(u.peak_memory_bytes).max(u.memory_bytes);
+            }
+            let Some(m) = self.machines.get_mut(&id) else {
+                continue;
+            };
+            // Frozen machines cannot heartbeat: restart the heartbeat clock when they thaw.
+            match (state, m.frozen_since) {
+                (MachineState::Frozen, None) => m.frozen_since = Some(now),
+                (MachineState::Running, Some(_)) => {
+                    m.frozen_since = None;
+                    m.heartbeat_base = now;
+                }
+                _ => {}
+            }
+            m.ticks_since_persist += 1;
+            if m.ticks_since_persist >= 20 {
+                m.ticks_since_persist = 0;
+                if let Ok(bytes) = serde_json::to_vec(&m.persisted()) {
+                    let _ = self.ledger.put_machine(m.id, &bytes);
+                }
+            }
+            match (state, m.stopping) {
+                (MachineState::Exited { .. } | MachineState::Gone, Some((cause, _))) => {
+                    let m = self.machines.remove(&id).expect("present");
+                    self.finish(
+                        m,
+                        lifecycle::stopped_outcome(cause),
+                        format!("stopped: {}", cause_name(cause)),
+                    )
+                    .await;
+                }
+                (MachineState::Exited { code }, None) => {
+                    let obs = Observation::Exited {
+                        exit_code: code,
+                        shutdown_message: m.mjf.shutdown_message(),
+                    };
+                    let (outcome, detail) = match lifecycle::assess(&m.lifetimes, &obs, now) {
+                        Action::Finish { outcome, detail } => (outcome, detail),
+                        _ => (OutcomeCode::Error, "ended".into()),
+                    };
+                    let m = self.machines.remove(&id).expect("present");
+                    self.finish(m, outcome, detail).await;
+                }
+                (MachineState::Gone, None) => {
+                    let m = self.machines.remove(&id).expect("present");
+                    self.finish(m, OutcomeCode::Error, "vanished from the engine".into())
+                        .await;
+                }
+                (MachineState::Running | MachineState::Created, Some((cause, kill_at)))
+                    if now >= kill_at =>
+                {
+                    // Still there after the grace: the runtime's stop kills after its own grace.
+                    let _ = self.runtime.stop(&handle, Duration::from_secs(1)).await;
+                    let m = self.machines.remove(&id).expect("present");
+                    self.finish(
+                        m,
+                        lifecycle::stopped_outcome(cause),
+                        format!("killed after the grace ({})", cause_name(cause)),
+                    )
+                    .await;
+                }
+                (MachineState::Running, None) => {
+                    let beat = m
+                        .mjf
+                        .last_heartbeat()
+                        .map(|b| b.max(m.heartbeat_base))
+                        .or(Some(m.heartbeat_base));
+                    let action = lifecycle::assess(
+                        &m.lifetimes,
+                        &Observation::Running {
+                            last_heartbeat: beat,
+                        },
+                        now,
+                    );
+                    if let Action::Stop { cause, .. } = action {
+                        let kill_at = now + self.cfg.stop_grace.as_secs();
+                        self.begin_stop(id, cause, kill_at).await;
+                    } else if allowance.stop_all {
+                        let kill_at = now + self.cfg.stop_grace.as_secs();
+                        self.begin_stop(id, StopCause::Owner, kill_at).await;
+                    } else if now.saturating_sub(m.record_start_ms / 1000)
+                        >= self.cfg.interim_every_s
+                    {
+                        self.interim(id).await;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Writes the shutdown time, then asks the machine to stop; the loop kills it after the grace.
+    async fn begin_stop(&mut self, id: Id16, cause: StopCause, kill_at: u64) {
+        let Some(m) = self.machines.get_mut(&id) else {
+            return;
+        };
+        let now = self.clock.now_ms() / 1000;
+        if m.lifetimes.shutdown_at > now {
+            m.lifetimes.shutdown_at = now;
+        }
+        if let Err(e) = m.mjf.write_shutdown_time(m.lifetimes.shutdown_at) {
+            tracing::warn!("cannot write shutdowntime for {}: {e}", m.handle.name);
+        }
+        m.stopping = Some((cause, kill_at));
+        let handle = m.handle.clone();
+        if let Ok(bytes) = serde_json::to_vec(&m.persisted()) {
+            let _ = self.ledger.put_machine(id, &bytes);
+        }
+        self.event(
+            Some(id),
+            format!("stopping {} ({})", handle.name, cause_name(cause)),
+        );
+        // The stop runs in its own task so a slow engine never holds up the loop; the next ticks
+        // see the machine exit (or kill it at kill_at).
+        let runtime = self.runtime.clone();
+        let grace = self.cfg.stop_grace;
+        tokio::spawn(async move {
+            if let Err(e) = runtime.stop(&handle, grace).await {
+                tracing::warn!("stop {}: {e}", handle.name);
+            }
+        });
+    }
+
+    fn usage_record(&self, m: &Machine, end_ms: u64, outcome: OutcomeCode) -> UsageRecord {
+        let wall_ms = end_ms.saturating_sub(m.record_start_ms).max(1);
+        let cpu_ms = m.last.cpu_ns.saturating_sub(m.cpu_ns_at_record_start) / 1_000_000;
+        // Engine clocks and ours differ by milliseconds; never claim more than the cores could do.
+        let cpu_ms = cpu_ms.min(wall_ms * u64::from(m.cores));
+        let mut record_id = [0u8; 16];
+        if getrandom::fill(&mut record_id).is_err() {
+            // Unique enough without the OS: machine id xor the end time.
+            record_id = m.id.0;
+            record_id[..8]
+                .iter_mut()
+                .zip(end_ms.to_le_bytes())
+                .for_each(|(a, b)| *a ^= b);
+        }
+        UsageRecord {
+            v: gleaner::usage::USAGE_RECORD_VERSION,
+            record_id: Id16(record_id),
+            host: self.host_key.public(),
+            machine_id: m.id,
+            publisher: m.publisher,
+            machine_type: m.digest,
+            start: m.record_start_ms / 1000,
+            end: end_ms.div_ceil(1000),
+            cpu_ms,
+            wall_ms,
+            peak_memory: m.peak_memory,
+            cores: m.cores,
+            benchmark: self.cfg.benchmark,
+            outcome,
+        }
+    }
+
+    async fn interim(&mut self, id: Id16) {
+        let end_ms = self.clock.now_ms();
+        let Some(m) = self.machines.get(&id) else {
+            return;
+        };
+        let record = self.usage_record(m, end_ms, OutcomeCode::Running);
+        let env = Envelope::seal(&record, &self.host_key);
+        let Some(m) = self.machines.get_mut(&id) else {
+            return;
+        };
+        m.record_start_ms = end_ms;
+        m.cpu_ns_at_record_start = m.last.cpu_ns;
+        let Ok(state) = serde_json::to_vec(&m.persisted()) else {
+            return;
+        };
+        match self
+            .ledger
+            .append_interim(id, &state, record.record_id, &env)
+        {
+            Ok(()) => self.event(
+                Some(id),
+                format!("interim record: {:.1} cpu s", record.cpu_ms as f64 / 1000.0),
+            ),
+            Err(e) => self.event(Some(id), format!("cannot write interim record: {e}")),
+        }
+    }
+
+    /// Accounts for an ended machine (one signed record, atomically replacing its ledger entry),
+    /// cleans up after it, publishes its outcome and applies back-off.
+    async fn finish(&mut self, m: Machine, outcome: OutcomeCode, detail: String) {
+        let end_ms = self.clock.now_ms();
+        let record = self.usage_record(&m, end_ms, outcome);
+        let env = Envelope::seal(&record, &self.host_key);
+        if let Err(e) = self.ledger.finish_machine(m.id, record.record_id, &env) {
+            // Keep the machine in the ledger: recovery will account for it on the next start.
+            self.event(Some(m.id), format!("cannot write the usage record: {e}"));
+            self.unregister(m.id);
+            return;
+        }
+        self.unregister(m.id);
+        if let Err(e) = self.runtime.remove(&m.handle).await {
+            self.event(Some(m.id), format!("cannot remove {}: {e}", m.handle.name));
+        }
+        if let Err(e) = m.mjf.remove() {
+            self.event(
+                Some(m.id),
+                format!("cannot remove {}: {e}", m.mjf.root.display()),
+            );
+        }
+        let now = self.now();
+        self.event(
+            Some(m.id),
+            format!(
+                "{} ended: {outcome} ({detail}); {:.1} cpu s over {:.1} s",
+                m.type_name,
+                record.cpu_ms as f64 / 1000.0,
+                record.wall_ms as f64 / 1000.0
+            ),
+        );
+        if outcome.is_abort() {
+            let until = now + m.backoff_s;
+            self.backoff_until.insert(m.digest, until);
+            self.event(
+                Some(m.id),
+                format!("{} backs off until {until}", m.type_name),
+            );
+        }
+        if let Some(tx) = &self.gossip {
+            let mut detail = detail;
+            detail.truncate(gleaner::advert::OUTCOME_DETAIL_MAX / 2);
+            let report = OutcomeReport {
+                v: gleaner::advert::ADVERT_VERSION,
+                host: self.host_key.public(),
+                machine_id: m.id,
+                machine_type: m.digest,
+                at: now,
+                ran_s: now.saturating_sub(m.lifetimes.started_at),
+                outcome: if outcome == OutcomeCode::Running {
+                    OutcomeCode::Success
+                } else {
+                    outcome
+                },
+                detail,
+            };
+            if tx
+                .try_send(Envelope::seal(&report, &self.host_key))
+                .is_err()
+            {
+                tracing::warn!("gossip queue full; outcome of {} not published", m.id);
+            }
+        }
+    }
+
+    /// Chooses what to start: the admitted type with the fewest running machines per unit of share
+    /// that is not backed off. If it does not fit yet, nothing smaller jumps the queue, so multi-core
+    /// types are not starved by single-core ones.
+    fn choose(&self, allowance: &Allowance, now: u64) -> Option<(Digest, u16)> {
+        let used_cores: u16 = self.machines.values().map(|m| m.cores).sum::<u16>()
+            + self.starting.values().map(|(_, c, _)| *c).sum::<u16>();
+        let used_mem: u64 = self.machines.values().map(|m| m.memory_bytes).sum::<u64>()
+            + self.starting.values().map(|(_, _, mem)| *mem).sum::<u64>();
+        let count = self.machines.len() + self.starting.len();
+        if count >= allowance.max_machines {
+            return None;
+        }
+        let free_cores = allowance.cores.saturating_sub(used_cores);
+        let free_mem = allowance.memory_bytes.saturating_sub(used_mem);
+        let best = self
+            .offers
+            .values()
+            .filter(|o| self.backoff_until.get(&o.digest).is_none_or(|&t| now >= t))
+            .filter(|o| o.machine_type.check_fresh(now).is_ok())
+            // Types that could never fit under the current allowance are skipped, not waited for.
+            .filter(|o| {
+                o.machine_type.cores_min <= allowance.cores.min(o.max_cores)
+                    && u64::from(o.machine_type.memory_mib) << 20 <= allowance.memory_bytes
+            })
+            .min_by(|a, b| {
+                let ka = self.running_of(&a.digest) as f64 / a.share.max(1e-6);
+                let kb = self.running_of(&b.digest) as f64 / b.share.max(1e-6);
+                ka.total_cmp(&kb).then(a.digest.cmp(&b.digest))
+            })?;
+        let mt = &best.machine_type;
+        let want = mt.cores_max.min(best.max_cores).min(free_cores);
+        let mem = u64::from(mt.memory_mib) << 20;
+        if want < mt.cores_min || mem > free_mem {
+            return None;
+        }
+        Some((best.digest, want))
+    }
+
+    fn start_new(&mut self, started_tx: &mpsc::Sender<Started>) {
+        let allowance = self.allowance.borrow().clone();
+        if self.draining || !allowance.may_start || allowance.stop_all {
+            return;
+        }
+        let now = self.now();
+        while self.starting.len() < self.cfg.max_starting {
+            let Some((digest, cores)) = self.choose(&allowance, now) else {
+                return;
+            };
+            let Some(offer) = self.offers.get(&digest).cloned() else {
+                return;
+            };
+            let mut id = [0u8; 16];
+            if let Err(e) = getrandom::fill(&mut id) {
+                self.event(None, format!("no randomness for a machine id: {e}"));
+                return;
+            }
+            let id = Id16(id);
+            let mem = u64::from(offer.machine_type.memory_mib) << 20;
+            self.starting.insert(id, (digest, cores, mem));
+            // A backed-off type that is allowed again gets one probe at a time.
+            if self.backoff_until.remove(&digest).is_some() {
+                self.event(
+                    Some(id),
+                    format!("probing {} after its back-off", offer.machine_type.name),
+                );
+            }
+            self.event(
+                Some(id),
+                format!("starting {} with {cores} cores", offer.machine_type.name),
+            );
+            let job = StartJob {
+                runtime: self.runtime.clone(),
+                ledger: self.ledger.clone(),
+                offer,
+                id,
+                cores,
+                now_ms: self.clock.now_ms(),
+                cfg: self.cfg.clone(),
+                host: self.host_key.public(),
+            };
+            let tx = started_tx.clone();
+            tokio::spawn(async move {
+                let result = job.run().await;
+                let _ = tx.send(Started { result, digest, id }).await;
+            });
+        }
+    }
+
+    async fn started(&mut self, s: Started) {
+        self.starting.remove(&s.id);
+        match s.result {
+            Ok(m) => {
+                self.event(
+                    Some(m.id),
+                    format!("{} running as {}", m.type_name, m.handle.name),
+                );
+                self.register(&m);
+                self.machines.insert(m.id, m);
+            }
+            Err(e) => {
+                self.event(Some(s.id), format!("could not start: {e}"));
+                if let Some(o) = self.offers.get(&s.digest) {
+                    let until = self.now() + u64::from(o.machine_type.backoff_s);
+                    self.backoff_until.insert(s.digest, until);
+                }
+            }
+        }
+    }
+
+    /// Stops and accounts for every machine (SIGTERM / daemon shutdown).
+    async fn shutdown(&mut self, started_rx: &mut mpsc::Receiver<Started>) {
+        // Wait briefly for starts in flight so they are stopped too, not orphaned.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !self.starting.is_empty() {
+            match tokio::time::timeout_at(deadline, started_rx.recv()).await {
+                Ok(Some(s)) => self.started(s).await,
+                _ => break,
+            }
+        }
+        let now = self.now();
+        let ids: Vec<Id16> = self.machines.keys().copied().collect();
+        let grace = self.cfg.stop_grace.min(Duration::from_secs(10));
+        for id in &ids {
+            if let Some(m) = self.machines.get_mut(id) {
+                m.lifetimes.shutdown_at = m.lifetimes.shutdown_at.min(now);
+                let _ = m.mjf.write_shutdown_time(m.lifetimes.shutdown_at);
+            }
+        }
+        let stops = ids.iter().filter_map(|id| self.machines.get(id)).map(|m| {
+            let runtime = self.runtime.clone();
+            let handle = m.handle.clone();
+            async move { runtime.stop(&handle, grace).await }
+        });
+        futures_util::future::join_all(stops).await;
+        for id in ids {
+            if let Some(m) = self.machines.remove(&id) {
+                let cause = m.stopping.map(|(c, _)| c).unwrap_or(StopCause::Drain);
+                self.finish(
+                    m,
+                    lifecycle::stopped_outcome(cause),
+                    "daemon shut down".into(),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Everything a start needs, moved into its task.
+struct StartJob<R: Runtime> {
+    runtime: Arc<R>,
+    ledger: Arc<Ledger>,
+    offer: Offer,
+    id: Id16,
+    cores: u16,
+    now_ms: u64,
+    cfg: FactoryConfig,
+    host: PublicKey,
+}
+
+impl<R: Runtime> StartJob<R> {
+    async fn run(self) -> Result<Machine, String> {
+        let mt = &self.offer.machine_type;
+        let now = self.now_ms / 1000;
+        if mt.backend != Backend::Container
+            && self.runtime.engine() == crate::runtime::EngineKind::Docker
+        {
+            return Err(format!(
+                "{} is a {} machine type; this runtime runs containers",
+                mt.name, mt.backend
+            ));
+        }
+        let image = match &mt.image {
+            Some(blob) => Some(
+                self.runtime
+                    .prepare_image(
+                        &ImageSource {
+                            url: blob.url.clone(),
+                            sha256: blob.sha256,
+                        },
+                        &|_| {},
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        let lifetimes = Lifetimes::new(mt, now);
+        let memory_bytes = u64::from(mt.memory_mib) << 20;
+        let disk_bytes = u64::from(mt.disk_mib) << 20;
+        let name = format!("gleaner-{}", self.id);
+        let root = self
+            .cfg
+            .state_dir
+            .join("machines")
+            .join(self.id.to_string());
+        let features = Features {
+            benchmark_per_core: self.cfg.benchmark,
+            jobslots: 1,
+            shutdown_at: lifetimes.shutdown_at,
+            total_cpu: u32::from(self.cfg.host_cores),
+            allocated_cpu: self.cores,
+            wall_limit_secs: u64::from(mt.max_wallclock_s),
+            max_rss_bytes: memory_bytes,
+            scratch_limit_bytes: disk_bytes,
+            jobstart_secs: now,
+            job_id: self.id.to_string(),
+        };
+        let shutdown = lifetimes.shutdown_at.to_string();
+        let id_text = self.id.to_string();
+        let host_text = self.host.to_string();
+        let user_data = lifecycle::render_user_data(
+            &mt.user_data,
+            &[
+                ("space", &self.cfg.space),
+                ("machine_id", &id_text),
+                ("host", &host_text),
+                ("shutdown_time", &shutdown),
+                ("machinefeatures", "/machinefeatures"),
+                ("jobfeatures", "/jobfeatures"),
+                ("joboutputs", "/joboutputs"),
+            ],
+        );
+        let mjf = MjfDir::create(&root, &features, &user_data)
+            .map_err(|e| format!("cannot write machine features in {}: {e}", root.display()))?;
+        let mut machine = Machine {
+            id: self.id,
+            digest: self.offer.digest,
+            publisher: mt.publisher,
+            type_name: mt.name.clone(),
+            handle: MachineHandle {
+                engine_id: String::new(),
+                name: name.clone(),
+            },
+            cores: self.cores,
+            memory_bytes,
+            lifetimes,
+            backoff_s: u64::from(mt.backoff_s),
+            mjf,
+            record_start_ms: self.now_ms,
+            cpu_ns_at_record_start: 0,
+            last: Usage::default(),
+            peak_memory: 0,
+            stopping: None,
+            frozen_since: None,
+            heartbeat_base: now,
+            ticks_since_persist: 0,
+        };
+        // In the ledger before the engine knows it: a crash from here on is recoverable.
+        let persist = |m: &Machine| {
+            serde_json::to_vec(&m.persisted())
+                .map_err(|e| e.to_string())
+                .and_then(|b| self.ledger.put_machine(m.id, &b).map_err(|e| e.to_string()))
+        };
+        persist(&machine)?;
+        let spec = MachineSpec {
+            machine_id: self.id,
+            machine_type: self.offer.digest,
+            name,
+            image,
+            kernel: None,
+            initrd: None,
+            cores: self.cores,
+            limits: Limits {
+                cpus: f64::from(self.cores),
+                memory_bytes,
+            },
+            disk_bytes,
+            pids_limit: self.cfg.pids_limit,
+            mjf_dir: machine.mjf.root.clone(),
+            egress: mt.egress.clone(),
+            command: Some(vec!["/bin/sh".into(), "/user_data".into()]),
+            labels: BTreeMap::from([("org.gleaner.machine-type-name".into(), mt.name.clone())]),
+        };
+        let created = self.runtime.create(&spec).await;
+        let handle = match created {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = self.ledger.remove_machine(self.id);
+                let _ = machine.mjf.remove();
+                return Err(e.to_string());
+            }
+        };
+        machine.handle = handle.clone();
+        persist(&machine)?;
+        if let Err(e) = self.runtime.start(&handle).await {
+            let _ = self.runtime.remove(&handle).await;
+            let _ = self.ledger.remove_machine(self.id);
+            let _ = machine.mjf.remove();
+            return Err(e.to_string());
+        }
+        Ok(machine)
+    }
+}
