@@ -6,5 +6,6 @@ pub mod factory;
 pub mod keys;
 pub mod ledger;
 pub mod mjf;
+pub mod outbox;
 pub mod publish;
 pub mod runtime;
