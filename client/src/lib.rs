@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod control;
 pub mod factory;
+pub mod image_archive;
 pub mod keys;
 pub mod ledger;
 pub mod mjf;
