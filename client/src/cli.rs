@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use gleaner::{Backend, PublicKey};
 
+use crate::control::{self, Request};
 use crate::{keys, publish};
 
 /// Exit codes of the `gleaner` binary.
@@ -42,6 +43,45 @@ pub enum Command {
     /// Write, sign, verify and show machine types (for projects publishing work).
     #[command(subcommand, name = "machine-type")]
     MachineType(MachineTypeCommand),
+    /// What runs, the owner state and why, usage, limits and recent events.
+    Status(RemoteArgs),
+    /// Freeze all work now (for an hour with --minutes 60), until `gleaner resume`.
+    Pause {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Resume by itself after this many minutes
+        #[arg(long)]
+        minutes: Option<u64>,
+    },
+    /// Thaw work frozen by `gleaner pause`.
+    Resume(RemoteArgs),
+    /// Start no new machines; running ones finish by their shutdowntime.
+    Drain {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Bring every machine's shutdowntime forward to now (plus the stop grace)
+        #[arg(long)]
+        now: bool,
+        /// Lift a drain
+        #[arg(long, conflicts_with = "now")]
+        undo: bool,
+    },
+    /// Credit earned: CPU time in the local ledger, delivered and waiting.
+    Credit(RemoteArgs),
+    /// Recent events (machines started, ended, refused...).
+    Events(RemoteArgs),
+}
+
+/// How to reach the daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
+    /// The daemon's control socket [default: /run/gleaner/control.sock, or
+    /// $XDG_RUNTIME_DIR/gleaner/control.sock for a desktop install; env GLEANER_SOCKET]
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Print JSON for scripts instead of text for people
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,7 +174,53 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Key(cmd) => key(cmd),
         Command::MachineType(cmd) => machine_type(cmd),
+        Command::Status(r) => remote(&r, Request::Status),
+        Command::Pause { remote: r, minutes } => remote(
+            &r,
+            Request::Pause {
+                minutes,
+                machine_type: None,
+            },
+        ),
+        Command::Resume(r) => remote(&r, Request::Resume { machine_type: None }),
+        Command::Drain {
+            remote: r,
+            now,
+            undo,
+        } => remote(
+            &r,
+            if undo {
+                Request::Undrain
+            } else {
+                Request::Drain { now }
+            },
+        ),
+        Command::Credit(r) => remote(&r, Request::Credit),
+        Command::Events(r) => remote(&r, Request::Events),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Sends one request to the daemon and prints the answer.
+fn remote(r: &RemoteArgs, req: Request) -> Result<()> {
+    let socket = r.socket.clone().unwrap_or_else(control::default_socket);
+    let op = req.clone();
+    let value = runtime()?.block_on(async {
+        let mut c = control::ControlClient::connect(&socket).await?;
+        c.call(&req).await
+    })?;
+    if r.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", crate::render::render(&op, &value));
+    }
+    Ok(())
 }
 
 fn now() -> u64 {

@@ -142,17 +142,17 @@ impl Access {
 /// Why the control API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}: {cause}")]
     Listen {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
-        "cannot reach the gleaner daemon at {path}: {source} (is it running? `gleaner daemon`, or `systemctl status gleaner`)"
+        "cannot reach the gleaner daemon at {path}: {cause} (is it running? `gleaner daemon`, or `systemctl status gleaner`)"
     )]
     Connect {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "permission denied on {path}: add yourself to the gleaner group (`sudo usermod -aG gleaner $USER`, then log in again)"
@@ -194,9 +194,9 @@ fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
 
 /// Binds the control socket at `path` (replacing a stale one), mode 0660 and owned by `group`.
 pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, ControlError> {
-    let err = |source| ControlError::Listen {
+    let err = |cause| ControlError::Listen {
         path: path.to_owned(),
-        source,
+        cause,
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
@@ -322,15 +322,15 @@ pub struct ControlClient {
 
 impl ControlClient {
     pub async fn connect(path: &Path) -> Result<ControlClient, ControlError> {
-        let stream = UnixStream::connect(path).await.map_err(|source| {
-            if source.kind() == std::io::ErrorKind::PermissionDenied {
+        let stream = UnixStream::connect(path).await.map_err(|cause| {
+            if cause.kind() == std::io::ErrorKind::PermissionDenied {
                 ControlError::Permission {
                     path: path.to_owned(),
                 }
             } else {
                 ControlError::Connect {
                     path: path.to_owned(),
-                    source,
+                    cause,
                 }
             }
         })?;

@@ -10,28 +10,28 @@ use gleaner::SecretKey;
 /// Why a key file could not be made or read.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: already exists (pass --force to replace it, losing the old key)")]
     Exists { path: PathBuf },
     #[error("{path}: permissions {mode:04o} let others read the secret key; run chmod 600 {path}")]
     TooOpen { path: PathBuf, mode: u32 },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Format {
         path: PathBuf,
-        source: gleaner::Error,
+        cause: gleaner::Error,
     },
     #[error("no randomness from the operating system: {0}")]
     Random(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
-    move |source| KeyError::Io {
+    move |cause| KeyError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     }
 }
 
@@ -89,9 +89,9 @@ pub fn read(path: &Path) -> Result<SecretKey, KeyError> {
         });
     }
     let text = fs::read_to_string(path).map_err(io(path))?;
-    SecretKey::from_file_text(&text).map_err(|source| KeyError::Format {
+    SecretKey::from_file_text(&text).map_err(|cause| KeyError::Format {
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 

@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod factory;
 pub mod image_archive;
 pub mod keys;
@@ -9,4 +10,5 @@ pub mod ledger;
 pub mod mjf;
 pub mod outbox;
 pub mod publish;
+pub mod render;
 pub mod runtime;

@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 /// Why a machine-type file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     Toml { path: PathBuf, message: String },
@@ -26,10 +26,10 @@ pub enum PublishError {
         key: &'static str,
         reason: String,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Refused {
         path: PathBuf,
-        source: gleaner::Error,
+        cause: gleaner::Error,
     },
     #[error("{path}: signed by {signer}, which is not one of the expected publishers")]
     UnexpectedSigner { path: PathBuf, signer: PublicKey },
@@ -301,14 +301,14 @@ pub fn parse_toml(
         description: raw.description,
     };
     mt.validate(&publisher)
-        .map_err(|source| PublishError::Refused {
+        .map_err(|cause| PublishError::Refused {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
     mt.check_fresh(now)
-        .map_err(|source| PublishError::Refused {
+        .map_err(|cause| PublishError::Refused {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
     Ok(mt)
 }
@@ -368,9 +368,9 @@ pub fn sign_file(
     key: &SecretKey,
     now: u64,
 ) -> Result<(MachineType, Vec<u8>), PublishError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PublishError::Io {
+    let text = std::fs::read_to_string(path).map_err(|cause| PublishError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     let mt = parse_toml(path, &text, now, key.public())?;
     let bytes = Envelope::seal(&mt, key).to_bytes();
@@ -385,9 +385,9 @@ pub fn verify_bytes(
     now: u64,
     publishers: &[PublicKey],
 ) -> Result<Verified<MachineType>, PublishError> {
-    let refused = |source| PublishError::Refused {
+    let refused = |cause| PublishError::Refused {
         path: path.to_owned(),
-        source,
+        cause,
     };
     let v = Envelope::open_bytes::<MachineType>(bytes).map_err(refused)?;
     v.message.check_fresh(now).map_err(refused)?;

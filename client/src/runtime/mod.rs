@@ -107,7 +107,9 @@ pub enum MachineState {
     Running,
     Frozen,
     /// Ended by itself or stopped, with the exit code where the engine knows it.
-    Exited { code: Option<i64> },
+    Exited {
+        code: Option<i64>,
+    },
     /// The engine no longer knows it.
     Gone,
 }

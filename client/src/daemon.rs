@@ -1,0 +1,385 @@
+//! The client daemon: wires the factory, the ledger and its outbox, the machine-type catalogue and
+//! the control API together, and shuts them down in order (SIGTERM drains, never orphans).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gleaner::{Digest, Envelope, MachineType, PublicKey, SecretKey};
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::control::{self, Access, Controller, Request, Response};
+use crate::factory::{Allowance, Factory, FactoryConfig, FactoryHandle, Offer};
+use crate::ledger::Ledger;
+use crate::outbox::{self, OutboxConfig, Uploader};
+use crate::runtime::Runtime;
+
+/// Everything the daemon needs to start.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub space: String,
+    /// Signed machine types (`*.gmt`) in this folder are offered, if their publisher is trusted.
+    pub machine_types_dir: Option<PathBuf>,
+    /// Trusted publishers and their shares.
+    pub trusted: Vec<(PublicKey, f64)>,
+    /// Cores and memory Gleaner may use.
+    pub cores: u16,
+    pub memory_bytes: u64,
+    pub tick: Duration,
+    pub stop_grace: Duration,
+    pub benchmark: u32,
+}
+
+/// Paths inside the state dir.
+pub fn host_key_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("host.key")
+}
+
+pub fn ledger_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("ledger.redb")
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+}
+
+/// The owner's manual pause (from `gleaner pause`).
+#[derive(Debug, Clone, Default, Serialize)]
+struct Pause {
+    paused: bool,
+    until: Option<u64>,
+}
+
+/// The daemon's side of the control API.
+pub struct Daemon<R: Runtime + 'static> {
+    runtime: Arc<R>,
+    factory: FactoryHandle,
+    ledger: Arc<Ledger>,
+    host: PublicKey,
+    allowance_tx: watch::Sender<Allowance>,
+    base_allowance: Allowance,
+    pause: Mutex<Pause>,
+}
+
+#[derive(Serialize)]
+struct Status {
+    host: String,
+    paused: bool,
+    paused_until: Option<u64>,
+    factory: crate::factory::FactoryStatus,
+    ledger: crate::ledger::LedgerTotals,
+}
+
+impl<R: Runtime + 'static> Daemon<R> {
+    async fn freeze_all(&self, freeze: bool) -> Vec<String> {
+        let handles: Vec<_> = self
+            .factory
+            .registry()
+            .read()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        let ops = handles.iter().map(|h| {
+            let rt = self.runtime.clone();
+            async move {
+                let r = if freeze {
+                    rt.freeze(h).await
+                } else {
+                    rt.thaw(h).await
+                };
+                r.err().map(|e| format!("{}: {e}", h.name))
+            }
+        });
+        futures_util::future::join_all(ops)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    fn set_paused(&self, paused: bool, until: Option<u64>) {
+        if let Ok(mut p) = self.pause.lock() {
+            *p = Pause { paused, until };
+        }
+        let mut a = self.base_allowance.clone();
+        if paused {
+            a.may_start = false;
+            a.reason = "paused by the owner".into();
+        }
+        let _ = self.allowance_tx.send(a);
+    }
+
+    /// Lifts a timed pause once it has run out (called from the daemon's housekeeping).
+    async fn expire_pause(&self, now: u64) {
+        let expired = self
+            .pause
+            .lock()
+            .map(|p| p.paused && p.until.is_some_and(|u| now >= u))
+            .unwrap_or(false);
+        if expired {
+            self.set_paused(false, None);
+            self.freeze_all(false).await;
+        }
+    }
+}
+
+impl<R: Runtime + 'static> Controller for Daemon<R> {
+    async fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Status => {
+                let factory = match self.factory.status().await {
+                    Ok(s) => s,
+                    Err(e) => return Response::error(e.to_string()),
+                };
+                let ledger = match self.ledger.totals() {
+                    Ok(t) => t,
+                    Err(e) => return Response::error(e.to_string()),
+                };
+                let pause = self.pause.lock().map(|p| p.clone()).unwrap_or_default();
+                Response::ok(Status {
+                    host: self.host.to_string(),
+                    paused: pause.paused,
+                    paused_until: pause.until,
+                    factory,
+                    ledger,
+                })
+            }
+            Request::Pause {
+                minutes,
+                machine_type,
+            } => {
+                if machine_type.is_some() {
+                    return Response::error(
+                        "pausing one machine type is not supported yet; pause all instead",
+                    );
+                }
+                let until = minutes.map(|m| crate::factory::now_ms() / 1000 + m * 60);
+                self.set_paused(true, until);
+                let errors = self.freeze_all(true).await;
+                if errors.is_empty() {
+                    Response::ok(serde_json::json!({"paused": true, "until": until}))
+                } else {
+                    Response::error(format!(
+                        "paused, but could not freeze: {}",
+                        errors.join("; ")
+                    ))
+                }
+            }
+            Request::Resume { .. } => {
+                self.set_paused(false, None);
+                let errors = self.freeze_all(false).await;
+                if errors.is_empty() {
+                    Response::ok(serde_json::json!({"paused": false}))
+                } else {
+                    Response::error(format!(
+                        "resumed, but could not thaw: {}",
+                        errors.join("; ")
+                    ))
+                }
+            }
+            Request::Drain { now } => match self.factory.drain(now).await {
+                Ok(()) => Response::ok(serde_json::json!({"draining": true})),
+                Err(e) => Response::error(e.to_string()),
+            },
+            Request::Undrain => match self.factory.undrain().await {
+                Ok(()) => Response::ok(serde_json::json!({"draining": false})),
+                Err(e) => Response::error(e.to_string()),
+            },
+            Request::Credit => match self.ledger.totals() {
+                Ok(t) => Response::ok(t),
+                Err(e) => Response::error(e.to_string()),
+            },
+            Request::Events => match self.factory.status().await {
+                Ok(s) => Response::ok(s.events),
+                Err(e) => Response::error(e.to_string()),
+            },
+            other => Response::error(format!(
+                "{} is not available in this daemon yet",
+                serde_json::to_value(&other)
+                    .ok()
+                    .and_then(|v| v.get("op").and_then(|o| o.as_str().map(str::to_owned)))
+                    .unwrap_or_else(|| "this request".into())
+            )),
+        }
+    }
+}
+
+/// Reads signed machine types from `dir` and offers those whose publisher is trusted.
+pub async fn scan_machine_types(
+    dir: &Path,
+    trusted: &[(PublicKey, f64)],
+    now: u64,
+    seen: &mut BTreeMap<Digest, ()>,
+    factory: &FactoryHandle,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "gmt"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let digest_of_file = Digest::of(&bytes);
+        if seen.contains_key(&digest_of_file) {
+            continue;
+        }
+        seen.insert(digest_of_file, ());
+        let v = match Envelope::open_bytes::<MachineType>(&bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("refused {}: {e}", path.display());
+                continue;
+            }
+        };
+        if let Err(e) = v.message.check_fresh(now) {
+            tracing::warn!("refused {}: {e}", path.display());
+            continue;
+        }
+        let Some((_, share)) = trusted.iter().find(|(k, _)| *k == v.signer) else {
+            tracing::warn!(
+                "refused {}: publisher {} is not trusted",
+                path.display(),
+                v.signer
+            );
+            continue;
+        };
+        let offer = Offer {
+            max_cores: v.message.cores_max,
+            machine_type: v.message,
+            digest: v.digest,
+            share: *share,
+        };
+        if factory.offer(offer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the daemon until `cancel` fires: then the factory stops and accounts for every machine,
+/// the outbox makes a last delivery attempt, and the control socket is removed.
+pub async fn run<R: Runtime + 'static, U: Uploader>(
+    opts: DaemonOptions,
+    runtime: R,
+    uploader: Option<U>,
+    cancel: CancellationToken,
+) -> Result<(), DaemonError> {
+    let key: SecretKey = crate::keys::read_or_create(&host_key_path(&opts.state_dir))?;
+    let ledger = Arc::new(Ledger::open(&ledger_path(&opts.state_dir))?);
+    let runtime = Arc::new(runtime);
+    let base = Allowance::open(opts.cores, opts.memory_bytes);
+    let (allowance_tx, allowance_rx) = watch::channel(base.clone());
+    let mut cfg = FactoryConfig::new(opts.state_dir.clone());
+    cfg.space = opts.space.clone();
+    cfg.tick = opts.tick;
+    cfg.stop_grace = opts.stop_grace;
+    cfg.benchmark = opts.benchmark;
+    let mut factory = Factory::new(
+        cfg,
+        runtime.clone(),
+        ledger.clone(),
+        key.clone(),
+        allowance_rx,
+    );
+    factory.recover().await?;
+    let factory_cancel = CancellationToken::new();
+    let (handle, factory_task) = factory.spawn(factory_cancel.clone());
+
+    let tracker = TaskTracker::new();
+    let wake = Arc::new(Notify::new());
+    let outbox_cancel = CancellationToken::new();
+    if let Some(up) = uploader {
+        tracker.spawn(outbox::run(
+            ledger.clone(),
+            up,
+            OutboxConfig::default(),
+            wake.clone(),
+            outbox_cancel.clone(),
+        ));
+    }
+
+    let daemon = Arc::new(Daemon {
+        runtime: runtime.clone(),
+        factory: handle.clone(),
+        ledger: ledger.clone(),
+        host: key.public(),
+        allowance_tx,
+        base_allowance: base,
+        pause: Mutex::new(Pause::default()),
+    });
+    let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
+    let access = Access {
+        daemon_uid: own_uid(),
+        group: control::group_id("gleaner"),
+    };
+    let control_cancel = CancellationToken::new();
+    tracker.spawn(control::serve(
+        listener,
+        access,
+        daemon.clone(),
+        control_cancel.clone(),
+    ));
+
+    // Housekeeping: new machine types, timed pauses, and a nudge for the outbox.
+    let housekeeping = {
+        let handle = handle.clone();
+        let daemon = daemon.clone();
+        let cancel = cancel.clone();
+        let wake = wake.clone();
+        async move {
+            let mut seen = BTreeMap::new();
+            loop {
+                let now = crate::factory::now_ms() / 1000;
+                if let Some(dir) = &opts.machine_types_dir {
+                    scan_machine_types(dir, &opts.trusted, now, &mut seen, &handle).await;
+                }
+                daemon.expire_pause(now).await;
+                wake.notify_one();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    };
+    tracker.spawn(housekeeping);
+    tracing::info!(host = %key.public(), socket = %opts.socket.display(), "gleaner daemon running");
+
+    cancel.cancelled().await;
+    tracing::info!("shutting down: stopping machines");
+    factory_cancel.cancel();
+    let _ = factory_task.await;
+    // One last delivery of the final records, bounded in time.
+    wake.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    outbox_cancel.cancel();
+    control_cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let _ = std::fs::remove_file(&opts.socket);
+    Ok(())
+}
+
+/// The daemon's own uid, read from /proc (no unsafe libc call needed).
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}

@@ -1,0 +1,125 @@
+//! Human-readable text for the daemon's answers (`gleaner status`, `credit`, `events`...); `--json`
+//! prints the same data raw for scripts.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+use crate::control::Request;
+
+fn secs(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+fn events(out: &mut String, list: &Value, last: usize) {
+    let items = list.as_array().map(Vec::as_slice).unwrap_or(&[]);
+    for e in items.iter().rev().take(last).rev() {
+        let _ = writeln!(
+            out,
+            "  {}  {}{}",
+            e["at"],
+            e["machine"]
+                .as_str()
+                .map(|m| format!("[{}] ", &m[..8.min(m.len())]))
+                .unwrap_or_default(),
+            e["message"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// Renders the answer to `req` for a person.
+pub fn render(req: &Request, v: &Value) -> String {
+    let mut out = String::new();
+    match req {
+        Request::Status => {
+            let f = &v["factory"];
+            let a = &f["allowance"];
+            let _ = writeln!(out, "host      {}", v["host"].as_str().unwrap_or("?"));
+            let state = if v["paused"].as_bool() == Some(true) {
+                "paused by the owner".to_string()
+            } else if f["draining"].as_bool() == Some(true) {
+                "draining".to_string()
+            } else {
+                a["reason"].as_str().unwrap_or("").to_string()
+            };
+            let _ = writeln!(out, "state     {state}");
+            let _ = writeln!(
+                out,
+                "limits    {} cores, {:.1} GiB, at most {} machines",
+                a["cores"],
+                secs(&a["memory_bytes"]) / f64::from(1u32 << 30),
+                a["max_machines"]
+            );
+            let machines = f["machines"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            let _ = writeln!(out, "machines  {}", machines.len());
+            for m in machines {
+                let _ = writeln!(
+                    out,
+                    "  {}  {:<20} {:<10} {} cores  cpu {:.1} s  mem {:.0} MiB",
+                    &m["machine_id"].as_str().unwrap_or("?")[..8],
+                    m["name"].as_str().unwrap_or("?"),
+                    m["state"].as_str().unwrap_or("?"),
+                    m["cores"],
+                    secs(&m["cpu_seconds"]),
+                    secs(&m["memory_now_bytes"]) / 1048576.0
+                );
+            }
+            let offers = f["offers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            let _ = writeln!(out, "machine types  {}", offers.len());
+            for o in offers {
+                let backoff = o["backed_off_until"]
+                    .as_u64()
+                    .map(|t| format!("  backed off until {t}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {:<20} v{:<4} share {}  running {}{backoff}",
+                    o["name"].as_str().unwrap_or("?"),
+                    o["version"],
+                    o["share"],
+                    o["running"]
+                );
+            }
+            let l = &v["ledger"];
+            let _ = writeln!(
+                out,
+                "credit    {:.1} cpu s recorded; {} records delivered, {} waiting, {} refused",
+                secs(&l["cpu_ms"]) / 1000.0,
+                l["delivered"],
+                l["pending"],
+                l["rejected"]
+            );
+            let _ = writeln!(out, "recent events");
+            events(&mut out, &f["events"], 8);
+        }
+        Request::Credit => {
+            let _ = writeln!(
+                out,
+                "cpu time recorded  {:.1} s\ndelivered          {:.1} s in {} records\nwaiting            {} records\nrefused            {} records",
+                secs(&v["cpu_ms"]) / 1000.0,
+                secs(&v["delivered_cpu_ms"]) / 1000.0,
+                v["delivered"],
+                v["pending"],
+                v["rejected"]
+            );
+        }
+        Request::Events => events(&mut out, v, 200),
+        Request::Pause { .. } => {
+            let _ = writeln!(
+                out,
+                "paused{}",
+                v["until"]
+                    .as_u64()
+                    .map(|u| format!(" until {u}"))
+                    .unwrap_or_default()
+            );
+        }
+        Request::Resume { .. } => out.push_str("resumed\n"),
+        Request::Drain { .. } => out.push_str("draining: no new machines will start\n"),
+        Request::Undrain => out.push_str("drain lifted\n"),
+        _ => {
+            let _ = writeln!(out, "{v}");
+        }
+    }
+    out
+}
