@@ -9,6 +9,7 @@ pub mod keys;
 pub mod ledger;
 pub mod mjf;
 pub mod outbox;
+pub mod pinning;
 pub mod publish;
 pub mod render;
 pub mod runtime;
