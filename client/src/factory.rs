@@ -989,6 +989,8 @@ impl<R: Runtime + 'static> Factory<R> {
             .offers
             .values()
             .filter(|o| self.backoff_until.get(&o.digest).is_none_or(|&t| now >= t))
+            // One start per type at a time: a new or flaky type cannot stampede the host.
+            .filter(|o| !self.starting.values().any(|(d, _, _)| d == &o.digest))
             .filter(|o| o.machine_type.check_fresh(now).is_ok())
             // Types that could never fit under the current allowance are skipped, not waited for.
             .filter(|o| {

@@ -4,6 +4,9 @@
 //! the factory's unit tests. Every machine a runtime makes carries ownership labels/metadata so a
 //! restarted daemon can adopt or clean it up.
 
+pub mod blobs;
+pub mod docker;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;

@@ -1,0 +1,254 @@
+//! A content-addressed blob cache: images, kernels and disks fetched by URL and kept by their
+//! SHA-256, verified while they stream and before any engine sees them, with a disk quota and
+//! least-recently-used eviction.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use gleaner::Digest;
+use sha2::Digest as _;
+use tokio::io::AsyncWriteExt;
+
+use super::{EngineKind, Progress, RuntimeError};
+
+/// The cache directory and its quota.
+#[derive(Debug, Clone)]
+pub struct BlobCache {
+    dir: PathBuf,
+    quota_bytes: u64,
+    http: reqwest::Client,
+}
+
+fn image_err(url: &str, reason: impl Into<String>) -> RuntimeError {
+    RuntimeError::Image {
+        url: url.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl BlobCache {
+    pub fn new(dir: PathBuf, quota_bytes: u64) -> Result<BlobCache, RuntimeError> {
+        std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::Call {
+            engine: EngineKind::Docker,
+            call: "create blob cache",
+            reason: format!("{}: {e}", dir.display()),
+        })?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(15))
+            .build()
+            .map_err(|e| RuntimeError::Unsupported(format!("http client: {e}")))?;
+        Ok(BlobCache {
+            dir,
+            quota_bytes,
+            http,
+        })
+    }
+
+    /// The cached file of `sha256`, if present.
+    pub fn path_of(&self, sha256: &Digest) -> PathBuf {
+        self.dir.join(format!("{sha256}.blob"))
+    }
+
+    /// Returns the verified local file for `url` + `sha256`, downloading it if needed.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        sha256: &Digest,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<PathBuf, RuntimeError> {
+        let path = self.path_of(sha256);
+        if path.exists() {
+            // Touch for LRU; a cached blob was verified when it was stored.
+            let _ = std::fs::File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+            return Ok(path);
+        }
+        let tmp = self.dir.join(format!(".{sha256}.partial"));
+        let result = self.download(url, &tmp, progress).await;
+        let actual = match result {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        if &actual != sha256 {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(RuntimeError::HashMismatch {
+                url: url.to_owned(),
+                expected: *sha256,
+                actual,
+            });
+        }
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| image_err(url, format!("cannot store in the cache: {e}")))?;
+        self.evict(&path);
+        Ok(path)
+    }
+
+    async fn download(
+        &self,
+        url: &str,
+        tmp: &Path,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<Digest, RuntimeError> {
+        let mut out = tokio::fs::File::create(tmp)
+            .await
+            .map_err(|e| image_err(url, format!("cannot write {}: {e}", tmp.display())))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut done = 0u64;
+        if let Some(path) = url.strip_prefix("file://") {
+            let mut f = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| image_err(url, e.to_string()))?;
+            let total = f.metadata().await.ok().map(|m| m.len());
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                use tokio::io::AsyncReadExt;
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| image_err(url, e.to_string()))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .await
+                    .map_err(|e| image_err(url, e.to_string()))?;
+                done += n as u64;
+                progress(Progress {
+                    done_bytes: done,
+                    total_bytes: total,
+                });
+            }
+        } else if url.starts_with("http://") || url.starts_with("https://") {
+            let resp = self
+                .http
+                .get(url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| image_err(url, e.to_string()))?;
+            let total = resp.content_length();
+            if let Some(t) = total
+                && t > self.quota_bytes
+            {
+                return Err(image_err(
+                    url,
+                    format!(
+                        "{t} bytes is more than the image quota of {} bytes",
+                        self.quota_bytes
+                    ),
+                ));
+            }
+            let mut resp = resp;
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| image_err(url, e.to_string()))?
+            {
+                hasher.update(&chunk);
+                out.write_all(&chunk)
+                    .await
+                    .map_err(|e| image_err(url, e.to_string()))?;
+                done += chunk.len() as u64;
+                if done > self.quota_bytes {
+                    return Err(image_err(url, "larger than the image quota"));
+                }
+                progress(Progress {
+                    done_bytes: done,
+                    total_bytes: total,
+                });
+            }
+        } else {
+            return Err(image_err(
+                url,
+                "only http://, https:// and file:// urls can be fetched",
+            ));
+        }
+        out.sync_all()
+            .await
+            .map_err(|e| image_err(url, e.to_string()))?;
+        Ok(Digest(hasher.finalize().into()))
+    }
+
+    /// Deletes least recently used blobs until the cache fits its quota (never `keep`).
+    fn evict(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut blobs: Vec<(SystemTime, u64, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "blob"))
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = blobs.iter().map(|b| b.1).sum();
+        blobs.sort();
+        for (_, len, path) in blobs {
+            if total <= self.quota_bytes {
+                break;
+            }
+            if path != keep && std::fs::remove_file(&path).is_ok() {
+                tracing::info!("evicted {} from the image cache", path.display());
+                total -= len;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn verifies_caches_and_evicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let cache = BlobCache::new(dir.path().join("cache"), 250).unwrap();
+        let mut digests = Vec::new();
+        for i in 0..3u8 {
+            let p = src.join(format!("b{i}"));
+            std::fs::write(&p, vec![i; 100]).unwrap();
+            let d = Digest::of(&[i; 100]);
+            let url = format!("file://{}", p.display());
+            let got = cache.fetch(&url, &d, &|_| {}).await.unwrap();
+            assert_eq!(std::fs::read(&got).unwrap(), vec![i; 100]);
+            digests.push(d);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Quota 250 bytes holds two blobs: the oldest went.
+        assert!(!cache.path_of(&digests[0]).exists());
+        assert!(cache.path_of(&digests[2]).exists());
+        // A wrong hash is refused and nothing is stored.
+        let p = src.join("b1");
+        let err = cache
+            .fetch(
+                &format!("file://{}", p.display()),
+                &Digest([9; 32]),
+                &|_| {},
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RuntimeError::HashMismatch { .. }), "{err}");
+        assert!(!cache.path_of(&Digest([9; 32])).exists());
+        let stray = std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("partial")
+            })
+            .count();
+        assert_eq!(stray, 0);
+    }
+}

@@ -1,0 +1,193 @@
+//! Shared helpers for the client's real-engine tests: a busybox image pinned by sha256, signed
+//! machine types, a factory on the real Docker Engine, and polling with deadlines.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gleaner::{Backend, Blob, Digest, Envelope, MachineType, SecretKey};
+use gleaner_client::factory::{Allowance, Factory, FactoryConfig, FactoryHandle, Offer};
+use gleaner_client::ledger::Ledger;
+use gleaner_client::runtime::Runtime;
+use gleaner_client::runtime::docker::DockerRuntime;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The busybox image tarball (built once per test binary) and its sha256.
+pub fn busybox_image() -> (PathBuf, Digest) {
+    static IMG: std::sync::OnceLock<(PathBuf, Digest)> = std::sync::OnceLock::new();
+    IMG.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets");
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes = gleaner_client::image_archive::busybox_image(
+            Path::new("/bin/busybox"),
+            "gleaner/test-busybox:1",
+        )
+        .expect("busybox-static is installed (installers/install-deps.sh)");
+        let digest = Digest::of(&bytes);
+        let path = dir.join(format!("busybox-{digest}.tar"));
+        if !path.exists() {
+            gleaner_client::image_archive::write_atomic(&path, &bytes).unwrap();
+        }
+        (path, digest)
+    })
+    .clone()
+}
+
+pub fn publisher() -> SecretKey {
+    SecretKey::from_seed([0x51; 32])
+}
+
+/// A container machine type running `script` (as /user_data) on the busybox image.
+pub fn machine_type(name: &str, script: &str) -> MachineType {
+    let (path, digest) = busybox_image();
+    let mut mt = MachineType::example(publisher().public());
+    mt.name = name.into();
+    mt.backend = Backend::Container;
+    mt.image = Some(Blob {
+        url: format!("file://{}", path.display()),
+        sha256: digest,
+    });
+    mt.user_data = script.into();
+    mt.cores_min = 1;
+    mt.cores_max = 1;
+    mt.memory_mib = 128;
+    mt.disk_mib = 64;
+    mt.not_after = 4_000_000_000;
+    mt
+}
+
+/// The offer for a signed machine type.
+pub fn offer(mt: &MachineType) -> Offer {
+    let env = Envelope::seal(mt, &publisher());
+    let v = env.open::<MachineType>().expect("valid machine type");
+    Offer {
+        machine_type: v.message,
+        digest: v.digest,
+        share: 1.0,
+        max_cores: 4,
+    }
+}
+
+/// A unique owner label per test, so tests sharing one dockerd never see each other's machines.
+pub fn owner(test: &str) -> String {
+    format!("test-{test}-{}", std::process::id())
+}
+
+pub async fn docker(owner: &str, state: &Path) -> DockerRuntime {
+    DockerRuntime::connect(owner, state.join("cache"), 1 << 30)
+        .await
+        .expect("dockerd is running (installers/start-engines.sh)")
+}
+
+/// A running factory on the real Docker Engine.
+pub struct TestFactory {
+    pub handle: FactoryHandle,
+    pub ledger: Arc<Ledger>,
+    pub runtime: Arc<DockerRuntime>,
+    pub cancel: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+    pub state: PathBuf,
+    pub owner: String,
+    pub allowance: watch::Sender<Allowance>,
+    pub key: SecretKey,
+}
+
+pub async fn factory(
+    owner: &str,
+    state: &Path,
+    tweak: impl FnOnce(&mut FactoryConfig),
+) -> TestFactory {
+    let runtime = Arc::new(docker(owner, state).await);
+    let ledger = Arc::new(Ledger::open(&state.join("ledger.redb")).unwrap());
+    let mut cfg = FactoryConfig::new(state.to_owned());
+    cfg.tick = Duration::from_millis(200);
+    cfg.stop_grace = Duration::from_secs(3);
+    tweak(&mut cfg);
+    let (tx, rx) = watch::channel(Allowance::open(2, 2 << 30));
+    let key = SecretKey::from_seed([0x77; 32]);
+    let mut f = Factory::new(cfg, runtime.clone(), ledger.clone(), key.clone(), rx);
+    f.recover().await.unwrap();
+    let cancel = CancellationToken::new();
+    let (handle, task) = f.spawn(cancel.clone());
+    TestFactory {
+        handle,
+        ledger,
+        runtime,
+        cancel,
+        task: Some(task),
+        state: state.to_owned(),
+        owner: owner.to_owned(),
+        allowance: tx,
+        key,
+    }
+}
+
+impl TestFactory {
+    /// Stops the factory the way SIGTERM does (machines stopped and accounted for).
+    pub async fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Removes every container carrying `owner`'s label (a test that panicked leaves none behind).
+pub fn remove_owned(owner: &str) {
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=org.gleaner.owner={owner}"),
+        ])
+        .output();
+    if let Ok(out) = out {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if !ids.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .arg("rm")
+                .arg("-f")
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
+impl Drop for TestFactory {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        remove_owned(&self.owner);
+    }
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics after `secs` with `what`.
+pub async fn eventually<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts the engine holds no machine with this owner label.
+pub async fn assert_nothing_left(rt: &DockerRuntime, state: &Path) {
+    let owned = rt.list_owned().await.unwrap();
+    assert!(owned.is_empty(), "left behind: {owned:?}");
+    let machines = state.join("machines");
+    if machines.exists() {
+        let left: Vec<_> = std::fs::read_dir(&machines).unwrap().collect();
+        assert!(left.is_empty(), "machine folders left behind: {left:?}");
+    }
+}
