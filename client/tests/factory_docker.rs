@@ -78,7 +78,7 @@ echo "200 Intended work completed ok" > /joboutputs/shutdown_message
     tokio::time::sleep(Duration::from_millis(600)).await;
     let r = eventually(60, "exactly one usage record", async || {
         let rs = records(&f.ledger);
-        (!rs.is_empty()).then(|| rs)
+        (!rs.is_empty()).then_some(rs)
     })
     .await;
     assert_eq!(r.len(), 1, "{r:?}");
