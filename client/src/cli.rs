@@ -70,6 +70,48 @@ pub enum Command {
     Credit(RemoteArgs),
     /// Recent events (machines started, ended, refused...).
     Events(RemoteArgs),
+    /// Run the factory daemon: start trusted machine types when the owner allows, account for
+    /// them, deliver signed credit to the coordinator. Stops cleanly on SIGTERM or Ctrl-C.
+    Daemon(DaemonArgs),
+}
+
+/// Settings of `gleaner daemon`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// Where the host key, ledger, image cache and machine folders live
+    /// [default: /var/lib/gleaner as root, else ~/.local/share/gleaner]
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The control socket [default: as for `gleaner status`]
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The space (department or swarm) this factory belongs to
+    #[arg(long, default_value = "default")]
+    pub space: String,
+    /// A folder of signed machine types (*.gmt) to offer when their publisher is trusted
+    #[arg(long)]
+    pub machine_types: Option<PathBuf>,
+    /// Trust a publisher, optionally with a share: ID or ID=SHARE (repeatable)
+    #[arg(long = "trust", value_name = "ID[=SHARE]")]
+    pub trust: Vec<String>,
+    /// Most cores Gleaner may use [default: all]
+    #[arg(long)]
+    pub cores: Option<u16>,
+    /// Most memory Gleaner may use, e.g. 4GiB [default: half of RAM]
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// The coordinator's base URL, e.g. https://127.0.0.1:8443
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// Pin the coordinator's certificate by its SHA-256 (printed by the coordinator)
+    #[arg(long, requires = "coordinator")]
+    pub coordinator_fingerprint: Option<String>,
+    /// Seconds a machine gets between SIGTERM and SIGKILL
+    #[arg(long, default_value_t = 30)]
+    pub stop_grace: u64,
+    /// Milliseconds between looks at the machines
+    #[arg(long, default_value_t = 500, hide = true)]
+    pub tick_ms: u64,
 }
 
 /// How to reach the daemon.
@@ -197,6 +239,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Credit(r) => remote(&r, Request::Credit),
         Command::Events(r) => remote(&r, Request::Events),
+        Command::Daemon(args) => crate::daemon_cli::run(args),
     }
 }
 

@@ -704,20 +704,35 @@ impl<R: Runtime + 'static> Factory<R> {
         let now = self.now();
         let allowance = self.allowance.borrow().clone();
         let ids: Vec<Id16> = self.machines.keys().copied().collect();
-        for id in ids {
+        // Ask the engine about every machine at once: one slow answer must not delay the rest.
+        let looks = ids.iter().filter_map(|id| self.machines.get(id)).map(|m| {
+            let rt = self.runtime.clone();
+            let handle = m.handle.clone();
+            async move {
+                let state = rt.state(&handle).await;
+                let usage = match state {
+                    Ok(MachineState::Running | MachineState::Frozen) => {
+                        rt.sample(&handle).await.ok()
+                    }
+                    _ => None,
+                };
+                (state, usage)
+            }
+        });
+        let looks = futures_util::future::join_all(looks).await;
+        for (id, (state, usage)) in ids.into_iter().zip(looks) {
             let Some(m) = self.machines.get(&id) else {
                 continue;
             };
             let handle = m.handle.clone();
-            let state = match self.runtime.state(&handle).await {
+            let state = match state {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("state of {}: {e}", handle.name);
                     continue;
                 }
             };
-            if matches!(state, MachineState::Running | MachineState::Frozen)
-                && let Ok(u) = self.runtime.sample(&handle).await
+            if let Some(u) = usage
                 && let Some(m) = self.machines.get_mut(&id)
             {
                 if u.cpu_ns >= m.last.cpu_ns {

@@ -2,7 +2,9 @@
 
 pub mod cli;
 pub mod control;
+pub mod coordinator_client;
 pub mod daemon;
+pub mod daemon_cli;
 pub mod factory;
 pub mod image_archive;
 pub mod keys;

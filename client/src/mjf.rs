@@ -75,7 +75,11 @@ impl MjfDir {
         let j = self.jobfeatures();
         write_value(&j, "allocated_cpu", f.allocated_cpu)?;
         write_value(&j, "wall_limit_secs", f.wall_limit_secs)?;
-        write_value(&j, "cpu_limit_secs", f.wall_limit_secs * u64::from(f.allocated_cpu))?;
+        write_value(
+            &j,
+            "cpu_limit_secs",
+            f.wall_limit_secs * u64::from(f.allocated_cpu),
+        )?;
         write_value(&j, "max_rss_bytes", f.max_rss_bytes)?;
         write_value(&j, "max_swap_bytes", 0)?;
         write_value(&j, "scratch_limit_bytes", f.scratch_limit_bytes)?;
@@ -146,15 +150,25 @@ mod tests {
             job_id: "abc".into(),
         };
         let d = MjfDir::create(&tmp.path().join("m"), &f, "hello").unwrap();
-        assert_eq!(fs::read_to_string(d.jobfeatures().join("allocated_cpu")).unwrap(), "1\n");
-        assert_eq!(fs::read_to_string(d.root.join("user_data")).unwrap(), "hello");
+        assert_eq!(
+            fs::read_to_string(d.jobfeatures().join("allocated_cpu")).unwrap(),
+            "1\n"
+        );
+        assert_eq!(
+            fs::read_to_string(d.root.join("user_data")).unwrap(),
+            "hello"
+        );
         assert_eq!(d.shutdown_time(), Some(5000));
         d.write_shutdown_time(4000).unwrap();
         assert_eq!(d.shutdown_time(), Some(4000));
         assert_eq!(d.last_heartbeat(), None);
         fs::write(d.joboutputs().join("heartbeat"), "").unwrap();
         assert!(d.last_heartbeat().is_some());
-        fs::write(d.joboutputs().join("shutdown_message"), "300 No more work\n").unwrap();
+        fs::write(
+            d.joboutputs().join("shutdown_message"),
+            "300 No more work\n",
+        )
+        .unwrap();
         assert_eq!(d.shutdown_message().as_deref(), Some("300 No more work\n"));
         d.remove().unwrap();
         assert!(!d.root.exists());

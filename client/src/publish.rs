@@ -305,11 +305,10 @@ pub fn parse_toml(
             path: path.to_owned(),
             cause,
         })?;
-    mt.check_fresh(now)
-        .map_err(|cause| PublishError::Refused {
-            path: path.to_owned(),
-            cause,
-        })?;
+    mt.check_fresh(now).map_err(|cause| PublishError::Refused {
+        path: path.to_owned(),
+        cause,
+    })?;
     Ok(mt)
 }
 

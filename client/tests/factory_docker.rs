@@ -59,11 +59,19 @@ echo "200 Intended work completed ok" > /joboutputs/shutdown_message
             return None;
         }
         let m = f.runtime.list_owned().await.ok()?.into_iter().next()?;
-        let h = gleaner_client::runtime::MachineHandle {
-            engine_id: m.engine_id,
-            name: m.name,
-        };
-        let u = f.runtime.sample(&h).await.ok()?;
+        // The engine's stats API (not our cgroup reader) is the reference.
+        use futures_util::StreamExt;
+        let opts = bollard::query_parameters::StatsOptionsBuilder::default()
+            .stream(false)
+            .build();
+        let stats = f
+            .runtime
+            .docker()
+            .stats(&m.engine_id, Some(opts))
+            .next()
+            .await?
+            .ok()?;
+        let cpu_ns = stats.cpu_stats?.cpu_usage?.total_usage?;
         let seen = std::fs::read_to_string(dir.join("joboutputs/seen_allocated_cpu")).ok()?;
         assert_eq!(seen.trim(), "1", "the workload read its jobfeatures");
         let ud = std::fs::read_to_string(dir.join("joboutputs/seen_user_data")).ok()?;
@@ -71,7 +79,7 @@ echo "200 Intended work completed ok" > /joboutputs/shutdown_message
             ud.contains("end=$(( $(date +%s) + 3 ))"),
             "the workload read its user_data: {ud:?}"
         );
-        Some(u.cpu_ns)
+        Some(cpu_ns)
     })
     .await;
     // Let the factory take a sample during the idle phase too (it samples every tick).

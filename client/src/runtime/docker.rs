@@ -366,6 +366,11 @@ impl Runtime for DockerRuntime {
     }
 
     async fn sample(&self, m: &MachineHandle) -> Result<Usage, RuntimeError> {
+        // The kernel's own accounting, read from the container's cgroup: the same numbers the
+        // stats API reports, without its one-second sampling delay.
+        if let Some(u) = cgroup_usage(&m.engine_id) {
+            return Ok(u);
+        }
         let opts = StatsOptionsBuilder::default()
             .stream(false)
             .one_shot(true)
@@ -477,4 +482,47 @@ impl Runtime for DockerRuntime {
             })
             .collect())
     }
+}
+
+fn read_u64(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Reads CPU and memory accounting from the container's cgroup (v1 cgroupfs or systemd layouts,
+/// or v2), if this process can see it.
+pub fn cgroup_usage(id: &str) -> Option<Usage> {
+    use std::path::Path;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    for sub in [
+        format!("docker/{id}"),
+        format!("system.slice/docker-{id}.scope"),
+    ] {
+        let cpu = root.join("cpuacct").join(&sub).join("cpuacct.usage");
+        if let Some(cpu_ns) = read_u64(&cpu) {
+            let mem = root.join("memory").join(&sub);
+            let usage = read_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0);
+            return Some(Usage {
+                cpu_ns,
+                memory_bytes: usage,
+                peak_memory_bytes: read_u64(&mem.join("memory.max_usage_in_bytes"))
+                    .unwrap_or(usage),
+            });
+        }
+        let v2 = root.join(&sub);
+        if let Ok(stat) = std::fs::read_to_string(v2.join("cpu.stat")) {
+            let usec = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse::<u64>().ok())?;
+            let usage = read_u64(&v2.join("memory.current")).unwrap_or(0);
+            return Some(Usage {
+                cpu_ns: usec * 1000,
+                memory_bytes: usage,
+                peak_memory_bytes: read_u64(&v2.join("memory.peak")).unwrap_or(usage),
+            });
+        }
+    }
+    None
 }

@@ -1,0 +1,102 @@
+//! The client's side of the coordinator API (docs/coordinator-api.md): posting batches of signed
+//! usage records over HTTPS (pinned certificate) and reading the per-record verdicts.
+
+use gleaner::{Digest, Envelope, Id16, SecretKey};
+use serde::Deserialize;
+
+use crate::outbox::{UploadError, Uploader, Verdict};
+
+/// Posts usage batches to a coordinator.
+pub struct HttpUploader {
+    base: String,
+    http: reqwest::Client,
+    /// The host key (kept for enrolment requests made by the same client).
+    pub key: SecretKey,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchResponse {
+    results: Vec<RecordResult>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordResult {
+    status: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl HttpUploader {
+    /// A client for the coordinator at `base` (e.g. `https://127.0.0.1:8443`), trusting exactly the
+    /// certificate with SHA-256 `pin` when given.
+    pub fn new(base: &str, pin: Option<Digest>, key: SecretKey) -> Result<HttpUploader, String> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !(base.starts_with("https://") || base.starts_with("http://")) {
+            return Err(format!("coordinator url {base:?} must start with https://"));
+        }
+        Ok(HttpUploader {
+            base,
+            http: crate::pinning::http_client(pin)?,
+            key,
+        })
+    }
+
+    /// The HTTP client (pinned), for other coordinator calls.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+}
+
+impl Uploader for HttpUploader {
+    async fn upload(&self, batch: &[(Id16, Vec<u8>)]) -> Result<Vec<Verdict>, UploadError> {
+        let url = format!("{}/api/v1/usage", self.base);
+        let err = |reason: String| UploadError {
+            url: url.clone(),
+            reason,
+        };
+        let mut envelopes = Vec::with_capacity(batch.len());
+        for (_, bytes) in batch {
+            envelopes.push(Envelope::from_bytes(bytes).map_err(|e| err(e.to_string()))?);
+        }
+        let body = gleaner::cbor::to_vec(&envelopes);
+        let resp = self
+            .http
+            .post(&url)
+            .header("content-type", "application/cbor")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| err(format!("{e:#}")))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| err(e.to_string()))?;
+        if !status.is_success() {
+            return Err(err(format!(
+                "{status}: {}",
+                text.chars().take(300).collect::<String>()
+            )));
+        }
+        let parsed: BatchResponse =
+            serde_json::from_str(&text).map_err(|e| err(format!("unreadable answer: {e}")))?;
+        if parsed.results.len() != batch.len() {
+            return Err(err(format!(
+                "{} verdicts for {} records",
+                parsed.results.len(),
+                batch.len()
+            )));
+        }
+        Ok(parsed
+            .results
+            .into_iter()
+            .map(|r| match r.status.as_str() {
+                "accepted" => Verdict::Accepted,
+                "duplicate" => Verdict::Duplicate,
+                "rejected" => Verdict::Rejected(r.reason.unwrap_or_else(|| "rejected".into())),
+                other => Verdict::Retry(r.reason.unwrap_or_else(|| other.to_owned())),
+            })
+            .collect())
+    }
+}
