@@ -4,6 +4,8 @@
 
 pub mod advert;
 pub mod cbor;
+pub mod credit;
+pub mod enrolment;
 pub mod envelope;
 mod error;
 pub mod fuzz;

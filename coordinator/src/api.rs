@@ -1,0 +1,259 @@
+//! The HTTP API and pages: ingest of signed usage batches, enrolment, machine-type registration,
+//! the dashboard, JSON stats, Prometheus metrics and health. One error type decides what clients see.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use gleaner::cbor::{self, Limits};
+use gleaner::enrolment::Enrolment;
+use gleaner::envelope::open_batch;
+use gleaner::{Envelope, MachineType, UsageRecord};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+use crate::dashboard;
+use crate::store::{Outcome, Store, StoreError};
+
+/// Shared state of the server.
+pub struct AppState {
+    pub store: Store,
+    /// What enrolments must name as their coordinator (the certificate fingerprint).
+    pub identity: String,
+    pub metrics: Metrics,
+}
+
+/// Counters exported at /metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub accepted: Counter,
+    pub duplicate: Counter,
+    pub rejected: Counter,
+    pub retry: Counter,
+    pub batches: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gleaner_coordinator");
+        let m = |r: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            r.register(name, help, c.clone());
+            c
+        };
+        let accepted = m(&mut registry, "records_accepted", "usage records stored");
+        let duplicate = m(
+            &mut registry,
+            "records_duplicate",
+            "usage records already stored",
+        );
+        let rejected = m(
+            &mut registry,
+            "records_rejected",
+            "usage records refused for good",
+        );
+        let retry = m(
+            &mut registry,
+            "records_retry",
+            "usage records deferred (host not enrolled)",
+        );
+        let batches = m(&mut registry, "batches", "usage batches committed");
+        Metrics {
+            registry,
+            accepted,
+            duplicate,
+            rejected,
+            retry,
+            batches,
+        }
+    }
+}
+
+/// What a client sees when a request fails.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("not found")]
+    NotFound,
+    #[error("internal error")]
+    Store(#[from] StoreError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Store(e) => {
+                tracing::error!("{e}");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        (
+            code,
+            axum::Json(serde_json::json!({"error": self.to_string()})),
+        )
+            .into_response()
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The per-record answer to a usage batch.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchResponse {
+    pub results: Vec<serde_json::Value>,
+}
+
+async fn ingest(
+    State(st): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<axum::Json<BatchResponse>, ApiError> {
+    let envelopes: Vec<Envelope> = cbor::from_slice(&body, &Limits::BATCH, "usage batch")
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let opened = open_batch::<UsageRecord>(&envelopes);
+    let mut results: Vec<Option<Outcome>> = Vec::with_capacity(opened.len());
+    let mut good = Vec::new();
+    for r in opened {
+        match r {
+            Ok(v) => {
+                good.push(v.message);
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Outcome::Rejected {
+                reason: e.to_string(),
+            })),
+        }
+    }
+    let stored = st.store.ingest(&good, now()).await?;
+    st.metrics.batches.inc();
+    let mut stored = stored.into_iter();
+    let results = results
+        .into_iter()
+        .map(|r| {
+            r.or_else(|| stored.next()).unwrap_or(Outcome::Retry {
+                reason: "internal".into(),
+            })
+        })
+        .map(|o| {
+            match &o {
+                Outcome::Accepted => st.metrics.accepted.inc(),
+                Outcome::Duplicate => st.metrics.duplicate.inc(),
+                Outcome::Rejected { .. } => st.metrics.rejected.inc(),
+                Outcome::Retry { .. } => st.metrics.retry.inc(),
+            };
+            serde_json::to_value(o).unwrap_or_default()
+        })
+        .collect();
+    Ok(axum::Json(BatchResponse { results }))
+}
+
+/// The enrolment request body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnrolRequest {
+    pub account: String,
+    pub token: String,
+    /// Hex of the signed `Enrolment` envelope.
+    pub envelope: String,
+}
+
+async fn enrol(
+    State(st): State<Arc<AppState>>,
+    axum::Json(req): axum::Json<EnrolRequest>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let bytes = hex::decode(&req.envelope)
+        .map_err(|e| ApiError::BadRequest(format!("envelope is not hex: {e}")))?;
+    let v = Envelope::open_bytes::<Enrolment>(&bytes)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    v.message
+        .check_for(&st.identity, &req.account, now())
+        .map_err(|e| ApiError::Forbidden(e.to_string()))?;
+    if !st.store.check_token(&req.account, &req.token).await? {
+        return Err(ApiError::Forbidden(format!(
+            "wrong enrolment token for account {:?}",
+            req.account
+        )));
+    }
+    st.store.enrol(&v.signer, &req.account, now()).await?;
+    Ok(axum::Json(
+        serde_json::json!({"host": v.signer.to_string(), "account": req.account}),
+    ))
+}
+
+async fn register_machine_type(
+    State(st): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let v = Envelope::open_bytes::<MachineType>(&body)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    st.store
+        .add_machine_type(&v.digest.to_string(), &v.message)
+        .await?;
+    Ok(axum::Json(
+        serde_json::json!({"digest": v.digest.to_string(), "name": v.message.name}),
+    ))
+}
+
+async fn index(State(st): State<Arc<AppState>>) -> Result<Html<String>, ApiError> {
+    Ok(Html(dashboard::index(&st.store.stats().await?)))
+}
+
+async fn stats(
+    State(st): State<Arc<AppState>>,
+) -> Result<axum::Json<crate::store::Stats>, ApiError> {
+    Ok(axum::Json(st.store.stats().await?))
+}
+
+async fn host(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Html<String>, ApiError> {
+    let days = st.store.host_days(&id).await?;
+    if days.is_empty() {
+        return Err(ApiError::NotFound);
+    }
+    Ok(Html(dashboard::host(&id, &days)))
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    if encode(&mut out, &st.metrics.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The coordinator's routes (drive it in tests with tower's `oneshot`, no socket needed).
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/host/{id}", get(host))
+        .route("/api/v1/usage", post(ingest))
+        .route("/api/v1/enrol", post(enrol))
+        .route("/api/v1/machine-types", post(register_machine_type))
+        .route("/api/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(Limits::BATCH.max_size))
+        .with_state(state)
+}

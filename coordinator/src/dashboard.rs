@@ -1,0 +1,132 @@
+//! The credit dashboard: server-rendered HTML with SVG charts drawn on the server.
+
+use std::fmt::Write;
+
+use crate::store::{Row2, Stats};
+
+/// Escapes text for HTML.
+pub fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn short(key: &str) -> String {
+    if key.starts_with("12D3KooW") && key.len() > 20 {
+        format!("{}…{}", &key[..12], &key[key.len() - 6..])
+    } else {
+        key.to_owned()
+    }
+}
+
+/// A bar chart of credit per day as SVG.
+pub fn chart(days: &[(i64, f64)], title: &str) -> String {
+    let (w, h, pad) = (640.0, 220.0, 40.0);
+    let max = days.iter().map(|d| d.1).fold(0.0f64, f64::max).max(1e-9);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{}">"#,
+        esc(title)
+    );
+    let _ = write!(
+        s,
+        r##"<line x1="{pad}" y1="{y}" x2="{x2}" y2="{y}" stroke="#444"/><text x="{pad}" y="16" font-size="13">{} (max {:.1})</text>"##,
+        esc(title),
+        max,
+        y = h - pad,
+        x2 = w - 10.0
+    );
+    let n = days.len().max(1) as f64;
+    let bw = ((w - pad - 10.0) / n).min(60.0);
+    for (i, (day, credit)) in days.iter().enumerate() {
+        let bh = (credit / max) * (h - 2.0 * pad);
+        let x = pad + i as f64 * bw + 2.0;
+        let _ = write!(
+            s,
+            r##"<rect class="bar" x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="#3a7d44"><title>day {day}: {credit:.2}</title></rect>"##,
+            h - pad - bh,
+            (bw - 4.0).max(1.0)
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+fn board(out: &mut String, title: &str, rows: &[Row2], link: Option<&str>) {
+    let _ = write!(
+        out,
+        "<section><h2>{}</h2><table class=\"board\"><tr><th>#</th><th>name</th><th>credit</th><th>CPU hours</th><th>records</th></tr>",
+        esc(title)
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let name = match link {
+            Some(prefix) => format!(
+                "<a href=\"{prefix}{}\">{}</a>",
+                esc(&r.key),
+                esc(&short(&r.key))
+            ),
+            None => esc(&short(&r.key)),
+        };
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{name}</td><td>{:.2}</td><td>{:.3}</td><td>{}</td></tr>",
+            i + 1,
+            r.credit,
+            r.cpu_hours,
+            r.records
+        );
+    }
+    out.push_str("</table></section>");
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin-bottom:1em}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}section{display:inline-block;vertical-align:top;margin-right:2em}.totals span{margin-right:2em;font-size:1.2em}";
+
+/// The front page.
+pub fn index(s: &Stats) -> String {
+    let mut o = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Gleaner credit</title><style>{STYLE}</style></head><body><h1>Gleaner credit</h1>"
+    );
+    let _ = write!(
+        o,
+        "<p class=\"totals\"><span id=\"total-credit\">credit {:.2}</span><span>CPU hours {:.3}</span><span>records {}</span><span>hosts {}</span></p>",
+        s.total_credit, s.total_cpu_hours, s.records, s.hosts
+    );
+    o.push_str(&chart(&s.per_day, "credit per day"));
+    board(&mut o, "Volunteers", &s.volunteers, None);
+    board(&mut o, "Teams", &s.teams, None);
+    board(&mut o, "Hosts", &s.hosts_board, Some("/host/"));
+    board(&mut o, "Projects", &s.projects, None);
+    o.push_str("<p><a href=\"/api/v1/stats\">JSON</a> · <a href=\"/metrics\">metrics</a></p></body></html>");
+    o
+}
+
+/// A host's page.
+pub fn host(id: &str, days: &[(i64, f64)]) -> String {
+    let total: f64 = days.iter().map(|d| d.1).sum();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>host {0}</title><style>{STYLE}</style></head><body><h1>Host {0}</h1><p>credit {total:.2}</p>{1}<p><a href=\"/\">back</a></p></body></html>",
+        esc(id),
+        chart(days, "credit per day")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_draws_bars() {
+        assert_eq!(esc("<a href='x'>&"), "&lt;a href=&#39;x&#39;&gt;&amp;");
+        let svg = chart(&[(1, 1.0), (2, 3.0)], "t<");
+        assert_eq!(svg.matches("<rect class=\"bar\"").count(), 2);
+        assert!(svg.contains("t&lt;"));
+    }
+}

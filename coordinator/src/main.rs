@@ -1,0 +1,173 @@
+//! The `gleaner-coordinator` binary: serve the API and dashboard over HTTPS, manage accounts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use gleaner_coordinator::api::{AppState, Metrics};
+use gleaner_coordinator::store::Store;
+use gleaner_coordinator::{app, tls};
+
+/// Gleaner's coordinator: verifies signed usage records from enrolled hosts, keeps them safely and
+/// shows credit by volunteer, team, host, project and day.
+#[derive(Debug, Parser)]
+#[command(name = "gleaner-coordinator", version)]
+#[command(after_help = "Exit codes: 0 ok, 1 failure, 2 bad command line.")]
+struct Cli {
+    /// Where the database and the self-signed certificate live
+    #[arg(long, global = true, default_value = "/var/lib/gleaner-coordinator")]
+    data_dir: PathBuf,
+    /// Database URL [default: sqlite://<data dir>/coordinator.db]
+    #[arg(long, global = true)]
+    database: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API and the dashboard over HTTPS.
+    Serve {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// PEM certificate (with --key); without both, a self-signed one is made in the data dir
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+    },
+    /// Manage volunteer accounts.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Print the certificate fingerprint that clients pin.
+    Fingerprint,
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCommand {
+    /// Create an account and print its enrolment token (hosts need it once to enrol).
+    Add {
+        name: String,
+        /// The team or department
+        #[arg(long, default_value = "")]
+        team: String,
+        /// Use this token instead of a random one
+        #[arg(long)]
+        token: Option<String>,
+    },
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn store(cli: &Cli) -> Result<Store> {
+    std::fs::create_dir_all(&cli.data_dir)
+        .with_context(|| format!("cannot create {}", cli.data_dir.display()))?;
+    let url = cli
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", cli.data_dir.join("coordinator.db").display()));
+    Store::open(&url)
+        .await
+        .with_context(|| format!("cannot open {url}"))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Serve { listen, cert, key } => {
+            let store = store(&cli).await?;
+            let tls = tls::ensure(
+                &cli.data_dir,
+                cert.clone(),
+                key.clone(),
+                &["localhost".into(), listen.ip().to_string()],
+            )?;
+            println!("fingerprint {}", tls.fingerprint);
+            println!("dashboard   https://{listen}/");
+            let state = Arc::new(AppState {
+                store,
+                identity: tls.fingerprint.to_string(),
+                metrics: Metrics::default(),
+            });
+            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                .await
+                .context("cannot load the certificate")?;
+            let handle = axum_server::Handle::new();
+            {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    if let (Ok(mut t), Ok(mut i)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                    ) {
+                        tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+                        handle.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+                    }
+                });
+            }
+            axum_server::bind_rustls(*listen, config)
+                .handle(handle)
+                .serve(app(state).into_make_service())
+                .await
+                .with_context(|| format!("cannot serve on {listen}"))?;
+        }
+        Command::Account(AccountCommand::Add { name, team, token }) => {
+            let store = store(&cli).await?;
+            let token = match token {
+                Some(t) => t.clone(),
+                None => {
+                    let mut b = [0u8; 16];
+                    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+                    hex::encode(b)
+                }
+            };
+            if !store.add_account(name, team, &token, now()).await? {
+                anyhow::bail!("account {name:?} already exists");
+            }
+            println!("account {name} (team {team:?})");
+            println!("token   {token}");
+        }
+        Command::Fingerprint => {
+            let tls = tls::ensure(&cli.data_dir, None, None, &["localhost".into()])?;
+            println!("{}", tls.fingerprint);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gleaner-coordinator: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gleaner-coordinator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
