@@ -118,7 +118,13 @@ async fn enrolment_ingest_and_dashboard() {
 
     // Not enrolled yet: deferred, not lost.
     let env = Envelope::seal(&record(&host, 1, 1_800_000), &host);
-    let (code, body) = call(&st, "POST", "/api/v1/usage", batch(&[env.clone()])).await;
+    let (code, body) = call(
+        &st,
+        "POST",
+        "/api/v1/usage",
+        batch(std::slice::from_ref(&env)),
+    )
+    .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(statuses(&body), ["retry"]);
 
