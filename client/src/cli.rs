@@ -73,6 +73,9 @@ pub enum Command {
     /// Run the factory daemon: start trusted machine types when the owner allows, account for
     /// them, deliver signed credit to the coordinator. Stops cleanly on SIGTERM or Ctrl-C.
     Daemon(DaemonArgs),
+    /// Run a whole local space: a coordinator, a signed machine type, client daemons running real
+    /// workloads, and credit on the dashboard. Ctrl-C stops it all and leaves nothing behind.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Settings of `gleaner daemon`.
@@ -106,6 +109,14 @@ pub struct DaemonArgs {
     /// Pin the coordinator's certificate by its SHA-256 (printed by the coordinator)
     #[arg(long, requires = "coordinator")]
     pub coordinator_fingerprint: Option<String>,
+    /// Enrol this host with the coordinator once, as ACCOUNT:TOKEN (the token from
+    /// `gleaner-coordinator account add`); retried until it succeeds
+    #[arg(
+        long,
+        requires = "coordinator_fingerprint",
+        value_name = "ACCOUNT:TOKEN"
+    )]
+    pub enrol: Option<String>,
     /// Seconds a machine gets between SIGTERM and SIGKILL
     #[arg(long, default_value_t = 30)]
     pub stop_grace: u64,
@@ -240,6 +251,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Credit(r) => remote(&r, Request::Credit),
         Command::Events(r) => remote(&r, Request::Events),
         Command::Daemon(args) => crate::daemon_cli::run(args),
+        Command::Demo(args) => crate::demo::run(args),
     }
 }
 

@@ -100,3 +100,64 @@ impl Uploader for HttpUploader {
             .collect())
     }
 }
+
+impl HttpUploader {
+    /// Enrols this host with `account` using the account's token: a signed proof of possession of
+    /// the host key, bound to this coordinator's `identity` (its certificate fingerprint).
+    pub async fn enrol(
+        &self,
+        account: &str,
+        token: &str,
+        identity: &str,
+        now: u64,
+    ) -> Result<(), String> {
+        let e = gleaner::enrolment::Enrolment {
+            v: gleaner::enrolment::ENROLMENT_VERSION,
+            host: self.key.public(),
+            account: account.to_owned(),
+            coordinator: identity.to_owned(),
+            at: now,
+        };
+        let body = serde_json::json!({
+            "account": account,
+            "token": token,
+            "envelope": hex::encode(Envelope::seal(&e, &self.key).to_bytes()),
+        });
+        let url = format!("{}/api/v1/enrol", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e:#}"))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(format!(
+            "{url}: {status}: {}",
+            text.chars().take(300).collect::<String>()
+        ))
+    }
+
+    /// Registers a signed machine type so the coordinator knows its name and weight.
+    pub async fn register_machine_type(&self, envelope: &[u8]) -> Result<(), String> {
+        let url = format!("{}/api/v1/machine-types", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .header("content-type", "application/cbor")
+            .body(envelope.to_vec())
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e:#}"))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("{url}: {}", resp.status()))
+        }
+    }
+}

@@ -134,6 +134,37 @@ pub fn run(args: DaemonArgs) -> Result<()> {
             None => None,
         };
         let cancel = CancellationToken::new();
+        if let (Some(up), Some(enrol), Some(pin)) = (&uploader, &args.enrol, pin) {
+            let (account, token) = enrol
+                .split_once(':')
+                .context("--enrol must be ACCOUNT:TOKEN")?;
+            let (account, token) = (account.to_owned(), token.to_owned());
+            let enroller =
+                crate::coordinator_client::HttpUploader::new(up.base(), Some(pin), key.clone())
+                    .map_err(anyhow::Error::msg)?;
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut wait = Duration::from_millis(500);
+                loop {
+                    let now = crate::factory::now_ms() / 1000;
+                    match enroller
+                        .enrol(&account, &token, &pin.to_string(), now)
+                        .await
+                    {
+                        Ok(()) => {
+                            tracing::info!("enrolled with the coordinator as {account}");
+                            return;
+                        }
+                        Err(e) => tracing::warn!("enrolment: {e}; retrying in {wait:?}"),
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
+            });
+        }
         {
             let cancel = cancel.clone();
             tokio::spawn(async move {

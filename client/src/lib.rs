@@ -5,6 +5,7 @@ pub mod control;
 pub mod coordinator_client;
 pub mod daemon;
 pub mod daemon_cli;
+pub mod demo;
 pub mod factory;
 pub mod image_archive;
 pub mod keys;

@@ -1,0 +1,464 @@
+//! `gleaner demo`: a whole local space on embedded defaults — a coordinator (SQLite, self-signed
+//! TLS), a publisher key and a signed machine type whose payload does real computation with a
+//! heartbeat, and several client daemons on loopback that run it, sign usage records and deliver
+//! them — with progress printed until credit shows on the dashboard. Ctrl-C stops it all and
+//! leaves nothing behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use gleaner::{Backend, Blob, Digest, Envelope, MachineType, SecretKey};
+
+use crate::control::{ControlClient, Request};
+use crate::runtime::Runtime;
+
+/// Settings of `gleaner demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Working folder (state of every part; removed at the end unless --keep)
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// How many client daemons
+    #[arg(long, default_value_t = 3)]
+    pub clients: usize,
+    /// Seconds of computation per machine
+    #[arg(long, default_value_t = 20)]
+    pub work_seconds: u32,
+    /// Coordinator port on 127.0.0.1 [default: a free one]
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Stop by itself once every client's credit is on the dashboard (for scripts and tests)
+    #[arg(long)]
+    pub until_credit: bool,
+    /// Stop by itself after this many seconds
+    #[arg(long)]
+    pub duration: Option<u64>,
+    /// Keep the working folder afterwards
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn terminate(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("  {} did not stop in {grace:?}; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(30));
+    }
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find the gleaner binary's folder")?;
+    let path = me.with_file_name(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        bail!(
+            "{} is missing next to {}: build the workspace first (cargo build --workspace)",
+            name,
+            me.display()
+        )
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+const PAYLOAD: &str = include_str!("payload.sh");
+
+/// The demo's container machine type: SHA-256 hashing with a heartbeat, on a busybox image.
+fn machine_type(
+    publisher: &SecretKey,
+    image: &Path,
+    sha256: Digest,
+    work_seconds: u32,
+    now: u64,
+) -> MachineType {
+    let mut mt = MachineType::example(publisher.public());
+    mt.name = "demo-hashing".into();
+    mt.description = "Gleaner demo: SHA-256 over chunks of data, with a heartbeat".into();
+    mt.backend = Backend::Container;
+    mt.image = Some(Blob {
+        url: format!("file://{}", image.display()),
+        sha256,
+    });
+    mt.user_data = PAYLOAD.replace("##user_data_work_seconds##", &work_seconds.to_string());
+    mt.cores_min = 1;
+    mt.cores_max = 1;
+    mt.memory_mib = 128;
+    mt.disk_mib = 128;
+    mt.max_wallclock_s = work_seconds * 4 + 60;
+    mt.heartbeat_s = 60;
+    mt.fizzle_s = (work_seconds / 4).min(10);
+    mt.backoff_s = 60;
+    mt.not_after = now + 7 * 86_400;
+    mt
+}
+
+struct Client {
+    name: String,
+    socket: PathBuf,
+    host: String,
+    _proc: Proc,
+}
+
+/// Runs the demo.
+pub fn run(args: DemoArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("gleaner-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = rt.block_on(run_in(&args, &dir));
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn step(msg: &str) {
+    println!("==> {msg}");
+}
+
+async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
+    let now = crate::factory::now_ms() / 1000;
+    step("checking the container engine");
+    let probe_rt = crate::runtime::docker::DockerRuntime::connect(
+        "gleaner-demo-probe",
+        dir.join("probe-cache"),
+        1 << 20,
+    )
+    .await
+    .context("Docker Engine is not reachable; run: bash installers/install-deps.sh --start")?;
+    let probe = probe_rt.probe().await?;
+    println!(
+        "    Docker Engine {}, cgroup v{}",
+        probe.version, probe.cgroup_version
+    );
+
+    step("starting the coordinator (SQLite, self-signed TLS)");
+    let coord_bin = sibling_binary("gleaner-coordinator")?;
+    let port = match args.port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    let cdir = dir.join("coordinator");
+    let mut tokens = Vec::new();
+    for i in 1..=args.clients {
+        let token = format!("demo-token-{i}");
+        let out = Command::new(&coord_bin)
+            .arg("--data-dir")
+            .arg(&cdir)
+            .args([
+                "account",
+                "add",
+                &format!("volunteer-{i}"),
+                "--team",
+                "demo",
+                "--token",
+                &token,
+            ])
+            .output()
+            .context("cannot run gleaner-coordinator")?;
+        if !out.status.success() {
+            bail!(
+                "gleaner-coordinator account add: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokens.push(token);
+    }
+    let mut child = Command::new(&coord_bin)
+        .arg("--data-dir")
+        .arg(&cdir)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start gleaner-coordinator")?;
+    let stdout = child.stdout.take().context("no coordinator output")?;
+    let coordinator = Proc {
+        name: "coordinator".into(),
+        child,
+    };
+    let mut fingerprint = None;
+    for line in BufReader::new(stdout).lines().take(5) {
+        let line = line?;
+        if let Some(f) = line.strip_prefix("fingerprint ") {
+            fingerprint = Some(f.trim().to_owned());
+            break;
+        }
+    }
+    let fingerprint = fingerprint.context("the coordinator did not print its fingerprint")?;
+    let pin: Digest = fingerprint.parse()?;
+    let base = format!("https://127.0.0.1:{port}");
+    let api = crate::coordinator_client::HttpUploader::new(
+        &base,
+        Some(pin),
+        SecretKey::from_seed([0; 32]),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api
+        .http()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("the coordinator did not answer on {base}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("    {base}  (certificate sha256 {fingerprint})");
+
+    step("publishing a signed machine type");
+    let publisher = crate::keys::generate()?;
+    crate::keys::write(&dir.join("publisher.key"), &publisher, true)?;
+    let image_bytes =
+        crate::image_archive::busybox_image(Path::new("/bin/busybox"), "gleaner/demo-busybox:1")
+            .context("building the demo image needs busybox-static (installers/install-deps.sh)")?;
+    let image_sha = Digest::of(&image_bytes);
+    let image = dir.join("images/busybox.tar");
+    std::fs::create_dir_all(image.parent().unwrap_or(dir))?;
+    crate::image_archive::write_atomic(&image, &image_bytes)?;
+    let mt = machine_type(&publisher, &image, image_sha, args.work_seconds, now);
+    let signed = Envelope::seal(&mt, &publisher).to_bytes();
+    let types = dir.join("machine-types");
+    std::fs::create_dir_all(&types)?;
+    std::fs::write(types.join("demo-hashing.gmt"), &signed)?;
+    api.register_machine_type(&signed)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "    {} v{} by {} (image sha256 {image_sha})",
+        mt.name,
+        mt.version,
+        publisher.public()
+    );
+
+    step(&format!("starting {} client daemons", args.clients));
+    let gleaner = std::env::current_exe()?;
+    let mut clients = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let name = format!("client-{}", i + 1);
+        let state = dir.join(&name);
+        std::fs::create_dir_all(&state)?;
+        let socket = state.join("control.sock");
+        let log = std::fs::File::create(state.join("daemon.log"))?;
+        let child = Command::new(&gleaner)
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--machine-types")
+            .arg(&types)
+            .args(["--trust", &publisher.public().to_string()])
+            .args([
+                "--cores",
+                "1",
+                "--memory",
+                "1GiB",
+                "--stop-grace",
+                "5",
+                "--space",
+                "demo",
+            ])
+            .args([
+                "--coordinator",
+                &base,
+                "--coordinator-fingerprint",
+                &fingerprint,
+            ])
+            .args(["--enrol", &format!("volunteer-{}:{token}", i + 1)])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start gleaner daemon")?;
+        clients.push(Client {
+            name,
+            socket,
+            host: String::new(),
+            _proc: Proc {
+                name: format!("client-{}", i + 1),
+                child,
+            },
+        });
+    }
+    for c in &mut clients {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut cc) = ControlClient::connect(&c.socket).await
+                && let Ok(s) = cc.call(&Request::Status).await
+            {
+                c.host = s["host"].as_str().unwrap_or("").to_owned();
+                println!("    {} host {}", c.name, c.host);
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not start; see {}",
+                    c.name,
+                    c.socket.with_file_name("daemon.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    println!();
+    println!("Dashboard: {base}/   (self-signed certificate, sha256 {fingerprint})");
+    println!("Press Ctrl-C to stop everything.");
+    println!();
+    let result = watch(args, &clients, &api, &base).await;
+
+    step("stopping the clients (their machines are stopped and accounted for)");
+    drop(clients);
+    step("stopping the coordinator");
+    drop(coordinator);
+    let left = probe_rt
+        .docker()
+        .list_containers(Some(
+            bollard::query_parameters::ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&std::collections::HashMap::from([(
+                    "label".to_string(),
+                    vec![crate::runtime::OWNER_LABEL.to_string()],
+                )]))
+                .build(),
+        ))
+        .await
+        .map(|l| l.len())
+        .unwrap_or(0);
+    if left > 0 {
+        println!("    warning: {left} Gleaner containers are still in the engine");
+    } else {
+        println!("    nothing left behind");
+    }
+    result
+}
+
+async fn watch(
+    args: &DemoArgs,
+    clients: &[Client],
+    api: &crate::coordinator_client::HttpUploader,
+    base: &str,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut last_lines: Vec<String> = vec![String::new(); clients.len()];
+    let mut last_total = String::new();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        for (i, c) in clients.iter().enumerate() {
+            let line = match ControlClient::connect(&c.socket).await {
+                Ok(mut cc) => match cc.call(&Request::Status).await {
+                    Ok(s) => {
+                        let machines = s["factory"]["machines"]
+                            .as_array()
+                            .map(Vec::len)
+                            .unwrap_or(0);
+                        let cpu: f64 = s["factory"]["machines"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|m| m["cpu_seconds"].as_f64())
+                                    .sum::<f64>()
+                                    .max(0.0)
+                            })
+                            .unwrap_or(0.0);
+                        format!(
+                            "{}: {} running (cpu {:.0} s), {} records delivered, {} waiting",
+                            c.name, machines, cpu, s["ledger"]["delivered"], s["ledger"]["pending"]
+                        )
+                    }
+                    Err(e) => format!("{}: {e}", c.name),
+                },
+                Err(e) => format!("{}: {e}", c.name),
+            };
+            if line != last_lines[i] {
+                println!("  [{:>4}s] {line}", started.elapsed().as_secs());
+                last_lines[i] = line;
+            }
+        }
+        let stats: Option<serde_json::Value> =
+            match api.http().get(format!("{base}/api/v1/stats")).send().await {
+                Ok(r) => r
+                    .text()
+                    .await
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok()),
+                Err(_) => None,
+            };
+        let mut credited = 0;
+        if let Some(s) = &stats {
+            credited = s["volunteers"].as_array().map(Vec::len).unwrap_or(0);
+            let total = format!(
+                "dashboard: {:.2} credit from {} volunteers, {} records",
+                s["total_credit"].as_f64().unwrap_or(0.0),
+                credited,
+                s["records"]
+            );
+            if total != last_total {
+                println!("  [{:>4}s] {total}", started.elapsed().as_secs());
+                last_total = total;
+            }
+        }
+        if args.until_credit && credited >= clients.len() {
+            println!("  every client's credit is on the dashboard");
+            return Ok(());
+        }
+        if args
+            .duration
+            .is_some_and(|d| started.elapsed() >= Duration::from_secs(d))
+        {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                println!();
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}

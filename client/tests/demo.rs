@@ -1,0 +1,56 @@
+//! The main job end to end: `gleaner demo` brings up a coordinator and three client daemons that
+//! run real containers, until the dashboard shows credit from all three; then it shuts down and
+//! nothing is left in the engine.
+
+use std::process::Command;
+
+#[test]
+fn demo_reaches_credit_from_every_client_and_leaves_nothing() {
+    let gleaner = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gleaner"));
+    if !gleaner.with_file_name("gleaner-coordinator").exists() {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", "gleaner-coordinator"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(&gleaner)
+        .args([
+            "demo",
+            "--work-seconds",
+            "6",
+            "--until-credit",
+            "--duration",
+            "240",
+        ])
+        .arg("--dir")
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("every client's credit is on the dashboard"),
+        "{text}"
+    );
+    assert!(text.contains("from 3 volunteers"), "{text}");
+    assert!(text.contains("nothing left behind"), "{text}");
+    assert!(
+        !dir.path().join("demo").exists(),
+        "the working folder is removed"
+    );
+    let left = Command::new("docker")
+        .args(["ps", "-aq", "--filter", "label=org.gleaner.owner"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "containers left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
