@@ -76,6 +76,19 @@ pub enum Command {
     /// Run a whole local space: a coordinator, a signed machine type, client daemons running real
     /// workloads, and credit on the dashboard. Ctrl-C stops it all and leaves nothing behind.
     Demo(crate::demo::DemoArgs),
+    /// Check the host: engines reachable, KVM usable or TCG fallback, cgroups, idle sources,
+    /// coordinator reachable — each with a fix hint. Exits 1 if a required check fails.
+    Doctor {
+        /// Also check this coordinator
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// Its certificate fingerprint
+        #[arg(long, requires = "coordinator")]
+        coordinator_fingerprint: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Settings of `gleaner daemon`.
@@ -252,6 +265,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Events(r) => remote(&r, Request::Events),
         Command::Daemon(args) => crate::daemon_cli::run(args),
         Command::Demo(args) => crate::demo::run(args),
+        Command::Doctor {
+            coordinator,
+            coordinator_fingerprint,
+            json,
+        } => doctor(coordinator, coordinator_fingerprint, json),
     }
 }
 
@@ -260,6 +278,39 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+fn doctor(coordinator: Option<String>, fingerprint: Option<String>, json: bool) -> Result<()> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let pin = fingerprint
+        .map(|f| f.parse::<gleaner::Digest>())
+        .transpose()
+        .context("--coordinator-fingerprint is not a SHA-256 in hex")?;
+    let checks = runtime()?.block_on(crate::doctor::checks(
+        coordinator.as_deref().map(|c| (c, pin)),
+    ));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            println!(
+                "{} {:<13} {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+            if let Some(fix) = &c.fix {
+                println!("     {:<13} fix: {fix}", "");
+            }
+        }
+    }
+    let required_failed = checks
+        .iter()
+        .any(|c| !c.ok && matches!(c.name, "docker" | "coordinator"));
+    if required_failed {
+        anyhow::bail!("a required check failed");
+    }
+    Ok(())
 }
 
 /// Sends one request to the daemon and prints the answer.

@@ -159,11 +159,17 @@ pub enum ControlError {
     )]
     Permission { path: PathBuf },
     #[error("control connection: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("the daemon sent something that is not a response: {0}")]
     Protocol(String),
     #[error("{0}")]
     Refused(String),
+}
+
+impl From<std::io::Error> for ControlError {
+    fn from(e: std::io::Error) -> Self {
+        ControlError::Io(e)
+    }
 }
 
 /// The group id of `name` from /etc/group, if it exists.
@@ -347,7 +353,13 @@ impl ControlClient {
         let mut line =
             serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
         line.push(b'\n');
-        self.write.write_all(&line).await?;
+        if let Err(e) = self.write.write_all(&line).await {
+            // The daemon may have refused us and closed first: its reason is waiting to be read.
+            return match self.next().await {
+                Err(ControlError::Protocol(_)) | Ok(_) => Err(ControlError::Io(e)),
+                Err(refusal) => Err(refusal),
+            };
+        }
         self.next().await
     }
 

@@ -6,6 +6,7 @@ pub mod coordinator_client;
 pub mod daemon;
 pub mod daemon_cli;
 pub mod demo;
+pub mod doctor;
 pub mod factory;
 pub mod image_archive;
 pub mod keys;

@@ -1,0 +1,127 @@
+//! `gleaner doctor`: checks what this host offers Gleaner, each check with a fix hint.
+
+use serde::Serialize;
+
+use crate::runtime::Runtime;
+
+/// One check's verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+    /// What to do when not ok.
+    pub fix: Option<String>,
+}
+
+fn cpu_has_virt_flags() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs every check (the coordinator one only when a URL is given).
+pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let cache = std::env::temp_dir().join("gleaner-doctor-cache");
+    match crate::runtime::docker::DockerRuntime::connect("gleaner-doctor", cache.clone(), 1 << 20).await {
+        Ok(rt) => match rt.probe().await {
+            Ok(p) => {
+                out.push(Check {
+                    name: "docker",
+                    ok: true,
+                    detail: format!("Docker Engine {}", p.version),
+                    fix: None,
+                });
+                out.push(Check {
+                    name: "cgroups",
+                    ok: true,
+                    detail: format!("cgroup v{}", p.cgroup_version),
+                    fix: None,
+                });
+            }
+            Err(e) => out.push(Check {
+                name: "docker",
+                ok: false,
+                detail: e.to_string(),
+                fix: Some("start dockerd (systemctl start docker) and add the gleaner user to the docker group".into()),
+            }),
+        },
+        Err(e) => out.push(Check {
+            name: "docker",
+            ok: false,
+            detail: e.to_string(),
+            fix: Some("install Docker Engine (apt-get install docker.io) and start it".into()),
+        }),
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    let kvm_dev = std::path::Path::new("/dev/kvm").exists();
+    let flags = cpu_has_virt_flags();
+    out.push(Check {
+        name: "kvm",
+        ok: kvm_dev && flags,
+        detail: match (kvm_dev, flags) {
+            (true, true) => "/dev/kvm present and the CPU has vmx/svm".into(),
+            (true, false) => "/dev/kvm exists but the CPU shows no vmx/svm (software KVM): VMs would fall back to TCG".into(),
+            (false, _) => "no /dev/kvm: VMs would fall back to TCG".into(),
+        },
+        fix: (!(kvm_dev && flags)).then(|| "enable hardware virtualisation in the firmware; containers work without it".into()),
+    });
+    out.push(Check {
+        name: "vm backend",
+        ok: false,
+        detail: "the libvirt backend is not built into this version; container machine types only"
+            .into(),
+        fix: Some("use container machine types".into()),
+    });
+    let display = std::env::var("DISPLAY").ok();
+    out.push(Check {
+        name: "idle sources",
+        ok: true,
+        detail: match display {
+            Some(d) => format!(
+                "X11 display {d} available; owner-activity detection is not built into this version"
+            ),
+            None => {
+                "no X11 display (headless); owner-activity detection is not built into this version"
+                    .into()
+            }
+        },
+        fix: None,
+    });
+    if let Some((url, pin)) = coordinator {
+        let r = match crate::pinning::http_client(pin) {
+            Ok(c) => c
+                .get(format!("{}/healthz", url.trim_end_matches('/')))
+                .send()
+                .await
+                .map_err(|e| format!("{e:#}")),
+            Err(e) => Err(e),
+        };
+        out.push(match r {
+            Ok(resp) if resp.status().is_success() => Check {
+                name: "coordinator",
+                ok: true,
+                detail: format!("{url} answers"),
+                fix: None,
+            },
+            Ok(resp) => Check {
+                name: "coordinator",
+                ok: false,
+                detail: format!("{url}: {}", resp.status()),
+                fix: Some("check the coordinator's logs".into()),
+            },
+            Err(e) => Check {
+                name: "coordinator",
+                ok: false,
+                detail: e,
+                fix: Some("check the URL, the network and the pinned fingerprint".into()),
+            },
+        });
+    }
+    out
+}
