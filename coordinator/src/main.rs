@@ -89,8 +89,15 @@ async fn run(cli: Cli) -> Result<()> {
                 key.clone(),
                 &["localhost".into(), listen.ip().to_string()],
             )?;
-            println!("fingerprint {}", tls.fingerprint);
-            println!("dashboard   https://{listen}/");
+            // Whoever started us may stop reading after the fingerprint: a closed stdout must not
+            // take the server down.
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "fingerprint {}", tls.fingerprint);
+                let _ = writeln!(out, "dashboard   https://{listen}/");
+                let _ = out.flush();
+            }
             let state = Arc::new(AppState {
                 store,
                 identity: tls.fingerprint.to_string(),
