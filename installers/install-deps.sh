@@ -9,6 +9,8 @@ PKGS=(
   docker.io           # runtime: containers (Docker Engine)
   busybox-static      # test assets: a rootfs for the container image
   iproute2            # tests: network namespaces
+  chromium            # tests: the dashboard in a real (headless) browser
+  util-linux          # tests: runuser (a caller without permission)
 )
 
 missing=()
