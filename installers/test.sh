@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash installers/install-deps.sh --start
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
