@@ -11,6 +11,8 @@ PKGS=(
   iproute2            # tests: network namespaces
   chromium            # tests: the dashboard in a real (headless) browser
   util-linux          # tests: runuser (a caller without permission)
+  xvfb                # tests: a real X server for owner-activity detection
+  xdotool             # tests: the owner moving the mouse
 )
 
 missing=()

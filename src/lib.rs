@@ -12,6 +12,7 @@ pub mod fuzz;
 pub mod ident;
 pub mod lifecycle;
 pub mod machine_type;
+pub mod policy;
 pub mod usage;
 pub mod wire;
 

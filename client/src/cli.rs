@@ -72,7 +72,7 @@ pub enum Command {
     Events(RemoteArgs),
     /// Run the factory daemon: start trusted machine types when the owner allows, account for
     /// them, deliver signed credit to the coordinator. Stops cleanly on SIGTERM or Ctrl-C.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Run a whole local space: a coordinator, a signed machine type, client daemons running real
     /// workloads, and credit on the dashboard. Ctrl-C stops it all and leaves nothing behind.
     Demo(crate::demo::DemoArgs),
@@ -133,6 +133,21 @@ pub struct DaemonArgs {
     /// Seconds a machine gets between SIGTERM and SIGKILL
     #[arg(long, default_value_t = 30)]
     pub stop_grace: u64,
+    /// The owner policy: only-when-idle, always-gently or nights-and-weekends
+    #[arg(long, default_value = "only-when-idle")]
+    pub preset: gleaner::policy::Preset,
+    /// Override the preset's idle time before the owner counts as away, e.g. 5m or 30s
+    #[arg(long)]
+    pub idle_after: Option<String>,
+    /// The X11 display to watch for the owner's input [default: $DISPLAY]
+    #[arg(long)]
+    pub display: Option<String>,
+    /// Run while on battery power
+    #[arg(long)]
+    pub run_on_battery: bool,
+    /// The sysfs power-supply folder (battery state)
+    #[arg(long, default_value = "/sys/class/power_supply", hide = true)]
+    pub power_supply: PathBuf,
     /// Milliseconds between looks at the machines
     #[arg(long, default_value_t = 500, hide = true)]
     pub tick_ms: u64,
@@ -263,7 +278,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Credit(r) => remote(&r, Request::Credit),
         Command::Events(r) => remote(&r, Request::Events),
-        Command::Daemon(args) => crate::daemon_cli::run(args),
+        Command::Daemon(args) => crate::daemon_cli::run(*args),
         Command::Demo(args) => crate::demo::run(args),
         Command::Doctor {
             coordinator,

@@ -34,6 +34,11 @@ pub struct DaemonOptions {
     pub tick: Duration,
     pub stop_grace: Duration,
     pub benchmark: u32,
+    /// The owner's policy and where to watch for the owner.
+    pub policy: gleaner::policy::OwnerPolicy,
+    pub display: Option<String>,
+    pub power_supply: PathBuf,
+    pub owner_interval: Duration,
 }
 
 /// Paths inside the state dir.
@@ -64,14 +69,14 @@ struct Pause {
 }
 
 /// The daemon's side of the control API.
-pub struct Daemon<R: Runtime + 'static> {
-    runtime: Arc<R>,
+pub struct Daemon {
     factory: FactoryHandle,
     ledger: Arc<Ledger>,
     host: PublicKey,
-    allowance_tx: watch::Sender<Allowance>,
-    base_allowance: Allowance,
     pause: Mutex<Pause>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+    enforcer: tokio::sync::mpsc::Sender<crate::owner::EnforcerCommand>,
+    sources: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -81,44 +86,26 @@ struct Status {
     paused_until: Option<u64>,
     factory: crate::factory::FactoryStatus,
     ledger: crate::ledger::LedgerTotals,
+    /// Which owner-activity sources are active, and which were skipped and why.
+    sources: Vec<String>,
 }
 
-impl<R: Runtime + 'static> Daemon<R> {
-    async fn freeze_all(&self, freeze: bool) -> Vec<String> {
-        let handles: Vec<_> = self
-            .factory
-            .registry()
-            .read()
-            .map(|r| r.values().cloned().collect())
-            .unwrap_or_default();
-        let ops = handles.iter().map(|h| {
-            let rt = self.runtime.clone();
-            async move {
-                let r = if freeze {
-                    rt.freeze(h).await
-                } else {
-                    rt.thaw(h).await
-                };
-                r.err().map(|e| format!("{}: {e}", h.name))
-            }
-        });
-        futures_util::future::join_all(ops)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-
-    fn set_paused(&self, paused: bool, until: Option<u64>) {
+impl Daemon {
+    /// Sets the manual pause and has the enforcer apply the result before answering.
+    async fn set_paused(&self, paused: bool, until: Option<u64>) -> Result<(), String> {
         if let Ok(mut p) = self.pause.lock() {
             *p = Pause { paused, until };
         }
-        let mut a = self.base_allowance.clone();
-        if paused {
-            a.may_start = false;
-            a.reason = "paused by the owner".into();
-        }
-        let _ = self.allowance_tx.send(a);
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enforcer
+            .send(crate::owner::EnforcerCommand::Apply(tx))
+            .await
+            .map_err(|_| "the owner-policy enforcer has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the owner-policy enforcer has stopped".to_string())?;
+        Ok(())
     }
 
     /// Lifts a timed pause once it has run out (called from the daemon's housekeeping).
@@ -129,13 +116,12 @@ impl<R: Runtime + 'static> Daemon<R> {
             .map(|p| p.paused && p.until.is_some_and(|u| now >= u))
             .unwrap_or(false);
         if expired {
-            self.set_paused(false, None);
-            self.freeze_all(false).await;
+            let _ = self.set_paused(false, None).await;
         }
     }
 }
 
-impl<R: Runtime + 'static> Controller for Daemon<R> {
+impl Controller for Daemon {
     async fn handle(&self, req: Request) -> Response {
         match req {
             Request::Status => {
@@ -154,6 +140,7 @@ impl<R: Runtime + 'static> Controller for Daemon<R> {
                     paused_until: pause.until,
                     factory,
                     ledger,
+                    sources: self.sources.clone(),
                 })
             }
             Request::Pause {
@@ -166,29 +153,15 @@ impl<R: Runtime + 'static> Controller for Daemon<R> {
                     );
                 }
                 let until = minutes.map(|m| crate::factory::now_ms() / 1000 + m * 60);
-                self.set_paused(true, until);
-                let errors = self.freeze_all(true).await;
-                if errors.is_empty() {
-                    Response::ok(serde_json::json!({"paused": true, "until": until}))
-                } else {
-                    Response::error(format!(
-                        "paused, but could not freeze: {}",
-                        errors.join("; ")
-                    ))
+                match self.set_paused(true, until).await {
+                    Ok(()) => Response::ok(serde_json::json!({"paused": true, "until": until})),
+                    Err(e) => Response::error(e),
                 }
             }
-            Request::Resume { .. } => {
-                self.set_paused(false, None);
-                let errors = self.freeze_all(false).await;
-                if errors.is_empty() {
-                    Response::ok(serde_json::json!({"paused": false}))
-                } else {
-                    Response::error(format!(
-                        "resumed, but could not thaw: {}",
-                        errors.join("; ")
-                    ))
-                }
-            }
+            Request::Resume { .. } => match self.set_paused(false, None).await {
+                Ok(()) => Response::ok(serde_json::json!({"paused": false})),
+                Err(e) => Response::error(e),
+            },
             Request::Drain { now } => match self.factory.drain(now).await {
                 Ok(()) => Response::ok(serde_json::json!({"draining": true})),
                 Err(e) => Response::error(e.to_string()),
@@ -283,8 +256,11 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
     let key: SecretKey = crate::keys::read_or_create(&host_key_path(&opts.state_dir))?;
     let ledger = Arc::new(Ledger::open(&ledger_path(&opts.state_dir))?);
     let runtime = Arc::new(runtime);
-    let base = Allowance::open(opts.cores, opts.memory_bytes);
-    let (allowance_tx, allowance_rx) = watch::channel(base.clone());
+    let mut base = Allowance::open(opts.cores, opts.memory_bytes);
+    // Nothing starts until the owner policy has decided once.
+    base.may_start = false;
+    base.reason = "starting".into();
+    let (allowance_tx, allowance_rx) = watch::channel(base);
     let mut cfg = FactoryConfig::new(opts.state_dir.clone());
     cfg.space = opts.space.clone();
     cfg.tick = opts.tick;
@@ -314,14 +290,34 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
         ));
     }
 
-    let daemon = Arc::new(Daemon {
+    let (sources, source_notes) =
+        crate::owner::Sources::detect(opts.display.as_deref(), opts.power_supply.clone());
+    for n in &source_notes {
+        tracing::info!("owner activity: {n}");
+    }
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (enforcer_tx, enforcer_rx) = tokio::sync::mpsc::channel(8);
+    let (decision_tx, _decision_rx) = watch::channel(None);
+    let enforcer = crate::owner::Enforcer {
+        policy: opts.policy.clone(),
+        sources,
         runtime: runtime.clone(),
+        registry: handle.registry(),
+        allowance: allowance_tx,
+        paused: paused.clone(),
+        interval: opts.owner_interval,
+        decision: decision_tx,
+    };
+    let enforcer_cancel = CancellationToken::new();
+    tracker.spawn(enforcer.run(enforcer_rx, enforcer_cancel.clone()));
+    let daemon = Arc::new(Daemon {
         factory: handle.clone(),
         ledger: ledger.clone(),
         host: key.public(),
-        allowance_tx,
-        base_allowance: base,
         pause: Mutex::new(Pause::default()),
+        paused,
+        enforcer: enforcer_tx,
+        sources: source_notes,
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -363,6 +359,8 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
 
     cancel.cancelled().await;
     tracing::info!("shutting down: stopping machines");
+    // The enforcer stops first so it cannot freeze machines the factory is stopping.
+    enforcer_cancel.cancel();
     factory_cancel.cancel();
     let _ = factory_task.await;
     // One last delivery of the final records, bounded in time.
@@ -370,6 +368,7 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
     tokio::time::sleep(Duration::from_millis(300)).await;
     outbox_cancel.cancel();
     control_cancel.cancel();
+    enforcer_cancel.cancel();
     tracker.close();
     tracker.wait().await;
     let _ = std::fs::remove_file(&opts.socket);

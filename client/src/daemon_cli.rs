@@ -74,7 +74,34 @@ pub fn options(args: &DaemonArgs) -> Result<DaemonOptions> {
             .as_u64(),
         None => total_memory() / 2,
     };
+    let host_cores = std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0);
+    let mut policy = args.preset.policy(host_cores, total_memory());
+    let cap = |l: gleaner::policy::Limits| gleaner::policy::Limits {
+        cores: l.cores.min(f64::from(cores)),
+        memory_bytes: l.memory_bytes.min(memory_bytes),
+    };
+    policy.away = gleaner::policy::Limits {
+        cores: f64::from(cores),
+        memory_bytes,
+    };
+    policy.present = policy.present.map(cap);
+    policy.max_machines = usize::from(cores);
+    policy.run_on_battery = args.run_on_battery;
+    if let Some(idle) = &args.idle_after {
+        policy.idle_after_s = humantime::parse_duration(idle)
+            .map_err(|e| anyhow::anyhow!("--idle-after {idle:?} is not a duration like 5m: {e}"))?
+            .as_secs();
+    }
     Ok(DaemonOptions {
+        policy,
+        display: args
+            .display
+            .clone()
+            .or_else(|| std::env::var("DISPLAY").ok()),
+        power_supply: args.power_supply.clone(),
+        owner_interval: Duration::from_millis(100),
         state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
         socket: args
             .socket

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod ledger;
 pub mod mjf;
 pub mod outbox;
+pub mod owner;
 pub mod pinning;
 pub mod publish;
 pub mod render;

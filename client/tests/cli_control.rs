@@ -66,6 +66,8 @@ async fn status_pause_resume_drain_and_permissions() {
                 "2",
                 "--tick-ms",
                 "200",
+                "--preset",
+                "always-gently",
             ])
             .arg("--state-dir")
             .arg(&state)

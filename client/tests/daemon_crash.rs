@@ -36,6 +36,8 @@ fn spawn_daemon(state: &Path, types: &Path, trust: &str) -> Daemon {
                 "2",
                 "--tick-ms",
                 "200",
+                "--preset",
+                "always-gently",
             ])
             .arg("--state-dir")
             .arg(state)

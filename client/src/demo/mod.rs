@@ -301,6 +301,8 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
                 "5",
                 "--space",
                 "demo",
+                "--preset",
+                "always-gently",
             ])
             .args([
                 "--coordinator",

@@ -1,0 +1,177 @@
+//! The owner policy on a real X server (Xvfb) with a real container: an idle machine runs the
+//! workload, mouse input (xdotool) freezes it at once, idle again thaws it; a CPU hog outside
+//! Gleaner suspends work too.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gleaner::Envelope;
+use gleaner_client::control::{ControlClient, Request};
+use gleaner_client::runtime::{MachineHandle, MachineState, Runtime};
+use support::*;
+
+/// Kills its processes, then removes the containers of `owner` (the daemon first, so it cannot
+/// start new ones while they are removed).
+struct Kill(Vec<Child>, Option<String>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(o) = &self.1 {
+            remove_owned(o);
+        }
+    }
+}
+
+fn xvfb() -> (Child, String) {
+    let n = 90 + std::process::id() % 100;
+    let display = format!(":{n}");
+    let child = Command::new("Xvfb")
+        .args([&display, "-nolisten", "tcp", "-screen", "0", "640x480x24"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("Xvfb is installed (installers/install-deps.sh)");
+    let sock = format!("/tmp/.X11-unix/X{n}");
+    for _ in 0..100 {
+        if Path::new(&sock).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, display)
+}
+
+async fn reason(sock: &Path) -> String {
+    let mut c = ControlClient::connect(sock).await.unwrap();
+    let s = c.call(&Request::Status).await.unwrap();
+    s["factory"]["allowance"]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
+    let (x, display) = xvfb();
+    let mut kill = Kill(vec![x], None);
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let types = tmp.path().join("types");
+    std::fs::create_dir_all(&types).unwrap();
+    let sock = state.join("control.sock");
+    let mt = machine_type(
+        "idle-worker",
+        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
+    );
+    std::fs::write(
+        types.join("w.gmt"),
+        Envelope::seal(&mt, &publisher()).to_bytes(),
+    )
+    .unwrap();
+    kill.0.push(
+        Command::new(env!("CARGO_BIN_EXE_gleaner"))
+            .args([
+                "daemon",
+                "--cores",
+                "1",
+                "--memory",
+                "1GiB",
+                "--stop-grace",
+                "2",
+            ])
+            .args([
+                "--preset",
+                "only-when-idle",
+                "--idle-after",
+                "2s",
+                "--display",
+                &display,
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--machine-types")
+            .arg(&types)
+            .args(["--trust", &publisher().public().to_string()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    // Idle for 2 s: the machine starts and runs.
+    let host = eventually(60, "the daemon", async || {
+        let mut c = ControlClient::connect(&sock).await.ok()?;
+        let s = c.call(&Request::Status).await.ok()?;
+        let sources = s["sources"].to_string();
+        assert!(sources.contains("x11 idle time"), "{sources}");
+        (s["factory"]["machines"].as_array()?.len() == 1)
+            .then(|| s["host"].as_str().unwrap().to_owned())
+    })
+    .await;
+    kill.1 = Some(host.clone());
+    let rt = docker(&host, &state).await;
+    let owned = rt.list_owned().await.unwrap();
+    let h = MachineHandle {
+        engine_id: owned[0].engine_id.clone(),
+        name: owned[0].name.clone(),
+    };
+    eventually(30, "running", async || {
+        (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
+    })
+    .await;
+    assert!(reason(&sock).await.contains("owner is away"));
+
+    // The owner moves the mouse: frozen.
+    let moved = Command::new("xdotool")
+        .args(["mousemove", "100", "100"])
+        .env("DISPLAY", &display)
+        .status()
+        .unwrap();
+    assert!(moved.success());
+    eventually(5, "frozen after input", async || {
+        (rt.state(&h).await.ok()? == MachineState::Frozen).then_some(())
+    })
+    .await;
+    assert!(reason(&sock).await.contains("owner is using the machine"));
+
+    // Idle again: thawed.
+    eventually(15, "thawed after idle", async || {
+        (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
+    })
+    .await;
+
+    // Other programs keep both cores busy: suspended; they stop: resumed.
+    let hogs: Vec<Child> = (0..2)
+        .map(|_| {
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut hogs = Kill(hogs, None);
+    eventually(20, "frozen under a cpu hog", async || {
+        (rt.state(&h).await.ok()? == MachineState::Frozen).then_some(())
+    })
+    .await;
+    assert!(
+        reason(&sock).await.contains("other programs"),
+        "{}",
+        reason(&sock).await
+    );
+    for c in &mut hogs.0 {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    eventually(20, "running after the hog", async || {
+        (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
+    })
+    .await;
+}

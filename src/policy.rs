@@ -1,0 +1,411 @@
+//! The owner's policy and the decision it makes, as a pure function of (policy, measured host
+//! state, time): run within limits, throttle, freeze or stop — with the reason and the source that
+//! decided, like BOINC's suspend reasons.
+
+/// CPU and memory Gleaner may use in one owner state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Cores (may be fractional: a CPU quota).
+    pub cores: f64,
+    pub memory_bytes: u64,
+}
+
+/// A weekly window when work may run: days as a bit set (bit 0 = Monday … bit 6 = Sunday) and
+/// minutes of the day `[start, end)`; `end < start` wraps past midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub days: u8,
+    pub start_min: u16,
+    pub end_min: u16,
+}
+
+impl Window {
+    /// Whether local (weekday 0 = Monday, minute of day) falls in the window.
+    pub fn contains(&self, weekday: u8, minute: u16) -> bool {
+        let day_ok = |d: u8| self.days & (1 << (d % 7)) != 0;
+        if self.start_min <= self.end_min {
+            day_ok(weekday) && minute >= self.start_min && minute < self.end_min
+        } else {
+            (day_ok(weekday) && minute >= self.start_min)
+                || (day_ok((weekday + 6) % 7) && minute < self.end_min)
+        }
+    }
+}
+
+/// What the owner allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnerPolicy {
+    /// Limits while the owner is using the machine; `None`: freeze everything then.
+    pub present: Option<Limits>,
+    /// Limits while the owner is away.
+    pub away: Limits,
+    /// Seconds without input before the owner counts as away.
+    pub idle_after_s: u64,
+    /// Run while on battery power.
+    pub run_on_battery: bool,
+    /// Freeze when other programs keep more than this many cores busy.
+    pub suspend_above_load: Option<f64>,
+    /// When work may run at all (empty: always).
+    pub schedule: Vec<Window>,
+    pub max_machines: usize,
+}
+
+/// Named policies for common wishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// Only while nobody uses the machine (5 minutes idle), all cores and half the memory.
+    OnlyWhenIdle,
+    /// Always, but gently: one core and a quarter of memory while the owner works, more when away.
+    AlwaysGently,
+    /// Weeknights 19:00–07:00 and all weekend, when idle.
+    NightsAndWeekends,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 3] = [
+        Preset::OnlyWhenIdle,
+        Preset::AlwaysGently,
+        Preset::NightsAndWeekends,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::OnlyWhenIdle => "only-when-idle",
+            Preset::AlwaysGently => "always-gently",
+            Preset::NightsAndWeekends => "nights-and-weekends",
+        }
+    }
+
+    /// The policy for a host with `cores` and `memory_bytes`.
+    pub fn policy(self, cores: f64, memory_bytes: u64) -> OwnerPolicy {
+        let away = Limits {
+            cores,
+            memory_bytes: memory_bytes / 2,
+        };
+        match self {
+            Preset::OnlyWhenIdle => OwnerPolicy {
+                present: None,
+                away,
+                idle_after_s: 300,
+                run_on_battery: false,
+                suspend_above_load: Some(cores * 0.75),
+                schedule: Vec::new(),
+                max_machines: cores.max(1.0) as usize,
+            },
+            Preset::AlwaysGently => OwnerPolicy {
+                present: Some(Limits {
+                    cores: 1.0_f64.min(cores),
+                    memory_bytes: memory_bytes / 4,
+                }),
+                away,
+                idle_after_s: 300,
+                run_on_battery: false,
+                suspend_above_load: None,
+                schedule: Vec::new(),
+                max_machines: cores.max(1.0) as usize,
+            },
+            Preset::NightsAndWeekends => OwnerPolicy {
+                present: None,
+                away,
+                idle_after_s: 300,
+                run_on_battery: false,
+                suspend_above_load: Some(cores * 0.75),
+                schedule: vec![
+                    Window {
+                        days: 0b001_1111,
+                        start_min: 19 * 60,
+                        end_min: 7 * 60,
+                    },
+                    Window {
+                        days: 0b110_0000,
+                        start_min: 0,
+                        end_min: 24 * 60,
+                    },
+                ],
+                max_machines: cores.max(1.0) as usize,
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for Preset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Preset, String> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} is not a preset; choose one of {}",
+                    Preset::ALL.map(Preset::name).join(", ")
+                )
+            })
+    }
+}
+
+/// What the host's activity sources measured.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HostState {
+    /// Seconds since the owner's last input, from the freshest source; `None` when no source can
+    /// tell (a headless machine: then the owner counts as away).
+    pub idle_s: Option<u64>,
+    pub on_battery: bool,
+    /// Cores kept busy by programs other than Gleaner's machines.
+    pub other_load: f64,
+    /// Local time for the schedule: weekday (0 = Monday) and minute of the day.
+    pub weekday: u8,
+    pub minute: u16,
+    /// The owner's manual pause.
+    pub paused: bool,
+}
+
+/// What to do with running work.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Action {
+    /// Run within these limits (a throttle when they are below the away limits).
+    Run(Limits),
+    /// Freeze at once: no CPU at all, memory kept.
+    Freeze,
+}
+
+/// Why, in the words `gleaner status` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    OwnerAway,
+    OwnerPresentThrottled,
+    OwnerPresent,
+    OnBattery,
+    OtherLoad,
+    OutsideSchedule,
+    Paused,
+}
+
+impl Reason {
+    pub fn text(self) -> &'static str {
+        match self {
+            Reason::OwnerAway => "running: the owner is away",
+            Reason::OwnerPresentThrottled => "throttled: the owner is using the machine",
+            Reason::OwnerPresent => "frozen: the owner is using the machine",
+            Reason::OnBattery => "frozen: running on battery",
+            Reason::OtherLoad => "frozen: other programs are keeping the CPU busy",
+            Reason::OutsideSchedule => "frozen: outside the allowed hours",
+            Reason::Paused => "frozen: paused by the owner",
+        }
+    }
+}
+
+/// The decision, with its reason and the source that decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub action: Action,
+    pub reason: Reason,
+    pub source: &'static str,
+    /// New machines may start.
+    pub may_start: bool,
+}
+
+/// Decides what Gleaner may do now.
+pub fn decide(p: &OwnerPolicy, s: &HostState) -> Decision {
+    let freeze = |reason, source| Decision {
+        action: Action::Freeze,
+        reason,
+        source,
+        may_start: false,
+    };
+    if s.paused {
+        return freeze(Reason::Paused, "owner");
+    }
+    if s.on_battery && !p.run_on_battery {
+        return freeze(Reason::OnBattery, "battery");
+    }
+    if !p.schedule.is_empty() && !p.schedule.iter().any(|w| w.contains(s.weekday, s.minute)) {
+        return freeze(Reason::OutsideSchedule, "schedule");
+    }
+    if let Some(max) = p.suspend_above_load
+        && s.other_load > max
+    {
+        return freeze(Reason::OtherLoad, "cpu-load");
+    }
+    let present = s.idle_s.is_some_and(|i| i < p.idle_after_s);
+    if present {
+        return match p.present {
+            None => freeze(Reason::OwnerPresent, "input"),
+            Some(l) => Decision {
+                action: Action::Run(Limits {
+                    cores: l.cores.min(p.away.cores),
+                    memory_bytes: l.memory_bytes.min(p.away.memory_bytes),
+                }),
+                reason: Reason::OwnerPresentThrottled,
+                source: "input",
+                may_start: true,
+            },
+        };
+    }
+    Decision {
+        action: Action::Run(p.away),
+        reason: Reason::OwnerAway,
+        source: if s.idle_s.is_some() {
+            "input"
+        } else {
+            "no-input-source"
+        },
+        may_start: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn state(idle: Option<u64>) -> HostState {
+        HostState {
+            idle_s: idle,
+            weekday: 2,
+            minute: 12 * 60,
+            ..HostState::default()
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        let idle = Preset::OnlyWhenIdle.policy(4.0, 8 * GIB);
+        let gentle = Preset::AlwaysGently.policy(4.0, 8 * GIB);
+        let nights = Preset::NightsAndWeekends.policy(4.0, 8 * GIB);
+        let run = |c: f64, m: u64| {
+            Action::Run(Limits {
+                cores: c,
+                memory_bytes: m,
+            })
+        };
+        let cases: Vec<(&OwnerPolicy, HostState, Action, Reason)> = vec![
+            (&idle, state(Some(10)), Action::Freeze, Reason::OwnerPresent),
+            (
+                &idle,
+                state(Some(301)),
+                run(4.0, 4 * GIB),
+                Reason::OwnerAway,
+            ),
+            (&idle, state(None), run(4.0, 4 * GIB), Reason::OwnerAway),
+            (
+                &gentle,
+                state(Some(10)),
+                run(1.0, 2 * GIB),
+                Reason::OwnerPresentThrottled,
+            ),
+            (
+                &gentle,
+                state(Some(999)),
+                run(4.0, 4 * GIB),
+                Reason::OwnerAway,
+            ),
+            (
+                &idle,
+                HostState {
+                    on_battery: true,
+                    ..state(Some(999))
+                },
+                Action::Freeze,
+                Reason::OnBattery,
+            ),
+            (
+                &idle,
+                HostState {
+                    other_load: 2.5,
+                    ..state(Some(999))
+                },
+                Action::Freeze,
+                Reason::OtherLoad,
+            ),
+            (
+                &idle,
+                HostState {
+                    other_load: 1.5,
+                    ..state(Some(999))
+                },
+                run(4.0, 4 * GIB),
+                Reason::OwnerAway,
+            ),
+            (
+                &gentle,
+                HostState {
+                    paused: true,
+                    ..state(Some(999))
+                },
+                Action::Freeze,
+                Reason::Paused,
+            ),
+            // Wednesday noon is outside nights and weekends; Wednesday 23:00 and Saturday noon are in.
+            (
+                &nights,
+                state(Some(999)),
+                Action::Freeze,
+                Reason::OutsideSchedule,
+            ),
+            (
+                &nights,
+                HostState {
+                    minute: 23 * 60,
+                    ..state(Some(999))
+                },
+                run(4.0, 4 * GIB),
+                Reason::OwnerAway,
+            ),
+            (
+                &nights,
+                HostState {
+                    weekday: 5,
+                    ..state(Some(999))
+                },
+                run(4.0, 4 * GIB),
+                Reason::OwnerAway,
+            ),
+            // 03:00 Thursday belongs to Wednesday night's window.
+            (
+                &nights,
+                HostState {
+                    weekday: 3,
+                    minute: 180,
+                    ..state(Some(999))
+                },
+                run(4.0, 4 * GIB),
+                Reason::OwnerAway,
+            ),
+        ];
+        for (p, s, action, reason) in cases {
+            let d = decide(p, &s);
+            assert_eq!((d.action, d.reason), (action, reason), "{s:?}");
+            assert_eq!(d.may_start, matches!(action, Action::Run(_)));
+        }
+    }
+
+    #[test]
+    fn never_grants_more_than_the_away_limits() {
+        let p = OwnerPolicy {
+            present: Some(Limits {
+                cores: 16.0,
+                memory_bytes: 64 * GIB,
+            }),
+            ..Preset::AlwaysGently.policy(2.0, 4 * GIB)
+        };
+        for idle in [None, Some(0), Some(10_000)] {
+            if let Action::Run(l) = decide(&p, &state(idle)).action {
+                assert!(l.cores <= 2.0 && l.memory_bytes <= 2 * GIB, "{l:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn presets_parse_by_name() {
+        for p in Preset::ALL {
+            assert_eq!(p.name().parse::<Preset>().unwrap(), p);
+        }
+        assert!(
+            "sometimes"
+                .parse::<Preset>()
+                .unwrap_err()
+                .contains("only-when-idle")
+        );
+    }
+}
