@@ -1,7 +1,7 @@
 //! Containers on the Docker Engine through bollard: hardened by default (no privileges, every
 //! capability dropped, no new privileges, read-only root, pids/memory/CPU limits, no network unless
 //! the signed egress policy allows it, an unprivileged user), MJF bind mounts in Vac's layout, and
-//! images loaded only after their sha256 has been verified.
+//! images loaded only after their sha256 has been verified (see `image.rs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,27 +10,35 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, ContainerStateStatusEnum, ContainerUpdateBody, HostConfig,
+    SystemInfoCgroupVersionEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder,
+    CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
     RemoveContainerOptionsBuilder, StatsOptionsBuilder, StopContainerOptionsBuilder,
-    TagImageOptionsBuilder,
 };
 use futures_util::StreamExt;
 use gleaner::{Digest, Id16};
 
-use super::blobs::BlobCache;
+use super::image::ImageStore;
+pub use super::image::image_tag;
 use super::{
     EngineKind, ImageSource, Limits, MACHINE_ID_LABEL, MACHINE_TYPE_LABEL, MachineHandle,
     MachineSpec, MachineState, OWNER_LABEL, OwnedMachine, PreparedImage, Probe, Progress, Runtime,
     RuntimeError, Usage,
 };
 
+/// The user the workload runs as inside the container (nobody:nogroup): never root, even with
+/// every capability dropped.
+pub const WORKLOAD_USER: &str = "65534:65534";
+
+/// The smallest CPU quota the engine accepts (0.01 core).
+const MIN_NANO_CPUS: i64 = 10_000_000;
+
 /// The Docker Engine backend.
 #[derive(Debug, Clone)]
 pub struct DockerRuntime {
     docker: Docker,
-    blobs: BlobCache,
+    images: ImageStore,
     /// The value of the ownership label: distinguishes daemons sharing one engine (tests, demo).
     owner: String,
     /// The user the workload runs as inside the container.
@@ -45,25 +53,43 @@ fn call(call: &'static str) -> impl FnOnce(bollard::errors::Error) -> RuntimeErr
     }
 }
 
-fn is_not_found(e: &bollard::errors::Error) -> bool {
+fn is_status(e: &bollard::errors::Error, code: u16) -> bool {
     matches!(
         e,
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } if *status_code == code
     )
 }
 
-/// The tag under which an image verified by `sha256` is kept in the engine.
-pub fn image_tag(sha256: &Digest) -> String {
-    format!("gleaner/sha256-{sha256}:latest")
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    is_status(e, 404)
+}
+
+/// The engine's CPU quota for `cpus` cores; zero would mean "unlimited" to the engine, so a
+/// non-positive or non-finite quota is refused rather than passed on.
+pub fn nano_cpus(cpus: f64) -> Result<i64, RuntimeError> {
+    if !cpus.is_finite() || cpus <= 0.0 {
+        return Err(RuntimeError::Unsupported(format!(
+            "a cpu quota of {cpus} cores is not a limit"
+        )));
+    }
+    Ok(((cpus * 1e9).round() as i64).max(MIN_NANO_CPUS))
+}
+
+fn memory_limit(bytes: u64) -> Result<i64, RuntimeError> {
+    // The engine refuses less than 6 MiB; zero would mean unlimited.
+    if bytes < 6 << 20 {
+        return Err(RuntimeError::Unsupported(format!(
+            "a memory limit of {bytes} bytes is below the engine's 6 MiB minimum"
+        )));
+    }
+    i64::try_from(bytes)
+        .map_err(|_| RuntimeError::Unsupported(format!("a memory limit of {bytes} bytes")))
 }
 
 impl DockerRuntime {
-    /// Connects to the local engine's unix socket and negotiates the API version.
-    /// `owner` labels everything this runtime makes; `cache_dir` and `quota_bytes` bound the
-    /// image tarball cache.
+    /// Connects to the local engine's unix socket (`DOCKER_HOST` if set to a unix socket) and
+    /// negotiates the API version. `owner` labels everything this runtime makes; `cache_dir` and
+    /// `quota_bytes` bound the image tarball cache.
     pub async fn connect(
         owner: &str,
         cache_dir: PathBuf,
@@ -75,12 +101,21 @@ impl DockerRuntime {
         };
         let docker = Docker::connect_with_unix_defaults().map_err(unreachable)?;
         let docker = docker.negotiate_version().await.map_err(unreachable)?;
-        Ok(DockerRuntime {
+        Ok(DockerRuntime::with_parts(
             docker,
-            blobs: BlobCache::new(cache_dir, quota_bytes)?,
+            owner,
+            ImageStore::new(cache_dir, quota_bytes)?,
+        ))
+    }
+
+    /// A runtime over an already connected engine client and image store.
+    pub fn with_parts(docker: Docker, owner: &str, images: ImageStore) -> DockerRuntime {
+        DockerRuntime {
+            docker,
+            images,
             owner: owner.to_owned(),
-            user: "65534:65534".into(),
-        })
+            user: WORKLOAD_USER.into(),
+        }
     }
 
     /// The engine client, for tests and diagnostics.
@@ -88,67 +123,52 @@ impl DockerRuntime {
         &self.docker
     }
 
-    async fn image_present(&self, reference: &str) -> bool {
-        self.docker.inspect_image(reference).await.is_ok()
+    /// The image cache.
+    pub fn images(&self) -> &ImageStore {
+        &self.images
     }
 
-    async fn load_tarball(
-        &self,
-        path: &std::path::Path,
-        url: &str,
-    ) -> Result<String, RuntimeError> {
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| RuntimeError::Image {
-                url: url.to_owned(),
-                reason: e.to_string(),
-            })?;
-        let stream = tokio_util::io::ReaderStream::new(file);
-        let mut out = self.docker.import_image_stream(
-            ImportImageOptionsBuilder::default().quiet(true).build(),
-            stream,
-            None,
-        );
-        let mut loaded = None;
-        while let Some(msg) = out.next().await {
-            let info = msg.map_err(call("load image"))?;
-            for text in [info.stream.as_deref(), info.status.as_deref()]
-                .into_iter()
-                .flatten()
-            {
-                for line in text.lines() {
-                    if let Some(r) = line
-                        .strip_prefix("Loaded image ID: ")
-                        .or_else(|| line.strip_prefix("Loaded image: "))
-                    {
-                        loaded = Some(r.trim().to_owned());
-                    }
-                }
-            }
-        }
-        loaded.ok_or_else(|| RuntimeError::Image {
-            url: url.to_owned(),
-            reason: "the engine loaded no image from the tarball".into(),
-        })
+    /// The value of the ownership label on everything this runtime makes.
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     fn labels(&self, spec: &MachineSpec) -> HashMap<String, String> {
         let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+        // The ownership labels are set last so that spec.labels cannot forge them.
         labels.insert(OWNER_LABEL.into(), self.owner.clone());
         labels.insert(MACHINE_ID_LABEL.into(), spec.machine_id.to_string());
         labels.insert(MACHINE_TYPE_LABEL.into(), spec.machine_type.to_string());
         labels
     }
+
+    async fn kill(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
+        let opts = KillContainerOptionsBuilder::default()
+            .signal("SIGKILL")
+            .build();
+        match self.docker.kill_container(&m.engine_id, Some(opts)).await {
+            Ok(()) => Ok(()),
+            // 404: gone; 409: not running. Either way it is not running any more.
+            Err(e) if is_not_found(&e) || is_status(&e, 409) => Ok(()),
+            Err(e) => Err(call("kill container")(e)),
+        }
+    }
 }
 
+/// The smallest writable scratch a container gets, whatever the machine type asks for.
+const MIN_SCRATCH: u64 = 16 << 20;
+
 /// The host configuration of a hardened container for `spec`.
-pub fn host_config(spec: &MachineSpec) -> HostConfig {
+pub fn host_config(spec: &MachineSpec) -> Result<HostConfig, RuntimeError> {
     let mjf = &spec.mjf_dir;
     let bind = |sub: &str, target: &str, mode: &str| {
         format!("{}:{target}:{mode}", mjf.join(sub).display())
     };
-    let scratch = spec.disk_bytes.max(16 << 20);
-    HostConfig {
+    // The root is read-only; the machine type's disk becomes a size-limited tmpfs at /scratch
+    // (its working directory) and a quarter of it at /tmp. Both count against the memory limit.
+    let scratch = spec.disk_bytes.max(MIN_SCRATCH);
+    let memory = memory_limit(spec.limits.memory_bytes)?;
+    Ok(HostConfig {
         privileged: Some(false),
         cap_drop: Some(vec!["ALL".into()]),
         security_opt: Some(vec!["no-new-privileges".into()]),
@@ -160,10 +180,11 @@ pub fn host_config(spec: &MachineSpec) -> HostConfig {
             ),
             ("/scratch".into(), format!("rw,nosuid,nodev,size={scratch}")),
         ])),
-        pids_limit: Some(i64::from(spec.pids_limit)),
-        memory: Some(spec.limits.memory_bytes as i64),
-        memory_swap: Some(spec.limits.memory_bytes as i64),
-        nano_cpus: Some((spec.limits.cpus * 1e9) as i64),
+        pids_limit: Some(i64::from(spec.pids_limit.max(1))),
+        memory: Some(memory),
+        // Swap equal to memory: no swap at all, so the limit holds and a hog meets the OOM killer.
+        memory_swap: Some(memory),
+        nano_cpus: Some(nano_cpus(spec.limits.cpus)?),
         network_mode: Some(
             if spec.egress.is_empty() {
                 "none"
@@ -178,8 +199,52 @@ pub fn host_config(spec: &MachineSpec) -> HostConfig {
             bind("joboutputs", "/joboutputs", "rw"),
             bind("user_data", "/user_data", "ro"),
         ]),
+        // An init reaps the workload's orphans and forwards SIGTERM, so a graceful stop works
+        // for scripts that do not handle signals themselves.
         init: Some(true),
         ..Default::default()
+    })
+}
+
+/// The container configuration (image, command, environment, labels) for `spec`.
+fn container_body(
+    spec: &MachineSpec,
+    user: &str,
+    labels: HashMap<String, String>,
+) -> Result<ContainerCreateBody, RuntimeError> {
+    let image = spec
+        .image
+        .as_ref()
+        .ok_or_else(|| RuntimeError::Unsupported("a container needs an image".into()))?;
+    Ok(ContainerCreateBody {
+        image: Some(image.reference.clone()),
+        cmd: spec.command.clone(),
+        user: Some(user.to_owned()),
+        working_dir: Some("/scratch".into()),
+        // The HEPiX machine/job features convention: the environment names the folders.
+        env: Some(vec![
+            "MACHINEFEATURES=/machinefeatures".into(),
+            "JOBFEATURES=/jobfeatures".into(),
+            "JOBOUTPUTS=/joboutputs".into(),
+            "USER_DATA=/user_data".into(),
+            format!("GLEANER_MACHINE_ID={}", spec.machine_id),
+        ]),
+        labels: Some(labels),
+        network_disabled: Some(spec.egress.is_empty()),
+        host_config: Some(host_config(spec)?),
+        ..Default::default()
+    })
+}
+
+fn parse_state(status: Option<ContainerStateStatusEnum>, code: Option<i64>) -> MachineState {
+    match status {
+        Some(ContainerStateStatusEnum::CREATED) => MachineState::Created,
+        Some(ContainerStateStatusEnum::PAUSED) => MachineState::Frozen,
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD) => {
+            MachineState::Exited { code }
+        }
+        Some(ContainerStateStatusEnum::REMOVING) => MachineState::Gone,
+        _ => MachineState::Running,
     }
 }
 
@@ -191,21 +256,34 @@ impl Runtime for DockerRuntime {
     async fn probe(&self) -> Result<Probe, RuntimeError> {
         let v = self.docker.version().await.map_err(call("version"))?;
         let info = self.docker.info().await.map_err(call("info"))?;
-        let cgroup = match info.cgroup_version.as_ref().map(|c| format!("{c:?}")) {
-            Some(c) if c.contains('2') => 2,
+        let cgroup_version = match info.cgroup_version {
+            Some(SystemInfoCgroupVersionEnum::_2) => 2,
             _ => 1,
         };
+        let mut notes = vec![format!(
+            "cgroup driver {}",
+            info.cgroup_driver
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "unknown".into())
+        )];
+        if let Some(sec) = info.security_options {
+            notes.push(format!("security options: {}", sec.join(", ")));
+        }
+        if cgroup_version == 1 {
+            notes.push("cgroup v1: peak memory is the engine's max_usage".into());
+        }
         Ok(Probe {
             engine: EngineKind::Docker,
             reachable: true,
             version: format!(
-                "{} (API {})",
+                "{} (API {}, negotiated {})",
                 v.version.unwrap_or_default(),
-                v.api_version.unwrap_or_default()
+                v.api_version.unwrap_or_default(),
+                self.docker.client_version()
             ),
             kvm_usable: false,
-            cgroup_version: cgroup,
-            notes: Vec::new(),
+            cgroup_version,
+            notes,
         })
     }
 
@@ -214,76 +292,11 @@ impl Runtime for DockerRuntime {
         source: &ImageSource,
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<PreparedImage, RuntimeError> {
-        let tag = image_tag(&source.sha256);
-        if let Some(reference) = source.url.strip_prefix("oci://") {
-            // A registry image pinned by its manifest digest: pull exactly that digest.
-            let pinned = format!("{reference}@sha256:{}", source.sha256);
-            if !self.image_present(&pinned).await {
-                let opts = bollard::query_parameters::CreateImageOptionsBuilder::default()
-                    .from_image(&pinned)
-                    .build();
-                let mut pull = self.docker.create_image(Some(opts), None, None);
-                while let Some(m) = pull.next().await {
-                    m.map_err(call("pull image"))?;
-                }
-            }
-            return Ok(PreparedImage {
-                sha256: source.sha256,
-                reference: pinned,
-            });
-        }
-        if self.image_present(&tag).await {
-            return Ok(PreparedImage {
-                sha256: source.sha256,
-                reference: tag,
-            });
-        }
-        // Verified before the engine sees a byte.
-        let path = self
-            .blobs
-            .fetch(&source.url, &source.sha256, progress)
-            .await?;
-        let loaded = self.load_tarball(&path, &source.url).await?;
-        let (repo, tag_part) = tag.rsplit_once(':').unwrap_or((&tag, "latest"));
-        self.docker
-            .tag_image(
-                &loaded,
-                Some(
-                    TagImageOptionsBuilder::default()
-                        .repo(repo)
-                        .tag(tag_part)
-                        .build(),
-                ),
-            )
-            .await
-            .map_err(call("tag image"))?;
-        Ok(PreparedImage {
-            sha256: source.sha256,
-            reference: tag,
-        })
+        self.images.prepare(&self.docker, source, progress).await
     }
 
     async fn create(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
-        let image = spec
-            .image
-            .as_ref()
-            .ok_or_else(|| RuntimeError::Unsupported("a container needs an image".into()))?;
-        let body = ContainerCreateBody {
-            image: Some(image.reference.clone()),
-            cmd: spec.command.clone(),
-            user: Some(self.user.clone()),
-            working_dir: Some("/scratch".into()),
-            env: Some(vec![
-                "MACHINEFEATURES=/machinefeatures".into(),
-                "JOBFEATURES=/jobfeatures".into(),
-                "JOBOUTPUTS=/joboutputs".into(),
-                format!("GLEANER_MACHINE_ID={}", spec.machine_id),
-            ]),
-            labels: Some(self.labels(spec)),
-            network_disabled: Some(spec.egress.is_empty()),
-            host_config: Some(host_config(spec)),
-            ..Default::default()
-        };
+        let body = container_body(spec, &self.user, self.labels(spec))?;
         let r = self
             .docker
             .create_container(
@@ -303,10 +316,11 @@ impl Runtime for DockerRuntime {
     }
 
     async fn start(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
-        self.docker
-            .start_container(&m.engine_id, None)
-            .await
-            .map_err(call("start container"))
+        match self.docker.start_container(&m.engine_id, None).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Err(RuntimeError::NoSuchMachine(m.name.clone())),
+            Err(e) => Err(call("start container")(e)),
+        }
     }
 
     async fn freeze(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
@@ -317,6 +331,7 @@ impl Runtime for DockerRuntime {
                 status_code: 409,
                 message,
             }) if message.contains("already paused") => Ok(()),
+            Err(e) if is_not_found(&e) => Err(RuntimeError::NoSuchMachine(m.name.clone())),
             Err(e) => Err(call("pause container")(e)),
         }
     }
@@ -328,21 +343,24 @@ impl Runtime for DockerRuntime {
                 status_code: 409,
                 message,
             }) if message.contains("not paused") => Ok(()),
+            Err(e) if is_not_found(&e) => Err(RuntimeError::NoSuchMachine(m.name.clone())),
             Err(e) => Err(call("unpause container")(e)),
         }
     }
 
     async fn set_limits(&self, m: &MachineHandle, limits: Limits) -> Result<(), RuntimeError> {
+        let memory = memory_limit(limits.memory_bytes)?;
         let body = ContainerUpdateBody {
-            nano_cpus: Some((limits.cpus * 1e9) as i64),
-            memory: Some(limits.memory_bytes as i64),
-            memory_swap: Some(limits.memory_bytes as i64),
+            nano_cpus: Some(nano_cpus(limits.cpus)?),
+            memory: Some(memory),
+            memory_swap: Some(memory),
             ..Default::default()
         };
-        self.docker
-            .update_container(&m.engine_id, body)
-            .await
-            .map_err(call("update container"))
+        match self.docker.update_container(&m.engine_id, body).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Err(RuntimeError::NoSuchMachine(m.name.clone())),
+            Err(e) => Err(call("update container")(e)),
+        }
     }
 
     async fn state(&self, m: &MachineHandle) -> Result<MachineState, RuntimeError> {
@@ -352,25 +370,12 @@ impl Runtime for DockerRuntime {
             Err(e) => return Err(call("inspect container")(e)),
         };
         let state = info.state.unwrap_or_default();
-        Ok(match state.status {
-            Some(ContainerStateStatusEnum::CREATED) => MachineState::Created,
-            Some(ContainerStateStatusEnum::PAUSED) => MachineState::Frozen,
-            Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD) => {
-                MachineState::Exited {
-                    code: state.exit_code,
-                }
-            }
-            Some(ContainerStateStatusEnum::REMOVING) => MachineState::Gone,
-            _ => MachineState::Running,
-        })
+        Ok(parse_state(state.status, state.exit_code))
     }
 
     async fn sample(&self, m: &MachineHandle) -> Result<Usage, RuntimeError> {
-        // The kernel's own accounting, read from the container's cgroup: the same numbers the
-        // stats API reports, without its one-second sampling delay.
-        if let Some(u) = cgroup_usage(&m.engine_id) {
-            return Ok(u);
-        }
+        // One-shot stats (API 1.41+): the engine reads the cgroup once instead of waiting a
+        // second for a second reading to compute a percentage we do not need.
         let opts = StatsOptionsBuilder::default()
             .stream(false)
             .one_shot(true)
@@ -391,21 +396,38 @@ impl Runtime for DockerRuntime {
             .unwrap_or(0);
         let mem = s.memory_stats.unwrap_or_default();
         let usage = mem.usage.unwrap_or(0);
-        // cgroup v1 reports the high-water mark as max_usage; v2 engines leave it out, and the
-        // factory keeps the highest sample it has seen instead.
+        // Like `docker stats`, memory in use excludes reclaimable page cache (inactive files).
+        let cache = mem
+            .stats
+            .as_ref()
+            .and_then(|st| {
+                st.get("total_inactive_file")
+                    .or_else(|| st.get("inactive_file"))
+            })
+            .copied()
+            .unwrap_or(0);
+        // Peak: cgroup v1 engines report the high-water mark as max_usage; cgroup v2 engines
+        // leave it out, so it is read from the cgroup's memory.peak (kernel 5.19+) when this
+        // process can see it, else the current usage stands in (the factory keeps its maximum).
+        let peak = mem
+            .max_usage
+            .or_else(|| cgroup_memory_peak(&m.engine_id))
+            .unwrap_or(usage);
         Ok(Usage {
             cpu_ns,
-            memory_bytes: usage,
-            peak_memory_bytes: mem.max_usage.unwrap_or(usage),
+            memory_bytes: usage.saturating_sub(cache),
+            peak_memory_bytes: peak,
         })
     }
 
     async fn stop(&self, m: &MachineHandle, grace: Duration) -> Result<MachineState, RuntimeError> {
         // A frozen container cannot handle SIGTERM: thaw it first so it can shut down cleanly.
         if let Ok(MachineState::Frozen) = self.state(m).await {
-            let _ = self.thaw(m).await;
+            self.thaw(m).await?;
         }
-        let t = grace.as_secs().clamp(1, i32::MAX as u64) as i32;
+        // The engine sends the stop signal, waits `t` seconds, then SIGKILL. Its unit is whole
+        // seconds, so a sub-second grace rounds up to one.
+        let t = grace.as_secs_f64().ceil().clamp(1.0, 3600.0) as i32;
         match self
             .docker
             .stop_container(
@@ -417,15 +439,21 @@ impl Runtime for DockerRuntime {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => return Ok(MachineState::Gone),
             // 304: already stopped.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => {}
+            Err(e) if is_status(&e, 304) => {}
             Err(e) => return Err(call("stop container")(e)),
         }
-        self.state(m).await
+        match self.state(m).await? {
+            // The engine gave up waiting (its HTTP call can time out first): kill it ourselves.
+            MachineState::Running | MachineState::Frozen => {
+                self.kill(m).await?;
+                self.state(m).await
+            }
+            s => Ok(s),
+        }
     }
 
     async fn remove(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
+        // Force: kills a running container; v: deletes its anonymous volumes too.
         let opts = RemoveContainerOptionsBuilder::default()
             .force(true)
             .v(true)
@@ -433,6 +461,8 @@ impl Runtime for DockerRuntime {
         match self.docker.remove_container(&m.engine_id, Some(opts)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
+            // 409 "removal already in progress": another call is removing it.
+            Err(e) if is_status(&e, 409) => Ok(()),
             Err(e) => Err(call("remove container")(e)),
         }
     }
@@ -456,13 +486,11 @@ impl Runtime for DockerRuntime {
             .into_iter()
             .map(|c| {
                 let labels = c.labels.unwrap_or_default();
-                let state = match c.state.as_ref().map(|s| format!("{s:?}").to_lowercase()) {
-                    Some(s) if s.contains("paused") => MachineState::Frozen,
-                    Some(s) if s.contains("running") => MachineState::Running,
-                    Some(s) if s.contains("created") => MachineState::Created,
-                    Some(s) if s.contains("exited") || s.contains("dead") => {
-                        MachineState::Exited { code: None }
-                    }
+                let state = match c.state.map(|s| s.to_string()).as_deref() {
+                    Some("paused") => MachineState::Frozen,
+                    Some("running" | "restarting") => MachineState::Running,
+                    Some("created") => MachineState::Created,
+                    Some("exited" | "dead") => MachineState::Exited { code: None },
                     _ => MachineState::Gone,
                 };
                 OwnedMachine {
@@ -484,45 +512,24 @@ impl Runtime for DockerRuntime {
     }
 }
 
-fn read_u64(path: &std::path::Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Reads CPU and memory accounting from the container's cgroup (v1 cgroupfs or systemd layouts,
-/// or v2), if this process can see it.
-pub fn cgroup_usage(id: &str) -> Option<Usage> {
-    use std::path::Path;
+/// The cgroup v2 high-water mark of a container's memory (`memory.peak`, kernel 5.19+), from the
+/// cgroupfs (`/sys/fs/cgroup/docker/<id>`) or systemd (`system.slice/docker-<id>.scope`) layout,
+/// if this process can see it.
+pub fn cgroup_memory_peak(id: &str) -> Option<u64> {
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let root = Path::new("/sys/fs/cgroup");
-    for sub in [
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    [
         format!("docker/{id}"),
         format!("system.slice/docker-{id}.scope"),
-    ] {
-        let cpu = root.join("cpuacct").join(&sub).join("cpuacct.usage");
-        if let Some(cpu_ns) = read_u64(&cpu) {
-            let mem = root.join("memory").join(&sub);
-            let usage = read_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0);
-            return Some(Usage {
-                cpu_ns,
-                memory_bytes: usage,
-                peak_memory_bytes: read_u64(&mem.join("memory.max_usage_in_bytes"))
-                    .unwrap_or(usage),
-            });
-        }
-        let v2 = root.join(&sub);
-        if let Ok(stat) = std::fs::read_to_string(v2.join("cpu.stat")) {
-            let usec = stat
-                .lines()
-                .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse::<u64>().ok())?;
-            let usage = read_u64(&v2.join("memory.current")).unwrap_or(0);
-            return Some(Usage {
-                cpu_ns: usec * 1000,
-                memory_bytes: usage,
-                peak_memory_bytes: read_u64(&v2.join("memory.peak")).unwrap_or(usage),
-            });
-        }
-    }
-    None
+    ]
+    .iter()
+    .find_map(|sub| {
+        std::fs::read_to_string(root.join(sub).join("memory.peak"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

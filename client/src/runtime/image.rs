@@ -190,12 +190,15 @@ pub fn inspect_archive(path: &Path) -> Result<ArchiveInfo, String> {
             && ((name.ends_with(".json") && !name.contains('/'))
                 || name.starts_with("blobs/sha256/"))
         {
-            let mut hasher = sha2::Sha256::new();
-            std::io::copy(&mut entry, &mut hasher).map_err(|e| format!("cannot read {name}: {e}"))?;
-            hashes.insert(name, hex::encode(hasher.finalize()));
+            let mut data = Vec::new();
+            entry
+                .read_to_end(&mut data)
+                .map_err(|e| format!("cannot read {name}: {e}"))?;
+            hashes.insert(name, hex::encode(sha2::Sha256::digest(&data)));
         }
     }
-    let mut manifest = manifest.ok_or("no manifest.json: not a docker-archive (docker save) tarball")?;
+    let mut manifest =
+        manifest.ok_or("no manifest.json: not a docker-archive (docker save) tarball")?;
     if manifest.len() != 1 {
         return Err(format!(
             "the archive holds {} images; exactly one is accepted",
@@ -250,7 +253,9 @@ impl ImageStore {
         source: &ImageSource,
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<PathBuf, RuntimeError> {
-        self.blobs.fetch(&source.url, &source.sha256, progress).await
+        self.blobs
+            .fetch(&source.url, &source.sha256, progress)
+            .await
     }
 
     /// Makes `source` available in the engine. A tarball is verified against its sha256 before the
@@ -381,7 +386,11 @@ impl ImageStore {
     /// Removes the engine's `gleaner/<sha256>` image (unless a container uses it) and the tarball.
     pub async fn remove(&self, docker: &Docker, sha256: &Digest) -> Result<(), RuntimeError> {
         match docker
-            .remove_image(&image_tag(sha256), None::<bollard::query_parameters::RemoveImageOptions>, None)
+            .remove_image(
+                &image_tag(sha256),
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
             .await
         {
             Ok(_) => {}
@@ -458,14 +467,23 @@ mod tests {
         // Other digest algorithms, bad digests and bad names are refused.
         assert!(parse_location("oci://busybox@sha512:00", &d(1)).is_err());
         assert!(parse_location("oci://busybox@sha256:zz", &d(1)).is_err());
-        for bad in ["oci://", "oci://Busybox", "oci:///x", "oci://a//b", "oci://a b"] {
+        for bad in [
+            "oci://",
+            "oci://Busybox",
+            "oci:///x",
+            "oci://a//b",
+            "oci://a b",
+        ] {
             assert!(parse_location(bad, &d(1)).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn tags_are_content_addressed() {
-        assert_eq!(image_tag(&d(0)), format!("gleaner/{}:latest", "0".repeat(64)));
+        assert_eq!(
+            image_tag(&d(0)),
+            format!("gleaner/{}:latest", "0".repeat(64))
+        );
     }
 
     fn archive(entries: &[(&str, &[u8])]) -> tempfile::NamedTempFile {
@@ -486,9 +504,7 @@ mod tests {
         let config = br#"{"config":{}}"#;
         let id = Digest::of(config).to_string();
         let cfg_name = format!("{id}.json");
-        let manifest = format!(
-            r#"[{{"Config":"{cfg_name}","RepoTags":["x/y:1"],"Layers":[]}}]"#
-        );
+        let manifest = format!(r#"[{{"Config":"{cfg_name}","RepoTags":["x/y:1"],"Layers":[]}}]"#);
         let f = archive(&[(&cfg_name, config), ("manifest.json", manifest.as_bytes())]);
         let info = inspect_archive(f.path()).unwrap();
         assert_eq!(info.image_id, format!("sha256:{id}"));
@@ -498,11 +514,19 @@ mod tests {
         let wrong = format!("{}.json", d(7));
         let manifest = format!(r#"[{{"Config":"{wrong}","Layers":[]}}]"#);
         let f = archive(&[(&wrong, config), ("manifest.json", manifest.as_bytes())]);
-        assert!(inspect_archive(f.path()).unwrap_err().contains("does not hash"));
+        assert!(
+            inspect_archive(f.path())
+                .unwrap_err()
+                .contains("does not hash")
+        );
 
         // Not a docker archive at all.
         let f = archive(&[("hello.txt", b"hi")]);
-        assert!(inspect_archive(f.path()).unwrap_err().contains("no manifest"));
+        assert!(
+            inspect_archive(f.path())
+                .unwrap_err()
+                .contains("no manifest")
+        );
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), b"not a tar").unwrap();
         assert!(inspect_archive(f.path()).is_err());

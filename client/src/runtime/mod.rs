@@ -6,6 +6,8 @@
 
 pub mod blobs;
 pub mod docker;
+pub mod fake;
+pub mod image;
 
 use std::collections::BTreeMap;
 use std::future::Future;
