@@ -13,6 +13,7 @@ pub mod ident;
 pub mod lifecycle;
 pub mod machine_type;
 pub mod policy;
+pub mod space;
 pub mod usage;
 pub mod wire;
 

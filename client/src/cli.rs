@@ -70,6 +70,8 @@ pub enum Command {
     Credit(RemoteArgs),
     /// Recent events (machines started, ended, refused...).
     Events(RemoteArgs),
+    /// The live view of the space: peers, their free capacity and what they run.
+    Space(RemoteArgs),
     /// Run the factory daemon: start trusted machine types when the owner allows, account for
     /// them, deliver signed credit to the coordinator. Stops cleanly on SIGTERM or Ctrl-C.
     Daemon(Box<DaemonArgs>),
@@ -145,6 +147,19 @@ pub struct DaemonArgs {
     /// Run while on battery power
     #[arg(long)]
     pub run_on_battery: bool,
+    /// Listen for the space's peers on this libp2p address (repeatable)
+    /// [default: /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1]
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    pub listen: Vec<libp2p::Multiaddr>,
+    /// Dial these peers to join the space (a wide-area space's bootstrap nodes; repeatable)
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// Do not look for peers on the LAN by mDNS
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Run alone, without joining a space
+    #[arg(long)]
+    pub no_space: bool,
     /// The sysfs power-supply folder (battery state)
     #[arg(long, default_value = "/sys/class/power_supply", hide = true)]
     pub power_supply: PathBuf,
@@ -278,6 +293,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Credit(r) => remote(&r, Request::Credit),
         Command::Events(r) => remote(&r, Request::Events),
+        Command::Space(r) => remote(&r, Request::Space),
         Command::Daemon(args) => crate::daemon_cli::run(*args),
         Command::Demo(args) => crate::demo::run(args),
         Command::Doctor {

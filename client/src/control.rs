@@ -68,6 +68,8 @@ pub enum Request {
     Undrain,
     /// Recent events.
     Events,
+    /// The live view of the space: peers, their capacity and what they run.
+    Space,
     /// A stream of status objects, one per `interval_ms` (at least 100).
     Watch {
         #[serde(default)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gleaner::{Digest, Envelope, MachineType, PublicKey, SecretKey};
+use gleaner::{CapacityAdvert, Digest, Envelope, MachineType, PublicKey, SecretKey};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,8 @@ pub struct DaemonOptions {
     pub display: Option<String>,
     pub power_supply: PathBuf,
     pub owner_interval: Duration,
+    /// The space over libp2p: where to listen, whom to dial, LAN discovery. `None`: no space.
+    pub p2p: Option<crate::p2p::SpaceConfig>,
 }
 
 /// Paths inside the state dir.
@@ -77,6 +79,7 @@ pub struct Daemon {
     paused: Arc<std::sync::atomic::AtomicBool>,
     enforcer: tokio::sync::mpsc::Sender<crate::owner::EnforcerCommand>,
     sources: Vec<String>,
+    space: Option<crate::p2p::SpaceHandle>,
 }
 
 #[derive(Serialize)]
@@ -174,6 +177,13 @@ impl Controller for Daemon {
                 Ok(t) => Response::ok(t),
                 Err(e) => Response::error(e.to_string()),
             },
+            Request::Space => match &self.space {
+                None => Response::error("this daemon is not in a space (started without one)"),
+                Some(h) => match h.summary().await {
+                    Ok(s) => Response::ok(s),
+                    Err(e) => Response::error(e.to_string()),
+                },
+            },
             Request::Events => match self.factory.status().await {
                 Ok(s) => Response::ok(s.events),
                 Err(e) => Response::error(e.to_string()),
@@ -266,18 +276,47 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
     cfg.tick = opts.tick;
     cfg.stop_grace = opts.stop_grace;
     cfg.benchmark = opts.benchmark;
+    let (gossip_tx, mut gossip_rx) = tokio::sync::mpsc::channel::<Envelope>(64);
     let mut factory = Factory::new(
         cfg,
         runtime.clone(),
         ledger.clone(),
         key.clone(),
         allowance_rx,
-    );
+    )
+    .with_gossip(gossip_tx);
     factory.recover().await?;
     let factory_cancel = CancellationToken::new();
     let (handle, factory_task) = factory.spawn(factory_cancel.clone());
 
     let tracker = TaskTracker::new();
+    let space_cancel = CancellationToken::new();
+    let space = match &opts.p2p {
+        None => None,
+        Some(cfg) => match crate::p2p::start(&key, cfg.clone(), space_cancel.clone()).await {
+            Ok((h, addrs, _task)) => {
+                for a in &addrs {
+                    tracing::info!("space {}: listening on {a}/p2p/{}", cfg.space, key.public());
+                }
+                Some(h)
+            }
+            Err(e) => {
+                tracing::warn!("{e}; running without a space");
+                None
+            }
+        },
+    };
+    {
+        // Outcomes of our machines go to the space.
+        let space = space.clone();
+        tracker.spawn(async move {
+            while let Some(env) = gossip_rx.recv().await {
+                if let Some(s) = &space {
+                    let _ = s.publish(env);
+                }
+            }
+        });
+    }
     let wake = Arc::new(Notify::new());
     let outbox_cancel = CancellationToken::new();
     if let Some(up) = uploader {
@@ -318,6 +357,7 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
         paused,
         enforcer: enforcer_tx,
         sources: source_notes,
+        space: space.clone(),
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -338,12 +378,28 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
         let daemon = daemon.clone();
         let cancel = cancel.clone();
         let wake = wake.clone();
+        let space = space.clone();
+        let key = key.clone();
         async move {
             let mut seen = BTreeMap::new();
+            let mut seq = crate::factory::now_ms();
             loop {
                 let now = crate::factory::now_ms() / 1000;
                 if let Some(dir) = &opts.machine_types_dir {
                     scan_machine_types(dir, &opts.trusted, now, &mut seen, &handle).await;
+                }
+                if let (Some(space), Ok(status)) = (&space, handle.status().await) {
+                    seq += 1;
+                    let _ = space.publish(Envelope::seal(&advert(&key, seq, now, &status), &key));
+                    if let Ok(view) = space.view().await {
+                        for o in &status.offers {
+                            if let Ok(d) = o.machine_type.parse::<Digest>()
+                                && let Some(at) = view.last_abort(&d)
+                            {
+                                let _ = handle.remote_abort(d, at).await;
+                            }
+                        }
+                    }
                 }
                 daemon.expire_pause(now).await;
                 wake.notify_one();
@@ -362,6 +418,7 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
     // The enforcer stops first so it cannot freeze machines the factory is stopping.
     enforcer_cancel.cancel();
     factory_cancel.cancel();
+    space_cancel.cancel();
     let _ = factory_task.await;
     // One last delivery of the final records, bounded in time.
     wake.notify_one();
@@ -381,4 +438,42 @@ fn own_uid() -> u32 {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid())
         .unwrap_or(0)
+}
+
+/// This factory's capacity advert, from its status.
+fn advert(
+    key: &SecretKey,
+    seq: u64,
+    now: u64,
+    s: &crate::factory::FactoryStatus,
+) -> CapacityAdvert {
+    let used: u16 = s.machines.iter().map(|m| m.cores).sum();
+    let used_mem: u64 = s.machines.iter().map(|m| m.memory_bytes).sum();
+    let mut running: BTreeMap<String, u16> = BTreeMap::new();
+    for m in &s.machines {
+        *running.entry(m.machine_type.clone()).or_default() += 1;
+    }
+    CapacityAdvert {
+        v: gleaner::advert::ADVERT_VERSION,
+        host: key.public(),
+        seq,
+        at: now,
+        free_cores: s.allowance.cores.saturating_sub(used),
+        free_memory_mib: (s.allowance.memory_bytes.saturating_sub(used_mem) >> 20) as u32,
+        free_disk_mib: 0,
+        backends: gleaner::advert::backend_bits::DOCKER,
+        running: running
+            .into_iter()
+            .filter_map(|(d, count)| {
+                Some(gleaner::advert::Running {
+                    machine_type: d.parse().ok()?,
+                    count,
+                })
+            })
+            .take(gleaner::advert::ADVERT_RUNNING_MAX)
+            .collect(),
+        owner_present: s.allowance.reason.contains("owner is using"),
+        draining: s.draining,
+        benchmark: 1000,
+    }
 }

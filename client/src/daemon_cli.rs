@@ -102,6 +102,19 @@ pub fn options(args: &DaemonArgs) -> Result<DaemonOptions> {
             .or_else(|| std::env::var("DISPLAY").ok()),
         power_supply: args.power_supply.clone(),
         owner_interval: Duration::from_millis(100),
+        p2p: (!args.no_space).then(|| crate::p2p::SpaceConfig {
+            space: args.space.clone(),
+            listen: if args.listen.is_empty() {
+                ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .collect()
+            } else {
+                args.listen.clone()
+            },
+            bootstrap: args.bootstrap.clone(),
+            mdns: !args.no_mdns,
+        }),
         state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
         socket: args
             .socket

@@ -192,6 +192,8 @@ pub enum Command {
     Offer(Box<Offer>),
     /// Forget a machine type (untrusted or revoked); its running machines are stopped.
     Withdraw(Digest),
+    /// A machine of this type aborted elsewhere in the space at this time: back off here too.
+    RemoteAbort(Digest, u64),
 }
 
 /// A cloneable handle to the factory loop.
@@ -231,6 +233,10 @@ impl FactoryHandle {
 
     pub async fn withdraw(&self, digest: Digest) -> Result<(), FactoryGone> {
         self.send(Command::Withdraw(digest)).await
+    }
+
+    pub async fn remote_abort(&self, digest: Digest, at: u64) -> Result<(), FactoryGone> {
+        self.send(Command::RemoteAbort(digest, at)).await
     }
 
     /// The machines running now (for the owner enforcer, which freezes them directly).
@@ -624,6 +630,23 @@ impl<R: Runtime + 'static> Factory<R> {
                         && old.machine_type.name == o.machine_type.name)
                 });
                 self.offers.insert(o.digest, o);
+            }
+            Command::RemoteAbort(digest, at) => {
+                if let Some(o) = self.offers.get(&digest) {
+                    let until = at + u64::from(o.machine_type.backoff_s);
+                    let name = o.machine_type.name.clone();
+                    if until > self.now()
+                        && self.backoff_until.get(&digest).is_none_or(|&u| u < until)
+                    {
+                        self.backoff_until.insert(digest, until);
+                        self.event(
+                            None,
+                            format!(
+                                "{name} aborted elsewhere in the space: backing off until {until}"
+                            ),
+                        );
+                    }
+                }
             }
             Command::Withdraw(digest) => {
                 self.offers.remove(&digest);

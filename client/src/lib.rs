@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod mjf;
 pub mod outbox;
 pub mod owner;
+pub mod p2p;
 pub mod pinning;
 pub mod publish;
 pub mod render;

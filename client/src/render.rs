@@ -104,6 +104,39 @@ pub fn render(req: &Request, v: &Value) -> String {
             );
         }
         Request::Events => events(&mut out, v, 200),
+        Request::Space => {
+            let _ = writeln!(
+                out,
+                "space {}  ({} connected, {} messages rejected)\nme    {}",
+                v["space"].as_str().unwrap_or("?"),
+                v["connected"],
+                v["rejected_messages"],
+                v["peer_id"].as_str().unwrap_or("?")
+            );
+            for p in v["peers"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                let running: u64 = p["running"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(|x| x[1].as_u64()).sum())
+                    .unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "  {}  free {} cores {} MiB  running {running}{}{}",
+                    p["host"].as_str().unwrap_or("?"),
+                    p["free_cores"],
+                    p["free_memory_mib"],
+                    if p["owner_present"].as_bool() == Some(true) {
+                        "  owner present"
+                    } else {
+                        ""
+                    },
+                    if p["draining"].as_bool() == Some(true) {
+                        "  draining"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         Request::Pause { .. } => {
             let _ = writeln!(
                 out,

@@ -58,6 +58,7 @@ async fn status_pause_resume_drain_and_permissions() {
         Command::new(env!("CARGO_BIN_EXE_gleaner"))
             .args([
                 "daemon",
+                "--no-space",
                 "--cores",
                 "1",
                 "--memory",

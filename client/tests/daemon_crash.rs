@@ -28,6 +28,7 @@ fn spawn_daemon(state: &Path, types: &Path, trust: &str) -> Daemon {
         Command::new(env!("CARGO_BIN_EXE_gleaner"))
             .args([
                 "daemon",
+                "--no-space",
                 "--cores",
                 "4",
                 "--memory",

@@ -79,6 +79,7 @@ async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
         Command::new(env!("CARGO_BIN_EXE_gleaner"))
             .args([
                 "daemon",
+                "--no-space",
                 "--cores",
                 "1",
                 "--memory",

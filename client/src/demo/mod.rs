@@ -277,6 +277,9 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     step(&format!("starting {} client daemons", args.clients));
     let gleaner = std::env::current_exe()?;
     let mut clients = Vec::new();
+    // The first daemon listens on a known port; the others join the space through it.
+    let space_port = free_port()?;
+    let first = format!("/ip4/127.0.0.1/tcp/{space_port}");
     for (i, token) in tokens.iter().enumerate() {
         let name = format!("client-{}", i + 1);
         let state = dir.join(&name);
@@ -311,6 +314,17 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
                 &fingerprint,
             ])
             .args(["--enrol", &format!("volunteer-{}:{token}", i + 1)])
+            .args(["--no-mdns", "--listen"])
+            .arg(if i == 0 {
+                first.clone()
+            } else {
+                "/ip4/127.0.0.1/tcp/0".to_string()
+            })
+            .args(if i == 0 {
+                vec![]
+            } else {
+                vec!["--bootstrap".to_string(), first.clone()]
+            })
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -353,24 +367,49 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     println!();
     let result = watch(args, &clients, &api, &base).await;
 
+    // The daemons found each other over libp2p: wait (briefly) until the first sees them all.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = match ControlClient::connect(&clients[0].socket).await {
+            Ok(mut cc) => cc.call(&Request::Space).await.ok(),
+            Err(_) => None,
+        };
+        let n = seen
+            .as_ref()
+            .and_then(|v| v["peers"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if n >= clients.len() || Instant::now() > deadline {
+            println!(
+                "space: {} sees {n} factories in the space \"demo\"",
+                clients[0].name
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Only this demo's hosts: other Gleaner users of the same engine are not ours to judge.
+    let hosts: Vec<String> = clients.iter().map(|c| c.host.clone()).collect();
     step("stopping the clients (their machines are stopped and accounted for)");
     drop(clients);
     step("stopping the coordinator");
     drop(coordinator);
-    let left = probe_rt
-        .docker()
-        .list_containers(Some(
-            bollard::query_parameters::ListContainersOptionsBuilder::default()
-                .all(true)
-                .filters(&std::collections::HashMap::from([(
-                    "label".to_string(),
-                    vec![crate::runtime::OWNER_LABEL.to_string()],
-                )]))
-                .build(),
-        ))
-        .await
-        .map(|l| l.len())
-        .unwrap_or(0);
+    let mut left = 0;
+    for host in hosts {
+        left += probe_rt
+            .docker()
+            .list_containers(Some(
+                bollard::query_parameters::ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&std::collections::HashMap::from([(
+                        "label".to_string(),
+                        vec![format!("{}={host}", crate::runtime::OWNER_LABEL)],
+                    )]))
+                    .build(),
+            ))
+            .await
+            .map(|l| l.len())
+            .unwrap_or(0);
+    }
     if left > 0 {
         println!("    warning: {left} Gleaner containers are still in the engine");
     } else {

@@ -1,0 +1,140 @@
+//! The space over real libp2p on loopback: nodes that only know one bootstrap peer converge on each
+//! other's signed adverts; a forged message is rejected by everyone and counted against its sender.
+
+use std::time::{Duration, Instant};
+
+use gleaner::advert::{CapacityAdvert, OutcomeReport};
+use gleaner::{Digest, Envelope, Id16, OutcomeCode, SecretKey};
+use gleaner_client::p2p::{self, SpaceConfig, SpaceHandle};
+use tokio_util::sync::CancellationToken;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn advert(key: &SecretKey, seq: u64, free: u16) -> Envelope {
+    let a = CapacityAdvert {
+        v: 1,
+        host: key.public(),
+        seq,
+        at: now(),
+        free_cores: free,
+        free_memory_mib: 1024,
+        free_disk_mib: 0,
+        backends: 1,
+        running: vec![],
+        owner_present: false,
+        draining: false,
+        benchmark: 1000,
+    };
+    Envelope::seal(&a, key)
+}
+
+async fn node(
+    seed: u8,
+    bootstrap: Vec<libp2p::Multiaddr>,
+    cancel: &CancellationToken,
+) -> (SecretKey, SpaceHandle, libp2p::Multiaddr) {
+    let key = SecretKey::from_seed([seed; 32]);
+    let cfg = SpaceConfig {
+        space: "test".into(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        mdns: false,
+    };
+    let (h, addrs, _task) = p2p::start(&key, cfg, cancel.clone()).await.unwrap();
+    let addr = addrs[0].clone().with(libp2p::multiaddr::Protocol::P2p(
+        key.public().to_string().parse().unwrap(),
+    ));
+    (key, h, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adverts_converge_and_forgeries_are_rejected() {
+    const N: u8 = 10;
+    let cancel = CancellationToken::new();
+    let (k0, h0, a0) = node(1, vec![], &cancel).await;
+    let mut nodes = vec![(k0, h0)];
+    for i in 1..N {
+        let (k, h, _) = node(i + 1, vec![a0.clone()], &cancel).await;
+        nodes.push((k, h));
+    }
+    // Everyone advertises (repeatedly, as factories do) until every view holds every node.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seq = 1;
+    loop {
+        for (k, h) in &nodes {
+            h.publish(advert(k, seq, 2)).unwrap();
+        }
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut all = true;
+        for (_, h) in &nodes {
+            all &= h.summary().await.unwrap().peers.len() == usize::from(N);
+        }
+        if all {
+            break;
+        }
+        assert!(Instant::now() < deadline, "views did not converge");
+    }
+
+    // An outcome (a fizzle) from one node reaches every view: back-off across the space.
+    let (k5, h5) = &nodes[5];
+    let report = OutcomeReport {
+        v: 1,
+        host: k5.public(),
+        machine_id: Id16([1; 16]),
+        machine_type: Digest([9; 32]),
+        at: now(),
+        ran_s: 2,
+        outcome: OutcomeCode::Fizzle,
+        detail: "no work".into(),
+    };
+    h5.publish(Envelope::seal(&report, k5)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut all = true;
+        for (_, h) in &nodes {
+            all &= h
+                .view()
+                .await
+                .unwrap()
+                .last_abort(&Digest([9; 32]))
+                .is_some();
+        }
+        if all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abort did not reach everyone"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Node 3 publishes a forged advert (a signature bit flipped): nobody takes it.
+    let (k3, h3) = &nodes[3];
+    let mut forged = advert(k3, seq + 100, 999);
+    forged.signature[7] ^= 1;
+    h3.publish(forged).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = nodes[0].1.summary().await.unwrap();
+        if s.rejected_messages > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the forgery was not seen");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (_, h) in &nodes {
+        let s = h.summary().await.unwrap();
+        assert!(
+            s.peers.iter().all(|p| p.free_cores != 999),
+            "a forged advert got into a view"
+        );
+    }
+    cancel.cancel();
+}
