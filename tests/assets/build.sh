@@ -28,7 +28,7 @@ if [[ ! -s "$tarball" ]]; then
   trap 'rm -rf "$work"' EXIT
   rootfs="$work/rootfs"
   mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,scratch,proc,sys,dev,machinefeatures,jobfeatures,joboutputs}
-  chmod 1777 "$rootfs/tmp"
+  chmod 1777 "$rootfs/tmp" "$rootfs/scratch"
   cp "$busybox" "$rootfs/bin/busybox"
   for applet in $("$busybox" --list-full); do
     [[ "$applet" == bin/busybox ]] && continue
@@ -48,6 +48,8 @@ if [[ ! -s "$tarball" ]]; then
   docker save -o "$work/image.tar" "$id"
   docker rmi "$tag" >/dev/null
   mv "$work/image.tar" "$tarball"
+  # Older builds (other keys) are stale now.
+  find "$out" -maxdepth 1 -name 'busybox-*.tar' ! -name "$(basename "$tarball")" -delete
 fi
 
 echo "$tarball $(sha256sum "$tarball" | cut -d' ' -f1)"

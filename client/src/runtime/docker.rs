@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, ContainerUpdateBody, HostConfig,
-    SystemInfoCgroupVersionEnum,
+    ContainerCreateBody, ContainerStateStatusEnum, ContainerUpdateBody, HostConfig, Mount,
+    MountType, SystemInfoCgroupVersionEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -161,11 +161,17 @@ const MIN_SCRATCH: u64 = 16 << 20;
 /// The host configuration of a hardened container for `spec`.
 pub fn host_config(spec: &MachineSpec) -> Result<HostConfig, RuntimeError> {
     let mjf = &spec.mjf_dir;
-    let bind = |sub: &str, target: &str, mode: &str| {
-        format!("{}:{target}:{mode}", mjf.join(sub).display())
+    // Mounts, not "src:dst:mode" binds: a host path holding ':' or ',' cannot be misread, and a
+    // missing source is an error instead of an empty directory the engine makes.
+    let bind = |sub: &str, target: &str, read_only: bool| Mount {
+        target: Some(target.into()),
+        source: Some(mjf.join(sub).display().to_string()),
+        typ: Some(MountType::BIND),
+        read_only: Some(read_only),
+        ..Default::default()
     };
     // The root is read-only; the machine type's disk becomes a size-limited tmpfs at /scratch
-    // (its working directory) and a quarter of it at /tmp. Both count against the memory limit.
+    // and a quarter of it at /tmp. Both count against the memory limit.
     let scratch = spec.disk_bytes.max(MIN_SCRATCH);
     let memory = memory_limit(spec.limits.memory_bytes)?;
     Ok(HostConfig {
@@ -174,11 +180,16 @@ pub fn host_config(spec: &MachineSpec) -> Result<HostConfig, RuntimeError> {
         security_opt: Some(vec!["no-new-privileges".into()]),
         readonly_rootfs: Some(true),
         tmpfs: Some(HashMap::from([
+            // Writable by the unprivileged workload user; /tmp keeps the engine's noexec,
+            // /scratch is where a job unpacks and runs what it fetched.
             (
                 "/tmp".into(),
-                format!("rw,nosuid,nodev,size={}", scratch / 4),
+                format!("rw,noexec,nosuid,nodev,mode=1777,size={}", scratch / 4),
             ),
-            ("/scratch".into(), format!("rw,nosuid,nodev,size={scratch}")),
+            (
+                "/scratch".into(),
+                format!("rw,exec,nosuid,nodev,mode=1777,size={scratch}"),
+            ),
         ])),
         pids_limit: Some(i64::from(spec.pids_limit.max(1))),
         memory: Some(memory),
@@ -193,11 +204,11 @@ pub fn host_config(spec: &MachineSpec) -> Result<HostConfig, RuntimeError> {
             }
             .into(),
         ),
-        binds: Some(vec![
-            bind("machinefeatures", "/machinefeatures", "ro"),
-            bind("jobfeatures", "/jobfeatures", "ro"),
-            bind("joboutputs", "/joboutputs", "rw"),
-            bind("user_data", "/user_data", "ro"),
+        mounts: Some(vec![
+            bind("machinefeatures", "/machinefeatures", true),
+            bind("jobfeatures", "/jobfeatures", true),
+            bind("joboutputs", "/joboutputs", false),
+            bind("user_data", "/user_data", true),
         ]),
         // An init reaps the workload's orphans and forwards SIGTERM, so a graceful stop works
         // for scripts that do not handle signals themselves.
@@ -220,13 +231,15 @@ fn container_body(
         image: Some(image.reference.clone()),
         cmd: spec.command.clone(),
         user: Some(user.to_owned()),
-        working_dir: Some("/scratch".into()),
+        // No working directory at /scratch: the engine would create it 0755 root in the image
+        // layer and the tmpfs would copy that mode up, leaving it unwritable for the workload.
         // The HEPiX machine/job features convention: the environment names the folders.
         env: Some(vec![
             "MACHINEFEATURES=/machinefeatures".into(),
             "JOBFEATURES=/jobfeatures".into(),
             "JOBOUTPUTS=/joboutputs".into(),
             "USER_DATA=/user_data".into(),
+            "SCRATCH=/scratch".into(),
             format!("GLEANER_MACHINE_ID={}", spec.machine_id),
         ]),
         labels: Some(labels),
