@@ -79,7 +79,7 @@ echo "200 Intended work completed ok" > /joboutputs/shutdown_message
             ud.contains("end=$(( $(date +%s) + 3 ))"),
             "the workload read its user_data: {ud:?}"
         );
-        Some(cpu_ns)
+        (cpu_ns > 0).then_some(cpu_ns)
     })
     .await;
     // Let the factory take a sample during the idle phase too (it samples every tick).

@@ -387,6 +387,12 @@ impl Runtime for DockerRuntime {
     }
 
     async fn sample(&self, m: &MachineHandle) -> Result<Usage, RuntimeError> {
+        // The kernel's own accounting straight from the container's cgroup v1 (the numbers the
+        // stats API reports): no engine round trip, so the factory and the owner enforcer, which
+        // sample every tick, never wait on the engine.
+        if let Some(u) = cgroup_v1_usage(&m.engine_id) {
+            return Ok(u);
+        }
         // One-shot stats (API 1.41+): the engine reads the cgroup once instead of waiting a
         // second for a second reading to compute a percentage we do not need.
         let opts = StatsOptionsBuilder::default()
@@ -544,5 +550,42 @@ pub fn cgroup_memory_peak(id: &str) -> Option<u64> {
             .trim()
             .parse()
             .ok()
+    })
+}
+
+fn read_u64(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// CPU and memory of a container from its cgroup v1 hierarchy (cgroupfs or systemd layout), if
+/// this process can see it. Memory in use excludes inactive page cache, as `docker stats` does.
+pub fn cgroup_v1_usage(id: &str) -> Option<Usage> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    [
+        format!("docker/{id}"),
+        format!("system.slice/docker-{id}.scope"),
+    ]
+    .iter()
+    .find_map(|sub| {
+        let cpu_ns = read_u64(&root.join("cpuacct").join(sub).join("cpuacct.usage"))?;
+        let mem = root.join("memory").join(sub);
+        let usage = read_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0);
+        let inactive = std::fs::read_to_string(mem.join("memory.stat"))
+            .ok()
+            .and_then(|st| {
+                st.lines().find_map(|l| {
+                    l.strip_prefix("total_inactive_file ")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+            })
+            .unwrap_or(0);
+        Some(Usage {
+            cpu_ns,
+            memory_bytes: usage.saturating_sub(inactive),
+            peak_memory_bytes: read_u64(&mem.join("memory.max_usage_in_bytes")).unwrap_or(usage),
+        })
     })
 }
