@@ -63,7 +63,7 @@ pub fn chart(days: &[(i64, f64)], title: &str) -> String {
 fn board(out: &mut String, title: &str, rows: &[Row2], link: Option<&str>) {
     let _ = write!(
         out,
-        "<section><h2>{}</h2><table class=\"board\"><tr><th>#</th><th>name</th><th>credit</th><th>CPU hours</th><th>records</th></tr>",
+        "<section><h2>{}</h2><table class=\"board\"><tr><th>#</th><th>name</th><th>credit</th><th>CPU hours</th><th>records</th><th>recent avg/day</th></tr>",
         esc(title)
     );
     for (i, r) in rows.iter().enumerate() {
@@ -77,11 +77,12 @@ fn board(out: &mut String, title: &str, rows: &[Row2], link: Option<&str>) {
         };
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{name}</td><td>{:.2}</td><td>{:.3}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{name}</td><td>{:.2}</td><td>{:.3}</td><td>{}</td><td>{:.2}</td></tr>",
             i + 1,
             r.credit,
             r.cpu_hours,
-            r.records
+            r.records,
+            r.rac
         );
     }
     out.push_str("</table></section>");

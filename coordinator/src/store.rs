@@ -42,6 +42,8 @@ pub struct Row2 {
     pub credit: f64,
     pub cpu_hours: f64,
     pub records: i64,
+    /// Recent average credit per day (BOINC's RAC), decayed to now.
+    pub rac: f64,
 }
 
 /// Everything the dashboard shows.
@@ -227,6 +229,34 @@ impl Store {
     }
 
     async fn board(&self, key: &'static str, join: &'static str) -> Result<Vec<Row2>, StoreError> {
+        let mut rows = self.board_totals(key, join).await?;
+        // RAC from each row's credit per end time, in time order (the formula decays between adds).
+        let sql =
+            format!("SELECT {key} AS k, r.end_s, r.credit FROM records r {join} ORDER BY r.end_s");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut rac: std::collections::HashMap<String, gleaner::credit::Rac> = Default::default();
+        for row in sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let k: String = row.get(0);
+            let r = rac.entry(k).or_default();
+            *r = r.add(row.get::<f64, _>(2), row.get::<i64, _>(1).max(0) as u64);
+        }
+        for row in &mut rows {
+            row.rac = rac.get(&row.key).map(|r| r.at(now).value).unwrap_or(0.0);
+        }
+        Ok(rows)
+    }
+
+    async fn board_totals(
+        &self,
+        key: &'static str,
+        join: &'static str,
+    ) -> Result<Vec<Row2>, StoreError> {
         let sql = format!(
             "SELECT {key} AS k, SUM(r.credit), SUM(r.cpu_ms), COUNT(*) FROM records r {join} \
              GROUP BY k ORDER BY SUM(r.credit) DESC LIMIT 50"
@@ -242,6 +272,7 @@ impl Store {
                 credit: row.get::<f64, _>(1),
                 cpu_hours: row.get::<i64, _>(2) as f64 / 3_600_000.0,
                 records: row.get::<i64, _>(3),
+                rac: 0.0,
             })
             .collect())
     }

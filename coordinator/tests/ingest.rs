@@ -188,6 +188,12 @@ async fn enrolment_ingest_and_dashboard() {
         stats.total_credit
     );
     assert_eq!(stats.volunteers[0].key, "alice");
+    // 50 credits just now: the recent average per day is 50 × ln 2 / 7 days.
+    let rac = stats.volunteers[0].rac;
+    assert!(
+        (rac - 50.0 * std::f64::consts::LN_2 / 7.0).abs() < 0.01,
+        "{rac}"
+    );
     assert_eq!(stats.teams[0].key, "physics");
 
     // Junk bodies are refused with a reason.
