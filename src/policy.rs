@@ -312,7 +312,7 @@ mod tests {
             (
                 &idle,
                 HostState {
-                    other_load: 2.5,
+                    other_load: 3.5,
                     ..state(Some(999))
                 },
                 Action::Freeze,
@@ -321,7 +321,7 @@ mod tests {
             (
                 &idle,
                 HostState {
-                    other_load: 1.5,
+                    other_load: 2.5,
                     ..state(Some(999))
                 },
                 run(4.0, 4 * GIB),
