@@ -5,20 +5,10 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 
-use gleaner::Envelope;
 use gleaner_client::runtime::{MachineHandle, MachineState, Runtime};
 use support::*;
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn cli(sock: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gleaner"))
@@ -49,37 +39,20 @@ async fn status_pause_resume_drain_and_permissions() {
         "steady",
         "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
     );
-    std::fs::write(
-        types.join("steady.gmt"),
-        Envelope::seal(&mt, &publisher()).to_bytes(),
-    )
-    .unwrap();
-    let _daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_gleaner"))
-            .args([
-                "daemon",
-                "--no-space",
-                "--cores",
-                "1",
-                "--memory",
-                "1GiB",
-                "--stop-grace",
-                "2",
-                "--tick-ms",
-                "200",
-                "--preset",
-                "always-gently",
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--machine-types")
-            .arg(&types)
-            .args(["--trust", &publisher().public().to_string()])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
+    write_type(&types, "steady.gmt", &mt);
+    let _daemon = spawn_daemon(
+        &state,
+        &types,
+        &[
+            "--cores",
+            "1",
+            "--memory",
+            "1GiB",
+            "--tick-ms",
+            "200",
+            "--preset",
+            "always-gently",
+        ],
     );
     let json = eventually(60, "a running machine", async || {
         let o = cli(&sock, &["status", "--json"]);

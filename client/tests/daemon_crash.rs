@@ -5,7 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use gleaner::{Envelope, SecretKey};
@@ -13,43 +13,20 @@ use gleaner_client::control::{ControlClient, Request};
 use gleaner_client::runtime::Runtime;
 use support::*;
 
-/// Kills the daemon if the test ends early, so no process outlives it.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_daemon(state: &Path, types: &Path, trust: &str) -> Daemon {
-    Daemon(
-        Command::new(env!("CARGO_BIN_EXE_gleaner"))
-            .args([
-                "daemon",
-                "--no-space",
-                "--cores",
-                "4",
-                "--memory",
-                "2GiB",
-                "--stop-grace",
-                "2",
-                "--tick-ms",
-                "200",
-                "--preset",
-                "always-gently",
-            ])
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--socket")
-            .arg(state.join("control.sock"))
-            .arg("--machine-types")
-            .arg(types)
-            .args(["--trust", trust])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start gleaner daemon"),
+fn start(state: &Path, types: &Path) -> Daemon {
+    spawn_daemon(
+        state,
+        types,
+        &[
+            "--cores",
+            "4",
+            "--memory",
+            "2GiB",
+            "--tick-ms",
+            "200",
+            "--preset",
+            "always-gently",
+        ],
     )
 }
 
@@ -98,8 +75,7 @@ async fn kill_9_and_restart_adopts_everything_and_loses_nothing() {
     )
     .unwrap();
 
-    let trust = publisher().public().to_string();
-    let mut daemon = spawn_daemon(&state, &types, &trust);
+    let mut daemon = start(&state, &types);
     let before = eventually(90, "four running machines", async || {
         let s = status(&sock).await?;
         let ids = machine_ids(&s);
@@ -130,7 +106,7 @@ async fn kill_9_and_restart_adopts_everything_and_loses_nothing() {
         "machines outlive the daemon"
     );
 
-    let mut daemon = spawn_daemon(&state, &types, &trust);
+    let mut daemon = start(&state, &types);
     let started = std::time::Instant::now();
     let after = eventually(
         30,

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use gleaner::Envelope;
 use gleaner_client::control::{ControlClient, Request};
 use gleaner_client::runtime::{MachineHandle, MachineState, Runtime};
 use support::*;
@@ -70,41 +69,26 @@ async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
         "idle-worker",
         "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
     );
-    std::fs::write(
-        types.join("w.gmt"),
-        Envelope::seal(&mt, &publisher()).to_bytes(),
-    )
-    .unwrap();
+    write_type(&types, "w.gmt", &mt);
     kill.0.push(
-        Command::new(env!("CARGO_BIN_EXE_gleaner"))
-            .args([
-                "daemon",
-                "--no-space",
+        daemon_command(
+            &state,
+            &types,
+            &[
                 "--cores",
                 "1",
                 "--memory",
                 "1GiB",
-                "--stop-grace",
-                "2",
-            ])
-            .args([
                 "--preset",
                 "only-when-idle",
                 "--idle-after",
                 "2s",
                 "--display",
                 &display,
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--machine-types")
-            .arg(&types)
-            .args(["--trust", &publisher().public().to_string()])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
+            ],
+        )
+        .spawn()
+        .unwrap(),
     );
     // Idle for 2 s: the machine starts and runs.
     let host = eventually(60, "the daemon", async || {

@@ -191,3 +191,49 @@ pub async fn assert_nothing_left(rt: &DockerRuntime, state: &Path) {
         assert!(left.is_empty(), "machine folders left behind: {left:?}");
     }
 }
+
+/// A `gleaner daemon` process, killed (SIGKILL) when dropped so no test leaves one behind.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `gleaner daemon` alone (no space), on `state` with its socket inside, offering the signed
+/// machine types in `types` from the test publisher, plus `extra` arguments.
+pub fn daemon_command(state: &Path, types: &Path, extra: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_gleaner"));
+    c.args(["daemon", "--no-space", "--stop-grace", "2"])
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--socket")
+        .arg(state.join("control.sock"))
+        .arg("--machine-types")
+        .arg(types)
+        .args(["--trust", &publisher().public().to_string()])
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// Starts a daemon as [`daemon_command`] describes.
+pub fn spawn_daemon(state: &Path, types: &Path, extra: &[&str]) -> Daemon {
+    Daemon(
+        daemon_command(state, types, extra)
+            .spawn()
+            .expect("start gleaner daemon"),
+    )
+}
+
+/// Signs `mt` with the test publisher into `types/<file>`.
+pub fn write_type(types: &Path, file: &str, mt: &MachineType) {
+    std::fs::create_dir_all(types).unwrap();
+    std::fs::write(
+        types.join(file),
+        Envelope::seal(mt, &publisher()).to_bytes(),
+    )
+    .unwrap();
+}
