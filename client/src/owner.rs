@@ -111,6 +111,8 @@ pub struct Sources {
     pub idle: Vec<Box<dyn IdleSource>>,
     pub power_supply: PathBuf,
     last_busy: Option<(u64, std::time::Instant, u64)>,
+    /// The last load computed over a long enough interval, reused between computations.
+    other_load: f64,
 }
 
 impl Sources {
@@ -135,6 +137,7 @@ impl Sources {
                 idle,
                 power_supply,
                 last_busy: None,
+                other_load: 0.0,
             },
             notes,
         )
@@ -145,14 +148,15 @@ impl Sources {
         let idle_s = self.idle.iter_mut().filter_map(|s| s.idle_s()).min();
         let hz = 100.0;
         let now = std::time::Instant::now();
-        let mut other_load = 0.0;
+        // /proc/stat counts in jiffies: measure over at least 200 ms and keep the last value in
+        // between, or the load would read as zero every other tick and work would flap.
         if let Some(busy) = host_busy_jiffies() {
             if let Some((b0, t0, g0)) = self.last_busy {
                 let dt = now.duration_since(t0).as_secs_f64();
                 if dt > 0.2 {
                     let host = (busy.saturating_sub(b0)) as f64 / hz / dt;
                     let ours = gleaner_cpu_ns.saturating_sub(g0) as f64 / 1e9 / dt;
-                    other_load = (host - ours).max(0.0);
+                    self.other_load = (host - ours).max(0.0);
                     self.last_busy = Some((busy, now, gleaner_cpu_ns));
                 }
             } else {
@@ -163,7 +167,7 @@ impl Sources {
         HostState {
             idle_s,
             on_battery: on_battery(&self.power_supply),
-            other_load,
+            other_load: self.other_load,
             weekday,
             minute,
             paused,
