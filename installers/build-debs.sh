@@ -8,6 +8,7 @@
 #   --release       cargo build --release, then package: what a real release ships
 #   --out DIR       where the .deb files go [default: target/debian]
 #   --install-tool  only make sure the pinned cargo-deb is installed, then exit
+# Env: GLEANER_DEBS_NO_BUILD=1 fails instead of building a missing debug binary.
 set -euo pipefail
 
 # Pinned: 3.8.0 builds on Rust 1.95 and still accepts the dev profile (with a warning that a later
@@ -57,6 +58,11 @@ for pair in "${crates[@]}"; do
   if [[ $profile == release ]]; then
     cargo build --release --locked -p "$crate"
   elif [[ ! -x "target/debug/$bin" ]]; then
+    # The installer tests run inside `cargo test`, which already built every binary: no nested cargo.
+    if [[ -n "${GLEANER_DEBS_NO_BUILD:-}" ]]; then
+      echo "build-debs.sh: target/debug/$bin is missing; cargo build -p $crate (or cargo test --workspace) first" >&2
+      exit 1
+    fi
     cargo build --locked -p "$crate"
   fi
   # --no-build: the binary is the one just built (or the one cargo test built); -q hides the

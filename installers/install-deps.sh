@@ -13,6 +13,11 @@ PKGS=(
   util-linux          # tests: runuser (a caller without permission)
   xvfb                # tests: a real X server for owner-activity detection
   xdotool             # tests: the owner moving the mouse
+  debootstrap         # installer tests: a fresh Debian root to install the packages into
+  dpkg-dev            # packages: dpkg-shlibdeps for cargo-deb's $auto dependencies
+  shellcheck          # installer tests: maintainer scripts and install.sh
+  systemd             # installer tests: systemd-analyze verify (no systemd as PID 1 here)
+  desktop-file-utils  # installer tests: desktop-file-validate for the GUI's desktop entry
 )
 
 missing=()
@@ -25,6 +30,9 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# The pinned cargo-deb the installer tests and releases build packages with (about a minute, once).
+bash "$(dirname "$0")/build-debs.sh" --install-tool
 
 if [[ "${1:-}" == "--start" ]]; then
   "$(dirname "$0")/start-engines.sh"
