@@ -206,9 +206,23 @@ fn packages_hold_what_they_promise() {
         .current_dir(repo())
         .args(["installers/build-debs.sh", "installers/install.sh"])
         .args(["tests/installers/debian-root.sh"]));
-    // The GUI's desktop entry (packaged once gui/ exists).
+    // The GUI's desktop entry, and its package once gui/ has the metadata in installers/debian/gui.
     ok(Command::new("desktop-file-validate")
         .arg(repo().join("installers/desktop/org.gleaner.Gleaner.desktop")));
+    let gui_manifest = std::fs::read_to_string(repo().join("gui/Cargo.toml")).unwrap_or_default();
+    if gui_manifest.contains("[package.metadata.deb]") {
+        let files = ok(Command::new("dpkg-deb").arg("-c").arg(deb("gleaner-gui")));
+        for path in [
+            "./usr/bin/gleaner-gui",
+            "./usr/share/applications/org.gleaner.Gleaner.desktop",
+            "./usr/share/icons/hicolor/scalable/apps/org.gleaner.Gleaner.svg",
+        ] {
+            assert!(
+                files.lines().any(|l| l.ends_with(path)),
+                "{path} missing:\n{files}"
+            );
+        }
+    }
 }
 
 /// Waits for `want` on the notify socket (what systemd would read), returning everything received.
