@@ -48,7 +48,15 @@ pub struct OwnerPolicy {
     /// When work may run at all (empty: always).
     pub schedule: Vec<Window>,
     pub max_machines: usize,
+    /// Programs (process names) while any of which runs, work is frozen (games, video editing...).
+    pub exclusive_apps: Vec<String>,
+    /// Stop machines gracefully once they have been frozen this long, so their memory goes back
+    /// to the owner (`None`: keep them frozen however long it takes).
+    pub stop_after_frozen_s: Option<u64>,
 }
+
+/// How long machines stay frozen before the presets stop them: four hours, a working afternoon.
+pub const DEFAULT_STOP_AFTER_FROZEN_S: u64 = 4 * 3600;
 
 /// Named policies for common wishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +99,8 @@ impl Preset {
                 suspend_above_load: Some(cores * 0.75),
                 schedule: Vec::new(),
                 max_machines: cores.max(1.0) as usize,
+                exclusive_apps: Vec::new(),
+                stop_after_frozen_s: Some(DEFAULT_STOP_AFTER_FROZEN_S),
             },
             Preset::AlwaysGently => OwnerPolicy {
                 present: Some(Limits {
@@ -103,6 +113,8 @@ impl Preset {
                 suspend_above_load: None,
                 schedule: Vec::new(),
                 max_machines: cores.max(1.0) as usize,
+                exclusive_apps: Vec::new(),
+                stop_after_frozen_s: Some(DEFAULT_STOP_AFTER_FROZEN_S),
             },
             Preset::NightsAndWeekends => OwnerPolicy {
                 present: None,
@@ -123,6 +135,8 @@ impl Preset {
                     },
                 ],
                 max_machines: cores.max(1.0) as usize,
+                exclusive_apps: Vec::new(),
+                stop_after_frozen_s: Some(DEFAULT_STOP_AFTER_FROZEN_S),
             },
         }
     }
@@ -157,6 +171,10 @@ pub struct HostState {
     pub minute: u16,
     /// The owner's manual pause.
     pub paused: bool,
+    /// An exclusive application (from the policy's list) is running.
+    pub exclusive_app: bool,
+    /// Seconds the work has been frozen without a break (0 while it runs).
+    pub frozen_for_s: u64,
 }
 
 /// What to do with running work.
@@ -166,6 +184,8 @@ pub enum Action {
     Run(Limits),
     /// Freeze at once: no CPU at all, memory kept.
     Freeze,
+    /// Stop running machines gracefully (they have been frozen too long); start none.
+    Stop,
 }
 
 /// Why, in the words `gleaner status` shows.
@@ -178,6 +198,7 @@ pub enum Reason {
     OtherLoad,
     OutsideSchedule,
     Paused,
+    ExclusiveApp,
 }
 
 impl Reason {
@@ -190,6 +211,21 @@ impl Reason {
             Reason::OtherLoad => "frozen: other programs are keeping the CPU busy",
             Reason::OutsideSchedule => "frozen: outside the allowed hours",
             Reason::Paused => "frozen: paused by the owner",
+            Reason::ExclusiveApp => "frozen: an exclusive application is running",
+        }
+    }
+
+    /// A short stable code for scripts and the GUI.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::OwnerAway => "owner-away",
+            Reason::OwnerPresentThrottled => "owner-present-throttled",
+            Reason::OwnerPresent => "owner-present",
+            Reason::OnBattery => "on-battery",
+            Reason::OtherLoad => "other-load",
+            Reason::OutsideSchedule => "outside-schedule",
+            Reason::Paused => "paused",
+            Reason::ExclusiveApp => "exclusive-app",
         }
     }
 }
@@ -204,10 +240,18 @@ pub struct Decision {
     pub may_start: bool,
 }
 
-/// Decides what Gleaner may do now.
+/// Decides what Gleaner may do now. A freeze that has lasted longer than the policy's
+/// `stop_after_frozen_s` becomes a graceful stop, with the freeze's reason and source.
 pub fn decide(p: &OwnerPolicy, s: &HostState) -> Decision {
     let freeze = |reason, source| Decision {
-        action: Action::Freeze,
+        action: if p
+            .stop_after_frozen_s
+            .is_some_and(|max| s.frozen_for_s >= max)
+        {
+            Action::Stop
+        } else {
+            Action::Freeze
+        },
         reason,
         source,
         may_start: false,
@@ -217,6 +261,9 @@ pub fn decide(p: &OwnerPolicy, s: &HostState) -> Decision {
     }
     if s.on_battery && !p.run_on_battery {
         return freeze(Reason::OnBattery, "battery");
+    }
+    if s.exclusive_app {
+        return freeze(Reason::ExclusiveApp, "exclusive-app");
     }
     if !p.schedule.is_empty() && !p.schedule.iter().any(|w| w.contains(s.weekday, s.minute)) {
         return freeze(Reason::OutsideSchedule, "schedule");
@@ -360,6 +407,34 @@ mod tests {
                 },
                 run(4.0, 4 * GIB),
                 Reason::OwnerAway,
+            ),
+            (
+                &gentle,
+                HostState {
+                    exclusive_app: true,
+                    ..state(Some(999))
+                },
+                Action::Freeze,
+                Reason::ExclusiveApp,
+            ),
+            // Frozen for four hours: stop gracefully and give the memory back.
+            (
+                &idle,
+                HostState {
+                    frozen_for_s: DEFAULT_STOP_AFTER_FROZEN_S,
+                    ..state(Some(10))
+                },
+                Action::Stop,
+                Reason::OwnerPresent,
+            ),
+            (
+                &idle,
+                HostState {
+                    frozen_for_s: DEFAULT_STOP_AFTER_FROZEN_S - 1,
+                    ..state(Some(10))
+                },
+                Action::Freeze,
+                Reason::OwnerPresent,
             ),
             // 03:00 Thursday belongs to Wednesday night's window.
             (
