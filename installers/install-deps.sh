@@ -18,6 +18,7 @@ PKGS=(
   shellcheck          # installer tests: maintainer scripts and install.sh
   systemd             # installer tests: systemd-analyze verify (no systemd as PID 1 here)
   desktop-file-utils  # installer tests: desktop-file-validate for the GUI's desktop entry
+  dbus-daemon         # tests: a private bus serving a stand-in logind (owner idle source)
 )
 
 missing=()

@@ -72,6 +72,35 @@ pub enum Command {
     Events(RemoteArgs),
     /// The live view of the space: peers, their free capacity and what they run.
     Space(RemoteArgs),
+    /// Re-read the daemon's settings file (as SIGHUP does): the owner policy changes at once; a
+    /// bad file is refused with the line, key and reason, and the running settings are kept.
+    Reload(RemoteArgs),
+    /// The owner policy in force: limits when the owner is away and present, idle time, schedule,
+    /// exclusive applications. Change them in the settings file, then `gleaner reload`.
+    Limits(RemoteArgs),
+    /// Check or print the daemon's settings file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Stop and remove every machine this host runs and delete the image cache and machine folders,
+    /// keeping the host key and the ledger (unsent credit) unless --purge. Run by the package's
+    /// uninstall; stop the daemon first.
+    Cleanup {
+        /// The state dir [default: as for `gleaner daemon`]
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The daemon's control socket, to make sure it is not running [default: as for status]
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Also delete the host key and the ledger: nothing of Gleaner is left on this host
+        #[arg(long)]
+        purge: bool,
+        /// Time each machine gets to shut down before it is killed, e.g. 10s
+        #[arg(long, default_value = "10s")]
+        grace: humantime::Duration,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the factory daemon: start trusted machine types when the owner allows, account for
     /// them, deliver signed credit to the coordinator. Stops cleanly on SIGTERM or Ctrl-C.
     Daemon(Box<DaemonArgs>),
@@ -93,9 +122,21 @@ pub enum Command {
     },
 }
 
-/// Settings of `gleaner daemon`.
+/// Settings of `gleaner daemon`. Each may also be set in the settings file (`--config`) under the
+/// option's name with `_` for `-`; the command line wins over the file.
 #[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "The settings file holds the owner policy too: limits while the owner is \
+present, a weekly schedule, exclusive applications, CPU usage %, disk. `gleaner config example` \
+prints every key with its meaning; `gleaner config check FILE` validates one. SIGHUP or \
+`gleaner reload` re-reads the file: the owner policy changes live, a bad file is refused and the \
+running settings are kept."
+)]
 pub struct DaemonArgs {
+    /// The settings file (TOML) [default: /etc/gleaner/client.toml as root, else
+    /// ~/.config/gleaner/client.toml; used when it exists]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where the host key, ledger, image cache and machine folders live
     /// [default: /var/lib/gleaner as root, else ~/.local/share/gleaner]
     #[arg(long)]
@@ -103,41 +144,38 @@ pub struct DaemonArgs {
     /// The control socket [default: as for `gleaner status`]
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// The space (department or swarm) this factory belongs to
-    #[arg(long, default_value = "default")]
-    pub space: String,
+    /// The space (department or swarm) this factory belongs to [default: default]
+    #[arg(long)]
+    pub space: Option<String>,
     /// A folder of signed machine types (*.gmt) to offer when their publisher is trusted
     #[arg(long)]
     pub machine_types: Option<PathBuf>,
-    /// Trust a publisher, optionally with a share: ID or ID=SHARE (repeatable)
+    /// Trust a publisher, optionally with a share: ID or ID=SHARE (repeatable; adds to the file's)
     #[arg(long = "trust", value_name = "ID[=SHARE]")]
     pub trust: Vec<String>,
-    /// Most cores Gleaner may use [default: all]
+    /// Most cores Gleaner may use: a count or a percentage such as 50% [default: all]
     #[arg(long)]
-    pub cores: Option<u16>,
-    /// Most memory Gleaner may use, e.g. 4GiB [default: half of RAM]
+    pub cores: Option<String>,
+    /// Most memory Gleaner may use: a size such as 4GiB or a percentage of RAM [default: 50%]
     #[arg(long)]
     pub memory: Option<String>,
     /// The coordinator's base URL, e.g. https://127.0.0.1:8443
     #[arg(long)]
     pub coordinator: Option<String>,
     /// Pin the coordinator's certificate by its SHA-256 (printed by the coordinator)
-    #[arg(long, requires = "coordinator")]
+    #[arg(long)]
     pub coordinator_fingerprint: Option<String>,
     /// Enrol this host with the coordinator once, as ACCOUNT:TOKEN (the token from
     /// `gleaner-coordinator account add`); retried until it succeeds
-    #[arg(
-        long,
-        requires = "coordinator_fingerprint",
-        value_name = "ACCOUNT:TOKEN"
-    )]
+    #[arg(long, value_name = "ACCOUNT:TOKEN")]
     pub enrol: Option<String>,
-    /// Seconds a machine gets between SIGTERM and SIGKILL
-    #[arg(long, default_value_t = 30)]
-    pub stop_grace: u64,
-    /// The owner policy: only-when-idle, always-gently or nights-and-weekends
-    #[arg(long, default_value = "only-when-idle")]
-    pub preset: gleaner::policy::Preset,
+    /// Time a machine gets between SIGTERM and SIGKILL, e.g. 30s [default: 30s]
+    #[arg(long)]
+    pub stop_grace: Option<String>,
+    /// The owner policy to start from: only-when-idle, always-gently or nights-and-weekends
+    /// [default: only-when-idle]
+    #[arg(long)]
+    pub preset: Option<gleaner::policy::Preset>,
     /// Override the preset's idle time before the owner counts as away, e.g. 5m or 30s
     #[arg(long)]
     pub idle_after: Option<String>,
@@ -147,6 +185,10 @@ pub struct DaemonArgs {
     /// Run while on battery power
     #[arg(long)]
     pub run_on_battery: bool,
+    /// Which owner-activity sources to watch, comma-separated among x11, logind, terminals and
+    /// interrupts [default: all that answer]
+    #[arg(long, value_name = "LIST")]
+    pub idle_sources: Option<String>,
     /// Listen for the space's peers on this libp2p address (repeatable)
     /// [default: /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1]
     #[arg(long = "listen", value_name = "MULTIADDR")]
@@ -166,6 +208,49 @@ pub struct DaemonArgs {
     /// Milliseconds between looks at the machines
     #[arg(long, default_value_t = 500, hide = true)]
     pub tick_ms: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a settings file as the daemon would, and show the owner policy it gives; exits 1
+    /// with the file, line, key and reason when it is wrong.
+    Check {
+        /// The file [default: /etc/gleaner/client.toml as root, else ~/.config/gleaner/client.toml]
+        file: Option<PathBuf>,
+    },
+    /// Print the documented example settings file (every key, with its meaning and default).
+    Example,
+}
+
+impl DaemonArgs {
+    /// No options given: only the settings file speaks (for `gleaner config check`).
+    pub fn for_check() -> DaemonArgs {
+        DaemonArgs {
+            config: None,
+            state_dir: None,
+            socket: None,
+            space: None,
+            machine_types: None,
+            trust: Vec::new(),
+            cores: None,
+            memory: None,
+            coordinator: None,
+            coordinator_fingerprint: None,
+            enrol: None,
+            stop_grace: None,
+            preset: None,
+            idle_after: None,
+            display: None,
+            run_on_battery: false,
+            idle_sources: None,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            no_mdns: false,
+            no_space: false,
+            power_supply: PathBuf::from("/sys/class/power_supply"),
+            tick_ms: 500,
+        }
+    }
 }
 
 /// How to reach the daemon.
@@ -294,6 +379,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Credit(r) => remote(&r, Request::Credit),
         Command::Events(r) => remote(&r, Request::Events),
         Command::Space(r) => remote(&r, Request::Space),
+        Command::Reload(r) => remote(&r, Request::Reload),
+        Command::Limits(r) => remote(&r, Request::Limits { set: None }),
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", crate::config::EXAMPLE);
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { file }) => config_check(file),
+        Command::Cleanup {
+            state_dir,
+            socket,
+            purge,
+            grace,
+            json,
+        } => cleanup(state_dir, socket, purge, grace.into(), json),
         Command::Daemon(args) => crate::daemon_cli::run(*args),
         Command::Demo(args) => crate::demo::run(args),
         Command::Doctor {
@@ -302,6 +401,113 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         } => doctor(coordinator, coordinator_fingerprint, json),
     }
+}
+
+fn config_check(file: Option<PathBuf>) -> Result<()> {
+    let file = file.unwrap_or_else(crate::config::default_path);
+    let args = DaemonArgs {
+        config: Some(file.clone()),
+        ..DaemonArgs::for_check()
+    };
+    let s = crate::daemon_cli::settings(&args, crate::config::HostSize::here())?;
+    let p = &s.daemon.policy;
+    let mib = |b: u64| b >> 20;
+    println!("{}: valid", file.display());
+    println!(
+        "  owner away:    {:.2} cores, {} MiB",
+        p.away.cores,
+        mib(p.away.memory_bytes)
+    );
+    match &p.present {
+        Some(l) => println!(
+            "  owner present: {:.2} cores, {} MiB",
+            l.cores,
+            mib(l.memory_bytes)
+        ),
+        None => println!("  owner present: frozen"),
+    }
+    println!("  idle after:    {} s", p.idle_after_s);
+    println!(
+        "  on battery:    {}",
+        if p.run_on_battery { "run" } else { "frozen" }
+    );
+    if !p.schedule.is_empty() {
+        println!("  schedule:      {} window(s)", p.schedule.len());
+    }
+    if !p.exclusive_apps.is_empty() {
+        println!("  exclusive:     {}", p.exclusive_apps.join(", "));
+    }
+    println!("  space:         {}", s.daemon.space);
+    println!("  trusted:       {} publisher(s)", s.daemon.trusted.len());
+    Ok(())
+}
+
+fn cleanup(
+    state_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    purge: bool,
+    grace: std::time::Duration,
+    json: bool,
+) -> Result<()> {
+    let state_dir = state_dir.unwrap_or_else(crate::daemon_cli::default_state_dir);
+    let socket = socket.unwrap_or_else(control::default_socket);
+    let rt = runtime()?;
+    rt.block_on(async {
+        if control::ControlClient::connect(&socket).await.is_ok() {
+            anyhow::bail!(
+                "the daemon is running (it answers on {}); stop it first, e.g. \
+                 `systemctl stop gleaner`",
+                socket.display()
+            );
+        }
+        let mut report = crate::cleanup::Report::default();
+        let key_path = crate::daemon::host_key_path(&state_dir);
+        if key_path.exists() {
+            let key = keys::read(&key_path)?;
+            match crate::runtime::docker::DockerRuntime::connect(
+                &key.public().to_string(),
+                state_dir.join("images"),
+                0,
+            )
+            .await
+            {
+                Ok(docker) => crate::cleanup::remove_machines(&docker, grace, &mut report).await,
+                Err(e) => report.failed.push(format!("docker: {e}")),
+            }
+        }
+        crate::cleanup::clean_state(&state_dir, purge, &mut report)
+            .with_context(|| format!("cannot delete under {}", state_dir.display()))?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!(
+                "removed {} machine(s); deleted {} folder(s){}",
+                report.removed.len(),
+                report.deleted.len(),
+                if report.kept.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; kept {}",
+                        report
+                            .kept
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
+            for f in &report.failed {
+                eprintln!("gleaner: could not clean up {f}");
+            }
+        }
+        if report.failed.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("{} item(s) could not be cleaned up", report.failed.len())
+        }
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -42,6 +42,8 @@ pub enum Request {
         #[serde(default)]
         machine_type: Option<String>,
     },
+    /// Re-read the settings file: the owner policy changes live; a bad file changes nothing.
+    Reload,
     /// The owner's limits: show (no `set`) or change (validated, persisted, applied live).
     Limits {
         #[serde(default)]

@@ -37,11 +37,26 @@ pub struct DaemonOptions {
     /// The owner's policy and where to watch for the owner.
     pub policy: gleaner::policy::OwnerPolicy,
     pub display: Option<String>,
+    /// Which owner-activity sources to use (empty: all that answer).
+    pub idle_sources: Vec<String>,
     pub power_supply: PathBuf,
     pub owner_interval: Duration,
     /// The space over libp2p: where to listen, whom to dial, LAN discovery. `None`: no space.
     pub p2p: Option<crate::p2p::SpaceConfig>,
 }
+
+/// What a reload produced: the new owner policy (applied live) and the settings that changed but
+/// only take effect at the next start.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reloaded {
+    #[serde(skip)]
+    pub policy: gleaner::policy::OwnerPolicy,
+    pub restart_needed: Vec<String>,
+    pub file: Option<PathBuf>,
+}
+
+/// Re-reads the settings: a whole valid result, or why not (the running settings are then kept).
+pub type Reload = Arc<dyn Fn() -> Result<Reloaded, String> + Send + Sync>;
 
 /// Paths inside the state dir.
 pub fn host_key_path(state_dir: &Path) -> PathBuf {
@@ -80,6 +95,9 @@ pub struct Daemon {
     enforcer: tokio::sync::mpsc::Sender<crate::owner::EnforcerCommand>,
     sources: Vec<String>,
     space: Option<crate::p2p::SpaceHandle>,
+    reload: Option<Reload>,
+    /// The owner policy in force (for `gleaner limits`).
+    policy: Mutex<gleaner::policy::OwnerPolicy>,
 }
 
 #[derive(Serialize)]
@@ -109,6 +127,42 @@ impl Daemon {
         rx.await
             .map_err(|_| "the owner-policy enforcer has stopped".to_string())?;
         Ok(())
+    }
+
+    /// Re-reads the settings file and applies the owner policy live; a bad file changes nothing.
+    async fn reload(&self) -> Result<serde_json::Value, String> {
+        let Some(reload) = &self.reload else {
+            return Err("this daemon was started without a settings file to reload".into());
+        };
+        let r =
+            reload().map_err(|e| format!("reload refused, the running settings are kept: {e}"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enforcer
+            .send(crate::owner::EnforcerCommand::SetPolicy(
+                Box::new(r.policy.clone()),
+                tx,
+            ))
+            .await
+            .map_err(|_| "the owner-policy enforcer has stopped".to_string())?;
+        let d = rx
+            .await
+            .map_err(|_| "the owner-policy enforcer has stopped".to_string())?;
+        if let Ok(mut p) = self.policy.lock() {
+            *p = r.policy.clone();
+        }
+        if !r.restart_needed.is_empty() {
+            tracing::warn!(
+                "settings reloaded; these take effect at the next start: {}",
+                r.restart_needed.join(", ")
+            );
+        }
+        Ok(serde_json::json!({
+            "file": r.file,
+            "applied": "owner policy",
+            "restart_needed": r.restart_needed,
+            "decision": format!("{} (source: {})", d.reason.text(), d.source),
+            "policy": policy_json(&r.policy),
+        }))
     }
 
     /// Lifts a timed pause once it has run out (called from the daemon's housekeeping).
@@ -184,6 +238,20 @@ impl Controller for Daemon {
                     Err(e) => Response::error(e.to_string()),
                 },
             },
+            Request::Reload => match self.reload().await {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::error(e),
+            },
+            Request::Limits { set: None } => {
+                let p = self.policy.lock().map(|p| p.clone());
+                match p {
+                    Ok(p) => Response::ok(policy_json(&p)),
+                    Err(_) => Response::error("the policy lock is poisoned"),
+                }
+            }
+            Request::Limits { set: Some(_) } => Response::error(
+                "limits are changed in the settings file: edit it, then `gleaner reload`",
+            ),
             Request::Events => match self.factory.status().await {
                 Ok(s) => Response::ok(s.events),
                 Err(e) => Response::error(e.to_string()),
@@ -197,6 +265,24 @@ impl Controller for Daemon {
             )),
         }
     }
+}
+
+/// The owner policy for people and scripts.
+fn policy_json(p: &gleaner::policy::OwnerPolicy) -> serde_json::Value {
+    let limits = |l: &gleaner::policy::Limits| serde_json::json!({"cores": l.cores, "memory_bytes": l.memory_bytes});
+    serde_json::json!({
+        "away": limits(&p.away),
+        "present": p.present.as_ref().map(limits),
+        "idle_after_s": p.idle_after_s,
+        "run_on_battery": p.run_on_battery,
+        "suspend_above_load": p.suspend_above_load,
+        "schedule": p.schedule.iter().map(|w| serde_json::json!({
+            "days": w.days, "start_min": w.start_min, "end_min": w.end_min,
+        })).collect::<Vec<_>>(),
+        "max_machines": p.max_machines,
+        "exclusive_apps": p.exclusive_apps,
+        "stop_after_frozen_s": p.stop_after_frozen_s,
+    })
 }
 
 /// Reads signed machine types from `dir` and offers those whose publisher is trusted.
@@ -262,6 +348,18 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
     runtime: R,
     uploader: Option<U>,
     cancel: CancellationToken,
+) -> Result<(), DaemonError> {
+    run_with(opts, runtime, uploader, cancel, None).await
+}
+
+/// As [`run`], with a way to reload the settings (SIGHUP and `gleaner reload`). Tells systemd
+/// READY=1 once the control socket is bound, and pings its watchdog while the daemon is healthy.
+pub async fn run_with<R: Runtime + 'static, U: Uploader>(
+    opts: DaemonOptions,
+    runtime: R,
+    uploader: Option<U>,
+    cancel: CancellationToken,
+    reload: Option<Reload>,
 ) -> Result<(), DaemonError> {
     let key: SecretKey = crate::keys::read_or_create(&host_key_path(&opts.state_dir))?;
     let ledger = Arc::new(Ledger::open(&ledger_path(&opts.state_dir))?);
@@ -329,8 +427,13 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
         ));
     }
 
-    let (sources, source_notes) =
-        crate::owner::Sources::detect(opts.display.as_deref(), opts.power_supply.clone());
+    let (sources, source_notes) = crate::owner::Sources::detect(
+        opts.display.as_deref(),
+        opts.power_supply.clone(),
+        &opts.idle_sources,
+        cancel.child_token(),
+    )
+    .await;
     for n in &source_notes {
         tracing::info!("owner activity: {n}");
     }
@@ -358,6 +461,8 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
         enforcer: enforcer_tx,
         sources: source_notes,
         space: space.clone(),
+        reload,
+        policy: Mutex::new(opts.policy.clone()),
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -371,6 +476,53 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
         daemon.clone(),
         control_cancel.clone(),
     ));
+    // Only now can `gleaner status` reach us: tell systemd we are up.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        // Ping at half the watchdog interval, and only while the factory answers: a wedged
+        // factory stops the pings and systemd restarts us.
+        let handle = handle.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            loop {
+                let healthy = tokio::time::timeout(every / 2, handle.status())
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if healthy {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::warn!(
+                        "the factory did not answer in {:?}: no watchdog ping",
+                        every / 2
+                    );
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(every / 2) => {}
+                }
+            }
+        });
+    }
+    {
+        // SIGHUP re-reads the settings file, as `gleaner reload` does.
+        let daemon = daemon.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    Some(()) = hup.recv() => match daemon.reload().await {
+                        Ok(v) => tracing::info!("settings reloaded: {v}"),
+                        Err(e) => tracing::error!("{e}"),
+                    },
+                }
+            }
+        });
+    }
 
     // Housekeeping: new machine types, timed pauses, and a nudge for the outbox.
     let housekeeping = {
@@ -414,6 +566,7 @@ pub async fn run<R: Runtime + 'static, U: Uploader>(
     tracing::info!(host = %key.public(), socket = %opts.socket.display(), "gleaner daemon running");
 
     cancel.cancelled().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: stopping machines");
     // The enforcer stops first so it cannot freeze machines the factory is stopping.
     enforcer_cancel.cancel();

@@ -1,6 +1,8 @@
 //! The Gleaner client: the factory daemon and the `gleaner` CLI, over the sans-IO core.
 
+pub mod cleanup;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod coordinator_client;
 pub mod daemon;

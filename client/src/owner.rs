@@ -62,6 +62,250 @@ impl IdleSource for X11Idle {
     }
 }
 
+/// Seconds since the last keystroke on any terminal, like `w`'s IDLE column: the kernel updates a
+/// terminal device's access time when it reads input, so the newest access time among `/dev/pts/N`
+/// and `/dev/ttyN` is the last time someone typed. For servers and text consoles.
+pub struct TerminalIdle {
+    dev: PathBuf,
+}
+
+impl TerminalIdle {
+    /// Watches the terminals under `dev` (normally `/dev`).
+    pub fn new(dev: impl Into<PathBuf>) -> TerminalIdle {
+        TerminalIdle { dev: dev.into() }
+    }
+
+    fn newest_input(&self) -> Option<std::time::SystemTime> {
+        let numbered = |dir: &Path, prefix: &str| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter(|e| {
+                            e.file_name().to_str().is_some_and(|n| {
+                                n.strip_prefix(prefix).is_some_and(|d| {
+                                    !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())
+                                })
+                            })
+                        })
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut ttys = numbered(&self.dev.join("pts"), "");
+        ttys.extend(numbered(&self.dev, "tty"));
+        ttys.iter()
+            .filter_map(|p| std::fs::metadata(p).ok()?.accessed().ok())
+            .max()
+    }
+}
+
+impl IdleSource for TerminalIdle {
+    fn name(&self) -> &'static str {
+        "terminals"
+    }
+
+    fn idle_s(&mut self) -> Option<u64> {
+        let t = self.newest_input()?;
+        Some(
+            std::time::SystemTime::now()
+                .duration_since(t)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        )
+    }
+}
+
+/// Keyboard and mouse activity from `/proc/interrupts`: the counts of the input controllers'
+/// interrupt lines (i8042 for PS/2 and laptop keyboards and touchpads). Works on headless and
+/// Wayland machines where no X server can be asked; knows nothing of USB input (its interrupts are
+/// shared with disks), so it is one source among several.
+pub struct InterruptIdle {
+    path: PathBuf,
+    last: Option<(u64, std::time::Instant)>,
+}
+
+impl InterruptIdle {
+    /// Watches `path` (normally `/proc/interrupts`); `None` when it has no input-controller line.
+    pub fn new(path: impl Into<PathBuf>) -> Option<InterruptIdle> {
+        let path = path.into();
+        input_interrupts(&path)?;
+        Some(InterruptIdle { path, last: None })
+    }
+}
+
+/// The total of the input controllers' interrupt counts, over all CPUs.
+fn input_interrupts(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut total = None;
+    for line in text.lines() {
+        if !line.contains("i8042") {
+            continue;
+        }
+        let counts = line
+            .split_whitespace()
+            .skip(1)
+            .map_while(|f| f.parse::<u64>().ok())
+            .sum::<u64>();
+        total = Some(total.unwrap_or(0) + counts);
+    }
+    total
+}
+
+impl IdleSource for InterruptIdle {
+    fn name(&self) -> &'static str {
+        "interrupts"
+    }
+
+    fn idle_s(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let count = input_interrupts(&self.path)?;
+        match self.last {
+            Some((c, at)) if c == count => Some(now.duration_since(at).as_secs()),
+            Some(_) => {
+                self.last = Some((count, now));
+                Some(0)
+            }
+            // The first look cannot tell when the last input was; it counts as just now, so work
+            // waits a full idle period after the daemon starts.
+            None => {
+                self.last = Some((count, now));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// logind's Manager interface: the seat-wide idle hint that desktops (GNOME, KDE) and logind's own
+/// terminal tracking set.
+#[zbus::proxy(
+    interface = "org.freedesktop.login1.Manager",
+    default_service = "org.freedesktop.login1",
+    default_path = "/org/freedesktop/login1"
+)]
+trait Login1Manager {
+    #[zbus(property)]
+    fn idle_hint(&self) -> zbus::Result<bool>;
+    /// Microseconds since the epoch (CLOCK_REALTIME) of the last change of the hint.
+    #[zbus(property)]
+    fn idle_since_hint(&self) -> zbus::Result<u64>;
+}
+
+/// The owner's idleness from logind over D-Bus — how a system service (which cannot open the
+/// desktop user's X display) learns whether someone is at the machine. Polled once a second by a
+/// task; `idle_s` reads the last answer.
+pub struct LogindIdle {
+    /// Idle seconds + 1, or 0 when the last poll failed.
+    latest: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LogindIdle {
+    /// Connects to the system bus (or `address`, e.g. a test's bus) and starts polling until
+    /// `cancel`; fails when there is no bus or no logind on it.
+    pub async fn connect(
+        address: Option<&str>,
+        cancel: CancellationToken,
+    ) -> Result<LogindIdle, String> {
+        let conn = match address {
+            Some(a) => zbus::connection::Builder::address(a)
+                .build()
+                .await
+                .map_err(|e| format!("D-Bus at {a}: {e}"))?,
+            None => zbus::Connection::system()
+                .await
+                .map_err(|e| format!("the system D-Bus: {e}"))?,
+        };
+        let proxy = Login1ManagerProxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| format!("logind: {e}"))?;
+        let first = logind_idle_s(&proxy)
+            .await
+            .map_err(|e| format!("logind does not answer: {e}"))?;
+        let latest = Arc::new(std::sync::atomic::AtomicU64::new(first + 1));
+        let l = latest.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let v = logind_idle_s(&proxy).await.map_or(0, |s| s + 1);
+                l.store(v, Ordering::Relaxed);
+            }
+        });
+        Ok(LogindIdle { latest })
+    }
+}
+
+/// Seconds the seat has been idle by logind's hint (0 while it is not idle).
+async fn logind_idle_s(p: &Login1ManagerProxy<'_>) -> zbus::Result<u64> {
+    if !p.idle_hint().await? {
+        return Ok(0);
+    }
+    let since_us = p.idle_since_hint().await?;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    Ok(now_us.saturating_sub(since_us) / 1_000_000)
+}
+
+impl IdleSource for LogindIdle {
+    fn name(&self) -> &'static str {
+        "logind"
+    }
+
+    fn idle_s(&mut self) -> Option<u64> {
+        self.latest.load(Ordering::Relaxed).checked_sub(1)
+    }
+}
+
+/// Which of `names` are running now, from the process names under `proc` (normally `/proc`):
+/// each process's `comm` (the kernel keeps 15 bytes of it) and the file name of its `argv[0]`.
+pub fn running_exclusive(proc: &Path, names: &[String]) -> Vec<String> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let Ok(rd) = std::fs::read_dir(proc) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in rd.flatten() {
+        let pid_dir = e.path();
+        if !e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let comm = std::fs::read_to_string(pid_dir.join("comm")).unwrap_or_default();
+        let comm = comm.trim_end_matches('\n');
+        let argv0 = std::fs::read(pid_dir.join("cmdline"))
+            .ok()
+            .and_then(|c| {
+                let first = c.split(|b| *b == 0).next()?.to_vec();
+                let first = String::from_utf8(first).ok()?;
+                Path::new(&first)
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        for n in names {
+            let short: String = n.chars().take(15).collect();
+            let hit =
+                (!comm.is_empty() && (comm == n || (n.len() > 15 && comm == short))) || argv0 == *n;
+            if hit && !found.contains(n) {
+                found.push(n.clone());
+            }
+        }
+    }
+    found
+}
+
 /// Whether the host runs on battery, from a sysfs power-supply tree (injectable for tests).
 pub fn on_battery(power_supply: &Path) -> bool {
     let Ok(entries) = std::fs::read_dir(power_supply) else {
@@ -106,29 +350,79 @@ fn host_busy_jiffies() -> Option<u64> {
     )
 }
 
+/// The owner-activity sources by name (`idle_sources` in the settings file).
+pub const IDLE_SOURCES: [&str; 4] = ["x11", "logind", "terminals", "interrupts"];
+
 /// Where the enforcer reads the host's state.
 pub struct Sources {
     pub idle: Vec<Box<dyn IdleSource>>,
     pub power_supply: PathBuf,
+    /// Where processes are listed, for exclusive applications.
+    pub proc: PathBuf,
     last_busy: Option<(u64, std::time::Instant, u64)>,
     /// The last load computed over a long enough interval, reused between computations.
     other_load: f64,
+    /// The exclusive applications found at the last scan, and when it was (scans are rationed:
+    /// listing every process ten times a second would cost the owner more than it saves).
+    exclusive: (Vec<String>, Option<std::time::Instant>),
 }
 
+/// How often the process list is scanned for exclusive applications.
+const EXCLUSIVE_SCAN: Duration = Duration::from_secs(2);
+
 impl Sources {
-    /// The sources available here: X11 on `display` if it answers, battery from sysfs.
-    pub fn detect(display: Option<&str>, power_supply: PathBuf) -> (Sources, Vec<String>) {
+    /// The sources available here among `enabled` (empty: all of [`IDLE_SOURCES`]): X11 on
+    /// `display` if it answers, logind over D-Bus, terminals, input interrupts; and always battery
+    /// from sysfs and load from /proc/stat. Missing sources are skipped and noted, never fatal.
+    pub async fn detect(
+        display: Option<&str>,
+        power_supply: PathBuf,
+        enabled: &[String],
+        cancel: CancellationToken,
+    ) -> (Sources, Vec<String>) {
+        let on = |name: &str| enabled.is_empty() || enabled.iter().any(|e| e == name);
         let mut notes = Vec::new();
         let mut idle: Vec<Box<dyn IdleSource>> = Vec::new();
-        match display {
-            Some(d) => match X11Idle::connect(d) {
-                Ok(x) => {
-                    notes.push(format!("x11 idle time on {d}: active"));
-                    idle.push(Box::new(x));
+        if on("x11") {
+            match display {
+                Some(d) => match X11Idle::connect(d) {
+                    Ok(x) => {
+                        notes.push(format!("x11 idle time on {d}: active"));
+                        idle.push(Box::new(x));
+                    }
+                    Err(e) => notes.push(format!("x11: skipped ({e})")),
+                },
+                None => notes.push("x11: skipped (no display)".into()),
+            }
+        }
+        if on("logind") {
+            match LogindIdle::connect(None, cancel).await {
+                Ok(l) => {
+                    notes.push("logind idle hint (D-Bus): active".into());
+                    idle.push(Box::new(l));
                 }
-                Err(e) => notes.push(format!("x11: skipped ({e})")),
-            },
-            None => notes.push("x11: skipped (no display)".into()),
+                Err(e) => notes.push(format!("logind: skipped ({e})")),
+            }
+        }
+        if on("terminals") {
+            let terminals = TerminalIdle::new("/dev");
+            if terminals.newest_input().is_some() {
+                notes.push("terminal input (/dev/pts, /dev/tty*): active".into());
+                idle.push(Box::new(terminals));
+            } else {
+                notes.push("terminal input: skipped (no terminal devices)".into());
+            }
+        }
+        if on("interrupts") {
+            match InterruptIdle::new("/proc/interrupts") {
+                Some(i) => {
+                    notes.push("keyboard/mouse interrupts (/proc/interrupts i8042): active".into());
+                    idle.push(Box::new(i));
+                }
+                None => notes.push(
+                    "keyboard/mouse interrupts: skipped (no i8042 line in /proc/interrupts)".into(),
+                ),
+            }
         }
         notes.push(format!("battery from {}: active", power_supply.display()));
         notes.push("other programs' cpu load from /proc/stat: active".into());
@@ -136,15 +430,40 @@ impl Sources {
             Sources {
                 idle,
                 power_supply,
+                proc: PathBuf::from("/proc"),
                 last_busy: None,
                 other_load: 0.0,
+                exclusive: (Vec::new(), None),
             },
             notes,
         )
     }
 
+    /// The exclusive applications running, rescanned at most every [`EXCLUSIVE_SCAN`].
+    fn exclusive_running(&mut self, names: &[String]) -> &[String] {
+        let due = self
+            .exclusive
+            .1
+            .is_none_or(|at| at.elapsed() >= EXCLUSIVE_SCAN);
+        if names.is_empty() {
+            self.exclusive = (Vec::new(), None);
+        } else if due {
+            self.exclusive = (
+                running_exclusive(&self.proc, names),
+                Some(std::time::Instant::now()),
+            );
+        }
+        &self.exclusive.0
+    }
+
     /// Measures the host now; `gleaner_cpu_ns` is what Gleaner's machines have used in all.
-    pub fn measure(&mut self, gleaner_cpu_ns: u64, paused: bool) -> HostState {
+    pub fn measure(
+        &mut self,
+        gleaner_cpu_ns: u64,
+        paused: bool,
+        policy: &OwnerPolicy,
+        frozen_for_s: u64,
+    ) -> HostState {
         let idle_s = self.idle.iter_mut().filter_map(|s| s.idle_s()).min();
         let hz = 100.0;
         let now = std::time::Instant::now();
@@ -164,6 +483,7 @@ impl Sources {
             }
         }
         let (weekday, minute) = local_week_minute();
+        let exclusive_app = !self.exclusive_running(&policy.exclusive_apps).is_empty();
         HostState {
             idle_s,
             on_battery: on_battery(&self.power_supply),
@@ -171,22 +491,28 @@ impl Sources {
             weekday,
             minute,
             paused,
+            exclusive_app,
+            frozen_for_s,
         }
     }
 }
 
-/// Weekday (0 = Monday) and minute of the day, in UTC (the host's zone is not read: documented).
+/// Weekday (0 = Monday) and minute of the day in the host's time zone (TZ, else /etc/localtime;
+/// UTC when neither names a zone), so "nights and weekends" are the owner's nights.
 fn local_week_minute() -> (u8, u16) {
-    let secs = crate::factory::now_ms() / 1000;
-    let days = secs / 86_400;
-    // 1970-01-01 was a Thursday (weekday 3).
-    (((days + 3) % 7) as u8, ((secs % 86_400) / 60) as u16)
+    let now = jiff::Zoned::now();
+    (
+        (now.weekday().to_monday_zero_offset()) as u8,
+        (now.hour() as u16) * 60 + now.minute() as u16,
+    )
 }
 
 /// Requests to the enforcer.
 pub enum EnforcerCommand {
     /// Re-measure and apply now; reply when done.
     Apply(oneshot::Sender<Decision>),
+    /// Replace the policy (a validated reload), apply it, and reply with the new decision.
+    SetPolicy(Box<OwnerPolicy>, oneshot::Sender<Decision>),
 }
 
 /// Applies the owner policy to the running machines.
@@ -224,6 +550,14 @@ impl<R: Runtime + 'static> Enforcer<R> {
     async fn apply(&self, d: &Decision, frozen: bool) {
         let handles = self.handles();
         match d.action {
+            Action::Stop => {
+                // A graceful stop needs a running machine to hear its SIGTERM / ACPI request; the
+                // factory stops them (stop_all below) and accounts for them.
+                if frozen {
+                    let ops = handles.iter().map(|h| self.runtime.thaw(h));
+                    futures_util::future::join_all(ops).await;
+                }
+            }
             Action::Freeze => {
                 // All at once: the owner must not wait for machines one by one.
                 let ops = handles.iter().map(|h| self.runtime.freeze(h));
@@ -265,6 +599,7 @@ impl<R: Runtime + 'static> Enforcer<R> {
             a.memory_bytes = l.memory_bytes;
         }
         a.may_start = d.may_start;
+        a.stop_all = d.action == Action::Stop;
         a.max_machines = self.policy.max_machines;
         a.reason = format!("{} (source: {})", d.reason.text(), d.source);
         let _ = self.allowance.send(a);
@@ -280,25 +615,46 @@ impl<R: Runtime + 'static> Enforcer<R> {
     ) {
         let mut last: Option<Decision> = None;
         let mut known = 0usize;
+        // Since when the work has been frozen without a break (for the policy's graceful stop).
+        let mut frozen_since: Option<std::time::Instant> = None;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let reply = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => None,
-                Some(EnforcerCommand::Apply(r)) = commands.recv() => Some(r),
+                Some(cmd) = commands.recv() => match cmd {
+                    EnforcerCommand::Apply(r) => Some(r),
+                    EnforcerCommand::SetPolicy(p, r) => {
+                        tracing::info!("owner policy reloaded");
+                        self.policy = *p;
+                        Some(r)
+                    }
+                },
             };
             let cpu = self.gleaner_cpu_ns().await;
-            let state = self
-                .sources
-                .measure(cpu, self.paused.load(Ordering::SeqCst));
+            let frozen_for_s = frozen_since.map_or(0, |t| t.elapsed().as_secs());
+            let state = self.sources.measure(
+                cpu,
+                self.paused.load(Ordering::SeqCst),
+                &self.policy,
+                frozen_for_s,
+            );
             let d = decide(&self.policy, &state);
+            frozen_since = match d.action {
+                Action::Run(_) => None,
+                Action::Freeze | Action::Stop => {
+                    frozen_since.or_else(|| Some(std::time::Instant::now()))
+                }
+            };
             let count = self.handles().len();
             let changed = last.as_ref() != Some(&d);
             // New machines since the last look get the current treatment too.
             if changed || count != known || reply.is_some() {
-                let was_frozen =
-                    last.as_ref().is_none_or(|l| l.action == Action::Freeze) || reply.is_some();
+                let was_frozen = last
+                    .as_ref()
+                    .is_none_or(|l| !matches!(l.action, Action::Run(_)))
+                    || reply.is_some();
                 if changed {
                     tracing::info!("owner policy: {} (source: {})", d.reason.text(), d.source);
                 }

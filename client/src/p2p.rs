@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
 /// Settings of one node.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpaceConfig {
     pub space: String,
     pub listen: Vec<Multiaddr>,

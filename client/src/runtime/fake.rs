@@ -196,6 +196,30 @@ impl FakeRuntime {
         h
     }
 
+    /// Puts a running machine named `name` in the engine, as a daemon that died would leave it.
+    pub fn add_owned(&self, name: &str) -> MachineHandle {
+        let spec = MachineSpec {
+            machine_id: gleaner::Id16([name.len() as u8; 16]),
+            machine_type: Digest([0; 32]),
+            name: name.into(),
+            image: None,
+            kernel: None,
+            initrd: None,
+            cores: 1,
+            limits: Limits {
+                cpus: 1.0,
+                memory_bytes: 1 << 30,
+            },
+            disk_bytes: 1 << 30,
+            pids_limit: 256,
+            mjf_dir: "/nonexistent".into(),
+            egress: vec![],
+            command: None,
+            labels: BTreeMap::new(),
+        };
+        self.insert_existing(&spec, MachineState::Running)
+    }
+
     /// Records `call` and returns the scripted failure for it, if any.
     fn enter(&self, call: FakeCall) -> Result<MutexGuard<'_, State>, RuntimeError> {
         let mut s = self.lock();
