@@ -30,9 +30,13 @@ struct Cli {
 enum Command {
     /// Serve the API and the dashboard over HTTPS.
     Serve {
-        /// Address to listen on
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        listen: SocketAddr,
+        /// A settings file (TOML) with the keys listen, cert, key and database; options given on
+        /// the command line win over it
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:8443]
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// PEM certificate (with --key); without both, a self-signed one is made in the data dir
         #[arg(long, requires = "key")]
         cert: Option<PathBuf>,
@@ -60,6 +64,25 @@ enum AccountCommand {
     },
 }
 
+/// `serve --config`: the same settings as the options, in a file (installed as
+/// /etc/gleaner/coordinator.toml).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    listen: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    database: Option<String>,
+}
+
+impl ServeFile {
+    fn read(path: &std::path::Path) -> Result<ServeFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the settings file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -67,12 +90,13 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-async fn store(cli: &Cli) -> Result<Store> {
+async fn store(cli: &Cli, file_database: Option<&str>) -> Result<Store> {
     std::fs::create_dir_all(&cli.data_dir)
         .with_context(|| format!("cannot create {}", cli.data_dir.display()))?;
     let url = cli
         .database
         .clone()
+        .or_else(|| file_database.map(str::to_owned))
         .unwrap_or_else(|| format!("sqlite://{}", cli.data_dir.join("coordinator.db").display()));
     Store::open(&url)
         .await
@@ -81,12 +105,45 @@ async fn store(cli: &Cli) -> Result<Store> {
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Serve { listen, cert, key } => {
-            let store = store(&cli).await?;
+        Command::Serve {
+            config,
+            listen,
+            cert,
+            key,
+        } => {
+            let file = match config {
+                Some(path) => ServeFile::read(path)?,
+                None => ServeFile::default(),
+            };
+            let where_ = || {
+                config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            };
+            let listen: SocketAddr = match (listen, &file.listen) {
+                (Some(l), _) => *l,
+                (None, Some(l)) => l.parse().map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: listen: {l:?} is not an address like 0.0.0.0:8443: {e}",
+                        where_()
+                    )
+                })?,
+                (None, None) => SocketAddr::from(([127, 0, 0, 1], 8443)),
+            };
+            let (cert, key) = match (cert, key) {
+                (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+                _ => match (&file.cert, &file.key) {
+                    (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+                    (None, None) => (None, None),
+                    _ => anyhow::bail!("{}: give both cert and key, or neither", where_()),
+                },
+            };
+            let store = store(&cli, file.database.as_deref()).await?;
             let tls = tls::ensure(
                 &cli.data_dir,
-                cert.clone(),
-                key.clone(),
+                cert,
+                key,
                 &["localhost".into(), listen.ip().to_string()],
             )?;
             // Whoever started us may stop reading after the fingerprint: a closed stdout must not
@@ -103,9 +160,10 @@ async fn run(cli: Cli) -> Result<()> {
                 identity: tls.fingerprint.to_string(),
                 metrics: Metrics::default(),
             });
-            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-                .await
-                .context("cannot load the certificate")?;
+            let rustls_config =
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                    .await
+                    .context("cannot load the certificate")?;
             let handle = axum_server::Handle::new();
             {
                 let handle = handle.clone();
@@ -120,14 +178,14 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 });
             }
-            axum_server::bind_rustls(*listen, config)
+            axum_server::bind_rustls(listen, rustls_config)
                 .handle(handle)
                 .serve(app(state).into_make_service())
                 .await
                 .with_context(|| format!("cannot serve on {listen}"))?;
         }
         Command::Account(AccountCommand::Add { name, team, token }) => {
-            let store = store(&cli).await?;
+            let store = store(&cli, None).await?;
             let token = match token {
                 Some(t) => t.clone(),
                 None => {
