@@ -90,5 +90,22 @@ pub fn http_client(pin: Option<Digest>) -> Result<reqwest::Client, String> {
             builder.tls_backend_preconfigured(config)
         }
     };
-    builder.build().map_err(|e| e.to_string())
+    builder.build().map_err(|e| tls_setup_error(&e))
+}
+
+/// Why an HTTPS client could not be made, with its causes and the usual fix: without a pin the
+/// system's root certificates are needed, and a minimal system may have none.
+pub fn tls_setup_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    format!(
+        "cannot set up HTTPS: {msg} (the system's root certificates are needed: install the \
+         ca-certificates package, e.g. `apt install ca-certificates`; for the coordinator, \
+         pinning its certificate with --coordinator-fingerprint needs no roots)"
+    )
 }

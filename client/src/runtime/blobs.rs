@@ -36,7 +36,7 @@ impl BlobCache {
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(15))
             .build()
-            .map_err(|e| RuntimeError::Unsupported(format!("http client: {e}")))?;
+            .map_err(|e| RuntimeError::Unsupported(crate::pinning::tls_setup_error(&e)))?;
         Ok(BlobCache {
             dir,
             quota_bytes,
