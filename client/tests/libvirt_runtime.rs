@@ -345,7 +345,10 @@ async fn limits_show_in_dumpxml_freeze_stops_cpu_and_acpi_stop_is_graceful() {
             },
         )
         .await;
-    assert!(matches!(grow, Err(RuntimeError::Unsupported(_))), "{grow:?}");
+    assert!(
+        matches!(grow, Err(RuntimeError::Unsupported(_))),
+        "{grow:?}"
+    );
 
     // Stop from frozen: thawed, the power button pressed, and the guest shuts down in time.
     rt.freeze(&m).await.unwrap();
@@ -467,5 +470,8 @@ async fn qcow2_base_gets_a_per_machine_overlay_that_is_deleted() {
     rt.remove(&m).await.unwrap();
     assert_nothing_left(&rt, &m).await;
     // The base is untouched.
-    assert_eq!(Digest::of(&std::fs::read(&image.reference).unwrap()), sha256);
+    assert_eq!(
+        Digest::of(&std::fs::read(&image.reference).unwrap()),
+        sha256
+    );
 }

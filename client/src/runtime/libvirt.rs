@@ -16,7 +16,7 @@ use gleaner::{Digest, Id16};
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesText, Event};
 use virt::connect::Connect;
-use virt::domain::{Domain, DomainState, DomainStateReason, DomainShutoffReason, SchedulerInfo};
+use virt::domain::{Domain, DomainShutoffReason, DomainState, DomainStateReason, SchedulerInfo};
 use virt::error::ErrorNumber;
 
 use super::blobs::BlobCache;
@@ -142,9 +142,8 @@ pub fn check_name(name: &str) -> Result<(), RuntimeError> {
 }
 
 fn path_str(p: &Path) -> Result<&str, RuntimeError> {
-    p.to_str().ok_or_else(|| {
-        RuntimeError::Unsupported(format!("path {} is not UTF-8", p.display()))
-    })
+    p.to_str()
+        .ok_or_else(|| RuntimeError::Unsupported(format!("path {} is not UTF-8", p.display())))
 }
 
 /// The domain's CFS quota (µs per [`CPU_PERIOD_US`]) for `cpus` cores across the whole domain.
@@ -195,7 +194,9 @@ fn text(w: &mut W, name: &str, value: &str) -> io::Result<()> {
 pub fn domain_xml(d: &DomainXml<'_>) -> Result<String, RuntimeError> {
     check_name(d.name)?;
     if d.vcpus == 0 {
-        return Err(RuntimeError::Unsupported("a vm needs at least one vcpu".into()));
+        return Err(RuntimeError::Unsupported(
+            "a vm needs at least one vcpu".into(),
+        ));
     }
     if d.memory_bytes < 16 << 20 {
         return Err(RuntimeError::Unsupported(format!(
@@ -511,7 +512,11 @@ fn remove_all(path: &Path) -> io::Result<()> {
     }
 }
 
-async fn run_tool(call: &'static str, program: &str, args: &[&str]) -> Result<Vec<u8>, RuntimeError> {
+async fn run_tool(
+    call: &'static str,
+    program: &str,
+    args: &[&str],
+) -> Result<Vec<u8>, RuntimeError> {
     let out = tokio::process::Command::new(program)
         .args(args)
         .kill_on_drop(true)
@@ -709,13 +714,19 @@ impl LibvirtRuntime {
         let disk = dir.join("boot.img");
         std::fs::write(&disk, probe_boot_sector()).map_err(|e| e.to_string())?;
         let log = dir.join("console.log");
-        let xml = probe_xml(&format!("gleaner-kvm-probe-{}", std::process::id()), &disk, &log)
-            .map_err(|e| e.to_string())?;
+        let xml = probe_xml(
+            &format!("gleaner-kvm-probe-{}", std::process::id()),
+            &disk,
+            &log,
+        )
+        .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let timeout = self.cfg.kvm_probe_timeout;
         let result = self
             .blocking(move |conn| {
-                let dom = conn.create_domain_xml(&xml, 0).map_err(verr("create probe domain"))?;
+                let dom = conn
+                    .create_domain_xml(&xml, 0)
+                    .map_err(verr("create probe domain"))?;
                 let mut seen = false;
                 while started.elapsed() < timeout {
                     if std::fs::read_to_string(&log).is_ok_and(|s| s.contains(PROBE_MARKER)) {
@@ -880,7 +891,11 @@ impl Runtime for LibvirtRuntime {
         Ok(Probe {
             engine: EngineKind::Libvirt,
             reachable: true,
-            version: format!("libvirt {}, QEMU {}", version_string(lib), version_string(hyp)),
+            version: format!(
+                "libvirt {}, QEMU {}",
+                version_string(lib),
+                version_string(hyp)
+            ),
             kvm_usable,
             cgroup_version: cgroup_version(),
             notes,
@@ -897,7 +912,10 @@ impl Runtime for LibvirtRuntime {
                 "a vm image cannot be an oci:// reference".into(),
             ));
         }
-        let path = self.blobs.fetch(&source.url, &source.sha256, progress).await?;
+        let path = self
+            .blobs
+            .fetch(&source.url, &source.sha256, progress)
+            .await?;
         // Read by the QEMU user; never written (each machine writes its own overlay).
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
             .map_err(ioerr("prepare image", &path))?;
@@ -925,7 +943,12 @@ impl Runtime for LibvirtRuntime {
     async fn start(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
         self.with_domain(m, |dom| match dom.create() {
             Ok(_) => Ok(()),
-            Err(e) if is_code(&e, ErrorNumber::OperationInvalid) && dom.is_active().unwrap_or(false) => Ok(()),
+            Err(e)
+                if is_code(&e, ErrorNumber::OperationInvalid)
+                    && dom.is_active().unwrap_or(false) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(verr("start domain")(e)),
         })
         .await
@@ -993,7 +1016,7 @@ impl Runtime for LibvirtRuntime {
                 // RSS of the QEMU process (what the host gives up), else the guest's allotment.
                 let rss = dom.memory_stats(0).ok().and_then(|s| {
                     s.iter()
-                        .find(|s| s.tag == virt::sys::VIR_DOMAIN_MEMORY_STAT_RSS as u32)
+                        .find(|s| s.tag == virt::sys::VIR_DOMAIN_MEMORY_STAT_RSS)
                         .map(|s| s.val)
                 });
                 Ok((info.cpu_time, rss.unwrap_or(info.memory) * 1024))
@@ -1188,7 +1211,9 @@ impl LibvirtRuntime {
         let name = spec.name.clone();
         let uuid = self
             .blocking(move |conn| {
-                let dom = conn.define_domain_xml(&xml).map_err(verr("define domain"))?;
+                let dom = conn
+                    .define_domain_xml(&xml)
+                    .map_err(verr("define domain"))?;
                 dom.uuid_string().map_err(verr("domain uuid"))
             })
             .await?;
@@ -1236,7 +1261,10 @@ mod tests {
         assert!(xml.contains("<global_quota>150000</global_quota>"), "{xml}");
         assert!(xml.contains("<vcpu placement=\"static\">2</vcpu>"), "{xml}");
         assert!(xml.contains("j&apos;o&lt;b&gt;"), "{xml}");
-        assert!(!xml.contains("<interface"), "no network without egress: {xml}");
+        assert!(
+            !xml.contains("<interface"),
+            "no network without egress: {xml}"
+        );
         let meta_start = xml.find("<gleaner:machine").unwrap();
         let meta_end = xml.find("</gleaner:machine>").unwrap() + "</gleaner:machine>".len();
         let m = parse_metadata(&xml[meta_start..meta_end]).unwrap();
