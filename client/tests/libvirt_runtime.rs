@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gleaner::{Digest, Id16};
-use gleaner_client::runtime::libvirt::{DomainType, LibvirtConfig, LibvirtRuntime};
+use gleaner_client::runtime::libvirt::{DomainType, LibvirtConfig, LibvirtRuntime, kvm_verdict};
 use gleaner_client::runtime::{
     ImageSource, Limits, MachineHandle, MachineSpec, MachineState, Runtime, RuntimeError,
 };
@@ -474,4 +474,53 @@ async fn qcow2_base_gets_a_per_machine_overlay_that_is_deleted() {
         Digest::of(&std::fs::read(&image.reference).unwrap()),
         sha256
     );
+}
+
+#[tokio::test]
+async fn probe_tests_kvm_for_real_and_falls_back_to_tcg() {
+    let Some((rt, _tmp, _owner)) = setup("probe").await else {
+        return;
+    };
+    // The test-boot mechanism works: under TCG, which runs everywhere, the boot sector prints.
+    let took = rt
+        .test_boot(DomainType::Qemu, Duration::from_secs(60))
+        .await
+        .expect("a TCG test boot prints its marker");
+    eprintln!("TCG test boot: {took:?}");
+
+    let probe = rt.probe().await.unwrap();
+    eprintln!("{probe:#?}");
+    assert_eq!(probe.kvm_usable, rt.domain_type() == DomainType::Kvm);
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    if !hw {
+        // A software KVM (these machines): /dev/kvm alone must not convince the probe.
+        assert!(!probe.kvm_usable);
+        assert!(
+            probe.notes.iter().any(|n| n.contains("TCG")),
+            "{:?}",
+            probe.notes
+        );
+    }
+    if Path::new("/dev/kvm").exists() {
+        // What the probe would conclude from the boots alone, without the CPU flags.
+        let kvm = rt.test_boot(DomainType::Kvm, Duration::from_secs(10)).await;
+        eprintln!("KVM test boot here: {kvm:?}");
+        let verdict = kvm_verdict(kvm, Ok(took));
+        eprintln!("verdict from the boots alone: {verdict:?}");
+        if !hw {
+            assert!(verdict.is_err(), "a software KVM must lose to TCG");
+        }
+    }
+    let left = virsh(&["list", "--all", "--name"]);
+    assert!(
+        !left.contains("gleaner-probe-"),
+        "probe domains left: {left}"
+    );
+    let state = std::fs::read_dir(&rt.config().state_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("probe"))
+        .count();
+    assert_eq!(state, 0, "probe files left behind");
 }
