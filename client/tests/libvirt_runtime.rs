@@ -211,11 +211,23 @@ async fn vm_boots_under_tcg_reads_user_data_and_reports_its_outcome() {
     let _guard = Guard(vec![spec.name.clone()]);
     let m = rt.create(&spec).await.unwrap();
     assert_eq!(rt.state(&m).await.unwrap(), MachineState::Created);
+    // A second machine of the same name is refused and leaves the first one's files alone.
+    let again = rt.create(&spec).await;
+    assert!(matches!(again, Err(RuntimeError::Call { .. })), "{again:?}");
+    assert!(rt.machine_dir(&m.name).join("seed.iso").exists());
     let owned = rt.list_owned().await.unwrap();
     assert_eq!(owned.len(), 1, "{owned:?}");
     assert_eq!(owned[0].machine_id, Some(spec.machine_id));
     assert_eq!(owned[0].machine_type, Some(spec.machine_type));
     assert_eq!(owned[0].name, spec.name);
+    assert_eq!(owned[0].engine_id, m.engine_id);
+    // A restarted daemon (a new connection, same owner) finds it; another owner does not.
+    let again = LibvirtRuntime::connect(rt.config().clone()).await.unwrap();
+    assert_eq!(again.list_owned().await.unwrap(), owned);
+    let mut other = rt.config().clone();
+    other.owner = format!("{owner}-other");
+    let other = LibvirtRuntime::connect(other).await.unwrap();
+    assert!(other.list_owned().await.unwrap().is_empty());
 
     let t0 = Instant::now();
     rt.start(&m).await.unwrap();

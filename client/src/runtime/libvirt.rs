@@ -967,6 +967,19 @@ impl Runtime for LibvirtRuntime {
 
     async fn create(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
         check_name(&spec.name)?;
+        // Never build over a defined domain: its overlay may be in use (an adopted machine).
+        let name = spec.name.clone();
+        if self
+            .blocking(move |conn| lookup(conn, &name))
+            .await?
+            .is_some()
+        {
+            return Err(RuntimeError::Call {
+                engine: EngineKind::Libvirt,
+                call: "define domain",
+                reason: format!("a domain named {} already exists", spec.name),
+            });
+        }
         let dir = self.machine_dir(&spec.name);
         // A directory left by a crash of an earlier machine of the same name is stale.
         remove_all(&dir).map_err(ioerr("create machine directory", &dir))?;
