@@ -560,3 +560,39 @@ async fn probe_tests_kvm_for_real_and_falls_back_to_tcg() {
         .count();
     assert_eq!(state, 0, "probe files left behind");
 }
+
+#[tokio::test]
+async fn a_memory_hog_cannot_take_more_than_the_vm_size() {
+    let Some((rt, tmp, owner)) = setup("hog").await else {
+        return;
+    };
+    // 512 MiB into the initramfs (RAM) of a 256 MiB guest: the guest runs out (its rootfs fills
+    // or its OOM killer acts), not the host.
+    let script = "#!/bin/sh\necho hogging > $JOBOUTPUTS/hogging\ndd if=/dev/zero of=/hog bs=1M count=512\nwc -c < /hog > $JOBOUTPUTS/hog_bytes\n";
+    let mjf = mjf_dir(tmp.path(), script);
+    let spec = spec(&owner, "hog", &mjf);
+    let _guard = Guard(vec![spec.name.clone()]);
+    let m = rt.create(&spec).await.unwrap();
+    rt.start(&m).await.unwrap();
+    let mut peak = 0;
+    let state = eventually(180, "the hog's guest to end", async || {
+        if let Ok(u) = rt.sample(&m).await {
+            peak = peak.max(u.peak_memory_bytes);
+        }
+        match rt.state(&m).await.unwrap() {
+            s @ MachineState::Exited { .. } => Some(s),
+            _ => None,
+        }
+    })
+    .await;
+    eprintln!("hog ended as {state:?}; QEMU's peak RSS {} MiB", peak >> 20);
+    assert!(mjf.join("joboutputs/hogging").exists(), "the hog ran");
+    if let Ok(b) = std::fs::read_to_string(mjf.join("joboutputs/hog_bytes")) {
+        let b: u64 = b.trim().parse().unwrap();
+        eprintln!("the hog held {} MiB", b >> 20);
+        assert!(b < 256 << 20, "the hog held {b} bytes in a 256 MiB guest");
+    }
+    assert!(peak > 0 && peak < 448 << 20, "peak RSS {} MiB", peak >> 20);
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+}
