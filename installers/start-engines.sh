@@ -23,10 +23,12 @@ if command -v libvirtd >/dev/null; then
   if [[ -c /dev/kvm ]] && getent group kvm >/dev/null; then
     chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
   fi
-  pgrep -x virtlogd >/dev/null || virtlogd -d
+  # Each refuses to start while another instance holds its pidfile, so a second call is harmless
+  # (and a zombie left by a killed daemon cannot fool a pgrep check).
+  virtlogd -d 2>/dev/null || true
   if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     echo "starting libvirtd"
-    pgrep -x libvirtd >/dev/null || libvirtd -d
+    libvirtd -d 2>/dev/null || true
     for _ in $(seq 1 60); do
       virsh -c qemu:///system version >/dev/null 2>&1 && break
       sleep 0.5
