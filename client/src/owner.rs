@@ -493,6 +493,7 @@ impl Sources {
             paused,
             exclusive_app,
             frozen_for_s,
+            batch: None,
         }
     }
 }
@@ -526,6 +527,8 @@ pub struct Enforcer<R: Runtime + 'static> {
     pub interval: Duration,
     /// The latest decision, for status.
     pub decision: watch::Sender<Option<Decision>>,
+    /// On a cluster node: what the site's batch system holds here.
+    pub batch: Option<Arc<crate::batch::Claims>>,
 }
 
 impl<R: Runtime + 'static> Enforcer<R> {
@@ -634,12 +637,13 @@ impl<R: Runtime + 'static> Enforcer<R> {
             };
             let cpu = self.gleaner_cpu_ns().await;
             let frozen_for_s = frozen_since.map_or(0, |t| t.elapsed().as_secs());
-            let state = self.sources.measure(
+            let mut state = self.sources.measure(
                 cpu,
                 self.paused.load(Ordering::SeqCst),
                 &self.policy,
                 frozen_for_s,
             );
+            state.batch = self.batch.as_ref().and_then(|b| b.claim());
             let d = decide(&self.policy, &state);
             frozen_since = match d.action {
                 Action::Run(_) => None,
