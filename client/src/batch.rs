@@ -262,7 +262,8 @@ async fn run_command(
     Ok(s)
 }
 
-/// Parses `sinfo -h -N -n NODE -o '%T %C'`: "mixed 1/1/0/2" (allocated/idle/other/total CPUs).
+/// Parses the state and CPUs of a node from `sinfo -h -N -o '%N %T %C'` (the name taken off):
+/// "mixed 1/1/0/2" (allocated/idle/other/total CPUs).
 pub fn parse_sinfo(text: &str) -> Result<NodeState, String> {
     let line = text
         .lines()
@@ -294,6 +295,18 @@ pub fn parse_sinfo(text: &str) -> Result<NodeState, String> {
         "inval",
         "power_down",
     ];
+    // Slurm 22.05 may show an allocated node as "allocated 0/2/0/2": the state word wins over
+    // the counts, on the side of the site's job.
+    let (allocated, idle) = if word.starts_with("alloc") {
+        (allocated.max(total), 0)
+    } else if word.starts_with("mix") && allocated == 0 {
+        (
+            total.saturating_sub(idle).max(1),
+            idle.min(total.saturating_sub(1)),
+        )
+    } else {
+        (allocated, idle)
+    };
     Ok(NodeState {
         unavailable: UNAVAILABLE.iter().any(|u| word.contains(u)),
         state: word.to_owned(),
@@ -345,13 +358,18 @@ impl BatchSystem for Slurm {
     }
 
     async fn node_state(&self) -> Result<NodeState, BatchError> {
-        let out = run_command(
-            "sinfo",
-            &["-h", "-N", "-n", &self.node, "-o", "%T %C"],
-            self.timeout,
-        )
-        .await?;
-        parse_sinfo(&out).map_err(|why| BatchError::Parse {
+        // Not `-n NODE`: Slurm 22.05 then loads the node alone and reports its CPUs as
+        // unallocated ("allocated 0/2/0/2" for a mixed node).
+        let out = run_command("sinfo", &["-h", "-N", "-o", "%N %T %C"], self.timeout).await?;
+        let line = out
+            .lines()
+            .find_map(|l| {
+                let (name, rest) = l.trim().split_once(char::is_whitespace)?;
+                (name == self.node).then_some(rest)
+            })
+            .unwrap_or("");
+        tracing::debug!("sinfo: {line}");
+        parse_sinfo(line).map_err(|why| BatchError::Parse {
             command: "sinfo",
             why,
         })
@@ -550,8 +568,9 @@ pub async fn poll<B: BatchSystem>(
                 }
                 let unavailable = n.unavailable;
                 let state = n.state.clone();
+                let cpus = format!("{}/{} CPUs allocated", n.allocated_cpus, n.total_cpus);
                 if claims.set_node(n) {
-                    tracing::info!("{}: node is {state}", system.name());
+                    tracing::info!("{}: node is {state} ({cpus})", system.name());
                     if let Err(e) = apply_now(&enforcer).await {
                         tracing::warn!("{e}");
                         return;
@@ -739,8 +758,9 @@ pub fn hook_main(
         HookOutcome::Skipped(why) => {
             eprintln!("gleaner batch-hook: nothing done, the job goes ahead: {why} ({ms} ms)")
         }
-        HookOutcome::TimedOut(d) => eprintln!(
-            "gleaner batch-hook: the daemon did not answer within {d:?}; the job goes ahead"
+        HookOutcome::TimedOut(_) => eprintln!(
+            "gleaner batch-hook: the daemon did not answer within {}; the job goes ahead",
+            humantime::format_duration(deadline)
         ),
     }
 }
@@ -760,7 +780,14 @@ mod tests {
         assert!(parse_sinfo("down* 0/0/2/2").unwrap().unavailable);
         assert!(parse_sinfo("maint 0/2/0/2").unwrap().unavailable);
         assert!(!parse_sinfo("idle~ 0/2/0/2").unwrap().unavailable);
-        assert!(!parse_sinfo("allocated 2/0/0/2").unwrap().unavailable);
+        let a = parse_sinfo("allocated 2/0/0/2").unwrap();
+        assert!(!a.unavailable && a.allocated_cpus == 2 && a.idle_cpus == 0);
+        let a = parse_sinfo("allocated 0/2/0/2").unwrap();
+        assert_eq!(
+            (a.allocated_cpus, a.idle_cpus),
+            (2, 0),
+            "the state word wins"
+        );
         assert!(parse_sinfo("").is_err());
         assert!(parse_sinfo("idle 0/2/0").is_err());
         assert!(parse_sinfo("idle lots").is_err());
