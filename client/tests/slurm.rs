@@ -11,14 +11,13 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use gleaner_client::control::{ControlClient, Request};
 use support::*;
 
 /// One Slurm cluster at a time: the tests share the machine's CPUs and would see each other's jobs.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn slurm_installed() -> bool {
     let found = ["slurmctld", "slurmd", "sbatch", "munged"].iter().all(|c| {
@@ -48,6 +47,16 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Which prolog and epilog the cluster runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Hooks {
+    None,
+    /// `gleaner batch-hook`, as the department guide shows it.
+    Gleaner,
+    /// Scripts that only `exit 0`: the baseline for the prolog's delay.
+    Empty,
+}
+
 /// A one-node Slurm cluster on loopback, stopped (with its jobs) when dropped.
 struct Cluster {
     dir: PathBuf,
@@ -59,7 +68,7 @@ struct Cluster {
 impl Cluster {
     /// Starts munged, slurmctld and slurmd in `dir`; with `hooks`, Gleaner's prolog and epilog
     /// (talking to the daemon at `socket`) run at each job's allocation and end.
-    fn start(dir: &Path, socket: &Path, hooks: bool) -> Cluster {
+    fn start(dir: &Path, socket: &Path, hooks: Hooks) -> Cluster {
         let node = gleaner_client::batch::short_hostname();
         for d in ["munge", "state", "spool", "log", "jobs"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -103,19 +112,20 @@ impl Cluster {
         let hook = |phase: &str| {
             let path = dir.join(format!("{phase}.sh"));
             // As docs/guides/department.md shows it; the hook log is for the tests to read.
-            std::fs::write(
-                &path,
+            let body = if hooks == Hooks::Empty {
+                "#!/bin/sh\nexit 0\n".to_owned()
+            } else {
                 format!(
                     "#!/bin/sh\n{gleaner} batch-hook {phase} --socket {} --deadline 1s 2>>{}\nexit 0\n",
                     socket.display(),
                     dir.join("log/hook.log").display()
-                ),
-            )
-            .unwrap();
+                )
+            };
+            std::fs::write(&path, body).unwrap();
             mode(&path, 0o755);
             path
         };
-        let hooks_conf = if hooks {
+        let hooks_conf = if hooks != Hooks::None {
             format!(
                 "Prolog={}\nEpilog={}\nPrologFlags=Alloc\n",
                 hook("prolog").display(),
@@ -424,13 +434,13 @@ async fn hook_mode_yields_before_every_job_and_never_holds_one_up() {
     if !slurm_installed() {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let slurm_dir = tmp.path().join("slurm");
     let (mut daemon, sock, _cfg) =
         start_daemon(tmp.path(), "mode = \"hook\"", &slurm_dir.join("slurm.conf"));
     let mut containers = Containers(None);
-    let mut cluster = Cluster::start(&slurm_dir, &sock, true);
+    let mut cluster = Cluster::start(&slurm_dir, &sock, Hooks::Gleaner);
     let (host, name) = running_machine(&sock).await;
     containers.0 = Some(host);
     let (paused, before) = inspect(&name).unwrap();
@@ -528,7 +538,7 @@ async fn poll_mode_yields_within_an_interval_and_drain_drains() {
     if !slurm_installed() {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let slurm_dir = tmp.path().join("slurm");
     std::fs::create_dir_all(&slurm_dir).unwrap();
@@ -539,7 +549,7 @@ async fn poll_mode_yields_within_an_interval_and_drain_drains() {
         &slurm_dir.join("slurm.conf"),
     );
     let mut containers = Containers(None);
-    let mut cluster = Cluster::start(&slurm_dir, &sock, false);
+    let mut cluster = Cluster::start(&slurm_dir, &sock, Hooks::None);
     let (host, name) = running_machine(&sock).await;
     containers.0 = Some(host);
 
@@ -610,4 +620,104 @@ async fn poll_mode_yields_within_an_interval_and_drain_drains() {
 
     let left = cluster.stop();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Submit-to-first-command times (ms) of `n` whole-node jobs, one after another.
+fn job_start_delays(cluster: &Cluster, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let t0 = now_ns();
+            let job = cluster.submit(2, "date +%s%N");
+            let out = cluster.wait_done(&job, 60);
+            let t1: u128 = out.trim().parse().unwrap_or_else(|_| panic!("{out:?}"));
+            (t1.saturating_sub(t0)) as f64 / 1e6
+        })
+        .collect()
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The delay Gleaner's prolog adds to a site job's start, beside an empty prolog in the same run
+/// (docs/BENCHMARKS.md). Not a test: it asserts nothing about time. Run with
+/// `cargo test -p gleaner-client --test slurm -- --ignored --nocapture prolog_delay`
+/// (`GLEANER_BENCH_JOBS`, default 50).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it by name with --ignored"]
+async fn prolog_delay() {
+    if !slurm_installed() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let n: usize = std::env::var("GLEANER_BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = {
+        let mut c = Cluster::start(
+            &tmp.path().join("empty"),
+            Path::new("/nonexistent"),
+            Hooks::Empty,
+        );
+        job_start_delays(&c, 3);
+        let v = job_start_delays(&c, n);
+        c.stop();
+        v
+    };
+    let slurm_dir = tmp.path().join("slurm");
+    let (_daemon, sock, _cfg) =
+        start_daemon(tmp.path(), "mode = \"hook\"", &slurm_dir.join("slurm.conf"));
+    let mut containers = Containers(None);
+    let mut cluster = Cluster::start(&slurm_dir, &sock, Hooks::Gleaner);
+    let (host, name) = running_machine(&sock).await;
+    containers.0 = Some(host);
+    job_start_delays(&cluster, 3);
+    let mut gleaner = Vec::new();
+    for _ in 0..n {
+        // Each job finds the workload running, as on an idle node.
+        eventually(15, "the workload running", async || {
+            (!inspect(&name)?.0).then_some(())
+        })
+        .await;
+        gleaner.extend(job_start_delays(&cluster, 1));
+    }
+    let hook_ms: Vec<f64> = cluster
+        .hook_log()
+        .lines()
+        .filter(|l| l.contains("batch-hook: yielding"))
+        .filter_map(|l| l.rsplit('(').next()?.trim_end_matches(" ms)").parse().ok())
+        .collect();
+    cluster.stop();
+    println!("jobs: {n} whole-node (2-CPU) jobs each, one at a time");
+    for (what, v) in [("empty prolog", &base), ("gleaner prolog", &gleaner)] {
+        println!(
+            "{what:>15}: submit to first command p50 {:.1} ms, p99 {:.1} ms",
+            percentile(v, 0.5),
+            percentile(v, 0.99)
+        );
+    }
+    println!(
+        "{:>15}: p50 {:.1} ms, p99 {:.1} ms (the hook's own time, {} prologs)",
+        "gleaner hook",
+        percentile(&hook_ms, 0.5),
+        percentile(&hook_ms, 0.99),
+        hook_ms.len()
+    );
+    println!(
+        "{:>15}: p50 {:+.1} ms, p99 {:+.1} ms",
+        "added",
+        percentile(&gleaner, 0.5) - percentile(&base, 0.5),
+        percentile(&gleaner, 0.99) - percentile(&base, 0.99)
+    );
 }
