@@ -464,6 +464,12 @@ fn config_check(file: Option<PathBuf>) -> Result<()> {
     }
     println!("  space:         {}", s.daemon.space);
     println!("  trusted:       {} publisher(s)", s.daemon.trusted.len());
+    if let Some(b) = &s.daemon.batch {
+        println!(
+            "  batch system:  {:?}, {:?} mode, node {}",
+            b.system, b.mode, b.node
+        );
+    }
     Ok(())
 }
 
