@@ -27,6 +27,10 @@ PKGS=(
   systemd             # installer tests: systemd-analyze verify (no systemd as PID 1 here)
   desktop-file-utils  # installer tests: desktop-file-validate for the GUI's desktop entry
   dbus-daemon         # tests: a private bus serving a stand-in logind (owner idle source)
+  slurmctld           # tests: a real one-node Slurm cluster on loopback (cluster nodes)
+  slurmd
+  slurm-client
+  munge
 )
 
 missing=()
