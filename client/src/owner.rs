@@ -685,12 +685,17 @@ impl<R: Runtime + 'static> Enforcer<R> {
         let mut known = 0usize;
         // Since when the work has been frozen without a break (for the policy's graceful stop).
         let mut frozen_since: Option<std::time::Instant> = None;
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // With nothing running there is nothing to freeze in a hurry: look ten times less often,
+        // so an idle daemon costs the owner next to nothing.
+        let idle_interval = (self.interval * 10).max(Duration::from_secs(1));
         loop {
             let reply = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tick.tick() => None,
+                _ = tokio::time::sleep(if known == 0 && self.handles().is_empty() {
+                    idle_interval
+                } else {
+                    self.interval
+                }) => None,
                 Some(()) = async {
                     match self.nudge.as_mut() {
                         Some(n) => n.recv().await,
