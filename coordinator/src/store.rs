@@ -54,12 +54,13 @@ enum Pool {
     Postgres(PgPool),
 }
 
-/// Expands `$body` once per backend with `$p` bound to that backend's pool, so the same SQL text and
-/// the same row decoding serve both (`$1`-style placeholders work on SQLite and PostgreSQL). `$begin`
-/// is the statement that opens a write transaction: SQLite takes the write lock up front so that a
-/// read-then-write transaction never fails on a lock upgrade.
+/// Expands `$body` (written like a closure so that rustfmt formats it; it is not one: `?` and
+/// `.await` act on the enclosing function) once per backend with `$p` bound to that backend's pool,
+/// so the same SQL text and the same row decoding serve both (`$1`-style placeholders work on SQLite
+/// and PostgreSQL). `$begin` is the statement that opens a write transaction: SQLite takes the write
+/// lock up front so that a read-then-write transaction never fails on a lock upgrade.
 macro_rules! with_pool {
-    ($pool:expr, $p:ident, $begin:ident => $body:expr) => {
+    ($pool:expr, |$p:ident, $begin:ident| $body:expr) => {
         match $pool {
             Pool::Sqlite($p) => {
                 let $begin = "BEGIN IMMEDIATE";
@@ -71,7 +72,7 @@ macro_rules! with_pool {
             }
         }
     };
-    ($pool:expr, $p:ident => $body:expr) => {
+    ($pool:expr, |$p:ident| $body:expr) => {
         match $pool {
             Pool::Sqlite($p) => $body,
             Pool::Postgres($p) => $body,
@@ -229,34 +230,43 @@ impl Store {
         token: &str,
         now: u64,
     ) -> Result<bool, StoreError> {
-        let n = with_pool!(&self.pool, p => sqlx::query(
-            "INSERT INTO accounts (name, team, token_hash, created) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(name)
-        .bind(team)
-        .bind(token_hash(token))
-        .bind(now as i64).execute(p).await?.rows_affected());
+        let sql = "INSERT INTO accounts (name, team, token_hash, created) VALUES ($1, $2, $3, $4) \
+                   ON CONFLICT DO NOTHING";
+        let n = with_pool!(&self.pool, |p| sqlx::query(sql)
+            .bind(name)
+            .bind(team)
+            .bind(token_hash(token))
+            .bind(now as i64)
+            .execute(p)
+            .await?
+            .rows_affected());
         Ok(n == 1)
     }
 
     /// Whether `token` is the account's enrolment token.
     pub async fn check_token(&self, account: &str, token: &str) -> Result<bool, StoreError> {
-        let hash: Option<String> = with_pool!(&self.pool, p => sqlx::query("SELECT token_hash FROM accounts WHERE name = $1").bind(account)
-            .fetch_optional(p)
-            .await?
-            .map(|r| r.get::<String, _>(0)));
+        let hash: Option<String> = with_pool!(&self.pool, |p| sqlx::query(
+            "SELECT token_hash FROM accounts WHERE name = $1"
+        )
+        .bind(account)
+        .fetch_optional(p)
+        .await?
+        .map(|r| r.get::<String, _>(0)));
         Ok(hash.is_some_and(|h| h == token_hash(token)))
     }
 
     /// Links a host to an account (re-enrolling moves it).
     pub async fn enrol(&self, host: &PublicKey, account: &str, now: u64) -> Result<(), StoreError> {
-        with_pool!(&self.pool, p => sqlx::query(
+        with_pool!(&self.pool, |p| sqlx::query(
             "INSERT INTO hosts (host, account, enrolled) VALUES ($1, $2, $3) \
              ON CONFLICT (host) DO UPDATE SET account = excluded.account",
         )
         .bind(host.to_string())
         .bind(account)
-        .bind(now as i64).execute(p).await?.rows_affected());
+        .bind(now as i64)
+        .execute(p)
+        .await?
+        .rows_affected());
         Ok(())
     }
 
@@ -266,7 +276,7 @@ impl Store {
         digest: &str,
         mt: &gleaner::MachineType,
     ) -> Result<(), StoreError> {
-        with_pool!(&self.pool, p => sqlx::query(
+        with_pool!(&self.pool, |p| sqlx::query(
             "INSERT INTO machine_types (digest, publisher, name, version, weight_milli) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
@@ -274,7 +284,10 @@ impl Store {
         .bind(mt.publisher.to_string())
         .bind(&mt.name)
         .bind(mt.version as i64)
-        .bind(i64::from(mt.weight_milli)).execute(p).await?.rows_affected());
+        .bind(i64::from(mt.weight_milli))
+        .execute(p)
+        .await?
+        .rows_affected());
         Ok(())
     }
 
@@ -312,7 +325,7 @@ impl Store {
             .unwrap_or(0);
         let mut rac: HashMap<String, gleaner::credit::Rac> = Default::default();
         // `key` and `join` are fixed strings from this file, never client input.
-        with_pool!(&self.pool, p => {
+        with_pool!(&self.pool, |p| {
             for row in sqlx::query(AssertSqlSafe(sql)).fetch_all(p).await? {
                 let k: String = row.get(0);
                 let r = rac.entry(k).or_default();
@@ -337,7 +350,7 @@ impl Store {
              GROUP BY {key} ORDER BY SUM(r.credit) DESC, k LIMIT 50"
         );
         // `key` and `join` are fixed strings from this file, never client input.
-        Ok(with_pool!(&self.pool, p => sqlx::query(AssertSqlSafe(sql))
+        Ok(with_pool!(&self.pool, |p| sqlx::query(AssertSqlSafe(sql))
             .fetch_all(p)
             .await?
             .iter()
@@ -357,31 +370,36 @@ impl Store {
 
     /// The first machine-type name of each publisher, for showing projects by name.
     async fn publisher_names(&self) -> Result<HashMap<String, String>, StoreError> {
-        Ok(
-            with_pool!(&self.pool, p => sqlx::query("SELECT publisher, MIN(name) FROM machine_types GROUP BY publisher")
-            .fetch_all(p)
-            .await?
-            .iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
-            .collect()),
+        Ok(with_pool!(&self.pool, |p| sqlx::query(
+            "SELECT publisher, MIN(name) FROM machine_types GROUP BY publisher"
         )
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect()))
     }
 
     /// Totals, leaderboards and credit per day.
     pub async fn stats(&self) -> Result<Stats, StoreError> {
-        let (total_credit, cpu_ms, records) = with_pool!(&self.pool, p => {
-            let t = sqlx::query(
-            "SELECT COALESCE(SUM(credit), 0.0), CAST(COALESCE(SUM(cpu_ms), 0) AS BIGINT), COUNT(*) FROM records",
-        ).fetch_one(p).await?;
+        let sql = "SELECT COALESCE(SUM(credit), 0.0), CAST(COALESCE(SUM(cpu_ms), 0) AS BIGINT), \
+                   COUNT(*) FROM records";
+        let (total_credit, cpu_ms, records) = with_pool!(&self.pool, |p| {
+            let t = sqlx::query(sql).fetch_one(p).await?;
             (t.get::<f64, _>(0), t.get::<i64, _>(1), t.get::<i64, _>(2))
         });
-        let hosts: i64 = with_pool!(&self.pool, p => sqlx::query("SELECT COUNT(*) FROM hosts").fetch_one(p).await?.get(0));
-        let per_day = with_pool!(&self.pool, p => sqlx::query("SELECT day, SUM(credit) FROM records GROUP BY day ORDER BY day")
-            .fetch_all(p)
+        let hosts: i64 = with_pool!(&self.pool, |p| sqlx::query("SELECT COUNT(*) FROM hosts")
+            .fetch_one(p)
             .await?
-            .iter()
-            .map(|r| (r.get::<i64, _>(0), r.get::<f64, _>(1)))
-            .collect());
+            .get(0));
+        let per_day = with_pool!(&self.pool, |p| sqlx::query(
+            "SELECT day, SUM(credit) FROM records GROUP BY day ORDER BY day"
+        )
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|r| (r.get::<i64, _>(0), r.get::<f64, _>(1)))
+        .collect());
         let names = self.publisher_names().await?;
         let mut projects = self.board("r.publisher", "").await?;
         for row in &mut projects {
@@ -411,66 +429,72 @@ impl Store {
 
     /// Credit per day of one host.
     pub async fn host_days(&self, host: &str) -> Result<Vec<(i64, f64)>, StoreError> {
-        Ok(with_pool!(&self.pool, p => sqlx::query(
+        Ok(with_pool!(&self.pool, |p| sqlx::query(
             "SELECT day, SUM(credit) FROM records WHERE host = $1 GROUP BY day ORDER BY day",
         )
         .bind(host)
-            .fetch_all(p)
-            .await?
-            .iter()
-            .map(|r| (r.get::<i64, _>(0), r.get::<f64, _>(1)))
-            .collect()))
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|r| (r.get::<i64, _>(0), r.get::<f64, _>(1)))
+        .collect()))
     }
 
     /// The history of a project: `id` is a publisher key or a machine type's digest. None when
     /// the coordinator knows neither records nor machine types for it.
     pub async fn project(&self, id: &str) -> Result<Option<ProjectHistory>, StoreError> {
-        let (per_day, cpu_ms, records) = with_pool!(&self.pool, p => {
+        let (per_day, cpu_ms, records) = with_pool!(&self.pool, |p| {
             let mut per_day = Vec::new();
             let (mut cpu_ms, mut records) = (0i64, 0i64);
             for r in sqlx::query(
-            "SELECT day, SUM(credit), CAST(SUM(cpu_ms) AS BIGINT), COUNT(*) FROM records \
+                "SELECT day, SUM(credit), CAST(SUM(cpu_ms) AS BIGINT), COUNT(*) FROM records \
              WHERE publisher = $1 OR machine_type = $1 GROUP BY day ORDER BY day",
-        )
-        .bind(id).fetch_all(p).await? {
+            )
+            .bind(id)
+            .fetch_all(p)
+            .await?
+            {
                 per_day.push((r.get::<i64, _>(0), r.get::<f64, _>(1)));
                 cpu_ms += r.get::<i64, _>(2);
                 records += r.get::<i64, _>(3);
             }
             (per_day, cpu_ms, records)
         });
-        let hosts: i64 = with_pool!(&self.pool, p => sqlx::query(
-            "SELECT COUNT(DISTINCT host) FROM records WHERE publisher = $1 OR machine_type = $1",
-        )
-        .bind(id).fetch_one(p).await?.get(0));
+        let sql =
+            "SELECT COUNT(DISTINCT host) FROM records WHERE publisher = $1 OR machine_type = $1";
+        let hosts: i64 = with_pool!(&self.pool, |p| sqlx::query(sql)
+            .bind(id)
+            .fetch_one(p)
+            .await?
+            .get(0));
         // Machine types with credit, then those registered but not (yet) run.
-        let mut machine_types: Vec<ProjectMachineType> = with_pool!(&self.pool, p => sqlx::query(
+        let mut machine_types: Vec<ProjectMachineType> = with_pool!(&self.pool, |p| sqlx::query(
             "SELECT r.machine_type, MIN(m.name), SUM(r.credit), COUNT(*) FROM records r \
              LEFT JOIN machine_types m ON m.digest = r.machine_type \
              WHERE r.publisher = $1 OR r.machine_type = $1 \
              GROUP BY r.machine_type ORDER BY SUM(r.credit) DESC, r.machine_type",
         )
         .bind(id)
-            .fetch_all(p)
-            .await?
-            .iter()
-            .map(|r| ProjectMachineType {
-                digest: r.get(0),
-                name: r.get(1),
-                credit: r.get(2),
-                records: r.get(3),
-            })
-            .collect());
-        let known: Vec<(String, String)> = with_pool!(&self.pool, p => sqlx::query(
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|r| ProjectMachineType {
+            digest: r.get(0),
+            name: r.get(1),
+            credit: r.get(2),
+            records: r.get(3),
+        })
+        .collect());
+        let known: Vec<(String, String)> = with_pool!(&self.pool, |p| sqlx::query(
             "SELECT digest, name FROM machine_types WHERE publisher = $1 OR digest = $1 \
              ORDER BY name, digest",
         )
         .bind(id)
-            .fetch_all(p)
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect());
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect());
         if records == 0 && known.is_empty() {
             return Ok(None);
         }
@@ -582,7 +606,7 @@ fn insert_sql(rows: usize) -> String {
 
 /// Checks, prices and inserts the records of `jobs` in one transaction; one outcome list per job.
 async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, StoreError> {
-    with_pool!(pool, p, begin => {
+    with_pool!(pool, |p, begin| {
         let mut tx = p.begin_with(begin).await?;
         let mut out: Vec<Vec<Outcome>> = jobs
             .iter()
@@ -646,7 +670,10 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
                 let c = credit(r, weight.clamp(1, 100_000) as u32);
                 if c.scale_clamped && flagged.insert(host.clone()) {
                     sqlx::query("UPDATE hosts SET flagged = 1, flag_reason = $1 WHERE host = $2")
-                        .bind(format!("benchmark {} outside the allowed scale", r.benchmark))
+                        .bind(format!(
+                            "benchmark {} outside the allowed scale",
+                            r.benchmark
+                        ))
                         .bind(&host)
                         .execute(&mut *tx)
                         .await?;
