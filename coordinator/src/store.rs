@@ -577,11 +577,17 @@ struct Pending<'a> {
     job: usize,
     pos: usize,
     id: String,
+    host: String,
+    publisher: String,
+    machine_type: String,
     record: &'a UsageRecord,
     credit: f64,
 }
 
-fn insert_sql(rows: usize) -> String {
+/// The multi-row INSERT for `rows` records. SQLite gets anonymous `?` placeholders: it looks each
+/// named or numbered one (`$N`, `?N`) up in a list while parsing, which is quadratic in their count
+/// and took seconds for 15 000 parameters; PostgreSQL needs `$N`.
+fn insert_sql(rows: usize, numbered: bool) -> String {
     let mut sql = String::from(
         "INSERT INTO records (record_id, host, publisher, machine_type, machine_id, start_s, end_s, \
          cpu_ms, wall_ms, cores, benchmark, outcome, credit, day, received) VALUES ",
@@ -595,8 +601,12 @@ fn insert_sql(rows: usize) -> String {
             if c > 0 {
                 sql.push(',');
             }
-            sql.push('$');
-            sql.push_str(&(i * 15 + c + 1).to_string());
+            if numbered {
+                sql.push('$');
+                sql.push_str(&(i * 15 + c + 1).to_string());
+            } else {
+                sql.push('?');
+            }
         }
         sql.push(')');
     }
@@ -606,6 +616,7 @@ fn insert_sql(rows: usize) -> String {
 
 /// Checks, prices and inserts the records of `jobs` in one transaction; one outcome list per job.
 async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, StoreError> {
+    let numbered = matches!(pool, Pool::Postgres(_));
     with_pool!(pool, |p, begin| {
         let mut tx = p.begin_with(begin).await?;
         let mut out: Vec<Vec<Outcome>> = jobs
@@ -617,10 +628,15 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
         let mut flagged: HashSet<String> = HashSet::new();
         let mut seen: HashSet<[u8; 16]> = HashSet::new();
         let mut pending: Vec<Pending<'_>> = Vec::new();
+        // Key text (base58 of the peer id) costs microseconds per key; a group names few keys.
+        let mut names: HashMap<PublicKey, String> = HashMap::new();
         for (ji, job) in jobs.iter().enumerate() {
             let now = job.now;
             for r in &job.records {
-                let host = r.host.to_string();
+                let host = names
+                    .entry(r.host)
+                    .or_insert_with(|| r.host.to_string())
+                    .clone();
                 let known = match enrolled.get(&host) {
                     Some(k) => *k,
                     None => {
@@ -663,7 +679,7 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
                         .await?
                         .map(|row| row.get::<i64, _>(0))
                         .unwrap_or(1000);
-                        weights.insert(mt, w);
+                        weights.insert(mt.clone(), w);
                         w
                     }
                 };
@@ -683,10 +699,17 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
                     out[ji].push(Outcome::Duplicate);
                     continue;
                 }
+                let publisher = names
+                    .entry(r.publisher)
+                    .or_insert_with(|| r.publisher.to_string())
+                    .clone();
                 pending.push(Pending {
                     job: ji,
                     pos: out[ji].len(),
                     id: r.record_id.to_string(),
+                    host,
+                    publisher,
+                    machine_type: mt,
                     record: r,
                     credit: c.credit,
                 });
@@ -694,14 +717,14 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
             }
         }
         for chunk in pending.chunks(INSERT_CHUNK) {
-            let mut q = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
+            let mut q = sqlx::query(AssertSqlSafe(insert_sql(chunk.len(), numbered)));
             for pr in chunk {
                 let r = pr.record;
                 q = q
                     .bind(pr.id.clone())
-                    .bind(r.host.to_string())
-                    .bind(r.publisher.to_string())
-                    .bind(r.machine_type.to_string())
+                    .bind(pr.host.clone())
+                    .bind(pr.publisher.clone())
+                    .bind(pr.machine_type.clone())
                     .bind(r.machine_id.to_string())
                     .bind(r.start as i64)
                     .bind(r.end as i64)
