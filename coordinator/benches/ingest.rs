@@ -195,6 +195,7 @@ struct Run {
     latencies: Vec<Duration>,
     commits: u64,
     batches: u64,
+    commit_time: Duration,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -216,7 +217,7 @@ async fn post_all(
     records: usize,
     pace: Option<Duration>,
 ) -> Run {
-    let (c0, b0) = store.group_commits();
+    let g0 = store.group_commits();
     let cpu0 = cpu_secs();
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -265,14 +266,15 @@ async fn post_all(
     let secs = t.elapsed().as_secs_f64();
     let cpu = cpu_secs() - cpu0;
     latencies.sort();
-    let (c1, b1) = store.group_commits();
+    let g1 = store.group_commits();
     Run {
         records,
         secs,
         cpu,
         latencies,
-        commits: c1 - c0,
-        batches: b1 - b0,
+        commits: g1.commits - g0.commits,
+        batches: g1.batches - g0.batches,
+        commit_time: g1.busy - g0.busy,
     }
 }
 
@@ -431,13 +433,14 @@ fn main() {
     for (name, r) in [("throughput", &t_run), ("half load", &l_run)] {
         println!(
             "  durable-ack latency, {name}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
-             {} commits for {} batches ({:.1} batches per commit)",
+             {} commits for {} batches ({:.1} batches per commit, {:.1} ms each on average)",
             pct(&r.latencies, 0.5),
             pct(&r.latencies, 0.99),
             pct(&r.latencies, 1.0),
             r.commits,
             r.batches,
-            r.batches as f64 / r.commits.max(1) as f64
+            r.batches as f64 / r.commits.max(1) as f64,
+            r.commit_time.as_secs_f64() * 1000.0 / r.commits.max(1) as f64
         );
     }
     server_rt.block_on(async {

@@ -28,6 +28,8 @@ pub enum StoreError {
     Scheme(String),
     #[error("the ingest writer has stopped")]
     WriterGone,
+    #[error("another writer stored some of the same records concurrently")]
+    Raced,
 }
 
 /// What happened to one record of a batch.
@@ -102,11 +104,21 @@ pub struct Store {
     groups: Arc<GroupCounters>,
 }
 
+/// Group-commit counters as read by [`Store::group_commits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupStats {
+    pub commits: u64,
+    pub batches: u64,
+    pub busy: std::time::Duration,
+}
+
 /// How well group commit is grouping: transactions committed and the batches they held.
 #[derive(Debug, Default)]
 struct GroupCounters {
     commits: AtomicU64,
     batches: AtomicU64,
+    /// Time spent in successful group transactions, begin to durable commit.
+    micros: AtomicU64,
 }
 
 fn token_hash(token: &str) -> String {
@@ -176,7 +188,11 @@ impl Store {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // Index pages from memory rather than a read() per page miss: the records table
+                // has five B-trees that every ingested record touches.
+                .pragma("cache_size", "-65536")
+                .pragma("mmap_size", "268435456");
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)
                 .connect_with(opts)
@@ -205,13 +221,14 @@ impl Store {
         })
     }
 
-    /// Ingest transactions committed so far and the batches they held (batches / commits is the
-    /// average group size).
-    pub fn group_commits(&self) -> (u64, u64) {
-        (
-            self.groups.commits.load(Ordering::Relaxed),
-            self.groups.batches.load(Ordering::Relaxed),
-        )
+    /// Ingest transactions committed so far, the batches they held (batches / commits is the
+    /// average group size) and the time they took, begin to durable commit.
+    pub fn group_commits(&self) -> GroupStats {
+        GroupStats {
+            commits: self.groups.commits.load(Ordering::Relaxed),
+            batches: self.groups.batches.load(Ordering::Relaxed),
+            busy: std::time::Duration::from_micros(self.groups.micros.load(Ordering::Relaxed)),
+        }
     }
 
     /// The engine behind this store.
@@ -541,9 +558,13 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Job>, groups: Arc<GroupCounte
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         match commit_group(&pool, &jobs).await {
             Ok(outs) => {
                 groups.commits.fetch_add(1, Ordering::Relaxed);
+                groups
+                    .micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 groups
                     .batches
                     .fetch_add(jobs.len() as u64, Ordering::Relaxed);
@@ -584,9 +605,33 @@ struct Pending<'a> {
     credit: f64,
 }
 
-/// The multi-row INSERT for `rows` records. SQLite gets anonymous `?` placeholders: it looks each
-/// named or numbered one (`$N`, `?N`) up in a list while parsing, which is quadratic in their count
-/// and took seconds for 15 000 parameters; PostgreSQL needs `$N`.
+/// `n` placeholders separated by commas starting at `$first`. SQLite gets anonymous `?`: it looks
+/// each named or numbered one (`$N`, `?N`) up in a list while parsing, which is quadratic in their
+/// count and took seconds for 15 000 parameters; PostgreSQL needs `$N`.
+fn placeholders(sql: &mut String, first: usize, n: usize, numbered: bool) {
+    for c in 0..n {
+        if c > 0 {
+            sql.push(',');
+        }
+        if numbered {
+            sql.push('$');
+            sql.push_str(&(first + c).to_string());
+        } else {
+            sql.push('?');
+        }
+    }
+}
+
+/// The query for which of `n` record ids are stored already.
+fn existing_sql(n: usize, numbered: bool) -> String {
+    let mut sql = String::from("SELECT record_id FROM records WHERE record_id IN (");
+    placeholders(&mut sql, 1, n, numbered);
+    sql.push(')');
+    sql
+}
+
+/// The multi-row INSERT for `rows` records. No RETURNING: sqlx hands each returned row across a
+/// channel from SQLite's worker thread, which cost more than the insert itself.
 fn insert_sql(rows: usize, numbered: bool) -> String {
     let mut sql = String::from(
         "INSERT INTO records (record_id, host, publisher, machine_type, machine_id, start_s, end_s, \
@@ -597,20 +642,10 @@ fn insert_sql(rows: usize, numbered: bool) -> String {
             sql.push(',');
         }
         sql.push('(');
-        for c in 0..15 {
-            if c > 0 {
-                sql.push(',');
-            }
-            if numbered {
-                sql.push('$');
-                sql.push_str(&(i * 15 + c + 1).to_string());
-            } else {
-                sql.push('?');
-            }
-        }
+        placeholders(&mut sql, i * 15 + 1, 15, numbered);
         sql.push(')');
     }
-    sql.push_str(" ON CONFLICT DO NOTHING RETURNING record_id");
+    sql.push_str(" ON CONFLICT DO NOTHING");
     sql
 }
 
@@ -717,8 +752,30 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
             }
         }
         for chunk in pending.chunks(INSERT_CHUNK) {
-            let mut q = sqlx::query(AssertSqlSafe(insert_sql(chunk.len(), numbered)));
+            // Duplicates are rare (a ledger re-sending after a lost answer): ask which ids exist,
+            // usually getting no rows back, and insert the rest.
+            let mut q = sqlx::query(AssertSqlSafe(existing_sql(chunk.len(), numbered)));
             for pr in chunk {
+                q = q.bind(pr.id.clone());
+            }
+            let existing: HashSet<String> = q
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| row.get::<String, _>(0))
+                .collect();
+            let fresh: Vec<&Pending<'_>> = chunk
+                .iter()
+                .filter(|pr| !existing.contains(&pr.id))
+                .collect();
+            for pr in chunk.iter().filter(|pr| existing.contains(&pr.id)) {
+                out[pr.job][pr.pos] = Outcome::Duplicate;
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            let mut q = sqlx::query(AssertSqlSafe(insert_sql(fresh.len(), numbered)));
+            for pr in &fresh {
                 let r = pr.record;
                 q = q
                     .bind(pr.id.clone())
@@ -737,16 +794,12 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
                     .bind((r.end / 86_400) as i64)
                     .bind(jobs[pr.job].now as i64);
             }
-            let inserted: HashSet<String> = q
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|row| row.get::<String, _>(0))
-                .collect();
-            for pr in chunk {
-                if !inserted.contains(&pr.id) {
-                    out[pr.job][pr.pos] = Outcome::Duplicate;
-                }
+            let inserted = q.execute(&mut *tx).await?.rows_affected();
+            if inserted != fresh.len() as u64 {
+                // Another writer (a second coordinator on the same PostgreSQL) stored some of
+                // these ids since we looked: give up this group; its batches are retried one by
+                // one and then see those ids as duplicates.
+                return Err(StoreError::Raced);
             }
         }
         tx.commit().await?;
