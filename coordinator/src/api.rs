@@ -123,6 +123,8 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("internal error")]
     Internal(String),
+    #[error("too many requests from this address; retry in {retry_after} s")]
+    RateLimited { retry_after: u64 },
 }
 
 impl IntoResponse for ApiError {
@@ -139,12 +141,18 @@ impl IntoResponse for ApiError {
                 tracing::error!("{e}");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         };
-        (
+        let mut resp = (
             code,
             axum::Json(serde_json::json!({"error": self.to_string()})),
         )
-            .into_response()
+            .into_response();
+        if let ApiError::RateLimited { retry_after } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+        }
+        resp
     }
 }
 
@@ -161,10 +169,12 @@ pub struct BatchResponse {
     pub results: Vec<serde_json::Value>,
 }
 
-/// Decodes a posted batch and verifies it: a slot per envelope (None when the record goes on to
-/// the store, else why it was refused) and the verified records in order.
-#[allow(clippy::type_complexity)]
-fn verify_batch(body: &[u8]) -> Result<(Vec<Option<Outcome>>, Vec<UsageRecord>), ApiError> {
+/// A slot per envelope (None when the record goes on to the store, else why it was refused) and
+/// the verified records in order.
+type Opened = (Vec<Option<Outcome>>, Vec<UsageRecord>);
+
+/// Decodes a posted batch and verifies it.
+fn verify_batch(body: &[u8]) -> Result<Opened, ApiError> {
     let envelopes: Vec<Envelope> = cbor::from_slice(body, &Limits::BATCH, "usage batch")
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let opened = open_batch::<UsageRecord>(&envelopes);

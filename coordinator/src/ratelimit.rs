@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+
+use crate::api::ApiError;
 
 /// How many requests a client may make: `burst` at once, refilled at `per_second`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -157,17 +158,10 @@ pub async fn limit(State(limiter): State<Arc<Limiter>>, req: Request, next: Next
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     match limiter.check(ip, Instant::now()) {
         Ok(()) => next.run(req).await,
-        Err(wait) => {
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, secs.to_string())],
-                axum::Json(serde_json::json!({
-                    "error": format!("too many requests from this address; retry in {secs} s")
-                })),
-            )
-                .into_response()
+        Err(wait) => ApiError::RateLimited {
+            retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
         }
+        .into_response(),
     }
 }
 
