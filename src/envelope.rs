@@ -163,11 +163,19 @@ pub fn open_batch<T: Message>(envelopes: &[Envelope]) -> Vec<Result<Verified<T>,
     let mut sigs = Vec::with_capacity(envelopes.len());
     let mut msgs: Vec<Vec<u8>> = Vec::with_capacity(envelopes.len());
     let mut idx = Vec::with_capacity(envelopes.len());
+    // A batch usually comes from one host: decompress each distinct signer's point once.
+    let mut last: Option<(PublicKey, ed25519_dalek::VerifyingKey)> = None;
     for (i, env) in envelopes.iter().enumerate() {
-        match env
-            .check_header::<T>()
-            .and_then(|k| Ok((k, k.verifying_key()?)))
-        {
+        match env.check_header::<T>().and_then(|k| {
+            if let Some((lk, vk)) = &last
+                && *lk == k
+            {
+                return Ok((k, *vk));
+            }
+            let vk = k.verifying_key()?;
+            last = Some((k, vk));
+            Ok((k, vk))
+        }) {
             Ok((_, vk)) if !vk.is_weak() => {
                 keys.push(vk);
                 sigs.push(ed25519_dalek::Signature::from_bytes(&env.signature));

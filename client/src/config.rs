@@ -324,13 +324,17 @@ pub fn amount(s: &Scalar, whole: f64, unit: &str) -> Result<f64, String> {
     }
 }
 
-/// Cores: a count (fractions allowed: a CPU quota) or "N%" of the host's; capped at the host's.
+/// Cores: a count (fractions allowed: a CPU quota), taken as given — more than the host has
+/// overcommits, the machines then share its cores — or "N%" of the host's, at most 100 %.
 pub fn cores(s: &Scalar, host: f64) -> Result<f64, String> {
     let c = amount(s, host, "cores")?;
     if !c.is_finite() || c < 0.1 {
         return Err(format!("{c} cores is too few: give at least 0.1"));
     }
-    Ok(c.min(host))
+    match s {
+        Scalar::Text(t) if t.trim().ends_with('%') => Ok(c.min(host)),
+        _ => Ok(c),
+    }
 }
 
 /// A size: "4GiB", "512MiB" or "N%" of `whole`; capped at `whole`.
@@ -684,10 +688,15 @@ schedule = [
     }
 
     #[test]
-    fn more_than_the_host_is_capped_not_refused() {
-        let p = policy("cores = 64\nmemory = \"1TiB\"").unwrap();
-        assert_eq!(p.away.cores, 8.0);
+    fn more_memory_than_the_host_is_capped_and_a_core_count_is_taken_as_given() {
+        let p = policy("cores = 12\nmemory = \"1TiB\"").unwrap();
+        assert_eq!(p.away.cores, 12.0, "an explicit count may overcommit");
         assert_eq!(p.away.memory_bytes, 16 * GIB);
+        let p = policy("cores = \"150%\"").unwrap();
+        assert_eq!(
+            p.away.cores, 8.0,
+            "a percentage is of this host, at most all of it"
+        );
     }
 
     #[test]

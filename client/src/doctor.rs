@@ -93,10 +93,7 @@ pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec
     out.push(Check {
         name: "idle sources",
         ok: true,
-        detail: format!(
-            "{input} owner-input source(s): {}",
-            notes.join("; ")
-        ),
+        detail: format!("{input} owner-input source(s): {}", notes.join("; ")),
         fix: (input == 0).then(|| {
             "without an input source the owner always counts as away; on a desktop run the daemon \
              in the user's session (DISPLAY set) or with logind on the system bus"
