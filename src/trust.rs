@@ -169,9 +169,16 @@ pub enum Refused {
     RotatedAway { old: PublicKey, new: PublicKey },
     #[error("publisher {publisher} may not run VMs here (allow_vms is off)")]
     VmsNotAllowed { publisher: PublicKey },
-    #[error("the type asks for network egress ({egress}) but publisher {publisher} may not use the network here (allow_egress is off)")]
-    EgressNotAllowed { publisher: PublicKey, egress: String },
-    #[error("the type needs at least {needs} cores but publisher {publisher} is capped at {cap} here (max_cores)")]
+    #[error(
+        "the type asks for network egress ({egress}) but publisher {publisher} may not use the network here (allow_egress is off)"
+    )]
+    EgressNotAllowed {
+        publisher: PublicKey,
+        egress: String,
+    },
+    #[error(
+        "the type needs at least {needs} cores but publisher {publisher} is capped at {cap} here (max_cores)"
+    )]
     TooManyCores {
         publisher: PublicKey,
         needs: u16,
