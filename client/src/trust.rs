@@ -939,7 +939,7 @@ mod tests {
         s.trust(a.public(), vms, "note".into(), 10).unwrap();
         s.trust(c.public(), Policy::default(), String::new(), 10)
             .unwrap();
-        assert_eq!(s.apply_signed(&rotation(&a, &b)).unwrap().is_some(), true);
+        assert!(s.apply_signed(&rotation(&a, &b)).unwrap().is_some());
         assert_eq!(s.apply_signed(&rotation(&a, &b)).unwrap(), None);
         assert!(s.apply_signed(&revocation(&c)).unwrap().is_some());
         let (_, was) = s.untrust(d.public()).unwrap();
