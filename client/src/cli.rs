@@ -984,9 +984,6 @@ fn benchmark(runs: u32, json: bool) -> Result<()> {
             "mean {:.0}, min {}, max {}, stddev {:.1} ({:.2} % of the mean), max-min {:.2} %",
             s.mean, s.min, s.max, s.stddev, s.stddev_pct, s.range_pct
         );
-        if cfg!(debug_assertions) {
-            println!("note: a debug build; the daemon's release build scores several times higher");
-        }
     }
     Ok(())
 }

@@ -1122,7 +1122,13 @@ impl<R: Runtime + 'static> Factory<R> {
                     format!("{} running as {}", m.type_name, m.handle.name),
                 );
                 self.register(&m);
+                let (id, digest) = (m.id, m.digest);
                 self.machines.insert(m.id, m);
+                // Withdrawn (untrusted, revoked) while it was starting: stop it like the others.
+                if !self.offers.contains_key(&digest) {
+                    let at = self.now() + self.cfg.stop_grace.as_secs();
+                    self.begin_stop(id, StopCause::Drain, at).await;
+                }
             }
             Err(e) => {
                 self.event(Some(s.id), format!("could not start: {e}"));

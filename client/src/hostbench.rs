@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
 
 /// Changes whenever the workload or the reference changes; an older cached score is re-measured.
 pub const VERSION: u32 = 1;
@@ -27,8 +26,6 @@ const REFERENCE_FLOAT: f64 = 2.1e9;
 const ROUNDS: u32 = 5;
 const ROUND: Duration = Duration::from_millis(70);
 const BUDGET: Duration = Duration::from_millis(1800);
-const BLOCK: usize = 64 * 1024;
-const N: usize = 64;
 
 /// One measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -39,30 +36,6 @@ pub struct Measurement {
     pub float: u32,
     /// Wall time the run took, in milliseconds.
     pub took_ms: u64,
-}
-
-/// Hashes `block` `chunks` times, chaining the digest into the block so nothing is optimised away.
-fn integer_chunk(block: &mut [u8], chunks: u32) -> u64 {
-    for _ in 0..chunks {
-        let d = sha2::Sha256::digest(&*block);
-        block[..32].copy_from_slice(&d);
-    }
-    u64::from(chunks) * block.len() as u64
-}
-
-/// One N×N matrix product c = a·b + c; returns multiply-adds done.
-fn float_chunk(a: &[f64], b: &[f64], c: &mut [f64]) -> u64 {
-    for i in 0..N {
-        for k in 0..N {
-            let aik = a[i * N + k];
-            let row = &b[k * N..(k + 1) * N];
-            let out = &mut c[i * N..(i + 1) * N];
-            for (o, bkj) in out.iter_mut().zip(row) {
-                *o = (*o + aik * bkj) * 0.999_999;
-            }
-        }
-    }
-    (N * N * N) as u64
 }
 
 /// The best rate (work per second) of [`ROUNDS`] rounds of `step`, within `deadline`.
@@ -92,16 +65,12 @@ fn scaled(rate: f64, reference: f64) -> u32 {
 /// Runs the benchmark on the calling thread (about 0.7 s; never more than about 2 s).
 pub fn measure() -> Measurement {
     let start = Instant::now();
-    let deadline = start + BUDGET / 2;
-    let mut block: Vec<u8> = (0..BLOCK).map(|i| (i * 31 % 251) as u8).collect();
-    let integer = best_rate(deadline, || integer_chunk(&mut block, 4));
-    std::hint::black_box(&block);
-    let a: Vec<f64> = (0..N * N).map(|i| ((i % 17) as f64 + 1.0) / 17.0).collect();
-    let b: Vec<f64> = (0..N * N).map(|i| ((i % 13) as f64 + 1.0) / 13.0).collect();
-    let mut c = vec![0.0f64; N * N];
-    let deadline = start + BUDGET;
-    let float = best_rate(deadline, || float_chunk(&a, &b, &mut c));
-    std::hint::black_box(&c);
+    let mut int = gleaner_hostbench::Integer::default();
+    let integer = best_rate(start + BUDGET / 2, || int.run(4));
+    std::hint::black_box(int.head());
+    let mut fl = gleaner_hostbench::Float::default();
+    let float = best_rate(start + BUDGET, || fl.run());
+    std::hint::black_box(fl.checksum());
     let (integer, float) = (
         scaled(integer, REFERENCE_INTEGER),
         scaled(float, REFERENCE_FLOAT),
@@ -158,8 +127,6 @@ pub struct Cached {
     pub version: u32,
     /// Unix seconds when measured.
     pub at: u64,
-    /// Whether a debug build measured it (debug builds score far lower).
-    pub debug_build: bool,
     #[serde(flatten)]
     pub measurement: Measurement,
 }
@@ -167,10 +134,7 @@ pub struct Cached {
 impl Cached {
     /// Whether this cached score may still be used at `now`.
     pub fn is_current(&self, now: u64) -> bool {
-        self.version == VERSION
-            && self.debug_build == cfg!(debug_assertions)
-            && self.at <= now
-            && now - self.at < MAX_AGE_S
+        self.version == VERSION && self.at <= now && now - self.at < MAX_AGE_S
     }
 }
 
@@ -189,7 +153,6 @@ pub fn measure_and_cache(state_dir: &Path, now: u64) -> Cached {
     let c = Cached {
         version: VERSION,
         at: now,
-        debug_build: cfg!(debug_assertions),
         measurement: measure(),
     };
     match serde_json::to_vec_pretty(&c) {

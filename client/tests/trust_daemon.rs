@@ -3,7 +3,8 @@
 //! the publisher's policy allows is refused with the reason in `gleaner events`; `gleaner trust
 //! remove` withdraws the publisher and stops its machines, and that too survives a restart; a
 //! revoked publisher's type never starts, even from the settings baseline; a rotation moves the
-//! publisher's trust to its new key and the old key alone is refused.
+//! publisher's trust to its new key and the old key alone is refused. Records carry the measured
+//! host benchmark.
 
 mod support;
 
@@ -294,4 +295,20 @@ async fn trust_add_remove_revoke_and_rotate_on_a_real_daemon() {
     stop(daemon);
     let rt = docker(&host, &state).await;
     assert_nothing_left(&rt, &state).await;
+
+    // Every usage record carries the host benchmark measured at the first start (cached with
+    // its timestamp), not a fixed 1000.
+    let cached: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("benchmark.json")).unwrap()).unwrap();
+    let score = cached["score"].as_u64().unwrap();
+    assert!(cached["at"].as_u64().unwrap() > 1_700_000_000, "{cached}");
+    let ledger = gleaner_client::ledger::Ledger::open(&state.join("ledger.redb")).unwrap();
+    let records = ledger.records().unwrap();
+    assert!(
+        records.len() >= 4,
+        "alpha three times and alpha-two: {records:?}"
+    );
+    for (r, _) in &records {
+        assert_eq!(u64::from(r.benchmark), score, "{r:?}");
+    }
 }
