@@ -46,6 +46,8 @@ pub struct DaemonOptions {
     pub owner_interval: Duration,
     /// The space over libp2p: where to listen, whom to dial, LAN discovery. `None`: no space.
     pub p2p: Option<crate::p2p::SpaceConfig>,
+    /// A cluster node: the site's batch system comes first (`None`: not a cluster node).
+    pub batch: Option<crate::batch::BatchSettings>,
 }
 
 /// What a reload produced: the new owner policy (applied live) and the settings that changed but
@@ -58,8 +60,19 @@ pub struct Reloaded {
     pub file: Option<PathBuf>,
 }
 
-/// Re-reads the settings: a whole valid result, or why not (the running settings are then kept).
-pub type Reload = Arc<dyn Fn() -> Result<Reloaded, String> + Send + Sync>;
+/// Where the daemon's settings come from, for live changes. Each call gives a whole valid result or
+/// says why not, and then nothing changes.
+pub trait SettingsSource: Send + Sync {
+    /// Re-reads the settings file (and the owner's overrides).
+    fn reload(&self) -> Result<Reloaded, String>;
+    /// Changes owner-policy keys (settings-file names; `null` removes the owner's override),
+    /// validated whole before anything is written, then persisted in the owner's overrides.
+    fn set(&self, changes: &serde_json::Map<String, serde_json::Value>)
+    -> Result<Reloaded, String>;
+}
+
+/// The daemon's settings source.
+pub type Reload = Arc<dyn SettingsSource>;
 
 /// Paths inside the state dir.
 pub fn host_key_path(state_dir: &Path) -> PathBuf {
@@ -103,6 +116,8 @@ pub struct Daemon {
     reload: Option<Reload>,
     /// The owner policy in force (for `gleaner limits`).
     policy: Mutex<gleaner::policy::OwnerPolicy>,
+    /// On a cluster node: what the site's jobs hold here.
+    batch: Option<Arc<crate::batch::Claims>>,
     /// The trust store and what it admitted (shared with the housekeeping scan).
     catalogue: Arc<tokio::sync::Mutex<crate::trust::Catalogue>>,
 }
@@ -138,11 +153,31 @@ impl Daemon {
 
     /// Re-reads the settings file and applies the owner policy live; a bad file changes nothing.
     async fn reload(&self) -> Result<serde_json::Value, String> {
-        let Some(reload) = &self.reload else {
+        let Some(source) = &self.reload else {
             return Err("this daemon was started without a settings file to reload".into());
         };
-        let r =
-            reload().map_err(|e| format!("reload refused, the running settings are kept: {e}"))?;
+        let r = source
+            .reload()
+            .map_err(|e| format!("reload refused, the running settings are kept: {e}"))?;
+        self.apply_settings(r).await
+    }
+
+    /// Changes owner-policy keys live (validated whole, persisted, applied).
+    async fn set_limits(&self, set: serde_json::Value) -> Result<serde_json::Value, String> {
+        let Some(source) = &self.reload else {
+            return Err("this daemon cannot change its settings (started without them)".into());
+        };
+        let serde_json::Value::Object(changes) = set else {
+            return Err("limits to set must be an object of settings-file keys".into());
+        };
+        let r = source
+            .set(&changes)
+            .map_err(|e| format!("limits refused, nothing changed: {e}"))?;
+        self.apply_settings(r).await
+    }
+
+    /// Hands a new owner policy to the enforcer and reports what happened.
+    async fn apply_settings(&self, r: Reloaded) -> Result<serde_json::Value, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.enforcer
             .send(crate::owner::EnforcerCommand::SetPolicy(
@@ -256,9 +291,10 @@ impl Controller for Daemon {
                     Err(_) => Response::error("the policy lock is poisoned"),
                 }
             }
-            Request::Limits { set: Some(_) } => Response::error(
-                "limits are changed in the settings file: edit it, then `gleaner reload`",
-            ),
+            Request::Limits { set: Some(set) } => match self.set_limits(set).await {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::error(e),
+            },
             // Trust: see crate::trust for the store and what each op does to running machines.
             Request::Trust {
                 publisher,
@@ -287,6 +323,12 @@ impl Controller for Daemon {
                 Ok(s) => Response::ok(s.events),
                 Err(e) => Response::error(e.to_string()),
             },
+            Request::BatchYield {
+                job,
+                cpus,
+                memory_bytes,
+            } => self.batch_yield(job, cpus, memory_bytes).await,
+            Request::BatchRelease { job } => self.batch_release(job).await,
             other => Response::error(format!(
                 "{} is not available in this daemon yet",
                 serde_json::to_value(&other)
@@ -294,6 +336,35 @@ impl Controller for Daemon {
                     .and_then(|v| v.get("op").and_then(|o| o.as_str().map(str::to_owned)))
                     .unwrap_or_else(|| "this request".into())
             )),
+        }
+    }
+}
+
+// Cluster nodes (issue 12): the site's batch system takes and gives back resources.
+impl Daemon {
+    /// A site job arrives (prolog): answered once its CPUs and memory are free.
+    async fn batch_yield(&self, job: String, cpus: u32, memory_bytes: Option<u64>) -> Response {
+        let Some(claims) = &self.batch else {
+            return Response::error("this daemon has no [batch] settings: not a cluster node");
+        };
+        if let Err(e) = claims.arrive(&job, cpus, memory_bytes) {
+            return Response::error(e);
+        }
+        match crate::batch::apply_now(&self.enforcer).await {
+            Ok(d) => Response::ok(serde_json::json!({"job": job, "decision": d})),
+            Err(e) => Response::error(e),
+        }
+    }
+
+    /// A site job has left (epilog): its resources go back to the owner policy.
+    async fn batch_release(&self, job: String) -> Response {
+        let Some(claims) = &self.batch else {
+            return Response::error("this daemon has no [batch] settings: not a cluster node");
+        };
+        let held = claims.leave(&job);
+        match crate::batch::apply_now(&self.enforcer).await {
+            Ok(d) => Response::ok(serde_json::json!({"job": job, "held": held, "decision": d})),
+            Err(e) => Response::error(e),
         }
     }
 }
@@ -422,19 +493,40 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         ));
     }
 
-    let (sources, source_notes) = crate::owner::Sources::detect(
+    let (sources, mut source_notes) = crate::owner::Sources::detect(
         opts.display.as_deref(),
         opts.power_supply.clone(),
         &opts.idle_sources,
         cancel.child_token(),
     )
     .await;
+    let (nudge_tx, nudge_rx) = tokio::sync::mpsc::channel(1);
+    let nudge = match (
+        &opts.display,
+        opts.idle_sources.is_empty() || opts.idle_sources.iter().any(|s| s == "x11"),
+    ) {
+        (Some(d), true) => match crate::owner::watch_x11_input(d, nudge_tx) {
+            Ok(()) => {
+                source_notes.push(format!("x11 input events (XInput2) on {d}: active"));
+                Some(nudge_rx)
+            }
+            Err(e) => {
+                source_notes.push(format!("x11 input events: skipped ({e}); polling instead"));
+                None
+            }
+        },
+        _ => None,
+    };
     for n in &source_notes {
         tracing::info!("owner activity: {n}");
     }
     let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (enforcer_tx, enforcer_rx) = tokio::sync::mpsc::channel(8);
     let (decision_tx, _decision_rx) = watch::channel(None);
+    let batch_claims = opts.batch.as_ref().map(|_| {
+        let host = crate::config::HostSize::here();
+        Arc::new(crate::batch::Claims::new(host.cores, host.memory_bytes))
+    });
     let enforcer = crate::owner::Enforcer {
         policy: opts.policy.clone(),
         sources,
@@ -444,8 +536,26 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         paused: paused.clone(),
         interval: opts.owner_interval,
         decision: decision_tx,
+        nudge,
+        batch: batch_claims.clone(),
     };
     let enforcer_cancel = CancellationToken::new();
+    if let (Some(b), Some(claims)) = (&opts.batch, &batch_claims)
+        && b.mode == crate::batch::Mode::Poll
+    {
+        let slurm = crate::batch::Slurm {
+            node: b.node.clone(),
+            timeout: b.poll_interval.max(Duration::from_secs(5)),
+        };
+        tracker.spawn(crate::batch::poll(
+            slurm,
+            b.poll_interval,
+            claims.clone(),
+            enforcer_tx.clone(),
+            handle.clone(),
+            enforcer_cancel.clone(),
+        ));
+    }
     tracker.spawn(enforcer.run(enforcer_rx, enforcer_cancel.clone()));
     let daemon = Arc::new(Daemon {
         factory: handle.clone(),
@@ -458,6 +568,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         space: space.clone(),
         reload,
         policy: Mutex::new(opts.policy.clone()),
+        batch: batch_claims,
         catalogue: catalogue.clone(),
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
