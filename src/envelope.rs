@@ -26,6 +26,7 @@ wire_code! {
         Outcome = 4 => "outcome",
         Enrolment = 5 => "enrolment",
         KeyRotation = 6 => "key-rotation",
+        Revocation = 7 => "revocation",
     }
 }
 

@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod machine_type;
 pub mod policy;
 pub mod space;
+pub mod trust;
 pub mod usage;
 pub mod wire;
 

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use gleaner::advert::{CapacityAdvert, OutcomeReport, Running};
+use gleaner::trust::{KeyRotation, Revocation, TRUST_VERSION};
 use gleaner::{Digest, Envelope, Id16, MachineType, OutcomeCode, SecretKey, UsageRecord};
 
 fn publisher() -> SecretKey {
@@ -67,6 +68,29 @@ fn outcome() -> OutcomeReport {
     }
 }
 
+/// The publisher's key after rotation: seed 0x03 repeated.
+fn rotated() -> SecretKey {
+    SecretKey::from_seed([0x03; 32])
+}
+
+fn rotation() -> KeyRotation {
+    KeyRotation {
+        v: TRUST_VERSION,
+        old: publisher().public(),
+        new: rotated().public(),
+        at: 1_800_000_000,
+    }
+}
+
+fn revocation() -> Revocation {
+    Revocation {
+        v: TRUST_VERSION,
+        key: publisher().public(),
+        at: 1_800_000_100,
+        reason: "key compromised".into(),
+    }
+}
+
 fn vectors() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("publisher.public", publisher().public().to_bytes().to_vec()),
@@ -86,6 +110,14 @@ fn vectors() -> Vec<(&'static str, Vec<u8>)> {
         (
             "outcome.envelope",
             Envelope::seal(&outcome(), &host()).to_bytes(),
+        ),
+        (
+            "key-rotation.envelope",
+            Envelope::seal(&rotation(), &publisher()).to_bytes(),
+        ),
+        (
+            "revocation.envelope",
+            Envelope::seal(&revocation(), &publisher()).to_bytes(),
         ),
     ]
 }
@@ -132,6 +164,10 @@ fn checked_in_vectors_verify_and_decode() {
     assert_eq!(a.message, advert());
     let o = Envelope::open_bytes::<OutcomeReport>(&read("outcome.envelope")).unwrap();
     assert_eq!(o.message, outcome());
+    let k = Envelope::open_bytes::<KeyRotation>(&read("key-rotation.envelope")).unwrap();
+    assert_eq!(k.message, rotation());
+    let v = Envelope::open_bytes::<Revocation>(&read("revocation.envelope")).unwrap();
+    assert_eq!(v.message, revocation());
 }
 
 #[test]

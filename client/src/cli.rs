@@ -92,6 +92,20 @@ pub enum Command {
     /// Check or print the daemon's settings file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Which publishers this host trusts and with what policy (VMs, network, cores); add and
+    /// remove them. Kept in the daemon's state dir, so a restart keeps them.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+    /// Measure this host's single-core CPU benchmark (the score signed into usage records and
+    /// adverts) several times and show the run-to-run spread.
+    Benchmark {
+        /// How many times to run it
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop and remove every machine this host runs and delete the image cache and machine folders,
     /// keeping the host key and the ledger (unsent credit) unless --purge. Run by the package's
     /// uninstall; stop the daemon first.
@@ -177,8 +191,9 @@ pub struct DaemonArgs {
     /// A folder of signed machine types (*.gmt) to offer when their publisher is trusted
     #[arg(long)]
     pub machine_types: Option<PathBuf>,
-    /// Trust a publisher, optionally with a share: ID or ID=SHARE (repeatable; adds to the file's)
-    #[arg(long = "trust", value_name = "ID[=SHARE]")]
+    /// Trust a publisher: ID[=SHARE][,allow-vms][,allow-egress][,max-cores=N] (repeatable; adds
+    /// to the file's). Without allow-vms / allow-egress only containers without network run
+    #[arg(long = "trust", value_name = "ID[=SHARE][,...]")]
     pub trust: Vec<String>,
     /// Most cores Gleaner may use: a count or a percentage such as 50% [default: all]
     #[arg(long)]
@@ -316,6 +331,70 @@ pub enum KeyCommand {
         /// The key file [default: publisher.key in the user's config dir]
         file: Option<PathBuf>,
     },
+    /// Sign, with the old key, that a new key replaces it (a .gkr file). Hosts that trust the old
+    /// key move that trust to the new one and refuse the old key from then on; publish the file
+    /// next to your machine types, re-signed with the new key.
+    Rotate {
+        /// The key being replaced
+        #[arg(long)]
+        old: PathBuf,
+        /// The new key (only its public id is used)
+        #[arg(long)]
+        new: PathBuf,
+        /// Output file [default: rotation.gkr]
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Sign, with the key itself, that it is revoked (a .grv file): hosts refuse everything it
+    /// signed, for good.
+    Revoke {
+        /// The key to revoke
+        file: PathBuf,
+        /// Why, for the hosts' owners
+        #[arg(long, default_value = "revoked by its owner")]
+        reason: String,
+        /// Output file [default: revocation.grv]
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Trust a publisher by id, or the publisher of a signed machine type (--from FILE.gmt: it is
+    /// verified and shown, and its publisher may then run what that type needs).
+    Add {
+        /// The publisher's id (12D3KooW...)
+        #[arg(required_unless_present = "from")]
+        id: Option<String>,
+        /// A signed machine type whose publisher to trust
+        #[arg(long, value_name = "FILE.gmt")]
+        from: Option<PathBuf>,
+        /// Target share among trusted publishers [default: 1]
+        #[arg(long)]
+        share: Option<f64>,
+        /// Let this publisher run VMs
+        #[arg(long)]
+        allow_vms: bool,
+        /// Let this publisher's machines use the network (as their signed egress list says)
+        #[arg(long)]
+        allow_egress: bool,
+        /// Most cores one machine of this publisher gets
+        #[arg(long)]
+        max_cores: Option<u16>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Stop trusting a publisher: nothing new of theirs starts, and running machines are stopped
+    /// gracefully (shutdowntime now, then SIGTERM, then kill after the stop grace).
+    Remove {
+        /// The publisher's id
+        id: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Trusted publishers with their policy, and the rotations and revocations seen.
+    List(RemoteArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,6 +509,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config(ConfigCommand::Check { file }) => config_check(file),
+        Command::Trust(cmd) => trust(cmd),
+        Command::Benchmark { runs, json } => benchmark(runs, json),
         Command::Cleanup {
             state_dir,
             socket,
@@ -685,6 +766,43 @@ fn key(cmd: KeyCommand) -> Result<()> {
             println!("id      {}", key.public());
             println!("public  {}", hex::encode(key.public().to_bytes()));
         }
+        KeyCommand::Rotate { old, new, out } => {
+            let (old, new) = (keys::read(&old)?, keys::read(&new)?);
+            let m = gleaner::trust::KeyRotation {
+                v: gleaner::trust::TRUST_VERSION,
+                old: old.public(),
+                new: new.public(),
+                at: now(),
+            };
+            let bytes = gleaner::Envelope::seal(&m, &old).to_bytes();
+            gleaner::Envelope::open_bytes::<gleaner::trust::KeyRotation>(&bytes)
+                .map_err(|e| Refused(e.to_string()))?;
+            let out = out.unwrap_or_else(|| PathBuf::from("rotation.gkr"));
+            std::fs::write(&out, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "wrote {}: {} replaced by {}",
+                out.display(),
+                old.public(),
+                new.public()
+            );
+        }
+        KeyCommand::Revoke { file, reason, out } => {
+            let key = keys::read(&file)?;
+            let m = gleaner::trust::Revocation {
+                v: gleaner::trust::TRUST_VERSION,
+                key: key.public(),
+                at: now(),
+                reason,
+            };
+            let bytes = gleaner::Envelope::seal(&m, &key).to_bytes();
+            gleaner::Envelope::open_bytes::<gleaner::trust::Revocation>(&bytes)
+                .map_err(|e| Refused(e.to_string()))?;
+            let out = out.unwrap_or_else(|| PathBuf::from("revocation.grv"));
+            std::fs::write(&out, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {}: {} revoked", out.display(), key.public());
+        }
     }
     Ok(())
 }
@@ -774,4 +892,182 @@ fn publish_json(mt: &gleaner::MachineType) -> serde_json::Value {
         obj.insert("publisher".into(), mt.publisher.to_string().into());
     }
     v
+}
+
+// ---- gleaner trust / gleaner benchmark ----
+
+/// Sends one request and returns the answer (for commands that print their own way).
+fn call(r: &RemoteArgs, req: Request) -> Result<serde_json::Value> {
+    let socket = r.socket.clone().unwrap_or_else(control::default_socket);
+    let v = runtime()?.block_on(async {
+        let mut c = control::ControlClient::connect(&socket).await?;
+        c.call(&req).await
+    });
+    match v {
+        Err(control::ControlError::Refused(m)) => Err(Refused(m).into()),
+        other => Ok(other?),
+    }
+}
+
+fn policy_line(p: &serde_json::Value) -> String {
+    format!(
+        "share {}, vms {}, egress {}, max cores {}",
+        p["share"],
+        if p["allow_vms"] == true { "yes" } else { "no" },
+        if p["allow_egress"] == true {
+            "yes"
+        } else {
+            "no"
+        },
+        p["max_cores"]
+            .as_u64()
+            .map_or("-".into(), |c| c.to_string())
+    )
+}
+
+fn trust(cmd: TrustCommand) -> Result<()> {
+    match cmd {
+        TrustCommand::Add {
+            id,
+            from,
+            share,
+            allow_vms,
+            allow_egress,
+            max_cores,
+            remote: r,
+        } => {
+            let machine_type_hex = match &from {
+                Some(f) => Some(hex::encode(read_file(f)?)),
+                None => None,
+            };
+            let v = call(
+                &r,
+                Request::Trust {
+                    publisher: id,
+                    machine_type_hex,
+                    share,
+                    allow_vms: allow_vms.then_some(true),
+                    allow_egress: allow_egress.then_some(true),
+                    max_cores,
+                },
+            )?;
+            if r.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let t = &v["machine_type"];
+            if t.is_object() {
+                println!(
+                    "machine type {} v{} ({}, {}-{} cores, {} MiB, egress {})",
+                    t["name"].as_str().unwrap_or("?"),
+                    t["version"],
+                    t["backend"].as_str().unwrap_or("?"),
+                    t["cores_min"],
+                    t["cores_max"],
+                    t["memory_mib"],
+                    t["egress"]
+                );
+                println!("  digest     {}", t["digest"].as_str().unwrap_or("?"));
+                if t["expired"] == true {
+                    println!("  warning: this machine type has expired");
+                }
+            }
+            println!("trusted {}", v["publisher"].as_str().unwrap_or("?"));
+            if let Some(old) = v["rotated_from"].as_str() {
+                println!("  (the key {old} was rotated to it)");
+            }
+            println!("  {}", policy_line(&v["policy"]));
+            if let Some(verdict) = v["machine_type_verdict"].as_str() {
+                println!("  this machine type: {verdict}");
+            }
+        }
+        TrustCommand::Remove { id, remote: r } => {
+            let v = call(&r, Request::Untrust { publisher: id })?;
+            if r.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let who = v["publisher"].as_str().unwrap_or("?");
+            if v["was_trusted"] == true {
+                println!("no longer trusted: {who}");
+            } else {
+                println!("{who} was not trusted; nothing changed");
+            }
+            let withdrawn = v["withdrawn"].as_array().map(Vec::len).unwrap_or(0);
+            if withdrawn > 0 {
+                println!(
+                    "withdrew {withdrawn} machine type(s); running machines: {}",
+                    v["running"].as_str().unwrap_or("")
+                );
+            }
+        }
+        TrustCommand::List(r) => {
+            let v = call(&r, Request::Trusted)?;
+            if r.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let empty = Vec::new();
+            let list = v["trusted"].as_array().unwrap_or(&empty);
+            if list.is_empty() {
+                println!("no publisher is trusted: nothing will run");
+            }
+            for t in list {
+                println!(
+                    "{}  [{}]  {}",
+                    t["id"].as_str().unwrap_or("?"),
+                    t["source"].as_str().unwrap_or("?"),
+                    policy_line(t)
+                );
+                for old in t["rotated_from"].as_array().unwrap_or(&empty) {
+                    println!("    rotated from {}", old.as_str().unwrap_or("?"));
+                }
+            }
+            for k in v["removed"].as_array().unwrap_or(&empty) {
+                println!(
+                    "removed here (settings baseline): {}",
+                    k.as_str().unwrap_or("?")
+                );
+            }
+            for k in v["revoked"].as_array().unwrap_or(&empty) {
+                println!(
+                    "revoked: {} ({})",
+                    k["id"].as_str().unwrap_or("?"),
+                    k["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn benchmark(runs: u32, json: bool) -> Result<()> {
+    let runs = runs.clamp(1, 100);
+    let mut scores = Vec::new();
+    for i in 0..runs {
+        let r = crate::hostbench::measure();
+        if !json {
+            println!(
+                "run {:>2}: {:>5}  (integer {:>5}, float {:>5})",
+                i + 1,
+                r.score,
+                r.integer,
+                r.float
+            );
+        }
+        scores.push(r.score);
+    }
+    let s = crate::hostbench::Spread::of(&scores);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"scores": scores, "spread": s}))?
+        );
+    } else {
+        println!(
+            "mean {:.0}, min {}, max {}, stddev {:.1} ({:.2} % of the mean), max-min {:.2} %",
+            s.mean, s.min, s.max, s.stddev, s.stddev_pct, s.range_pct
+        );
+    }
+    Ok(())
 }

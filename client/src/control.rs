@@ -50,16 +50,26 @@ pub enum Request {
         set: Option<serde_json::Value>,
     },
     /// Trust a publisher (by id, or by the hex of a signed machine-type file) with a share.
+    /// Policy fields left out default to off (by id) or to what the machine type needs (by file).
     Trust {
         publisher: Option<String>,
         #[serde(default)]
         machine_type_hex: Option<String>,
         #[serde(default)]
         share: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allow_vms: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allow_egress: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_cores: Option<u16>,
     },
+    /// Stop trusting a publisher: nothing new of theirs starts; running machines stop gracefully.
     Untrust {
         publisher: String,
     },
+    /// The trust store: trusted publishers with their policy, removals, rotations, revocations.
+    Trusted,
     /// Credit earned: the local ledger (and the coordinator's view when reachable).
     Credit,
     /// Stop starting machines; running ones finish by their shutdowntime (`now`: bring it forward).

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gleaner::{CapacityAdvert, Digest, Envelope, MachineType, PublicKey, SecretKey};
+use gleaner::{CapacityAdvert, Digest, Envelope, PublicKey, SecretKey};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::{self, Access, Controller, Request, Response};
-use crate::factory::{Allowance, Factory, FactoryConfig, FactoryHandle, Offer};
+use crate::factory::{Allowance, Factory, FactoryConfig, FactoryHandle};
 use crate::ledger::Ledger;
 use crate::outbox::{self, OutboxConfig, Uploader};
 use crate::runtime::Runtime;
@@ -26,14 +26,17 @@ pub struct DaemonOptions {
     pub space: String,
     /// Signed machine types (`*.gmt`) in this folder are offered, if their publisher is trusted.
     pub machine_types_dir: Option<PathBuf>,
-    /// Trusted publishers and their shares.
-    pub trusted: Vec<(PublicKey, f64)>,
+    /// The department's baseline of trusted publishers and their policies (the settings file's
+    /// `trust` and `--trust`); the owner's changes are kept in the trust store in `state_dir`.
+    pub trusted: Vec<(PublicKey, gleaner::trust::Policy)>,
     /// Cores and memory Gleaner may use.
     pub cores: u16,
     pub memory_bytes: u64,
     pub tick: Duration,
     pub stop_grace: Duration,
-    pub benchmark: u32,
+    /// A fixed per-core benchmark score; `None`: measure it (crate::hostbench), cached in
+    /// `state_dir` for a day and re-measured daily.
+    pub benchmark: Option<u32>,
     /// The owner's policy and where to watch for the owner.
     pub policy: gleaner::policy::OwnerPolicy,
     pub display: Option<String>,
@@ -89,6 +92,8 @@ pub enum DaemonError {
     Ledger(#[from] crate::ledger::LedgerError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
 }
 
 /// The owner's manual pause (from `gleaner pause`).
@@ -113,6 +118,8 @@ pub struct Daemon {
     policy: Mutex<gleaner::policy::OwnerPolicy>,
     /// On a cluster node: what the site's jobs hold here.
     batch: Option<Arc<crate::batch::Claims>>,
+    /// The trust store and what it admitted (shared with the housekeeping scan).
+    catalogue: Arc<tokio::sync::Mutex<crate::trust::Catalogue>>,
 }
 
 #[derive(Serialize)]
@@ -288,6 +295,30 @@ impl Controller for Daemon {
                 Ok(v) => Response::ok(v),
                 Err(e) => Response::error(e),
             },
+            // Trust: see crate::trust for the store and what each op does to running machines.
+            Request::Trust {
+                publisher,
+                machine_type_hex,
+                share,
+                allow_vms,
+                allow_egress,
+                max_cores,
+            } => {
+                let req = crate::trust::TrustRequest {
+                    publisher,
+                    machine_type_hex,
+                    share,
+                    allow_vms,
+                    allow_egress,
+                    max_cores,
+                };
+                let now = crate::factory::now_ms() / 1000;
+                crate::trust::control_trust(&self.catalogue, &self.factory, req, now).await
+            }
+            Request::Untrust { publisher } => {
+                crate::trust::control_untrust(&self.catalogue, &self.factory, &publisher).await
+            }
+            Request::Trusted => crate::trust::control_list(&self.catalogue).await,
             Request::Events => match self.factory.status().await {
                 Ok(s) => Response::ok(s.events),
                 Err(e) => Response::error(e.to_string()),
@@ -356,62 +387,6 @@ fn policy_json(p: &gleaner::policy::OwnerPolicy) -> serde_json::Value {
     })
 }
 
-/// Reads signed machine types from `dir` and offers those whose publisher is trusted.
-pub async fn scan_machine_types(
-    dir: &Path,
-    trusted: &[(PublicKey, f64)],
-    now: u64,
-    seen: &mut BTreeMap<Digest, ()>,
-    factory: &FactoryHandle,
-) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "gmt"))
-        .collect();
-    paths.sort();
-    for path in paths {
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
-        };
-        let digest_of_file = Digest::of(&bytes);
-        if seen.contains_key(&digest_of_file) {
-            continue;
-        }
-        seen.insert(digest_of_file, ());
-        let v = match Envelope::open_bytes::<MachineType>(&bytes) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("refused {}: {e}", path.display());
-                continue;
-            }
-        };
-        if let Err(e) = v.message.check_fresh(now) {
-            tracing::warn!("refused {}: {e}", path.display());
-            continue;
-        }
-        let Some((_, share)) = trusted.iter().find(|(k, _)| *k == v.signer) else {
-            tracing::warn!(
-                "refused {}: publisher {} is not trusted",
-                path.display(),
-                v.signer
-            );
-            continue;
-        };
-        let offer = Offer {
-            max_cores: v.message.cores_max,
-            machine_type: v.message,
-            digest: v.digest,
-            share: *share,
-        };
-        if factory.offer(offer).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Runs the daemon until `cancel` fires: then the factory stops and accounts for every machine,
 /// the outbox makes a last delivery attempt, and the control socket is removed.
 pub async fn run<R: Runtime + 'static, U: Uploader>(
@@ -433,6 +408,14 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     reload: Option<Reload>,
 ) -> Result<(), DaemonError> {
     let key: SecretKey = crate::keys::read_or_create(&host_key_path(&opts.state_dir))?;
+    let trust = crate::trust::TrustStore::open(
+        &crate::trust::store_path(&opts.state_dir),
+        opts.trusted.clone(),
+    )?;
+    let catalogue = Arc::new(tokio::sync::Mutex::new(crate::trust::Catalogue::new(
+        trust,
+        opts.machine_types_dir.clone(),
+    )));
     let ledger = Arc::new(Ledger::open(&ledger_path(&opts.state_dir))?);
     let runtime = Arc::new(runtime);
     let mut base = Allowance::open(opts.cores, opts.memory_bytes);
@@ -444,7 +427,19 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     cfg.space = opts.space.clone();
     cfg.tick = opts.tick;
     cfg.stop_grace = opts.stop_grace;
-    cfg.benchmark = opts.benchmark;
+    // The host benchmark: cached for a day, else measured now (under 2 s, off the executor).
+    let benchmark = Arc::new(std::sync::atomic::AtomicU32::new(match opts.benchmark {
+        Some(b) => b,
+        None => {
+            let dir = opts.state_dir.clone();
+            let now = crate::factory::now_ms() / 1000;
+            tokio::task::spawn_blocking(move || crate::hostbench::current_or_measure(&dir, now))
+                .await
+                .map(|c| c.measurement.score)
+                .unwrap_or(1000)
+        }
+    }));
+    cfg.benchmark = benchmark.load(std::sync::atomic::Ordering::Relaxed);
     let (gossip_tx, mut gossip_rx) = tokio::sync::mpsc::channel::<Envelope>(64);
     let mut factory = Factory::new(
         cfg,
@@ -574,6 +569,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         reload,
         policy: Mutex::new(opts.policy.clone()),
         batch: batch_claims,
+        catalogue: catalogue.clone(),
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -643,17 +639,20 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         let wake = wake.clone();
         let space = space.clone();
         let key = key.clone();
+        let benchmark = benchmark.clone();
+        let measure_daily = opts.benchmark.is_none().then(|| opts.state_dir.clone());
         async move {
-            let mut seen = BTreeMap::new();
             let mut seq = crate::factory::now_ms();
             loop {
                 let now = crate::factory::now_ms() / 1000;
-                if let Some(dir) = &opts.machine_types_dir {
-                    scan_machine_types(dir, &opts.trusted, now, &mut seen, &handle).await;
-                }
+                catalogue.lock().await.scan(now, &handle).await;
                 if let (Some(space), Ok(status)) = (&space, handle.status().await) {
                     seq += 1;
-                    let _ = space.publish(Envelope::seal(&advert(&key, seq, now, &status), &key));
+                    let bench = benchmark.load(std::sync::atomic::Ordering::Relaxed);
+                    let _ = space.publish(Envelope::seal(
+                        &advert(&key, seq, now, &status, bench),
+                        &key,
+                    ));
                     if let Ok(view) = space.view().await {
                         for o in &status.offers {
                             if let Ok(d) = o.machine_type.parse::<Digest>()
@@ -663,6 +662,9 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                             }
                         }
                     }
+                }
+                if let Some(dir) = &measure_daily {
+                    remeasure_when_due(dir, now, &handle, &benchmark).await;
                 }
                 daemon.expire_pause(now).await;
                 wake.notify_one();
@@ -704,12 +706,40 @@ fn own_uid() -> u32 {
         .unwrap_or(0)
 }
 
+/// Re-measures the host benchmark once the cached score is a day old and no machine is running
+/// (a busy host would measure itself slower than it is).
+async fn remeasure_when_due(
+    dir: &Path,
+    now: u64,
+    factory: &FactoryHandle,
+    score: &std::sync::atomic::AtomicU32,
+) {
+    if crate::hostbench::load(dir).is_some_and(|c| c.is_current(now)) {
+        return;
+    }
+    if factory
+        .status()
+        .await
+        .map_or(true, |s| !s.machines.is_empty())
+    {
+        return;
+    }
+    let d = dir.to_owned();
+    if let Ok(c) =
+        tokio::task::spawn_blocking(move || crate::hostbench::measure_and_cache(&d, now)).await
+    {
+        score.store(c.measurement.score, std::sync::atomic::Ordering::Relaxed);
+        let _ = factory.set_benchmark(c.measurement.score).await;
+    }
+}
+
 /// This factory's capacity advert, from its status.
 fn advert(
     key: &SecretKey,
     seq: u64,
     now: u64,
     s: &crate::factory::FactoryStatus,
+    benchmark: u32,
 ) -> CapacityAdvert {
     let used: u16 = s.machines.iter().map(|m| m.cores).sum();
     let used_mem: u64 = s.machines.iter().map(|m| m.memory_bytes).sum();
@@ -738,6 +768,6 @@ fn advert(
             .collect(),
         owner_present: s.allowance.reason.contains("owner is using"),
         draining: s.draining,
-        benchmark: 1000,
+        benchmark,
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use gleaner::{Digest, PublicKey};
+use gleaner::Digest;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DaemonArgs;
@@ -25,27 +25,6 @@ pub fn default_state_dir() -> PathBuf {
     directories::ProjectDirs::from("org", "gleaner", "gleaner")
         .map(|d| d.data_dir().to_owned())
         .unwrap_or_else(|| PathBuf::from(".gleaner"))
-}
-
-fn parse_trust(s: &str) -> Result<(PublicKey, f64), String> {
-    let (id, share) = match s.split_once('=') {
-        Some((id, share)) => {
-            let share: f64 = share
-                .trim()
-                .parse()
-                .map_err(|_| format!("{s:?}: the share {share:?} is not a number"))?;
-            if !(share.is_finite() && share > 0.0) {
-                return Err(format!("{s:?}: the share must be positive"));
-            }
-            (id, share)
-        }
-        None => (s, 1.0),
-    };
-    let key: PublicKey = id
-        .trim()
-        .parse()
-        .map_err(|e| format!("{s:?} is not a publisher id: {e}"))?;
-    Ok((key, share))
 }
 
 /// The coordinator this daemon reports to.
@@ -205,11 +184,15 @@ pub fn settings_from(
     let mut trusted = Vec::new();
     if let Some(t) = &f.trust {
         for entry in t.get_ref() {
-            trusted.push(parse_trust(entry).map_err(|e| o.invalid("trust", t.span(), e))?);
+            trusted.push(
+                crate::trust::parse_entry(entry).map_err(|e| o.invalid("trust", t.span(), e))?,
+            );
         }
     }
     for entry in &args.trust {
-        trusted.push(parse_trust(entry).map_err(|e| config::invalid_option("--trust", e))?);
+        trusted.push(
+            crate::trust::parse_entry(entry).map_err(|e| config::invalid_option("--trust", e))?,
+        );
     }
     let multiaddrs = |cli: &[libp2p::Multiaddr],
                       file: &Option<toml::Spanned<Vec<String>>>,
@@ -383,7 +366,7 @@ pub fn settings_from(
             memory_bytes,
             tick: Duration::from_millis(args.tick_ms.max(50)),
             stop_grace,
-            benchmark: 1000,
+            benchmark: None,
             policy,
             batch,
         },

@@ -194,6 +194,10 @@ pub enum Command {
     Withdraw(Digest),
     /// A machine of this type aborted elsewhere in the space at this time: back off here too.
     RemoteAbort(Digest, u64),
+    /// An event from outside the loop (trust decisions), for `gleaner events`.
+    Note(String),
+    /// The host benchmark was re-measured: records from now on carry this score.
+    SetBenchmark(u32),
 }
 
 /// A cloneable handle to the factory loop.
@@ -237,6 +241,14 @@ impl FactoryHandle {
 
     pub async fn remote_abort(&self, digest: Digest, at: u64) -> Result<(), FactoryGone> {
         self.send(Command::RemoteAbort(digest, at)).await
+    }
+
+    pub async fn note(&self, message: String) -> Result<(), FactoryGone> {
+        self.send(Command::Note(message)).await
+    }
+
+    pub async fn set_benchmark(&self, score: u32) -> Result<(), FactoryGone> {
+        self.send(Command::SetBenchmark(score)).await
     }
 
     /// The machines running now (for the owner enforcer, which freezes them directly).
@@ -648,6 +660,8 @@ impl<R: Runtime + 'static> Factory<R> {
                     }
                 }
             }
+            Command::Note(message) => self.event(None, message),
+            Command::SetBenchmark(score) => self.cfg.benchmark = score,
             Command::Withdraw(digest) => {
                 self.offers.remove(&digest);
                 let now = self.now();
@@ -1108,7 +1122,13 @@ impl<R: Runtime + 'static> Factory<R> {
                     format!("{} running as {}", m.type_name, m.handle.name),
                 );
                 self.register(&m);
+                let (id, digest) = (m.id, m.digest);
                 self.machines.insert(m.id, m);
+                // Withdrawn (untrusted, revoked) while it was starting: stop it like the others.
+                if !self.offers.contains_key(&digest) {
+                    let at = self.now() + self.cfg.stop_grace.as_secs();
+                    self.begin_stop(id, StopCause::Drain, at).await;
+                }
             }
             Err(e) => {
                 self.event(Some(s.id), format!("could not start: {e}"));

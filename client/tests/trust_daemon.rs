@@ -1,0 +1,314 @@
+//! The trust store end to end, with a real daemon on the real Docker Engine: `gleaner trust add
+//! --from FILE.gmt` makes that type start; the trust survives a restart; a type asking for more than
+//! the publisher's policy allows is refused with the reason in `gleaner events`; `gleaner trust
+//! remove` withdraws the publisher and stops its machines, and that too survives a restart; a
+//! revoked publisher's type never starts, even from the settings baseline; a rotation moves the
+//! publisher's trust to its new key and the old key alone is refused. Records carry the measured
+//! host benchmark.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use gleaner::{Envelope, MachineType, SecretKey};
+use gleaner_client::control::{ControlClient, Request};
+use support::*;
+
+const SCRIPT: &str = "while true; do touch /joboutputs/heartbeat; sleep 0.5; done";
+
+fn gleaner(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gleaner"))
+        .args(args)
+        .output()
+        .expect("run gleaner")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A daemon that trusts nobody but `baseline` (the settings' `--trust` entries).
+fn start(state: &Path, types: &Path, baseline: &[String]) -> Daemon {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gleaner"));
+    c.args(["daemon", "--no-space", "--stop-grace", "2"])
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--socket")
+        .arg(state.join("control.sock"))
+        .arg("--machine-types")
+        .arg(types)
+        .args([
+            "--cores",
+            "2",
+            "--memory",
+            "2GiB",
+            "--tick-ms",
+            "200",
+            "--preset",
+            "always-gently",
+        ])
+        .env("RUST_LOG", "warn");
+    for b in baseline {
+        c.args(["--trust", b]);
+    }
+    Daemon(c.spawn().expect("start gleaner daemon"))
+}
+
+/// SIGTERM, and wait: machines are stopped and accounted for.
+fn stop(mut d: Daemon) {
+    let _ = Command::new("kill")
+        .arg(d.0.id().to_string())
+        .status()
+        .unwrap();
+    let _ = d.0.wait();
+}
+
+async fn status(sock: &Path) -> Option<serde_json::Value> {
+    let mut c = ControlClient::connect(sock).await.ok()?;
+    c.call(&Request::Status).await.ok()
+}
+
+/// Names of the machines running (or starting to stop) now.
+async fn running(sock: &Path) -> Option<Vec<String>> {
+    let s = status(sock).await?;
+    let mut names: Vec<String> = s["factory"]["machines"]
+        .as_array()?
+        .iter()
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Some(names)
+}
+
+async fn offers(sock: &Path) -> Option<Vec<String>> {
+    let s = status(sock).await?;
+    let mut names: Vec<String> = s["factory"]["offers"]
+        .as_array()?
+        .iter()
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Some(names)
+}
+
+async fn events_text(sock: &Path) -> String {
+    let Some(s) = status(sock).await else {
+        return String::new();
+    };
+    s["factory"]["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["message"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+fn signed(types: &Path, file: &str, mt: &MachineType, key: &SecretKey) {
+    std::fs::write(types.join(file), Envelope::seal(mt, key).to_bytes()).unwrap();
+}
+
+fn typed(name: &str, key: &SecretKey) -> MachineType {
+    let mut mt = machine_type(name, SCRIPT);
+    mt.publisher = key.public();
+    mt
+}
+
+struct Cleanup(String);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_owned(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_add_remove_revoke_and_rotate_on_a_real_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let types = tmp.path().join("types");
+    std::fs::create_dir_all(&types).unwrap();
+    let sock = state.join("control.sock");
+    let s = sock.to_str().unwrap().to_owned();
+    let a = publisher();
+    let a_id = a.public().to_string();
+    let revoked = SecretKey::from_seed([0x61; 32]);
+
+    signed(&types, "a.gmt", &typed("alpha", &a), &a);
+    // The same publisher asks for the network, which trusting it from alpha's file does not give.
+    let mut net = typed("alpha-net", &a);
+    net.egress = vec!["queue.example.org:443".into()];
+    signed(&types, "a-net.gmt", &net, &a);
+    // A publisher in the settings baseline whose key has revoked itself.
+    signed(&types, "r.gmt", &typed("revoked-type", &revoked), &revoked);
+    let rev = gleaner::trust::Revocation {
+        v: gleaner::trust::TRUST_VERSION,
+        key: revoked.public(),
+        at: 1_800_000_000,
+        reason: "key leaked".into(),
+    };
+    std::fs::write(
+        types.join("r.grv"),
+        Envelope::seal(&rev, &revoked).to_bytes(),
+    )
+    .unwrap();
+    let baseline = vec![format!("{}=1", revoked.public())];
+
+    let daemon = start(&state, &types, &baseline);
+    let host = eventually(90, "the daemon to answer", async || {
+        Some(status(&sock).await?["host"].as_str()?.to_owned())
+    })
+    .await;
+    let _cleanup = Cleanup(host.clone());
+    // Nobody trusted yet: the types are refused with their reasons, and nothing runs.
+    let ev = eventually(20, "refusals in the events", async || {
+        let ev = events_text(&sock).await;
+        (ev.contains("is not trusted") && ev.contains("revoked")).then_some(ev)
+    })
+    .await;
+    assert!(ev.contains("key leaked"), "{ev}");
+    let o = gleaner(&["events", "--socket", &s]);
+    assert!(text(&o).contains("is not trusted"), "{}", text(&o));
+    assert_eq!(running(&sock).await.unwrap(), Vec::<String>::new());
+
+    // Trust by file: the type is shown and starts.
+    let o = gleaner(&[
+        "trust",
+        "add",
+        "--from",
+        types.join("a.gmt").to_str().unwrap(),
+        "--socket",
+        &s,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("machine type alpha v1") && out.contains(&a_id),
+        "{out}"
+    );
+    assert!(out.contains("admitted"), "{out}");
+    eventually(60, "alpha running", async || {
+        (running(&sock).await? == ["alpha"]).then_some(())
+    })
+    .await;
+    // The network-asking type of the same publisher is refused with the policy's reason.
+    let ev = eventually(10, "the egress refusal", async || {
+        let ev = events_text(&sock).await;
+        ev.contains("allow_egress is off").then_some(ev)
+    })
+    .await;
+    assert!(ev.contains("alpha-net"), "{ev}");
+    assert_eq!(offers(&sock).await.unwrap(), ["alpha"]);
+    // A revoked key cannot be trusted by hand either.
+    let o = gleaner(&[
+        "trust",
+        "add",
+        &revoked.public().to_string(),
+        "--socket",
+        &s,
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("revoked"), "{}", text(&o));
+
+    // A restart keeps the trust.
+    stop(daemon);
+    let daemon = start(&state, &types, &baseline);
+    eventually(60, "alpha running after a restart", async || {
+        (running(&sock).await? == ["alpha"]).then_some(())
+    })
+    .await;
+    let o = gleaner(&["trust", "list", "--json", "--socket", &s]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list["trusted"][0]["id"], a_id, "{list}");
+    assert_eq!(list["trusted"][0]["source"], "owner", "{list}");
+    assert_eq!(list["trusted"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["revoked"][0]["id"], revoked.public().to_string());
+
+    // Remove: withdrawn at once, the machine stops, nothing new starts — and a restart keeps it.
+    let o = gleaner(&["trust", "remove", &a_id, "--socket", &s]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no longer trusted"), "{}", text(&o));
+    assert_eq!(offers(&sock).await.unwrap(), Vec::<String>::new());
+    eventually(30, "alpha stopped", async || {
+        running(&sock).await?.is_empty().then_some(())
+    })
+    .await;
+    stop(daemon);
+    let daemon = start(&state, &types, &baseline);
+    eventually(30, "the restarted daemon", async || status(&sock).await).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(running(&sock).await.unwrap(), Vec::<String>::new());
+    assert_eq!(offers(&sock).await.unwrap(), Vec::<String>::new());
+
+    // Rotation: trust A again, then A signs that A2 replaces it.
+    let o = gleaner(&["trust", "add", &a_id, "--share", "2", "--socket", &s]);
+    assert!(o.status.success(), "{}", text(&o));
+    eventually(60, "alpha running again", async || {
+        (running(&sock).await? == ["alpha"]).then_some(())
+    })
+    .await;
+    let a2 = SecretKey::from_seed([0x52; 32]);
+    let (ka, ka2) = (tmp.path().join("a.key"), tmp.path().join("a2.key"));
+    gleaner_client::keys::write(&ka, &a, false).unwrap();
+    gleaner_client::keys::write(&ka2, &a2, false).unwrap();
+    signed(&types, "a2.gmt", &typed("alpha-two", &a2), &a2);
+    let o = gleaner(&[
+        "key",
+        "rotate",
+        "--old",
+        ka.to_str().unwrap(),
+        "--new",
+        ka2.to_str().unwrap(),
+        "-o",
+        types.join("a-to-a2.gkr").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The new key's type runs; the old key's is withdrawn and stopped.
+    eventually(60, "alpha-two running and alpha gone", async || {
+        (running(&sock).await? == ["alpha-two"]).then_some(())
+    })
+    .await;
+    assert_eq!(offers(&sock).await.unwrap(), ["alpha-two"]);
+    // A new type signed by the old key alone is refused.
+    signed(&types, "a-v2.gmt", &typed("alpha-late", &a), &a);
+    let ev = eventually(10, "the rotated-away refusal", async || {
+        let ev = events_text(&sock).await;
+        ev.contains("alpha-late").then_some(ev)
+    })
+    .await;
+    assert!(ev.contains("was rotated to"), "{ev}");
+    let o = gleaner(&["trust", "list", "--json", "--socket", &s]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list["trusted"][0]["id"], a2.public().to_string(), "{list}");
+    assert_eq!(list["trusted"][0]["share"], 2.0, "{list}");
+    assert_eq!(list["trusted"][0]["rotated_from"][0], a_id, "{list}");
+    // The revoked publisher's type never started at any point.
+    let ev = events_text(&sock).await;
+    assert!(!ev.contains("starting revoked-type"), "{ev}");
+    stop(daemon);
+    let rt = docker(&host, &state).await;
+    assert_nothing_left(&rt, &state).await;
+
+    // Every usage record carries the host benchmark measured at the first start (cached with
+    // its timestamp), not a fixed 1000.
+    let cached: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("benchmark.json")).unwrap()).unwrap();
+    let score = cached["score"].as_u64().unwrap();
+    assert!(cached["at"].as_u64().unwrap() > 1_700_000_000, "{cached}");
+    let ledger = gleaner_client::ledger::Ledger::open(&state.join("ledger.redb")).unwrap();
+    let records = ledger.records().unwrap();
+    assert!(
+        records.len() >= 4,
+        "alpha three times and alpha-two: {records:?}"
+    );
+    for (r, _) in &records {
+        assert_eq!(u64::from(r.benchmark), score, "{r:?}");
+    }
+}
