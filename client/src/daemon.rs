@@ -113,6 +113,8 @@ pub struct Daemon {
     policy: Mutex<gleaner::policy::OwnerPolicy>,
     /// On a cluster node: what the site's jobs hold here.
     batch: Option<Arc<crate::batch::Claims>>,
+    /// The engines that run machines here, and those skipped with why.
+    engines: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -124,6 +126,8 @@ struct Status {
     ledger: crate::ledger::LedgerTotals,
     /// Which owner-activity sources are active, and which were skipped and why.
     sources: Vec<String>,
+    /// Which engines run machines (containers, VMs), and which were skipped and why.
+    engines: Vec<String>,
 }
 
 impl Daemon {
@@ -233,6 +237,7 @@ impl Controller for Daemon {
                     factory,
                     ledger,
                     sources: self.sources.clone(),
+                    engines: self.engines.clone(),
                 })
             }
             Request::Pause {
@@ -455,6 +460,10 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     )
     .with_gossip(gossip_tx);
     factory.recover().await?;
+    let (engines, backend_bits) = engines(runtime.as_ref()).await;
+    for e in &engines {
+        tracing::info!("engine {e}");
+    }
     let factory_cancel = CancellationToken::new();
     let (handle, factory_task) = factory.spawn(factory_cancel.clone());
 
@@ -574,6 +583,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         reload,
         policy: Mutex::new(opts.policy.clone()),
         batch: batch_claims,
+        engines,
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -653,7 +663,8 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                 }
                 if let (Some(space), Ok(status)) = (&space, handle.status().await) {
                     seq += 1;
-                    let _ = space.publish(Envelope::seal(&advert(&key, seq, now, &status), &key));
+                    let advert = advert(&key, seq, now, &status, backend_bits);
+                    let _ = space.publish(Envelope::seal(&advert, &key));
                     if let Ok(view) = space.view().await {
                         for o in &status.offers {
                             if let Ok(d) = o.machine_type.parse::<Digest>()
@@ -710,6 +721,7 @@ fn advert(
     seq: u64,
     now: u64,
     s: &crate::factory::FactoryStatus,
+    backends: u8,
 ) -> CapacityAdvert {
     let used: u16 = s.machines.iter().map(|m| m.cores).sum();
     let used_mem: u64 = s.machines.iter().map(|m| m.memory_bytes).sum();
@@ -725,7 +737,7 @@ fn advert(
         free_cores: s.allowance.cores.saturating_sub(used),
         free_memory_mib: (s.allowance.memory_bytes.saturating_sub(used_mem) >> 20) as u32,
         free_disk_mib: 0,
-        backends: gleaner::advert::backend_bits::DOCKER,
+        backends,
         running: running
             .into_iter()
             .filter_map(|(d, count)| {
@@ -740,4 +752,32 @@ fn advert(
         draining: s.draining,
         benchmark: 1000,
     }
+}
+
+/// What the engines offer, for status (one line each, skipped engines with why), and the
+/// advert's backend bits: containers, and VMs under KVM or TCG as the probe found.
+async fn engines<R: Runtime>(runtime: &R) -> (Vec<String>, u8) {
+    use gleaner::Backend;
+    use gleaner::advert::backend_bits;
+    let probe = runtime.probe().await;
+    let mut bits = 0;
+    if runtime.runs(Backend::Container) {
+        bits |= backend_bits::DOCKER;
+    }
+    let mut lines = Vec::new();
+    match probe {
+        Ok(p) => {
+            if runtime.runs(Backend::Vm) {
+                bits |= if p.kvm_usable {
+                    backend_bits::KVM
+                } else {
+                    backend_bits::TCG
+                };
+            }
+            lines.push(p.version);
+            lines.extend(p.notes);
+        }
+        Err(e) => lines.push(format!("probe failed: {e}")),
+    }
+    (lines, bits)
 }

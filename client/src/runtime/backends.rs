@@ -150,7 +150,7 @@ impl<C: Runtime, V: Runtime> Runtime for Backends<C, V> {
             match p {
                 Ok(p) => probes.push((b, p)),
                 Err(e) => {
-                    notes.push(format!("{b}: {e}"));
+                    notes.push(format!("{b}s: {e}"));
                     first_err.get_or_insert(e);
                 }
             }
@@ -173,7 +173,7 @@ impl<C: Runtime, V: Runtime> Runtime for Backends<C, V> {
             .iter()
             .any(|(b, p)| *b == Backend::Vm && p.kvm_usable);
         for (b, p) in &probes {
-            notes.extend(p.notes.iter().map(|n| format!("{b}: {n}")));
+            notes.extend(p.notes.iter().map(|n| format!("{b}s: {n}")));
         }
         Ok(Probe {
             engine,
