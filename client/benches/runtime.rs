@@ -131,6 +131,7 @@ async fn main() {
         .expect("dockerd is running (installers/install-deps.sh --start)");
     let (path, sha256) = busybox_tarball();
     let source = ImageSource {
+        backend: gleaner_client::runtime::Backend::Container,
         url: format!("file://{}", path.display()),
         sha256,
     };
@@ -139,6 +140,7 @@ async fn main() {
     let mjf = mjf(&tmp);
 
     let spec = |i: usize| MachineSpec {
+        backend: gleaner_client::runtime::Backend::Container,
         machine_id: Id16([i as u8; 16]),
         machine_type: sha256,
         name: format!("{owner}-{i}"),

@@ -113,6 +113,7 @@ async fn main() {
         cleanup.0.push(name.clone());
         let dir = mjf(&tmp.path().join(format!("g{i}")));
         let spec = MachineSpec {
+            backend: gleaner_client::runtime::Backend::Vm,
             machine_id: Id16([i as u8; 16]),
             machine_type: Digest::of(b"bench"),
             name: name.clone(),

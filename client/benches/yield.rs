@@ -235,6 +235,7 @@ async fn main() {
     let image = rt
         .prepare_image(
             &ImageSource {
+                backend: gleaner_client::runtime::Backend::Container,
                 url: format!("file://{}", path.display()),
                 sha256,
             },
@@ -246,6 +247,7 @@ async fn main() {
     let mut handles = Vec::new();
     for i in 0..2u8 {
         let spec = MachineSpec {
+            backend: gleaner_client::runtime::Backend::Container,
             machine_id: Id16([i; 16]),
             machine_type: sha256,
             name: format!("{owner}-{i}"),

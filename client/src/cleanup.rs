@@ -23,7 +23,7 @@ pub struct Report {
 }
 
 /// The folders under a state dir that only hold what machines need while they run.
-const DISPOSABLE: [&str; 2] = ["images", "machines"];
+const DISPOSABLE: [&str; 3] = ["images", "machines", "vms"];
 /// What survives a plain cleanup: the host's identity and its unsent credit.
 const KEPT: [&str; 2] = ["host.key", "ledger.redb"];
 

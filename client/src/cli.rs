@@ -235,6 +235,10 @@ pub struct DaemonArgs {
     /// interrupts [default: all that answer]
     #[arg(long, value_name = "LIST")]
     pub idle_sources: Option<String>,
+    /// Which engines may run machines, comma-separated among docker (containers) and libvirt
+    /// (VMs) [default: both; an engine that does not answer is skipped]
+    #[arg(long, value_name = "LIST")]
+    pub backends: Option<String>,
     /// Listen for the space's peers on this libp2p address (repeatable)
     /// [default: /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1]
     #[arg(long = "listen", value_name = "MULTIADDR")]
@@ -289,6 +293,7 @@ impl DaemonArgs {
             display: None,
             run_on_battery: false,
             idle_sources: None,
+            backends: None,
             suspend_above_load: None,
             listen: Vec::new(),
             bootstrap: Vec::new(),
@@ -629,16 +634,18 @@ fn cleanup(
         let key_path = crate::daemon::host_key_path(&state_dir);
         if key_path.exists() {
             let key = keys::read(&key_path)?;
-            match crate::runtime::docker::DockerRuntime::connect(
-                &key.public().to_string(),
-                state_dir.join("images"),
-                0,
-            )
-            .await
-            {
-                Ok(docker) => crate::cleanup::remove_machines(&docker, grace, &mut report).await,
-                Err(e) => report.failed.push(format!("docker: {e}")),
+            // Both engines: containers and VMs this host owns.
+            let engines =
+                crate::runtime::backends::connect(&crate::runtime::backends::ConnectOptions::new(
+                    &key.public().to_string(),
+                    state_dir.clone(),
+                    0,
+                ))
+                .await;
+            if engines.containers().is_none() {
+                report.failed.push("docker: not reachable".into());
             }
+            crate::cleanup::remove_machines(&engines, grace, &mut report).await;
         }
         crate::cleanup::clean_state(&state_dir, purge, &mut report)
             .with_context(|| format!("cannot delete under {}", state_dir.display()))?;

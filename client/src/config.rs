@@ -118,6 +118,8 @@ pub struct FileConfig {
     pub stop_grace: Option<Spanned<Scalar>>,
     pub display: Option<String>,
     pub idle_sources: Option<Spanned<Vec<String>>>,
+    /// Which engines may run machines: "docker" (containers), "libvirt" (VMs).
+    pub backends: Option<Spanned<Vec<String>>>,
     pub listen: Option<Spanned<Vec<String>>>,
     pub bootstrap: Option<Spanned<Vec<String>>>,
     pub no_mdns: Option<bool>,

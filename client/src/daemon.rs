@@ -120,6 +120,8 @@ pub struct Daemon {
     batch: Option<Arc<crate::batch::Claims>>,
     /// The trust store and what it admitted (shared with the housekeeping scan).
     catalogue: Arc<tokio::sync::Mutex<crate::trust::Catalogue>>,
+    /// The engines that run machines here, and those skipped with why.
+    engines: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -131,6 +133,8 @@ struct Status {
     ledger: crate::ledger::LedgerTotals,
     /// Which owner-activity sources are active, and which were skipped and why.
     sources: Vec<String>,
+    /// Which engines run machines (containers, VMs), and which were skipped and why.
+    engines: Vec<String>,
 }
 
 impl Daemon {
@@ -240,6 +244,7 @@ impl Controller for Daemon {
                     factory,
                     ledger,
                     sources: self.sources.clone(),
+                    engines: self.engines.clone(),
                 })
             }
             Request::Pause {
@@ -450,6 +455,10 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     )
     .with_gossip(gossip_tx);
     factory.recover().await?;
+    let (engines, backend_bits) = engines(runtime.as_ref()).await;
+    for e in &engines {
+        tracing::info!("engine {e}");
+    }
     let factory_cancel = CancellationToken::new();
     let (handle, factory_task) = factory.spawn(factory_cancel.clone());
 
@@ -570,6 +579,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         policy: Mutex::new(opts.policy.clone()),
         batch: batch_claims,
         catalogue: catalogue.clone(),
+        engines,
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -649,10 +659,8 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                 if let (Some(space), Ok(status)) = (&space, handle.status().await) {
                     seq += 1;
                     let bench = benchmark.load(std::sync::atomic::Ordering::Relaxed);
-                    let _ = space.publish(Envelope::seal(
-                        &advert(&key, seq, now, &status, bench),
-                        &key,
-                    ));
+                    let advert = advert(&key, seq, now, &status, bench, backend_bits);
+                    let _ = space.publish(Envelope::seal(&advert, &key));
                     if let Ok(view) = space.view().await {
                         for o in &status.offers {
                             if let Ok(d) = o.machine_type.parse::<Digest>()
@@ -740,6 +748,7 @@ fn advert(
     now: u64,
     s: &crate::factory::FactoryStatus,
     benchmark: u32,
+    backends: u8,
 ) -> CapacityAdvert {
     let used: u16 = s.machines.iter().map(|m| m.cores).sum();
     let used_mem: u64 = s.machines.iter().map(|m| m.memory_bytes).sum();
@@ -755,7 +764,7 @@ fn advert(
         free_cores: s.allowance.cores.saturating_sub(used),
         free_memory_mib: (s.allowance.memory_bytes.saturating_sub(used_mem) >> 20) as u32,
         free_disk_mib: 0,
-        backends: gleaner::advert::backend_bits::DOCKER,
+        backends,
         running: running
             .into_iter()
             .filter_map(|(d, count)| {
@@ -770,4 +779,32 @@ fn advert(
         draining: s.draining,
         benchmark,
     }
+}
+
+/// What the engines offer, for status (one line each, skipped engines with why), and the
+/// advert's backend bits: containers, and VMs under KVM or TCG as the probe found.
+async fn engines<R: Runtime>(runtime: &R) -> (Vec<String>, u8) {
+    use gleaner::Backend;
+    use gleaner::advert::backend_bits;
+    let probe = runtime.probe().await;
+    let mut bits = 0;
+    if runtime.runs(Backend::Container) {
+        bits |= backend_bits::DOCKER;
+    }
+    let mut lines = Vec::new();
+    match probe {
+        Ok(p) => {
+            if runtime.runs(Backend::Vm) {
+                bits |= if p.kvm_usable {
+                    backend_bits::KVM
+                } else {
+                    backend_bits::TCG
+                };
+            }
+            lines.push(p.version);
+            lines.extend(p.notes);
+        }
+        Err(e) => lines.push(format!("probe failed: {e}")),
+    }
+    (lines, bits)
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::DaemonArgs;
 use crate::config::{self, ConfigError, HostSize, Origin, PolicyOverrides, Scalar};
 use crate::daemon::{self, DaemonOptions};
-use crate::runtime::docker::DockerRuntime;
+use crate::runtime::backends::{self, ConnectOptions};
 
 /// The default state directory: /var/lib/gleaner as root, else the user's data dir.
 pub fn default_state_dir() -> PathBuf {
@@ -45,6 +45,58 @@ pub struct Settings {
     pub disk_bytes: u64,
     /// The settings file read, if any.
     pub file: Option<PathBuf>,
+    /// Which engines may run machines (settings key `backends`, option `--backends`).
+    pub backends: EngineChoice,
+}
+
+/// The engines the owner allows (both by default); one that does not answer is skipped anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineChoice {
+    pub docker: bool,
+    pub libvirt: bool,
+}
+
+impl Default for EngineChoice {
+    fn default() -> Self {
+        EngineChoice {
+            docker: true,
+            libvirt: true,
+        }
+    }
+}
+
+/// The names `backends` accepts.
+pub const BACKEND_NAMES: [&str; 2] = ["docker", "libvirt"];
+
+/// Parses a `backends` list: known names, no repeats, at least one.
+pub fn engine_choice<S: AsRef<str>>(names: &[S]) -> Result<EngineChoice, String> {
+    let mut c = EngineChoice {
+        docker: false,
+        libvirt: false,
+    };
+    for n in names {
+        let flag = match n.as_ref() {
+            "docker" => &mut c.docker,
+            "libvirt" => &mut c.libvirt,
+            other => {
+                return Err(format!(
+                    "{other:?} is not a backend; choose among {}",
+                    BACKEND_NAMES.join(", ")
+                ));
+            }
+        };
+        if *flag {
+            return Err(format!("{:?} is listed twice", n.as_ref()));
+        }
+        *flag = true;
+    }
+    if !(c.docker || c.libvirt) {
+        return Err(format!(
+            "at least one backend is needed ({})",
+            BACKEND_NAMES.join(", ")
+        ));
+    }
+    Ok(c)
 }
 
 impl Settings {
@@ -69,6 +121,7 @@ impl Settings {
         check(self.coordinator != other.coordinator, "coordinator");
         check(self.disk_bytes != other.disk_bytes, "disk");
         check(a.batch != b.batch, "batch");
+        check(self.backends != other.backends, "backends");
         keys
     }
 }
@@ -320,6 +373,20 @@ pub fn settings_from(
             });
         }
     }
+    let backends = match (&args.backends, &f.backends) {
+        (Some(list), _) => {
+            let names: Vec<&str> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            engine_choice(&names).map_err(|e| config::invalid_option("--backends", e))?
+        }
+        (None, Some(list)) => {
+            engine_choice(list.get_ref()).map_err(|e| o.invalid("backends", list.span(), e))?
+        }
+        (None, None) => EngineChoice::default(),
+    };
     let batch = match &f.batch {
         Some(b) => Some(crate::batch::settings(b.get_ref(), b.span(), &o)?),
         None => None,
@@ -373,6 +440,7 @@ pub fn settings_from(
         coordinator,
         disk_bytes,
         file: file.map(|(p, _)| p),
+        backends,
     })
 }
 
@@ -479,6 +547,7 @@ pub fn run(args: DaemonArgs) -> Result<()> {
     let opts = first.daemon.clone();
     let coordinator = first.coordinator.clone();
     let disk = first.disk_bytes;
+    let engines = first.backends;
     // A reload re-reads the file with the same command line; only a valid whole is applied.
     let reload: daemon::Reload = std::sync::Arc::new(LiveSettings {
         args: args.clone(),
@@ -494,12 +563,22 @@ pub fn run(args: DaemonArgs) -> Result<()> {
         std::fs::create_dir_all(&opts.state_dir)
             .with_context(|| format!("cannot create {}", opts.state_dir.display()))?;
         let key = crate::keys::read_or_create(&daemon::host_key_path(&opts.state_dir))?;
-        let runtime = DockerRuntime::connect(
-            &key.public().to_string(),
-            opts.state_dir.join("images"),
-            disk,
-        )
-        .await?;
+        // Every allowed engine that answers; the rest are skipped and `gleaner status` says why.
+        let mut connect =
+            ConnectOptions::new(&key.public().to_string(), opts.state_dir.clone(), disk);
+        connect.containers = engines.docker;
+        connect.vms = engines.libvirt;
+        let runtime = backends::connect(&connect).await;
+        for note in runtime.skipped() {
+            tracing::warn!("engine {note}");
+        }
+        if runtime.containers().is_none() && runtime.vms().is_none() {
+            anyhow::bail!(
+                "no engine to run machines: {}; start dockerd or libvirtd \
+                 (installers/start-engines.sh), or check `backends` in the settings",
+                runtime.skipped().join("; ")
+            );
+        }
         let uploader = match &coordinator {
             Some(c) => Some(
                 crate::coordinator_client::HttpUploader::new(&c.url, c.pin, key.clone())
@@ -557,4 +636,65 @@ pub fn run(args: DaemonArgs) -> Result<()> {
         daemon::run_with(opts, runtime, uploader, cancel, Some(reload)).await?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings_of(text: &str, backends: Option<&str>) -> Result<Settings, ConfigError> {
+        let args = DaemonArgs {
+            backends: backends.map(str::to_owned),
+            state_dir: Some(PathBuf::from("/nonexistent/state")),
+            ..DaemonArgs::for_check()
+        };
+        let host = HostSize {
+            cores: 4.0,
+            memory_bytes: 8 << 30,
+        };
+        let file = (PathBuf::from("/etc/gleaner/client.toml"), text.to_owned());
+        settings_from(&args, host, Some(&file))
+    }
+
+    #[test]
+    fn backends_default_to_both_and_can_be_narrowed() {
+        assert_eq!(
+            settings_of("", None).unwrap().backends,
+            EngineChoice::default()
+        );
+        let s = settings_of("backends = [\"docker\"]\n", None).unwrap();
+        assert_eq!(
+            s.backends,
+            EngineChoice {
+                docker: true,
+                libvirt: false
+            }
+        );
+        // The command line wins over the file.
+        let s = settings_of("backends = [\"docker\"]\n", Some("libvirt")).unwrap();
+        assert!(s.backends.libvirt && !s.backends.docker);
+    }
+
+    #[test]
+    fn bad_backends_are_refused_with_file_line_key_and_reason() {
+        let e = settings_of("space = \"x\"\nbackends = [\"xen\"]\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/gleaner/client.toml:2: backends:") && e.contains("\"xen\""),
+            "{e}"
+        );
+        let e = settings_of("backends = []\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least one backend"), "{e}");
+        let e = settings_of("backends = [\"docker\", \"docker\"]\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("twice"), "{e}");
+        let e = settings_of("", Some("docker,vbox"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--backends"), "{e}");
+    }
 }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ledger::Ledger;
 use crate::mjf::{Features, MjfDir};
 use crate::runtime::{
-    ImageSource, Limits, MachineHandle, MachineSpec, MachineState, Runtime, Usage,
+    ImageSource, Limits, MachineHandle, MachineSpec, MachineState, PreparedImage, Runtime, Usage,
 };
 
 /// Milliseconds since the epoch, now.
@@ -629,6 +629,18 @@ impl<R: Runtime + 'static> Factory<R> {
             }
             Command::Offer(offer) => {
                 let o = *offer;
+                // Refused once, with the reason, rather than failing to start over and over.
+                if !self.runtime.runs(o.machine_type.backend) {
+                    self.event(
+                        None,
+                        format!(
+                            "refused machine type {} v{}: this host runs no {} machines \
+                             (its engine is missing or turned off; see `gleaner doctor`)",
+                            o.machine_type.name, o.machine_type.version, o.machine_type.backend
+                        ),
+                    );
+                    return;
+                }
                 self.event(
                     None,
                     format!(
@@ -1195,29 +1207,7 @@ impl<R: Runtime> StartJob<R> {
     async fn run(self) -> Result<Machine, String> {
         let mt = &self.offer.machine_type;
         let now = self.now_ms / 1000;
-        if mt.backend != Backend::Container
-            && self.runtime.engine() == crate::runtime::EngineKind::Docker
-        {
-            return Err(format!(
-                "{} is a {} machine type; this runtime runs containers",
-                mt.name, mt.backend
-            ));
-        }
-        let image = match &mt.image {
-            Some(blob) => Some(
-                self.runtime
-                    .prepare_image(
-                        &ImageSource {
-                            url: blob.url.clone(),
-                            sha256: blob.sha256,
-                        },
-                        &|_| {},
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?,
-            ),
-            None => None,
-        };
+        let prepared = prepare(self.runtime.as_ref(), mt).await?;
         let lifetimes = Lifetimes::new(mt, now);
         let memory_bytes = u64::from(mt.memory_mib) << 20;
         let disk_bytes = u64::from(mt.disk_mib) << 20;
@@ -1287,12 +1277,13 @@ impl<R: Runtime> StartJob<R> {
         };
         persist(&machine)?;
         let spec = MachineSpec {
+            backend: mt.backend,
             machine_id: self.id,
             machine_type: self.offer.digest,
             name,
-            image,
-            kernel: None,
-            initrd: None,
+            image: prepared.image,
+            kernel: prepared.kernel,
+            initrd: prepared.initrd,
             cores: self.cores,
             limits: Limits {
                 cpus: f64::from(self.cores),
@@ -1302,7 +1293,9 @@ impl<R: Runtime> StartJob<R> {
             pids_limit: self.cfg.pids_limit,
             mjf_dir: machine.mjf.root.clone(),
             egress: mt.egress.clone(),
-            command: Some(vec!["/bin/sh".into(), "/user_data".into()]),
+            // A container runs user_data as its command; a VM's own init runs it from the seed.
+            command: (mt.backend == Backend::Container)
+                .then(|| vec!["/bin/sh".into(), "/user_data".into()]),
             labels: BTreeMap::from([("org.gleaner.machine-type-name".into(), mt.name.clone())]),
         };
         let created = self.runtime.create(&spec).await;
@@ -1324,4 +1317,61 @@ impl<R: Runtime> StartJob<R> {
         }
         Ok(machine)
     }
+}
+
+// ---- Preparing what a machine type boots (containers and VMs) ----
+
+/// What a machine type needs ready in its engine before a machine is created.
+struct Prepared {
+    /// The container image, or a VM's base disk (qcow2/raw) under its copy-on-write overlay.
+    image: Option<PreparedImage>,
+    /// A VM's kernel and initrd for direct boot (local paths in the engine's cache).
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+}
+
+/// Fetches and verifies every blob of `mt` through the engine of its backend.
+async fn prepare<R: Runtime>(runtime: &R, mt: &MachineType) -> Result<Prepared, String> {
+    if !runtime.runs(mt.backend) {
+        return Err(format!(
+            "{} is a {} machine type; this host runs no {} machines",
+            mt.name, mt.backend, mt.backend
+        ));
+    }
+    let fetch = |blob: &gleaner::Blob| {
+        let source = ImageSource {
+            url: blob.url.clone(),
+            sha256: blob.sha256,
+            backend: mt.backend,
+        };
+        async move {
+            runtime
+                .prepare_image(&source, &|_| {})
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let image = match &mt.image {
+        Some(blob) => Some(fetch(blob).await?),
+        None => None,
+    };
+    let (kernel, initrd) = match mt.backend {
+        Backend::Container => (None, None),
+        Backend::Vm => {
+            let kernel = match &mt.kernel {
+                Some(b) => Some(PathBuf::from(fetch(b).await?.reference)),
+                None => None,
+            };
+            let initrd = match &mt.initrd {
+                Some(b) => Some(PathBuf::from(fetch(b).await?.reference)),
+                None => None,
+            };
+            (kernel, initrd)
+        }
+    };
+    Ok(Prepared {
+        image,
+        kernel,
+        initrd,
+    })
 }

@@ -50,6 +50,10 @@ pub fn render(req: &Request, v: &Value) -> String {
                 secs(&a["memory_bytes"]) / f64::from(1u32 << 30),
                 a["max_machines"]
             );
+            for (i, e) in v["engines"].as_array().into_iter().flatten().enumerate() {
+                let label = if i == 0 { "engines" } else { "" };
+                let _ = writeln!(out, "{label:<9} {}", e.as_str().unwrap_or("?"));
+            }
             let machines = f["machines"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             let _ = writeln!(out, "machines  {}", machines.len());
             for m in machines {

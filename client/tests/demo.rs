@@ -1,6 +1,6 @@
 //! The main job end to end: `gleaner demo` brings up a coordinator and three client daemons that
-//! run real containers, until the dashboard shows credit from all three; then it shuts down and
-//! nothing is left in the engine.
+//! run real containers (and, with libvirtd, a VM), until the dashboard shows credit from all three
+//! and from the VM project; then it shuts down and nothing is left in the engines.
 
 use std::process::Command;
 
@@ -40,6 +40,13 @@ fn demo_reaches_credit_from_every_client_and_leaves_nothing() {
     );
     assert!(text.contains("from 3 volunteers"), "{text}");
     assert!(text.contains("nothing left behind"), "{text}");
+    // With libvirtd here, the VM project ran too and its credit reached the dashboard.
+    if text.contains("VMs under") {
+        assert!(
+            text.contains("the VM project's credit (demo-vm-hashing) is on the dashboard"),
+            "{text}"
+        );
+    }
     assert!(
         text.contains("client-1 sees 3 factories"),
         "the daemons found each other: {text}"

@@ -538,6 +538,7 @@ async fn images_are_verified_before_loading_cached_by_digest_and_evicted_lru() {
     // A wrong hash: refused, nothing loaded, nothing cached.
     let before = image_ids();
     let wrong = ImageSource {
+        backend: gleaner_client::runtime::Backend::Container,
         url: u1.clone(),
         sha256: d2,
     };
@@ -565,6 +566,7 @@ async fn images_are_verified_before_loading_cached_by_digest_and_evicted_lru() {
     // The right hash: downloaded with progress, loaded, tagged by digest, pinned by id.
     let progress = std::sync::Mutex::new(Vec::new());
     let good = ImageSource {
+        backend: gleaner_client::runtime::Backend::Container,
         url: u1.clone(),
         sha256: d1,
     };
@@ -599,6 +601,7 @@ async fn images_are_verified_before_loading_cached_by_digest_and_evicted_lru() {
     let img2 = rt
         .prepare_image(
             &ImageSource {
+                backend: gleaner_client::runtime::Backend::Container,
                 url: u2,
                 sha256: d2,
             },

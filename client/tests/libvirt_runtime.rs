@@ -95,6 +95,7 @@ fn spec(owner: &str, name: &str, mjf: &Path) -> MachineSpec {
     let mut id = [0u8; 16];
     id.copy_from_slice(&Digest::of(format!("{owner}/{name}").as_bytes()).0[..16]);
     MachineSpec {
+        backend: gleaner_client::runtime::Backend::Vm,
         machine_id: Id16(id),
         machine_type: Digest::of(b"libvirt-runtime-test"),
         name: format!("{owner}-{name}"),
@@ -461,6 +462,7 @@ async fn qcow2_base_gets_a_per_machine_overlay_that_is_deleted() {
     let wrong = rt
         .prepare_image(
             &ImageSource {
+                backend: gleaner_client::runtime::Backend::Vm,
                 url: url.clone(),
                 sha256: Digest::of(b"something else"),
             },
@@ -475,7 +477,14 @@ async fn qcow2_base_gets_a_per_machine_overlay_that_is_deleted() {
     assert_eq!(cached, 0, "nothing is cached after a mismatch");
 
     let image = rt
-        .prepare_image(&ImageSource { url, sha256 }, &|_| {})
+        .prepare_image(
+            &ImageSource {
+                url,
+                sha256,
+                backend: gleaner_client::runtime::Backend::Vm,
+            },
+            &|_| {},
+        )
         .await
         .unwrap();
     let mjf = mjf_dir(tmp.path(), REPORT);

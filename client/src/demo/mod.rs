@@ -1,8 +1,10 @@
 //! `gleaner demo`: a whole local space on embedded defaults — a coordinator (SQLite, self-signed
 //! TLS), a publisher key and a signed machine type whose payload does real computation with a
 //! heartbeat, and several client daemons on loopback that run it, sign usage records and deliver
-//! them — with progress printed until credit shows on the dashboard. Ctrl-C stops it all and
-//! leaves nothing behind.
+//! them — with progress printed until credit shows on the dashboard. When libvirtd answers, a
+//! second project publishes a VM machine type (a Debian cloud kernel and a busybox initramfs, the
+//! same as the tests' VM) running the same payload, and the first client runs it beside the
+//! containers. Ctrl-C stops it all and leaves nothing behind.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -132,6 +134,112 @@ struct Client {
     _proc: Proc,
 }
 
+/// The VM project's machine type: the same payload in a VM booted straight into its initramfs.
+fn vm_machine_type(
+    publisher: &SecretKey,
+    kernel: (&Path, Digest),
+    initrd: (&Path, Digest),
+    work_seconds: u32,
+    now: u64,
+) -> MachineType {
+    let blob = |(p, sha256): (&Path, Digest)| Blob {
+        url: format!("file://{}", p.display()),
+        sha256,
+    };
+    let mut mt = MachineType::example(publisher.public());
+    mt.name = "demo-vm-hashing".into();
+    mt.description = "Gleaner demo: SHA-256 over chunks of data in a VM, with a heartbeat".into();
+    mt.backend = Backend::Vm;
+    mt.image = None;
+    mt.kernel = Some(blob(kernel));
+    mt.initrd = Some(blob(initrd));
+    mt.user_data = PAYLOAD.replace("##user_data_work_seconds##", &work_seconds.to_string());
+    mt.cores_min = 1;
+    mt.cores_max = 1;
+    mt.memory_mib = 256;
+    mt.disk_mib = 64;
+    // Booting under TCG takes seconds of the wallclock.
+    mt.max_wallclock_s = work_seconds * 4 + 120;
+    mt.heartbeat_s = 90;
+    mt.fizzle_s = (work_seconds / 4).min(10);
+    mt.backoff_s = 60;
+    mt.not_after = now + 7 * 86_400;
+    mt
+}
+
+const VM_ASSETS_SCRIPT: &str = include_str!("../../tests/assets/build-vm-assets.sh");
+const VM_GUEST_INIT: &str = include_str!("../../tests/assets/vm-guest-init.sh");
+
+/// The VM's kernel and initramfs: those the tests built (`target/tmp/test-assets/vm` beside this
+/// binary) or `$GLEANER_VM_ASSETS`, else built the same way into the user's cache.
+fn vm_assets(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let has = |d: &Path| d.join("vmlinuz").is_file() && d.join("initrd.img").is_file();
+    let mut candidates = Vec::new();
+    if let Some(d) = std::env::var_os("GLEANER_VM_ASSETS") {
+        candidates.push(PathBuf::from(d));
+    }
+    if let Some(target) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent().map(Path::to_path_buf))
+    {
+        candidates.push(target.join("tmp/test-assets/vm"));
+    }
+    if let Some(d) = candidates.iter().find(|d| has(d)) {
+        return Ok((d.join("vmlinuz"), d.join("initrd.img")));
+    }
+    let out = directories::ProjectDirs::from("org", "gleaner", "gleaner")
+        .map(|p| p.cache_dir().join("demo-vm"))
+        .unwrap_or_else(|| dir.join("vm-assets"));
+    let scripts = dir.join("vm-build");
+    std::fs::create_dir_all(&scripts)?;
+    std::fs::write(scripts.join("build-vm-assets.sh"), VM_ASSETS_SCRIPT)?;
+    std::fs::write(scripts.join("vm-guest-init.sh"), VM_GUEST_INIT)?;
+    println!(
+        "    building the VM (a Debian cloud kernel + busybox initramfs) into {}",
+        out.display()
+    );
+    let st = Command::new("bash")
+        .arg(scripts.join("build-vm-assets.sh"))
+        .arg(&out)
+        .status()
+        .context("cannot run bash")?;
+    let _ = std::fs::remove_dir_all(&scripts);
+    if !st.success() || !has(&out) {
+        bail!("building the VM failed (needs apt lists, dpkg-deb, cpio and busybox-static)");
+    }
+    Ok((out.join("vmlinuz"), out.join("initrd.img")))
+}
+
+/// The VM project, when this host can run VMs: libvirtd answers and the VM can be had.
+async fn vm_project(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    step("checking the VM engine");
+    let cfg =
+        crate::runtime::libvirt::LibvirtConfig::new("gleaner-demo-probe", dir.join("probe-vms"));
+    let probe = match crate::runtime::libvirt::LibvirtRuntime::connect(cfg).await {
+        Ok(rt) => rt.probe().await,
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_dir_all(dir.join("probe-vms"));
+    match probe {
+        Ok(p) => println!(
+            "    {}, VMs under {}",
+            p.version,
+            if p.kvm_usable { "KVM" } else { "TCG" }
+        ),
+        Err(e) => {
+            println!("    no VMs in this demo ({e}); containers only");
+            return None;
+        }
+    }
+    match vm_assets(dir) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            println!("    no VMs in this demo ({e:#}); containers only");
+            None
+        }
+    }
+}
+
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -171,6 +279,8 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
         "    Docker Engine {}, cgroup v{}",
         probe.version, probe.cgroup_version
     );
+
+    let vm = vm_project(dir).await;
 
     step("starting the coordinator (SQLite, self-signed TLS)");
     let coord_bin = sibling_binary("gleaner-coordinator")?;
@@ -273,6 +383,38 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
         mt.version,
         publisher.public()
     );
+    // The VM type comes from a second project, so the dashboard shows its credit apart.
+    let vm_publisher = match &vm {
+        Some((kernel, initrd)) => {
+            let vp = crate::keys::generate()?;
+            let sha = |p: &Path| -> Result<Digest> {
+                Ok(Digest::of(
+                    &std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+                ))
+            };
+            let vmt = vm_machine_type(
+                &vp,
+                (kernel, sha(kernel)?),
+                (initrd, sha(initrd)?),
+                args.work_seconds,
+                now,
+            );
+            let signed = Envelope::seal(&vmt, &vp).to_bytes();
+            std::fs::write(types.join("demo-vm-hashing.gmt"), &signed)?;
+            api.register_machine_type(&signed)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "    {} v{} by {} (kernel {})",
+                vmt.name,
+                vmt.version,
+                vp.public(),
+                kernel.display()
+            );
+            Some(vp.public().to_string())
+        }
+        None => None,
+    };
 
     step(&format!("starting {} client daemons", args.clients));
     let gleaner = std::env::current_exe()?;
@@ -304,9 +446,18 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
             .arg("--machine-types")
             .arg(&types)
             .args(["--trust", &publisher.public().to_string()])
+            // The first client also runs the VM project's type, on a second core.
+            .args(match (&vm_publisher, i) {
+                (Some(vp), 0) => vec!["--trust".to_string(), format!("{vp},allow-vms")],
+                _ => vec![],
+            })
             .args([
                 "--cores",
-                "1",
+                if vm_publisher.is_some() && i == 0 {
+                    "2"
+                } else {
+                    "1"
+                },
                 "--memory",
                 "1GiB",
                 "--stop-grace",
@@ -374,7 +525,8 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     println!("Dashboard: {base}/   (self-signed certificate, sha256 {fingerprint})");
     println!("Press Ctrl-C to stop everything.");
     println!();
-    let result = watch(args, &clients, &api, &base).await;
+    let want_project = vm.as_ref().map(|_| "demo-vm-hashing");
+    let result = watch(args, &clients, &api, &base, want_project).await;
 
     // The daemons found each other over libp2p: wait (briefly) until the first sees them all.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -403,7 +555,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     step("stopping the coordinator");
     drop(coordinator);
     let mut left = 0;
-    for host in hosts {
+    for host in &hosts {
         left += probe_rt
             .docker()
             .list_containers(Some(
@@ -419,8 +571,17 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
             .map(|l| l.len())
             .unwrap_or(0);
     }
+    if vm.is_some() {
+        for host in &hosts {
+            let cfg = crate::runtime::libvirt::LibvirtConfig::new(host, dir.join("probe-vms"));
+            if let Ok(rt) = crate::runtime::libvirt::LibvirtRuntime::connect(cfg).await {
+                left += rt.list_owned().await.map(|l| l.len()).unwrap_or(0);
+            }
+            let _ = std::fs::remove_dir_all(dir.join("probe-vms"));
+        }
+    }
     if left > 0 {
-        println!("    warning: {left} Gleaner containers are still in the engine");
+        println!("    warning: {left} Gleaner machines are still in the engines");
     } else {
         println!("    nothing left behind");
     }
@@ -432,6 +593,8 @@ async fn watch(
     clients: &[Client],
     api: &crate::coordinator_client::HttpUploader,
     base: &str,
+    // A project whose credit must show too before `--until-credit` ends (the VM project).
+    want_project: Option<&str>,
 ) -> Result<()> {
     let started = Instant::now();
     let mut last_lines: Vec<String> = vec![String::new(); clients.len()];
@@ -480,10 +643,26 @@ async fn watch(
                 Err(_) => None,
             };
         let mut credited = 0;
+        let mut projects = Vec::new();
         if let Some(s) = &stats {
             credited = s["volunteers"].as_array().map(Vec::len).unwrap_or(0);
+            projects = s["projects"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| {
+                            Some((p["key"].as_str()?.to_owned(), p["credit"].as_f64()?))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            let by_project = projects
+                .iter()
+                .map(|(k, c)| format!("{k} {c:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ");
             let total = format!(
-                "dashboard: {:.2} credit from {} volunteers, {} records",
+                "dashboard: {:.2} credit from {} volunteers, {} records ({by_project})",
                 s["total_credit"].as_f64().unwrap_or(0.0),
                 credited,
                 s["records"]
@@ -493,7 +672,11 @@ async fn watch(
                 last_total = total;
             }
         }
-        if args.until_credit && credited >= clients.len() {
+        let project_done = want_project.is_none_or(|w| projects.iter().any(|(k, _)| k == w));
+        if args.until_credit && credited >= clients.len() && project_done {
+            if let Some(w) = want_project {
+                println!("  the VM project's credit ({w}) is on the dashboard");
+            }
             println!("  every client's credit is on the dashboard");
             return Ok(());
         }

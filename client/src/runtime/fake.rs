@@ -97,6 +97,8 @@ pub struct FakeMachine {
 #[derive(Debug, Default)]
 struct State {
     next_id: u64,
+    /// Prepended to engine ids, so two fakes standing for two engines never share an id.
+    id_prefix: String,
     /// By engine id.
     machines: BTreeMap<String, FakeMachine>,
     calls: Vec<FakeCall>,
@@ -121,6 +123,13 @@ pub struct FakeRuntime {
 impl FakeRuntime {
     pub fn new() -> FakeRuntime {
         FakeRuntime::default()
+    }
+
+    /// A fake whose engine ids start with `prefix` (two fakes standing for two engines).
+    pub fn with_id_prefix(prefix: &str) -> FakeRuntime {
+        let f = FakeRuntime::default();
+        f.lock().id_prefix = prefix.to_owned();
+        f
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -199,6 +208,7 @@ impl FakeRuntime {
     /// Puts a running machine named `name` in the engine, as a daemon that died would leave it.
     pub fn add_owned(&self, name: &str) -> MachineHandle {
         let spec = MachineSpec {
+            backend: super::Backend::Container,
             machine_id: gleaner::Id16([name.len() as u8; 16]),
             machine_type: Digest([0; 32]),
             name: name.into(),
@@ -241,7 +251,7 @@ impl FakeRuntime {
 
 fn new_machine(s: &mut State, spec: &MachineSpec) -> MachineHandle {
     s.next_id += 1;
-    let engine_id = format!("fake-{:04}", s.next_id);
+    let engine_id = format!("{}fake-{:04}", s.id_prefix, s.next_id);
     let script = s
         .by_name
         .get(&spec.name)
@@ -476,6 +486,7 @@ mod tests {
 
     fn spec(name: &str, ty: u8) -> MachineSpec {
         MachineSpec {
+            backend: crate::runtime::Backend::Container,
             machine_id: Id16([ty; 16]),
             machine_type: Digest([ty; 32]),
             name: name.into(),
@@ -607,6 +618,7 @@ mod tests {
     async fn images_verify_cache_and_failures_are_injected() {
         let rt = FakeRuntime::new();
         let good = ImageSource {
+            backend: crate::runtime::Backend::Container,
             url: "http://x/good.tar".into(),
             sha256: Digest([1; 32]),
         };
@@ -615,6 +627,7 @@ mod tests {
         assert_eq!(rt.downloads(), 1, "the second prepare is a cache hit");
         rt.serve("http://x/bad.tar", Digest([9; 32]));
         let bad = ImageSource {
+            backend: crate::runtime::Backend::Container,
             url: "http://x/bad.tar".into(),
             sha256: Digest([2; 32]),
         };

@@ -4,6 +4,7 @@
 //! the factory's unit tests. Every machine a runtime makes carries ownership labels/metadata so a
 //! restarted daemon can adopt or clean it up.
 
+pub mod backends;
 pub mod blobs;
 pub mod docker;
 pub mod fake;
@@ -15,6 +16,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use gleaner::Backend;
 use gleaner::{Digest, Id16};
 
 /// Label (container) / metadata key (domain) that marks what Gleaner owns.
@@ -53,6 +55,9 @@ pub struct Probe {
 pub struct ImageSource {
     pub url: String,
     pub sha256: Digest,
+    /// Which backend the image is for (a container image, or a VM's disk, kernel or initrd): a
+    /// runtime holding several engines hands it to the one that runs that backend.
+    pub backend: Backend,
 }
 
 /// An image that is ready in the engine (a Docker image id, or a local disk/kernel path).
@@ -81,6 +86,8 @@ pub struct Limits {
 /// Everything needed to create one logical machine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MachineSpec {
+    /// Container or VM: which engine makes the machine.
+    pub backend: Backend,
     pub machine_id: Id16,
     pub machine_type: Digest,
     /// Engine object name, e.g. `gleaner-<machine id>`.
@@ -175,6 +182,15 @@ pub struct MachineHandle {
 /// calls off the async executor.
 pub trait Runtime: Send + Sync {
     fn engine(&self) -> EngineKind;
+    /// Whether this runtime can run machines of `backend` (a Docker runtime runs containers, a
+    /// libvirt one VMs; a runtime over several engines answers for those it holds).
+    fn runs(&self, backend: Backend) -> bool {
+        match self.engine() {
+            EngineKind::Docker => backend == Backend::Container,
+            EngineKind::Libvirt => backend == Backend::Vm,
+            EngineKind::Fake => true,
+        }
+    }
     fn probe(&self) -> impl Future<Output = Result<Probe, RuntimeError>> + Send;
     /// Makes an image available, verifying its sha256 before the engine sees it.
     fn prepare_image(

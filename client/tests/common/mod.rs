@@ -62,6 +62,7 @@ pub async fn busybox(rt: &DockerRuntime) -> PreparedImage {
     let (path, sha256) = busybox_tarball();
     rt.prepare_image(
         &gleaner_client::runtime::ImageSource {
+            backend: gleaner_client::runtime::Backend::Container,
             url: format!("file://{}", path.display()),
             sha256,
         },
@@ -111,6 +112,7 @@ pub fn spec(owner: &str, name: &str, image: &PreparedImage, mjf: &Path) -> Machi
     let bytes = Digest::of(format!("{owner}/{name}").as_bytes()).0;
     id.copy_from_slice(&bytes[..16]);
     MachineSpec {
+        backend: gleaner_client::runtime::Backend::Container,
         machine_id: Id16(id),
         machine_type: Digest::of(b"docker-runtime-test"),
         name: format!("{owner}-{name}"),

@@ -245,3 +245,188 @@ pub fn write_type(types: &Path, file: &str, mt: &MachineType) {
     )
     .unwrap();
 }
+
+// ---- VMs: the factory over both engines, with the test VM (tests/assets/build-vm-assets.sh) ----
+
+/// Whether this is CI, where the real-engine tests must run rather than skip.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The test VM's kernel and initramfs (built once from Debian packages, cached across runs).
+pub fn vm_assets() -> (PathBuf, PathBuf) {
+    static ASSETS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    ASSETS
+        .get_or_init(|| {
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/build-vm-assets.sh");
+            let st = std::process::Command::new("bash")
+                .arg(&script)
+                .arg(&out)
+                .status()
+                .expect("bash runs");
+            assert!(st.success(), "{} failed", script.display());
+            (out.join("vmlinuz"), out.join("initrd.img"))
+        })
+        .clone()
+}
+
+/// A VM machine type (direct kernel boot of the test VM) whose guest runs `script` as user_data.
+pub fn vm_machine_type(name: &str, script: &str) -> MachineType {
+    let (kernel, initrd) = vm_assets();
+    let blob = |p: &Path| Blob {
+        url: format!("file://{}", p.display()),
+        sha256: Digest::of(&std::fs::read(p).unwrap()),
+    };
+    let mut mt = MachineType::example(publisher().public());
+    mt.name = name.into();
+    mt.backend = Backend::Vm;
+    mt.image = None;
+    mt.kernel = Some(blob(&kernel));
+    mt.initrd = Some(blob(&initrd));
+    mt.user_data = script.into();
+    mt.cores_min = 1;
+    mt.cores_max = 1;
+    mt.memory_mib = 256;
+    mt.disk_mib = 64;
+    // TCG boots take seconds; nothing here tests fizzles.
+    mt.fizzle_s = 0;
+    mt.heartbeat_s = 120;
+    mt.not_after = 4_000_000_000;
+    mt
+}
+
+/// The daemon's runtime (Docker and libvirt) for `owner`, or `None` (skip) when libvirtd is
+/// unreachable outside CI. `state` is made traversable for the QEMU user.
+pub async fn host_runtime(
+    owner: &str,
+    state: &Path,
+) -> Option<gleaner_client::runtime::backends::HostRuntime> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let opts =
+        gleaner_client::runtime::backends::ConnectOptions::new(owner, state.to_owned(), 1 << 30);
+    let rt = gleaner_client::runtime::backends::connect(&opts).await;
+    if rt.vms().is_none() {
+        assert!(
+            !ci(),
+            "libvirtd must be reachable in CI (installers/start-engines.sh): {:?}",
+            rt.skipped()
+        );
+        eprintln!(
+            "SKIPPED: libvirtd is unreachable ({:?}); run installers/start-engines.sh",
+            rt.skipped()
+        );
+        return None;
+    }
+    Some(rt)
+}
+
+/// A running factory over both engines.
+pub struct VmFactory {
+    pub handle: FactoryHandle,
+    pub ledger: Arc<Ledger>,
+    pub runtime: Arc<gleaner_client::runtime::backends::HostRuntime>,
+    pub cancel: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+    pub allowance: watch::Sender<Allowance>,
+    pub key: SecretKey,
+}
+
+/// Starts a factory on `runtime` with the ledger in `state` (recovering what a previous one left).
+pub async fn vm_factory(
+    runtime: gleaner_client::runtime::backends::HostRuntime,
+    ledger: Arc<Ledger>,
+    state: &Path,
+    cores: u16,
+) -> VmFactory {
+    let runtime = Arc::new(runtime);
+    let mut cfg = FactoryConfig::new(state.to_owned());
+    cfg.tick = Duration::from_millis(200);
+    cfg.stop_grace = Duration::from_secs(10);
+    let (tx, rx) = watch::channel(Allowance::open(cores, 2 << 30));
+    let key = SecretKey::from_seed([0x78; 32]);
+    let mut f = Factory::new(cfg, runtime.clone(), ledger.clone(), key.clone(), rx);
+    f.recover().await.unwrap();
+    let cancel = CancellationToken::new();
+    let (handle, task) = f.spawn(cancel.clone());
+    VmFactory {
+        handle,
+        ledger,
+        runtime,
+        cancel,
+        task: Some(task),
+        allowance: tx,
+        key,
+    }
+}
+
+impl VmFactory {
+    /// Stops the factory the way SIGTERM does (machines stopped and accounted for).
+    pub async fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Ends the factory's loop with no shutdown at all, as kill -9 of the daemon would.
+    pub async fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// `virsh -c qemu:///system ARGS`: stdout (libvirt's own view, independent of our client).
+pub fn virsh(args: &[&str]) -> String {
+    let out = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .expect("virsh runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Destroys and undefines every domain named with `prefix` (tests that panicked leave none).
+pub fn remove_domains(prefix: &str) {
+    for name in virsh(&["list", "--all", "--name"]).lines() {
+        let name = name.trim();
+        if !name.is_empty() && name.starts_with(prefix) {
+            let _ = virsh(&["destroy", name]);
+            let _ = virsh(&["undefine", name]);
+        }
+    }
+}
+
+/// Asserts no machine (container or domain), machine folder, overlay or seed is left.
+pub async fn assert_no_vm_left(
+    rt: &gleaner_client::runtime::backends::HostRuntime,
+    state: &Path,
+    names: &[String],
+) {
+    let owned = rt.list_owned().await.unwrap();
+    assert!(owned.is_empty(), "left behind: {owned:?}");
+    let domains = virsh(&["list", "--all", "--name"]);
+    for n in names {
+        assert!(
+            !domains.lines().any(|l| l.trim() == n),
+            "domain {n} still defined"
+        );
+    }
+    for dir in ["machines", "vms"] {
+        let d = state.join(dir);
+        if d.exists() {
+            let left: Vec<_> = std::fs::read_dir(&d)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                // The verified image cache stays (it is reused); machine files do not.
+                .filter(|n| n != "cache")
+                .collect();
+            assert!(left.is_empty(), "{} holds {left:?}", d.display());
+        }
+    }
+}
