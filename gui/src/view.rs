@@ -259,16 +259,22 @@ fn short_id(s: &str) -> String {
     }
 }
 
+/// The form being drawn and the field its validation blames, if any.
+struct FormView<'a> {
+    form: &'a LimitsForm,
+    error: Option<Field>,
+}
+
 fn field(
     ui: &mut Ui,
-    form: &LimitsForm,
+    fv: &FormView,
     f: Field,
     label: &str,
     hint: &str,
-    error: Option<Field>,
     hits: &mut Hits,
     out: &mut Vec<Msg>,
 ) {
+    let (form, error) = (fv.form, fv.error);
     ui.label(label);
     let mut text = form.get(f).to_owned();
     let mut edit = egui::TextEdit::singleline(&mut text).hint_text(hint);
@@ -309,59 +315,39 @@ fn limits(ui: &mut Ui, m: &Model, hits: &mut Hits, out: &mut Vec<Msg>) {
         return;
     };
     let error = m.form_check.as_ref().err().and_then(|e| e.field);
+    let fv = FormView { form, error };
     ui.add_space(8.0);
     ui.label(RichText::new("When you are away").strong());
     egui::Grid::new("away")
         .num_columns(3)
         .spacing([12.0, 6.0])
         .show(ui, |ui| {
+            field(ui, &fv, Field::Cores, "Cores", "4 or 50%", hits, out);
             field(
                 ui,
-                form,
-                Field::Cores,
-                "Cores",
-                "4 or 50%",
-                error,
-                hits,
-                out,
-            );
-            field(
-                ui,
-                form,
+                &fv,
                 Field::CpuUsage,
                 "CPU use per core",
                 "100%",
-                error,
                 hits,
                 out,
             );
+            field(ui, &fv, Field::Memory, "Memory", "4GiB or 50%", hits, out);
             field(
                 ui,
-                form,
-                Field::Memory,
-                "Memory",
-                "4GiB or 50%",
-                error,
-                hits,
-                out,
-            );
-            field(
-                ui,
-                form,
+                &fv,
                 Field::MaxMachines,
                 "Machines at once",
                 "2",
-                error,
                 hits,
                 out,
             );
             field(
                 ui,
-                form,
+                &fv,
                 Field::IdleAfter,
                 "Away after idle for",
                 "5m",
-                error,
                 hits,
                 out,
             );
@@ -383,26 +369,8 @@ fn limits(ui: &mut Ui, m: &Model, hits: &mut Hits, out: &mut Vec<Msg>) {
             .num_columns(3)
             .spacing([12.0, 6.0])
             .show(ui, |ui| {
-                field(
-                    ui,
-                    form,
-                    Field::PresentCores,
-                    "Cores",
-                    "1",
-                    error,
-                    hits,
-                    out,
-                );
-                field(
-                    ui,
-                    form,
-                    Field::PresentMemory,
-                    "Memory",
-                    "25%",
-                    error,
-                    hits,
-                    out,
-                );
+                field(ui, &fv, Field::PresentCores, "Cores", "1", hits, out);
+                field(ui, &fv, Field::PresentMemory, "Memory", "25%", hits, out);
             });
     }
     ui.add_space(8.0);
@@ -418,31 +386,28 @@ fn limits(ui: &mut Ui, m: &Model, hits: &mut Hits, out: &mut Vec<Msg>) {
         .show(ui, |ui| {
             field(
                 ui,
-                form,
+                &fv,
                 Field::SuspendAboveLoad,
                 "Freeze when other load exceeds",
                 "3, 75% or off",
-                error,
                 hits,
                 out,
             );
             field(
                 ui,
-                form,
+                &fv,
                 Field::StopAfterFrozen,
                 "Stop work frozen longer than",
                 "4h or never",
-                error,
                 hits,
                 out,
             );
             field(
                 ui,
-                form,
+                &fv,
                 Field::ExclusiveApps,
                 "Freeze while these run",
                 "blender, steam",
-                error,
                 hits,
                 out,
             );
