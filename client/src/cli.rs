@@ -76,8 +76,19 @@ pub enum Command {
     /// bad file is refused with the line, key and reason, and the running settings are kept.
     Reload(RemoteArgs),
     /// The owner policy in force: limits when the owner is away and present, idle time, schedule,
-    /// exclusive applications. Change them in the settings file, then `gleaner reload`.
-    Limits(RemoteArgs),
+    /// exclusive applications; or change them live with --set (kept in the state dir's owner.toml,
+    /// over the settings file). Values are settings-file values: cores=2, memory=4GiB, cpu_usage=50%,
+    /// present=freeze, present='{cores=1, memory="25%"}', idle_after=10m, exclusive_apps='["blender"]'.
+    Limits {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Change a key of the owner policy, as KEY=VALUE (repeatable); validated whole, applied at once
+        #[arg(long, value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Drop the owner's own value of KEY, going back to the settings file's (repeatable)
+        #[arg(long, value_name = "KEY")]
+        unset: Vec<String>,
+    },
     /// Check or print the daemon's settings file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -185,6 +196,10 @@ pub struct DaemonArgs {
     /// Run while on battery power
     #[arg(long)]
     pub run_on_battery: bool,
+    /// Freeze while other programs keep more than this many cores busy: a count, a percentage of
+    /// the cores, or off [default: the preset's, 75%]
+    #[arg(long, value_name = "LOAD")]
+    pub suspend_above_load: Option<String>,
     /// Which owner-activity sources to watch, comma-separated among x11, logind, terminals and
     /// interrupts [default: all that answer]
     #[arg(long, value_name = "LIST")]
@@ -243,6 +258,7 @@ impl DaemonArgs {
             display: None,
             run_on_battery: false,
             idle_sources: None,
+            suspend_above_load: None,
             listen: Vec::new(),
             bootstrap: Vec::new(),
             no_mdns: false,
@@ -380,7 +396,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Events(r) => remote(&r, Request::Events),
         Command::Space(r) => remote(&r, Request::Space),
         Command::Reload(r) => remote(&r, Request::Reload),
-        Command::Limits(r) => remote(&r, Request::Limits { set: None }),
+        Command::Limits {
+            remote: r,
+            set,
+            unset,
+        } => {
+            let changes = limit_changes(&set, &unset)?;
+            remote(
+                &r,
+                Request::Limits {
+                    set: (!changes.is_empty()).then_some(serde_json::Value::Object(changes)),
+                },
+            )
+        }
         Command::Config(ConfigCommand::Example) => {
             print!("{}", crate::config::EXAMPLE);
             Ok(())
@@ -401,6 +429,31 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         } => doctor(coordinator, coordinator_fingerprint, json),
     }
+}
+
+/// `--set KEY=VALUE` and `--unset KEY` as the JSON object the daemon takes. A value is read as
+/// TOML (numbers, booleans, "strings", arrays, inline tables), else taken as a bare string.
+fn limit_changes(
+    set: &[String],
+    unset: &[String],
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut changes = serde_json::Map::new();
+    for kv in set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: write KEY=VALUE, e.g. cores=2"))?;
+        let (k, v) = (k.trim(), v.trim());
+        let value = match format!("v = {v}").parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").map(serde_json::to_value).transpose()?,
+            Err(_) => None,
+        }
+        .unwrap_or_else(|| serde_json::Value::String(v.to_owned()));
+        changes.insert(k.to_owned(), value);
+    }
+    for k in unset {
+        changes.insert(k.trim().to_owned(), serde_json::Value::Null);
+    }
+    Ok(changes)
 }
 
 fn config_check(file: Option<PathBuf>) -> Result<()> {

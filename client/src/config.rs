@@ -206,6 +206,52 @@ pub fn invalid_option(option: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The keys the owner may change live (`gleaner limits --set`, the GUI): the owner policy.
+pub const LIVE_KEYS: [&str; 12] = [
+    "preset",
+    "cores",
+    "memory",
+    "cpu_usage",
+    "max_machines",
+    "idle_after",
+    "run_on_battery",
+    "suspend_above_load",
+    "exclusive_apps",
+    "stop_after_frozen",
+    "present",
+    "schedule",
+];
+
+/// An error about `key` in `file`, without a line.
+pub fn invalid_at(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        where_: file.to_owned(),
+        line: None,
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Refuses keys of the owner's overrides file that are not owner policy.
+pub fn check_live_keys(file: &Path, text: &str) -> Result<(), ConfigError> {
+    let table = text
+        .parse::<toml::Table>()
+        .map_err(|e| invalid_at(file, "(syntax)", e.to_string()))?;
+    for k in table.keys() {
+        if !LIVE_KEYS.contains(&k.as_str()) {
+            return Err(invalid_at(
+                file,
+                k,
+                format!(
+                    "only the owner policy can be changed here ({}); set {k} in the settings file",
+                    LIVE_KEYS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses `text` (the contents of `file`) strictly: unknown keys and wrong types are refused with
 /// the key's path and line.
 pub fn parse(file: &Path, text: &str) -> Result<FileConfig, ConfigError> {
@@ -479,7 +525,22 @@ pub fn owner_policy(
         (None, None) => {}
     }
     p.run_on_battery = cli.run_on_battery || f.run_on_battery.unwrap_or(p.run_on_battery);
-    if let Some(l) = &f.suspend_above_load {
+    if let Some(l) = &cli.suspend_above_load {
+        p.suspend_above_load = match l.as_str() {
+            "off" | "never" => None,
+            t => Some(
+                amount(&Scalar::Text(t.to_owned()), host.cores, "cores")
+                    .ok()
+                    .filter(|v| *v > 0.0)
+                    .ok_or_else(|| {
+                        invalid_option(
+                            "--suspend-above-load",
+                            format!("{t:?}: give a load above 0 (cores, or a percentage), or off"),
+                        )
+                    })?,
+            ),
+        };
+    } else if let Some(l) = &f.suspend_above_load {
         p.suspend_above_load = match l.get_ref() {
             Scalar::Text(t) if t == "off" || t == "never" => None,
             s => {
@@ -542,6 +603,7 @@ pub struct PolicyOverrides {
     pub memory: Option<String>,
     pub idle_after: Option<String>,
     pub run_on_battery: bool,
+    pub suspend_above_load: Option<String>,
 }
 
 #[cfg(test)]

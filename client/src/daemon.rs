@@ -55,8 +55,19 @@ pub struct Reloaded {
     pub file: Option<PathBuf>,
 }
 
-/// Re-reads the settings: a whole valid result, or why not (the running settings are then kept).
-pub type Reload = Arc<dyn Fn() -> Result<Reloaded, String> + Send + Sync>;
+/// Where the daemon's settings come from, for live changes. Each call gives a whole valid result or
+/// says why not, and then nothing changes.
+pub trait SettingsSource: Send + Sync {
+    /// Re-reads the settings file (and the owner's overrides).
+    fn reload(&self) -> Result<Reloaded, String>;
+    /// Changes owner-policy keys (settings-file names; `null` removes the owner's override),
+    /// validated whole before anything is written, then persisted in the owner's overrides.
+    fn set(&self, changes: &serde_json::Map<String, serde_json::Value>)
+    -> Result<Reloaded, String>;
+}
+
+/// The daemon's settings source.
+pub type Reload = Arc<dyn SettingsSource>;
 
 /// Paths inside the state dir.
 pub fn host_key_path(state_dir: &Path) -> PathBuf {
@@ -131,11 +142,31 @@ impl Daemon {
 
     /// Re-reads the settings file and applies the owner policy live; a bad file changes nothing.
     async fn reload(&self) -> Result<serde_json::Value, String> {
-        let Some(reload) = &self.reload else {
+        let Some(source) = &self.reload else {
             return Err("this daemon was started without a settings file to reload".into());
         };
-        let r =
-            reload().map_err(|e| format!("reload refused, the running settings are kept: {e}"))?;
+        let r = source
+            .reload()
+            .map_err(|e| format!("reload refused, the running settings are kept: {e}"))?;
+        self.apply_settings(r).await
+    }
+
+    /// Changes owner-policy keys live (validated whole, persisted, applied).
+    async fn set_limits(&self, set: serde_json::Value) -> Result<serde_json::Value, String> {
+        let Some(source) = &self.reload else {
+            return Err("this daemon cannot change its settings (started without them)".into());
+        };
+        let serde_json::Value::Object(changes) = set else {
+            return Err("limits to set must be an object of settings-file keys".into());
+        };
+        let r = source
+            .set(&changes)
+            .map_err(|e| format!("limits refused, nothing changed: {e}"))?;
+        self.apply_settings(r).await
+    }
+
+    /// Hands a new owner policy to the enforcer and reports what happened.
+    async fn apply_settings(&self, r: Reloaded) -> Result<serde_json::Value, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.enforcer
             .send(crate::owner::EnforcerCommand::SetPolicy(
@@ -249,9 +280,10 @@ impl Controller for Daemon {
                     Err(_) => Response::error("the policy lock is poisoned"),
                 }
             }
-            Request::Limits { set: Some(_) } => Response::error(
-                "limits are changed in the settings file: edit it, then `gleaner reload`",
-            ),
+            Request::Limits { set: Some(set) } => match self.set_limits(set).await {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::error(e),
+            },
             Request::Events => match self.factory.status().await {
                 Ok(s) => Response::ok(s.events),
                 Err(e) => Response::error(e.to_string()),
@@ -427,13 +459,30 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         ));
     }
 
-    let (sources, source_notes) = crate::owner::Sources::detect(
+    let (sources, mut source_notes) = crate::owner::Sources::detect(
         opts.display.as_deref(),
         opts.power_supply.clone(),
         &opts.idle_sources,
         cancel.child_token(),
     )
     .await;
+    let (nudge_tx, nudge_rx) = tokio::sync::mpsc::channel(1);
+    let nudge = match (
+        &opts.display,
+        opts.idle_sources.is_empty() || opts.idle_sources.iter().any(|s| s == "x11"),
+    ) {
+        (Some(d), true) => match crate::owner::watch_x11_input(d, nudge_tx) {
+            Ok(()) => {
+                source_notes.push(format!("x11 input events (XInput2) on {d}: active"));
+                Some(nudge_rx)
+            }
+            Err(e) => {
+                source_notes.push(format!("x11 input events: skipped ({e}); polling instead"));
+                None
+            }
+        },
+        _ => None,
+    };
     for n in &source_notes {
         tracing::info!("owner activity: {n}");
     }
@@ -449,6 +498,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         paused: paused.clone(),
         interval: opts.owner_interval,
         decision: decision_tx,
+        nudge,
     };
     let enforcer_cancel = CancellationToken::new();
     tracker.spawn(enforcer.run(enforcer_rx, enforcer_cancel.clone()));

@@ -1,7 +1,7 @@
 //! `gleaner daemon`: turns command-line settings into daemon options, sets up logging and signal
 //! handling, connects the engine, and runs the daemon until SIGTERM or Ctrl-C.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -93,29 +93,100 @@ impl Settings {
     }
 }
 
-/// Builds the daemon's settings from the command line and the settings file it names (or the
-/// default file, when it exists).
-pub fn settings(args: &DaemonArgs, host: HostSize) -> Result<Settings, ConfigError> {
-    let (file, text) = match &args.config {
-        Some(path) => {
-            let (f, text) = config::read(path)?;
-            (Some((path.clone(), f)), text)
-        }
+/// The settings file named by `--config`, or the default one when it exists: its path and text.
+pub fn main_file(args: &DaemonArgs) -> Result<Option<(PathBuf, String)>, ConfigError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: path.to_owned(),
+            reason: e.to_string(),
+        })
+    };
+    match &args.config {
+        Some(path) => Ok(Some((path.clone(), read(path)?))),
         None => {
             let path = config::default_path();
             if path.exists() {
-                let (f, text) = config::read(&path)?;
-                (Some((path, f)), text)
+                Ok(Some((path.clone(), read(&path)?)))
             } else {
-                (None, String::new())
+                Ok(None)
             }
         }
+    }
+}
+
+/// Where the owner's own changes (from `gleaner limits --set`, the GUI) are kept: in the state dir,
+/// layered over the settings file, so a department's /etc file is never rewritten.
+pub fn overrides_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("owner.toml")
+}
+
+/// Builds the daemon's settings: the command line over the owner's overrides over the settings
+/// file (the one `--config` names, or the default one when it exists) over defaults.
+pub fn settings(args: &DaemonArgs, host: HostSize) -> Result<Settings, ConfigError> {
+    let main = main_file(args)?;
+    let base = settings_from(args, host, main.as_ref())?;
+    let over = overrides_path(&base.daemon.state_dir);
+    match std::fs::read_to_string(&over) {
+        Ok(text) => with_overrides(args, host, main.as_ref(), (&over, &text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(base),
+        Err(e) => Err(ConfigError::Read {
+            file: over,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The settings with the owner's overrides (`over`: path and text) layered over the main file.
+/// The overrides are validated on their own first, so their errors name their own file and line.
+pub fn with_overrides(
+    args: &DaemonArgs,
+    host: HostSize,
+    main: Option<&(PathBuf, String)>,
+    over: (&Path, &str),
+) -> Result<Settings, ConfigError> {
+    let o = Origin {
+        file: over.0,
+        text: over.1,
     };
-    let path = file
-        .as_ref()
-        .map(|(p, _)| p.clone())
-        .unwrap_or_else(|| PathBuf::from("(no settings file)"));
-    let f = file.as_ref().map(|(_, f)| f.clone()).unwrap_or_default();
+    let f = config::parse(over.0, over.1)?;
+    config::check_live_keys(over.0, over.1)?;
+    config::owner_policy(&f, &o, &PolicyOverrides::default(), host)?;
+    let table = |text: &str, file: &Path| {
+        text.parse::<toml::Table>()
+            .map_err(|e| config::invalid_at(file, "(syntax)", e.to_string()))
+    };
+    let mut merged = match main {
+        Some((path, text)) => table(text, path)?,
+        None => toml::Table::new(),
+    };
+    for (k, v) in table(over.1, over.0)? {
+        merged.insert(k, v);
+    }
+    let text =
+        toml::to_string(&merged).map_err(|e| config::invalid_at(over.0, "(all)", e.to_string()))?;
+    let label = PathBuf::from(format!(
+        "{} with {}",
+        main.map(|(p, _)| p.display().to_string())
+            .unwrap_or_else(|| "defaults".into()),
+        over.0.display()
+    ));
+    let mut s = settings_from(args, host, Some(&(label, text)))?;
+    s.file = main.map(|(p, _)| p.clone());
+    Ok(s)
+}
+
+/// Builds the daemon's settings from the command line over `file` (path and text) over defaults.
+pub fn settings_from(
+    args: &DaemonArgs,
+    host: HostSize,
+    file: Option<&(PathBuf, String)>,
+) -> Result<Settings, ConfigError> {
+    let (path, text) = match file {
+        Some((p, t)) => (p.clone(), t.clone()),
+        None => (PathBuf::from("(no settings file)"), String::new()),
+    };
+    let f = config::parse(&path, &text)?;
+    let file = file.map(|(p, _)| (p.clone(), ()));
     let o = Origin {
         file: &path,
         text: &text,
@@ -126,6 +197,7 @@ pub fn settings(args: &DaemonArgs, host: HostSize) -> Result<Settings, ConfigErr
         memory: args.memory.clone(),
         idle_after: args.idle_after.clone(),
         run_on_battery: args.run_on_battery,
+        suspend_above_load: args.suspend_above_load.clone(),
     };
     let (policy, _preset) = config::owner_policy(&f, &o, &overrides, host)?;
 
@@ -315,6 +387,92 @@ pub fn settings(args: &DaemonArgs, host: HostSize) -> Result<Settings, ConfigErr
     })
 }
 
+/// The daemon's settings as they change while it runs.
+struct LiveSettings {
+    args: DaemonArgs,
+    host: HostSize,
+    running: std::sync::Mutex<Settings>,
+}
+
+impl LiveSettings {
+    /// Takes `new` as the running settings, reporting what only a restart applies.
+    fn adopt(&self, new: Settings) -> Result<daemon::Reloaded, String> {
+        let mut running = self
+            .running
+            .lock()
+            .map_err(|_| "the settings lock is poisoned".to_string())?;
+        let restart_needed = new
+            .restart_needed(&running)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let policy = new.daemon.policy.clone();
+        // The policy is what applies now; the rest waits for a restart and stays listed.
+        running.daemon.policy = policy.clone();
+        Ok(daemon::Reloaded {
+            policy,
+            restart_needed,
+            file: new.file.clone(),
+        })
+    }
+}
+
+impl daemon::SettingsSource for LiveSettings {
+    fn reload(&self) -> Result<daemon::Reloaded, String> {
+        let new = settings(&self.args, self.host).map_err(|e| e.to_string())?;
+        self.adopt(new)
+    }
+
+    fn set(
+        &self,
+        changes: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<daemon::Reloaded, String> {
+        let state_dir = self
+            .running
+            .lock()
+            .map_err(|_| "the settings lock is poisoned".to_string())?
+            .daemon
+            .state_dir
+            .clone();
+        let path = overrides_path(&state_dir);
+        let mut table = match std::fs::read_to_string(&path) {
+            Ok(t) => t
+                .parse::<toml::Table>()
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        for (k, v) in changes {
+            if !config::LIVE_KEYS.contains(&k.as_str()) {
+                return Err(format!(
+                    "{k}: not an owner-policy key; these can change live: {}",
+                    config::LIVE_KEYS.join(", ")
+                ));
+            }
+            if v.is_null() {
+                table.remove(k);
+            } else {
+                let v = toml::Value::try_from(v).map_err(|e| format!("{k}: {e}"))?;
+                table.insert(k.clone(), v);
+            }
+        }
+        let text = format!(
+            "# The owner's own limits, written by `gleaner limits --set` and the GUI; they override\n\
+             # the settings file. Remove this file to go back to it.\n{}",
+            toml::to_string(&table).map_err(|e| e.to_string())?
+        );
+        let main = main_file(&self.args).map_err(|e| e.to_string())?;
+        let new = with_overrides(&self.args, self.host, main.as_ref(), (&path, &text))
+            .map_err(|e| e.to_string())?;
+        // Written whole or not at all.
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, &text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("cannot save {}: {e}", path.display()))?;
+        self.adopt(new)
+    }
+}
+
 /// Runs `gleaner daemon`.
 pub fn run(args: DaemonArgs) -> Result<()> {
     let _ = tracing_subscriber::fmt()
@@ -333,29 +491,11 @@ pub fn run(args: DaemonArgs) -> Result<()> {
     let coordinator = first.coordinator.clone();
     let disk = first.disk_bytes;
     // A reload re-reads the file with the same command line; only a valid whole is applied.
-    let reload: daemon::Reload = {
-        let args = args.clone();
-        let running = std::sync::Mutex::new(first);
-        std::sync::Arc::new(move || {
-            let new = settings(&args, host).map_err(|e| e.to_string())?;
-            let mut running = running
-                .lock()
-                .map_err(|_| "the settings lock is poisoned".to_string())?;
-            let restart_needed = new
-                .restart_needed(&running)
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-            let policy = new.daemon.policy.clone();
-            // The policy is what a reload applies; the rest waits for a restart and stays listed.
-            running.daemon.policy = policy.clone();
-            Ok(daemon::Reloaded {
-                policy,
-                restart_needed,
-                file: new.file.clone(),
-            })
-        })
-    };
+    let reload: daemon::Reload = std::sync::Arc::new(LiveSettings {
+        args: args.clone(),
+        host,
+        running: std::sync::Mutex::new(first),
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -306,6 +306,69 @@ pub fn running_exclusive(proc: &Path, names: &[String]) -> Vec<String> {
     found
 }
 
+/// The owner's input as it happens, from XInput2 raw events on the root window (keys, buttons,
+/// motion of every device): when input comes after a quiet second, the enforcer is nudged at once
+/// rather than at its next look, so workloads freeze within milliseconds of the owner's return.
+/// Runs its own thread and X connection; ends when the display goes away or `nudge` is closed.
+pub fn watch_x11_input(display: &str, nudge: mpsc::Sender<()>) -> Result<(), String> {
+    use x11rb::connection::Connection;
+    use x11rb::protocol::Event;
+    use x11rb::protocol::xinput::{self, ConnectionExt as _};
+    let (conn, screen) = x11rb::rust_connection::RustConnection::connect(Some(display))
+        .map_err(|e| format!("X11 display {display}: {e}"))?;
+    let root = conn.setup().roots[screen].root;
+    let v = conn
+        .xinput_xi_query_version(2, 2)
+        .map_err(|e| e.to_string())?
+        .reply()
+        .map_err(|e| format!("no XInput2 on {display}: {e}"))?;
+    if v.major_version < 2 {
+        return Err(format!(
+            "XInput {}.{} on {display}: raw events need 2.0",
+            v.major_version, v.minor_version
+        ));
+    }
+    let mask = xinput::XIEventMask::RAW_KEY_PRESS
+        | xinput::XIEventMask::RAW_BUTTON_PRESS
+        | xinput::XIEventMask::RAW_MOTION;
+    conn.xinput_xi_select_events(
+        root,
+        &[xinput::EventMask {
+            deviceid: xinput::Device::ALL_MASTER.into(),
+            mask: vec![mask],
+        }],
+    )
+    .map_err(|e| e.to_string())?
+    .check()
+    .map_err(|e| format!("XInput2 raw events on {display}: {e}"))?;
+    std::thread::Builder::new()
+        .name("x11-input".into())
+        .spawn(move || {
+            let mut last: Option<std::time::Instant> = None;
+            while let Ok(ev) = conn.wait_for_event() {
+                if !matches!(
+                    ev,
+                    Event::XinputRawKeyPress(_)
+                        | Event::XinputRawButtonPress(_)
+                        | Event::XinputRawMotion(_)
+                ) {
+                    continue;
+                }
+                let now = std::time::Instant::now();
+                // Only the first input after a quiet second matters: the owner arriving. A full
+                // channel already holds a nudge, which is just as good.
+                if last.is_none_or(|l| now.duration_since(l) >= Duration::from_secs(1)) {
+                    if let Err(mpsc::error::TrySendError::Closed(())) = nudge.try_send(()) {
+                        return;
+                    }
+                }
+                last = Some(now);
+            }
+        })
+        .map_err(|e| format!("cannot start the X11 input thread: {e}"))?;
+    Ok(())
+}
+
 /// Whether the host runs on battery, from a sysfs power-supply tree (injectable for tests).
 pub fn on_battery(power_supply: &Path) -> bool {
     let Ok(entries) = std::fs::read_dir(power_supply) else {
@@ -526,6 +589,8 @@ pub struct Enforcer<R: Runtime + 'static> {
     pub interval: Duration,
     /// The latest decision, for status.
     pub decision: watch::Sender<Option<Decision>>,
+    /// Nudges from event-driven sources (owner input): look now, not at the next tick.
+    pub nudge: Option<mpsc::Receiver<()>>,
 }
 
 impl<R: Runtime + 'static> Enforcer<R> {
@@ -623,6 +688,12 @@ impl<R: Runtime + 'static> Enforcer<R> {
             let reply = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => None,
+                Some(()) = async {
+                    match self.nudge.as_mut() {
+                        Some(n) => n.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => None,
                 Some(cmd) = commands.recv() => match cmd {
                     EnforcerCommand::Apply(r) => Some(r),
                     EnforcerCommand::SetPolicy(p, r) => {

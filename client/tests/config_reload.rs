@@ -180,6 +180,41 @@ async fn settings_file_exclusive_apps_reload_and_cleanup() {
         "the daemon kept running"
     );
 
+    // The owner changes limits live: validated whole, kept in the state dir over the file.
+    let o = gleaner(&[
+        "limits",
+        "--socket",
+        &sock_s,
+        "--set",
+        "cores=0.5",
+        "--set",
+        "present={cores=1, memory=\"300MiB\"}",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let l = call(&sock, Request::Limits { set: None }).await;
+    assert_eq!(l["away"]["cores"], 0.5, "{l}");
+    assert_eq!(l["present"]["memory_bytes"], 300u64 << 20, "{l}");
+    let saved = std::fs::read_to_string(state.join("owner.toml")).unwrap();
+    assert!(saved.contains("cores = 0.5"), "{saved}");
+    for (arg, want) in [
+        ("memory=plenty", "owner.toml:"),
+        ("space=elsewhere", "not an owner-policy key"),
+        ("cpu_usage=200%", "cpu_usage: 200% is not between 0 and 100"),
+    ] {
+        let o = gleaner(&["limits", "--socket", &sock_s, "--set", arg]);
+        assert_eq!(o.status.code(), Some(1), "{arg}: {}", text(&o));
+        assert!(
+            text(&o).contains(want) && text(&o).contains("nothing changed"),
+            "{arg}: {}",
+            text(&o)
+        );
+    }
+    assert_eq!(call(&sock, Request::Limits { set: None }).await, l);
+    let o = gleaner(&["limits", "--socket", &sock_s, "--unset", "cores"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let l = call(&sock, Request::Limits { set: None }).await;
+    assert_eq!(l["away"]["cores"], 1.0, "back to the file's: {l}");
+
     // A change that needs a restart is named as such.
     std::fs::write(&cfg, settings("space = \"elsewhere\"\n")).unwrap();
     let o = gleaner(&["reload", "--socket", &sock_s, "--json"]);

@@ -85,6 +85,8 @@ async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
                 "2s",
                 "--display",
                 &display,
+                "--suspend-above-load",
+                "75%",
             ],
         )
         .spawn()
@@ -96,6 +98,7 @@ async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
         let s = c.call(&Request::Status).await.ok()?;
         let sources = s["sources"].to_string();
         assert!(sources.contains("x11 idle time"), "{sources}");
+        assert!(sources.contains("x11 input events (XInput2)"), "{sources}");
         (s["factory"]["machines"].as_array()?.len() == 1)
             .then(|| s["host"].as_str().unwrap().to_owned())
     })

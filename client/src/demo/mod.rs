@@ -286,8 +286,17 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(&state)?;
         let socket = state.join("control.sock");
         let log = std::fs::File::create(state.join("daemon.log"))?;
+        // A settings file of the demo's own, so that an installed host's /etc/gleaner/client.toml
+        // (its trust, its limits) does not leak into the demo.
+        let settings = state.join("client.toml");
+        std::fs::write(
+            &settings,
+            "# gleaner demo: everything is on the command line\n",
+        )?;
         let child = Command::new(&gleaner)
             .arg("daemon")
+            .arg("--config")
+            .arg(&settings)
             .arg("--state-dir")
             .arg(&state)
             .arg("--socket")

@@ -203,7 +203,9 @@ impl Drop for Daemon {
 }
 
 /// `gleaner daemon` alone (no space), on `state` with its socket inside, offering the signed
-/// machine types in `types` from the test publisher, plus `extra` arguments.
+/// machine types in `types` from the test publisher, plus `extra` arguments. Unless `extra` says
+/// otherwise, the owner is watched on X11 only (none here: away) and other programs' CPU load does
+/// not freeze work, so that a busy test machine or a terminal in use does not change the outcome.
 pub fn daemon_command(state: &Path, types: &Path, extra: &[&str]) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_gleaner"));
     c.args(["daemon", "--no-space", "--stop-grace", "2"])
@@ -216,6 +218,12 @@ pub fn daemon_command(state: &Path, types: &Path, extra: &[&str]) -> std::proces
         .args(["--trust", &publisher().public().to_string()])
         .args(extra)
         .env("RUST_LOG", "warn");
+    if !extra.contains(&"--suspend-above-load") {
+        c.args(["--suspend-above-load", "off"]);
+    }
+    if !extra.contains(&"--idle-sources") {
+        c.args(["--idle-sources", "x11"]);
+    }
     c
 }
 
