@@ -411,18 +411,24 @@ impl LimitsForm {
         let present = match &p.present {
             None => "frozen while you use the computer".to_owned(),
             Some(l) => format!(
-                "{} cores and {} while you use the computer",
-                num_text((l.cores * 10.0).round() / 10.0),
+                "{} and {} while you use the computer",
+                cores_text(l.cores),
                 bytes_words(l.memory_bytes)
             ),
         };
         Ok(format!(
-            "{} cores and {} when you are away (after {} idle); {present}",
-            num_text((p.away.cores * 10.0).round() / 10.0),
+            "{} and {} when you are away (after {} idle); {present}",
+            cores_text(p.away.cores),
             bytes_words(p.away.memory_bytes),
             crate::status::duration_words(p.idle_after_s),
         ))
     }
+}
+
+/// "1 core", "2.5 cores".
+fn cores_text(c: f64) -> String {
+    let c = (c * 10.0).round() / 10.0;
+    format!("{} core{}", num_text(c), if c == 1.0 { "" } else { "s" })
 }
 
 fn json_to_toml(v: &Value) -> Option<toml::Value> {
