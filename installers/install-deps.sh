@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 #! Installs (idempotently) the system packages that Gleaner's build and tests need on Debian.
 # Usage: installers/install-deps.sh [--start]
-#   --start  also start the daemons the tests use (dockerd) if they are not running.
+#   --start  also start the daemons the tests use (dockerd, libvirtd) if they are not running.
 set -euo pipefail
 
 PKGS=(
   pkg-config          # build: -sys crates
   docker.io           # runtime: containers (Docker Engine)
+  libvirt-daemon-system  # runtime: VMs (libvirtd, virtlogd, the libvirt-qemu user)
+  libvirt-daemon-driver-qemu
+  libvirt-clients     # tests: virsh as an independent check (dumpxml, schedinfo)
+  libvirt-dev         # build: virt-sys links libvirt
+  qemu-system-x86     # runtime: the VMs themselves (TCG, or KVM when a test boot works)
+  qemu-utils          # runtime: qemu-img for per-machine copy-on-write overlays
+  genisoimage         # runtime: the NoCloud (cidata) seed that carries user_data
+  cpio                # test assets: the VM's busybox initramfs
   busybox-static      # test assets: a rootfs for the container image
   iproute2            # tests: network namespaces
   chromium            # tests: the dashboard in a real (headless) browser
@@ -19,6 +27,10 @@ PKGS=(
   systemd             # installer tests: systemd-analyze verify (no systemd as PID 1 here)
   desktop-file-utils  # installer tests: desktop-file-validate for the GUI's desktop entry
   dbus-daemon         # tests: a private bus serving a stand-in logind (owner idle source)
+  slurmctld           # tests: a real one-node Slurm cluster on loopback (cluster nodes)
+  slurmd
+  slurm-client
+  munge
   libgl1-mesa-dri     # GUI tests: Mesa's llvmpipe renders the window in Xvfb with no GPU
   libglx-mesa0        # GUI tests: GLX for glutin on the X server
   libegl1             # GUI: EGL, which glutin tries first

@@ -175,7 +175,37 @@ pub struct HostState {
     pub exclusive_app: bool,
     /// Seconds the work has been frozen without a break (0 while it runs).
     pub frozen_for_s: u64,
+    /// What the site's batch system has taken on a cluster node (`None`: not a cluster node).
+    pub batch: Option<BatchClaim>,
 }
+
+/// What the site's batch system (Slurm) holds on this node: its jobs come first, Gleaner gets only
+/// what they leave.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BatchClaim {
+    /// The newest site job on the node, when the batch system names it (hook mode).
+    pub job: Option<u64>,
+    /// Site jobs on the node (0 with CPUs taken: poll mode, which sees CPUs but not jobs).
+    pub jobs: u32,
+    /// CPUs the site's jobs hold.
+    pub cpus: u32,
+    /// Cores the site's jobs leave free.
+    pub free_cores: f64,
+    /// Memory the site's jobs leave free, when they asked for memory.
+    pub free_memory_bytes: Option<u64>,
+    /// The node is drained, down or in maintenance: start nothing new.
+    pub unavailable: bool,
+}
+
+impl BatchClaim {
+    /// Whether the batch system wants anything from Gleaner now.
+    pub fn active(&self) -> bool {
+        self.cpus > 0 || self.unavailable
+    }
+}
+
+/// Fewer cores than this left by site jobs is none: a sliver of a core is not worth the noise.
+pub const BATCH_MIN_CORES: f64 = 0.1;
 
 /// What to do with running work.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -199,11 +229,33 @@ pub enum Reason {
     OutsideSchedule,
     Paused,
     ExclusiveApp,
+    /// The site's batch system took the node's CPUs (all: frozen; some: shrunk) or drained it.
+    BatchSystem(BatchReason),
+}
+
+/// The batch-system details `gleaner status` shows: "yielding to the batch system (job 42, 2 CPUs)".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchReason {
+    pub job: Option<u64>,
+    pub jobs: u32,
+    pub cpus: u32,
+    pub unavailable: bool,
+}
+
+impl From<&BatchClaim> for BatchReason {
+    fn from(c: &BatchClaim) -> BatchReason {
+        BatchReason {
+            job: c.job,
+            jobs: c.jobs,
+            cpus: c.cpus,
+            unavailable: c.unavailable,
+        }
+    }
 }
 
 impl Reason {
-    pub fn text(self) -> &'static str {
-        match self {
+    pub fn text(self) -> std::borrow::Cow<'static, str> {
+        let fixed = match self {
             Reason::OwnerAway => "running: the owner is away",
             Reason::OwnerPresentThrottled => "throttled: the owner is using the machine",
             Reason::OwnerPresent => "frozen: the owner is using the machine",
@@ -212,7 +264,18 @@ impl Reason {
             Reason::OutsideSchedule => "frozen: outside the allowed hours",
             Reason::Paused => "frozen: paused by the owner",
             Reason::ExclusiveApp => "frozen: an exclusive application is running",
-        }
+            Reason::BatchSystem(b) => {
+                let cpus = if b.cpus == 1 { "CPU" } else { "CPUs" };
+                let what = match (b.unavailable, b.jobs, b.job) {
+                    (true, _, _) => "node drained or down: starting nothing new".to_owned(),
+                    (false, 0 | 1, Some(job)) => format!("job {job}, {} {cpus}", b.cpus),
+                    (false, 0 | 1, None) => format!("{} {cpus} allocated", b.cpus),
+                    (false, n, _) => format!("{n} jobs, {} {cpus}", b.cpus),
+                };
+                return format!("yielding to the batch system ({what})").into();
+            }
+        };
+        fixed.into()
     }
 
     /// A short stable code for scripts and the GUI.
@@ -226,6 +289,7 @@ impl Reason {
             Reason::OutsideSchedule => "outside-schedule",
             Reason::Paused => "paused",
             Reason::ExclusiveApp => "exclusive-app",
+            Reason::BatchSystem(_) => "batch-system",
         }
     }
 }
@@ -259,6 +323,49 @@ pub fn decide(p: &OwnerPolicy, s: &HostState) -> Decision {
     if s.paused {
         return freeze(Reason::Paused, "owner");
     }
+    let batch = s.batch.filter(BatchClaim::active);
+    if let Some(b) = &batch
+        && b.cpus > 0
+        && b.free_cores < BATCH_MIN_CORES
+    {
+        return freeze(Reason::BatchSystem(b.into()), "batch-system");
+    }
+    let d = decide_owner(p, s, freeze);
+    match batch {
+        Some(b) => yield_to_batch(d, &b),
+        None => d,
+    }
+}
+
+/// A decision that runs work, shrunk to what the site's jobs leave and started no more on a
+/// drained node; a freeze or stop for another reason stands.
+fn yield_to_batch(mut d: Decision, b: &BatchClaim) -> Decision {
+    let Action::Run(l) = d.action else {
+        return d;
+    };
+    // A drained node with no job on it takes no CPUs: what runs keeps its limits.
+    if b.cpus > 0 {
+        d.action = Action::Run(Limits {
+            cores: l.cores.min(b.free_cores),
+            memory_bytes: b
+                .free_memory_bytes
+                .map_or(l.memory_bytes, |m| l.memory_bytes.min(m)),
+        });
+    }
+    if b.unavailable {
+        d.may_start = false;
+    }
+    d.reason = Reason::BatchSystem(b.into());
+    d.source = "batch-system";
+    d
+}
+
+/// The owner's part of [`decide`].
+fn decide_owner(
+    p: &OwnerPolicy,
+    s: &HostState,
+    freeze: impl Fn(Reason, &'static str) -> Decision,
+) -> Decision {
     if s.on_battery && !p.run_on_battery {
         return freeze(Reason::OnBattery, "battery");
     }
@@ -453,6 +560,179 @@ mod tests {
             assert_eq!((d.action, d.reason), (action, reason), "{s:?}");
             assert_eq!(d.may_start, matches!(action, Action::Run(_)));
         }
+    }
+
+    #[test]
+    fn batch_system_table() {
+        let idle = Preset::OnlyWhenIdle.policy(2.0, 8 * GIB);
+        let gentle = Preset::AlwaysGently.policy(2.0, 8 * GIB);
+        let claim = |cpus: u32, free: f64| BatchClaim {
+            job: Some(42),
+            jobs: 1,
+            cpus,
+            free_cores: free,
+            free_memory_bytes: None,
+            unavailable: false,
+        };
+        let with = |b: BatchClaim, s: HostState| HostState {
+            batch: Some(b),
+            ..s
+        };
+        let run = |c: f64, m: u64| {
+            Action::Run(Limits {
+                cores: c,
+                memory_bytes: m,
+            })
+        };
+        // (policy, state, action, may start, reason code, source)
+        let cases: Vec<(&OwnerPolicy, HostState, Action, bool, &str, &str)> = vec![
+            // A 2-CPU job on a 2-CPU node: frozen at once, whoever else is around.
+            (
+                &idle,
+                with(claim(2, 0.0), state(None)),
+                Action::Freeze,
+                false,
+                "batch-system",
+                "batch-system",
+            ),
+            (
+                &idle,
+                with(claim(2, 0.0), state(Some(10))),
+                Action::Freeze,
+                false,
+                "batch-system",
+                "batch-system",
+            ),
+            // A long site job: the freeze becomes a graceful stop, as for the owner.
+            (
+                &idle,
+                HostState {
+                    frozen_for_s: DEFAULT_STOP_AFTER_FROZEN_S,
+                    ..with(claim(2, 0.0), state(None))
+                },
+                Action::Stop,
+                false,
+                "batch-system",
+                "batch-system",
+            ),
+            // A 1-CPU job: shrink to the other CPU, keep running.
+            (
+                &idle,
+                with(claim(1, 1.0), state(None)),
+                run(1.0, 4 * GIB),
+                true,
+                "batch-system",
+                "batch-system",
+            ),
+            // ...and to the memory the job left.
+            (
+                &idle,
+                with(
+                    BatchClaim {
+                        free_memory_bytes: Some(GIB),
+                        ..claim(1, 1.0)
+                    },
+                    state(None),
+                ),
+                run(1.0, GIB),
+                true,
+                "batch-system",
+                "batch-system",
+            ),
+            // The owner's own throttle is tighter than what the job leaves: the owner's stands,
+            // with the batch system named since it shrank work too.
+            (
+                &gentle,
+                with(claim(1, 1.5), state(Some(10))),
+                run(1.0, 2 * GIB),
+                true,
+                "batch-system",
+                "batch-system",
+            ),
+            // Another reason to freeze wins over a shrink.
+            (
+                &idle,
+                with(claim(1, 1.0), state(Some(10))),
+                Action::Freeze,
+                false,
+                "owner-present",
+                "input",
+            ),
+            (
+                &idle,
+                HostState {
+                    paused: true,
+                    ..with(claim(2, 0.0), state(None))
+                },
+                Action::Freeze,
+                false,
+                "paused",
+                "owner",
+            ),
+            // Drained: what runs may finish, nothing new starts.
+            (
+                &idle,
+                with(
+                    BatchClaim {
+                        unavailable: true,
+                        ..BatchClaim::default()
+                    },
+                    state(None),
+                ),
+                run(2.0, 4 * GIB),
+                false,
+                "batch-system",
+                "batch-system",
+            ),
+            // No site job: the claim says nothing.
+            (
+                &idle,
+                with(BatchClaim::default(), state(None)),
+                run(2.0, 4 * GIB),
+                true,
+                "owner-away",
+                "no-input-source",
+            ),
+        ];
+        for (p, s, action, may_start, code, source) in cases {
+            let d = decide(p, &s);
+            assert_eq!(
+                (d.action, d.may_start, d.reason.code(), d.source),
+                (action, may_start, code, source),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn batch_reasons_read_well() {
+        let r = |job, jobs, cpus, unavailable| {
+            Reason::BatchSystem(BatchReason {
+                job,
+                jobs,
+                cpus,
+                unavailable,
+            })
+            .text()
+            .into_owned()
+        };
+        assert_eq!(
+            r(Some(7), 1, 2, false),
+            "yielding to the batch system (job 7, 2 CPUs)"
+        );
+        assert_eq!(
+            r(Some(7), 1, 1, false),
+            "yielding to the batch system (job 7, 1 CPU)"
+        );
+        assert_eq!(
+            r(Some(9), 3, 4, false),
+            "yielding to the batch system (3 jobs, 4 CPUs)"
+        );
+        assert_eq!(
+            r(None, 0, 2, false),
+            "yielding to the batch system (2 CPUs allocated)"
+        );
+        assert!(r(None, 0, 0, true).contains("drained"));
     }
 
     #[test]

@@ -162,6 +162,7 @@ async fn trials(
         interval: Duration::from_millis(100),
         decision,
         nudge,
+        batch: None,
     };
     let (_cmd_tx, cmd_rx) = mpsc::channel(1);
     let task = tokio::spawn(enforcer.run(cmd_rx, cancel.clone()));

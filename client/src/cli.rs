@@ -112,6 +112,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// For a cluster node's Slurm Prolog/Epilog (with PrologFlags=Alloc): free the arriving job's
+    /// CPUs and memory (prolog) or hand them back (epilog). Always exits 0 within the deadline,
+    /// even when the daemon is down, so that a site job is never held up or failed by Gleaner.
+    #[command(name = "batch-hook")]
+    BatchHook {
+        phase: crate::batch::Phase,
+        /// The daemon's settings file, for its socket and [batch] hook_deadline
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The daemon's control socket [default: from the settings file, else as for status]
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Give up after this long, e.g. 500ms [default: [batch] hook_deadline, else 2s]
+        #[arg(long)]
+        deadline: Option<humantime::Duration>,
+    },
     /// Run the factory daemon: start trusted machine types when the owner allows, account for
     /// them, deliver signed credit to the coordinator. Stops cleanly on SIGTERM or Ctrl-C.
     Daemon(Box<DaemonArgs>),
@@ -422,6 +438,15 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         } => cleanup(state_dir, socket, purge, grace.into(), json),
         Command::Daemon(args) => crate::daemon_cli::run(*args),
+        Command::BatchHook {
+            phase,
+            config,
+            socket,
+            deadline,
+        } => {
+            crate::batch::hook_main(phase, config.as_deref(), socket, deadline.map(Into::into));
+            Ok(())
+        }
         Command::Demo(args) => crate::demo::run(args),
         Command::Doctor {
             coordinator,
@@ -492,6 +517,12 @@ fn config_check(file: Option<PathBuf>) -> Result<()> {
     }
     println!("  space:         {}", s.daemon.space);
     println!("  trusted:       {} publisher(s)", s.daemon.trusted.len());
+    if let Some(b) = &s.daemon.batch {
+        println!(
+            "  batch system:  {:?}, {:?} mode, node {}",
+            b.system, b.mode, b.node
+        );
+    }
     Ok(())
 }
 

@@ -136,6 +136,8 @@ pub struct FileConfig {
     pub stop_after_frozen: Option<Spanned<Scalar>>,
     pub present: Option<Spanned<Present>>,
     pub schedule: Option<Vec<WindowSpec>>,
+    /// A cluster node: yield to the site's batch system (see `crate::batch`).
+    pub batch: Option<Spanned<crate::batch::BatchFile>>,
 }
 
 /// The host's size, which percentages refer to.

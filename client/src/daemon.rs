@@ -43,6 +43,8 @@ pub struct DaemonOptions {
     pub owner_interval: Duration,
     /// The space over libp2p: where to listen, whom to dial, LAN discovery. `None`: no space.
     pub p2p: Option<crate::p2p::SpaceConfig>,
+    /// A cluster node: the site's batch system comes first (`None`: not a cluster node).
+    pub batch: Option<crate::batch::BatchSettings>,
 }
 
 /// What a reload produced: the new owner policy (applied live) and the settings that changed but
@@ -109,6 +111,8 @@ pub struct Daemon {
     reload: Option<Reload>,
     /// The owner policy in force (for `gleaner limits`).
     policy: Mutex<gleaner::policy::OwnerPolicy>,
+    /// On a cluster node: what the site's jobs hold here.
+    batch: Option<Arc<crate::batch::Claims>>,
 }
 
 #[derive(Serialize)]
@@ -288,6 +292,12 @@ impl Controller for Daemon {
                 Ok(s) => Response::ok(s.events),
                 Err(e) => Response::error(e.to_string()),
             },
+            Request::BatchYield {
+                job,
+                cpus,
+                memory_bytes,
+            } => self.batch_yield(job, cpus, memory_bytes).await,
+            Request::BatchRelease { job } => self.batch_release(job).await,
             other => Response::error(format!(
                 "{} is not available in this daemon yet",
                 serde_json::to_value(&other)
@@ -295,6 +305,35 @@ impl Controller for Daemon {
                     .and_then(|v| v.get("op").and_then(|o| o.as_str().map(str::to_owned)))
                     .unwrap_or_else(|| "this request".into())
             )),
+        }
+    }
+}
+
+// Cluster nodes (issue 12): the site's batch system takes and gives back resources.
+impl Daemon {
+    /// A site job arrives (prolog): answered once its CPUs and memory are free.
+    async fn batch_yield(&self, job: String, cpus: u32, memory_bytes: Option<u64>) -> Response {
+        let Some(claims) = &self.batch else {
+            return Response::error("this daemon has no [batch] settings: not a cluster node");
+        };
+        if let Err(e) = claims.arrive(&job, cpus, memory_bytes) {
+            return Response::error(e);
+        }
+        match crate::batch::apply_now(&self.enforcer).await {
+            Ok(d) => Response::ok(serde_json::json!({"job": job, "decision": d})),
+            Err(e) => Response::error(e),
+        }
+    }
+
+    /// A site job has left (epilog): its resources go back to the owner policy.
+    async fn batch_release(&self, job: String) -> Response {
+        let Some(claims) = &self.batch else {
+            return Response::error("this daemon has no [batch] settings: not a cluster node");
+        };
+        let held = claims.leave(&job);
+        match crate::batch::apply_now(&self.enforcer).await {
+            Ok(d) => Response::ok(serde_json::json!({"job": job, "held": held, "decision": d})),
+            Err(e) => Response::error(e),
         }
     }
 }
@@ -489,6 +528,10 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (enforcer_tx, enforcer_rx) = tokio::sync::mpsc::channel(8);
     let (decision_tx, _decision_rx) = watch::channel(None);
+    let batch_claims = opts.batch.as_ref().map(|_| {
+        let host = crate::config::HostSize::here();
+        Arc::new(crate::batch::Claims::new(host.cores, host.memory_bytes))
+    });
     let enforcer = crate::owner::Enforcer {
         policy: opts.policy.clone(),
         sources,
@@ -499,8 +542,25 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         interval: opts.owner_interval,
         decision: decision_tx,
         nudge,
+        batch: batch_claims.clone(),
     };
     let enforcer_cancel = CancellationToken::new();
+    if let (Some(b), Some(claims)) = (&opts.batch, &batch_claims)
+        && b.mode == crate::batch::Mode::Poll
+    {
+        let slurm = crate::batch::Slurm {
+            node: b.node.clone(),
+            timeout: b.poll_interval.max(Duration::from_secs(5)),
+        };
+        tracker.spawn(crate::batch::poll(
+            slurm,
+            b.poll_interval,
+            claims.clone(),
+            enforcer_tx.clone(),
+            handle.clone(),
+            enforcer_cancel.clone(),
+        ));
+    }
     tracker.spawn(enforcer.run(enforcer_rx, enforcer_cancel.clone()));
     let daemon = Arc::new(Daemon {
         factory: handle.clone(),
@@ -513,6 +573,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         space: space.clone(),
         reload,
         policy: Mutex::new(opts.policy.clone()),
+        batch: batch_claims,
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {

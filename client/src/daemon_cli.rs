@@ -89,6 +89,7 @@ impl Settings {
         check(a.p2p != b.p2p, "listen/bootstrap/no_mdns/no_space");
         check(self.coordinator != other.coordinator, "coordinator");
         check(self.disk_bytes != other.disk_bytes, "disk");
+        check(a.batch != b.batch, "batch");
         keys
     }
 }
@@ -336,6 +337,10 @@ pub fn settings_from(
             });
         }
     }
+    let batch = match &f.batch {
+        Some(b) => Some(crate::batch::settings(b.get_ref(), b.span(), &o)?),
+        None => None,
+    };
     let cores = policy.away.cores.ceil().max(1.0) as u16;
     let memory_bytes = policy.away.memory_bytes;
     Ok(Settings {
@@ -380,6 +385,7 @@ pub fn settings_from(
             stop_grace,
             benchmark: 1000,
             policy,
+            batch,
         },
         coordinator,
         disk_bytes,

@@ -1,5 +1,6 @@
 //! The Gleaner client: the factory daemon and the `gleaner` CLI, over the sans-IO core.
 
+pub mod batch;
 pub mod cleanup;
 pub mod cli;
 pub mod config;

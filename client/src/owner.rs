@@ -556,6 +556,7 @@ impl Sources {
             paused,
             exclusive_app,
             frozen_for_s,
+            batch: None,
         }
     }
 }
@@ -591,6 +592,8 @@ pub struct Enforcer<R: Runtime + 'static> {
     pub decision: watch::Sender<Option<Decision>>,
     /// Nudges from event-driven sources (owner input): look now, not at the next tick.
     pub nudge: Option<mpsc::Receiver<()>>,
+    /// On a cluster node: what the site's batch system holds here.
+    pub batch: Option<Arc<crate::batch::Claims>>,
 }
 
 impl<R: Runtime + 'static> Enforcer<R> {
@@ -705,12 +708,13 @@ impl<R: Runtime + 'static> Enforcer<R> {
             };
             let cpu = self.gleaner_cpu_ns().await;
             let frozen_for_s = frozen_since.map_or(0, |t| t.elapsed().as_secs());
-            let state = self.sources.measure(
+            let mut state = self.sources.measure(
                 cpu,
                 self.paused.load(Ordering::SeqCst),
                 &self.policy,
                 frozen_for_s,
             );
+            state.batch = self.batch.as_ref().and_then(|b| b.claim());
             let d = decide(&self.policy, &state);
             frozen_since = match d.action {
                 Action::Run(_) => None,

@@ -8,6 +8,7 @@ pub mod blobs;
 pub mod docker;
 pub mod fake;
 pub mod image;
+pub mod libvirt;
 
 use std::collections::BTreeMap;
 use std::future::Future;

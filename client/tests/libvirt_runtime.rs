@@ -1,0 +1,598 @@
+//! The libvirt runtime against the real libvirtd (started by installers/start-engines.sh) with a
+//! real guest: a Debian cloud kernel and a busybox initramfs (tests/assets/build-vm-assets.sh)
+//! booted under TCG. user_data and MJF reach the guest, its outputs come back, `virsh dumpxml`
+//! shows the limits, freeze stops CPU time, stop is graceful (ACPI) or forced at the deadline,
+//! and nothing is left behind. Skipped only when libvirtd is unreachable and CI is unset.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gleaner::{Digest, Id16};
+use gleaner_client::runtime::libvirt::{DomainType, LibvirtConfig, LibvirtRuntime, kvm_verdict};
+use gleaner_client::runtime::{
+    ImageSource, Limits, MachineHandle, MachineSpec, MachineState, Runtime, RuntimeError,
+};
+
+/// The test kernel and initramfs, built once (and cached across runs) from Debian packages.
+fn assets() -> (PathBuf, PathBuf) {
+    static ASSETS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    ASSETS
+        .get_or_init(|| {
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/build-vm-assets.sh");
+            let st = Command::new("bash")
+                .arg(&script)
+                .arg(&out)
+                .status()
+                .expect("bash runs");
+            assert!(st.success(), "{} failed", script.display());
+            // QEMU runs as libvirt-qemu and must reach them.
+            let mut p = out.clone();
+            while p.pop() && p != Path::new("/") {
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+            }
+            (out.join("vmlinuz"), out.join("initrd.img"))
+        })
+        .clone()
+}
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// A per-test runtime and scratch directory; `None` (skip) only when libvirtd is unreachable
+/// outside CI.
+async fn setup(test: &str) -> Option<(LibvirtRuntime, tempfile::TempDir, String)> {
+    let tmp = tempfile::tempdir().unwrap();
+    // The QEMU user must traverse into the MJF shares, the seed and the overlay.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let owner = format!("test-{test}-{}", std::process::id());
+    let cfg = LibvirtConfig::new(&owner, tmp.path().join("state"));
+    match LibvirtRuntime::connect(cfg).await {
+        Ok(rt) => Some((rt, tmp, owner)),
+        Err(e @ RuntimeError::Unreachable { .. }) if !ci() => {
+            eprintln!("SKIPPED: libvirtd is unreachable ({e}); run installers/start-engines.sh");
+            None
+        }
+        Err(e) => panic!("libvirtd must be reachable (installers/start-engines.sh): {e}"),
+    }
+}
+
+/// An MJF folder in Vac's layout with `user_data`.
+fn mjf_dir(root: &Path, user_data: &str) -> PathBuf {
+    let dir = root.join("mjf");
+    for (sub, files) in [
+        (
+            "machinefeatures",
+            &[("hs06", "42.5"), ("jobslots", "1")][..],
+        ),
+        (
+            "jobfeatures",
+            &[("allocated_cpu", "2"), ("wall_limit_secs", "3600")][..],
+        ),
+        ("joboutputs", &[][..]),
+    ] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        for (name, value) in files {
+            std::fs::write(dir.join(sub).join(name), value).unwrap();
+        }
+    }
+    std::fs::set_permissions(
+        dir.join("joboutputs"),
+        std::fs::Permissions::from_mode(0o1777),
+    )
+    .unwrap();
+    std::fs::write(dir.join("user_data"), user_data).unwrap();
+    dir
+}
+
+fn spec(owner: &str, name: &str, mjf: &Path) -> MachineSpec {
+    let (kernel, initrd) = assets();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&Digest::of(format!("{owner}/{name}").as_bytes()).0[..16]);
+    MachineSpec {
+        machine_id: Id16(id),
+        machine_type: Digest::of(b"libvirt-runtime-test"),
+        name: format!("{owner}-{name}"),
+        image: None,
+        kernel: Some(kernel),
+        initrd: Some(initrd),
+        cores: 2,
+        limits: Limits {
+            cpus: 0.5,
+            memory_bytes: 256 << 20,
+        },
+        disk_bytes: 64 << 20,
+        pids_limit: 64,
+        mjf_dir: mjf.to_owned(),
+        egress: vec![],
+        command: None,
+        labels: BTreeMap::from([("org.example.test".to_string(), name.to_string())]),
+    }
+}
+
+fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg("qemu:///system")
+        .args(args)
+        .output()
+        .expect("virsh runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Destroys and undefines the named domains even when a test panics.
+struct Guard(Vec<String>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = virsh(&["destroy", name]);
+            let _ = virsh(&["undefine", name]);
+        }
+    }
+}
+
+async fn eventually<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_file(path: &Path, secs: u64) -> String {
+    eventually(secs, &path.display().to_string(), async || {
+        std::fs::read_to_string(path).ok().filter(|s| !s.is_empty())
+    })
+    .await
+}
+
+async fn wait_exit(rt: &LibvirtRuntime, m: &MachineHandle, secs: u64) -> MachineState {
+    eventually(secs, "the guest to power off", async || {
+        match rt.state(m).await.unwrap() {
+            s @ MachineState::Exited { .. } => Some(s),
+            _ => None,
+        }
+    })
+    .await
+}
+
+/// Asserts no domain, overlay, seed or machine folder of `owner` is left.
+async fn assert_nothing_left(rt: &LibvirtRuntime, m: &MachineHandle) {
+    let owned = rt.list_owned().await.unwrap();
+    assert!(owned.is_empty(), "left behind: {owned:?}");
+    assert!(
+        !virsh(&["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == m.name),
+        "domain {} still defined",
+        m.name
+    );
+    assert_eq!(rt.state(m).await.unwrap(), MachineState::Gone);
+    let dir = rt.machine_dir(&m.name);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+const REPORT: &str = r#"#!/bin/sh
+out=$JOBOUTPUTS/result
+{
+  echo "hs06=$(cat $MACHINEFEATURES/hs06)"
+  echo "cpu=$(cat $JOBFEATURES/allocated_cpu)"
+  echo "user_data_bytes=$(wc -c < $USER_DATA)"
+  echo "nproc=$(nproc)"
+  touch $MACHINEFEATURES/x 2>/dev/null && echo "mf=writable" || echo "mf=readonly"
+  echo "net=$(ls /sys/class/net | tr '\n' ' ')"
+} > $out.partial
+mv $out.partial $out
+echo "report written"
+"#;
+
+#[tokio::test]
+async fn vm_boots_under_tcg_reads_user_data_and_reports_its_outcome() {
+    let Some((rt, tmp, owner)) = setup("boot").await else {
+        return;
+    };
+    let probe = rt.probe().await.unwrap();
+    assert!(probe.reachable);
+    assert!(probe.version.starts_with("libvirt "), "{probe:?}");
+    let mjf = mjf_dir(tmp.path(), REPORT);
+    let spec = spec(&owner, "boot", &mjf);
+    let _guard = Guard(vec![spec.name.clone()]);
+    let m = rt.create(&spec).await.unwrap();
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Created);
+    // A second machine of the same name is refused and leaves the first one's files alone.
+    let again = rt.create(&spec).await;
+    assert!(matches!(again, Err(RuntimeError::Call { .. })), "{again:?}");
+    assert!(rt.machine_dir(&m.name).join("seed.iso").exists());
+    let owned = rt.list_owned().await.unwrap();
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    assert_eq!(owned[0].machine_id, Some(spec.machine_id));
+    assert_eq!(owned[0].machine_type, Some(spec.machine_type));
+    assert_eq!(owned[0].name, spec.name);
+    assert_eq!(owned[0].engine_id, m.engine_id);
+    // A restarted daemon (a new connection, same owner) finds it; another owner does not.
+    let again = LibvirtRuntime::connect(rt.config().clone()).await.unwrap();
+    assert_eq!(again.list_owned().await.unwrap(), owned);
+    let mut other = rt.config().clone();
+    other.owner = format!("{owner}-other");
+    let other = LibvirtRuntime::connect(other).await.unwrap();
+    assert!(other.list_owned().await.unwrap().is_empty());
+
+    let t0 = Instant::now();
+    rt.start(&m).await.unwrap();
+    let state = wait_exit(&rt, &m, 120).await;
+    eprintln!("guest ran to completion in {:?}", t0.elapsed());
+    assert_eq!(state, MachineState::Exited { code: Some(0) });
+
+    let out = mjf.join("joboutputs");
+    let result = std::fs::read_to_string(out.join("result")).unwrap();
+    for want in [
+        "hs06=42.5",
+        "cpu=2",
+        &format!("user_data_bytes={}", REPORT.len()),
+        "nproc=2",
+        "mf=readonly",
+        "net=lo ",
+    ] {
+        assert!(result.contains(want), "{want:?} missing from:\n{result}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("shutdown_message")).unwrap(),
+        "200 Success\n"
+    );
+    assert!(out.join("heartbeat").exists());
+    let console = std::fs::read_to_string(rt.console_log(&m.name)).unwrap();
+    assert!(
+        console.contains("gleaner-init: outcome: 200 Success"),
+        "{console}"
+    );
+    // No KVM on these machines: the probe must have chosen TCG, and the domain says so.
+    if !probe.kvm_usable {
+        assert_eq!(rt.domain_type(), DomainType::Qemu);
+        assert!(virsh(&["dumpxml", &m.name]).contains("<domain type='qemu'"));
+    }
+
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+}
+
+const SPIN: &str = "#!/bin/sh\necho spinning > $JOBOUTPUTS/spinning\nwhile :; do :; done\n";
+
+#[tokio::test]
+async fn limits_show_in_dumpxml_freeze_stops_cpu_and_acpi_stop_is_graceful() {
+    let Some((rt, tmp, owner)) = setup("limits").await else {
+        return;
+    };
+    let mjf = mjf_dir(tmp.path(), SPIN);
+    let spec = spec(&owner, "limits", &mjf);
+    let _guard = Guard(vec![spec.name.clone()]);
+    let m = rt.create(&spec).await.unwrap();
+
+    let xml = virsh(&["dumpxml", &m.name]);
+    for want in [
+        "<vcpu placement='static'>2</vcpu>",
+        "<memory unit='KiB'>262144</memory>",
+        "<global_period>100000</global_period>",
+        "<global_quota>50000</global_quota>",
+        "<driver type='virtiofs'/>",
+        "<target dir='joboutputs'/>",
+        "<serial type='file'>",
+        "<on_reboot>destroy</on_reboot>",
+        "<readonly/>",
+        "https://gleaner.invalid/ns/libvirt/machine/1",
+    ] {
+        assert!(xml.contains(want), "{want:?} missing from:\n{xml}");
+    }
+    assert!(!xml.contains("<interface"), "no network without egress");
+
+    rt.start(&m).await.unwrap();
+    wait_file(&mjf.join("joboutputs/spinning"), 120).await;
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Running);
+    assert!(
+        virsh(&["schedinfo", &m.name]).contains("global_quota   : 50000"),
+        "the quota is live"
+    );
+
+    // Running: CPU time grows, and the quota holds by behaviour: a spinning guest gets at most
+    // half a core (+5 %, +20 ms for libvirt's 10 ms CPU-time steps here). Less is possible when
+    // other work crowds the two cores, so the lower bound is loose.
+    let (a, ta) = (rt.sample(&m).await.unwrap(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (b, tb) = (rt.sample(&m).await.unwrap(), Instant::now());
+    let running_ns = b.cpu_ns - a.cpu_ns;
+    let cores = running_ns as f64 / (tb - ta).as_nanos() as f64;
+    eprintln!(
+        "running at a 0.5-core quota: {cores:.3} cores over {:?}",
+        tb - ta
+    );
+    assert!(
+        cores <= 0.5 * 1.05 + 0.02 / (tb - ta).as_secs_f64() && cores > 0.15,
+        "{cores:.3} cores at a 0.5-core quota"
+    );
+    assert!(b.memory_bytes > 0 && b.peak_memory_bytes >= b.memory_bytes);
+
+    let t = Instant::now();
+    rt.freeze(&m).await.unwrap();
+    eprintln!("freeze took {:?}", t.elapsed());
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Frozen);
+    rt.freeze(&m).await.unwrap(); // idempotent
+    let c = rt.sample(&m).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = rt.sample(&m).await.unwrap();
+    let frozen_ns = d.cpu_ns - c.cpu_ns;
+    assert!(
+        frozen_ns < running_ns / 10,
+        "frozen: {frozen_ns} ns vs running {running_ns} ns"
+    );
+
+    rt.thaw(&m).await.unwrap();
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Running);
+    let e = rt.sample(&m).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let f = rt.sample(&m).await.unwrap();
+    assert!(
+        f.cpu_ns - e.cpu_ns > (frozen_ns * 5).max(100_000_000),
+        "thawed: {} ns in 2 s, frozen {frozen_ns} ns",
+        f.cpu_ns - e.cpu_ns
+    );
+
+    // Live limits: the quota changes without a restart.
+    rt.set_limits(
+        &m,
+        Limits {
+            cpus: 0.25,
+            memory_bytes: 256 << 20,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(virsh(&["schedinfo", &m.name]).contains("global_quota   : 25000"));
+    // Measured over 3 s of wall time between the samples; libvirt's CPU time here has 10 ms
+    // steps, hence 20 ms of slack on top of the 5 %.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (g, tg) = (rt.sample(&m).await.unwrap(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (h, th) = (rt.sample(&m).await.unwrap(), Instant::now());
+    let wall = th - tg;
+    let cores = (h.cpu_ns - g.cpu_ns) as f64 / wall.as_nanos() as f64;
+    eprintln!("running at a 0.25-core quota: {cores:.3} cores over {wall:?}");
+    let slack = 0.02 / wall.as_secs_f64();
+    assert!(
+        cores <= 0.25 * 1.05 + slack && cores > 0.1,
+        "{cores:.3} cores at a 0.25-core quota"
+    );
+    let grow = rt
+        .set_limits(
+            &m,
+            Limits {
+                cpus: 0.25,
+                memory_bytes: 1 << 30,
+            },
+        )
+        .await;
+    assert!(
+        matches!(grow, Err(RuntimeError::Unsupported(_))),
+        "{grow:?}"
+    );
+
+    // Stop from frozen: thawed, the power button pressed, and the guest shuts down in time.
+    rt.freeze(&m).await.unwrap();
+    let t = Instant::now();
+    let state = rt.stop(&m, Duration::from_secs(60)).await.unwrap();
+    eprintln!("graceful stop took {:?}", t.elapsed());
+    assert!(matches!(state, MachineState::Exited { .. }), "{state:?}");
+    assert!(t.elapsed() < Duration::from_secs(50), "{:?}", t.elapsed());
+    assert_eq!(
+        std::fs::read_to_string(mjf.join("joboutputs/shutdown_message")).unwrap(),
+        "100 Shutdown as requested by the host\n"
+    );
+
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+}
+
+#[tokio::test]
+async fn stop_destroys_a_guest_that_ignores_acpi_at_the_deadline() {
+    let Some((rt, tmp, owner)) = setup("deadline").await else {
+        return;
+    };
+    let script = "#!/bin/sh\nkill $(cat /run/powerbutton.pid)\necho deaf > $JOBOUTPUTS/deaf\nwhile :; do sleep 1; done\n";
+    let mjf = mjf_dir(tmp.path(), script);
+    let spec = spec(&owner, "deadline", &mjf);
+    let _guard = Guard(vec![spec.name.clone()]);
+    let m = rt.create(&spec).await.unwrap();
+    rt.start(&m).await.unwrap();
+    wait_file(&mjf.join("joboutputs/deaf"), 120).await;
+
+    let grace = Duration::from_secs(3);
+    let t = Instant::now();
+    let state = rt.stop(&m, grace).await.unwrap();
+    let took = t.elapsed();
+    assert!(took >= grace, "stopped after {took:?}, before the deadline");
+    assert!(took < grace + Duration::from_secs(10), "{took:?}");
+    assert_eq!(state, MachineState::Exited { code: None });
+    assert!(!mjf.join("joboutputs/shutdown_message").exists());
+    // Stopping a stopped machine is a no-op.
+    assert_eq!(
+        rt.stop(&m, grace).await.unwrap(),
+        MachineState::Exited { code: None }
+    );
+
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+    // Removing twice is fine; a machine that never existed is Gone.
+    rt.remove(&m).await.unwrap();
+    assert!(matches!(
+        rt.start(&m).await,
+        Err(RuntimeError::NoSuchMachine(_))
+    ));
+}
+
+#[tokio::test]
+async fn qcow2_base_gets_a_per_machine_overlay_that_is_deleted() {
+    let Some((rt, tmp, owner)) = setup("qcow2").await else {
+        return;
+    };
+    // A base disk image, served by file:// url and pinned by its sha256.
+    let base = tmp.path().join("base.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("32M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&base).unwrap();
+    let sha256 = Digest::of(&bytes);
+    let url = format!("file://{}", base.display());
+
+    // A wrong hash is refused and nothing is cached.
+    let wrong = rt
+        .prepare_image(
+            &ImageSource {
+                url: url.clone(),
+                sha256: Digest::of(b"something else"),
+            },
+            &|_| {},
+        )
+        .await;
+    assert!(
+        matches!(wrong, Err(RuntimeError::HashMismatch { .. })),
+        "{wrong:?}"
+    );
+    let cached = std::fs::read_dir(&rt.config().cache_dir).unwrap().count();
+    assert_eq!(cached, 0, "nothing is cached after a mismatch");
+
+    let image = rt
+        .prepare_image(&ImageSource { url, sha256 }, &|_| {})
+        .await
+        .unwrap();
+    let mjf = mjf_dir(tmp.path(), REPORT);
+    let mut spec = spec(&owner, "qcow2", &mjf);
+    spec.image = Some(image.clone());
+    let _guard = Guard(vec![spec.name.clone()]);
+    let m = rt.create(&spec).await.unwrap();
+    let overlay = rt.machine_dir(&m.name).join("overlay.qcow2");
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename"], image.reference.as_str());
+    assert_eq!(info["virtual-size"], 64u64 << 20, "grown to the disk size");
+
+    rt.start(&m).await.unwrap();
+    assert!(matches!(
+        wait_exit(&rt, &m, 120).await,
+        MachineState::Exited { .. }
+    ));
+    assert!(
+        std::fs::read_to_string(mjf.join("joboutputs/result"))
+            .unwrap()
+            .contains("hs06=42.5")
+    );
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+    // The base is untouched.
+    assert_eq!(
+        Digest::of(&std::fs::read(&image.reference).unwrap()),
+        sha256
+    );
+}
+
+#[tokio::test]
+async fn probe_tests_kvm_for_real_and_falls_back_to_tcg() {
+    let Some((rt, _tmp, _owner)) = setup("probe").await else {
+        return;
+    };
+    // The test-boot mechanism works: under TCG, which runs everywhere, the boot sector prints.
+    let took = rt
+        .test_boot(DomainType::Qemu, Duration::from_secs(60))
+        .await
+        .expect("a TCG test boot prints its marker");
+    eprintln!("TCG test boot: {took:?}");
+
+    let probe = rt.probe().await.unwrap();
+    eprintln!("{probe:#?}");
+    assert_eq!(probe.kvm_usable, rt.domain_type() == DomainType::Kvm);
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    if !hw {
+        // A software KVM (these machines): /dev/kvm alone must not convince the probe.
+        assert!(!probe.kvm_usable);
+        assert!(
+            probe.notes.iter().any(|n| n.contains("TCG")),
+            "{:?}",
+            probe.notes
+        );
+    }
+    if Path::new("/dev/kvm").exists() {
+        // What the probe would conclude from the boots alone, without the CPU flags.
+        let kvm = rt.test_boot(DomainType::Kvm, Duration::from_secs(10)).await;
+        eprintln!("KVM test boot here: {kvm:?}");
+        let verdict = kvm_verdict(kvm, Ok(took));
+        eprintln!("verdict from the boots alone: {verdict:?}");
+        if !hw {
+            assert!(verdict.is_err(), "a software KVM must lose to TCG");
+        }
+    }
+    let left = virsh(&["list", "--all", "--name"]);
+    assert!(
+        !left.contains("gleaner-probe-"),
+        "probe domains left: {left}"
+    );
+    let state = std::fs::read_dir(&rt.config().state_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains("probe"))
+        .count();
+    assert_eq!(state, 0, "probe files left behind");
+}
+
+#[tokio::test]
+async fn a_memory_hog_cannot_take_more_than_the_vm_size() {
+    let Some((rt, tmp, owner)) = setup("hog").await else {
+        return;
+    };
+    // 512 MiB into the initramfs (RAM) of a 256 MiB guest: the guest runs out (its rootfs fills
+    // or its OOM killer acts), not the host.
+    let script = "#!/bin/sh\necho hogging > $JOBOUTPUTS/hogging\ndd if=/dev/zero of=/hog bs=1M count=512\nwc -c < /hog > $JOBOUTPUTS/hog_bytes\n";
+    let mjf = mjf_dir(tmp.path(), script);
+    let spec = spec(&owner, "hog", &mjf);
+    let _guard = Guard(vec![spec.name.clone()]);
+    let m = rt.create(&spec).await.unwrap();
+    rt.start(&m).await.unwrap();
+    let mut peak = 0;
+    let state = eventually(180, "the hog's guest to end", async || {
+        if let Ok(u) = rt.sample(&m).await {
+            peak = peak.max(u.peak_memory_bytes);
+        }
+        match rt.state(&m).await.unwrap() {
+            s @ MachineState::Exited { .. } => Some(s),
+            _ => None,
+        }
+    })
+    .await;
+    eprintln!("hog ended as {state:?}; QEMU's peak RSS {} MiB", peak >> 20);
+    assert!(mjf.join("joboutputs/hogging").exists(), "the hog ran");
+    if let Ok(b) = std::fs::read_to_string(mjf.join("joboutputs/hog_bytes")) {
+        let b: u64 = b.trim().parse().unwrap();
+        eprintln!("the hog held {} MiB", b >> 20);
+        assert!(b < 256 << 20, "the hog held {b} bytes in a 256 MiB guest");
+    }
+    assert!(peak > 0 && peak < 448 << 20, "peak RSS {} MiB", peak >> 20);
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+}
