@@ -297,6 +297,7 @@ impl Window {
 
 struct Setup {
     sock: PathBuf,
+    display: String,
     gmt: PathBuf,
     host: String,
     rt: tokio::runtime::Runtime,
@@ -314,6 +315,38 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         }) && !m.cpu_now.is_empty()
     })?;
     w.screenshot("status")?;
+
+    // The owner returns (real X pointer motion in this Xvfb): the window says so, and why.
+    let display = s.display.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mover = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut x = 100;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                x = if x == 100 { 300 } else { 100 };
+                let _ = Command::new("xdotool")
+                    .args(["mousemove", &x.to_string(), "200"])
+                    .env("DISPLAY", &display)
+                    .output();
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+    let present = w.until(20, "the window to say the owner is here", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.headline(0).owner == gleaner_gui::status::Owner::Present)
+    });
+    let shot = present.and_then(|()| w.screenshot("status-owner-present"));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = mover.join();
+    shot?;
+    w.until(20, "the owner away again", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.headline(0).owner == gleaner_gui::status::Owner::Away)
+    })?;
 
     // One click on "Pause for 1 hour" freezes the container, as the engine says.
     let ids = containers(&s.host);
@@ -559,6 +592,7 @@ fn run() -> R<()> {
     let _containers = Containers(host.clone());
     let setup = Setup {
         sock: sock.clone(),
+        display: display.clone(),
         gmt,
         host,
         rt,
