@@ -78,20 +78,30 @@ pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec
             .into(),
         fix: Some("use container machine types".into()),
     });
+    // The owner-activity sources the daemon would use here, found the same way it finds them.
     let display = std::env::var("DISPLAY").ok();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (sources, notes) = crate::owner::Sources::detect(
+        display.as_deref(),
+        std::path::PathBuf::from("/sys/class/power_supply"),
+        &[],
+        cancel.clone(),
+    )
+    .await;
+    cancel.cancel();
+    let input = sources.idle.len();
     out.push(Check {
         name: "idle sources",
         ok: true,
-        detail: match display {
-            Some(d) => format!(
-                "X11 display {d} available; owner-activity detection is not built into this version"
-            ),
-            None => {
-                "no X11 display (headless); owner-activity detection is not built into this version"
-                    .into()
-            }
-        },
-        fix: None,
+        detail: format!(
+            "{input} owner-input source(s): {}",
+            notes.join("; ")
+        ),
+        fix: (input == 0).then(|| {
+            "without an input source the owner always counts as away; on a desktop run the daemon \
+             in the user's session (DISPLAY set) or with logind on the system bus"
+                .into()
+        }),
     });
     if let Some((url, pin)) = coordinator {
         let r = match crate::pinning::http_client(pin) {

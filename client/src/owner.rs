@@ -519,10 +519,18 @@ impl Sources {
         &self.exclusive.0
     }
 
-    /// Measures the host now; `gleaner_cpu_ns` is what Gleaner's machines have used in all.
+    /// Whether the next [`Sources::measure`] computes a new load reading (and so needs Gleaner's
+    /// CPU time); otherwise the value it is given is not used.
+    pub fn load_due(&self) -> bool {
+        self.last_busy
+            .is_none_or(|(_, t0, _)| t0.elapsed().as_secs_f64() > 0.2)
+    }
+
+    /// Measures the host now; `gleaner_cpu_ns` is what Gleaner's machines have used in all (`None`:
+    /// not asked this time, so the load keeps its last reading).
     pub fn measure(
         &mut self,
-        gleaner_cpu_ns: u64,
+        gleaner_cpu_ns: Option<u64>,
         paused: bool,
         policy: &OwnerPolicy,
         frozen_for_s: u64,
@@ -532,7 +540,7 @@ impl Sources {
         let now = std::time::Instant::now();
         // /proc/stat counts in jiffies: measure over at least 200 ms and keep the last value in
         // between, or the load would read as zero every other tick and work would flap.
-        if let Some(busy) = host_busy_jiffies() {
+        if let (Some(busy), Some(gleaner_cpu_ns)) = (host_busy_jiffies(), gleaner_cpu_ns) {
             if let Some((b0, t0, g0)) = self.last_busy {
                 let dt = now.duration_since(t0).as_secs_f64();
                 if dt > 0.2 {
@@ -685,12 +693,17 @@ impl<R: Runtime + 'static> Enforcer<R> {
         let mut known = 0usize;
         // Since when the work has been frozen without a break (for the policy's graceful stop).
         let mut frozen_since: Option<std::time::Instant> = None;
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // With nothing running there is nothing to freeze in a hurry: look ten times less often,
+        // so an idle daemon costs the owner next to nothing.
+        let idle_interval = (self.interval * 10).max(Duration::from_secs(1));
         loop {
             let reply = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tick.tick() => None,
+                _ = tokio::time::sleep(if known == 0 && self.handles().is_empty() {
+                    idle_interval
+                } else {
+                    self.interval
+                }) => None,
                 Some(()) = async {
                     match self.nudge.as_mut() {
                         Some(n) => n.recv().await,
@@ -706,7 +719,13 @@ impl<R: Runtime + 'static> Enforcer<R> {
                     }
                 },
             };
-            let cpu = self.gleaner_cpu_ns().await;
+            // Our machines' CPU time only matters when the load is due for a new reading; skipping
+            // it otherwise keeps engine calls out of the path from the owner's input to the freeze.
+            let cpu = if self.sources.load_due() {
+                Some(self.gleaner_cpu_ns().await)
+            } else {
+                None
+            };
             let frozen_for_s = frozen_since.map_or(0, |t| t.elapsed().as_secs());
             let mut state = self.sources.measure(
                 cpu,

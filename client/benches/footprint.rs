@@ -1,0 +1,100 @@
+//! The daemon's idle footprint: resident memory and CPU time per second of an idle `gleaner daemon`
+//! (in a space, watching the owner, no work offered) after it has settled, beside a `sleep` process
+//! (the floor any process pays) measured in the same run. Goals: ≤ 12 MiB RSS, ≤ 1 ms CPU per second.
+//!
+//! Run: `cargo bench -p gleaner-client --bench footprint` (release build; dockerd running).
+//! `GLEANER_FOOTPRINT_S` sets how long the daemon idles before the measured minute (default 600).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Resident memory (KiB) and CPU time (ticks) of `pid`, from /proc.
+fn sample(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .expect("stat")
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based in proc(5)).
+    let ticks =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    (rss, ticks)
+}
+
+struct Kill(Vec<Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn main() {
+    let settle: u64 = std::env::var("GLEANER_FOOTPRINT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    let window = Duration::from_secs(60);
+    let dir = std::env::temp_dir().join(format!("gleaner-footprint-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("types")).expect("dir");
+    let daemon = Command::new(env!("CARGO_BIN_EXE_gleaner"))
+        .args(["daemon", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--socket")
+        .arg(dir.join("control.sock"))
+        .arg("--machine-types")
+        .arg(dir.join("types"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start gleaner daemon");
+    let floor = Command::new("sleep").arg("100000").spawn().expect("sleep");
+    let (dpid, fpid) = (daemon.id(), floor.id());
+    let _kill = Kill(vec![daemon, floor]);
+    eprintln!(
+        "idling {settle} s, then measuring for {} s",
+        window.as_secs()
+    );
+    std::thread::sleep(Duration::from_secs(settle));
+    let (_, d0) = sample(dpid);
+    let (_, f0) = sample(fpid);
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let secs = t0.elapsed().as_secs_f64();
+    let (drss, d1) = sample(dpid);
+    let (frss, f1) = sample(fpid);
+    let _ = std::fs::remove_dir_all(&dir);
+    // Ticks are 1/100 s on Linux.
+    let cpu_ms = |a: u64, b: u64| (b - a) as f64 * 10.0 / secs;
+    let (dcpu, fcpu) = (cpu_ms(d0, d1), cpu_ms(f0, f1));
+    println!(
+        "\nIdle footprint after {settle} s, CPU over the next {:.0} s",
+        secs
+    );
+    println!("| process | RSS | CPU per second | goal |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| gleaner daemon (space, owner watch, no work) | {:.1} MiB | {dcpu:.2} ms | ≤ 12 MiB {}, ≤ 1 ms {} |",
+        drss as f64 / 1024.0,
+        if drss <= 12 * 1024 { "✅" } else { "❌" },
+        if dcpu <= 1.0 { "✅" } else { "❌" }
+    );
+    println!(
+        "| `sleep` (floor) | {:.1} MiB | {fcpu:.2} ms | |",
+        frss as f64 / 1024.0
+    );
+    println!("| ratio | {:.1}× | | |", drss as f64 / frss.max(1) as f64);
+}
