@@ -121,6 +121,10 @@ pub enum Msg {
     Pause {
         minutes: Option<u64>,
     },
+    /// Pause for `minutes` more: from now, or from the end of a timed pause already running.
+    Snooze {
+        minutes: u64,
+    },
     Resume,
     Preset(Preset),
     Edit(Field, String),
@@ -277,6 +281,21 @@ impl Model {
                 },
                 &mut out,
             ),
+            Msg::Snooze { minutes } => {
+                let now = now_ms / 1000;
+                let left = match &self.status {
+                    Some(s) if s.paused => s.paused_until.map_or(0, |u| u.saturating_sub(now) / 60),
+                    _ => 0,
+                };
+                self.ask(
+                    Ask::Pause,
+                    Request::Pause {
+                        minutes: Some(left + minutes),
+                        machine_type: None,
+                    },
+                    &mut out,
+                );
+            }
             Msg::Resume => self.ask(
                 Ask::Resume,
                 Request::Resume { machine_type: None },
@@ -544,6 +563,33 @@ mod tests {
         assert!(!m.busy.contains(&Ask::Pause));
         let sent = m.update(Msg::Resume, 0);
         assert_eq!(sent[0].1, Request::Resume { machine_type: None });
+    }
+
+    #[test]
+    fn snooze_extends_a_running_pause() {
+        let mut m = connected();
+        let sent = m.update(Msg::Snooze { minutes: 15 }, 0);
+        assert_eq!(
+            sent[0].1,
+            Request::Pause {
+                minutes: Some(15),
+                machine_type: None
+            }
+        );
+        let s = Status {
+            paused: true,
+            paused_until: Some(1_000 + 30 * 60),
+            ..Status::default()
+        };
+        m.update(Msg::Status(Box::new(s)), 1_000_000);
+        let sent = m.update(Msg::Snooze { minutes: 60 }, 1_000_000);
+        assert_eq!(
+            sent[0].1,
+            Request::Pause {
+                minutes: Some(90),
+                machine_type: None
+            }
+        );
     }
 
     #[test]

@@ -118,10 +118,7 @@ fn status(ui: &mut Ui, m: &Model, now_ms: u64, hits: &mut Hits, out: &mut Vec<Ms
                 }
                 let r = ui.button("Snooze 1 more hour");
                 if hits.put("pause-1h", &r) {
-                    let left = s.paused_until.map_or(0, |u| u.saturating_sub(now) / 60);
-                    out.push(Msg::Pause {
-                        minutes: Some(left + 60),
-                    });
+                    out.push(Msg::Snooze { minutes: 60 });
                 }
             } else {
                 let r = ui.button(RichText::new("⏸ Pause").size(16.0));
@@ -141,7 +138,7 @@ fn status(ui: &mut Ui, m: &Model, now_ms: u64, hits: &mut Hits, out: &mut Vec<Ms
                     ] {
                         let r = ui.button(label);
                         if hits.put(format!("snooze-{min}"), &r) {
-                            out.push(Msg::Pause { minutes: Some(min) });
+                            out.push(Msg::Snooze { minutes: min });
                             ui.close();
                         }
                     }
