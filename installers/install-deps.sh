@@ -18,6 +18,7 @@ PKGS=(
   busybox-static      # test assets: a rootfs for the container image
   iproute2            # tests: network namespaces
   chromium            # tests: the dashboard in a real (headless) browser
+  postgresql          # tests: the coordinator on PostgreSQL (each test starts its own cluster)
   util-linux          # tests: runuser (a caller without permission)
   xvfb                # tests: a real X server for owner-activity detection
   xdotool             # tests: the owner moving the mouse

@@ -20,7 +20,11 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::dashboard;
+use crate::ratelimit::{self, Limiter, RateLimits};
 use crate::store::{Outcome, Store, StoreError};
+
+/// Addresses tracked by each rate limiter before idle ones are dropped.
+const RATE_LIMIT_CLIENTS: usize = 100_000;
 
 /// Shared state of the server.
 pub struct AppState {
@@ -28,6 +32,36 @@ pub struct AppState {
     /// What enrolments must name as their coordinator (the certificate fingerprint).
     pub identity: String,
     pub metrics: Metrics,
+    pub limiters: Limiters,
+}
+
+impl AppState {
+    /// State with fresh metrics and the given rate limits.
+    pub fn new(store: Store, identity: String, limits: RateLimits) -> AppState {
+        AppState {
+            store,
+            identity,
+            metrics: Metrics::default(),
+            limiters: Limiters::new(limits),
+        }
+    }
+}
+
+/// The per-client rate limiters of the limited routes (kept in the state so that they outlive any
+/// one router).
+#[derive(Debug, Clone)]
+pub struct Limiters {
+    pub ingest: Arc<Limiter>,
+    pub enrol: Arc<Limiter>,
+}
+
+impl Limiters {
+    pub fn new(limits: RateLimits) -> Limiters {
+        Limiters {
+            ingest: Arc::new(Limiter::new(limits.ingest, RATE_LIMIT_CLIENTS)),
+            enrol: Arc::new(Limiter::new(limits.enrol, RATE_LIMIT_CLIENTS)),
+        }
+    }
 }
 
 /// Counters exported at /metrics.
@@ -87,6 +121,10 @@ pub enum ApiError {
     NotFound,
     #[error("internal error")]
     Store(#[from] StoreError),
+    #[error("internal error")]
+    Internal(String),
+    #[error("too many requests from this address; retry in {retry_after} s")]
+    RateLimited { retry_after: u64 },
 }
 
 impl IntoResponse for ApiError {
@@ -99,12 +137,22 @@ impl IntoResponse for ApiError {
                 tracing::error!("{e}");
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::Internal(e) => {
+                tracing::error!("{e}");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         };
-        (
+        let mut resp = (
             code,
             axum::Json(serde_json::json!({"error": self.to_string()})),
         )
-            .into_response()
+            .into_response();
+        if let ApiError::RateLimited { retry_after } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+        }
+        resp
     }
 }
 
@@ -121,15 +169,17 @@ pub struct BatchResponse {
     pub results: Vec<serde_json::Value>,
 }
 
-async fn ingest(
-    State(st): State<Arc<AppState>>,
-    body: Bytes,
-) -> Result<axum::Json<BatchResponse>, ApiError> {
-    let envelopes: Vec<Envelope> = cbor::from_slice(&body, &Limits::BATCH, "usage batch")
+/// A slot per envelope (None when the record goes on to the store, else why it was refused) and
+/// the verified records in order.
+type Opened = (Vec<Option<Outcome>>, Vec<UsageRecord>);
+
+/// Decodes a posted batch and verifies it.
+fn verify_batch(body: &[u8]) -> Result<Opened, ApiError> {
+    let envelopes: Vec<Envelope> = cbor::from_slice(body, &Limits::BATCH, "usage batch")
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let opened = open_batch::<UsageRecord>(&envelopes);
     let mut results: Vec<Option<Outcome>> = Vec::with_capacity(opened.len());
-    let mut good = Vec::new();
+    let mut good = Vec::with_capacity(opened.len());
     for r in opened {
         match r {
             Ok(v) => {
@@ -141,7 +191,18 @@ async fn ingest(
             })),
         }
     }
-    let stored = st.store.ingest(&good, now()).await?;
+    Ok((results, good))
+}
+
+async fn ingest(
+    State(st): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<axum::Json<BatchResponse>, ApiError> {
+    // Decoding and signature verification are CPU work: off the async workers.
+    let (results, good) = tokio::task::spawn_blocking(move || verify_batch(&body))
+        .await
+        .map_err(|e| ApiError::Internal(format!("verification task: {e}")))??;
+    let stored = st.store.ingest(good, now()).await?;
     st.metrics.batches.inc();
     let mut stored = stored.into_iter();
     let results = results
@@ -231,6 +292,23 @@ async fn host(
     Ok(Html(dashboard::host(&id, &days)))
 }
 
+async fn project(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Html<String>, ApiError> {
+    let p = st.store.project(&id).await?.ok_or(ApiError::NotFound)?;
+    Ok(Html(dashboard::project(&p)))
+}
+
+async fn project_json(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<crate::store::ProjectHistory>, ApiError> {
+    Ok(axum::Json(
+        st.store.project(&id).await?.ok_or(ApiError::NotFound)?,
+    ))
+}
+
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let mut out = String::new();
     if encode(&mut out, &st.metrics.registry).is_err() {
@@ -243,14 +321,25 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The coordinator's routes (drive it in tests with tower's `oneshot`, no socket needed).
+/// The coordinator's routes (drive it in tests with tower's `oneshot`, no socket needed). Serve it
+/// with `into_make_service_with_connect_info::<SocketAddr>()` so that rate limits are per client.
 pub fn app(state: Arc<AppState>) -> Router {
+    let limited =
+        |l: &Arc<Limiter>| axum::middleware::from_fn_with_state(l.clone(), ratelimit::limit);
     Router::new()
         .route("/", get(index))
         .route("/host/{id}", get(host))
-        .route("/api/v1/usage", post(ingest))
-        .route("/api/v1/enrol", post(enrol))
+        .route("/project/{id}", get(project))
+        .route(
+            "/api/v1/usage",
+            post(ingest).route_layer(limited(&state.limiters.ingest)),
+        )
+        .route(
+            "/api/v1/enrol",
+            post(enrol).route_layer(limited(&state.limiters.enrol)),
+        )
         .route("/api/v1/machine-types", post(register_machine_type))
+        .route("/api/v1/project/{id}", get(project_json))
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::store::{Row2, Stats};
+use crate::store::{ProjectHistory, Row2, Stats};
 
 /// Escapes text for HTML.
 pub fn esc(s: &str) -> String {
@@ -70,7 +70,7 @@ fn board(out: &mut String, title: &str, rows: &[Row2], link: Option<&str>) {
         let name = match link {
             Some(prefix) => format!(
                 "<a href=\"{prefix}{}\">{}</a>",
-                esc(&r.key),
+                esc(&r.id),
                 esc(&short(&r.key))
             ),
             None => esc(&short(&r.key)),
@@ -104,7 +104,7 @@ pub fn index(s: &Stats) -> String {
     board(&mut o, "Volunteers", &s.volunteers, None);
     board(&mut o, "Teams", &s.teams, None);
     board(&mut o, "Hosts", &s.hosts_board, Some("/host/"));
-    board(&mut o, "Projects", &s.projects, None);
+    board(&mut o, "Projects", &s.projects, Some("/project/"));
     o.push_str("<p><a href=\"/api/v1/stats\">JSON</a> · <a href=\"/metrics\">metrics</a></p></body></html>");
     o
 }
@@ -117,6 +117,39 @@ pub fn host(id: &str, days: &[(i64, f64)]) -> String {
         esc(id),
         chart(days, "credit per day")
     )
+}
+
+/// A project's page: totals, credit per day and its machine types.
+pub fn project(p: &ProjectHistory) -> String {
+    let mut o = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>project {0}</title><style>{STYLE}</style></head><body><h1>Project {0}</h1><p class=\"id\">{1}</p>",
+        esc(&p.name),
+        esc(&p.id)
+    );
+    let _ = write!(
+        o,
+        "<p class=\"totals\"><span id=\"project-credit\">credit {:.2}</span><span>CPU hours {:.3}</span><span>records {}</span><span>hosts {}</span></p>",
+        p.credit, p.cpu_hours, p.records, p.hosts
+    );
+    o.push_str(&chart(&p.per_day, "credit per day"));
+    o.push_str("<section><h2>Machine types</h2><table class=\"board\"><tr><th>name</th><th>digest</th><th>credit</th><th>records</th></tr>");
+    for m in &p.machine_types {
+        let _ = write!(
+            o,
+            "<tr><td>{}</td><td><a href=\"/project/{}\">{}…</a></td><td>{:.2}</td><td>{}</td></tr>",
+            esc(m.name.as_deref().unwrap_or("(unregistered)")),
+            esc(&m.digest),
+            esc(m.digest.get(..12).unwrap_or(&m.digest)),
+            m.credit,
+            m.records
+        );
+    }
+    let _ = write!(
+        o,
+        "</table></section><p><a href=\"/api/v1/project/{}\">JSON</a> · <a href=\"/\">back</a></p></body></html>",
+        esc(&p.id)
+    );
+    o
 }
 
 #[cfg(test)]

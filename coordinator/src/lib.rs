@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod dashboard;
+pub mod ratelimit;
 pub mod store;
 pub mod tls;
 

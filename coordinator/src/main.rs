@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use gleaner_coordinator::api::{AppState, Metrics};
+use gleaner_coordinator::api::AppState;
+use gleaner_coordinator::ratelimit::{Quota, RateLimits};
 use gleaner_coordinator::store::Store;
 use gleaner_coordinator::{app, tls};
 
@@ -42,6 +43,18 @@ enum Command {
         cert: Option<PathBuf>,
         #[arg(long, requires = "cert")]
         key: Option<PathBuf>,
+        /// Usage batches per second allowed from one client address (0 = no limit)
+        #[arg(long, default_value_t = 20.0)]
+        ingest_rate: f64,
+        /// Usage batches one client address may send at once before the rate applies
+        #[arg(long, default_value_t = 60)]
+        ingest_burst: u32,
+        /// Enrolments per second allowed from one client address (0 = no limit)
+        #[arg(long, default_value_t = 0.2)]
+        enrol_rate: f64,
+        /// Enrolments one client address may send at once before the rate applies
+        #[arg(long, default_value_t = 5)]
+        enrol_burst: u32,
     },
     /// Manage volunteer accounts.
     #[command(subcommand)]
@@ -90,6 +103,21 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A rate limit from the command line: 0 turns it off.
+fn quota(per_second: f64, burst: u32) -> Result<Quota> {
+    if !per_second.is_finite() || per_second < 0.0 {
+        anyhow::bail!("a rate must be a number of requests per second, 0 or more: {per_second}");
+    }
+    Ok(if per_second == 0.0 {
+        Quota::UNLIMITED
+    } else {
+        Quota {
+            per_second,
+            burst: burst.max(1),
+        }
+    })
+}
+
 async fn store(cli: &Cli, file_database: Option<&str>) -> Result<Store> {
     std::fs::create_dir_all(&cli.data_dir)
         .with_context(|| format!("cannot create {}", cli.data_dir.display()))?;
@@ -110,6 +138,10 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             cert,
             key,
+            ingest_rate,
+            ingest_burst,
+            enrol_rate,
+            enrol_burst,
         } => {
             let file = match config {
                 Some(path) => ServeFile::read(path)?,
@@ -155,11 +187,11 @@ async fn run(cli: Cli) -> Result<()> {
                 let _ = writeln!(out, "dashboard   https://{listen}/");
                 let _ = out.flush();
             }
-            let state = Arc::new(AppState {
-                store,
-                identity: tls.fingerprint.to_string(),
-                metrics: Metrics::default(),
-            });
+            let limits = RateLimits {
+                ingest: quota(*ingest_rate, *ingest_burst)?,
+                enrol: quota(*enrol_rate, *enrol_burst)?,
+            };
+            let state = Arc::new(AppState::new(store, tls.fingerprint.to_string(), limits));
             let rustls_config =
                 axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
                     .await
@@ -180,7 +212,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             axum_server::bind_rustls(listen, rustls_config)
                 .handle(handle)
-                .serve(app(state).into_make_service())
+                .serve(app(state).into_make_service_with_connect_info::<SocketAddr>())
                 .await
                 .with_context(|| format!("cannot serve on {listen}"))?;
         }

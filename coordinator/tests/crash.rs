@@ -1,6 +1,9 @@
 //! kill -9 of a real coordinator process in the middle of ingest: every batch is either wholly
 //! committed and acknowledged, or not acknowledged and re-sent later — never lost, never counted
-//! twice.
+//! twice. On SQLite and on PostgreSQL (a throwaway cluster on loopback).
+
+#[path = "support/pg.rs"]
+mod pg;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -22,14 +25,17 @@ impl Drop for Server {
     }
 }
 
-fn coord(data: &Path) -> Command {
+fn coord(data: &Path, database: Option<&str>) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gleaner-coordinator"));
     c.arg("--data-dir").arg(data);
+    if let Some(url) = database {
+        c.arg("--database").arg(url);
+    }
     c
 }
 
-fn serve(data: &Path, port: u16) -> Server {
-    let mut child = coord(data)
+fn serve(data: &Path, database: Option<&str>, port: u16) -> Server {
+    let mut child = coord(data, database)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -87,6 +93,18 @@ async fn wait_up(http: &reqwest::Client, base: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_ingest_never_loses_or_double_counts() {
+    kill_9_scenario(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_ingest_on_postgres() {
+    let Some(cluster) = pg::PgCluster::start_or_skip("kill_9_mid_ingest_on_postgres") else {
+        return;
+    };
+    kill_9_scenario(Some(&cluster.create_db("crash"))).await;
+}
+
+async fn kill_9_scenario(database: Option<&str>) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("c");
@@ -96,7 +114,7 @@ async fn kill_9_mid_ingest_never_loses_or_double_counts() {
         .unwrap()
         .port();
     assert!(
-        coord(&data)
+        coord(&data, database)
             .args(["account", "add", "alice", "--token", "tok"])
             .status()
             .unwrap()
@@ -109,7 +127,7 @@ async fn kill_9_mid_ingest_never_loses_or_double_counts() {
     let base = format!("https://127.0.0.1:{port}");
     let host = SecretKey::from_seed([5; 32]);
 
-    let mut server = serve(&data, port);
+    let mut server = serve(&data, database, port);
     wait_up(&http, &base).await;
     let e = Enrolment {
         v: 1,
@@ -180,7 +198,7 @@ async fn kill_9_mid_ingest_never_loses_or_double_counts() {
     );
 
     // Restart; the client re-sends what was not acknowledged (and, to be sure, everything).
-    server = serve(&data, port);
+    server = serve(&data, database, port);
     wait_up(&http, &base).await;
     let mut duplicates_of_acked = 0;
     for (i, b) in batches.iter().enumerate() {

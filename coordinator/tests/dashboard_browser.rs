@@ -1,6 +1,7 @@
 //! The dashboard in a real browser: headless Chromium (Debian's package) loads the page served by a
 //! real coordinator after records were ingested, and shows the leaderboard and the chart. The
-//! screenshot is kept at target/test-artefacts/dashboard.png for reviewers.
+//! screenshot is kept at target/test-artefacts/dashboard.png for reviewers. A project's history page,
+//! linked from the dashboard, is loaded too.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -154,6 +155,24 @@ async fn chromium_shows_leaderboard_and_chart() {
     let alice = html.find(">alice<").unwrap();
     let bob = html.find(">bob<").unwrap();
     assert!(alice < bob, "alice (more credit) leads the board");
+
+    // The project board links each project's history page, which has its own chart.
+    let project = SecretKey::from_seed([1; 32]).public().to_string();
+    assert!(
+        html.contains(&format!("href=\"/project/{project}\"")),
+        "{html}"
+    );
+    let dom = chromium(
+        &["--dump-dom", &format!("{base}/project/{project}")],
+        &profile,
+    );
+    let page = String::from_utf8_lossy(&dom.stdout);
+    assert!(page.contains("<h1>Project "), "{page}");
+    assert_eq!(
+        page.matches("class=\"bar\"").count(),
+        3,
+        "the project's credit on three days: {page}"
+    );
 
     let art = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-artefacts");
     std::fs::create_dir_all(&art).unwrap();

@@ -1,0 +1,450 @@
+//! End-to-end ingest benchmark: many concurrent clients post signed usage batches over HTTPS to an
+//! in-process coordinator (real TLS, real durable store), beside the raw ed25519 `verify_batch`
+//! rate and the coordinator's own verification path measured in the same run; prints the ratios.
+//!
+//! `CARGO_TARGET_DIR=... nice cargo bench -p gleaner-coordinator --bench ingest`
+//! Environment: `BENCH_DB=sqlite|postgres` (default sqlite), `BENCH_RECORDS` (default 100000),
+//! `BENCH_CLIENTS` (16), `BENCH_BATCH` (500 for the throughput run; the latency run uses 50).
+
+#[path = "../tests/support/pg.rs"]
+mod pg;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gleaner::cbor::{self, Limits};
+use gleaner::envelope::{Kind, open_batch};
+use gleaner::{Digest, Envelope, Id16, OutcomeCode, SecretKey, UsageRecord};
+use gleaner_coordinator::api::AppState;
+use gleaner_coordinator::ratelimit::RateLimits;
+use gleaner_coordinator::store::Store;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Signed batches: `clients` hosts, each with its own batches of `batch` records.
+fn make_batches(
+    run: u32,
+    hosts: &[SecretKey],
+    total: usize,
+    batch: usize,
+) -> Vec<Vec<Vec<Envelope>>> {
+    let per_client = total / hosts.len() / batch;
+    let end = now() - 60;
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(h, key)| {
+            (0..per_client)
+                .map(|b| {
+                    (0..batch)
+                        .map(|i| {
+                            let mut id = [0u8; 16];
+                            id[..4].copy_from_slice(&run.to_be_bytes());
+                            id[4..8].copy_from_slice(&(h as u32).to_be_bytes());
+                            id[8..12].copy_from_slice(&(b as u32).to_be_bytes());
+                            id[12..].copy_from_slice(&(i as u32).to_be_bytes());
+                            let r = UsageRecord {
+                                v: 1,
+                                record_id: Id16(id),
+                                host: key.public(),
+                                machine_id: Id16(id),
+                                publisher: hosts[0].public(),
+                                machine_type: Digest([7; 32]),
+                                start: end - 600,
+                                end,
+                                cpu_ms: 300_000,
+                                wall_ms: 600_000,
+                                peak_memory: 1 << 28,
+                                cores: 1,
+                                benchmark: 1000,
+                                outcome: OutcomeCode::Success,
+                            };
+                            Envelope::seal(&r, key)
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Process CPU time (user + system, all threads) in seconds, from /proc (USER_HZ = 100 on Linux).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Records per second of raw `ed25519_dalek::verify_batch` over the same signatures, batch by
+/// batch, on `threads` threads. With `decompress`, each signer key is also decompressed per record
+/// inside the timing (what a verifier that does not cache keys pays).
+fn raw_verify_rate(batches: &[Vec<Envelope>], threads: usize, decompress: bool) -> Rate {
+    let tag = Kind::UsageRecord.domain_tag();
+    let prepared: Vec<_> = batches
+        .iter()
+        .map(|b| {
+            let msgs: Vec<Vec<u8>> = b
+                .iter()
+                .map(|e| [tag.as_slice(), e.payload.as_slice()].concat())
+                .collect();
+            let sigs: Vec<ed25519_dalek::Signature> = b
+                .iter()
+                .map(|e| ed25519_dalek::Signature::from_bytes(&e.signature))
+                .collect();
+            let keys: Vec<ed25519_dalek::VerifyingKey> = b
+                .iter()
+                .map(|e| ed25519_dalek::VerifyingKey::from_bytes(&e.signer).expect("valid key"))
+                .collect();
+            (msgs, sigs, keys)
+        })
+        .collect();
+    let n: usize = batches.iter().map(Vec::len).sum();
+    let cpu0 = cpu_secs();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for part in prepared.chunks(prepared.len().div_ceil(threads)) {
+            s.spawn(move || {
+                for (msgs, sigs, keys) in part {
+                    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+                    if decompress {
+                        let keys: Vec<ed25519_dalek::VerifyingKey> = keys
+                            .iter()
+                            .map(|k| {
+                                ed25519_dalek::VerifyingKey::from_bytes(k.as_bytes())
+                                    .expect("valid key")
+                            })
+                            .collect();
+                        assert!(ed25519_dalek::verify_batch(&refs, sigs, &keys).is_ok());
+                    } else {
+                        assert!(ed25519_dalek::verify_batch(&refs, sigs, keys).is_ok());
+                    }
+                }
+            });
+        }
+    });
+    Rate::new(n, t.elapsed().as_secs_f64(), cpu_secs() - cpu0)
+}
+
+/// Records per second of the coordinator's verification path (CBOR decode of the posted batch,
+/// header checks, batch verification, payload decode and validation) on `threads` threads.
+fn open_rate(bodies: &[Vec<u8>], records: usize, threads: usize) -> Rate {
+    let cpu0 = cpu_secs();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for part in bodies.chunks(bodies.len().div_ceil(threads)) {
+            s.spawn(move || {
+                for body in part {
+                    let envs: Vec<Envelope> =
+                        cbor::from_slice(body, &Limits::BATCH, "batch").expect("batch decodes");
+                    let opened = open_batch::<UsageRecord>(&envs);
+                    assert!(opened.iter().all(Result::is_ok));
+                }
+            });
+        }
+    });
+    Rate::new(records, t.elapsed().as_secs_f64(), cpu_secs() - cpu0)
+}
+
+/// A measured rate: records per wall second, and CPU time per record (all threads of this
+/// process). The CPU figure holds on a busy shared machine where the wall rate does not.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    per_s: f64,
+    cpu_us: f64,
+}
+
+impl Rate {
+    fn new(records: usize, secs: f64, cpu: f64) -> Rate {
+        Rate {
+            per_s: records as f64 / secs,
+            cpu_us: cpu * 1e6 / records as f64,
+        }
+    }
+}
+
+struct Run {
+    records: usize,
+    secs: f64,
+    cpu: f64,
+    latencies: Vec<Duration>,
+    commits: u64,
+    batches: u64,
+    commit_time: Duration,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Posts every client's batches over HTTPS, each client on its own connection, one request in
+/// flight per client (a ledger waits for the acknowledgement before dropping its outbox entries).
+/// With `pace`, each client starts a request at most every `pace` (an offered load below
+/// saturation, for latency); without, as fast as acknowledgements come (throughput).
+async fn post_all(
+    base: &str,
+    store: &Store,
+    per_client: Vec<Vec<Vec<u8>>>,
+    records: usize,
+    pace: Option<Duration>,
+) -> Run {
+    let g0 = store.group_commits();
+    let cpu0 = cpu_secs();
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for bodies in per_client {
+        let url = format!("{base}/api/v1/usage");
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .tls_danger_accept_invalid_certs(true)
+                .build()
+                .expect("client");
+            let mut lat = Vec::with_capacity(bodies.len());
+            let mut tick = pace.map(|p| {
+                let mut i = tokio::time::interval(p);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            });
+            for body in bodies {
+                if let Some(tick) = tick.as_mut() {
+                    tick.tick().await;
+                }
+                let n = body.len();
+                let t = Instant::now();
+                let r = http
+                    .post(&url)
+                    .header("content-type", "application/cbor")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post");
+                assert!(r.status().is_success(), "{}", r.status());
+                let text = r.text().await.expect("answer");
+                lat.push(t.elapsed());
+                assert!(
+                    !text.contains("rejected") && !text.contains("retry"),
+                    "{n} bytes: {}",
+                    &text[..text.len().min(300)]
+                );
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.expect("client task"));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - cpu0;
+    latencies.sort();
+    let g1 = store.group_commits();
+    Run {
+        records,
+        secs,
+        cpu,
+        latencies,
+        commits: g1.commits - g0.commits,
+        batches: g1.batches - g0.batches,
+        commit_time: g1.busy - g0.busy,
+    }
+}
+
+fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let total = env("BENCH_RECORDS", 100_000);
+    let clients = env("BENCH_CLIENTS", 16).max(1);
+    let batch = env("BENCH_BATCH", 500).max(1);
+    let db = std::env::var("BENCH_DB").unwrap_or_else(|_| "sqlite".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let cluster;
+    let url = match db.as_str() {
+        "sqlite" => format!("sqlite://{}", tmp.path().join("bench.db").display()),
+        "postgres" => {
+            cluster = pg::PgCluster::start(true).expect("a PostgreSQL cluster");
+            cluster.create_db("bench")
+        }
+        other => panic!("BENCH_DB must be sqlite or postgres, not {other}"),
+    };
+
+    let hosts: Vec<SecretKey> = (0..clients)
+        .map(|i| {
+            let mut seed = [0u8; 32];
+            seed[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+            SecretKey::from_seed(seed)
+        })
+        .collect();
+    eprintln!("signing {total} records…");
+    let tput = make_batches(1, &hosts, total, batch);
+    let lat_batch = 50;
+    let lat_total = (total / 5).max(clients * lat_batch);
+    let lat = make_batches(2, &hosts, lat_total, lat_batch);
+    let flat: Vec<Vec<Envelope>> = tput.iter().flatten().cloned().collect();
+    let n_tput: usize = flat.iter().map(Vec::len).sum();
+    let n_lat: usize = lat.iter().flatten().map(Vec::len).sum();
+    let bodies = |b: &Vec<Vec<Vec<Envelope>>>| -> Vec<Vec<Vec<u8>>> {
+        b.iter()
+            .map(|c| c.iter().map(cbor::to_vec).collect())
+            .collect()
+    };
+    let tput_bodies = bodies(&tput);
+    let lat_bodies = bodies(&lat);
+    let flat_bodies: Vec<Vec<u8>> = tput_bodies.iter().flatten().cloned().collect();
+
+    eprintln!("raw verify_batch and the verification path…");
+    let load_before = loadavg();
+    let raw1 = raw_verify_rate(&flat, 1, false);
+    let rawn = raw_verify_rate(&flat, cores, false);
+    let rawd = raw_verify_rate(&flat, 1, true);
+    let open1 = open_rate(&flat_bodies, n_tput, 1);
+    let openn = open_rate(&flat_bodies, n_tput, cores);
+
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    let (base, store, handle) = server_rt.block_on(async {
+        let store = Store::open(&url).await.expect("store");
+        store
+            .add_account("bench", "bench", "tok", now())
+            .await
+            .expect("account");
+        for h in &hosts {
+            store
+                .enrol(&h.public(), "bench", now())
+                .await
+                .expect("enrol");
+        }
+        let tls = gleaner_coordinator::tls::ensure(tmp.path(), None, None, &["localhost".into()])
+            .expect("certificate");
+        let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+            .await
+            .expect("tls config");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let state = Arc::new(AppState::new(
+            store.clone(),
+            tls.fingerprint.to_string(),
+            RateLimits::UNLIMITED,
+        ));
+        let handle = axum_server::Handle::new();
+        let server = axum_server::from_tcp_rustls(listener, config)
+            .expect("server")
+            .handle(handle.clone())
+            .serve(
+                gleaner_coordinator::app(state)
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            );
+        tokio::spawn(server);
+        (format!("https://{addr}"), store, handle)
+    });
+
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    eprintln!("ingest over HTTPS…");
+    let (t_run, l_run) = client_rt.block_on(async {
+        let t = post_all(&base, &store, tput_bodies, n_tput, None).await;
+        // Offer half the throughput just measured, spread over the clients.
+        let rate = n_tput as f64 / t.secs / 2.0;
+        let pace = Duration::from_secs_f64(lat_batch as f64 * clients as f64 / rate.max(1.0));
+        let l = post_all(&base, &store, lat_bodies, n_lat, Some(pace)).await;
+        (t, l)
+    });
+    handle.shutdown();
+
+    println!(
+        "ingest benchmark: {db}, {cores} cores, client and server in one process, \
+         {clients} clients; load average {load_before} before, {} after",
+        loadavg()
+    );
+    println!("  {:<52} {:>12} {:>16}", "", "records/s", "CPU µs/record");
+    let row = |name: &str, r: Rate| {
+        println!("  {name:<52} {:>12.0} {:>16.1}", r.per_s, r.cpu_us);
+    };
+    row(
+        "raw verify_batch, 1 thread (keys decompressed before)",
+        raw1,
+    );
+    row(&format!("raw verify_batch, {cores} threads"), rawn);
+    row("raw verify_batch + key decompression, 1 thread", rawd);
+    row("verification path (decode + open_batch), 1 thread", open1);
+    row(&format!("verification path, {cores} threads"), openn);
+    let t_rate = Rate::new(t_run.records, t_run.secs, t_run.cpu);
+    let l_rate = Rate::new(l_run.records, l_run.secs, l_run.cpu);
+    row(
+        &format!("end to end, throughput (batches of {batch})"),
+        t_rate,
+    );
+    row(
+        &format!("end to end, half load paced (batches of {lat_batch})"),
+        l_rate,
+    );
+    println!("  ratios (wall rate; CPU cost in brackets, raw / path):");
+    println!(
+        "    verification path / raw verify_batch, 1 thread: {:.2}× ({:.2}×)",
+        open1.per_s / raw1.per_s,
+        raw1.cpu_us / open1.cpu_us
+    );
+    println!(
+        "    verification path / raw verify_batch, {cores} threads: {:.2}× ({:.2}×)",
+        openn.per_s / rawn.per_s,
+        rawn.cpu_us / openn.cpu_us
+    );
+    println!(
+        "    end to end / raw verify_batch, {cores} threads: {:.2}× ({:.2}×)",
+        t_rate.per_s / rawn.per_s,
+        rawn.cpu_us / t_rate.cpu_us
+    );
+    for (name, r) in [("throughput", &t_run), ("half load", &l_run)] {
+        println!(
+            "  durable-ack latency, {name}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
+             {} commits for {} batches ({:.1} batches per commit, {:.1} ms each on average)",
+            pct(&r.latencies, 0.5),
+            pct(&r.latencies, 0.99),
+            pct(&r.latencies, 1.0),
+            r.commits,
+            r.batches,
+            r.batches as f64 / r.commits.max(1) as f64,
+            r.commit_time.as_secs_f64() * 1000.0 / r.commits.max(1) as f64
+        );
+    }
+    server_rt.block_on(async {
+        let stats = store.stats().await.expect("stats");
+        assert_eq!(stats.records as usize, n_tput + n_lat, "every record once");
+    });
+}
