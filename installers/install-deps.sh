@@ -32,6 +32,14 @@ PKGS=(
   slurmd
   slurm-client
   munge
+  libgl1-mesa-dri     # GUI tests: Mesa's llvmpipe renders the window in Xvfb with no GPU
+  libglx-mesa0        # GUI tests: GLX for glutin on the X server
+  libegl1             # GUI: EGL, which glutin tries first
+  libegl-mesa0        # GUI: Mesa's EGL vendor library
+  libxkbcommon-x11-0  # GUI: winit loads the keyboard map and these X libraries at run time
+  libxcursor1
+  libxrandr2
+  libxi6
 )
 
 missing=()

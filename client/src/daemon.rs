@@ -274,7 +274,7 @@ impl Controller for Daemon {
                 Ok(()) => Response::ok(serde_json::json!({"draining": false})),
                 Err(e) => Response::error(e.to_string()),
             },
-            Request::Credit => match self.ledger.totals() {
+            Request::Credit => match self.ledger.credit() {
                 Ok(t) => Response::ok(t),
                 Err(e) => Response::error(e.to_string()),
             },

@@ -241,6 +241,70 @@ impl Ledger {
     }
 }
 
+/// Credit in the local ledger per project and per day (for `gleaner credit` and the GUI's chart).
+/// The credit is the formula's at weight 1.0: the machine type's weight is not in the record, so
+/// the coordinator's figure is the one that counts.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct CreditView {
+    #[serde(flatten)]
+    pub totals: LedgerTotals,
+    pub by_project: Vec<ProjectCredit>,
+    pub by_day: Vec<DayCredit>,
+}
+
+/// One project's (publisher's) machine type in [`CreditView`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ProjectCredit {
+    pub publisher: String,
+    pub machine_type: String,
+    pub records: u64,
+    pub cpu_ms: u64,
+    pub credit: f64,
+}
+
+/// One UTC day (days since 1970-01-01, by each record's end) in [`CreditView`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DayCredit {
+    pub day: u64,
+    pub cpu_ms: u64,
+    pub credit: f64,
+}
+
+impl Ledger {
+    /// The totals with the per-project and per-day breakdown.
+    pub fn credit(&self) -> Result<CreditView, LedgerError> {
+        use std::collections::BTreeMap;
+        let mut projects: BTreeMap<(String, String), ProjectCredit> = BTreeMap::new();
+        let mut days: BTreeMap<u64, DayCredit> = BTreeMap::new();
+        for (r, _) in self.records()? {
+            let c = gleaner::credit::credit(&r, 1000).credit;
+            let key = (r.publisher.to_string(), r.machine_type.to_string());
+            let p = projects
+                .entry(key.clone())
+                .or_insert_with(|| ProjectCredit {
+                    publisher: key.0,
+                    machine_type: key.1,
+                    ..ProjectCredit::default()
+                });
+            p.records += 1;
+            p.cpu_ms += r.cpu_ms;
+            p.credit += c;
+            let day = r.end / 86_400;
+            let d = days.entry(day).or_insert_with(|| DayCredit {
+                day,
+                ..DayCredit::default()
+            });
+            d.cpu_ms += r.cpu_ms;
+            d.credit += c;
+        }
+        Ok(CreditView {
+            totals: self.totals()?,
+            by_project: projects.into_values().collect(),
+            by_day: days.into_values().collect(),
+        })
+    }
+}
+
 fn id_of(bytes: &[u8]) -> Id16 {
     let mut id = [0u8; 16];
     let n = bytes.len().min(16);
@@ -293,6 +357,27 @@ mod tests {
         // Acknowledging again is harmless.
         ledger.acknowledge(&[Id16([0; 16])]).unwrap();
         assert_eq!(ledger.totals().unwrap().delivered, 2);
+    }
+
+    #[test]
+    fn credit_per_project_and_per_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([1; 32]);
+        let ledger = Ledger::open(&dir.path().join("ledger.redb")).unwrap();
+        for n in 0..3 {
+            let (id, e) = env(&key, n);
+            ledger.append(id, &e).unwrap();
+        }
+        let c = ledger.credit().unwrap();
+        assert_eq!(c.totals.pending, 3);
+        assert_eq!(c.by_project.len(), 1);
+        assert_eq!(c.by_project[0].records, 3);
+        assert_eq!(c.by_project[0].cpu_ms, 15_000);
+        assert_eq!(c.by_day.len(), 1);
+        assert_eq!(c.by_day[0].day, 0);
+        assert!(c.by_day[0].credit > 0.0);
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["pending"], 3, "the totals stay at the top level: {v}");
     }
 
     #[test]
