@@ -177,7 +177,7 @@ pub fn pick_by_space_share(
         .filter(|(_, s)| s.is_finite() && *s > 0.0)
         .copied()
         .collect();
-    c.sort_by(|a, b| a.0.cmp(&b.0));
+    c.sort_by_key(|a| a.0);
     c.dedup_by(|a, b| a.0 == b.0);
     let total_share: f64 = c.iter().map(|(_, s)| s).sum();
     if c.is_empty() || !total_share.is_finite() {

@@ -544,6 +544,12 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                     seq += 1;
                     let _ = space.publish(Envelope::seal(&advert(&key, seq, now, &status), &key));
                     if let Ok(view) = space.view().await {
+                        // Space-wide target shares: what the rest of the space runs.
+                        let counts = crate::factory::SpaceCounts {
+                            elsewhere: view.running_elsewhere(&key.public()),
+                            deciders: view.deciders(&key.public()),
+                        };
+                        let _ = handle.space_counts(counts).await;
                         for o in &status.offers {
                             if let Ok(d) = o.machine_type.parse::<Digest>()
                                 && let Some(at) = view.last_abort(&d)
