@@ -285,13 +285,47 @@ fn policy_json(p: &gleaner::policy::OwnerPolicy) -> serde_json::Value {
     })
 }
 
-/// Reads signed machine types from `dir` and offers those whose publisher is trusted.
+/// Checks a signed machine type (signature, expiry, trusted publisher) and offers it to the
+/// factory with its publisher's share; `origin` names where it came from, for the log.
+pub async fn offer_signed(
+    bytes: &[u8],
+    origin: &str,
+    trusted: &[(PublicKey, f64)],
+    now: u64,
+    factory: &FactoryHandle,
+) -> Result<Digest, String> {
+    let v = Envelope::open_bytes::<MachineType>(bytes).map_err(|e| e.to_string())?;
+    v.message.check_fresh(now).map_err(|e| e.to_string())?;
+    let Some((_, share)) = trusted.iter().find(|(k, _)| *k == v.signer) else {
+        return Err(format!("publisher {} is not trusted", v.signer));
+    };
+    tracing::info!(
+        "offering {} v{} from {origin}",
+        v.message.name,
+        v.message.version
+    );
+    let offer = Offer {
+        max_cores: v.message.cores_max,
+        machine_type: v.message,
+        digest: v.digest,
+        share: *share,
+    };
+    factory
+        .offer(offer)
+        .await
+        .map_err(|e| e.to_string())
+        .map(|()| v.digest)
+}
+
+/// Reads signed machine types from `dir` and offers those whose publisher is trusted; with a
+/// space, the admitted ones are also served to peers that fetch them by digest.
 pub async fn scan_machine_types(
     dir: &Path,
     trusted: &[(PublicKey, f64)],
     now: u64,
     seen: &mut BTreeMap<Digest, ()>,
     factory: &FactoryHandle,
+    space: Option<&crate::p2p::SpaceHandle>,
 ) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -310,33 +344,15 @@ pub async fn scan_machine_types(
             continue;
         }
         seen.insert(digest_of_file, ());
-        let v = match Envelope::open_bytes::<MachineType>(&bytes) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("refused {}: {e}", path.display());
-                continue;
+        match offer_signed(&bytes, &path.display().to_string(), trusted, now, factory).await {
+            Ok(_) => {
+                if let Some(space) = space
+                    && let Err(e) = space.provide(bytes).await
+                {
+                    tracing::warn!("not serving {} to the space: {e}", path.display());
+                }
             }
-        };
-        if let Err(e) = v.message.check_fresh(now) {
-            tracing::warn!("refused {}: {e}", path.display());
-            continue;
-        }
-        let Some((_, share)) = trusted.iter().find(|(k, _)| *k == v.signer) else {
-            tracing::warn!(
-                "refused {}: publisher {} is not trusted",
-                path.display(),
-                v.signer
-            );
-            continue;
-        };
-        let offer = Offer {
-            max_cores: v.message.cores_max,
-            machine_type: v.message,
-            digest: v.digest,
-            share: *share,
-        };
-        if factory.offer(offer).await.is_err() {
-            return;
+            Err(e) => tracing::warn!("refused {}: {e}", path.display()),
         }
     }
 }
@@ -389,20 +405,31 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
 
     let tracker = TaskTracker::new();
     let space_cancel = CancellationToken::new();
+    let mut learned = None;
     let space = match &opts.p2p {
         None => None,
-        Some(cfg) => match crate::p2p::start(&key, cfg.clone(), space_cancel.clone()).await {
-            Ok((h, addrs, _task)) => {
-                for a in &addrs {
-                    tracing::info!("space {}: listening on {a}/p2p/{}", cfg.space, key.public());
+        Some(cfg) => {
+            let mut cfg = cfg.clone();
+            // Machine types are fetched from and forwarded for the publishers we trust.
+            cfg.trusted = opts.trusted.iter().map(|(k, _)| *k).collect();
+            match crate::p2p::start_space(&key, cfg.clone(), space_cancel.clone()).await {
+                Ok(s) => {
+                    for a in &s.addrs {
+                        tracing::info!(
+                            "space {}: listening on {a}/p2p/{}",
+                            cfg.space,
+                            key.public()
+                        );
+                    }
+                    learned = Some(s.learned);
+                    Some(s.handle)
                 }
-                Some(h)
+                Err(e) => {
+                    tracing::warn!("{e}; running without a space");
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!("{e}; running without a space");
-                None
-            }
-        },
+        }
     };
     {
         // Outcomes of our machines go to the space.
@@ -538,7 +565,17 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
             loop {
                 let now = crate::factory::now_ms() / 1000;
                 if let Some(dir) = &opts.machine_types_dir {
-                    scan_machine_types(dir, &opts.trusted, now, &mut seen, &handle).await;
+                    scan_machine_types(dir, &opts.trusted, now, &mut seen, &handle, space.as_ref())
+                        .await;
+                }
+                // Machine types the space brought (fetched from a peer or announced).
+                while let Some(l) = learned.as_mut().and_then(|r| r.try_recv().ok()) {
+                    let origin = format!("peer {}", l.from);
+                    if let Err(e) =
+                        offer_signed(&l.envelope, &origin, &opts.trusted, now, &handle).await
+                    {
+                        tracing::warn!("refused machine type {} from {origin}: {e}", l.digest);
+                    }
                 }
                 if let (Some(space), Ok(status)) = (&space, handle.status().await) {
                     seq += 1;

@@ -288,6 +288,7 @@ pub fn settings(args: &DaemonArgs, host: HostSize) -> Result<Settings, ConfigErr
                 },
                 bootstrap,
                 mdns: !no_mdns,
+                ..crate::p2p::SpaceConfig::new(space.clone())
             }),
             state_dir: args
                 .state_dir
