@@ -115,10 +115,11 @@ fn attacker(
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                ev = swarm.select_next_some() => match ev {
-                    SwarmEvent::ConnectionEstablished { .. } => { st.connected.fetch_add(1, Ordering::SeqCst); }
-                    _ => {}
-                },
+                ev = swarm.select_next_some() => {
+                    if let SwarmEvent::ConnectionEstablished { .. } = ev {
+                        st.connected.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
                 _ = tick.tick() => {
                     let open = swarm.connected_peers().count() as u64;
                     st.open.store(open, Ordering::SeqCst);
