@@ -181,6 +181,8 @@ enum Command {
     Summary(oneshot::Sender<SpaceSummary>),
     View(oneshot::Sender<SpaceView>),
     Dial(Multiaddr),
+    /// The seq of a host's advert in the view (cheap, for benchmarks and probes).
+    SeqOf(PublicKey, oneshot::Sender<Option<u64>>),
     /// Serve a signed machine type; `announce` also gossips it to the space.
     Provide {
         envelope: Vec<u8>,
@@ -226,6 +228,16 @@ impl SpaceHandle {
             .send(Command::Dial(addr))
             .await
             .map_err(|_| SpaceError::Gone)
+    }
+
+    /// The seq of `host`'s latest advert in the view, if any: a cheap probe of propagation.
+    pub async fn seq_of(&self, host: PublicKey) -> Result<Option<u64>, SpaceError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SeqOf(host, tx))
+            .await
+            .map_err(|_| SpaceError::Gone)?;
+        rx.await.map_err(|_| SpaceError::Gone)
     }
 
     /// Serves a signed machine type (one this host admitted) to peers that ask for it by digest.
@@ -714,6 +726,14 @@ impl Node {
                 self.view.expire(now());
                 let _ = reply.send(self.view.clone());
             }
+            Command::SeqOf(host, reply) => {
+                let seq = self
+                    .view
+                    .peers()
+                    .find(|p| p.advert.host == host)
+                    .map(|p| p.advert.seq);
+                let _ = reply.send(seq);
+            }
             Command::Dial(a) => {
                 if let Err(e) = self.swarm.dial(a.clone()) {
                     tracing::warn!("dial {a}: {e}");
@@ -932,38 +952,30 @@ impl Node {
             self.rate_limited += 1;
             return Verdict::Ignore(format!("{author} sends too many messages"));
         }
+        // A bad signature or payload is the relay's fault too (it should have checked); a stale
+        // or replayed message is not: an honest relay may deliver an older advert after a newer
+        // one came another way, or have another clock. Those are ignored, not penalised.
         let now = now();
-        let r = if is_advert {
-            env.open::<CapacityAdvert>()
-                .map_err(|e| e.to_string())
-                .and_then(|v| {
-                    if author.to_string() != v.signer.to_string() {
-                        return Err("advert relayed under another author".into());
-                    }
-                    let running: Vec<Digest> =
-                        v.message.running.iter().map(|r| r.machine_type).collect();
-                    self.view
-                        .insert(v.message, now)
-                        .map_err(|e| e.to_string())?;
-                    self.want(&running, author, now);
-                    Ok(())
-                })
+        if is_advert {
+            let v = match env.open::<CapacityAdvert>() {
+                Ok(v) => v,
+                Err(e) => return Verdict::Reject(e.to_string()),
+            };
+            let running: Vec<Digest> = v.message.running.iter().map(|r| r.machine_type).collect();
+            if let Err(e) = self.view.insert(v.message, now) {
+                return Verdict::Ignore(e.to_string());
+            }
+            self.want(&running, author, now);
         } else {
-            env.open::<OutcomeReport>()
-                .map_err(|e| e.to_string())
-                .and_then(|v| {
-                    if author.to_string() != v.signer.to_string() {
-                        return Err("outcome relayed under another author".into());
-                    }
-                    self.view
-                        .outcome(&v.message, now)
-                        .map_err(|e| e.to_string())
-                })
-        };
-        match r {
-            Ok(()) => Verdict::Accept,
-            Err(e) => Verdict::Reject(e),
+            let v = match env.open::<OutcomeReport>() {
+                Ok(v) => v,
+                Err(e) => return Verdict::Reject(e.to_string()),
+            };
+            if let Err(e) = self.view.outcome(&v.message, now) {
+                return Verdict::Ignore(e.to_string());
+            }
         }
+        Verdict::Accept
     }
 
     // ---- machine types ----
