@@ -115,6 +115,17 @@ if [ -z "$binary" ]; then
     [ -n "$binary" ] || die "no gleaner binary beside this script or in target/release; build it (cargo build --release -p gleaner-client) or pass --binary PATH"
 fi
 [ -x "$binary" ] || die "$binary is not an executable file"
+# The binary links the libvirt client library (VM support): install it when it is missing.
+if ldd "$binary" 2>/dev/null | grep -q 'libvirt.so.0 => not found'; then
+    say "installing the libvirt client library that gleaner links (VMs)"
+    case "$family" in
+    debian) { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libvirt0 ca-certificates >/dev/null; } ||
+        die "could not install libvirt0 (apt-get install libvirt0); nothing installed" ;;
+    fedora) dnf install -y -q libvirt-libs || die "could not install libvirt-libs (dnf); nothing installed" ;;
+    suse) zypper -n install libvirt-libs || die "could not install libvirt-libs (zypper); nothing installed" ;;
+    arch) pacman -S --noconfirm --needed libvirt || die "could not install libvirt (pacman); nothing installed" ;;
+    esac
+fi
 version=$("$binary" --version 2>&1) || die "$binary does not run here ($version): wrong architecture or C library?"
 for tool in useradd groupadd usermod getent install; do
     command -v "$tool" >/dev/null || die "$tool not found (shadow-utils/passwd and coreutils are needed); nothing installed"

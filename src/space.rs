@@ -1,6 +1,6 @@
 //! The live view of a space, pure (time passed in): the latest capacity advert of every factory,
 //! with expiry and replay protection, running machines per type across the space, and aborts that
-//! back a machine type off everywhere.
+//! back a machine type off everywhere; and the space-wide target-share choice of what to start next.
 
 use std::collections::BTreeMap;
 
@@ -29,8 +29,10 @@ pub struct Peer {
 }
 
 /// The space as this factory sees it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpaceView {
+    /// Seconds an advert counts without a newer one ([`ADVERT_TTL_S`] unless set).
+    ttl_s: u64,
     peers: BTreeMap<PublicKey, Peer>,
     /// Highest seq seen per host, kept after expiry so old adverts cannot come back.
     seqs: BTreeMap<PublicKey, u64>,
@@ -38,7 +40,23 @@ pub struct SpaceView {
     aborts: BTreeMap<Digest, u64>,
 }
 
+impl Default for SpaceView {
+    fn default() -> Self {
+        SpaceView::with_ttl(ADVERT_TTL_S)
+    }
+}
+
 impl SpaceView {
+    /// An empty view whose adverts expire after `ttl_s` seconds.
+    pub fn with_ttl(ttl_s: u64) -> Self {
+        SpaceView {
+            ttl_s,
+            peers: BTreeMap::new(),
+            seqs: BTreeMap::new(),
+            aborts: BTreeMap::new(),
+        }
+    }
+
     /// Takes a verified advert into the view.
     pub fn insert(&mut self, advert: CapacityAdvert, now: u64) -> Result<(), Refused> {
         if advert.at.abs_diff(now) > CLOCK_SKEW_S {
@@ -78,7 +96,7 @@ impl SpaceView {
     /// Forgets adverts older than the TTL.
     pub fn expire(&mut self, now: u64) {
         self.peers
-            .retain(|_, p| now.saturating_sub(p.received_at) <= ADVERT_TTL_S);
+            .retain(|_, p| now.saturating_sub(p.received_at) <= self.ttl_s);
     }
 
     /// Live peers (after [`SpaceView::expire`]).
@@ -96,6 +114,29 @@ impl SpaceView {
             .sum()
     }
 
+    /// Machines per type that hosts other than `me` run, by their latest adverts. A factory adds
+    /// its own machines from its own state, which is fresher than its last advert.
+    pub fn running_elsewhere(&self, me: &PublicKey) -> BTreeMap<Digest, u64> {
+        let mut out = BTreeMap::new();
+        for p in self.peers.values().filter(|p| &p.advert.host != me) {
+            for r in &p.advert.running {
+                *out.entry(r.machine_type).or_insert(0) += u64::from(r.count);
+            }
+        }
+        out
+    }
+
+    /// How many factories may start a machine on the current view at once: this one plus every
+    /// other live peer with a free core that is neither draining nor in use by its owner.
+    pub fn deciders(&self, me: &PublicKey) -> u64 {
+        1 + self
+            .peers
+            .values()
+            .filter(|p| &p.advert.host != me)
+            .filter(|p| p.advert.free_cores > 0 && !p.advert.draining && !p.advert.owner_present)
+            .count() as u64
+    }
+
     /// When the last abort of `machine_type` anywhere in the space happened.
     pub fn last_abort(&self, machine_type: &Digest) -> Option<u64> {
         self.aborts.get(machine_type).copied()
@@ -108,6 +149,65 @@ impl SpaceView {
             .map(|p| u64::from(p.advert.free_cores))
             .sum()
     }
+}
+
+/// Which machine type a factory should start next so that the space as a whole converges on the
+/// target shares (Vac's target shares, held across factories instead of inside one).
+///
+/// `candidates` are the types this factory could start now (trusted, fresh, not backed off, fitting)
+/// with their shares; `running` counts each type's machines across the whole space, this factory's
+/// included; `horizon` is how many factories may start a machine on this same view before the
+/// next adverts show it (see [`SpaceView::deciders`]; 1 for a factory alone). After those starts
+/// the space would run `n = Σ running + horizon` machines of these types, of which type `i` should
+/// have `n · share_i / Σ share`; its *deficit* is that minus what runs. The pick is drawn with
+/// probability proportional to the positive deficits, using `salt` (uniform, different per factory
+/// and per decision) as the draw: factories deciding at the same moment on the same view spread
+/// their starts over the lagging types in proportion to how far each lags, instead of all starting
+/// the single most-lagging type and overshooting it. Shares that are
+/// not finite and positive are never picked. Ties are broken by digest, so the result is a pure
+/// function of its inputs.
+pub fn pick_by_space_share(
+    candidates: &[(Digest, f64)],
+    running: &BTreeMap<Digest, u64>,
+    horizon: u64,
+    salt: u64,
+) -> Option<Digest> {
+    let mut c: Vec<(Digest, f64)> = candidates
+        .iter()
+        .filter(|(_, s)| s.is_finite() && *s > 0.0)
+        .copied()
+        .collect();
+    c.sort_by_key(|a| a.0);
+    c.dedup_by(|a, b| a.0 == b.0);
+    let total_share: f64 = c.iter().map(|(_, s)| s).sum();
+    if c.is_empty() || !total_share.is_finite() {
+        return None;
+    }
+    let count = |d: &Digest| running.get(d).copied().unwrap_or(0) as f64;
+    let n = c.iter().map(|(d, _)| count(d)).sum::<f64>() + horizon.max(1) as f64;
+    let deficits: Vec<f64> = c
+        .iter()
+        .map(|(d, s)| (n * s / total_share - count(d)).max(0.0))
+        .collect();
+    let total: f64 = deficits.iter().sum();
+    if total <= 0.0 {
+        // Cannot happen (the targets add up to more than what runs), but never divide by 0.
+        return c.first().map(|(d, _)| *d);
+    }
+    // 53 random bits as a fraction in [0, 1).
+    let mut left = (salt >> 11) as f64 / (1u64 << 53) as f64 * total;
+    for ((d, _), w) in c.iter().zip(&deficits) {
+        if *w > 0.0 && left < *w {
+            return Some(*d);
+        }
+        left -= w;
+    }
+    // Rounding left us past the end: the last type with a deficit.
+    c.iter()
+        .zip(&deficits)
+        .rev()
+        .find(|(_, w)| **w > 0.0)
+        .map(|((d, _), _)| *d)
 }
 
 #[cfg(test)]
@@ -181,5 +281,126 @@ mod tests {
         };
         v.outcome(&ok, 2000).unwrap();
         assert_eq!(v.last_abort(&Digest([7; 32])), Some(1000));
+    }
+
+    fn d(n: u8) -> Digest {
+        Digest([n; 32])
+    }
+
+    fn counts(c: &[(u8, u64)]) -> BTreeMap<Digest, u64> {
+        c.iter().map(|&(n, k)| (d(n), k)).collect()
+    }
+
+    /// A salt that draws the fraction `f` of the total deficit.
+    fn at(f: f64) -> u64 {
+        ((f * (1u64 << 53) as f64) as u64) << 11
+    }
+
+    #[test]
+    fn space_share_table() {
+        // (candidates with shares, running across the space, draw, expected pick), horizon 1
+        type Case = (&'static [(u8, f64)], &'static [(u8, u64)], f64, Option<u8>);
+        let cases: &[Case] = &[
+            // Nothing to choose from, or only invalid shares.
+            (&[], &[], 0.5, None),
+            (&[(1, 0.0), (2, -1.0), (3, f64::NAN)], &[], 0.5, None),
+            // One candidate is always picked, whatever runs.
+            (&[(1, 1.0)], &[(1, 40)], 0.99, Some(1)),
+            // Empty space, equal shares: the draw splits evenly.
+            (&[(1, 1.0), (2, 1.0)], &[], 0.49, Some(1)),
+            (&[(1, 1.0), (2, 1.0)], &[], 0.51, Some(2)),
+            // 3:1 shares, 3 vs 0 running: n = 4, targets 3 and 1, only type 2 lags.
+            (&[(1, 3.0), (2, 1.0)], &[(1, 3)], 0.0, Some(2)),
+            (&[(1, 3.0), (2, 1.0)], &[(1, 3)], 0.99, Some(2)),
+            // At the target (3:1 running 6:2): n = 9, deficits 0.75 and 0.25.
+            (&[(1, 3.0), (2, 1.0)], &[(1, 6), (2, 2)], 0.7, Some(1)),
+            (&[(1, 3.0), (2, 1.0)], &[(1, 6), (2, 2)], 0.8, Some(2)),
+            // Other factories run lots of type 1: this one starts type 2 even if it runs none.
+            (&[(1, 1.0), (2, 1.0)], &[(1, 50), (2, 10)], 0.0, Some(2)),
+            // Types this factory cannot start now do not count (2 backed off here).
+            (
+                &[(1, 1.0), (3, 1.0)],
+                &[(1, 5), (2, 100), (3, 5)],
+                0.3,
+                Some(1),
+            ),
+            // Running counts of unknown types are ignored; duplicates counted once.
+            (&[(1, 1.0), (1, 1.0), (2, 1.0)], &[(9, 7)], 0.75, Some(2)),
+            // A zero share never runs, a tiny one still does when it lags.
+            (&[(1, 1.0), (2, 0.0)], &[(1, 9)], 0.99, Some(1)),
+            (&[(1, 1000.0), (2, 1.0)], &[(1, 2000)], 0.99, Some(2)),
+            // The largest draw stays in range.
+            (&[(1, 1.0), (2, 1.0)], &[], 1.0 - f64::EPSILON, Some(2)),
+        ];
+        for (i, (cands, running, draw, want)) in cases.iter().enumerate() {
+            let cands: Vec<(Digest, f64)> = cands.iter().map(|&(n, s)| (d(n), s)).collect();
+            let got = pick_by_space_share(&cands, &counts(running), 1, at(*draw));
+            assert_eq!(got, want.map(d), "case {i}");
+        }
+        assert_eq!(
+            pick_by_space_share(&[(d(1), 1.0), (d(2), 1.0)], &BTreeMap::new(), 1, u64::MAX),
+            Some(d(2))
+        );
+        // With 10 factories deciding at once, 1:1 and 6 vs 0 running: n = 16, deficits 2 and 8,
+        // so most (not all) starts go to the lagging type.
+        let c = [(d(1), 1.0), (d(2), 1.0)];
+        let r = counts(&[(1, 6)]);
+        assert_eq!(pick_by_space_share(&c, &r, 10, at(0.19)), Some(d(1)));
+        assert_eq!(pick_by_space_share(&c, &r, 10, at(0.21)), Some(d(2)));
+        // The same with horizon 1: only the lagging type.
+        assert_eq!(pick_by_space_share(&c, &r, 1, at(0.0)), Some(d(2)));
+    }
+
+    /// 40 factories decide all at once, in rounds, each on the view of the previous round (as
+    /// gossip delivers it, late). Returns the space's running machines per type.
+    fn simulate(shares: &[(Digest, f64)], rounds: usize, horizon: u64) -> BTreeMap<Digest, u64> {
+        let factories = 40;
+        let mut total: BTreeMap<Digest, u64> = BTreeMap::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..rounds {
+            let view = total.clone();
+            for _ in 0..factories {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let pick = pick_by_space_share(shares, &view, horizon, rng).unwrap();
+                *total.entry(pick).or_insert(0) += 1;
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn the_space_converges_on_the_shares() {
+        let shares = [(d(1), 5.0), (d(2), 3.0), (d(3), 2.0)];
+        let off = |total: &BTreeMap<Digest, u64>| {
+            let n: u64 = total.values().sum();
+            shares
+                .iter()
+                .map(|(dg, s)| {
+                    let want = n as f64 * s / 10.0;
+                    (total.get(dg).copied().unwrap_or(0) as f64 - want).abs()
+                })
+                .fold(0.0, f64::max)
+        };
+        // Knowing how many decide at once, 160 starts land within a few machines of 80:48:32.
+        let good = simulate(&shares, 4, 40);
+        assert_eq!(good.values().sum::<u64>(), 160);
+        assert!(off(&good) <= 6.0, "{good:?}");
+        // Deciding as if alone, simultaneous factories pile onto whichever type lags and overshoot.
+        let naive = simulate(&shares, 4, 1);
+        assert!(off(&naive) > 2.0 * off(&good), "{naive:?} vs {good:?}");
+    }
+
+    #[test]
+    fn running_elsewhere_leaves_out_this_host_and_ttl_is_settable() {
+        let mut v = SpaceView::with_ttl(5);
+        v.insert(advert(1, 1, 1000, 2), 1000).unwrap();
+        v.insert(advert(2, 1, 1000, 3), 1000).unwrap();
+        let me = SecretKey::from_seed([1; 32]).public();
+        assert_eq!(v.running_elsewhere(&me), counts(&[(1, 3)]));
+        assert_eq!(v.deciders(&me), 2);
+        v.expire(1006);
+        assert_eq!(v.peers().count(), 0);
     }
 }

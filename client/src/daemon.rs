@@ -464,20 +464,31 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
 
     let tracker = TaskTracker::new();
     let space_cancel = CancellationToken::new();
+    let mut learned = None;
     let space = match &opts.p2p {
         None => None,
-        Some(cfg) => match crate::p2p::start(&key, cfg.clone(), space_cancel.clone()).await {
-            Ok((h, addrs, _task)) => {
-                for a in &addrs {
-                    tracing::info!("space {}: listening on {a}/p2p/{}", cfg.space, key.public());
+        Some(cfg) => {
+            let mut cfg = cfg.clone();
+            // Machine types are fetched from and forwarded for the publishers we trust.
+            cfg.trusted = opts.trusted.iter().map(|(k, _)| *k).collect();
+            match crate::p2p::start_space(&key, cfg.clone(), space_cancel.clone()).await {
+                Ok(s) => {
+                    for a in &s.addrs {
+                        tracing::info!(
+                            "space {}: listening on {a}/p2p/{}",
+                            cfg.space,
+                            key.public()
+                        );
+                    }
+                    learned = Some(s.learned);
+                    Some(s.handle)
                 }
-                Some(h)
+                Err(e) => {
+                    tracing::warn!("{e}; running without a space");
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!("{e}; running without a space");
-                None
-            }
-        },
+        }
     };
     {
         // Outcomes of our machines go to the space.
@@ -655,13 +666,36 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
             let mut seq = crate::factory::now_ms();
             loop {
                 let now = crate::factory::now_ms() / 1000;
-                catalogue.lock().await.scan(now, &handle).await;
+                let admitted = catalogue.lock().await.scan(now, &handle).await;
+                if let Some(space) = &space {
+                    for bytes in admitted {
+                        if let Err(e) = space.provide(bytes).await {
+                            tracing::warn!("not serving a machine type to the space: {e}");
+                        }
+                    }
+                }
+                // Machine types the space brought (fetched from a peer or announced), admitted
+                // by the same trust policy as the folder's.
+                while let Some(l) = learned.as_mut().and_then(|r| r.try_recv().ok()) {
+                    let origin = format!("machine type {} from peer {}", l.digest, l.from);
+                    catalogue
+                        .lock()
+                        .await
+                        .admit_signed(&l.envelope, &origin, now, &handle)
+                        .await;
+                }
                 if let (Some(space), Ok(status)) = (&space, handle.status().await) {
                     seq += 1;
                     let bench = benchmark.load(std::sync::atomic::Ordering::Relaxed);
                     let advert = advert(&key, seq, now, &status, bench, backend_bits);
                     let _ = space.publish(Envelope::seal(&advert, &key));
                     if let Ok(view) = space.view().await {
+                        // Space-wide target shares: what the rest of the space runs.
+                        let counts = crate::factory::SpaceCounts {
+                            elsewhere: view.running_elsewhere(&key.public()),
+                            deciders: view.deciders(&key.public()),
+                        };
+                        let _ = handle.space_counts(counts).await;
                         for o in &status.offers {
                             if let Ok(d) = o.machine_type.parse::<Digest>()
                                 && let Some(at) = view.last_abort(&d)

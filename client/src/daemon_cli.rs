@@ -415,6 +415,7 @@ pub fn settings_from(
                 },
                 bootstrap,
                 mdns: !no_mdns,
+                ..crate::p2p::SpaceConfig::new(space.clone())
             }),
             state_dir: args
                 .state_dir

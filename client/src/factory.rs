@@ -198,7 +198,23 @@ pub enum Command {
     Note(String),
     /// The host benchmark was re-measured: records from now on carry this score.
     SetBenchmark(u32),
+    /// What the rest of the space runs (space-wide target shares).
+    Space(SpaceCounts),
 }
+
+// ---- space-wide target shares (issue 5) ----
+/// What the rest of the space runs, from the space view, for space-wide target shares.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpaceCounts {
+    /// Machines per type on other hosts ([`gleaner::space::SpaceView::running_elsewhere`]).
+    pub elsewhere: BTreeMap<Digest, u64>,
+    /// Factories that may start on the same view ([`gleaner::space::SpaceView::deciders`]).
+    pub deciders: u64,
+}
+
+/// Counts older than this are not used: the factory falls back to its local shares.
+const SPACE_COUNTS_FRESH_S: u64 = 30;
+// ---- end space-wide target shares ----
 
 /// A cloneable handle to the factory loop.
 #[derive(Clone)]
@@ -249,6 +265,11 @@ impl FactoryHandle {
 
     pub async fn set_benchmark(&self, score: u32) -> Result<(), FactoryGone> {
         self.send(Command::SetBenchmark(score)).await
+    }
+
+    /// What the rest of the space runs; choices follow space-wide shares while this is fresh.
+    pub async fn space_counts(&self, counts: SpaceCounts) -> Result<(), FactoryGone> {
+        self.send(Command::Space(counts)).await
     }
 
     /// The machines running now (for the owner enforcer, which freezes them directly).
@@ -415,6 +436,8 @@ pub struct Factory<R: Runtime + 'static> {
     registry: Registry,
     draining: bool,
     events: VecDeque<Event>,
+    /// The space's counts and when they came (space-wide target shares).
+    space: Option<(SpaceCounts, u64)>,
 }
 
 const EVENTS_KEPT: usize = 200;
@@ -442,6 +465,7 @@ impl<R: Runtime + 'static> Factory<R> {
             registry: Arc::new(RwLock::new(BTreeMap::new())),
             draining: false,
             events: VecDeque::with_capacity(EVENTS_KEPT),
+            space: None,
         }
     }
 
@@ -674,6 +698,9 @@ impl<R: Runtime + 'static> Factory<R> {
             }
             Command::Note(message) => self.event(None, message),
             Command::SetBenchmark(score) => self.cfg.benchmark = score,
+            Command::Space(counts) => {
+                self.space = Some((counts, self.now()));
+            }
             Command::Withdraw(digest) => {
                 self.offers.remove(&digest);
                 let now = self.now();
@@ -1035,9 +1062,11 @@ impl<R: Runtime + 'static> Factory<R> {
         }
     }
 
-    /// Chooses what to start: the admitted type with the fewest running machines per unit of share
-    /// that is not backed off. If it does not fit yet, nothing smaller jumps the queue, so multi-core
-    /// types are not starved by single-core ones.
+    /// Chooses what to start: among admitted types that are not backed off, the one lagging most
+    /// behind its share — across the whole space while the space's counts are fresh
+    /// ([`gleaner::space::pick_by_space_share`]), else here: the fewest running machines per unit of
+    /// share. If it does not fit yet, nothing smaller jumps the queue, so multi-core types are not
+    /// starved by single-core ones.
     fn choose(&self, allowance: &Allowance, now: u64) -> Option<(Digest, u16)> {
         let used_cores: u16 = self.machines.values().map(|m| m.cores).sum::<u16>()
             + self.starting.values().map(|(_, c, _)| *c).sum::<u16>();
@@ -1049,7 +1078,7 @@ impl<R: Runtime + 'static> Factory<R> {
         }
         let free_cores = allowance.cores.saturating_sub(used_cores);
         let free_mem = allowance.memory_bytes.saturating_sub(used_mem);
-        let best = self
+        let eligible = self
             .offers
             .values()
             .filter(|o| self.backoff_until.get(&o.digest).is_none_or(|&t| now >= t))
@@ -1060,12 +1089,36 @@ impl<R: Runtime + 'static> Factory<R> {
             .filter(|o| {
                 o.machine_type.cores_min <= allowance.cores.min(o.max_cores)
                     && u64::from(o.machine_type.memory_mib) << 20 <= allowance.memory_bytes
-            })
-            .min_by(|a, b| {
+            });
+        let best = match &self.space {
+            Some((space, at)) if now.saturating_sub(*at) <= SPACE_COUNTS_FRESH_S => {
+                let eligible: Vec<&Offer> = eligible.collect();
+                let candidates: Vec<(Digest, f64)> =
+                    eligible.iter().map(|o| (o.digest, o.share)).collect();
+                let mut running = space.elsewhere.clone();
+                for (d, _) in &candidates {
+                    *running.entry(*d).or_insert(0) += self.running_of(d) as u64;
+                }
+                // A different draw per host and per decision.
+                let mut seed = self.host_key.public().to_bytes().to_vec();
+                seed.extend_from_slice(&self.clock.now_ms().to_le_bytes());
+                seed.extend_from_slice(&(count as u64).to_le_bytes());
+                let h = Digest::of(&seed).0;
+                let salt = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+                let pick = gleaner::space::pick_by_space_share(
+                    &candidates,
+                    &running,
+                    space.deciders,
+                    salt,
+                )?;
+                eligible.into_iter().find(|o| o.digest == pick)?
+            }
+            _ => eligible.min_by(|a, b| {
                 let ka = self.running_of(&a.digest) as f64 / a.share.max(1e-6);
                 let kb = self.running_of(&b.digest) as f64 / b.share.max(1e-6);
                 ka.total_cmp(&kb).then(a.digest.cmp(&b.digest))
-            })?;
+            })?,
+        };
         let mt = &best.machine_type;
         let want = mt.cores_max.min(best.max_cores).min(free_cores);
         let mem = u64::from(mt.memory_mib) << 20;

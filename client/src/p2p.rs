@@ -1,23 +1,63 @@
 //! The space over libp2p: one `Swarm` owned by an event loop, reached through a cloneable
-//! [`SpaceHandle`] with a bounded command channel. Factories gossip signed capacity adverts and
-//! outcome reports on per-space gossipsub topics; every message is validated by hand (envelope
-//! signature, kind for the topic, signer = gossip author, freshness, replay) before it is accepted
-//! and forwarded, and rejected ones count against their sender's peer score.
+//! [`SpaceHandle`] with a bounded command channel. Factories gossip signed capacity adverts, outcome
+//! reports and machine-type announcements on per-space gossipsub topics; every message is validated
+//! by hand (envelope signature, kind for the topic, signer = gossip author, freshness, replay, size,
+//! per-author rate) before it is accepted and forwarded, and rejected ones count against their
+//! sender's peer score; a peer whose score falls below [`BAN_SCORE`] is disconnected and blocked.
+//! Signed machine types are fetched by digest from the peers that advertise running them
+//! (request-response `/gleaner/mt/1`, CBOR, size-bounded) and verified against the digest and the
+//! trusted publishers before use. Kademlia finds peers beyond the bootstrap nodes.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
 use gleaner::space::SpaceView;
-use gleaner::{Envelope, Kind, SecretKey};
+use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
+use libp2p::core::{Transport, upgrade::Version};
+use libp2p::futures::io::{AsyncRead, AsyncWrite};
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
-use libp2p::{Multiaddr, PeerId, identify, mdns, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, allow_block_list, identify, kad, mdns, noise, ping, tcp,
+    yamux,
+};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// Largest gossiped message.
+/// Largest gossiped frame (gossipsub's transmit limit); larger frames are refused by the codec.
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Largest advert or outcome message; a bigger one is rejected (and penalised).
+pub const MAX_ADVERT: usize = 16 * 1024;
+/// Largest signed machine type served or fetched over `/gleaner/mt/1` (the envelope limit).
+pub const MAX_MACHINE_TYPE: usize = 256 * 1024;
+/// The request-response protocol for machine types.
+pub const MT_PROTOCOL: &str = "/gleaner/mt/1";
+/// A peer whose gossipsub score falls below this is disconnected and blocked for [`BAN_S`].
+pub const BAN_SCORE: f64 = -100.0;
+/// How long a banned peer stays blocked.
+pub const BAN_S: u64 = 600;
+/// Adverts and outcomes one author may have accepted in a burst, and per second after that;
+/// more are ignored (not forwarded, not penalised: the relay may be honest).
+const RATE_BURST: f64 = 10.0;
+const RATE_PER_S: f64 = 2.0;
+/// Signed machine types kept to serve to peers.
+const MAX_STORED_TYPES: usize = 256;
+/// Machine-type fetches in flight at once, and how soon a failed one is tried again.
+const MAX_FETCHES: usize = 8;
+const FETCH_RETRY_S: u64 = 30;
+/// Digests found unusable (untrusted publisher, rollback), not fetched again.
+const MAX_REFUSED: usize = 4096;
+/// Kademlia-discovered peers are dialled while fewer than this are connected.
+const TARGET_PEERS: usize = 16;
 
 /// Settings of one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,14 +68,58 @@ pub struct SpaceConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Discover peers on the LAN by mDNS.
     pub mdns: bool,
+    /// Kademlia server mode (answer other peers' lookups): `Some` forces it; `None` turns it on
+    /// once this node listens on a public address, and leaves it a client otherwise.
+    pub kad_server: Option<bool>,
+    /// Publishers whose machine types this node fetches, keeps, forwards and hands on.
+    pub trusted: Vec<PublicKey>,
+    /// Seconds an advert counts without a newer one.
+    pub advert_ttl_s: u64,
+}
+
+impl SpaceConfig {
+    /// A node of `space` listening nowhere, with the defaults.
+    pub fn new(space: impl Into<String>) -> SpaceConfig {
+        SpaceConfig {
+            space: space.into(),
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            kad_server: None,
+            trusted: Vec::new(),
+            advert_ttl_s: gleaner::space::ADVERT_TTL_S,
+        }
+    }
+}
+
+/// A request on `/gleaner/mt/1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtRequest {
+    /// The signed machine type whose payload has this SHA-256 (32 bytes).
+    Get { digest: serde_bytes::ByteBuf },
+}
+
+/// An answer on `/gleaner/mt/1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtResponse {
+    /// The signed envelope, as the publisher made it.
+    Found {
+        envelope: serde_bytes::ByteBuf,
+    },
+    NotFound,
 }
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mt: request_response::cbor::Behaviour<MtRequest, MtResponse>,
 }
 
 /// Why the space could not start or be reached.
@@ -45,6 +129,8 @@ pub enum SpaceError {
     Setup(String),
     #[error("the space event loop has stopped")]
     Gone,
+    #[error("machine type refused: {0}")]
+    Refused(String),
 }
 
 /// What the view looks like, for `gleaner space` and status.
@@ -54,8 +140,19 @@ pub struct SpaceSummary {
     pub peer_id: String,
     pub listen: Vec<String>,
     pub connected: usize,
+    /// Peers in the Kademlia routing table.
+    pub known_peers: usize,
+    pub kad_server: bool,
     pub peers: Vec<PeerSummary>,
     pub rejected_messages: u64,
+    /// Adverts and outcomes ignored because their author sent too many.
+    pub rate_limited: u64,
+    /// Peers blocked for a low score.
+    pub banned: Vec<String>,
+    /// Gossipsub scores of connected peers.
+    pub scores: Vec<(String, f64)>,
+    /// Digests of the signed machine types this node serves.
+    pub machine_types: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -69,11 +166,29 @@ pub struct PeerSummary {
     pub seq: u64,
 }
 
+/// A signed machine type this node learned from the space (fetched from a peer or announced),
+/// already checked: signature, digest, freshness, trusted publisher, no rollback.
+#[derive(Debug, Clone)]
+pub struct LearnedType {
+    pub digest: Digest,
+    pub envelope: Vec<u8>,
+    /// The peer it came from.
+    pub from: String,
+}
+
 enum Command {
     Publish(Envelope),
     Summary(oneshot::Sender<SpaceSummary>),
     View(oneshot::Sender<SpaceView>),
     Dial(Multiaddr),
+    /// The seq of a host's advert in the view (cheap, for benchmarks and probes).
+    SeqOf(PublicKey, oneshot::Sender<Option<u64>>),
+    /// Serve a signed machine type; `announce` also gossips it to the space.
+    Provide {
+        envelope: Vec<u8>,
+        announce: bool,
+        reply: oneshot::Sender<Result<Digest, String>>,
+    },
 }
 
 /// A cloneable handle to the space's event loop.
@@ -114,39 +229,199 @@ impl SpaceHandle {
             .await
             .map_err(|_| SpaceError::Gone)
     }
+
+    /// The seq of `host`'s latest advert in the view, if any: a cheap probe of propagation.
+    pub async fn seq_of(&self, host: PublicKey) -> Result<Option<u64>, SpaceError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SeqOf(host, tx))
+            .await
+            .map_err(|_| SpaceError::Gone)?;
+        rx.await.map_err(|_| SpaceError::Gone)
+    }
+
+    /// Serves a signed machine type (one this host admitted) to peers that ask for it by digest.
+    pub async fn provide(&self, envelope: Vec<u8>) -> Result<Digest, SpaceError> {
+        self.provide_or_announce(envelope, false).await
+    }
+
+    /// Serves a signed machine type and announces it to the space (a publisher's new version).
+    /// Types too large to gossip are only served; peers fetch them when they see them run.
+    pub async fn announce(&self, envelope: Vec<u8>) -> Result<Digest, SpaceError> {
+        self.provide_or_announce(envelope, true).await
+    }
+
+    async fn provide_or_announce(
+        &self,
+        envelope: Vec<u8>,
+        announce: bool,
+    ) -> Result<Digest, SpaceError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Provide {
+                envelope,
+                announce,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| SpaceError::Gone)?;
+        rx.await
+            .map_err(|_| SpaceError::Gone)?
+            .map_err(SpaceError::Refused)
+    }
 }
 
-fn topics(space: &str) -> (IdentTopic, IdentTopic) {
-    (
-        IdentTopic::new(format!("gleaner/{space}/adverts")),
-        IdentTopic::new(format!("gleaner/{space}/outcomes")),
-    )
+/// A started node.
+pub struct Space {
+    pub handle: SpaceHandle,
+    /// Where it listens (once bound).
+    pub addrs: Vec<Multiaddr>,
+    pub task: tokio::task::JoinHandle<()>,
+    /// Machine types learned from the space (bounded; when full, new ones are dropped with a log).
+    pub learned: mpsc::Receiver<LearnedType>,
+}
+
+struct Topics {
+    adverts: IdentTopic,
+    outcomes: IdentTopic,
+    types: IdentTopic,
+}
+
+fn topics(space: &str) -> Topics {
+    Topics {
+        adverts: IdentTopic::new(format!("gleaner/{space}/adverts")),
+        outcomes: IdentTopic::new(format!("gleaner/{space}/outcomes")),
+        types: IdentTopic::new(format!("gleaner/{space}/machine-types")),
+    }
 }
 
 fn now() -> u64 {
     crate::factory::now_ms() / 1000
 }
 
+// ---- transport byte counters (for the benchmark) ----
+
+static BYTES_IN: AtomicU64 = AtomicU64::new(0);
+static BYTES_OUT: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes read and written on TCP connections by every node in this process, before noise and
+/// yamux are taken off (what the wire carries, minus TCP/IP headers).
+pub fn transport_bytes() -> (u64, u64) {
+    (
+        BYTES_IN.load(Ordering::Relaxed),
+        BYTES_OUT.load(Ordering::Relaxed),
+    )
+}
+
+/// A TCP stream that counts its bytes.
+struct Metered<S>(S);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.0).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            BYTES_IN.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.0).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            BYTES_OUT.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+// ---- start ----
+
 /// Starts a node with the host key as its libp2p identity; returns its handle and the addresses
-/// it listens on (once bound).
+/// it listens on (once bound). Machine types learned from the space are dropped: use
+/// [`start_space`] to receive them.
 pub async fn start(
     key: &SecretKey,
     cfg: SpaceConfig,
     cancel: CancellationToken,
 ) -> Result<(SpaceHandle, Vec<Multiaddr>, tokio::task::JoinHandle<()>), SpaceError> {
+    let s = start_space(key, cfg, cancel).await?;
+    Ok((s.handle, s.addrs, s.task))
+}
+
+/// Whether `a` is an address other hosts on the internet could reach.
+fn is_public(a: &Multiaddr) -> bool {
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => {
+            !(ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_documentation()
+                || ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+        }
+        Protocol::Ip6(ip) => {
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80)
+        }
+        _ => false,
+    })
+}
+
+fn peer_of(a: &Multiaddr) -> Option<PeerId> {
+    a.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// As [`start`], also handing out the machine types the node learns.
+pub async fn start_space(
+    key: &SecretKey,
+    cfg: SpaceConfig,
+    cancel: CancellationToken,
+) -> Result<Space, SpaceError> {
     let err = |e: &dyn std::fmt::Display| SpaceError::Setup(e.to_string());
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.seed()).map_err(|e| err(&e))?;
-    let (adverts, outcomes) = topics(&cfg.space);
+    let t = topics(&cfg.space);
+    let kad_protocol = StreamProtocol::try_from_owned(format!("/gleaner/{}/kad/1", cfg.space))
+        .map_err(|e| err(&e))?;
     let mdns_on = cfg.mdns;
+    let kad_proto = kad_protocol.clone();
+    let score_topics = [t.adverts.hash(), t.outcomes.hash(), t.types.hash()];
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| err(&e))?
         .with_quic()
+        .with_other_transport(|k| {
+            let noise = noise::Config::new(k)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok(tcp::tokio::Transport::new(tcp::Config::default())
+                .map(|s, _| Metered(s))
+                .upgrade(Version::V1)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default()))
+        })
+        .map_err(|e| err(&e))?
         .with_behaviour(|k| {
             let gcfg = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(500))
@@ -159,14 +434,32 @@ pub async fn start(
                 .build()
                 .map_err(|e| e.to_string())?;
             let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Signed(k.clone()), gcfg)?;
-            // Invalid messages cost their sender heavily; below the graylist threshold a peer
-            // is ignored and pruned.
-            let mut params = gossipsub::PeerScoreParams::default();
-            for t in [&adverts, &outcomes] {
+            // Invalid messages cost their sender heavily (the counter is squared): two take a
+            // peer below the graylist threshold (ignored, pruned), three below BAN_SCORE.
+            let mut params = gossipsub::PeerScoreParams {
+                // Many factories share one address (a department behind NAT, a test on
+                // loopback): colocation is no sign of a Sybil attack here.
+                ip_colocation_factor_weight: 0.0,
+                ..Default::default()
+            };
+            for h in score_topics {
                 params.topics.insert(
-                    t.hash(),
+                    h,
                     gossipsub::TopicScoreParams {
-                        invalid_message_deliveries_weight: -100.0,
+                        topic_weight: 1.0,
+                        // Small rewards for time in the mesh (at most +36) and for first
+                        // deliveries (at most +10), so a long-lived peer cannot bank enough
+                        // credit to keep sending junk.
+                        time_in_mesh_weight: 0.01,
+                        time_in_mesh_quantum: Duration::from_secs(1),
+                        time_in_mesh_cap: 3600.0,
+                        first_message_deliveries_weight: 0.5,
+                        first_message_deliveries_cap: 20.0,
+                        // Adverts come at about one per host every 2 s and announcements are
+                        // rare: a mesh-delivery quota would punish honest quiet peers.
+                        mesh_message_deliveries_weight: 0.0,
+                        mesh_failure_penalty_weight: 0.0,
+                        invalid_message_deliveries_weight: -30.0,
                         invalid_message_deliveries_decay: 0.9,
                         ..Default::default()
                     },
@@ -181,7 +474,22 @@ pub async fn start(
             } else {
                 None
             };
+            let id = k.public().to_peer_id();
+            let mut kcfg = kad::Config::new(kad_proto.clone());
+            kcfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+            let kad = kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kcfg);
+            let codec = request_response::cbor::codec::Codec::default()
+                .set_request_size_maximum(1024)
+                .set_response_size_maximum(MAX_MACHINE_TYPE as u64 + 1024);
+            let mt = request_response::Behaviour::with_codec(
+                codec,
+                [(StreamProtocol::new(MT_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(20))
+                    .with_max_concurrent_streams(32),
+            );
             Ok(Behaviour {
+                blocked: Default::default(),
                 gossipsub: gs,
                 identify: identify::Behaviour::new(identify::Config::new(
                     "/gleaner/1".into(),
@@ -189,16 +497,24 @@ pub async fn start(
                 )),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
+                kad,
+                mt,
             })
         })
         .map_err(|e| err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
-    for t in [&adverts, &outcomes] {
+    match cfg.kad_server {
+        Some(true) => swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server)),
+        Some(false) => swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client)),
+        // Server once an external (public) address is known, see NewListenAddr below.
+        None => swarm.behaviour_mut().kad.set_mode(None),
+    }
+    for topic in [&t.adverts, &t.outcomes, &t.types] {
         swarm
             .behaviour_mut()
             .gossipsub
-            .subscribe(t)
+            .subscribe(topic)
             .map_err(|e| err(&e))?;
     }
     for a in &cfg.listen {
@@ -208,150 +524,660 @@ pub async fn start(
     let mut addrs = Vec::new();
     while addrs.len() < cfg.listen.len() {
         match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await {
-            Ok(SwarmEvent::NewListenAddr { address, .. }) => addrs.push(address),
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+                if cfg.kad_server.is_none() && is_public(&address) {
+                    swarm.add_external_address(address.clone());
+                }
+                addrs.push(address)
+            }
             Ok(_) => {}
             Err(_) => return Err(SpaceError::Setup("listening took too long".into())),
         }
     }
     for b in &cfg.bootstrap {
+        if let Some(p) = peer_of(b) {
+            swarm.behaviour_mut().kad.add_address(&p, b.clone());
+        }
         if let Err(e) = swarm.dial(b.clone()) {
             tracing::warn!("dial {b}: {e}");
         }
     }
     let (tx, rx) = mpsc::channel(256);
-    let listen = addrs.clone();
-    let task = tokio::spawn(event_loop(
+    let (learned_tx, learned) = mpsc::channel(32);
+    let node = Node {
         swarm,
-        rx,
-        cfg.space,
-        listen,
-        cfg.bootstrap,
-        cancel,
-    ));
-    Ok((SpaceHandle { tx }, addrs, task))
+        topics: t,
+        space: cfg.space,
+        listen: addrs.clone(),
+        bootstrap: cfg.bootstrap,
+        trusted: cfg.trusted,
+        kad_protocol,
+        view: SpaceView::with_ttl(cfg.advert_ttl_s),
+        rejected: 0,
+        rate_limited: 0,
+        buckets: HashMap::new(),
+        banned: HashMap::new(),
+        types: BTreeMap::new(),
+        type_order: 0,
+        latest: BTreeMap::new(),
+        wanted: HashMap::new(),
+        fetching: HashMap::new(),
+        refused: HashSet::new(),
+        learned: learned_tx,
+    };
+    let task = tokio::spawn(node.run(rx, cancel));
+    Ok(Space {
+        handle: SpaceHandle { tx },
+        addrs,
+        task,
+        learned,
+    })
 }
 
-async fn event_loop(
-    mut swarm: libp2p::Swarm<Behaviour>,
-    mut rx: mpsc::Receiver<Command>,
+/// A signed machine type kept to serve.
+struct Stored {
+    envelope: Vec<u8>,
+    order: u64,
+}
+
+/// What checking a signed machine type found.
+enum TypeVerdict {
+    /// Good and new: keep it, hand it on.
+    New(Digest, Box<MachineType>),
+    /// Good, already known.
+    Known(Digest),
+    /// Not for us (untrusted publisher, older version than one seen): ignore, do not forward.
+    NotForUs(Digest, String),
+    /// Broken or forged: reject, penalise the sender.
+    Bad(String),
+}
+
+struct Node {
+    swarm: libp2p::Swarm<Behaviour>,
+    topics: Topics,
     space: String,
     listen: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
-    cancel: CancellationToken,
-) {
-    let (adverts, outcomes) = topics(&space);
-    // A bootstrap peer may not be up yet (or may restart): keep dialing while we know nobody.
-    let mut redial = tokio::time::interval(Duration::from_secs(2));
-    redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut view = SpaceView::default();
-    let mut rejected = 0u64;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = redial.tick() => {
-                if swarm.connected_peers().next().is_none() {
-                    for b in &bootstrap {
-                        let _ = swarm.dial(b.clone());
+    trusted: Vec<PublicKey>,
+    kad_protocol: StreamProtocol,
+    view: SpaceView,
+    rejected: u64,
+    rate_limited: u64,
+    /// Token bucket per author: (tokens, last refill in ms).
+    buckets: HashMap<PeerId, (f64, u64)>,
+    /// Blocked peers and until when.
+    banned: HashMap<PeerId, u64>,
+    types: BTreeMap<Digest, Stored>,
+    type_order: u64,
+    /// Highest version seen per (publisher, name), and its digest: older ones are rollbacks.
+    latest: BTreeMap<(PublicKey, String), (u64, Digest)>,
+    /// Digests to fetch and when to try next.
+    wanted: HashMap<Digest, u64>,
+    fetching: HashMap<OutboundRequestId, (Digest, PeerId)>,
+    refused: HashSet<Digest>,
+    learned: mpsc::Sender<LearnedType>,
+}
+
+/// Verdict on one gossiped message.
+enum Verdict {
+    Accept,
+    Ignore(String),
+    Reject(String),
+}
+
+impl Node {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        // A bootstrap peer may not be up yet, may restart, or may have been cut off: redial it.
+        let mut redial = tokio::time::interval(Duration::from_secs(2));
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lookup = tokio::time::interval(Duration::from_secs(10));
+        lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = redial.tick() => self.redial(),
+                _ = housekeeping.tick() => self.housekeeping(),
+                _ = lookup.tick() => {
+                    // Walk the DHT while we know fewer peers than we would like.
+                    if self.swarm.connected_peers().count() < TARGET_PEERS {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+                cmd = rx.recv() => match cmd {
+                    None => return,
+                    Some(c) => self.command(c),
+                },
+                ev = self.swarm.select_next_some() => self.event(ev),
+            }
+        }
+    }
+
+    fn redial(&mut self) {
+        let none = self.swarm.connected_peers().next().is_none();
+        for b in self.bootstrap.clone() {
+            let go = match peer_of(&b) {
+                Some(p) => !self.swarm.is_connected(&p) && !self.banned.contains_key(&p),
+                None => none,
+            };
+            if go {
+                let _ = self.swarm.dial(b);
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let now = now();
+        // Ban peers whose score says they send junk.
+        let low: Vec<(PeerId, f64)> = self
+            .swarm
+            .connected_peers()
+            .filter_map(|p| {
+                let s = self.swarm.behaviour().gossipsub.peer_score(p)?;
+                (s < BAN_SCORE).then_some((*p, s))
+            })
+            .collect();
+        for (p, s) in low {
+            tracing::warn!("banning {p} for {BAN_S} s: gossip score {s:.0}");
+            self.banned.insert(p, now + BAN_S);
+            self.swarm.behaviour_mut().blocked.block_peer(p);
+            self.swarm.behaviour_mut().kad.remove_peer(&p);
+        }
+        let lifted: Vec<PeerId> = self
+            .banned
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in lifted {
+            self.banned.remove(&p);
+            self.swarm.behaviour_mut().blocked.unblock_peer(p);
+        }
+        let ms = crate::factory::now_ms();
+        self.buckets
+            .retain(|_, (_, last)| ms.saturating_sub(*last) < 60_000);
+        self.fetch_wanted(now);
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Publish(env) => {
+                let topic = match env.kind() {
+                    Ok(Kind::CapacityAdvert) => self.topics.adverts.clone(),
+                    Ok(Kind::Outcome) => self.topics.outcomes.clone(),
+                    _ => return,
+                };
+                // Our own messages go into our own view as well.
+                accept(&mut self.view, &env, now());
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic, env.to_bytes())
+                {
+                    tracing::debug!("publish: {e}");
+                }
+            }
+            Command::Summary(reply) => {
+                let _ = reply.send(self.summary());
+            }
+            Command::View(reply) => {
+                self.view.expire(now());
+                let _ = reply.send(self.view.clone());
+            }
+            Command::SeqOf(host, reply) => {
+                let seq = self
+                    .view
+                    .peers()
+                    .find(|p| p.advert.host == host)
+                    .map(|p| p.advert.seq);
+                let _ = reply.send(seq);
+            }
+            Command::Dial(a) => {
+                if let Err(e) = self.swarm.dial(a.clone()) {
+                    tracing::warn!("dial {a}: {e}");
+                }
+            }
+            Command::Provide {
+                envelope,
+                announce,
+                reply,
+            } => {
+                // Our own operator's choice: no trust check, but signature, expiry and rollback.
+                let r = match self.check_type(&envelope, false) {
+                    TypeVerdict::New(d, mt) => {
+                        self.keep_type(d, &mt, envelope.clone());
+                        Ok(d)
+                    }
+                    TypeVerdict::Known(d) => Ok(d),
+                    TypeVerdict::NotForUs(_, why) | TypeVerdict::Bad(why) => Err(why),
+                };
+                if announce && r.is_ok() && envelope.len() < MAX_MESSAGE - 1024 {
+                    let topic = self.topics.types.clone();
+                    if let Err(e) = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .publish(topic, envelope)
+                    {
+                        tracing::debug!("announce: {e}");
+                    }
+                }
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn summary(&mut self) -> SpaceSummary {
+        self.view.expire(now());
+        let peers = self
+            .view
+            .peers()
+            .map(|p| PeerSummary {
+                host: p.advert.host.to_string(),
+                free_cores: p.advert.free_cores,
+                free_memory_mib: p.advert.free_memory_mib,
+                running: p
+                    .advert
+                    .running
+                    .iter()
+                    .map(|r| (r.machine_type.to_string(), r.count))
+                    .collect(),
+                owner_present: p.advert.owner_present,
+                draining: p.advert.draining,
+                seq: p.advert.seq,
+            })
+            .collect();
+        let known_peers = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum();
+        let scores = self
+            .swarm
+            .connected_peers()
+            .filter_map(|p| {
+                Some((
+                    p.to_string(),
+                    self.swarm.behaviour().gossipsub.peer_score(p)?,
+                ))
+            })
+            .collect();
+        SpaceSummary {
+            space: self.space.clone(),
+            peer_id: self.swarm.local_peer_id().to_string(),
+            listen: self.listen.iter().map(|a| a.to_string()).collect(),
+            connected: self.swarm.connected_peers().count(),
+            known_peers,
+            kad_server: self.swarm.behaviour().kad.mode() == kad::Mode::Server,
+            peers,
+            rejected_messages: self.rejected,
+            rate_limited: self.rate_limited,
+            banned: self.banned.keys().map(|p| p.to_string()).collect(),
+            scores,
+            machine_types: self.types.keys().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                let acceptance = match self.validate(&message, &propagation_source) {
+                    Verdict::Accept => MessageAcceptance::Accept,
+                    Verdict::Ignore(reason) => {
+                        tracing::debug!("ignored a message from {propagation_source}: {reason}");
+                        MessageAcceptance::Ignore
+                    }
+                    Verdict::Reject(reason) => {
+                        self.rejected += 1;
+                        tracing::info!("rejected a message from {propagation_source}: {reason}");
+                        MessageAcceptance::Reject
+                    }
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list {
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
                     }
                 }
             }
-            cmd = rx.recv() => match cmd {
-                None => return,
-                Some(Command::Publish(env)) => {
-                    let topic = match env.kind() {
-                        Ok(Kind::CapacityAdvert) => &adverts,
-                        Ok(Kind::Outcome) => &outcomes,
-                        _ => continue,
-                    };
-                    // Our own messages go into our own view as well.
-                    accept(&mut view, &env, now());
-                    if let Err(e) = swarm.behaviour_mut().gossipsub.publish(topic.clone(), env.to_bytes()) {
-                        tracing::debug!("publish: {e}");
-                    }
+            // Peers that speak our DHT go into the routing table under their listen addresses.
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if info.protocols.contains(&self.kad_protocol) => {
+                for a in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
-                Some(Command::Summary(reply)) => {
-                    view.expire(now());
-                    let peers = view
-                        .peers()
-                        .map(|p| PeerSummary {
-                            host: p.advert.host.to_string(),
-                            free_cores: p.advert.free_cores,
-                            free_memory_mib: p.advert.free_memory_mib,
-                            running: p.advert.running.iter().map(|r| (r.machine_type.to_string(), r.count)).collect(),
-                            owner_present: p.advert.owner_present,
-                            draining: p.advert.draining,
-                            seq: p.advert.seq,
-                        })
-                        .collect();
-                    let _ = reply.send(SpaceSummary {
-                        space: space.clone(),
-                        peer_id: swarm.local_peer_id().to_string(),
-                        listen: listen.iter().map(|a| a.to_string()).collect(),
-                        connected: swarm.connected_peers().count(),
-                        peers,
-                        rejected_messages: rejected,
-                    });
-                }
-                Some(Command::View(reply)) => {
-                    view.expire(now());
-                    let _ = reply.send(view.clone());
-                }
-                Some(Command::Dial(a)) => {
-                    if let Err(e) = swarm.dial(a.clone()) {
-                        tracing::warn!("dial {a}: {e}");
-                    }
-                }
-            },
-            ev = swarm.select_next_some() => match ev {
-                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message })) => {
-                    let verdict = validate(&message, &adverts, &outcomes, &mut view);
-                    if let Err(reason) = &verdict {
-                        rejected += 1;
-                        tracing::info!("rejected a message from {propagation_source}: {reason}");
-                    }
-                    let acceptance = if verdict.is_ok() { MessageAcceptance::Accept } else { MessageAcceptance::Reject };
-                    swarm.behaviour_mut().gossipsub.report_message_validation_result(&message_id, &propagation_source, acceptance);
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
-                    for (peer, addr) in list {
-                        if !swarm.is_connected(&peer) {
-                            let _ = swarm.dial(addr);
-                        }
-                    }
-                }
-                _ => {}
-            },
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer,
+                addresses,
+                ..
+            })) if !self.swarm.is_connected(&peer)
+                && !self.banned.contains_key(&peer)
+                && self.swarm.connected_peers().count() < TARGET_PEERS =>
+            {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addresses.into_vec())
+                    .build();
+                let _ = self.swarm.dial(opts);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mt(e)) => self.mt_event(e),
+            SwarmEvent::ConnectionEstablished { peer_id, .. }
+                if self.bootstrap.iter().any(|b| peer_of(b) == Some(peer_id)) =>
+            {
+                let _ = self.swarm.behaviour_mut().kad.bootstrap();
+            }
+            SwarmEvent::NewListenAddr { address, .. } if is_public(&address) => {
+                self.swarm.add_external_address(address);
+            }
+            _ => {}
         }
     }
-}
 
-/// Checks a gossiped message and, if good, takes it into the view.
-fn validate(
-    m: &gossipsub::Message,
-    adverts: &IdentTopic,
-    outcomes: &IdentTopic,
-    view: &mut SpaceView,
-) -> Result<(), String> {
-    if m.data.len() > MAX_MESSAGE {
-        return Err("too large".into());
+    /// Takes a token from `author`'s bucket; false when it has sent too much.
+    fn rate_ok(&mut self, author: PeerId) -> bool {
+        let ms = crate::factory::now_ms();
+        let (tokens, last) = self.buckets.entry(author).or_insert((RATE_BURST, ms));
+        *tokens = (*tokens + ms.saturating_sub(*last) as f64 / 1000.0 * RATE_PER_S).min(RATE_BURST);
+        *last = ms;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
-    let env = Envelope::from_bytes(&m.data).map_err(|e| e.to_string())?;
-    let author: Option<PeerId> = m.source;
-    let now = now();
-    if m.topic == adverts.hash() {
-        let v = env.open::<CapacityAdvert>().map_err(|e| e.to_string())?;
-        if author.map(|a| a.to_string()) != Some(v.signer.to_string()) {
-            return Err("advert relayed under another author".into());
+
+    /// Checks a gossiped message and, if good, takes it into the view (or the type store).
+    fn validate(&mut self, m: &gossipsub::Message, from: &PeerId) -> Verdict {
+        if m.data.len() > MAX_MESSAGE {
+            return Verdict::Reject("too large".into());
         }
-        view.insert(v.message, now).map_err(|e| e.to_string())
-    } else if m.topic == outcomes.hash() {
-        let v = env.open::<OutcomeReport>().map_err(|e| e.to_string())?;
-        if author.map(|a| a.to_string()) != Some(v.signer.to_string()) {
-            return Err("outcome relayed under another author".into());
+        let Some(author) = m.source else {
+            return Verdict::Reject("no author".into());
+        };
+        if m.topic == self.topics.types.hash() {
+            return match self.check_type(&m.data, true) {
+                TypeVerdict::New(d, mt) => {
+                    self.keep_type(d, &mt, m.data.clone());
+                    self.hand_on(d, m.data.clone(), from);
+                    Verdict::Accept
+                }
+                TypeVerdict::Known(_) => Verdict::Accept,
+                TypeVerdict::NotForUs(_, why) => Verdict::Ignore(why),
+                TypeVerdict::Bad(why) => Verdict::Reject(why),
+            };
         }
-        view.outcome(&v.message, now).map_err(|e| e.to_string())
-    } else {
-        Err("unknown topic".into())
+        let is_advert = m.topic == self.topics.adverts.hash();
+        if !is_advert && m.topic != self.topics.outcomes.hash() {
+            return Verdict::Reject("unknown topic".into());
+        }
+        if m.data.len() > MAX_ADVERT {
+            return Verdict::Reject(format!("{} bytes, at most {MAX_ADVERT}", m.data.len()));
+        }
+        // The cheap checks first (no signature yet): shape, kind, signer = author. Junk and
+        // relabelled messages are rejected here, which costs their sender its score.
+        let env = match Envelope::from_bytes(&m.data) {
+            Ok(e) => e,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
+        let want = if is_advert {
+            Kind::CapacityAdvert
+        } else {
+            Kind::Outcome
+        };
+        if env.kind().ok() != Some(want) {
+            return Verdict::Reject("wrong message kind for the topic".into());
+        }
+        if env.signer.as_slice() != author.to_bytes().get(6..).unwrap_or_default() {
+            return Verdict::Reject("signed by another key than its gossip author".into());
+        }
+        // A flood of well-formed messages costs a map lookup each, not a signature check.
+        if !self.rate_ok(author) {
+            self.rate_limited += 1;
+            return Verdict::Ignore(format!("{author} sends too many messages"));
+        }
+        // A bad signature or payload is the relay's fault too (it should have checked); a stale
+        // or replayed message is not: an honest relay may deliver an older advert after a newer
+        // one came another way, or have another clock. Those are ignored, not penalised.
+        let now = now();
+        if is_advert {
+            let v = match env.open::<CapacityAdvert>() {
+                Ok(v) => v,
+                Err(e) => return Verdict::Reject(e.to_string()),
+            };
+            let running: Vec<Digest> = v.message.running.iter().map(|r| r.machine_type).collect();
+            if let Err(e) = self.view.insert(v.message, now) {
+                return Verdict::Ignore(e.to_string());
+            }
+            self.want(&running, author, now);
+        } else {
+            let v = match env.open::<OutcomeReport>() {
+                Ok(v) => v,
+                Err(e) => return Verdict::Reject(e.to_string()),
+            };
+            if let Err(e) = self.view.outcome(&v.message, now) {
+                return Verdict::Ignore(e.to_string());
+            }
+        }
+        Verdict::Accept
+    }
+
+    // ---- machine types ----
+
+    fn check_type(&self, bytes: &[u8], need_trust: bool) -> TypeVerdict {
+        if bytes.len() > MAX_MACHINE_TYPE {
+            return TypeVerdict::Bad(format!("{} bytes, at most {MAX_MACHINE_TYPE}", bytes.len()));
+        }
+        let v = match Envelope::open_bytes::<MachineType>(bytes) {
+            Ok(v) => v,
+            Err(e) => return TypeVerdict::Bad(e.to_string()),
+        };
+        if self.types.contains_key(&v.digest) {
+            return TypeVerdict::Known(v.digest);
+        }
+        if let Err(e) = v.message.check_fresh(now()) {
+            return TypeVerdict::Bad(e.to_string());
+        }
+        if need_trust && !self.trusted.contains(&v.signer) {
+            return TypeVerdict::NotForUs(
+                v.digest,
+                format!("publisher {} is not trusted", v.signer),
+            );
+        }
+        if let Some((version, digest)) = self.latest.get(&(v.signer, v.message.name.clone()))
+            && (*version > v.message.version
+                || *version == v.message.version && *digest != v.digest)
+        {
+            return TypeVerdict::NotForUs(
+                v.digest,
+                format!(
+                    "{} v{} after v{version}: rollback or a second v{version}",
+                    v.message.name, v.message.version
+                ),
+            );
+        }
+        TypeVerdict::New(v.digest, Box::new(v.message))
+    }
+
+    fn keep_type(&mut self, d: Digest, mt: &MachineType, envelope: Vec<u8>) {
+        self.latest
+            .insert((mt.publisher, mt.name.clone()), (mt.version, d));
+        self.wanted.remove(&d);
+        if self.types.len() >= MAX_STORED_TYPES
+            && let Some(oldest) = self
+                .types
+                .iter()
+                .min_by_key(|(_, s)| s.order)
+                .map(|(d, _)| *d)
+        {
+            self.types.remove(&oldest);
+        }
+        self.type_order += 1;
+        self.types.insert(
+            d,
+            Stored {
+                envelope,
+                order: self.type_order,
+            },
+        );
+    }
+
+    fn hand_on(&mut self, digest: Digest, envelope: Vec<u8>, from: &PeerId) {
+        let l = LearnedType {
+            digest,
+            envelope,
+            from: from.to_string(),
+        };
+        if self.learned.try_send(l).is_err() {
+            tracing::warn!("learned machine type {digest} dropped: nobody is taking them");
+        }
+    }
+
+    /// Notes the types an advert shows running that we do not hold yet.
+    fn want(&mut self, running: &[Digest], host: PeerId, now: u64) {
+        if self.trusted.is_empty() || host == *self.swarm.local_peer_id() {
+            return;
+        }
+        for d in running {
+            if self.types.contains_key(d) || self.refused.contains(d) {
+                continue;
+            }
+            if self.wanted.len() < MAX_STORED_TYPES {
+                self.wanted.entry(*d).or_insert(now);
+            }
+            if self.fetching.values().all(|(f, _)| f != d)
+                && self.fetching.len() < MAX_FETCHES
+                && self.wanted.get(d).is_some_and(|&t| t <= now)
+            {
+                let id = self.swarm.behaviour_mut().mt.send_request(
+                    &host,
+                    MtRequest::Get {
+                        digest: serde_bytes::ByteBuf::from(d.0.to_vec()),
+                    },
+                );
+                self.fetching.insert(id, (*d, host));
+                self.wanted.insert(*d, now + FETCH_RETRY_S);
+            }
+        }
+    }
+
+    /// Retries wanted types from peers whose adverts show them running.
+    fn fetch_wanted(&mut self, now: u64) {
+        let due: Vec<Digest> = self
+            .wanted
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(d, _)| *d)
+            .collect();
+        for d in due {
+            let host = self.view.peers().find_map(|p| {
+                p.advert
+                    .running
+                    .iter()
+                    .any(|r| r.machine_type == d)
+                    .then(|| p.advert.host.to_string().parse::<PeerId>().ok())
+                    .flatten()
+            });
+            match host {
+                Some(h) => self.want(&[d], h, now),
+                // Nobody runs it any more.
+                None => {
+                    self.wanted.remove(&d);
+                }
+            }
+        }
+    }
+
+    fn mt_event(&mut self, e: request_response::Event<MtRequest, MtResponse>) {
+        use request_response::{Event, Message};
+        match e {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let MtRequest::Get { digest } = request;
+                let resp = <[u8; 32]>::try_from(digest.as_slice())
+                    .ok()
+                    .and_then(|d| self.types.get(&Digest(d)))
+                    .map(|s| MtResponse::Found {
+                        envelope: serde_bytes::ByteBuf::from(s.envelope.clone()),
+                    })
+                    .unwrap_or(MtResponse::NotFound);
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .mt
+                    .send_response(channel, resp)
+                    .is_err()
+                {
+                    tracing::debug!("{peer} left before its machine type was sent");
+                }
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                let Some((want, _)) = self.fetching.remove(&request_id) else {
+                    return;
+                };
+                let MtResponse::Found { envelope } = response else {
+                    return;
+                };
+                let envelope = envelope.into_vec();
+                match self.check_type(&envelope, true) {
+                    TypeVerdict::New(d, mt) if d == want => {
+                        tracing::info!("fetched machine type {} ({d}) from {peer}", mt.name);
+                        self.keep_type(d, &mt, envelope.clone());
+                        self.hand_on(d, envelope, &peer);
+                    }
+                    TypeVerdict::Known(_) => {}
+                    TypeVerdict::NotForUs(d, why) if d == want => {
+                        tracing::info!("machine type {d} from {peer} not used: {why}");
+                        if self.refused.len() < MAX_REFUSED {
+                            self.refused.insert(d);
+                        }
+                        self.wanted.remove(&d);
+                    }
+                    TypeVerdict::Bad(why) => {
+                        tracing::warn!("{peer} sent a bad machine type for {want}: {why}");
+                    }
+                    _ => tracing::warn!("{peer} sent another machine type than {want}"),
+                }
+            }
+            Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((d, p)) = self.fetching.remove(&request_id) {
+                    tracing::debug!("fetching {d} from {p}: {error}");
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -383,5 +1209,33 @@ mod tests {
             kp.public().to_peer_id().to_string(),
             key.public().to_string()
         );
+    }
+
+    #[test]
+    fn public_addresses() {
+        for (a, public) in [
+            ("/ip4/127.0.0.1/tcp/1", false),
+            ("/ip4/10.1.2.3/tcp/1", false),
+            ("/ip4/192.168.1.1/udp/1/quic-v1", false),
+            ("/ip4/100.64.0.1/tcp/1", false),
+            ("/ip4/0.0.0.0/tcp/1", false),
+            ("/ip4/131.169.1.1/tcp/1", true),
+            ("/ip6/::1/tcp/1", false),
+            ("/ip6/fd00::1/tcp/1", false),
+            ("/ip6/2001:638::1/tcp/1", true),
+        ] {
+            assert_eq!(is_public(&a.parse().unwrap()), public, "{a}");
+        }
+    }
+
+    #[test]
+    fn mt_wire_is_cbor_with_byte_strings() {
+        let req = MtRequest::Get {
+            digest: serde_bytes::ByteBuf::from(vec![7; 32]),
+        };
+        let buf = gleaner::cbor::to_vec(&req);
+        // {"get": {"digest": h'07…'}}: a one-entry map, then the text "get".
+        assert_eq!(&buf[..5], &[0xa1, 0x63, b'g', b'e', b't']);
+        assert!(buf.windows(2).any(|w| w == [0x58, 32]), "digest is a bstr");
     }
 }

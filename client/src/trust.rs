@@ -564,7 +564,9 @@ impl Catalogue {
     }
 
     /// One pass: signed trust files, then re-checking offers if trust changed, then new types.
-    pub async fn scan(&mut self, now: u64, factory: &FactoryHandle) {
+    /// Returns the signed machine-type files newly admitted (a space serves them to its peers).
+    pub async fn scan(&mut self, now: u64, factory: &FactoryHandle) -> Vec<Vec<u8>> {
+        let mut admitted = Vec::new();
         if let Some(dir) = self.dir.clone() {
             for path in files_with(&dir, &[ROTATION_EXT, REVOCATION_EXT]) {
                 let Some(bytes) = read_bounded(&path) else {
@@ -584,41 +586,64 @@ impl Catalogue {
         }
         self.reconcile(factory).await;
         let Some(dir) = self.dir.clone() else {
-            return;
+            return admitted;
         };
         for path in files_with(&dir, &["gmt"]) {
             let Some(bytes) = read_bounded(&path) else {
                 continue;
             };
-            if !self.seen_types.insert(Digest::of(&bytes)) {
-                continue;
+            if self
+                .admit_signed(&bytes, &path.display().to_string(), now, factory)
+                .await
+                .is_some()
+            {
+                admitted.push(bytes);
             }
-            let v = match Envelope::open_bytes::<MachineType>(&bytes) {
-                Ok(v) => v,
-                Err(e) => {
-                    say(factory, true, format!("refused {}: {e}", path.display())).await;
-                    continue;
-                }
-            };
-            if let Err(e) = v.message.check_fresh(now) {
-                say(factory, true, format!("refused {}: {e}", path.display())).await;
-                continue;
+        }
+        admitted
+    }
+
+    /// Admits one signed machine type (from the folder, or learned from a peer named by
+    /// `origin`): signature, expiry and this host's trust policy; offers it to the factory.
+    /// Refusals are logged and shown in `gleaner events`. Each file is looked at once.
+    pub async fn admit_signed(
+        &mut self,
+        bytes: &[u8],
+        origin: &str,
+        now: u64,
+        factory: &FactoryHandle,
+    ) -> Option<Digest> {
+        if !self.seen_types.insert(Digest::of(bytes)) {
+            return None;
+        }
+        let v = match Envelope::open_bytes::<MachineType>(bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                say(factory, true, format!("refused {origin}: {e}")).await;
+                return None;
             }
-            match self.store.admit(&v.message) {
-                Ok(a) => self.offer(v.message, v.digest, a, factory).await,
-                Err(e) => {
-                    say(
-                        factory,
-                        true,
-                        format!(
-                            "refused {} ({} v{}): {e}",
-                            path.display(),
-                            v.message.name,
-                            v.message.version
-                        ),
-                    )
-                    .await;
-                }
+        };
+        if let Err(e) = v.message.check_fresh(now) {
+            say(factory, true, format!("refused {origin}: {e}")).await;
+            return None;
+        }
+        match self.store.admit(&v.message) {
+            Ok(a) => {
+                let digest = v.digest;
+                self.offer(v.message, digest, a, factory).await;
+                Some(digest)
+            }
+            Err(e) => {
+                say(
+                    factory,
+                    true,
+                    format!(
+                        "refused {origin} ({} v{}): {e}",
+                        v.message.name, v.message.version
+                    ),
+                )
+                .await;
+                None
             }
         }
     }

@@ -39,12 +39,9 @@ async fn node(
     cancel: &CancellationToken,
 ) -> (SecretKey, SpaceHandle, libp2p::Multiaddr) {
     let key = SecretKey::from_seed([seed; 32]);
-    let cfg = SpaceConfig {
-        space: "test".into(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap,
-        mdns: false,
-    };
+    let mut cfg = SpaceConfig::new("test");
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.bootstrap = bootstrap;
     let (h, addrs, _task) = p2p::start(&key, cfg, cancel.clone()).await.unwrap();
     let addr = addrs[0].clone().with(libp2p::multiaddr::Protocol::P2p(
         key.public().to_string().parse().unwrap(),

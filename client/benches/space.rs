@@ -1,0 +1,271 @@
+//! The space at scale: N in-process nodes on loopback (default 100, `GLEANER_BENCH_NODES`), each
+//! advertising once a second, against a 10-node space measured in the same run as the baseline.
+//! Prints time to a converged view, delivery ratio and p50/p99 propagation of probe adverts, bytes
+//! received per node per second and per useful byte, and CPU per advert per node.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use gleaner::advert::CapacityAdvert;
+use gleaner::{Envelope, SecretKey};
+use gleaner_client::p2p::{self, SpaceConfig, SpaceHandle};
+use tokio_util::sync::CancellationToken;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn advert(key: &SecretKey, seq: u64) -> Envelope {
+    let a = CapacityAdvert {
+        v: 1,
+        host: key.public(),
+        seq,
+        at: now(),
+        free_cores: 2,
+        free_memory_mib: 4096,
+        free_disk_mib: 10240,
+        backends: 1,
+        running: vec![gleaner::advert::Running {
+            machine_type: gleaner::Digest([7; 32]),
+            count: 1,
+        }],
+        owner_present: false,
+        draining: false,
+        benchmark: 1000,
+    };
+    Envelope::seal(&a, key)
+}
+
+/// CPU seconds this process has used (user + system).
+fn cpu_s() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct we pass.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+struct Node {
+    key: SecretKey,
+    handle: SpaceHandle,
+    seq: Arc<AtomicU64>,
+}
+
+struct Results {
+    n: usize,
+    converge_s: f64,
+    delivery: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    bytes_per_node_s: f64,
+    per_useful_byte: f64,
+    cpu_us_per_advert_node: f64,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn run(n: usize) -> Results {
+    let cancel = CancellationToken::new();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut addrs: Vec<libp2p::Multiaddr> = Vec::new();
+    for i in 0..n {
+        let mut seed = [0x5b; 32];
+        seed[0] = i as u8;
+        seed[1] = (i >> 8) as u8;
+        seed[2] = n as u8;
+        let key = SecretKey::from_seed(seed);
+        let mut cfg = SpaceConfig::new(format!("bench{n}"));
+        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        // A tree of first contacts: the previous node and its "parent"; Kademlia does the rest.
+        if i > 0 {
+            cfg.bootstrap.push(addrs[i - 1].clone());
+            if (i - 1) / 2 != i - 1 {
+                cfg.bootstrap.push(addrs[(i - 1) / 2].clone());
+            }
+        }
+        cfg.kad_server = Some(true);
+        let (handle, a, _) = p2p::start(&key, cfg, cancel.clone()).await.unwrap();
+        addrs.push(a[0].clone().with(libp2p::multiaddr::Protocol::P2p(
+            key.public().to_string().parse().unwrap(),
+        )));
+        nodes.push(Node {
+            key,
+            handle,
+            seq: Arc::new(AtomicU64::new(0)),
+        });
+    }
+    let published = Arc::new(AtomicU64::new(0));
+    // Every node advertises once a second, spread over the second.
+    for (i, node) in nodes.iter().enumerate() {
+        let (key, h, seq, published, cancel) = (
+            node.key.clone(),
+            node.handle.clone(),
+            node.seq.clone(),
+            published.clone(),
+            cancel.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis((i * 1000 / n) as u64)).await;
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = every.tick() => {
+                        let s = seq.fetch_add(1, Ordering::SeqCst) + 1;
+                        if h.publish(advert(&key, s)).is_ok() {
+                            published.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        });
+    }
+    eprintln!("{n} nodes: started");
+    let start = Instant::now();
+    loop {
+        let mut all = true;
+        let mut low = n;
+        for node in &nodes {
+            let seen = node.handle.summary().await.unwrap().peers.len();
+            low = low.min(seen);
+            all &= seen == n;
+        }
+        if start.elapsed().as_secs() % 10 == 0 {
+            eprintln!("{n} nodes: the emptiest view holds {low}");
+        }
+        if all || start.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let converge_s = start.elapsed().as_secs_f64();
+    eprintln!("{n} nodes: converged in {converge_s:.1} s");
+    // Let the mesh settle, then measure a steady 10 s of background adverts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (in0, _) = p2p::transport_bytes();
+    let (cpu0, pub0) = (cpu_s(), published.load(Ordering::Relaxed));
+    let window = Duration::from_secs(10);
+    tokio::time::sleep(window).await;
+    let (in1, _) = p2p::transport_bytes();
+    let (cpu1, pub1) = (cpu_s(), published.load(Ordering::Relaxed));
+    let adverts = (pub1 - pub0) as f64;
+    let advert_bytes = advert(&nodes[0].key, 1).to_bytes().len() as f64;
+    let useful = adverts * advert_bytes * (n - 1) as f64;
+    let bytes = (in1 - in0) as f64;
+    eprintln!("{n} nodes: steady window measured");
+
+    // Probes: one node's next advert, timed until every other node holds it.
+    let mut lat = Vec::new();
+    let mut missed = 0usize;
+    let probes = 10;
+    for p in 0..probes {
+        let src = &nodes[(p * 7919) % n];
+        let s = src.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let t0 = Instant::now();
+        src.handle.publish(advert(&src.key, s)).unwrap();
+        let mut waiting: Vec<usize> = (0..n).filter(|&j| j != (p * 7919) % n).collect();
+        while !waiting.is_empty() && t0.elapsed() < Duration::from_secs(5) {
+            let mut still = Vec::new();
+            for &j in &waiting {
+                match nodes[j].handle.seq_of(src.key.public()).await {
+                    Ok(Some(got)) if got >= s => lat.push(t0.elapsed().as_secs_f64() * 1000.0),
+                    _ => still.push(j),
+                }
+            }
+            waiting = still;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        missed += waiting.len();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    lat.sort_by(f64::total_cmp);
+    cancel.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Results {
+        n,
+        converge_s,
+        delivery: lat.len() as f64 / (lat.len() + missed) as f64,
+        p50_ms: pct(&lat, 0.5),
+        p99_ms: pct(&lat, 0.99),
+        bytes_per_node_s: bytes / n as f64 / window.as_secs_f64(),
+        per_useful_byte: bytes / useful,
+        cpu_us_per_advert_node: (cpu1 - cpu0) * 1e6 / (adverts * n as f64),
+    }
+}
+
+fn main() {
+    let n: usize = std::env::var("GLEANER_BENCH_NODES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = rt.block_on(run(10));
+    let big = rt.block_on(run(n));
+    println!("space benchmark: {n} nodes vs a 10-node baseline, same run, loopback TCP");
+    println!(
+        "| metric | {} nodes | 10 nodes (baseline) | ratio | goal |",
+        big.n
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    let row = |m: &str, a: f64, b: f64, unit: &str, goal: &str| {
+        println!(
+            "| {m} | {a:.2} {unit} | {b:.2} {unit} | {:.2}× | {goal} |",
+            a / b
+        )
+    };
+    row(
+        "time to a converged view",
+        big.converge_s,
+        base.converge_s,
+        "s",
+        "",
+    );
+    row(
+        "delivery ratio (probes)",
+        big.delivery * 100.0,
+        base.delivery * 100.0,
+        "%",
+        "100 %",
+    );
+    row("propagation p50", big.p50_ms, base.p50_ms, "ms", "");
+    row(
+        "propagation p99",
+        big.p99_ms,
+        base.p99_ms,
+        "ms",
+        "≤ 1000 ms",
+    );
+    row(
+        "bytes received per node",
+        big.bytes_per_node_s,
+        base.bytes_per_node_s,
+        "B/s",
+        "",
+    );
+    row(
+        "bytes received per useful byte",
+        big.per_useful_byte,
+        base.per_useful_byte,
+        "×",
+        "≤ 2.5×",
+    );
+    row(
+        "CPU per advert per node",
+        big.cpu_us_per_advert_node,
+        base.cpu_us_per_advert_node,
+        "µs",
+        "≤ 20 µs",
+    );
+}

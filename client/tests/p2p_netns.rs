@@ -1,0 +1,242 @@
+//! Real network partitions (issue 5): two groups of nodes in separate network namespaces joined by
+//! a veth pair. Cutting the link makes each side's view drop the other within the advert expiry;
+//! healing it merges the views again. Needs root (`ip netns`); skipped with a message when not
+//! root, unless CI is set. Each node is this test binary re-run as `netns_node` inside a namespace.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gleaner::SecretKey;
+use gleaner::advert::CapacityAdvert;
+use gleaner_client::p2p::{self, SpaceConfig};
+
+const TTL_S: u64 = 6;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// One node, when run by the partition test: advertises every second and prints its view
+/// (`VIEW <host> <host>...`) twice a second until killed.
+#[test]
+fn netns_node() {
+    let Ok(seed) = std::env::var("GLEANER_NETNS_NODE") else {
+        return;
+    };
+    let seed: u8 = seed.parse().unwrap();
+    let listen: libp2p::Multiaddr = std::env::var("GLEANER_LISTEN").unwrap().parse().unwrap();
+    let bootstrap: Vec<libp2p::Multiaddr> = std::env::var("GLEANER_BOOTSTRAP")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let key = SecretKey::from_seed([seed; 32]);
+        let mut cfg = SpaceConfig::new("netns");
+        cfg.listen = vec![listen];
+        cfg.bootstrap = bootstrap;
+        cfg.advert_ttl_s = TTL_S;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (h, _, _) = p2p::start(&key, cfg, cancel).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut seq = 0;
+        while Instant::now() < deadline {
+            seq += 1;
+            if seq % 2 == 0 {
+                let a = CapacityAdvert {
+                    v: 1,
+                    host: key.public(),
+                    seq,
+                    at: now(),
+                    free_cores: 1,
+                    free_memory_mib: 1,
+                    free_disk_mib: 0,
+                    backends: 1,
+                    running: vec![],
+                    owner_present: false,
+                    draining: false,
+                    benchmark: 1,
+                };
+                let _ = h.publish(gleaner::Envelope::seal(&a, &key));
+            }
+            if let Ok(s) = h.summary().await {
+                let mut hosts: Vec<String> = s.peers.into_iter().map(|p| p.host).collect();
+                hosts.sort();
+                println!("VIEW {}", hosts.join(" "));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The namespaces and the nodes; everything is removed on drop, even after a failed assertion.
+struct Lab {
+    ns: [String; 2],
+    nodes: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn partition_and_heal_across_network_namespaces() {
+    if std::env::var_os("GLEANER_NETNS_NODE").is_some() {
+        return;
+    }
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root: the netns partition test must run"
+        );
+        eprintln!("skipped: the network-namespace partition test needs root");
+        return;
+    }
+    let tag = std::process::id() % 100_000;
+    let (na, nb) = (format!("gla{tag}"), format!("glb{tag}"));
+    let (va, vb) = (format!("gva{tag}"), format!("gvb{tag}"));
+    let mut lab = Lab {
+        ns: [na.clone(), nb.clone()],
+        nodes: Vec::new(),
+    };
+    sh(&["ip", "netns", "add", &na]);
+    sh(&["ip", "netns", "add", &nb]);
+    sh(&[
+        "ip", "link", "add", &va, "netns", &na, "type", "veth", "peer", "name", &vb, "netns", &nb,
+    ]);
+    for (ns, dev, ip) in [(&na, &va, "10.201.0.1/24"), (&nb, &vb, "10.201.0.2/24")] {
+        sh(&["ip", "-n", ns, "addr", "add", ip, "dev", dev]);
+        sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    // A1, A2 in one namespace, B1, B2 in the other; each knows one or two nodes to start from.
+    let id = |seed: u8| SecretKey::from_seed([seed; 32]).public().to_string();
+    let addr =
+        |ip: &str, port: u16, seed: u8| format!("/ip4/{ip}/udp/{port}/quic-v1/p2p/{}", id(seed));
+    let a1 = addr("10.201.0.1", 41001, 101);
+    let b1 = addr("10.201.0.2", 41003, 103);
+    let nodes = [
+        (
+            101u8,
+            &na,
+            "/ip4/10.201.0.1/udp/41001/quic-v1",
+            String::new(),
+        ),
+        (
+            102,
+            &na,
+            "/ip4/10.201.0.1/udp/41002/quic-v1",
+            format!("{a1},{b1}"),
+        ),
+        (103, &nb, "/ip4/10.201.0.2/udp/41003/quic-v1", a1.clone()),
+        (
+            104,
+            &nb,
+            "/ip4/10.201.0.2/udp/41004/quic-v1",
+            format!("{b1},{a1}"),
+        ),
+    ];
+    let views: Arc<Mutex<Vec<Vec<String>>>> = Arc::new(Mutex::new(vec![Vec::new(); 4]));
+    let exe = std::env::current_exe().unwrap();
+    for (i, (seed, ns, listen, boot)) in nodes.iter().enumerate() {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "netns_node",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("GLEANER_NETNS_NODE", seed.to_string())
+            .env("GLEANER_LISTEN", listen)
+            .env("GLEANER_BOOTSTRAP", boot)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = c.stdout.take().unwrap();
+        lab.nodes.push(c);
+        let views = views.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("VIEW") {
+                    let hosts = rest.split_whitespace().map(str::to_owned).collect();
+                    views.lock().unwrap()[i] = hosts;
+                }
+            }
+        });
+    }
+    let all: Vec<String> = [101u8, 102, 103, 104].iter().map(|&s| id(s)).collect();
+    let side_a: Vec<String> = all[..2].to_vec();
+    let side_b: Vec<String> = all[2..].to_vec();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let wait = |what: &str, secs: u64, want: &dyn Fn(usize) -> Vec<String>| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let start = Instant::now();
+        loop {
+            let v = views.lock().unwrap().clone();
+            if (0..4).all(|i| v[i] == sorted(want(i))) {
+                eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: views are {v:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait("converged", 60, &|_| all.clone());
+
+    // Cut the link: each side forgets the other once its adverts expire.
+    sh(&["ip", "-n", &na, "link", "set", &va, "down"]);
+    wait("partitioned", TTL_S + 10, &|i| {
+        if i < 2 {
+            side_a.clone()
+        } else {
+            side_b.clone()
+        }
+    });
+
+    // Heal: the views merge again.
+    sh(&["ip", "-n", &na, "link", "set", &va, "up"]);
+    wait("healed", 60, &|_| all.clone());
+}

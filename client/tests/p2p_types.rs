@@ -1,0 +1,229 @@
+//! Machine types over the space (issue 5): a node without the file learns a signed machine type
+//! from a peer that advertises running it (`/gleaner/mt/1`), checks it against the digest and the
+//! trusted publishers, and runs it; a publisher's announcement of a new version reaches it too; a
+//! type from a publisher it does not trust is fetched but never offered.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gleaner::advert::{CapacityAdvert, Running};
+use gleaner::{Backend, Blob, Digest, Envelope, MachineType, PublicKey, SecretKey};
+use gleaner_client::factory::{Allowance, Factory, FactoryConfig, FactoryHandle};
+use gleaner_client::ledger::Ledger;
+use gleaner_client::p2p::{self, Space, SpaceConfig};
+use gleaner_client::runtime::fake::FakeRuntime;
+use gleaner_client::trust::{Catalogue, TrustStore};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn signed_type(publisher: &SecretKey, name: &str, version: u64) -> Vec<u8> {
+    let mut mt = MachineType::example(publisher.public());
+    mt.name = name.into();
+    mt.version = version;
+    mt.backend = Backend::Container;
+    mt.image = Some(Blob {
+        url: format!("https://example.invalid/{name}.tar"),
+        sha256: Digest::of(name.as_bytes()),
+    });
+    mt.cores_min = 1;
+    mt.cores_max = 1;
+    mt.memory_mib = 64;
+    mt.not_after = 4_000_000_000;
+    Envelope::seal(&mt, publisher).to_bytes()
+}
+
+fn digest_of(envelope: &[u8]) -> Digest {
+    Envelope::open_bytes::<MachineType>(envelope)
+        .unwrap()
+        .digest
+}
+
+async fn node(
+    seed: u8,
+    trusted: Vec<PublicKey>,
+    bootstrap: Vec<libp2p::Multiaddr>,
+    cancel: &CancellationToken,
+) -> (SecretKey, Space, libp2p::Multiaddr) {
+    let key = SecretKey::from_seed([seed; 32]);
+    let mut cfg = SpaceConfig::new("types");
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.bootstrap = bootstrap;
+    cfg.kad_server = Some(true);
+    cfg.trusted = trusted;
+    let s = p2p::start_space(&key, cfg, cancel.clone()).await.unwrap();
+    let addr = s.addrs[0].clone().with(libp2p::multiaddr::Protocol::P2p(
+        key.public().to_string().parse().unwrap(),
+    ));
+    (key, s, addr)
+}
+
+fn factory(state: &std::path::Path, cancel: &CancellationToken) -> FactoryHandle {
+    let ledger = Arc::new(Ledger::open(&state.join("ledger.redb")).unwrap());
+    let mut cfg = FactoryConfig::new(state.to_owned());
+    cfg.tick = Duration::from_millis(100);
+    let (tx, rx) = watch::channel(Allowance::open(4, 4 << 30));
+    // The allowance stays open as long as the test runs.
+    std::mem::forget(tx);
+    let f = Factory::new(
+        cfg,
+        Arc::new(FakeRuntime::new()),
+        ledger,
+        SecretKey::from_seed([0x70; 32]),
+        rx,
+    );
+    f.spawn(cancel.clone()).0
+}
+
+/// The advert the daemon would publish for this factory: what it runs.
+async fn advert(key: &SecretKey, seq: u64, f: &FactoryHandle) -> Envelope {
+    let s = f.status().await.unwrap();
+    let mut running: std::collections::BTreeMap<Digest, u16> = Default::default();
+    for m in &s.machines {
+        *running.entry(m.machine_type.parse().unwrap()).or_default() += 1;
+    }
+    let a = CapacityAdvert {
+        v: 1,
+        host: key.public(),
+        seq,
+        at: now(),
+        free_cores: 1,
+        free_memory_mib: 1024,
+        free_disk_mib: 0,
+        backends: 1,
+        running: running
+            .into_iter()
+            .map(|(machine_type, count)| Running {
+                machine_type,
+                count,
+            })
+            .collect(),
+        owner_present: false,
+        draining: false,
+        benchmark: 1000,
+    };
+    Envelope::seal(&a, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_file_learns_the_type_from_a_peer_and_runs_it() {
+    let cancel = CancellationToken::new();
+    let publisher = SecretKey::from_seed([0x51; 32]);
+    let stranger = SecretKey::from_seed([0x66; 32]);
+    let v1 = signed_type(&publisher, "lhcb-sim", 1);
+    let rogue = signed_type(&stranger, "miner", 1);
+    let (d1, drogue) = (digest_of(&v1), digest_of(&rogue));
+
+    // A: the publisher's node, holding v1. B: has the file and runs it, and also trusts (and runs)
+    // a stranger's type. C: trusts only the publisher, has no file.
+    let (_ka, a, a_addr) = node(1, vec![publisher.public()], vec![], &cancel).await;
+    a.handle.provide(v1.clone()).await.unwrap();
+    let (kb, b, _) = node(
+        2,
+        vec![publisher.public(), stranger.public()],
+        vec![a_addr.clone()],
+        &cancel,
+    )
+    .await;
+    let (kc, mut c, _) = node(3, vec![publisher.public()], vec![a_addr], &cancel).await;
+
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let fb = factory(dirs.0.path(), &cancel);
+    let fc = factory(dirs.1.path(), &cancel);
+    // Each node admits types through its trust store, as the daemon does.
+    let catalogue = |dir: &std::path::Path, keys: &[PublicKey]| {
+        let baseline = keys
+            .iter()
+            .map(|k| (*k, gleaner::trust::Policy::default()))
+            .collect();
+        Catalogue::new(
+            TrustStore::open(&dir.join("trust.toml"), baseline).unwrap(),
+            None,
+        )
+    };
+    let mut trust_b = catalogue(dirs.0.path(), &[publisher.public(), stranger.public()]);
+    let mut trust_c = catalogue(dirs.1.path(), &[publisher.public()]);
+    // B's scan path: its files are offered and served.
+    for t in [&v1, &rogue] {
+        assert!(trust_b.admit_signed(t, "file", now(), &fb).await.is_some());
+        b.handle.provide(t.clone()).await.unwrap();
+    }
+
+    // Run the daemons' loops: adverts from what each factory runs, learned types offered.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seq = 0;
+    let mut offered = Vec::new();
+    loop {
+        seq += 1;
+        b.handle.publish(advert(&kb, seq, &fb).await).unwrap();
+        c.handle.publish(advert(&kc, seq, &fc).await).unwrap();
+        while let Ok(l) = c.learned.try_recv() {
+            offered.push(l.digest);
+            assert!(
+                trust_c
+                    .admit_signed(&l.envelope, &l.from.to_string(), now(), &fc)
+                    .await
+                    .is_some()
+            );
+        }
+        let s = fc.status().await.unwrap();
+        if s.machines.iter().any(|m| m.machine_type == d1.to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C never ran the type it could fetch: {s:?}\n{:?}",
+            c.handle.summary().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(offered, vec![d1], "C was handed only the trusted type");
+    let sc = c.handle.summary().await.unwrap();
+    assert!(
+        sc.machine_types.contains(&d1.to_string()),
+        "C now serves it"
+    );
+    assert!(!sc.machine_types.contains(&drogue.to_string()));
+
+    // The publisher announces v2: C (and B) learn it without asking.
+    let v2 = signed_type(&publisher, "lhcb-sim", 2);
+    let d2 = digest_of(&v2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Gossip needs a mesh; announcing again is harmless (the same bytes are one message).
+        let _ = a.handle.announce(v2.clone()).await;
+        if let Ok(l) = tokio::time::timeout(Duration::from_millis(500), c.learned.recv()).await {
+            let l = l.unwrap();
+            assert_eq!(l.digest, d2);
+            assert!(
+                trust_c
+                    .admit_signed(&l.envelope, &l.from.to_string(), now(), &fc)
+                    .await
+                    .is_some()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the announcement did not reach C"
+        );
+    }
+    let s = fc.status().await.unwrap();
+    assert_eq!(
+        s.offers.iter().map(|o| o.version).collect::<Vec<_>>(),
+        vec![2],
+        "v2 replaced v1"
+    );
+    // A second, different v2 (equivocation) is not taken from the space.
+    let mut other = Envelope::open_bytes::<MachineType>(&v2).unwrap().message;
+    other.description = "not the one announced".into();
+    let other = Envelope::seal(&other, &publisher).to_bytes();
+    assert!(c.handle.announce(other).await.is_err());
+    cancel.cancel();
+}
