@@ -446,8 +446,14 @@ fn script(w: &Window, s: &Setup) -> R<()> {
     w.until(20, "the daemon's answer to trust", |m| {
         m.projects_notice.is_some()
     })?;
-    let text = w.inspect(|m, _| m.projects_notice.clone().unwrap().text)?;
-    println!("trust: {text}");
+    let notice = w.inspect(|m, _| m.projects_notice.clone().unwrap())?;
+    println!("trust: {}", notice.text);
+    if !notice.ok {
+        return Err(format!(
+            "the daemon refused the trust from the GUI: {}",
+            notice.text
+        ));
+    }
     w.screenshot("projects-trust")?;
 
     // Credit: per project and per day, from the daemon's ledger.
