@@ -299,3 +299,53 @@ async fn a_vm_type_is_refused_with_a_reason_when_libvirt_is_off() {
     assert!(records(&ledger).is_empty());
     f.stop().await;
 }
+
+/// `gleaner cleanup` (what the package's removal runs) after a daemon died with a VM running: the
+/// domain, its overlay and seed and the machine folders go; the host key and the ledger stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_the_vms_a_dead_daemon_left() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // The runtime's owner is the host key's id, as in the daemon.
+    let key = gleaner::SecretKey::from_seed([0x79; 32]);
+    gleaner_client::keys::write(&gleaner_client::daemon::host_key_path(&state), &key, false)
+        .unwrap();
+    let owner = key.public().to_string();
+    let Some(rt) = host_runtime(&owner, &state).await else {
+        return;
+    };
+    let ledger = std::sync::Arc::new(
+        gleaner_client::ledger::Ledger::open(&gleaner_client::daemon::ledger_path(&state)).unwrap(),
+    );
+    let mut f = vm_factory(rt, ledger, &state, 1).await;
+    let mut mt = vm_machine_type("vm-cleanup", "sleep 600");
+    mt.backoff_s = 3600;
+    f.handle.offer(offer(&mt)).await.unwrap();
+    let names = eventually(240, "a running vm", async || {
+        let owned = f.runtime.list_owned().await.ok()?;
+        (owned.len() == 1 && owned[0].state == gleaner_client::runtime::MachineState::Running)
+            .then(|| vec![owned[0].name.clone()])
+    })
+    .await;
+    f.kill().await;
+    drop(f);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gleaner"))
+        .args(["cleanup", "--grace", "1s", "--state-dir"])
+        .arg(&state)
+        .arg("--socket")
+        .arg(tmp.path().join("no-daemon.sock"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let rt = host_runtime(&owner, &state).await.unwrap();
+    assert_no_vm_left(&rt, &state, &names).await;
+    assert!(gleaner_client::daemon::host_key_path(&state).exists());
+    assert!(gleaner_client::daemon::ledger_path(&state).exists());
+}
