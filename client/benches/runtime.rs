@@ -5,41 +5,19 @@
 //! Run: `cargo bench -p gleaner-client --bench runtime --profile dev` (dockerd running, see
 //! installers/install-deps.sh --start). `GLEANER_BENCH_N` sets the sample count (default 20).
 
+mod common;
+use common::{busybox_tarball, percentile};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gleaner::{Digest, Id16};
+use gleaner::Id16;
 use gleaner_client::runtime::docker::DockerRuntime;
 use gleaner_client::runtime::{
     ImageSource, Limits, MachineHandle, MachineSpec, OWNER_LABEL, Runtime,
 };
-
-fn busybox_tarball() -> (PathBuf, Digest) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/assets/build.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run tests/assets/build.sh");
-    assert!(
-        out.status.success(),
-        "tests/assets/build.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    let (path, sha) = text
-        .trim()
-        .rsplit('\n')
-        .next()
-        .and_then(|l| l.split_once(' '))
-        .expect("\"<path> <sha256>\"");
-    (PathBuf::from(path), sha.parse().expect("sha256"))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)

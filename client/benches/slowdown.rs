@@ -5,34 +5,17 @@
 //!
 //! Run: `cargo bench -p gleaner-client --bench slowdown` (dockerd running, Xvfb installed).
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::busybox_tarball;
+
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gleaner::{Backend, Blob, Digest, Envelope, MachineType, SecretKey};
+use gleaner::{Backend, Blob, Envelope, MachineType, SecretKey};
 use sha2::Digest as _;
 use x11rb::connection::Connection;
 use x11rb::protocol::xtest::ConnectionExt as _;
-
-fn busybox_tarball() -> (PathBuf, Digest) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/assets/build.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run tests/assets/build.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    let (path, sha) = text
-        .trim()
-        .rsplit('\n')
-        .next()
-        .and_then(|l| l.split_once(' '))
-        .expect("\"<path> <sha256>\"");
-    (PathBuf::from(path), sha.parse().expect("sha256"))
-}
 
 /// The owner's work: SHA-256 blocks hashed in `d`.
 fn owner_blocks(d: Duration) -> f64 {

@@ -6,6 +6,9 @@
 //! Run: `cargo bench -p gleaner-client --bench vm --profile dev` (libvirtd running, see
 //! installers/start-engines.sh). `GLEANER_BENCH_N` sets the sample count (default 8).
 
+mod common;
+use common::percentile;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -65,10 +68,6 @@ fn wait_heartbeat(mjf: &Path, t0: Instant) -> Duration {
         std::thread::sleep(Duration::from_millis(10));
     }
     t0.elapsed()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn ms(d: Duration) -> String {

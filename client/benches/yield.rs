@@ -6,14 +6,17 @@
 //! Run: `cargo bench -p gleaner-client --bench yield --profile dev` (dockerd running and Xvfb
 //! installed, see installers/install-deps.sh --start). `GLEANER_BENCH_N` sets the trials (200).
 
+mod common;
+use common::{busybox_tarball, percentile};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use gleaner::Id16;
 use gleaner::policy::{Action, Decision, Preset};
-use gleaner::{Digest, Id16};
 use gleaner_client::factory::Allowance;
 use gleaner_client::owner::{Enforcer, Sources, watch_x11_input};
 use gleaner_client::runtime::docker::DockerRuntime;
@@ -24,30 +27,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use x11rb::connection::Connection;
 use x11rb::protocol::xtest::ConnectionExt as _;
-
-fn busybox_tarball() -> (PathBuf, Digest) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/assets/build.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run tests/assets/build.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    let (path, sha) = text
-        .trim()
-        .rsplit('\n')
-        .next()
-        .and_then(|l| l.split_once(' '))
-        .expect("\"<path> <sha256>\"");
-    (PathBuf::from(path), sha.parse().expect("sha256"))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)

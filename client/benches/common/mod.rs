@@ -1,0 +1,34 @@
+//! Helpers the client's benchmarks share: the busybox image tarball the tests build, percentiles.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use gleaner::Digest;
+
+/// The busybox docker-archive built (and cached) by tests/assets/build.sh: its path and sha256.
+pub fn busybox_tarball() -> (PathBuf, Digest) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/assets/build.sh");
+    let out = Command::new(&script)
+        .output()
+        .expect("run tests/assets/build.sh");
+    assert!(
+        out.status.success(),
+        "tests/assets/build.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let (path, sha) = text
+        .trim()
+        .rsplit('\n')
+        .next()
+        .and_then(|l| l.split_once(' '))
+        .expect("\"<path> <sha256>\"");
+    (PathBuf::from(path), sha.parse().expect("sha256"))
+}
+
+/// The `p` quantile (0..=1) of sorted samples.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
