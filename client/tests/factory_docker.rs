@@ -171,10 +171,16 @@ async fn early_exit_fizzles_and_backs_off() {
 async fn max_wallclock_writes_shutdowntime_before_stopping() {
     let tmp = tempfile::tempdir().unwrap();
     let owner = owner("wallclock");
-    let mut f = factory(&owner, tmp.path(), |_| {}).await;
-    // The workload records the shutdowntime it sees when it is asked to stop (SIGTERM).
+    // A long grace, so that the workload can wait for the test to read what it wrote: the factory
+    // removes the machine's folder as soon as it has ended.
+    let mut f = factory(&owner, tmp.path(), |c| {
+        c.stop_grace = Duration::from_secs(60)
+    })
+    .await;
+    // The workload records the shutdowntime it sees when it is asked to stop (SIGTERM), then waits
+    // (bounded) until the test has read it.
     let script = r#"
-trap 'cat /machinefeatures/shutdowntime > /joboutputs/shutdowntime_at_term; date +%s > /joboutputs/term_at; exit 0' TERM
+trap 'cat /machinefeatures/shutdowntime > /joboutputs/shutdowntime_at_term; date +%s > /joboutputs/term_at; for i in $(seq 300); do [ -e /joboutputs/read ] && break; sleep 0.1; done; exit 0' TERM
 while true; do touch /joboutputs/heartbeat; sleep 0.2; done
 "#;
     let mut mt = machine_type("overrunner", script);
@@ -198,6 +204,7 @@ while true; do touch /joboutputs/heartbeat; sleep 0.2; done
         Some((s.trim().parse::<u64>().ok()?, t.trim().parse::<u64>().ok()?))
     })
     .await;
+    std::fs::write(dir.join("joboutputs/read"), b"").unwrap();
     assert!(
         shutdown <= term_at,
         "shutdowntime {shutdown} was written before the stop at {term_at}"
