@@ -1,9 +1,10 @@
 //! Cluster nodes: yielding to the site's batch system (Slurm first, behind [`BatchSystem`]) — the
 //! `[batch]` settings, the claims that site jobs hold on this node (fed by the prolog/epilog hooks
-//! or by polling the node's state), and `gleaner batch-hook`, which must never hold up or fail a
-//! site job.
+//! or by polling the node's state, kept in the state dir so that they survive a daemon restart and
+//! checked against the batch system at start), and `gleaner batch-hook`, which must never hold up
+//! or fail a site job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,15 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 pub const MAX_JOBS: usize = 4096;
 /// Longest job id accepted from a hook.
 const MAX_JOB_ID: usize = 64;
+/// The claims file in the daemon's state dir.
+pub const CLAIMS_FILE: &str = "batch-claims.json";
+/// Largest claims file read back (`MAX_JOBS` entries fit well within it).
+const MAX_CLAIMS_FILE: u64 = 4 << 20;
+/// How often held claims are checked against the batch system once the first check succeeded
+/// (a lost epilog would otherwise hold the node until the next restart).
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(300);
+/// How soon a failed check is tried again.
+pub const RECONCILE_RETRY: Duration = Duration::from_secs(30);
 
 /// The `[batch]` table of the settings file, as written.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -214,16 +224,24 @@ pub struct JobShare {
     pub memory_bytes: Option<u64>,
 }
 
-/// A site's batch system, as a cluster node's daemon and hooks need it.
+/// A site's batch system, as a cluster node's daemon and hooks need it. Slurm implements it
+/// ([`Slurm`]); HTCondor (a startd hook) or PBS (`execjob_prologue`) would implement the same four
+/// calls, and the rest — claims, poll loop, hooks, restart reconciliation — stays as it is.
 pub trait BatchSystem: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// The node's state and CPUs now (poll mode).
     fn node_state(&self) -> impl Future<Output = Result<NodeState, BatchError>> + Send;
-    /// The arriving (or leaving) job and its share of this node, from a hook's environment.
+    /// The job id a hook runs for, from its environment alone (the epilog must not wait on the
+    /// controller).
+    fn job_id_from_env(&self, env: &BTreeMap<String, String>) -> Option<String>;
+    /// The arriving job and its share of this node, from a hook's environment.
     fn job_from_env(
         &self,
         env: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<JobShare, BatchError>> + Send;
+    /// The ids of the site jobs that hold (or are taking or giving back) resources on this node
+    /// now; the same ids [`BatchSystem::job_id_from_env`] gives.
+    fn jobs_on_node(&self) -> impl Future<Output = Result<BTreeSet<String>, BatchError>> + Send;
 }
 
 /// Slurm through its commands (`sinfo`, `scontrol`), which read `SLURM_CONF` from the environment.
@@ -316,6 +334,22 @@ pub fn parse_sinfo(text: &str) -> Result<NodeState, String> {
     })
 }
 
+/// Job ids from `squeue -h -o '%A %T'` ("41 RUNNING" per line).
+pub fn parse_squeue(text: &str) -> Result<BTreeSet<String>, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let id = l.split_whitespace().next().unwrap_or("");
+            if id.is_empty() || id.len() > MAX_JOB_ID || !id.bytes().all(|b| b.is_ascii_digit()) {
+                Err(format!("{l:?} does not start with a job id"))
+            } else {
+                Ok(id.to_owned())
+            }
+        })
+        .collect()
+}
+
 /// CPUs on the first node from `SLURM_JOB_CPUS_PER_NODE` ("2", "2(x3)", "4,2(x2)").
 pub fn parse_cpus_per_node(v: &str) -> Option<u32> {
     let first = v.split(',').next()?.trim();
@@ -375,16 +409,33 @@ impl BatchSystem for Slurm {
         })
     }
 
-    async fn job_from_env(&self, env: &BTreeMap<String, String>) -> Result<JobShare, BatchError> {
-        let job = env
-            .get("SLURM_JOB_ID")
+    fn job_id_from_env(&self, env: &BTreeMap<String, String>) -> Option<String> {
+        env.get("SLURM_JOB_ID")
             .or_else(|| env.get("SLURM_JOBID"))
             .map(|j| j.trim().to_owned())
             .filter(|j| !j.is_empty() && j.len() <= MAX_JOB_ID)
-            .ok_or(BatchError::Parse {
-                command: "the prolog's environment",
-                why: "no SLURM_JOB_ID".into(),
-            })?;
+    }
+
+    async fn jobs_on_node(&self) -> Result<BTreeSet<String>, BatchError> {
+        // `%A`: one id per job (array elements included), as SLURM_JOB_ID has it. The default
+        // states (pending, running, completing...) with `-w`: the jobs allocated here.
+        let out = run_command(
+            "squeue",
+            &["-h", "-w", &self.node, "-o", "%A %T"],
+            self.timeout,
+        )
+        .await?;
+        parse_squeue(&out).map_err(|why| BatchError::Parse {
+            command: "squeue",
+            why,
+        })
+    }
+
+    async fn job_from_env(&self, env: &BTreeMap<String, String>) -> Result<JobShare, BatchError> {
+        let job = self.job_id_from_env(env).ok_or(BatchError::Parse {
+            command: "the prolog's environment",
+            why: "no SLURM_JOB_ID".into(),
+        })?;
         let cpus = env
             .get("SLURM_JOB_CPUS_PER_NODE")
             .and_then(|v| parse_cpus_per_node(v));
@@ -423,11 +474,35 @@ pub fn node_cpus() -> u32 {
         .unwrap_or(1)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Job {
     cpus: u32,
     memory_bytes: Option<u64>,
+    /// Arrival order (the newest job names the claim).
     seq: u64,
+}
+
+/// The claims file: the site jobs holding resources here, written on every prolog and epilog.
+#[derive(Debug, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimsFile {
+    version: u32,
+    jobs: BTreeMap<String, Job>,
+}
+
+/// Why the claims file cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimsError {
+    #[error(
+        "cannot read the batch claims {path}: {why}; if no site job runs on this node, remove the file"
+    )]
+    Read { path: PathBuf, why: String },
+    #[error("cannot write the batch claims {path}: {cause}")]
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -445,15 +520,146 @@ pub struct Claims {
     state: Mutex<ClaimState>,
     node_cores: f64,
     node_memory_bytes: u64,
+    /// Where the jobs are kept across restarts (`None`: memory only, for tests).
+    file: Option<PathBuf>,
+    /// One writer at a time, each writing the state as it is when it gets the lock: the last
+    /// write holds the newest state.
+    writing: Mutex<()>,
 }
 
 impl Claims {
+    /// Claims kept in memory only.
     pub fn new(node_cores: f64, node_memory_bytes: u64) -> Claims {
         Claims {
             state: Mutex::new(ClaimState::default()),
             node_cores,
             node_memory_bytes,
+            file: None,
+            writing: Mutex::new(()),
         }
+    }
+
+    /// Claims kept in `file`, starting with the jobs a previous run left there (a site job may
+    /// still hold the node). A file that cannot be read is an error: guessing "no jobs" could
+    /// hand a running site job's CPUs to Gleaner.
+    pub fn open(
+        node_cores: f64,
+        node_memory_bytes: u64,
+        file: &Path,
+    ) -> Result<Claims, ClaimsError> {
+        let read_err = |why: String| ClaimsError::Read {
+            path: file.to_owned(),
+            why,
+        };
+        let mut state = ClaimState::default();
+        match std::fs::File::open(file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(read_err(e.to_string())),
+            Ok(f) => {
+                use std::io::Read;
+                let mut bytes = Vec::new();
+                f.take(MAX_CLAIMS_FILE + 1)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| read_err(e.to_string()))?;
+                if bytes.len() as u64 > MAX_CLAIMS_FILE {
+                    return Err(read_err(format!("larger than {MAX_CLAIMS_FILE} bytes")));
+                }
+                let saved: ClaimsFile =
+                    serde_json::from_slice(&bytes).map_err(|e| read_err(e.to_string()))?;
+                if saved.version != 1 {
+                    return Err(read_err(format!(
+                        "version {} is not known (1 is)",
+                        saved.version
+                    )));
+                }
+                if saved.jobs.len() > MAX_JOBS {
+                    return Err(read_err(format!("more than {MAX_JOBS} jobs")));
+                }
+                if let Some(bad) = saved
+                    .jobs
+                    .keys()
+                    .find(|j| j.is_empty() || j.len() > MAX_JOB_ID)
+                {
+                    return Err(read_err(format!("{bad:?} is not a job id")));
+                }
+                state.seq = saved.jobs.values().map(|j| j.seq).max().unwrap_or(0);
+                state.jobs = saved.jobs;
+            }
+        }
+        Ok(Claims {
+            state: Mutex::new(state),
+            node_cores,
+            node_memory_bytes,
+            file: Some(file.to_owned()),
+            writing: Mutex::new(()),
+        })
+    }
+
+    /// Writes the jobs held now to the claims file, atomically and durably (blocking: call it
+    /// off the executor). Memory-only claims do nothing.
+    pub fn save(&self) -> Result<(), ClaimsError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let write_err = |cause| ClaimsError::Write {
+            path: path.clone(),
+            cause,
+        };
+        let _one = self
+            .writing
+            .lock()
+            .map_err(|_| write_err(std::io::Error::other("a writer panicked")))?;
+        let jobs = self
+            .state
+            .lock()
+            .map_err(|_| write_err(std::io::Error::other("the batch claims are poisoned")))?
+            .jobs
+            .clone();
+        let bytes = serde_json::to_vec_pretty(&ClaimsFile { version: 1, jobs })
+            .map_err(|e| write_err(std::io::Error::other(e)))?;
+        crate::image_archive::write_atomic(path, &bytes).map_err(write_err)?;
+        // The rename is durable only once the folder is.
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(write_err)?;
+        }
+        Ok(())
+    }
+
+    /// [`Claims::save`] off the executor.
+    pub async fn save_async(self: &Arc<Self>) -> Result<(), ClaimsError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.save())
+            .await
+            .unwrap_or_else(|e| {
+                Err(ClaimsError::Write {
+                    path: self.file.clone().unwrap_or_default(),
+                    cause: std::io::Error::other(e),
+                })
+            })
+    }
+
+    /// The jobs held now, with their arrival numbers.
+    fn held(&self) -> BTreeMap<String, u64> {
+        self.state
+            .lock()
+            .map(|s| s.jobs.iter().map(|(k, j)| (k.clone(), j.seq)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets `job` if it is still the arrival numbered `seq`; whether it did.
+    fn forget(&self, job: &str, seq: u64) -> bool {
+        self.state
+            .lock()
+            .map(|mut s| {
+                let same = s.jobs.get(job).is_some_and(|j| j.seq == seq);
+                if same {
+                    s.jobs.remove(job);
+                }
+                same
+            })
+            .unwrap_or(false)
     }
 
     /// A site job arrives (prolog). Refused only when absurdly many jobs are held.
@@ -604,6 +810,103 @@ pub async fn poll<B: BatchSystem>(
     }
 }
 
+/// What a check of the held claims against the batch system found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reconciled {
+    /// Held jobs the batch system still has on this node.
+    pub kept: Vec<String>,
+    /// Held jobs it no longer has (ended while nobody listened): forgotten.
+    pub dropped: Vec<String>,
+}
+
+/// Checks the jobs held now against those `system` has on this node and forgets the ones that
+/// are gone, saving the claims when any were. A job whose prolog arrives while the batch system
+/// is being asked is never dropped: only jobs held before the question are candidates. When the
+/// batch system cannot be asked, every claim is kept (the site job's side).
+pub async fn reconcile<B: BatchSystem>(
+    system: &B,
+    claims: &Arc<Claims>,
+) -> Result<Reconciled, BatchError> {
+    let held = claims.held();
+    if held.is_empty() {
+        return Ok(Reconciled::default());
+    }
+    let on_node = system.jobs_on_node().await?;
+    let mut r = Reconciled::default();
+    for (job, seq) in held {
+        if on_node.contains(&job) {
+            r.kept.push(job);
+        } else if claims.forget(&job, seq) {
+            r.dropped.push(job);
+        }
+    }
+    Ok(r)
+}
+
+/// Checks the claims a previous run left (at once), then every [`RECONCILE_EVERY`] for epilogs
+/// that never reached the daemon; each dropped claim is an event, and the node goes back to the
+/// owner policy at once. Runs until `cancel`.
+pub async fn reconcile_loop<B: BatchSystem>(
+    system: B,
+    claims: Arc<Claims>,
+    enforcer: mpsc::Sender<EnforcerCommand>,
+    factory: FactoryHandle,
+    cancel: CancellationToken,
+) {
+    let name = system.name();
+    let mut failing = false;
+    loop {
+        let wait = match reconcile(&system, &claims).await {
+            Ok(r) => {
+                failing = false;
+                if !r.kept.is_empty() {
+                    tracing::info!(
+                        "{name}: still on this node, claims kept: job {}",
+                        r.kept.join(", job ")
+                    );
+                }
+                if !r.dropped.is_empty() {
+                    if let Err(e) = claims.save_async().await {
+                        tracing::warn!("{e}");
+                    }
+                    for job in &r.dropped {
+                        let msg = format!(
+                            "batch: {name} job {job} is no longer on this node; its claim is dropped"
+                        );
+                        tracing::info!("{msg}");
+                        if factory.note(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Err(e) = apply_now(&enforcer).await {
+                        tracing::warn!("{e}");
+                        return;
+                    }
+                }
+                RECONCILE_EVERY
+            }
+            Err(e) => {
+                if !failing {
+                    let msg = format!(
+                        "batch: cannot check the site jobs' claims with {name} ({e}); all are kept, trying again in {}",
+                        humantime::format_duration(RECONCILE_RETRY)
+                    );
+                    tracing::warn!("{msg}");
+                    if factory.note(msg).await.is_err() {
+                        return;
+                    }
+                    failing = true;
+                }
+                RECONCILE_RETRY
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// A hook's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Phase {
@@ -652,12 +955,10 @@ pub async fn hook<B: BatchSystem>(
                     .map_err(|e| e.to_string());
             }
             Phase::Epilog => {
-                let job = env
-                    .get("SLURM_JOB_ID")
-                    .or_else(|| env.get("SLURM_JOBID"))
-                    .filter(|j| !j.is_empty() && j.len() <= MAX_JOB_ID)
-                    .ok_or("no SLURM_JOB_ID in the environment")?;
-                Request::BatchRelease { job: job.clone() }
+                let job = system
+                    .job_id_from_env(env)
+                    .ok_or_else(|| format!("no {} job id in the environment", system.name()))?;
+                Request::BatchRelease { job }
             }
         };
         let mut c = ControlClient::connect(socket)
@@ -768,6 +1069,174 @@ pub fn hook_main(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scriptable batch system: the node's jobs (or an error), and a claim to make while the
+    /// question is in flight (a prolog racing the check).
+    struct FakeBatch {
+        jobs: Result<BTreeSet<String>, String>,
+        arriving: Option<(Arc<Claims>, &'static str)>,
+    }
+
+    impl BatchSystem for FakeBatch {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        async fn node_state(&self) -> Result<NodeState, BatchError> {
+            parse_sinfo("idle 0/2/0/2").map_err(|why| BatchError::Parse {
+                command: "fake",
+                why,
+            })
+        }
+        fn job_id_from_env(&self, env: &BTreeMap<String, String>) -> Option<String> {
+            env.get("FAKE_JOB").cloned()
+        }
+        async fn job_from_env(
+            &self,
+            env: &BTreeMap<String, String>,
+        ) -> Result<JobShare, BatchError> {
+            Ok(JobShare {
+                job: self.job_id_from_env(env).unwrap_or_default(),
+                cpus: 1,
+                memory_bytes: None,
+            })
+        }
+        async fn jobs_on_node(&self) -> Result<BTreeSet<String>, BatchError> {
+            if let Some((c, job)) = &self.arriving {
+                c.arrive(job, 1, None).unwrap();
+            }
+            self.jobs.clone().map_err(|stderr| BatchError::Failed {
+                command: "fake",
+                stderr,
+            })
+        }
+    }
+
+    fn ids(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn claims_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(CLAIMS_FILE);
+        let c = Claims::open(4.0, 8 << 30, &file).unwrap();
+        assert!(!c.claim().unwrap().active(), "no file: nothing held");
+        c.arrive("41", 1, None).unwrap();
+        c.arrive("42", 2, Some(1 << 30)).unwrap();
+        c.save().unwrap();
+        c.arrive("43", 1, None).unwrap();
+        assert!(c.leave("43"));
+        c.save().unwrap();
+        drop(c);
+        let c = Claims::open(4.0, 8 << 30, &file).unwrap();
+        let k = c.claim().unwrap();
+        assert_eq!((k.job, k.jobs, k.cpus, k.free_cores), (Some(42), 2, 3, 1.0));
+        assert_eq!(k.free_memory_bytes, Some(7 << 30));
+        // Arrivals after the restart are newer than the ones read back.
+        c.arrive("7", 1, None).unwrap();
+        assert_eq!(c.claim().unwrap().job, Some(7));
+        assert!(!dir.path().join("batch-claims.tmp").exists());
+        // Memory-only claims write nothing.
+        Claims::new(1.0, 1).save().unwrap();
+    }
+
+    #[test]
+    fn a_broken_claims_file_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(CLAIMS_FILE);
+        for (text, want) in [
+            ("{\"version\": 1, \"jobs\": {", "EOF"),
+            ("{\"version\": 2, \"jobs\": {}}", "version 2 is not known"),
+            (
+                "{\"version\": 1, \"jobs\": {\"\": {\"cpus\": 1, \"memory_bytes\": null, \"seq\": 1}}}",
+                "\"\" is not a job id",
+            ),
+            (
+                "{\"version\": 1, \"jobs\": {}, \"extra\": 1}",
+                "unknown field `extra`",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let e = Claims::open(2.0, 1 << 30, &file).unwrap_err().to_string();
+            assert!(
+                e.contains(&file.display().to_string()) && e.contains(want),
+                "{text}: {e}"
+            );
+            assert!(e.contains("remove the file"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reconcile_drops_gone_jobs_and_keeps_the_rest() {
+        let c = Arc::new(Claims::new(4.0, 8 << 30));
+        // Nothing held: the batch system is not even asked.
+        let unreachable = FakeBatch {
+            jobs: Err("controller down".into()),
+            arriving: None,
+        };
+        assert_eq!(
+            reconcile(&unreachable, &c).await.unwrap(),
+            Reconciled::default()
+        );
+        c.arrive("41", 1, None).unwrap();
+        c.arrive("42", 2, None).unwrap();
+        // Cannot ask: everything is kept.
+        assert!(reconcile(&unreachable, &c).await.is_err());
+        assert_eq!(c.claim().unwrap().jobs, 2);
+        // 41 ended while nobody listened; 43's prolog arrives during the question.
+        let racing = FakeBatch {
+            jobs: Ok(ids(&["42", "99"])),
+            arriving: Some((c.clone(), "43")),
+        };
+        let r = reconcile(&racing, &c).await.unwrap();
+        assert_eq!(r.dropped, vec!["41".to_string()]);
+        assert_eq!(r.kept, vec!["42".to_string()]);
+        let k = c.claim().unwrap();
+        assert_eq!((k.jobs, k.cpus, k.job), (2, 3, Some(43)));
+    }
+
+    #[tokio::test]
+    async fn hooks_use_the_systems_job_id_and_never_fail_the_job() {
+        let fake = FakeBatch {
+            jobs: Ok(BTreeSet::new()),
+            arriving: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("none.sock");
+        let no_env = BTreeMap::new();
+        match hook(
+            &fake,
+            Phase::Epilog,
+            &socket,
+            &no_env,
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            HookOutcome::Skipped(why) => assert!(why.contains("no fake job id"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let env = BTreeMap::from([("FAKE_JOB".to_string(), "5".to_string())]);
+        for phase in [Phase::Prolog, Phase::Epilog] {
+            assert!(
+                matches!(
+                    hook(&fake, phase, &socket, &env, Duration::from_secs(5)).await,
+                    HookOutcome::Skipped(_)
+                ),
+                "no daemon: nothing done, the job goes ahead"
+            );
+        }
+    }
+
+    #[test]
+    fn squeue_job_ids() {
+        assert_eq!(
+            parse_squeue("41 RUNNING\n 42 COMPLETING\n\n").unwrap(),
+            ids(&["41", "42"])
+        );
+        assert!(parse_squeue("").unwrap().is_empty());
+        assert!(parse_squeue("squeue: error: x").is_err());
+    }
 
     #[test]
     fn sinfo_states() {

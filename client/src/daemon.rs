@@ -94,6 +94,8 @@ pub enum DaemonError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Trust(#[from] crate::trust::TrustError),
+    #[error(transparent)]
+    BatchClaims(#[from] crate::batch::ClaimsError),
 }
 
 /// The owner's manual pause (from `gleaner pause`).
@@ -355,9 +357,25 @@ impl Daemon {
         if let Err(e) = claims.arrive(&job, cpus, memory_bytes) {
             return Response::error(e);
         }
-        match crate::batch::apply_now(&self.enforcer).await {
+        // Kept on disk alongside the freeze, so that a restarted daemon still yields the node.
+        let (applied, saved) =
+            tokio::join!(crate::batch::apply_now(&self.enforcer), claims.save_async());
+        self.claims_saved(saved).await;
+        match applied {
             Ok(d) => Response::ok(serde_json::json!({"job": job, "decision": d})),
             Err(e) => Response::error(e),
+        }
+    }
+
+    /// A claims file that cannot be written costs only the restart case: the hook still gets its
+    /// answer, and the event says why.
+    async fn claims_saved(&self, saved: Result<(), crate::batch::ClaimsError>) {
+        if let Err(e) = saved {
+            tracing::warn!("{e}");
+            let _ = self
+                .factory
+                .note(format!("batch: {e}; a restart would forget this claim"))
+                .await;
         }
     }
 
@@ -367,7 +385,10 @@ impl Daemon {
             return Response::error("this daemon has no [batch] settings: not a cluster node");
         };
         let held = claims.leave(&job);
-        match crate::batch::apply_now(&self.enforcer).await {
+        let (applied, saved) =
+            tokio::join!(crate::batch::apply_now(&self.enforcer), claims.save_async());
+        self.claims_saved(saved).await;
+        match applied {
             Ok(d) => Response::ok(serde_json::json!({"job": job, "held": held, "decision": d})),
             Err(e) => Response::error(e),
         }
@@ -543,10 +564,26 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (enforcer_tx, enforcer_rx) = tokio::sync::mpsc::channel(8);
     let (decision_tx, _decision_rx) = watch::channel(None);
-    let batch_claims = opts.batch.as_ref().map(|_| {
-        let host = crate::config::HostSize::here();
-        Arc::new(crate::batch::Claims::new(host.cores, host.memory_bytes))
-    });
+    // Claims a previous run left are held from the first decision on: a site job may still run.
+    let batch_claims = match &opts.batch {
+        None => None,
+        Some(_) => {
+            let host = crate::config::HostSize::here();
+            let claims = crate::batch::Claims::open(
+                host.cores,
+                host.memory_bytes,
+                &opts.state_dir.join(crate::batch::CLAIMS_FILE),
+            )?;
+            if let Some(c) = claims.claim().filter(|c| c.jobs > 0) {
+                tracing::info!(
+                    "batch: {} site job(s) held from before the restart ({} CPUs)",
+                    c.jobs,
+                    c.cpus
+                );
+            }
+            Some(Arc::new(claims))
+        }
+    };
     let enforcer = crate::owner::Enforcer {
         policy: opts.policy.clone(),
         sources,
@@ -560,21 +597,28 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         batch: batch_claims.clone(),
     };
     let enforcer_cancel = CancellationToken::new();
-    if let (Some(b), Some(claims)) = (&opts.batch, &batch_claims)
-        && b.mode == crate::batch::Mode::Poll
-    {
+    if let (Some(b), Some(claims)) = (&opts.batch, &batch_claims) {
         let slurm = crate::batch::Slurm {
             node: b.node.clone(),
             timeout: b.poll_interval.max(Duration::from_secs(5)),
         };
-        tracker.spawn(crate::batch::poll(
-            slurm,
-            b.poll_interval,
+        tracker.spawn(crate::batch::reconcile_loop(
+            slurm.clone(),
             claims.clone(),
             enforcer_tx.clone(),
             handle.clone(),
             enforcer_cancel.clone(),
         ));
+        if b.mode == crate::batch::Mode::Poll {
+            tracker.spawn(crate::batch::poll(
+                slurm,
+                b.poll_interval,
+                claims.clone(),
+                enforcer_tx.clone(),
+                handle.clone(),
+                enforcer_cancel.clone(),
+            ));
+        }
     }
     tracker.spawn(enforcer.run(enforcer_rx, enforcer_cancel.clone()));
     let daemon = Arc::new(Daemon {
