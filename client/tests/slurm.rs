@@ -1,8 +1,9 @@
 //! Cluster nodes against a real one-node Slurm cluster on loopback (munged, slurmctld, slurmd
 //! started by the test, torn down after it): hook mode freezes Gleaner's workload before a site
 //! job's first command, shrinks it for a 1-CPU job and gives the node back afterwards; the prolog
-//! never holds a job up when the daemon is down or hung; poll mode yields within an interval and a
-//! drained node drains Gleaner.
+//! never holds a job up when the daemon is down or hung; a job's claim survives a daemon crash
+//! and restart, and one whose job ended meanwhile is dropped; poll mode yields within an interval
+//! and a drained node drains Gleaner. Also the prolog-delay and poll-latency benchmarks (ignored).
 //!
 //! Needs `slurmctld slurmd slurm-client munge` (installers/install-deps.sh) and dockerd. Without
 //! Slurm the tests skip with a message, unless CI is set: then they fail.
@@ -357,13 +358,24 @@ fn start_daemon(tmp: &Path, batch: &str, slurm_conf: &Path) -> (Daemon, PathBuf,
     )
     .unwrap();
     std::fs::create_dir_all(&state).unwrap();
-    let mut c = daemon_command(&state, &types, &["--config", cfg.to_str().unwrap()]);
+    let d = spawn_gleaner(tmp, slurm_conf, "daemon.log");
+    (d, state.join("control.sock"), cfg)
+}
+
+/// (Re)starts the daemon `start_daemon` set up in `tmp`, with the same state dir and settings,
+/// logging to `log` in `tmp`.
+fn spawn_gleaner(tmp: &Path, slurm_conf: &Path, log: &str) -> Daemon {
+    let cfg = tmp.join("client.toml");
+    let mut c = daemon_command(
+        &tmp.join("state"),
+        &tmp.join("types"),
+        &["--config", cfg.to_str().unwrap()],
+    );
     c.env_remove("DISPLAY")
         .env("SLURM_CONF", slurm_conf)
         .env("RUST_LOG", "info,gleaner_client::batch=debug")
-        .stderr(std::fs::File::create(tmp.join("daemon.log")).unwrap());
-    let d = Daemon(c.spawn().expect("start gleaner daemon"));
-    (d, state.join("control.sock"), cfg)
+        .stderr(std::fs::File::create(tmp.join(log)).unwrap());
+    Daemon(c.spawn().expect("start gleaner daemon"))
 }
 
 /// Waits for the daemon's one machine to run; returns the host id (owner label) and its name.
@@ -529,6 +541,137 @@ async fn hook_mode_yields_before_every_job_and_never_holds_one_up() {
         "the prolog took {ms} ms with the daemon down: {line}"
     );
 
+    let left = cluster.stop();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The daemon's recent events (`gleaner events`), as one string.
+async fn events(sock: &Path) -> String {
+    let mut c = ControlClient::connect(sock).await.unwrap();
+    c.call(&Request::Events).await.unwrap().to_string()
+}
+
+/// Kills the daemon as a crash would (its machines stay as they are) and starts it again on the
+/// same state dir; returns once the new one answers.
+async fn crash_and_restart(
+    daemon: &mut Daemon,
+    tmp: &Path,
+    slurm_conf: &Path,
+    sock: &Path,
+    log: &str,
+) {
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+    *daemon = spawn_gleaner(tmp, slurm_conf, log);
+    eventually(60, "the restarted daemon answering", async || {
+        let mut c = ControlClient::connect(sock).await.ok()?;
+        c.call(&Request::Status).await.ok().map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_mode_claims_survive_a_daemon_restart() {
+    if !slurm_installed() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let slurm_dir = tmp.path().join("slurm");
+    let conf = slurm_dir.join("slurm.conf");
+    let (mut daemon, sock, _cfg) = start_daemon(tmp.path(), "mode = \"hook\"", &conf);
+    let mut containers = Containers(None);
+    let cluster = Cluster::start(&slurm_dir, &sock, Hooks::Gleaner);
+    let (host, name) = running_machine(&sock).await;
+    containers.0 = Some(host);
+    let claims_file = tmp.path().join("state/batch-claims.json");
+    let running = |job: &str| {
+        cluster
+            .cmd("squeue")
+            .args(["-h", "-j", job, "-o", "%T"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "RUNNING")
+    };
+
+    // A long whole-node job holds the node; the daemon crashes and comes back mid-job.
+    let job = cluster.submit(2, "sleep 300");
+    eventually(60, "the job running with the workload frozen", async || {
+        (running(&job) && inspect(&name)?.0).then_some(())
+    })
+    .await;
+    let saved = std::fs::read_to_string(&claims_file).unwrap();
+    assert!(saved.contains(&format!("\"{job}\"")), "{saved}");
+    crash_and_restart(&mut daemon, tmp.path(), &conf, &sock, "daemon-2.log").await;
+    // The restarted daemon's first decision yields to the job it read back, so the workload it
+    // adopted stays frozen...
+    let yielding = format!("yielding to the batch system (job {job}, 2 CPUs)");
+    eventually(60, "the restarted daemon deciding", async || {
+        let r = reason(&sock).await;
+        (!r.contains("starting")).then(|| assert!(r.contains(&yielding), "{r}"))
+    })
+    .await;
+    assert_eq!(
+        inspect(&name).map(|i| i.0),
+        Some(true),
+        "frozen after the restart"
+    );
+    // ...and still after it has checked the claim with Slurm (the job is there, so it is kept).
+    eventually(60, "the claim checked and kept", async || {
+        let log = std::fs::read_to_string(tmp.path().join("daemon-2.log")).ok()?;
+        log.contains(&format!("claims kept: job {job}"))
+            .then_some(())
+    })
+    .await;
+    let r = reason(&sock).await;
+    assert!(r.contains(&yielding), "{r}");
+    assert_eq!(
+        inspect(&name).map(|i| i.0),
+        Some(true),
+        "frozen after the check"
+    );
+    assert!(running(&job), "the site job still runs");
+    // The job ends: its epilog reaches the new daemon and work resumes.
+    let _ = cluster.cmd("scancel").arg(&job).status();
+    eventually(60, "the workload resumes after the job", async || {
+        (inspect(&name)? == (false, 2_000_000_000)).then_some(())
+    })
+    .await;
+    let saved = std::fs::read_to_string(&claims_file).unwrap();
+    assert!(!saved.contains(&format!("\"{job}\"")), "{saved}");
+
+    // A claim gone stale: the job ends while the daemon is down, so its epilog is lost.
+    let job = cluster.submit(2, "sleep 300");
+    eventually(60, "the job running with the workload frozen", async || {
+        (running(&job) && inspect(&name)?.0).then_some(())
+    })
+    .await;
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+    let _ = cluster.cmd("scancel").arg(&job).status();
+    cluster.wait_done(&job, 60);
+    assert!(
+        std::fs::read_to_string(&claims_file)
+            .unwrap()
+            .contains(&format!("\"{job}\"")),
+        "the claim outlived the job"
+    );
+    crash_and_restart(&mut daemon, tmp.path(), &conf, &sock, "daemon-3.log").await;
+    // Dropped at start with an event saying so, and the node is Gleaner's again.
+    let dropped = format!("job {job} is no longer on this node; its claim is dropped");
+    eventually(60, "the stale claim dropped", async || {
+        events(&sock).await.contains(&dropped).then_some(())
+    })
+    .await;
+    eventually(60, "the workload resumes", async || {
+        (inspect(&name)? == (false, 2_000_000_000)).then_some(())
+    })
+    .await;
+    let r = reason(&sock).await;
+    assert!(r.contains("owner is away"), "{r}");
+    let saved = std::fs::read_to_string(&claims_file).unwrap();
+    assert!(!saved.contains(&format!("\"{job}\"")), "{saved}");
+
+    let mut cluster = cluster;
     let left = cluster.stop();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
