@@ -864,3 +864,113 @@ async fn prolog_delay() {
         percentile(&gleaner, 0.99) - percentile(&base, 0.99)
     );
 }
+
+/// When dockerd paused container `name` between `since_ns` and now (Unix ns), from its event log:
+/// the engine's own time, finer than polling `docker inspect`.
+fn paused_at(name: &str, since_ns: u128) -> Option<u128> {
+    let secs = |ns: u128| format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000);
+    let out = Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            &secs(since_ns),
+            "--until",
+            &secs(now_ns()),
+        ])
+        .args(["--filter", &format!("container={name}")])
+        .args(["--filter", "event=pause", "--format", "{{.TimeNano}}"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u128>().ok())
+        .find(|t| *t >= since_ns)
+}
+
+/// Poll mode's yield latency against its interval (docs/BENCHMARKS.md): for each interval, `n`
+/// whole-node jobs, one at a time and at a random point of the poll cycle, on a node where
+/// Gleaner's workload runs; each measures from the job's first command (`date +%s%N`) to dockerd pausing the workload. Not a test: it asserts
+/// nothing about time. Run with
+/// `cargo test -p gleaner-client --test slurm -- --ignored --nocapture poll_latency`
+/// (`GLEANER_BENCH_JOBS`, default 20; `GLEANER_BENCH_INTERVALS`, default "1s,2s").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it by name with --ignored"]
+async fn poll_latency() {
+    if !slurm_installed() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let n: usize = std::env::var("GLEANER_BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let intervals: Vec<String> = std::env::var("GLEANER_BENCH_INTERVALS")
+        .unwrap_or_else(|_| "1s,2s".into())
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let slurm_dir = tmp.path().join("slurm");
+    let conf = slurm_dir.join("slurm.conf");
+    let mut cluster = Cluster::start(&slurm_dir, Path::new("/nonexistent"), Hooks::None);
+    let mut rows = Vec::new();
+    for (i, interval) in intervals.iter().enumerate() {
+        let iv = humantime::parse_duration(interval).expect("an interval like 1s");
+        let dir = tmp.path().join(format!("gleaner-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (daemon, sock, _cfg) = start_daemon(
+            &dir,
+            &format!("mode = \"poll\"\npoll_interval = \"{interval}\""),
+            &conf,
+        );
+        let mut containers = Containers(None);
+        let (host, name) = running_machine(&sock).await;
+        containers.0 = Some(host);
+        let (mut from_start, mut from_submit) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            // Each job arrives on an idle node where the workload runs at full size.
+            eventually(60, "the workload running on the idle node", async || {
+                (inspect(&name)? == (false, 2_000_000_000)).then_some(())
+            })
+            .await;
+            // The workload thaws right after a poll: without a random pause, every job would
+            // arrive at the same point of the poll cycle, while a site's jobs arrive at any.
+            let mut r = [0u8; 4];
+            getrandom::fill(&mut r).unwrap();
+            tokio::time::sleep(iv.mul_f64(f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX)))
+                .await;
+            let submitted = now_ns();
+            let job = cluster.submit(2, "date +%s%N\nsleep 60");
+            eventually(60, "the workload frozen", async || {
+                inspect(&name)?.0.then_some(())
+            })
+            .await;
+            let paused = paused_at(&name, submitted).expect("a pause event in dockerd's log");
+            let started: u128 = eventually(60, "the job's first line", async || {
+                cluster.output(&job).trim().lines().next()?.parse().ok()
+            })
+            .await;
+            from_start.push((paused as f64 - started as f64) / 1e6);
+            from_submit.push((paused.saturating_sub(submitted)) as f64 / 1e6);
+            let _ = cluster.cmd("scancel").arg(&job).status();
+            cluster.wait_done(&job, 60);
+        }
+        drop(daemon);
+        rows.push((interval.clone(), iv, from_start, from_submit));
+    }
+    cluster.stop();
+    println!("jobs: {n} whole-node (2-CPU) jobs per interval, one at a time");
+    for (interval, iv, start, submit) in &rows {
+        let ms = iv.as_secs_f64() * 1e3;
+        let (p50, p99) = (percentile(start, 0.5), percentile(start, 0.99));
+        println!(
+            "poll_interval {interval:>5}: job start → frozen p50 {p50:.0} ms ({:.2}× interval), \
+             p99 {p99:.0} ms ({:.2}× interval), max {:.0} ms; sbatch → frozen p50 {:.0} ms, p99 {:.0} ms",
+            p50 / ms,
+            p99 / ms,
+            percentile(start, 1.0),
+            percentile(submit, 0.5),
+            percentile(submit, 0.99),
+        );
+    }
+}
