@@ -52,6 +52,10 @@ fn demo_reaches_credit_from_every_client_and_leaves_nothing() {
         "the daemons found each other: {text}"
     );
     assert!(
+        text.contains("the dashboard's space page shows 3"),
+        "the coordinator joined the space and shows their capacity: {text}"
+    );
+    assert!(
         !dir.path().join("demo").exists(),
         "the working folder is removed"
     );

@@ -16,11 +16,13 @@ use gleaner::envelope::open_batch;
 use gleaner::{Envelope, MachineType, UsageRecord};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::dashboard;
 use crate::ratelimit::{self, Limiter, RateLimits};
+use crate::space::SpaceSnapshot;
 use crate::store::{Outcome, Store, StoreError};
 
 /// Addresses tracked by each rate limiter before idle ones are dropped.
@@ -33,6 +35,8 @@ pub struct AppState {
     pub identity: String,
     pub metrics: Metrics,
     pub limiters: Limiters,
+    /// The live view of the space when the coordinator joined one (`serve --space`).
+    pub space: Option<tokio::sync::watch::Receiver<SpaceSnapshot>>,
 }
 
 impl AppState {
@@ -43,7 +47,21 @@ impl AppState {
             identity,
             metrics: Metrics::default(),
             limiters: Limiters::new(limits),
+            space: None,
         }
+    }
+
+    /// The same state, showing the space whose snapshots `space` delivers.
+    pub fn with_space(mut self, space: tokio::sync::watch::Receiver<SpaceSnapshot>) -> AppState {
+        // Registered only now, so that a coordinator outside any space exports no zeros.
+        self.metrics.space.register(&mut self.metrics.registry);
+        self.space = Some(space);
+        self
+    }
+
+    /// The latest snapshot of the space, if the coordinator joined one.
+    pub fn space_snapshot(&self) -> Option<SpaceSnapshot> {
+        self.space.as_ref().map(|rx| rx.borrow().clone())
     }
 }
 
@@ -72,6 +90,71 @@ pub struct Metrics {
     pub rejected: Counter,
     pub retry: Counter,
     pub batches: Counter,
+    pub space: SpaceGauges,
+}
+
+/// Gauges of the live space (set from the latest snapshot when /metrics is read; absent from the
+/// output while the coordinator has not joined a space).
+#[derive(Default)]
+pub struct SpaceGauges {
+    pub peers: Gauge,
+    pub connected: Gauge,
+    pub free_cores: Gauge,
+    pub free_memory_mib: Gauge,
+    pub running_machines: Gauge,
+    pub owner_present: Gauge,
+    pub draining: Gauge,
+}
+
+impl SpaceGauges {
+    fn register(&self, r: &mut Registry) {
+        for (name, help, g) in [
+            (
+                "space_peers",
+                "factories with a live capacity advert",
+                &self.peers,
+            ),
+            (
+                "space_connected",
+                "libp2p connections to the space",
+                &self.connected,
+            ),
+            (
+                "space_free_cores",
+                "free cores advertised across the space",
+                &self.free_cores,
+            ),
+            (
+                "space_free_memory_mib",
+                "free memory advertised across the space, MiB",
+                &self.free_memory_mib,
+            ),
+            (
+                "space_running_machines",
+                "machines running across the space",
+                &self.running_machines,
+            ),
+            (
+                "space_owner_present",
+                "factories whose owner is at the machine",
+                &self.owner_present,
+            ),
+            ("space_draining", "factories draining", &self.draining),
+        ] {
+            r.register(name, help, g.clone());
+        }
+    }
+
+    fn set(&self, s: &SpaceSnapshot) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.peers.set(g(s.totals.peers));
+        self.connected.set(g(s.connected));
+        self.free_cores.set(g(s.totals.free_cores));
+        self.free_memory_mib.set(g(s.totals.free_memory_mib));
+        self.running_machines.set(g(s.totals.running_machines));
+        self.owner_present.set(g(s.totals.owner_present));
+        self.draining.set(g(s.totals.draining));
+    }
 }
 
 impl Default for Metrics {
@@ -106,6 +189,7 @@ impl Default for Metrics {
             rejected,
             retry,
             batches,
+            space: SpaceGauges::default(),
         }
     }
 }
@@ -119,6 +203,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("not found")]
     NotFound,
+    #[error("{0}")]
+    NotFoundBecause(String),
     #[error("internal error")]
     Store(#[from] StoreError),
     #[error("internal error")]
@@ -132,7 +218,7 @@ impl IntoResponse for ApiError {
         let code = match &self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NotFoundBecause(_) => StatusCode::NOT_FOUND,
             ApiError::Store(e) => {
                 tracing::error!("{e}");
                 StatusCode::SERVICE_UNAVAILABLE
@@ -272,7 +358,31 @@ async fn register_machine_type(
 }
 
 async fn index(State(st): State<Arc<AppState>>) -> Result<Html<String>, ApiError> {
-    Ok(Html(dashboard::index(&st.store.stats().await?)))
+    Ok(Html(dashboard::index(
+        &st.store.stats().await?,
+        st.space_snapshot().as_ref(),
+    )))
+}
+
+const NO_SPACE: &str = "this coordinator has not joined a space (serve --space NAME)";
+
+async fn space_page(State(st): State<Arc<AppState>>) -> Result<Html<String>, ApiError> {
+    let s = st
+        .space_snapshot()
+        .ok_or_else(|| ApiError::NotFoundBecause(NO_SPACE.into()))?;
+    Ok(Html(dashboard::space(
+        &s,
+        &st.store.machine_type_names().await?,
+    )))
+}
+
+async fn space_json(
+    State(st): State<Arc<AppState>>,
+) -> Result<axum::Json<SpaceSnapshot>, ApiError> {
+    let s = st
+        .space_snapshot()
+        .ok_or_else(|| ApiError::NotFoundBecause(NO_SPACE.into()))?;
+    Ok(axum::Json(s))
 }
 
 async fn stats(
@@ -310,10 +420,14 @@ async fn project_json(
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    if let Some(s) = st.space_snapshot() {
+        st.metrics.space.set(&s);
+    }
     let mut out = String::new();
     if encode(&mut out, &st.metrics.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
+
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -330,6 +444,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/", get(index))
         .route("/host/{id}", get(host))
         .route("/project/{id}", get(project))
+        .route("/space", get(space_page))
+        .route("/api/space", get(space_json))
         .route(
             "/api/v1/usage",
             post(ingest).route_layer(limited(&state.limiters.ingest)),

@@ -1,7 +1,9 @@
 //! The credit dashboard: server-rendered HTML with SVG charts drawn on the server.
 
+use std::collections::HashMap;
 use std::fmt::Write;
 
+use crate::space::SpaceSnapshot;
 use crate::store::{ProjectHistory, Row2, Stats};
 
 /// Escapes text for HTML.
@@ -90,8 +92,8 @@ fn board(out: &mut String, title: &str, rows: &[Row2], link: Option<&str>) {
 
 const STYLE: &str = "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin-bottom:1em}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}section{display:inline-block;vertical-align:top;margin-right:2em}.totals span{margin-right:2em;font-size:1.2em}";
 
-/// The front page.
-pub fn index(s: &Stats) -> String {
+/// The front page; with `space`, a summary of the live space's capacity linking to its page.
+pub fn index(s: &Stats, space: Option<&SpaceSnapshot>) -> String {
     let mut o = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Gleaner credit</title><style>{STYLE}</style></head><body><h1>Gleaner credit</h1>"
     );
@@ -105,7 +107,80 @@ pub fn index(s: &Stats) -> String {
     board(&mut o, "Teams", &s.teams, None);
     board(&mut o, "Hosts", &s.hosts_board, Some("/host/"));
     board(&mut o, "Projects", &s.projects, Some("/project/"));
+    if let Some(sp) = space {
+        let _ = write!(
+            o,
+            "<section id=\"space\"><h2><a href=\"/space\">Space {}</a></h2>",
+            esc(&sp.space)
+        );
+        space_totals(&mut o, sp);
+        o.push_str("</section>");
+    }
     o.push_str("<p><a href=\"/api/v1/stats\">JSON</a> · <a href=\"/metrics\">metrics</a></p></body></html>");
+    o
+}
+
+fn space_totals(o: &mut String, sp: &SpaceSnapshot) {
+    let t = &sp.totals;
+    let _ = write!(
+        o,
+        "<p class=\"totals\"><span id=\"space-peers\">factories {}</span><span id=\"space-free-cores\">free cores {}</span><span>free memory {:.1} GiB</span><span>running {}</span><span>owner present {}</span></p>",
+        t.peers,
+        t.free_cores,
+        t.free_memory_mib as f64 / 1024.0,
+        t.running_machines,
+        t.owner_present
+    );
+}
+
+/// The live space: every factory's latest capacity advert, expiring with it. Machine types are
+/// shown by their registered names (`names`, by digest) where known.
+pub fn space(sp: &SpaceSnapshot, names: &HashMap<String, String>) -> String {
+    let mut o = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\"><title>space {0}</title><style>{STYLE}</style></head><body><h1>Space {0}</h1>",
+        esc(&sp.space)
+    );
+    space_totals(&mut o, sp);
+    let _ = write!(
+        o,
+        "<p>this coordinator observes as {} with {} connections; adverts count for {} s without a newer one</p>",
+        esc(&short(&sp.peer_id)),
+        sp.connected,
+        sp.advert_ttl_s
+    );
+    o.push_str("<section><table class=\"board\" id=\"space-peers-table\"><tr><th>factory</th><th>free cores</th><th>free memory MiB</th><th>free disk MiB</th><th>engines</th><th>running</th><th>owner</th><th>benchmark</th><th>advert age s</th></tr>");
+    for p in &sp.peers {
+        let running = p
+            .running
+            .iter()
+            .map(|r| {
+                let name = names
+                    .get(&r.machine_type)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{}…", r.machine_type.get(..12).unwrap_or("")));
+                format!("{} ×{}", esc(&name), r.count)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let owner = match (p.owner_present, p.draining) {
+            (_, true) => "draining",
+            (true, false) => "present",
+            (false, false) => "away",
+        };
+        let _ = write!(
+            o,
+            "<tr class=\"peer\"><td title=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{running}</td><td>{owner}</td><td>{}</td><td>{}</td></tr>",
+            esc(&p.host),
+            esc(&short(&p.host)),
+            p.free_cores,
+            p.free_memory_mib,
+            p.free_disk_mib,
+            esc(&p.backends.join(" ")),
+            p.benchmark,
+            p.age_s
+        );
+    }
+    o.push_str("</table></section><p><a href=\"/api/space\">JSON</a> · <a href=\"/\">back</a></p></body></html>");
     o
 }
 
@@ -162,5 +237,47 @@ mod tests {
         let svg = chart(&[(1, 1.0), (2, 3.0)], "t<");
         assert_eq!(svg.matches("<rect class=\"bar\"").count(), 2);
         assert!(svg.contains("t&lt;"));
+    }
+
+    #[test]
+    fn space_page_names_known_types_and_escapes() {
+        use crate::space::{PeerCapacity, RunningType, SpaceTotals};
+        let peer = |host: &str, owner| PeerCapacity {
+            host: host.into(),
+            free_cores: 3,
+            free_memory_mib: 2048,
+            free_disk_mib: 0,
+            backends: vec!["docker".into()],
+            running: vec![RunningType {
+                machine_type: "ab".repeat(32),
+                count: 2,
+            }],
+            owner_present: owner,
+            draining: false,
+            benchmark: 1000,
+            seq: 1,
+            advert_at: 0,
+            age_s: 1,
+            expires_in_s: 59,
+        };
+        let sp = SpaceSnapshot {
+            space: "d<emo".into(),
+            totals: SpaceTotals {
+                peers: 2,
+                free_cores: 6,
+                ..Default::default()
+            },
+            peers: vec![peer("h1", false), peer("<h2>", true)],
+            ..Default::default()
+        };
+        let names = HashMap::from([("ab".repeat(32), "hashing".to_string())]);
+        let html = space(&sp, &names);
+        assert_eq!(html.matches("<tr class=\"peer\">").count(), 2);
+        assert!(html.contains("hashing ×2") && html.contains("present") && html.contains("away"));
+        assert!(html.contains("d&lt;emo") && html.contains("&lt;h2&gt;"));
+        assert!(!html.contains("<h2>h2"));
+        let front = index(&Stats::default(), Some(&sp));
+        assert!(front.contains("free cores 6"), "{front}");
+        assert!(!index(&Stats::default(), None).contains("id=\"space\""));
     }
 }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod dashboard;
 pub mod ratelimit;
+pub mod space;
 pub mod store;
 pub mod tls;
 

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use gleaner_coordinator::api::AppState;
 use gleaner_coordinator::ratelimit::{Quota, RateLimits};
 use gleaner_coordinator::store::Store;
-use gleaner_coordinator::{app, tls};
+use gleaner_coordinator::{app, space, tls};
 
 /// Gleaner's coordinator: verifies signed usage records from enrolled hosts, keeps them safely and
 /// shows credit by volunteer, team, host, project and day.
@@ -55,6 +55,22 @@ enum Command {
         /// Enrolments one client address may send at once before the rate applies
         #[arg(long, default_value_t = 5)]
         enrol_burst: u32,
+        /// Join this space (as an observer that never publishes) and show its live capacity on
+        /// the dashboard (/space, /api/space, space gauges in /metrics)
+        #[arg(long, value_name = "NAME")]
+        space: Option<String>,
+        /// libp2p address to listen on in the space, e.g. /ip4/0.0.0.0/tcp/4001 (repeatable)
+        #[arg(long, value_name = "MULTIADDR")]
+        space_listen: Vec<String>,
+        /// A factory of the space to join through, e.g. /ip4/10.0.0.5/tcp/4001 (repeatable)
+        #[arg(long, value_name = "MULTIADDR")]
+        space_bootstrap: Vec<String>,
+        /// Find the space's factories on the LAN by mDNS
+        #[arg(long)]
+        space_mdns: bool,
+        /// Seconds a factory's capacity advert counts without a newer one [default: 60]
+        #[arg(long, value_name = "SECONDS")]
+        space_advert_ttl: Option<u64>,
     },
     /// Manage volunteer accounts.
     #[command(subcommand)]
@@ -86,6 +102,122 @@ struct ServeFile {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     database: Option<String>,
+    space: Option<String>,
+    space_listen: Option<Vec<String>>,
+    space_bootstrap: Option<Vec<String>>,
+    space_mdns: Option<bool>,
+    space_advert_ttl: Option<u64>,
+}
+
+/// The `space*` settings as given on the command line.
+struct SpaceArgs<'a> {
+    space: &'a Option<String>,
+    listen: &'a [String],
+    bootstrap: &'a [String],
+    mdns: bool,
+    advert_ttl: Option<u64>,
+}
+
+/// The space to join, if any: the command line over the file; errors name the option or the file
+/// and key, the value and why.
+fn space_config(
+    args: &SpaceArgs,
+    file: &ServeFile,
+    file_name: &str,
+) -> Result<Option<space::SpaceConfig>> {
+    // Where a value came from, for errors: "--space-listen" or "<file>: space_listen".
+    let origin = |cli: bool, key: &str| {
+        if cli {
+            format!("--{}", key.replace('_', "-"))
+        } else {
+            format!("{file_name}: {key}")
+        }
+    };
+    let addrs = |cli: &[String], f: &Option<Vec<String>>, key: &str| -> Result<_> {
+        let (list, from_cli) = if cli.is_empty() {
+            (f.clone().unwrap_or_default(), false)
+        } else {
+            (cli.to_vec(), true)
+        };
+        list.iter()
+            .map(|a| {
+                a.parse::<libp2p::Multiaddr>().map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {a:?} is not a libp2p address like /ip4/0.0.0.0/tcp/4001: {e}",
+                        origin(from_cli, key)
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(|v| (v, from_cli))
+    };
+    let (listen, listen_cli) = addrs(args.listen, &file.space_listen, "space_listen")?;
+    let (bootstrap, bootstrap_cli) =
+        addrs(args.bootstrap, &file.space_bootstrap, "space_bootstrap")?;
+    let mdns = args.mdns || file.space_mdns.unwrap_or(false);
+    let ttl = match (args.advert_ttl, file.space_advert_ttl) {
+        (Some(t), _) => Some((t, true)),
+        (None, Some(t)) => Some((t, false)),
+        (None, None) => None,
+    };
+    let (name, name_cli) = match (args.space, &file.space) {
+        (Some(n), _) => (n.clone(), true),
+        (None, Some(n)) => (n.clone(), false),
+        (None, None) => {
+            let stray = [
+                (!listen.is_empty()).then(|| origin(listen_cli, "space_listen")),
+                (!bootstrap.is_empty()).then(|| origin(bootstrap_cli, "space_bootstrap")),
+                mdns.then(|| origin(args.mdns, "space_mdns")),
+                ttl.map(|(_, cli)| origin(cli, "space_advert_ttl")),
+            ];
+            if let Some(s) = stray.into_iter().flatten().next() {
+                anyhow::bail!("{s}: only means something with a space to join (--space NAME)");
+            }
+            return Ok(None);
+        }
+    };
+    space::check_space_name(&name)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", origin(name_cli, "space")))?;
+    let mut cfg = space::SpaceConfig::new(name);
+    if let Some((t, cli)) = ttl {
+        if !(1..=86_400).contains(&t) {
+            anyhow::bail!(
+                "{}: {t} is not a number of seconds from 1 to 86400",
+                origin(cli, "space_advert_ttl")
+            );
+        }
+        cfg.advert_ttl_s = t;
+    }
+    cfg.listen = listen;
+    cfg.bootstrap = bootstrap;
+    cfg.mdns = mdns;
+    Ok(Some(cfg))
+}
+
+/// The coordinator's identity in the space, kept in the data dir (0600) so that factories can
+/// name it as a bootstrap peer across restarts.
+fn space_key(data_dir: &std::path::Path) -> Result<gleaner::SecretKey> {
+    let path = data_dir.join("space.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => gleaner::SecretKey::from_file_text(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not a key file: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let key = gleaner::SecretKey::from_seed(seed);
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(key.to_file_text().as_bytes()))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 impl ServeFile {
@@ -142,6 +274,11 @@ async fn run(cli: Cli) -> Result<()> {
             ingest_burst,
             enrol_rate,
             enrol_burst,
+            space: space_name,
+            space_listen,
+            space_bootstrap,
+            space_mdns,
+            space_advert_ttl,
         } => {
             let file = match config {
                 Some(path) => ServeFile::read(path)?,
@@ -171,6 +308,17 @@ async fn run(cli: Cli) -> Result<()> {
                     _ => anyhow::bail!("{}: give both cert and key, or neither", where_()),
                 },
             };
+            let space_cfg = space_config(
+                &SpaceArgs {
+                    space: space_name,
+                    listen: space_listen,
+                    bootstrap: space_bootstrap,
+                    mdns: *space_mdns,
+                    advert_ttl: *space_advert_ttl,
+                },
+                &file,
+                &where_(),
+            )?;
             let store = store(&cli, file.database.as_deref()).await?;
             let tls = tls::ensure(
                 &cli.data_dir,
@@ -178,6 +326,22 @@ async fn run(cli: Cli) -> Result<()> {
                 key,
                 &["localhost".into(), listen.ip().to_string()],
             )?;
+            let limits = RateLimits {
+                ingest: quota(*ingest_rate, *ingest_burst)?,
+                enrol: quota(*enrol_rate, *enrol_burst)?,
+            };
+            let mut state = AppState::new(store, tls.fingerprint.to_string(), limits);
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let mut space_addrs = Vec::new();
+            if let Some(cfg) = space_cfg {
+                let name = cfg.space.clone();
+                let joined = space::start(&space_key(&cli.data_dir)?, cfg, cancel.clone())
+                    .await
+                    .with_context(|| format!("cannot join the space {name:?}"))?;
+                space_addrs = joined.addrs;
+                state = state.with_space(joined.snapshots);
+            }
+            let state = Arc::new(state);
             // Whoever started us may stop reading after the fingerprint: a closed stdout must not
             // take the server down.
             {
@@ -185,13 +349,11 @@ async fn run(cli: Cli) -> Result<()> {
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "fingerprint {}", tls.fingerprint);
                 let _ = writeln!(out, "dashboard   https://{listen}/");
+                for a in &space_addrs {
+                    let _ = writeln!(out, "space       {a}");
+                }
                 let _ = out.flush();
             }
-            let limits = RateLimits {
-                ingest: quota(*ingest_rate, *ingest_burst)?,
-                enrol: quota(*enrol_rate, *enrol_burst)?,
-            };
-            let state = Arc::new(AppState::new(store, tls.fingerprint.to_string(), limits));
             let rustls_config =
                 axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
                     .await
@@ -199,6 +361,7 @@ async fn run(cli: Cli) -> Result<()> {
             let handle = axum_server::Handle::new();
             {
                 let handle = handle.clone();
+                let cancel = cancel.clone();
                 tokio::spawn(async move {
                     use tokio::signal::unix::{SignalKind, signal};
                     if let (Ok(mut t), Ok(mut i)) = (
@@ -206,6 +369,7 @@ async fn run(cli: Cli) -> Result<()> {
                         signal(SignalKind::interrupt()),
                     ) {
                         tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+                        cancel.cancel();
                         handle.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
                     }
                 });

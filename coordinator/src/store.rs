@@ -140,7 +140,7 @@ pub struct Row2 {
 }
 
 /// Everything the dashboard shows.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Stats {
     pub total_credit: f64,
     pub total_cpu_hours: f64,
@@ -389,6 +389,18 @@ impl Store {
     async fn publisher_names(&self) -> Result<HashMap<String, String>, StoreError> {
         Ok(with_pool!(&self.pool, |p| sqlx::query(
             "SELECT publisher, MIN(name) FROM machine_types GROUP BY publisher"
+        )
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect()))
+    }
+
+    /// The registered name of each machine type, by digest (for showing what runs in the space).
+    pub async fn machine_type_names(&self) -> Result<HashMap<String, String>, StoreError> {
+        Ok(with_pool!(&self.pool, |p| sqlx::query(
+            "SELECT digest, name FROM machine_types"
         )
         .fetch_all(p)
         .await?

@@ -16,6 +16,11 @@ fn free_port() -> u16 {
 
 /// Starts `serve` with `args` and returns its first two stdout lines.
 fn first_lines(data: &std::path::Path, args: &[&str]) -> Vec<String> {
+    first_n_lines(data, args, 2)
+}
+
+/// Starts `serve` with `args` and returns its first `n` stdout lines.
+fn first_n_lines(data: &std::path::Path, args: &[&str], n: usize) -> Vec<String> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gleaner-coordinator"))
         .arg("--data-dir")
         .arg(data)
@@ -28,7 +33,7 @@ fn first_lines(data: &std::path::Path, args: &[&str]) -> Vec<String> {
     let out = child.stdout.take().unwrap();
     let lines: Vec<String> = BufReader::new(out)
         .lines()
-        .take(2)
+        .take(n)
         .map(|l| l.unwrap())
         .collect();
     let _ = child.kill();
@@ -86,8 +91,40 @@ fn serve_reads_its_settings_file() {
     );
     assert!(lines[0].starts_with("fingerprint "), "{lines:?}");
 
+    // The space keys: the coordinator joins and prints where it listens in the space.
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nspace = \"physics\"\nspace_listen = [\"/ip4/127.0.0.1/tcp/0\"]\nspace_advert_ttl = 30\n"
+        ),
+    )
+    .unwrap();
+    let lines = first_n_lines(&data, &["--config", cfg.to_str().unwrap()], 3);
+    assert!(
+        lines[2].starts_with("space       /ip4/127.0.0.1/tcp/")
+            && lines[2].contains("/p2p/12D3KooW"),
+        "{lines:?}"
+    );
+
     // Bad files: refused, saying which file, key and why.
     for (text, want) in [
+        (
+            "space = \"a/b\"\n",
+            "space: \"a/b\": a space name is 1-64 characters",
+        ),
+        (
+            "space = \"x\"\nspace_listen = [\"tcp:4001\"]\n",
+            "space_listen: \"tcp:4001\" is not a libp2p address",
+        ),
+        (
+            "space_bootstrap = [\"/ip4/10.0.0.5/tcp/4001\"]\n",
+            "space_bootstrap: only means something with a space to join",
+        ),
+        (
+            "space = \"x\"\nspace_advert_ttl = 0\n",
+            "space_advert_ttl: 0 is not a number of seconds",
+        ),
+        ("space = \"x\"\nspace_mdns = \"yes\"\n", "space_mdns"),
         (
             "listen = \"everywhere\"\n",
             "listen: \"everywhere\" is not an address",

@@ -289,6 +289,10 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
         None => free_port()?,
     };
     let cdir = dir.join("coordinator");
+    // The first daemon listens on a known port; the others, and the coordinator (which shows the
+    // space's live capacity on its dashboard), join the space through it.
+    let space_port = free_port()?;
+    let first = format!("/ip4/127.0.0.1/tcp/{space_port}");
     let mut tokens = Vec::new();
     for i in 1..=args.clients {
         let token = format!("demo-token-{i}");
@@ -318,6 +322,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
         .arg("--data-dir")
         .arg(&cdir)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--space", "demo", "--space-bootstrap", &first])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -419,9 +424,6 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     step(&format!("starting {} client daemons", args.clients));
     let gleaner = std::env::current_exe()?;
     let mut clients = Vec::new();
-    // The first daemon listens on a known port; the others join the space through it.
-    let space_port = free_port()?;
-    let first = format!("/ip4/127.0.0.1/tcp/{space_port}");
     for (i, token) in tokens.iter().enumerate() {
         let name = format!("client-{}", i + 1);
         let state = dir.join(&name);
@@ -523,6 +525,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
 
     println!();
     println!("Dashboard: {base}/   (self-signed certificate, sha256 {fingerprint})");
+    println!("Space:     {base}/space   (live capacity the factories advertise)");
     println!("Press Ctrl-C to stop everything.");
     println!();
     let want_project = vm.as_ref().map(|_| "demo-vm-hashing");
@@ -539,9 +542,21 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
             .as_ref()
             .and_then(|v| v["peers"].as_array().map(Vec::len))
             .unwrap_or(0);
-        if n >= clients.len() || Instant::now() > deadline {
+        // The coordinator joined the space too: its dashboard shows the same factories.
+        let on_dashboard = match api.http().get(format!("{base}/api/space")).send().await {
+            Ok(r) => r
+                .text()
+                .await
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()),
+            Err(_) => None,
+        }
+        .and_then(|v| v["totals"]["peers"].as_u64())
+        .unwrap_or(0);
+        if (n >= clients.len() && on_dashboard >= clients.len() as u64) || Instant::now() > deadline
+        {
             println!(
-                "space: {} sees {n} factories in the space \"demo\"",
+                "space: {} sees {n} factories in the space \"demo\"; the dashboard's space page shows {on_dashboard}",
                 clients[0].name
             );
             break;
