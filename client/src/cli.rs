@@ -45,16 +45,25 @@ pub enum Command {
     MachineType(MachineTypeCommand),
     /// What runs, the owner state and why, usage, limits and recent events.
     Status(RemoteArgs),
-    /// Freeze all work now (for an hour with --minutes 60), until `gleaner resume`.
+    /// Freeze all work now (for an hour with --minutes 60), until `gleaner resume`; or only one
+    /// machine type's machines (`gleaner pause NAME`), kept across restarts.
     Pause {
         #[command(flatten)]
         remote: RemoteArgs,
+        /// Pause only this machine type (its name, or its digest); others keep running
+        machine_type: Option<String>,
         /// Resume by itself after this many minutes
         #[arg(long)]
         minutes: Option<u64>,
     },
-    /// Thaw work frozen by `gleaner pause`.
-    Resume(RemoteArgs),
+    /// Thaw work frozen by `gleaner pause` (a type paused by name stays paused until
+    /// `gleaner resume NAME`).
+    Resume {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Resume only this paused machine type (its name, or its digest)
+        machine_type: Option<String>,
+    },
     /// Start no new machines; running ones finish by their shutdowntime.
     Drain {
         #[command(flatten)]
@@ -472,14 +481,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Key(cmd) => key(cmd),
         Command::MachineType(cmd) => machine_type(cmd),
         Command::Status(r) => remote(&r, Request::Status),
-        Command::Pause { remote: r, minutes } => remote(
+        Command::Pause {
+            remote: r,
+            machine_type,
+            minutes,
+        } => remote(
             &r,
             Request::Pause {
                 minutes,
-                machine_type: None,
+                machine_type,
             },
         ),
-        Command::Resume(r) => remote(&r, Request::Resume { machine_type: None }),
+        Command::Resume {
+            remote: r,
+            machine_type,
+        } => remote(&r, Request::Resume { machine_type }),
         Command::Drain {
             remote: r,
             now,

@@ -94,6 +94,8 @@ pub enum DaemonError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Trust(#[from] crate::trust::TrustError),
+    #[error("paused machine types: {0}")]
+    Paused(String),
 }
 
 /// The owner's manual pause (from `gleaner pause`).
@@ -122,6 +124,8 @@ pub struct Daemon {
     catalogue: Arc<tokio::sync::Mutex<crate::trust::Catalogue>>,
     /// The engines that run machines here, and those skipped with why.
     engines: Vec<String>,
+    /// Machine types the owner paused (persisted in the state dir).
+    paused_types: tokio::sync::Mutex<crate::pauses::PausedTypes>,
 }
 
 #[derive(Serialize)]
@@ -129,6 +133,8 @@ struct Status {
     host: String,
     paused: bool,
     paused_until: Option<u64>,
+    /// Machine types paused by the owner, with their names.
+    paused_types: Vec<crate::pauses::PausedType>,
     factory: crate::factory::FactoryStatus,
     ledger: crate::ledger::LedgerTotals,
     /// Which owner-activity sources are active, and which were skipped and why.
@@ -237,10 +243,20 @@ impl Controller for Daemon {
                     Err(e) => return Response::error(e.to_string()),
                 };
                 let pause = self.pause.lock().map(|p| p.clone()).unwrap_or_default();
+                let mut factory = factory;
+                if pause.paused {
+                    // Frozen by the owner's pause, in the owner's words.
+                    for m in &mut factory.machines {
+                        if m.state == "frozen" {
+                            m.state = "paused (by you)".into();
+                        }
+                    }
+                }
                 Response::ok(Status {
                     host: self.host.to_string(),
                     paused: pause.paused,
                     paused_until: pause.until,
+                    paused_types: self.paused_types.lock().await.list(),
                     factory,
                     ledger,
                     sources: self.sources.clone(),
@@ -251,19 +267,37 @@ impl Controller for Daemon {
                 minutes,
                 machine_type,
             } => {
-                if machine_type.is_some() {
-                    return Response::error(
-                        "pausing one machine type is not supported yet; pause all instead",
-                    );
-                }
                 let until = minutes.map(|m| crate::factory::now_ms() / 1000 + m * 60);
+                if let Some(t) = machine_type {
+                    return match self.pause_type(&t, until).await {
+                        Ok(v) => Response::ok(v),
+                        Err(e) => Response::error(e),
+                    };
+                }
                 match self.set_paused(true, until).await {
                     Ok(()) => Response::ok(serde_json::json!({"paused": true, "until": until})),
                     Err(e) => Response::error(e),
                 }
             }
-            Request::Resume { .. } => match self.set_paused(false, None).await {
-                Ok(()) => Response::ok(serde_json::json!({"paused": false})),
+            Request::Resume {
+                machine_type: Some(t),
+            } => match self.resume_type(&t).await {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::error(e),
+            },
+            Request::Resume { machine_type: None } => match self.set_paused(false, None).await {
+                Ok(()) => {
+                    // Types paused one by one stay paused: the host's resume does not lift them.
+                    let still: Vec<String> = self
+                        .paused_types
+                        .lock()
+                        .await
+                        .list()
+                        .into_iter()
+                        .map(|t| t.name)
+                        .collect();
+                    Response::ok(serde_json::json!({"paused": false, "paused_types": still}))
+                }
                 Err(e) => Response::error(e),
             },
             Request::Drain { now } => match self.factory.drain(now).await {
@@ -345,6 +379,117 @@ impl Controller for Daemon {
     }
 }
 
+// Pausing one machine type: persisted, then the factory freezes its machines and starts none.
+impl Daemon {
+    /// The machine types the owner may name: offered, running, or already paused.
+    async fn known_types(&self) -> Result<Vec<crate::pauses::Known>, String> {
+        let s = self.factory.status().await.map_err(|e| e.to_string())?;
+        let short = |p: &str| p.chars().take(12).collect::<String>();
+        let mut known = Vec::new();
+        for o in &s.offers {
+            if let Ok(d) = o.machine_type.parse::<Digest>() {
+                known.push(crate::pauses::Known {
+                    digest: d,
+                    name: o.name.clone(),
+                    about: format!("v{} by {}", o.version, short(&o.publisher)),
+                });
+            }
+        }
+        for m in &s.machines {
+            if let Ok(d) = m.machine_type.parse::<Digest>() {
+                known.push(crate::pauses::Known {
+                    digest: d,
+                    name: m.name.clone(),
+                    about: format!("running, by {}", short(&m.publisher)),
+                });
+            }
+        }
+        for t in self.paused_types.lock().await.list() {
+            if let Ok(d) = t.digest.parse::<Digest>() {
+                known.push(crate::pauses::Known {
+                    digest: d,
+                    name: t.name,
+                    about: "paused".into(),
+                });
+            }
+        }
+        Ok(known)
+    }
+
+    /// Pauses one machine type (by name or digest): written to `paused.toml`, then frozen.
+    async fn pause_type(&self, arg: &str, until: Option<u64>) -> Result<serde_json::Value, String> {
+        let k = crate::pauses::resolve(arg, &self.known_types().await?)?;
+        let now = crate::factory::now_ms() / 1000;
+        self.paused_types
+            .lock()
+            .await
+            .pause(k.digest, &k.name, now, until)?;
+        let out = self
+            .factory
+            .pause_type(k.digest, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({
+            "machine_type": k.name,
+            "digest": k.digest.to_string(),
+            "paused": true,
+            "until": until,
+            "machines_frozen": out.machines,
+            "errors": out.errors,
+        }))
+    }
+
+    /// Resumes one paused machine type: its machines thaw unless the whole host is paused.
+    async fn resume_type(&self, arg: &str) -> Result<serde_json::Value, String> {
+        // A name resolves among the paused types first (it may no longer be offered).
+        let paused: Vec<crate::pauses::Known> = self
+            .paused_types
+            .lock()
+            .await
+            .list()
+            .into_iter()
+            .filter_map(|t| {
+                Some(crate::pauses::Known {
+                    digest: t.digest.parse().ok()?,
+                    name: t.name,
+                    about: "paused".into(),
+                })
+            })
+            .collect();
+        let k = match crate::pauses::resolve(arg, &paused) {
+            Ok(k) => k,
+            Err(_) => {
+                let k = crate::pauses::resolve(arg, &self.known_types().await?)?;
+                return Err(format!("{} is not paused", k.name));
+            }
+        };
+        self.paused_types.lock().await.resume(&k.digest)?;
+        let out = self
+            .factory
+            .pause_type(k.digest, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({
+            "machine_type": k.name,
+            "digest": k.digest.to_string(),
+            "paused": false,
+            "machines_thawed": out.machines,
+            "still_frozen": out.still_frozen,
+            "errors": out.errors,
+        }))
+    }
+
+    /// Lifts the type pauses whose time has run out.
+    async fn expire_type_pauses(&self, now: u64) {
+        let expired = self.paused_types.lock().await.expired(now);
+        for d in expired {
+            if let Err(e) = self.resume_type(&d.to_string()).await {
+                tracing::warn!("cannot lift the pause of {d}: {e}");
+            }
+        }
+    }
+}
+
 // Cluster nodes (issue 12): the site's batch system takes and gives back resources.
 impl Daemon {
     /// A site job arrives (prolog): answered once its CPUs and memory are free.
@@ -422,6 +567,8 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         opts.machine_types_dir.clone(),
     )));
     let ledger = Arc::new(Ledger::open(&ledger_path(&opts.state_dir))?);
+    let paused_types = crate::pauses::PausedTypes::open(&crate::pauses::path(&opts.state_dir))
+        .map_err(DaemonError::Paused)?;
     let runtime = Arc::new(runtime);
     let mut base = Allowance::open(opts.cores, opts.memory_bytes);
     // Nothing starts until the owner policy has decided once.
@@ -461,6 +608,14 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     }
     let factory_cancel = CancellationToken::new();
     let (handle, factory_task) = factory.spawn(factory_cancel.clone());
+    // The owner's type pauses hold across restarts: frozen again before anything may start.
+    for d in paused_types.digests() {
+        match handle.pause_type(d, true).await {
+            Ok(o) if o.errors.is_empty() => {}
+            Ok(o) => tracing::warn!("paused machine type {d}: {}", o.errors.join("; ")),
+            Err(e) => tracing::warn!("paused machine type {d}: {e}"),
+        }
+    }
 
     let tracker = TaskTracker::new();
     let space_cancel = CancellationToken::new();
@@ -591,6 +746,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         batch: batch_claims,
         catalogue: catalogue.clone(),
         engines,
+        paused_types: tokio::sync::Mutex::new(paused_types),
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -709,6 +865,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                     remeasure_when_due(dir, now, &handle, &benchmark).await;
                 }
                 daemon.expire_pause(now).await;
+                daemon.expire_type_pauses(now).await;
                 wake.notify_one();
                 tokio::select! {
                     _ = cancel.cancelled() => return,

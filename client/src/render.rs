@@ -27,6 +27,12 @@ fn events(out: &mut String, list: &Value, last: usize) {
     }
 }
 
+fn errors(out: &mut String, list: &Value) {
+    for e in list.as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  warning: {}", e.as_str().unwrap_or("?"));
+    }
+}
+
 /// Renders the answer to `req` for a person.
 pub fn render(req: &Request, v: &Value) -> String {
     let mut out = String::new();
@@ -43,6 +49,19 @@ pub fn render(req: &Request, v: &Value) -> String {
                 a["reason"].as_str().unwrap_or("").to_string()
             };
             let _ = writeln!(out, "state     {state}");
+            let paused: Vec<&str> = v["paused_types"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["name"].as_str())
+                .collect();
+            if !paused.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "paused by you  {} (`gleaner resume NAME` to let them run)",
+                    paused.join(", ")
+                );
+            }
             let _ = writeln!(
                 out,
                 "limits    {} cores, {:.1} GiB, at most {} machines",
@@ -71,10 +90,13 @@ pub fn render(req: &Request, v: &Value) -> String {
             let offers = f["offers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             let _ = writeln!(out, "machine types  {}", offers.len());
             for o in offers {
-                let backoff = o["backed_off_until"]
+                let mut backoff = o["backed_off_until"]
                     .as_u64()
                     .map(|t| format!("  backed off until {t}"))
                     .unwrap_or_default();
+                if o["paused"].as_bool() == Some(true) {
+                    backoff.push_str("  paused (by you)");
+                }
                 let _ = writeln!(
                     out,
                     "  {:<20} v{:<4} share {}  running {}{backoff}",
@@ -142,16 +164,59 @@ pub fn render(req: &Request, v: &Value) -> String {
             }
         }
         Request::Pause { .. } => {
-            let _ = writeln!(
-                out,
-                "paused{}",
-                v["until"]
-                    .as_u64()
-                    .map(|u| format!(" until {u}"))
-                    .unwrap_or_default()
-            );
+            let until = v["until"]
+                .as_u64()
+                .map(|u| format!(" until {u}"))
+                .unwrap_or_default();
+            match v["machine_type"].as_str() {
+                Some(name) => {
+                    let _ = writeln!(
+                        out,
+                        "paused {name}{until}: {} machines frozen, none will start; other types keep running",
+                        v["machines_frozen"]
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "paused{until}");
+                }
+            }
+            errors(&mut out, &v["errors"]);
         }
-        Request::Resume { .. } => out.push_str("resumed\n"),
+        Request::Resume { .. } => {
+            match v["machine_type"].as_str() {
+                Some(name) if v["still_frozen"].as_u64().unwrap_or(0) > 0 => {
+                    let _ = writeln!(
+                        out,
+                        "resumed {name}: its {} machines stay frozen while the whole host is paused (`gleaner resume`)",
+                        v["still_frozen"]
+                    );
+                }
+                Some(name) => {
+                    let _ = writeln!(
+                        out,
+                        "resumed {name}: {} machines thawed",
+                        v["machines_thawed"]
+                    );
+                }
+                None => {
+                    out.push_str("resumed\n");
+                    let still: Vec<&str> = v["paused_types"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|t| t.as_str())
+                        .collect();
+                    if !still.is_empty() {
+                        let _ = writeln!(
+                            out,
+                            "still paused by you: {} (`gleaner resume NAME`)",
+                            still.join(", ")
+                        );
+                    }
+                }
+            }
+            errors(&mut out, &v["errors"]);
+        }
         Request::Drain { .. } => out.push_str("draining: no new machines will start\n"),
         Request::Undrain => out.push_str("drain lifted\n"),
         _ => {
