@@ -23,6 +23,8 @@ use crate::runtime::Runtime;
 pub struct DaemonOptions {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// Also serve the control API on this loopback address, for callers showing the token.
+    pub control_tcp: Option<std::net::SocketAddr>,
     pub space: String,
     /// Signed machine types (`*.gmt`) in this folder are offered, if their publisher is trusted.
     pub machine_types_dir: Option<PathBuf>,
@@ -48,6 +50,8 @@ pub struct DaemonOptions {
     pub p2p: Option<crate::p2p::SpaceConfig>,
     /// A cluster node: the site's batch system comes first (`None`: not a cluster node).
     pub batch: Option<crate::batch::BatchSettings>,
+    /// The coordinator's view of this host's credit, shown by `gleaner credit` beside the ledger's.
+    pub coordinator_credit: Option<Arc<dyn crate::coordinator_client::CoordinatorCredit>>,
 }
 
 /// What a reload produced: the new owner policy (applied live) and the settings that changed but
@@ -126,6 +130,7 @@ pub struct Daemon {
     engines: Vec<String>,
     /// Machine types the owner paused (persisted in the state dir).
     paused_types: tokio::sync::Mutex<crate::pauses::PausedTypes>,
+    coordinator_credit: Option<Arc<dyn crate::coordinator_client::CoordinatorCredit>>,
 }
 
 #[derive(Serialize)]
@@ -309,7 +314,17 @@ impl Controller for Daemon {
                 Err(e) => Response::error(e.to_string()),
             },
             Request::Credit => match self.ledger.credit() {
-                Ok(t) => Response::ok(t),
+                Ok(t) => {
+                    let coordinator =
+                        coordinator_credit(self.coordinator_credit.as_deref(), &self.host).await;
+                    match serde_json::to_value(t) {
+                        Ok(mut v) => {
+                            v["coordinator"] = coordinator;
+                            Response::ok(v)
+                        }
+                        Err(e) => Response::error(format!("cannot encode the credit: {e}")),
+                    }
+                }
                 Err(e) => Response::error(e.to_string()),
             },
             Request::Space => match &self.space {
@@ -516,6 +531,30 @@ impl Daemon {
             Ok(d) => Response::ok(serde_json::json!({"job": job, "held": held, "decision": d})),
             Err(e) => Response::error(e),
         }
+    }
+}
+
+/// The coordinator's side of `gleaner credit`: its count for this host, or why it could not be
+/// asked (never an error: the local ledger is shown either way).
+async fn coordinator_credit(
+    view: Option<&dyn crate::coordinator_client::CoordinatorCredit>,
+    host: &PublicKey,
+) -> serde_json::Value {
+    let Some(view) = view else {
+        return serde_json::json!({"configured": false});
+    };
+    match view.host_credit(&host.to_string()).await {
+        Ok(Some(c)) => serde_json::json!({
+            "configured": true, "url": view.url(), "reachable": true, "known": true,
+            "credit": c.credit, "cpu_hours": c.cpu_hours, "records": c.records,
+            "account": c.account,
+        }),
+        Ok(None) => serde_json::json!({
+            "configured": true, "url": view.url(), "reachable": true, "known": false,
+        }),
+        Err(e) => serde_json::json!({
+            "configured": true, "url": view.url(), "reachable": false, "error": e,
+        }),
     }
 }
 
@@ -747,6 +786,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         catalogue: catalogue.clone(),
         engines,
         paused_types: tokio::sync::Mutex::new(paused_types),
+        coordinator_credit: opts.coordinator_credit.clone(),
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -760,6 +800,23 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         daemon.clone(),
         control_cancel.clone(),
     ));
+    if let Some(addr) = opts.control_tcp {
+        let token = control::read_or_create_token(
+            &control::token_path(&opts.state_dir),
+            control::group_id("gleaner"),
+        )?;
+        let listener = control::bind_tcp(addr).await?;
+        tracing::info!(
+            "control API also on tcp {addr} (token in {})",
+            control::token_path(&opts.state_dir).display()
+        );
+        tracker.spawn(control::serve_tcp(
+            listener,
+            token,
+            daemon.clone(),
+            control_cancel.clone(),
+        ));
+    }
     // Only now can `gleaner status` reach us: tell systemd we are up.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(every) = sd_notify::watchdog_enabled() {
@@ -998,4 +1055,61 @@ async fn engines<R: Runtime>(runtime: &R) -> (Vec<String>, u8) {
         Err(e) => lines.push(format!("probe failed: {e}")),
     }
     (lines, bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator_client::{CoordinatorCredit, HostCredit};
+
+    /// A coordinator that answers what it was given.
+    #[derive(Debug)]
+    struct Fixed(Result<Option<HostCredit>, String>);
+
+    impl CoordinatorCredit for Fixed {
+        fn url(&self) -> &str {
+            "https://coordinator.test"
+        }
+        fn host_credit<'a>(
+            &'a self,
+            _host: &'a str,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Option<HostCredit>, String>> + Send + 'a>,
+        > {
+            let r = self.0.clone();
+            Box::pin(async move { r })
+        }
+    }
+
+    #[tokio::test]
+    async fn credit_shows_the_coordinator_or_why_not() {
+        let host = SecretKey::from_seed([3; 32]).public();
+        let v = coordinator_credit(None, &host).await;
+        assert_eq!(v["configured"], false);
+        let known = Fixed(Ok(Some(HostCredit {
+            credit: 12.5,
+            cpu_hours: 2.0,
+            records: 4,
+            account: Some("alice".into()),
+        })));
+        let v = coordinator_credit(Some(&known), &host).await;
+        assert_eq!(
+            (v["reachable"].clone(), v["credit"].clone()),
+            (true.into(), 12.5.into())
+        );
+        assert_eq!(v["account"], "alice");
+        let v = coordinator_credit(Some(&Fixed(Ok(None))), &host).await;
+        assert_eq!(
+            (v["reachable"].clone(), v["known"].clone()),
+            (true.into(), false.into())
+        );
+        let v = coordinator_credit(Some(&Fixed(Err("connection refused".into()))), &host).await;
+        assert_eq!(v["reachable"], false);
+        assert_eq!(v["error"], "connection refused");
+        let text = crate::render::render(&Request::Credit, &serde_json::json!({"coordinator": v}));
+        assert!(
+            text.contains("coordinator unreachable: connection refused"),
+            "{text}"
+        );
+    }
 }

@@ -27,6 +27,37 @@ fn events(out: &mut String, list: &Value, last: usize) {
     }
 }
 
+/// The coordinator's part of `gleaner credit`.
+fn coordinator(out: &mut String, c: &Value) {
+    let url = c["url"].as_str().unwrap_or("?");
+    if c["configured"].as_bool() != Some(true) {
+        out.push_str("coordinator: none configured (credit stays in the local ledger)\n");
+    } else if c["reachable"].as_bool() != Some(true) {
+        let _ = writeln!(
+            out,
+            "coordinator unreachable: {} (the ledger keeps the records until it is back)",
+            c["error"].as_str().unwrap_or("no answer")
+        );
+    } else if c["known"].as_bool() != Some(true) {
+        let _ = writeln!(
+            out,
+            "coordinator {url}\n  no records from this host yet (not enrolled, or nothing delivered)"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "coordinator {url}\n  credit             {:.2}\n  cpu time           {:.2} h in {} records{}",
+            secs(&c["credit"]),
+            secs(&c["cpu_hours"]),
+            c["records"],
+            c["account"]
+                .as_str()
+                .map(|a| format!("\n  account            {a}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
 fn errors(out: &mut String, list: &Value) {
     for e in list.as_array().into_iter().flatten() {
         let _ = writeln!(out, "  warning: {}", e.as_str().unwrap_or("?"));
@@ -121,13 +152,14 @@ pub fn render(req: &Request, v: &Value) -> String {
         Request::Credit => {
             let _ = writeln!(
                 out,
-                "cpu time recorded  {:.1} s\ndelivered          {:.1} s in {} records\nwaiting            {} records\nrefused            {} records",
+                "this host's ledger\n  cpu time recorded  {:.1} s\n  delivered          {:.1} s in {} records\n  waiting            {} records\n  refused            {} records",
                 secs(&v["cpu_ms"]) / 1000.0,
                 secs(&v["delivered_cpu_ms"]) / 1000.0,
                 v["delivered"],
                 v["pending"],
                 v["rejected"]
             );
+            coordinator(&mut out, &v["coordinator"]);
         }
         Request::Events => events(&mut out, v, 200),
         Request::Space => {

@@ -40,6 +40,12 @@ async fn status_pause_resume_drain_and_permissions() {
         "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
     );
     write_type(&types, "steady.gmt", &mt);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = format!("127.0.0.1:{port}");
     let _daemon = spawn_daemon(
         &state,
         &types,
@@ -52,6 +58,8 @@ async fn status_pause_resume_drain_and_permissions() {
             "200",
             "--preset",
             "always-gently",
+            "--control-tcp",
+            &tcp,
         ],
     );
     let json = eventually(60, "a running machine", async || {
@@ -123,6 +131,31 @@ async fn status_pause_resume_drain_and_permissions() {
         rt.state(&h).await.unwrap(),
         MachineState::Running,
         "the refused pause did nothing"
+    );
+
+    // Loopback TCP with the token from the state dir (0600, or 0640 for the gleaner group).
+    let token = state.join("control.token");
+    let mode = std::fs::metadata(&token).unwrap().permissions().mode() & 0o777;
+    assert!(mode == 0o600 || mode == 0o640, "{mode:o}");
+    let over_tcp = |token_file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_gleaner"))
+            .args(["status", "--json", "--tcp", &tcp, "--token-file"])
+            .arg(token_file)
+            .output()
+            .unwrap()
+    };
+    let o = over_tcp(&token);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["host"], json["host"]);
+    let wrong = tmp.path().join("wrong.token");
+    std::fs::write(&wrong, "0".repeat(64)).unwrap();
+    let o = over_tcp(&wrong);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("token refused: wrong token"),
+        "{}",
+        text(&o)
     );
 
     let o = cli(&sock, &["status", "--no-such-flag"]);
@@ -282,4 +315,134 @@ async fn pause_one_machine_type_by_name_across_a_restart() {
     let o = cli(&sock, &["resume", "steady"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("steady is not paused"), "{}", text(&o));
+}
+
+/// The coordinator binary, built beside `gleaner` if it is not there yet.
+fn coordinator_bin() -> std::path::PathBuf {
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gleaner"))
+        .with_file_name("gleaner-coordinator");
+    if !bin.exists() {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", "gleaner-coordinator"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_shows_the_ledger_and_the_coordinator_and_survives_it_going_away() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (state, types, cdir) = (
+        tmp.path().join("state"),
+        tmp.path().join("types"),
+        tmp.path().join("coordinator"),
+    );
+    let sock = state.join("control.sock");
+    let coord = coordinator_bin();
+    let o = Command::new(&coord)
+        .arg("--data-dir")
+        .arg(&cdir)
+        .args(["account", "add", "alice", "--team", "t", "--token", "t0ken"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(&coord)
+        .arg("--data-dir")
+        .arg(&cdir)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let coordinator = Daemon(child);
+    let fingerprint = std::io::BufReader::new(stdout)
+        .lines()
+        .take(10)
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("fingerprint ").map(|f| f.trim().to_owned()))
+        .expect("the coordinator prints its fingerprint");
+
+    let mt = machine_type(
+        "steady",
+        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
+    );
+    write_type(&types, "steady.gmt", &mt);
+    let base = format!("https://127.0.0.1:{port}");
+    let _daemon = spawn_daemon(
+        &state,
+        &types,
+        &[
+            "--cores",
+            "1",
+            "--memory",
+            "1GiB",
+            "--tick-ms",
+            "200",
+            "--preset",
+            "always-gently",
+            "--coordinator",
+            &base,
+            "--coordinator-fingerprint",
+            &fingerprint,
+            "--enrol",
+            "alice:t0ken",
+        ],
+    );
+    let host = eventually(60, "a running machine", async || {
+        let o = cli(&sock, &["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        (v["factory"]["machines"].as_array()?.len() == 1).then(|| v["host"].to_string())
+    })
+    .await;
+    let _cleanup = Cleanup(host.trim_matches('"').to_string());
+    // Enrolled, nothing delivered yet: the coordinator knows the host but has no records.
+    eventually(60, "the coordinator knowing the host", async || {
+        let v: serde_json::Value =
+            serde_json::from_slice(&cli(&sock, &["credit", "--json"]).stdout).ok()?;
+        (v["coordinator"]["reachable"] == true && v["coordinator"]["account"] == "alice")
+            .then_some(())
+    })
+    .await;
+    // The machine ends (drain now): its record is delivered and counted on both sides.
+    assert!(cli(&sock, &["drain", "--now"]).status.success());
+    let v = eventually(90, "the record counted by the coordinator", async || {
+        let v: serde_json::Value =
+            serde_json::from_slice(&cli(&sock, &["credit", "--json"]).stdout).ok()?;
+        (v["coordinator"]["records"] == 1 && v["delivered"] == 1).then_some(v)
+    })
+    .await;
+    assert_eq!(v["coordinator"]["url"], base.as_str());
+    let o = cli(&sock, &["credit"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("this host's ledger")
+            && t.contains("delivered")
+            && t.contains(&format!("coordinator {base}"))
+            && t.contains("in 1 records")
+            && t.contains("account            alice"),
+        "{t}"
+    );
+
+    // The coordinator goes away: credit still answers, with the ledger and why not.
+    drop(coordinator);
+    let o = cli(&sock, &["credit"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("coordinator unreachable:")
+            && t.contains("127.0.0.1")
+            && t.contains("cpu time recorded"),
+        "{t}"
+    );
 }
