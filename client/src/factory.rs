@@ -943,6 +943,8 @@ impl<R: Runtime + 'static> Factory<R> {
                 {
                     let cause = if allowance.stop_all {
                         StopCause::Owner
+                    } else if self.draining {
+                        StopCause::Drain
                     } else {
                         StopCause::Wallclock
                     };
