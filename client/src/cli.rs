@@ -45,16 +45,25 @@ pub enum Command {
     MachineType(MachineTypeCommand),
     /// What runs, the owner state and why, usage, limits and recent events.
     Status(RemoteArgs),
-    /// Freeze all work now (for an hour with --minutes 60), until `gleaner resume`.
+    /// Freeze all work now (for an hour with --minutes 60), until `gleaner resume`; or only one
+    /// machine type's machines (`gleaner pause NAME`), kept across restarts.
     Pause {
         #[command(flatten)]
         remote: RemoteArgs,
+        /// Pause only this machine type (its name, or its digest); others keep running
+        machine_type: Option<String>,
         /// Resume by itself after this many minutes
         #[arg(long)]
         minutes: Option<u64>,
     },
-    /// Thaw work frozen by `gleaner pause`.
-    Resume(RemoteArgs),
+    /// Thaw work frozen by `gleaner pause` (a type paused by name stays paused until
+    /// `gleaner resume NAME`).
+    Resume {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Resume only this paused machine type (its name, or its digest)
+        machine_type: Option<String>,
+    },
     /// Start no new machines; running ones finish by their shutdowntime.
     Drain {
         #[command(flatten)]
@@ -185,6 +194,10 @@ pub struct DaemonArgs {
     /// The control socket [default: as for `gleaner status`]
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Also serve the control API on this loopback address (e.g. 127.0.0.1:7878), for callers
+    /// showing the token in <state-dir>/control.token [default: off; settings: [control] tcp]
+    #[arg(long, value_name = "ADDR")]
+    pub control_tcp: Option<String>,
     /// The space (department or swarm) this factory belongs to [default: default]
     #[arg(long)]
     pub space: Option<String>,
@@ -279,6 +292,7 @@ impl DaemonArgs {
             config: None,
             state_dir: None,
             socket: None,
+            control_tcp: None,
             space: None,
             machine_types: None,
             trust: Vec::new(),
@@ -312,6 +326,13 @@ pub struct RemoteArgs {
     /// $XDG_RUNTIME_DIR/gleaner/control.sock for a desktop install; env GLEANER_SOCKET]
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
+    /// Reach the daemon over loopback TCP instead (its `[control] tcp` address) [env GLEANER_TCP]
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub tcp: Option<std::net::SocketAddr>,
+    /// The token file for --tcp [default: control.token in the daemon's state dir;
+    /// env GLEANER_TOKEN_FILE]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// Print JSON for scripts instead of text for people
     #[arg(long, global = true)]
     pub json: bool,
@@ -472,14 +493,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Key(cmd) => key(cmd),
         Command::MachineType(cmd) => machine_type(cmd),
         Command::Status(r) => remote(&r, Request::Status),
-        Command::Pause { remote: r, minutes } => remote(
+        Command::Pause {
+            remote: r,
+            machine_type,
+            minutes,
+        } => remote(
             &r,
             Request::Pause {
                 minutes,
-                machine_type: None,
+                machine_type,
             },
         ),
-        Command::Resume(r) => remote(&r, Request::Resume { machine_type: None }),
+        Command::Resume {
+            remote: r,
+            machine_type,
+        } => remote(&r, Request::Resume { machine_type }),
         Command::Drain {
             remote: r,
             now,
@@ -724,10 +752,9 @@ fn doctor(coordinator: Option<String>, fingerprint: Option<String>, json: bool) 
 
 /// Sends one request to the daemon and prints the answer.
 fn remote(r: &RemoteArgs, req: Request) -> Result<()> {
-    let socket = r.socket.clone().unwrap_or_else(control::default_socket);
     let op = req.clone();
     let value = runtime()?.block_on(async {
-        let mut c = control::ControlClient::connect(&socket).await?;
+        let mut c = connect(r).await?;
         c.call(&req).await
     })?;
     if r.json {
@@ -736,6 +763,33 @@ fn remote(r: &RemoteArgs, req: Request) -> Result<()> {
         print!("{}", crate::render::render(&op, &value));
     }
     Ok(())
+}
+
+/// Connects as `r` says: the Unix socket, or loopback TCP with the token file's token.
+async fn connect(r: &RemoteArgs) -> Result<control::ControlClient, control::ControlError> {
+    let tcp = match (r.tcp, std::env::var("GLEANER_TCP")) {
+        (Some(a), _) => Some(a),
+        (None, Ok(s)) if !s.trim().is_empty() => Some(s.trim().parse().map_err(|_| {
+            control::ControlError::Refused(format!(
+                "GLEANER_TCP={s:?} is not an address with a port, such as 127.0.0.1:7878"
+            ))
+        })?),
+        _ => None,
+    };
+    match tcp {
+        Some(addr) => {
+            let file = r
+                .token_file
+                .clone()
+                .or_else(|| std::env::var_os("GLEANER_TOKEN_FILE").map(PathBuf::from))
+                .unwrap_or_else(|| control::token_path(&crate::daemon_cli::default_state_dir()));
+            control::ControlClient::connect_tcp(addr, control::read_token(&file)?).await
+        }
+        None => {
+            let socket = r.socket.clone().unwrap_or_else(control::default_socket);
+            control::ControlClient::connect(&socket).await
+        }
+    }
 }
 
 fn now() -> u64 {
@@ -905,9 +959,8 @@ fn publish_json(mt: &gleaner::MachineType) -> serde_json::Value {
 
 /// Sends one request and returns the answer (for commands that print their own way).
 fn call(r: &RemoteArgs, req: Request) -> Result<serde_json::Value> {
-    let socket = r.socket.clone().unwrap_or_else(control::default_socket);
     let v = runtime()?.block_on(async {
-        let mut c = control::ControlClient::connect(&socket).await?;
+        let mut c = connect(r).await?;
         c.call(&req).await
     });
     match v {

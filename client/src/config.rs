@@ -140,6 +140,34 @@ pub struct FileConfig {
     pub schedule: Option<Vec<WindowSpec>>,
     /// A cluster node: yield to the site's batch system (see `crate::batch`).
     pub batch: Option<Spanned<crate::batch::BatchFile>>,
+    /// The control API beyond the Unix socket.
+    pub control: Option<Spanned<ControlFile>>,
+}
+
+/// The `[control]` table: `tcp = "127.0.0.1:7878"` also serves the control API on loopback TCP.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlFile {
+    pub tcp: Option<Spanned<String>>,
+}
+
+/// A control TCP address: `host:port` on loopback only (the API has no TLS; the token travels in
+/// the clear, which only this machine may see).
+pub fn control_tcp(s: &str) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an address with a port, such as \"127.0.0.1:7878\""))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address: the control API over TCP is for this machine \
+             only (127.0.0.1 or [::1]); reach it from elsewhere through an SSH tunnel"
+        ));
+    }
+    if addr.port() == 0 {
+        return Err("give a port: callers must know where to connect".into());
+    }
+    Ok(addr)
 }
 
 /// The host's size, which percentages refer to.

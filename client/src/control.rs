@@ -2,6 +2,10 @@
 //! daemon's own user and the `gleaner` group may use (checked twice: by the socket file's mode and
 //! group, and by the caller's kernel-reported credentials), with a streaming watch of state.
 //!
+//! Optionally it also listens on a loopback TCP address (`[control] tcp`), where every request
+//! carries the token from `<state_dir>/control.token` (readable like the socket: owner and the
+//! `gleaner` group), compared in constant time; a wrong or missing token is refused and logged.
+//!
 //! The server is generic over a [`Controller`] (the daemon implements it; tests use their own), and
 //! [`ControlClient`] is what the CLI, the GUI and the batch-system hooks use.
 
@@ -13,8 +17,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -178,6 +182,8 @@ pub enum ControlError {
     Protocol(String),
     #[error("{0}")]
     Refused(String),
+    #[error("control token {}: {reason}", path.display())]
+    Token { path: PathBuf, reason: String },
 }
 
 impl From<std::io::Error> for ControlError {
@@ -295,6 +301,50 @@ async fn connection<C: Controller>(
         .await?;
         return Ok(());
     }
+    requests(read, write, None, controller, cancel).await
+}
+
+/// A TCP caller's proof: the token from the token file, on every request.
+#[derive(Clone)]
+struct TokenCheck {
+    token: Arc<Token>,
+    peer: String,
+}
+
+impl TokenCheck {
+    /// The request inside `{"token": …, "request": {…}}`, or why it is refused.
+    fn open(&self, line: &str) -> Result<Result<Request, String>, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
+        let Some(obj) = v.as_object() else {
+            return Err("bad request: not an object".into());
+        };
+        match obj.get("token").and_then(|t| t.as_str()) {
+            None => return Err("token refused: the request carries no token".into()),
+            Some(t) if !self.token.matches(t) => {
+                return Err("token refused: wrong token".into());
+            }
+            Some(_) => {}
+        }
+        if let Some(k) = obj.keys().find(|k| *k != "token" && *k != "request") {
+            return Ok(Err(format!("bad request: unknown field {k:?}")));
+        }
+        let Some(req) = obj.get("request") else {
+            return Ok(Err("bad request: no \"request\"".into()));
+        };
+        Ok(Request::deserialize(req).map_err(|e| format!("bad request: {e}")))
+    }
+}
+
+/// Serves requests on one connection until it closes or `cancel` fires. With `check`, every
+/// request must carry the token; the first that does not ends the connection.
+async fn requests<C: Controller>(
+    read: impl AsyncRead + Unpin,
+    mut write: impl AsyncWrite + Unpin,
+    check: Option<TokenCheck>,
+    controller: Arc<C>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     // A line longer than MAX_REQUEST ends the connection instead of growing a buffer.
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST));
     loop {
@@ -310,10 +360,21 @@ async fn connection<C: Controller>(
                 return Ok(());
             }
         };
-        let req: Request = match serde_json::from_str(&line) {
+        let parsed = match &check {
+            None => serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")),
+            Some(c) => match c.open(&line) {
+                Ok(r) => r,
+                Err(why) => {
+                    tracing::warn!("control over tcp: refused {}: {why}", c.peer);
+                    write_line(&mut write, &Response::error(why)).await?;
+                    return Ok(());
+                }
+            },
+        };
+        let req: Request = match parsed {
             Ok(r) => r,
             Err(e) => {
-                write_line(&mut write, &Response::error(format!("bad request: {e}"))).await?;
+                write_line(&mut write, &Response::error(e)).await?;
                 continue;
             }
         };
@@ -333,11 +394,155 @@ async fn connection<C: Controller>(
     }
 }
 
-/// A connection to the daemon's control socket.
+/// Serves the control API on a loopback TCP listener until `cancel` fires; every request must
+/// carry `token`.
+pub async fn serve_tcp<C: Controller>(
+    listener: TcpListener,
+    token: Token,
+    controller: Arc<C>,
+    cancel: CancellationToken,
+) {
+    let token = Arc::new(token);
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("control accept (tcp): {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("control: too many connections, refusing {peer}");
+            continue;
+        };
+        let check = TokenCheck {
+            token: token.clone(),
+            peer: peer.to_string(),
+        };
+        let controller = controller.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let (read, write) = stream.into_split();
+            if let Err(e) = requests(read, write, Some(check), controller, cancel).await {
+                tracing::debug!("control connection (tcp) ended: {e}");
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Binds the loopback TCP listener; anything but a loopback address is refused.
+pub async fn bind_tcp(addr: std::net::SocketAddr) -> Result<TcpListener, ControlError> {
+    let err = |cause| ControlError::Listen {
+        path: PathBuf::from(format!("tcp {addr}")),
+        cause,
+    };
+    if !addr.ip().is_loopback() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a loopback address",
+        )));
+    }
+    TcpListener::bind(addr).await.map_err(err)
+}
+
+/// The token TCP callers must show: 32 random bytes in hex.
+pub struct Token(String);
+
+impl Token {
+    /// Whether `given` is the token, in time independent of where they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        // The length is not secret (always 64); the contents are compared without early exit.
+        let mut diff = u8::from(a.len() != b.len());
+        for (x, y) in a.iter().zip(b.iter().chain(std::iter::repeat(&0u8))) {
+            diff |= x ^ y;
+        }
+        std::hint::black_box(diff) == 0
+    }
+}
+
+/// The token file in the state dir.
+pub fn token_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.token")
+}
+
+/// Reads the token file, or makes one: owner read/write, and group-readable (0640) when the
+/// `group` exists, as the socket is; a file others may read is replaced (its token may be known).
+pub fn read_or_create_token(path: &Path, group: Option<u32>) -> Result<Token, ControlError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |reason: String| ControlError::Token {
+        path: path.to_owned(),
+        reason,
+    };
+    if let Ok(meta) = std::fs::metadata(path) {
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let t = text.trim();
+        if meta.permissions().mode() & 0o007 != 0 {
+            tracing::warn!(
+                "{} was readable by others: making a new control token",
+                path.display()
+            );
+        } else if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Token(t.to_owned()));
+        } else {
+            tracing::warn!("{} holds no token: making a new one", path.display());
+        }
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| err(format!("no randomness: {e}")))?;
+    let token = hex::encode(bytes);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| err(e.to_string()))?;
+    f.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| err(e.to_string()))?;
+    if let Some(g) = group {
+        std::os::unix::fs::chown(&tmp, None, Some(g)).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
+    Ok(Token(token))
+}
+
+/// Reads a token file for a client.
+pub fn read_token(path: &Path) -> Result<String, ControlError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ControlError::Token {
+        path: path.to_owned(),
+        reason: if e.kind() == std::io::ErrorKind::PermissionDenied {
+            "permission denied: add yourself to the gleaner group (`sudo usermod -aG gleaner $USER`, then log in again)".into()
+        } else {
+            e.to_string()
+        },
+    })?;
+    Ok(text.trim().to_owned())
+}
+
+/// A connection to the daemon's control API (its Unix socket, or loopback TCP with a token).
 pub struct ControlClient {
     path: PathBuf,
-    lines: tokio::io::Split<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    write: tokio::net::unix::OwnedWriteHalf,
+    lines: tokio::io::Split<BufReader<Box<dyn AsyncRead + Send + Unpin>>>,
+    write: Box<dyn AsyncWrite + Send + Unpin>,
+    token: Option<String>,
 }
 
 impl ControlClient {
@@ -357,15 +562,40 @@ impl ControlClient {
         let (read, write) = stream.into_split();
         Ok(ControlClient {
             path: path.to_owned(),
-            lines: BufReader::new(read).split(b'\n'),
-            write,
+            lines: BufReader::new(Box::new(read) as Box<dyn AsyncRead + Send + Unpin>).split(b'\n'),
+            write: Box::new(write),
+            token: None,
+        })
+    }
+
+    /// Connects over loopback TCP; every request will carry `token`.
+    pub async fn connect_tcp(
+        addr: std::net::SocketAddr,
+        token: String,
+    ) -> Result<ControlClient, ControlError> {
+        let path = PathBuf::from(format!("tcp {addr}"));
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|cause| ControlError::Connect {
+                path: path.clone(),
+                cause,
+            })?;
+        let (read, write) = stream.into_split();
+        Ok(ControlClient {
+            path,
+            lines: BufReader::new(Box::new(read) as Box<dyn AsyncRead + Send + Unpin>).split(b'\n'),
+            write: Box::new(write),
+            token: Some(token),
         })
     }
 
     /// Sends a request and reads one response; an error response becomes `ControlError::Refused`.
     pub async fn call(&mut self, req: &Request) -> Result<serde_json::Value, ControlError> {
-        let mut line =
-            serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        let mut line = match &self.token {
+            None => serde_json::to_vec(req),
+            Some(t) => serde_json::to_vec(&serde_json::json!({"token": t, "request": req})),
+        }
+        .map_err(|e| ControlError::Protocol(e.to_string()))?;
         line.push(b'\n');
         if let Err(e) = self.write.write_all(&line).await {
             // The daemon may have refused us and closed first: its reason is waiting to be read.
@@ -484,6 +714,52 @@ mod tests {
         .unwrap();
         let second = w.next().await.unwrap();
         assert!(second["machines"].is_array());
+        cancel.cancel();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_needs_the_token_on_every_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = token_path(dir.path());
+        let token = read_or_create_token(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let secret = read_token(&path).unwrap();
+        assert_eq!(secret.len(), 64);
+        // The same token after a restart; a new one if others could read it.
+        assert!(read_or_create_token(&path, None).unwrap().matches(&secret));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let token2 = read_or_create_token(&path, None).unwrap();
+        assert!(!token2.matches(&secret));
+        assert!(!token.matches(&secret[..63]) && !token.matches(""));
+
+        assert!(bind_tcp("10.0.0.1:0".parse().unwrap()).await.is_err());
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve_tcp(listener, token2, Arc::new(Echo), cancel.clone()));
+        let secret = read_token(&path).unwrap();
+        let mut c = ControlClient::connect_tcp(addr, secret.clone())
+            .await
+            .unwrap();
+        assert!(c.call(&Request::Status).await.unwrap()["machines"].is_array());
+        assert_eq!(
+            c.call(&Request::Drain { now: true }).await.unwrap()["now"],
+            true
+        );
+
+        let mut wrong = ControlClient::connect_tcp(addr, "0".repeat(64))
+            .await
+            .unwrap();
+        let e = wrong.call(&Request::Status).await.unwrap_err().to_string();
+        assert!(e.contains("token refused: wrong token"), "{e}");
+        // A plain request (as on the socket) carries no token.
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(b"{\"op\":\"status\"}\n").await.unwrap();
+        let mut answer = String::new();
+        BufReader::new(raw).read_line(&mut answer).await.unwrap();
+        assert!(answer.contains("carries no token"), "{answer}");
         cancel.cancel();
         server.await.unwrap();
     }

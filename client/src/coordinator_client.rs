@@ -161,3 +161,102 @@ impl HttpUploader {
         }
     }
 }
+
+/// An error with its causes ("connection refused" is in a source, not the top message).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_text = s.to_string();
+        if !msg.contains(&s_text) {
+            msg.push_str(": ");
+            msg.push_str(&s_text);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+/// This host's credit as the coordinator counts it (`GET /api/v1/host/{id}`).
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+pub struct HostCredit {
+    pub credit: f64,
+    pub cpu_hours: f64,
+    pub records: i64,
+    #[serde(default)]
+    pub account: Option<String>,
+}
+
+/// The coordinator's view of this host's credit, for `gleaner credit`.
+pub trait CoordinatorCredit: Send + Sync + std::fmt::Debug + 'static {
+    /// Where the coordinator is (for people).
+    fn url(&self) -> &str;
+    /// The host's credit; `Ok(None)` when the coordinator knows nothing of it yet.
+    fn host_credit<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Option<HostCredit>, String>> + Send + 'a>,
+    >;
+}
+
+/// Asks the coordinator over HTTPS (pinned certificate), with a short deadline so that
+/// `gleaner credit` answers promptly when it is down.
+#[derive(Debug, Clone)]
+pub struct HttpCoordinatorCredit {
+    base: String,
+    http: reqwest::Client,
+    timeout: std::time::Duration,
+}
+
+impl HttpCoordinatorCredit {
+    pub fn new(base: &str, pin: Option<Digest>) -> Result<HttpCoordinatorCredit, String> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !(base.starts_with("https://") || base.starts_with("http://")) {
+            return Err(format!("coordinator url {base:?} must start with https://"));
+        }
+        Ok(HttpCoordinatorCredit {
+            base,
+            http: crate::pinning::http_client(pin)?,
+            timeout: std::time::Duration::from_secs(5),
+        })
+    }
+}
+
+impl CoordinatorCredit for HttpCoordinatorCredit {
+    fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn host_credit<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Option<HostCredit>, String>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let url = format!("{}/api/v1/host/{host}", self.base);
+            let resp = self
+                .http
+                .get(&url)
+                .timeout(self.timeout)
+                .send()
+                .await
+                .map_err(|e| format!("{url}: {}", causes(&e)))?;
+            let status = resp.status();
+            if status == reqwest::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            let text = resp.text().await.map_err(|e| format!("{url}: {e}"))?;
+            if !status.is_success() {
+                return Err(format!(
+                    "{url}: {status}: {}",
+                    text.chars().take(200).collect::<String>()
+                ));
+            }
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| format!("{url}: unreadable answer: {e}"))
+        })
+    }
+}

@@ -23,6 +23,8 @@ use crate::runtime::Runtime;
 pub struct DaemonOptions {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// Also serve the control API on this loopback address, for callers showing the token.
+    pub control_tcp: Option<std::net::SocketAddr>,
     pub space: String,
     /// Signed machine types (`*.gmt`) in this folder are offered, if their publisher is trusted.
     pub machine_types_dir: Option<PathBuf>,
@@ -48,6 +50,8 @@ pub struct DaemonOptions {
     pub p2p: Option<crate::p2p::SpaceConfig>,
     /// A cluster node: the site's batch system comes first (`None`: not a cluster node).
     pub batch: Option<crate::batch::BatchSettings>,
+    /// The coordinator's view of this host's credit, shown by `gleaner credit` beside the ledger's.
+    pub coordinator_credit: Option<Arc<dyn crate::coordinator_client::CoordinatorCredit>>,
 }
 
 /// What a reload produced: the new owner policy (applied live) and the settings that changed but
@@ -96,6 +100,8 @@ pub enum DaemonError {
     Trust(#[from] crate::trust::TrustError),
     #[error(transparent)]
     BatchClaims(#[from] crate::batch::ClaimsError),
+    #[error("paused machine types: {0}")]
+    Paused(String),
 }
 
 /// The owner's manual pause (from `gleaner pause`).
@@ -124,6 +130,9 @@ pub struct Daemon {
     catalogue: Arc<tokio::sync::Mutex<crate::trust::Catalogue>>,
     /// The engines that run machines here, and those skipped with why.
     engines: Vec<String>,
+    /// Machine types the owner paused (persisted in the state dir).
+    paused_types: tokio::sync::Mutex<crate::pauses::PausedTypes>,
+    coordinator_credit: Option<Arc<dyn crate::coordinator_client::CoordinatorCredit>>,
 }
 
 #[derive(Serialize)]
@@ -131,6 +140,8 @@ struct Status {
     host: String,
     paused: bool,
     paused_until: Option<u64>,
+    /// Machine types paused by the owner, with their names.
+    paused_types: Vec<crate::pauses::PausedType>,
     factory: crate::factory::FactoryStatus,
     ledger: crate::ledger::LedgerTotals,
     /// Which owner-activity sources are active, and which were skipped and why.
@@ -239,10 +250,20 @@ impl Controller for Daemon {
                     Err(e) => return Response::error(e.to_string()),
                 };
                 let pause = self.pause.lock().map(|p| p.clone()).unwrap_or_default();
+                let mut factory = factory;
+                if pause.paused {
+                    // Frozen by the owner's pause, in the owner's words.
+                    for m in &mut factory.machines {
+                        if m.state == "frozen" {
+                            m.state = "paused (by you)".into();
+                        }
+                    }
+                }
                 Response::ok(Status {
                     host: self.host.to_string(),
                     paused: pause.paused,
                     paused_until: pause.until,
+                    paused_types: self.paused_types.lock().await.list(),
                     factory,
                     ledger,
                     sources: self.sources.clone(),
@@ -253,19 +274,37 @@ impl Controller for Daemon {
                 minutes,
                 machine_type,
             } => {
-                if machine_type.is_some() {
-                    return Response::error(
-                        "pausing one machine type is not supported yet; pause all instead",
-                    );
-                }
                 let until = minutes.map(|m| crate::factory::now_ms() / 1000 + m * 60);
+                if let Some(t) = machine_type {
+                    return match self.pause_type(&t, until).await {
+                        Ok(v) => Response::ok(v),
+                        Err(e) => Response::error(e),
+                    };
+                }
                 match self.set_paused(true, until).await {
                     Ok(()) => Response::ok(serde_json::json!({"paused": true, "until": until})),
                     Err(e) => Response::error(e),
                 }
             }
-            Request::Resume { .. } => match self.set_paused(false, None).await {
-                Ok(()) => Response::ok(serde_json::json!({"paused": false})),
+            Request::Resume {
+                machine_type: Some(t),
+            } => match self.resume_type(&t).await {
+                Ok(v) => Response::ok(v),
+                Err(e) => Response::error(e),
+            },
+            Request::Resume { machine_type: None } => match self.set_paused(false, None).await {
+                Ok(()) => {
+                    // Types paused one by one stay paused: the host's resume does not lift them.
+                    let still: Vec<String> = self
+                        .paused_types
+                        .lock()
+                        .await
+                        .list()
+                        .into_iter()
+                        .map(|t| t.name)
+                        .collect();
+                    Response::ok(serde_json::json!({"paused": false, "paused_types": still}))
+                }
                 Err(e) => Response::error(e),
             },
             Request::Drain { now } => match self.factory.drain(now).await {
@@ -277,7 +316,17 @@ impl Controller for Daemon {
                 Err(e) => Response::error(e.to_string()),
             },
             Request::Credit => match self.ledger.credit() {
-                Ok(t) => Response::ok(t),
+                Ok(t) => {
+                    let coordinator =
+                        coordinator_credit(self.coordinator_credit.as_deref(), &self.host).await;
+                    match serde_json::to_value(t) {
+                        Ok(mut v) => {
+                            v["coordinator"] = coordinator;
+                            Response::ok(v)
+                        }
+                        Err(e) => Response::error(format!("cannot encode the credit: {e}")),
+                    }
+                }
                 Err(e) => Response::error(e.to_string()),
             },
             Request::Space => match &self.space {
@@ -347,6 +396,117 @@ impl Controller for Daemon {
     }
 }
 
+// Pausing one machine type: persisted, then the factory freezes its machines and starts none.
+impl Daemon {
+    /// The machine types the owner may name: offered, running, or already paused.
+    async fn known_types(&self) -> Result<Vec<crate::pauses::Known>, String> {
+        let s = self.factory.status().await.map_err(|e| e.to_string())?;
+        let short = |p: &str| p.chars().take(12).collect::<String>();
+        let mut known = Vec::new();
+        for o in &s.offers {
+            if let Ok(d) = o.machine_type.parse::<Digest>() {
+                known.push(crate::pauses::Known {
+                    digest: d,
+                    name: o.name.clone(),
+                    about: format!("v{} by {}", o.version, short(&o.publisher)),
+                });
+            }
+        }
+        for m in &s.machines {
+            if let Ok(d) = m.machine_type.parse::<Digest>() {
+                known.push(crate::pauses::Known {
+                    digest: d,
+                    name: m.name.clone(),
+                    about: format!("running, by {}", short(&m.publisher)),
+                });
+            }
+        }
+        for t in self.paused_types.lock().await.list() {
+            if let Ok(d) = t.digest.parse::<Digest>() {
+                known.push(crate::pauses::Known {
+                    digest: d,
+                    name: t.name,
+                    about: "paused".into(),
+                });
+            }
+        }
+        Ok(known)
+    }
+
+    /// Pauses one machine type (by name or digest): written to `paused.toml`, then frozen.
+    async fn pause_type(&self, arg: &str, until: Option<u64>) -> Result<serde_json::Value, String> {
+        let k = crate::pauses::resolve(arg, &self.known_types().await?)?;
+        let now = crate::factory::now_ms() / 1000;
+        self.paused_types
+            .lock()
+            .await
+            .pause(k.digest, &k.name, now, until)?;
+        let out = self
+            .factory
+            .pause_type(k.digest, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({
+            "machine_type": k.name,
+            "digest": k.digest.to_string(),
+            "paused": true,
+            "until": until,
+            "machines_frozen": out.machines,
+            "errors": out.errors,
+        }))
+    }
+
+    /// Resumes one paused machine type: its machines thaw unless the whole host is paused.
+    async fn resume_type(&self, arg: &str) -> Result<serde_json::Value, String> {
+        // A name resolves among the paused types first (it may no longer be offered).
+        let paused: Vec<crate::pauses::Known> = self
+            .paused_types
+            .lock()
+            .await
+            .list()
+            .into_iter()
+            .filter_map(|t| {
+                Some(crate::pauses::Known {
+                    digest: t.digest.parse().ok()?,
+                    name: t.name,
+                    about: "paused".into(),
+                })
+            })
+            .collect();
+        let k = match crate::pauses::resolve(arg, &paused) {
+            Ok(k) => k,
+            Err(_) => {
+                let k = crate::pauses::resolve(arg, &self.known_types().await?)?;
+                return Err(format!("{} is not paused", k.name));
+            }
+        };
+        self.paused_types.lock().await.resume(&k.digest)?;
+        let out = self
+            .factory
+            .pause_type(k.digest, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({
+            "machine_type": k.name,
+            "digest": k.digest.to_string(),
+            "paused": false,
+            "machines_thawed": out.machines,
+            "still_frozen": out.still_frozen,
+            "errors": out.errors,
+        }))
+    }
+
+    /// Lifts the type pauses whose time has run out.
+    async fn expire_type_pauses(&self, now: u64) {
+        let expired = self.paused_types.lock().await.expired(now);
+        for d in expired {
+            if let Err(e) = self.resume_type(&d.to_string()).await {
+                tracing::warn!("cannot lift the pause of {d}: {e}");
+            }
+        }
+    }
+}
+
 // Cluster nodes (issue 12): the site's batch system takes and gives back resources.
 impl Daemon {
     /// A site job arrives (prolog): answered once its CPUs and memory are free.
@@ -392,6 +552,30 @@ impl Daemon {
             Ok(d) => Response::ok(serde_json::json!({"job": job, "held": held, "decision": d})),
             Err(e) => Response::error(e),
         }
+    }
+}
+
+/// The coordinator's side of `gleaner credit`: its count for this host, or why it could not be
+/// asked (never an error: the local ledger is shown either way).
+async fn coordinator_credit(
+    view: Option<&dyn crate::coordinator_client::CoordinatorCredit>,
+    host: &PublicKey,
+) -> serde_json::Value {
+    let Some(view) = view else {
+        return serde_json::json!({"configured": false});
+    };
+    match view.host_credit(&host.to_string()).await {
+        Ok(Some(c)) => serde_json::json!({
+            "configured": true, "url": view.url(), "reachable": true, "known": true,
+            "credit": c.credit, "cpu_hours": c.cpu_hours, "records": c.records,
+            "account": c.account,
+        }),
+        Ok(None) => serde_json::json!({
+            "configured": true, "url": view.url(), "reachable": true, "known": false,
+        }),
+        Err(e) => serde_json::json!({
+            "configured": true, "url": view.url(), "reachable": false, "error": e,
+        }),
     }
 }
 
@@ -443,6 +627,8 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         opts.machine_types_dir.clone(),
     )));
     let ledger = Arc::new(Ledger::open(&ledger_path(&opts.state_dir))?);
+    let paused_types = crate::pauses::PausedTypes::open(&crate::pauses::path(&opts.state_dir))
+        .map_err(DaemonError::Paused)?;
     let runtime = Arc::new(runtime);
     let mut base = Allowance::open(opts.cores, opts.memory_bytes);
     // Nothing starts until the owner policy has decided once.
@@ -482,6 +668,14 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     }
     let factory_cancel = CancellationToken::new();
     let (handle, factory_task) = factory.spawn(factory_cancel.clone());
+    // The owner's type pauses hold across restarts: frozen again before anything may start.
+    for d in paused_types.digests() {
+        match handle.pause_type(d, true).await {
+            Ok(o) if o.errors.is_empty() => {}
+            Ok(o) => tracing::warn!("paused machine type {d}: {}", o.errors.join("; ")),
+            Err(e) => tracing::warn!("paused machine type {d}: {e}"),
+        }
+    }
 
     let tracker = TaskTracker::new();
     let space_cancel = CancellationToken::new();
@@ -635,6 +829,8 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         batch: batch_claims,
         catalogue: catalogue.clone(),
         engines,
+        paused_types: tokio::sync::Mutex::new(paused_types),
+        coordinator_credit: opts.coordinator_credit.clone(),
     });
     let listener = control::bind(&opts.socket, control::group_id("gleaner"))?;
     let access = Access {
@@ -648,6 +844,23 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         daemon.clone(),
         control_cancel.clone(),
     ));
+    if let Some(addr) = opts.control_tcp {
+        let token = control::read_or_create_token(
+            &control::token_path(&opts.state_dir),
+            control::group_id("gleaner"),
+        )?;
+        let listener = control::bind_tcp(addr).await?;
+        tracing::info!(
+            "control API also on tcp {addr} (token in {})",
+            control::token_path(&opts.state_dir).display()
+        );
+        tracker.spawn(control::serve_tcp(
+            listener,
+            token,
+            daemon.clone(),
+            control_cancel.clone(),
+        ));
+    }
     // Only now can `gleaner status` reach us: tell systemd we are up.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(every) = sd_notify::watchdog_enabled() {
@@ -753,6 +966,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                     remeasure_when_due(dir, now, &handle, &benchmark).await;
                 }
                 daemon.expire_pause(now).await;
+                daemon.expire_type_pauses(now).await;
                 wake.notify_one();
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -885,4 +1099,61 @@ async fn engines<R: Runtime>(runtime: &R) -> (Vec<String>, u8) {
         Err(e) => lines.push(format!("probe failed: {e}")),
     }
     (lines, bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator_client::{CoordinatorCredit, HostCredit};
+
+    /// A coordinator that answers what it was given.
+    #[derive(Debug)]
+    struct Fixed(Result<Option<HostCredit>, String>);
+
+    impl CoordinatorCredit for Fixed {
+        fn url(&self) -> &str {
+            "https://coordinator.test"
+        }
+        fn host_credit<'a>(
+            &'a self,
+            _host: &'a str,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Option<HostCredit>, String>> + Send + 'a>,
+        > {
+            let r = self.0.clone();
+            Box::pin(async move { r })
+        }
+    }
+
+    #[tokio::test]
+    async fn credit_shows_the_coordinator_or_why_not() {
+        let host = SecretKey::from_seed([3; 32]).public();
+        let v = coordinator_credit(None, &host).await;
+        assert_eq!(v["configured"], false);
+        let known = Fixed(Ok(Some(HostCredit {
+            credit: 12.5,
+            cpu_hours: 2.0,
+            records: 4,
+            account: Some("alice".into()),
+        })));
+        let v = coordinator_credit(Some(&known), &host).await;
+        assert_eq!(
+            (v["reachable"].clone(), v["credit"].clone()),
+            (true.into(), 12.5.into())
+        );
+        assert_eq!(v["account"], "alice");
+        let v = coordinator_credit(Some(&Fixed(Ok(None))), &host).await;
+        assert_eq!(
+            (v["reachable"].clone(), v["known"].clone()),
+            (true.into(), false.into())
+        );
+        let v = coordinator_credit(Some(&Fixed(Err("connection refused".into()))), &host).await;
+        assert_eq!(v["reachable"], false);
+        assert_eq!(v["error"], "connection refused");
+        let text = crate::render::render(&Request::Credit, &serde_json::json!({"coordinator": v}));
+        assert!(
+            text.contains("coordinator unreachable: connection refused"),
+            "{text}"
+        );
+    }
 }

@@ -112,6 +112,7 @@ impl Settings {
         };
         check(a.state_dir != b.state_dir, "state_dir");
         check(a.socket != b.socket, "socket");
+        check(a.control_tcp != b.control_tcp, "control.tcp");
         check(a.space != b.space, "space");
         check(a.machine_types_dir != b.machine_types_dir, "machine_types");
         check(a.trusted != b.trusted, "trust");
@@ -391,6 +392,18 @@ pub fn settings_from(
         Some(b) => Some(crate::batch::settings(b.get_ref(), b.span(), &o)?),
         None => None,
     };
+    let control_tcp = match (
+        &args.control_tcp,
+        f.control.as_ref().and_then(|c| c.get_ref().tcp.as_ref()),
+    ) {
+        (Some(a), _) => {
+            Some(config::control_tcp(a).map_err(|e| config::invalid_option("--control-tcp", e))?)
+        }
+        (None, Some(t)) => Some(
+            config::control_tcp(t.get_ref()).map_err(|e| o.invalid("control.tcp", t.span(), e))?,
+        ),
+        (None, None) => None,
+    };
     let cores = policy.away.cores.ceil().max(1.0) as u16;
     let memory_bytes = policy.away.memory_bytes;
     Ok(Settings {
@@ -427,6 +440,7 @@ pub fn settings_from(
                 .clone()
                 .or_else(|| f.socket.clone())
                 .unwrap_or_else(crate::control::default_socket),
+            control_tcp,
             space,
             machine_types_dir: args.machine_types.clone().or(f.machine_types.clone()),
             trusted,
@@ -437,6 +451,7 @@ pub fn settings_from(
             benchmark: None,
             policy,
             batch,
+            coordinator_credit: None,
         },
         coordinator,
         disk_bytes,
@@ -545,7 +560,7 @@ pub fn run(args: DaemonArgs) -> Result<()> {
     if let Some(f) = &first.file {
         tracing::info!("settings from {}", f.display());
     }
-    let opts = first.daemon.clone();
+    let mut opts = first.daemon.clone();
     let coordinator = first.coordinator.clone();
     let disk = first.disk_bytes;
     let engines = first.backends;
@@ -579,6 +594,12 @@ pub fn run(args: DaemonArgs) -> Result<()> {
                  (installers/start-engines.sh), or check `backends` in the settings",
                 runtime.skipped().join("; ")
             );
+        }
+        if let Some(c) = &coordinator {
+            opts.coordinator_credit = Some(std::sync::Arc::new(
+                crate::coordinator_client::HttpCoordinatorCredit::new(&c.url, c.pin)
+                    .map_err(anyhow::Error::msg)?,
+            ));
         }
         let uploader = match &coordinator {
             Some(c) => Some(
@@ -674,6 +695,53 @@ mod tests {
         // The command line wins over the file.
         let s = settings_of("backends = [\"docker\"]\n", Some("libvirt")).unwrap();
         assert!(s.backends.libvirt && !s.backends.docker);
+    }
+
+    #[test]
+    fn control_tcp_is_loopback_only() {
+        let s = settings_of("[control]\ntcp = \"127.0.0.1:7878\"\n", None).unwrap();
+        assert_eq!(
+            s.daemon.control_tcp,
+            Some("127.0.0.1:7878".parse().unwrap())
+        );
+        let s = settings_of("[control]\ntcp = \"[::1]:7878\"\n", None).unwrap();
+        assert!(s.daemon.control_tcp.is_some());
+        assert_eq!(settings_of("", None).unwrap().daemon.control_tcp, None);
+        let e = settings_of("space = \"x\"\n[control]\ntcp = \"0.0.0.0:7878\"\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/gleaner/client.toml:3: control.tcp:")
+                && e.contains("not a loopback address"),
+            "{e}"
+        );
+        let e = settings_of("[control]\ntcp = \"192.168.1.5:7878\"\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a loopback address"), "{e}");
+        let e = settings_of("[control]\ntcp = \"localhost\"\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an address with a port"), "{e}");
+        let e = settings_of("[control]\nport = 1\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("control") && e.contains("port"), "{e}");
+        let args = DaemonArgs {
+            control_tcp: Some("10.0.0.1:1".into()),
+            ..DaemonArgs::for_check()
+        };
+        let e = settings_from(
+            &args,
+            HostSize {
+                cores: 1.0,
+                memory_bytes: 1 << 30,
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--control-tcp") && e.contains("loopback"), "{e}");
     }
 
     #[test]

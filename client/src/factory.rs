@@ -8,7 +8,7 @@
 //! replaces that entry in one transaction: after a crash, [`Factory::recover`] adopts or accounts for
 //! every machine, losing and duplicating nothing.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -106,6 +106,10 @@ pub struct Allowance {
     pub stop_all: bool,
     /// Why, in words, and which source decided (for status).
     pub reason: String,
+    /// The owner policy (or the owner's whole-host pause) has frozen all work: machines whose
+    /// type-pause is lifted stay frozen until the host resumes.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 impl Allowance {
@@ -118,6 +122,7 @@ impl Allowance {
             may_start: true,
             stop_all: false,
             reason: "allowed".into(),
+            frozen: false,
         }
     }
 }
@@ -165,6 +170,8 @@ pub struct FactoryStatus {
     pub machines: Vec<MachineStatus>,
     pub offers: Vec<OfferStatus>,
     pub events: Vec<Event>,
+    /// Machine types the owner paused (digests), running here or not.
+    pub paused_types: Vec<String>,
 }
 
 /// One admitted machine type as status shows it.
@@ -177,6 +184,8 @@ pub struct OfferStatus {
     pub share: f64,
     pub running: usize,
     pub backed_off_until: Option<u64>,
+    /// Paused by the owner (`gleaner pause TYPE`): its machines frozen, none started.
+    pub paused: bool,
 }
 
 /// Requests to the factory loop.
@@ -200,6 +209,24 @@ pub enum Command {
     SetBenchmark(u32),
     /// What the rest of the space runs (space-wide target shares).
     Space(SpaceCounts),
+    /// Pause (freeze its machines, start none) or resume one machine type; replies with how many
+    /// machines were frozen or thawed once the engine has done it.
+    PauseType {
+        digest: Digest,
+        paused: bool,
+        reply: oneshot::Sender<PauseOutcome>,
+    },
+}
+
+/// What pausing or resuming a machine type did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PauseOutcome {
+    /// Machines frozen (pause) or thawed (resume) now.
+    pub machines: usize,
+    /// Machines left frozen because the whole host is frozen (resume while the host is paused).
+    pub still_frozen: usize,
+    /// Engine calls that failed, with why.
+    pub errors: Vec<String>,
 }
 
 // ---- space-wide target shares (issue 5) ----
@@ -272,7 +299,25 @@ impl FactoryHandle {
         self.send(Command::Space(counts)).await
     }
 
-    /// The machines running now (for the owner enforcer, which freezes them directly).
+    /// Pauses (`paused`) or resumes one machine type: its running machines are frozen (thawed,
+    /// unless the whole host is frozen) and no new one starts while it is paused.
+    pub async fn pause_type(
+        &self,
+        digest: Digest,
+        paused: bool,
+    ) -> Result<PauseOutcome, FactoryGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PauseType {
+            digest,
+            paused,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| FactoryGone)
+    }
+
+    /// The machines the owner enforcer freezes and thaws directly: all running machines except
+    /// those of paused types, which the factory keeps frozen itself.
     pub fn registry(&self) -> Registry {
         self.registry.clone()
     }
@@ -438,6 +483,8 @@ pub struct Factory<R: Runtime + 'static> {
     events: VecDeque<Event>,
     /// The space's counts and when they came (space-wide target shares).
     space: Option<(SpaceCounts, u64)>,
+    /// Machine types the owner paused: their machines are frozen and out of the registry.
+    paused_types: BTreeSet<Digest>,
 }
 
 const EVENTS_KEPT: usize = 200;
@@ -466,6 +513,7 @@ impl<R: Runtime + 'static> Factory<R> {
             draining: false,
             events: VecDeque::with_capacity(EVENTS_KEPT),
             space: None,
+            paused_types: BTreeSet::new(),
         }
     }
 
@@ -701,6 +749,11 @@ impl<R: Runtime + 'static> Factory<R> {
             Command::Space(counts) => {
                 self.space = Some((counts, self.now()));
             }
+            Command::PauseType {
+                digest,
+                paused,
+                reply,
+            } => self.pause_type(digest, paused, reply),
             Command::Withdraw(digest) => {
                 self.offers.remove(&digest);
                 let now = self.now();
@@ -730,6 +783,7 @@ impl<R: Runtime + 'static> Factory<R> {
                 publisher: m.publisher.to_string(),
                 state: match (m.stopping, m.frozen_since) {
                     (Some((c, _)), _) => format!("stopping ({})", cause_name(c)),
+                    (None, _) if self.paused_types.contains(&m.digest) => "paused (by you)".into(),
                     (None, Some(_)) => "frozen".into(),
                     _ => "running".into(),
                 },
@@ -752,6 +806,7 @@ impl<R: Runtime + 'static> Factory<R> {
                 share: o.share,
                 running: self.running_of(&o.digest),
                 backed_off_until: self.backoff_until.get(&o.digest).copied(),
+                paused: self.paused_types.contains(&o.digest),
             })
             .collect();
         FactoryStatus {
@@ -760,6 +815,7 @@ impl<R: Runtime + 'static> Factory<R> {
             machines,
             offers,
             events: self.events.iter().cloned().collect(),
+            paused_types: self.paused_types.iter().map(|d| d.to_string()).collect(),
         }
     }
 
@@ -796,6 +852,7 @@ impl<R: Runtime + 'static> Factory<R> {
             }
         });
         let looks = futures_util::future::join_all(looks).await;
+        let mut refreeze = Vec::new();
         for (id, (state, usage)) in ids.into_iter().zip(looks) {
             let Some(m) = self.machines.get(&id) else {
                 continue;
@@ -835,6 +892,7 @@ impl<R: Runtime + 'static> Factory<R> {
                     let _ = self.ledger.put_machine(m.id, &bytes);
                 }
             }
+            let paused = self.paused_types.contains(&m.digest);
             match (state, m.stopping) {
                 (MachineState::Exited { .. } | MachineState::Gone, Some((cause, _))) => {
                     let m = self.machines.remove(&id).expect("present");
@@ -875,6 +933,24 @@ impl<R: Runtime + 'static> Factory<R> {
                     )
                     .await;
                 }
+                // A paused type's machine found running (the enforcer thawed the host in the same
+                // instant): freeze it again.
+                (MachineState::Running, None) if paused => refreeze.push(handle),
+                // A paused machine still ends at its max wallclock, or when the owner policy stops
+                // all work (the engine's stop thaws it first so it hears the request).
+                (MachineState::Frozen, None)
+                    if paused && (allowance.stop_all || now >= m.lifetimes.shutdown_at) =>
+                {
+                    let cause = if allowance.stop_all {
+                        StopCause::Owner
+                    } else if self.draining {
+                        StopCause::Drain
+                    } else {
+                        StopCause::Wallclock
+                    };
+                    let kill_at = now + self.cfg.stop_grace.as_secs();
+                    self.begin_stop(id, cause, kill_at).await;
+                }
                 (MachineState::Running, None) => {
                     let beat = m
                         .mjf
@@ -903,6 +979,94 @@ impl<R: Runtime + 'static> Factory<R> {
                 _ => {}
             }
         }
+        if !refreeze.is_empty() {
+            self.freeze_in_background(refreeze);
+        }
+    }
+
+    /// Freezes these machines in a spawned task (the loop never waits on the engine).
+    fn freeze_in_background(&self, handles: Vec<MachineHandle>) {
+        let runtime = self.runtime.clone();
+        tokio::spawn(async move {
+            for r in freeze_all(runtime.as_ref(), &handles).await {
+                tracing::warn!("freeze: {r}");
+            }
+        });
+    }
+
+    /// Pauses or resumes a machine type. Its machines leave the registry while paused, so the
+    /// owner enforcer's thaw of the whole host cannot thaw them; on resume they rejoin it and are
+    /// thawed unless the whole host is frozen (then they thaw with the host). The engine calls run
+    /// in a spawned task that replies when they are done.
+    fn pause_type(&mut self, digest: Digest, paused: bool, reply: oneshot::Sender<PauseOutcome>) {
+        let changed = if paused {
+            self.paused_types.insert(digest)
+        } else {
+            self.paused_types.remove(&digest)
+        };
+        let ms: Vec<(Id16, MachineHandle)> = self
+            .machines
+            .values()
+            .filter(|m| m.digest == digest && m.stopping.is_none())
+            .map(|m| (m.id, m.handle.clone()))
+            .collect();
+        let name = self
+            .offers
+            .get(&digest)
+            .map(|o| o.machine_type.name.clone())
+            .or_else(|| {
+                self.machines
+                    .values()
+                    .find(|m| m.digest == digest)
+                    .map(|m| m.type_name.clone())
+            })
+            .unwrap_or_else(|| digest.to_string());
+        let host_frozen = self.allowance.borrow().frozen;
+        for (id, _) in &ms {
+            if paused {
+                self.unregister(*id);
+            } else if let Some(m) = self.machines.get(id) {
+                self.register(m);
+            }
+        }
+        if changed {
+            self.event(
+                None,
+                match (paused, host_frozen) {
+                    (true, _) => {
+                        format!("paused {name} by the owner: {} machines frozen", ms.len())
+                    }
+                    (false, false) => format!("resumed {name}: {} machines thawed", ms.len()),
+                    (false, true) => format!(
+                        "resumed {name}: {} machines stay frozen while the host is paused",
+                        ms.len()
+                    ),
+                },
+            );
+        }
+        let runtime = self.runtime.clone();
+        let handles: Vec<MachineHandle> = ms.into_iter().map(|(_, h)| h).collect();
+        tokio::spawn(async move {
+            let mut out = PauseOutcome::default();
+            if paused {
+                out.errors = freeze_all(runtime.as_ref(), &handles).await;
+                out.machines = handles.len() - out.errors.len();
+            } else if host_frozen {
+                out.still_frozen = handles.len();
+            } else {
+                let thaws = handles.iter().map(|h| runtime.thaw(h));
+                for (h, r) in handles
+                    .iter()
+                    .zip(futures_util::future::join_all(thaws).await)
+                {
+                    match r {
+                        Ok(()) => out.machines += 1,
+                        Err(e) => out.errors.push(format!("thaw {}: {e}", h.name)),
+                    }
+                }
+            }
+            let _ = reply.send(out);
+        });
     }
 
     /// Writes the shutdown time, then asks the machine to stop; the loop kills it after the grace.
@@ -1082,6 +1246,7 @@ impl<R: Runtime + 'static> Factory<R> {
             .offers
             .values()
             .filter(|o| self.backoff_until.get(&o.digest).is_none_or(|&t| now >= t))
+            .filter(|o| !self.paused_types.contains(&o.digest))
             // One start per type at a time: a new or flaky type cannot stampede the host.
             .filter(|o| !self.starting.values().any(|(d, _, _)| d == &o.digest))
             .filter(|o| o.machine_type.check_fresh(now).is_ok())
@@ -1186,8 +1351,13 @@ impl<R: Runtime + 'static> Factory<R> {
                     Some(m.id),
                     format!("{} running as {}", m.type_name, m.handle.name),
                 );
-                self.register(&m);
                 let (id, digest) = (m.id, m.digest);
+                if self.paused_types.contains(&digest) {
+                    // Paused while it was starting: it joins the others of its type, frozen.
+                    self.freeze_in_background(vec![m.handle.clone()]);
+                } else {
+                    self.register(&m);
+                }
                 self.machines.insert(m.id, m);
                 // Withdrawn (untrusted, revoked) while it was starting: stop it like the others.
                 if !self.offers.contains_key(&digest) {
@@ -1242,6 +1412,16 @@ impl<R: Runtime + 'static> Factory<R> {
             }
         }
     }
+}
+
+/// Freezes all `handles` at once; the errors, each naming its machine.
+async fn freeze_all<R: Runtime>(runtime: &R, handles: &[MachineHandle]) -> Vec<String> {
+    let freezes = handles.iter().map(|h| runtime.freeze(h));
+    handles
+        .iter()
+        .zip(futures_util::future::join_all(freezes).await)
+        .filter_map(|(h, r)| r.err().map(|e| format!("freeze {}: {e}", h.name)))
+        .collect()
 }
 
 /// Everything a start needs, moved into its task.
@@ -1427,4 +1607,196 @@ async fn prepare<R: Runtime>(runtime: &R, mt: &MachineType) -> Result<Prepared, 
         kernel,
         initrd,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Pausing one machine type, on the fake runtime.
+    use super::*;
+    use crate::runtime::fake::FakeRuntime;
+    use gleaner::{Blob, MachineType};
+
+    fn offer(name: &str) -> Offer {
+        let publisher = SecretKey::from_seed([0x51; 32]);
+        let mut mt = MachineType::example(publisher.public());
+        mt.name = name.into();
+        mt.image = Some(Blob {
+            url: format!("https://example.invalid/{name}.tar"),
+            sha256: Digest::of(name.as_bytes()),
+        });
+        mt.cores_min = 1;
+        mt.cores_max = 1;
+        mt.memory_mib = 64;
+        mt.heartbeat_s = 3600;
+        mt.not_after = 4_000_000_000;
+        let v = Envelope::seal(&mt, &publisher)
+            .open::<MachineType>()
+            .unwrap();
+        Offer {
+            machine_type: v.message,
+            digest: v.digest,
+            share: 1.0,
+            max_cores: 1,
+        }
+    }
+
+    struct Fixture {
+        handle: FactoryHandle,
+        fake: Arc<FakeRuntime>,
+        allowance: watch::Sender<Allowance>,
+        cancel: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(open: Allowance) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(&dir.path().join("ledger.redb")).unwrap());
+        let mut cfg = FactoryConfig::new(dir.path().to_owned());
+        cfg.tick = Duration::from_millis(50);
+        cfg.stop_grace = Duration::from_secs(1);
+        let (tx, rx) = watch::channel(open);
+        let fake = Arc::new(FakeRuntime::new());
+        let f = Factory::new(
+            cfg,
+            fake.clone(),
+            ledger,
+            SecretKey::from_seed([0x77; 32]),
+            rx,
+        );
+        let cancel = CancellationToken::new();
+        let (handle, _task) = f.spawn(cancel.clone());
+        Fixture {
+            handle,
+            fake,
+            allowance: tx,
+            cancel,
+            _dir: dir,
+        }
+    }
+
+    /// The engine's view: (state) of each machine of `digest`.
+    async fn states(fake: &FakeRuntime, digest: Digest) -> Vec<MachineState> {
+        fake.list_owned()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|o| o.machine_type == Some(digest))
+            .map(|o| o.state)
+            .collect()
+    }
+
+    async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn pausing_a_type_freezes_only_its_machines_and_resume_thaws_them() {
+        let fx = fixture(Allowance::open(2, 2 << 30));
+        let (a, b) = (offer("alpha"), offer("beta"));
+        fx.handle.offer(a.clone()).await.unwrap();
+        fx.handle.offer(b.clone()).await.unwrap();
+        until("one machine of each type", async || {
+            (states(&fx.fake, a.digest).await == [MachineState::Running]
+                && states(&fx.fake, b.digest).await == [MachineState::Running])
+            .then_some(())
+        })
+        .await;
+
+        let out = fx.handle.pause_type(a.digest, true).await.unwrap();
+        assert_eq!(out.machines, 1, "{out:?}");
+        assert_eq!(states(&fx.fake, a.digest).await, [MachineState::Frozen]);
+        assert_eq!(states(&fx.fake, b.digest).await, [MachineState::Running]);
+        // The owner enforcer no longer sees it, so a thaw of the whole host leaves it frozen.
+        assert_eq!(fx.handle.registry().read().unwrap().len(), 1);
+        let s = fx.handle.status().await.unwrap();
+        let alpha = s.machines.iter().find(|m| m.name == "alpha").unwrap();
+        assert_eq!(alpha.state, "paused (by you)");
+        assert!(s.offers.iter().any(|o| o.name == "alpha" && o.paused));
+        assert_eq!(s.paused_types, vec![a.digest.to_string()]);
+
+        // Thawed behind the factory's back (the enforcer racing the pause): frozen again.
+        let h = fx
+            .fake
+            .list_owned()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|o| o.machine_type == Some(a.digest))
+            .map(|o| MachineHandle {
+                engine_id: o.engine_id,
+                name: o.name,
+            })
+            .unwrap();
+        fx.fake.thaw(&h).await.unwrap();
+        until("the paused machine frozen again", async || {
+            (states(&fx.fake, a.digest).await == [MachineState::Frozen]).then_some(())
+        })
+        .await;
+
+        // Resumed while the whole host is frozen: it stays frozen, back under the enforcer.
+        let mut frozen = fx.allowance.borrow().clone();
+        frozen.frozen = true;
+        fx.allowance.send(frozen).unwrap();
+        let out = fx.handle.pause_type(a.digest, false).await.unwrap();
+        assert_eq!((out.machines, out.still_frozen), (0, 1), "{out:?}");
+        assert_eq!(states(&fx.fake, a.digest).await, [MachineState::Frozen]);
+        assert_eq!(fx.handle.registry().read().unwrap().len(), 2);
+
+        // With the host running, pause then resume thaws it.
+        fx.allowance.send(Allowance::open(2, 2 << 30)).unwrap();
+        fx.handle.pause_type(a.digest, true).await.unwrap();
+        let out = fx.handle.pause_type(a.digest, false).await.unwrap();
+        assert_eq!(out.machines, 1, "{out:?}");
+        assert_eq!(states(&fx.fake, a.digest).await, [MachineState::Running]);
+        assert_eq!(states(&fx.fake, b.digest).await, [MachineState::Running]);
+        let s = fx.handle.status().await.unwrap();
+        assert!(s.paused_types.is_empty());
+        assert!(s.machines.iter().all(|m| m.state == "running"), "{s:?}");
+        fx.cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_paused_type_never_starts_and_its_machines_stop_when_the_owner_stops_all() {
+        let mut closed = Allowance::open(2, 2 << 30);
+        closed.may_start = false;
+        let fx = fixture(closed);
+        let (a, b) = (offer("alpha"), offer("beta"));
+        fx.handle.offer(a.clone()).await.unwrap();
+        fx.handle.offer(b.clone()).await.unwrap();
+        fx.handle.pause_type(a.digest, true).await.unwrap();
+        fx.allowance.send(Allowance::open(2, 2 << 30)).unwrap();
+        until("both slots filled by beta", async || {
+            (states(&fx.fake, b.digest).await.len() == 2).then_some(())
+        })
+        .await;
+        // Many ticks later, still no alpha.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(states(&fx.fake, a.digest).await.is_empty());
+
+        // A paused machine still ends when the owner policy stops all work.
+        let fx = fixture(Allowance::open(1, 1 << 30));
+        fx.handle.offer(a.clone()).await.unwrap();
+        until("alpha running", async || {
+            (states(&fx.fake, a.digest).await == [MachineState::Running]).then_some(())
+        })
+        .await;
+        fx.handle.pause_type(a.digest, true).await.unwrap();
+        let mut stop = Allowance::open(1, 1 << 30);
+        stop.stop_all = true;
+        stop.may_start = false;
+        fx.allowance.send(stop).unwrap();
+        until("the paused machine stopped and accounted for", async || {
+            let s = fx.handle.status().await.ok()?;
+            s.machines.is_empty().then_some(())
+        })
+        .await;
+        fx.cancel.cancel();
+    }
 }

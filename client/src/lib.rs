@@ -19,6 +19,7 @@ pub mod mjf;
 pub mod outbox;
 pub mod owner;
 pub mod p2p;
+pub mod pauses;
 pub mod pinning;
 pub mod publish;
 pub mod render;

@@ -676,6 +676,7 @@ impl<R: Runtime + 'static> Enforcer<R> {
         }
         a.may_start = d.may_start;
         a.stop_all = d.action == Action::Stop;
+        a.frozen = d.action == Action::Freeze;
         a.max_machines = self.policy.max_machines;
         a.reason = format!("{} (source: {})", d.reason.text(), d.source);
         let _ = self.allowance.send(a);

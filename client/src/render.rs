@@ -27,6 +27,43 @@ fn events(out: &mut String, list: &Value, last: usize) {
     }
 }
 
+/// The coordinator's part of `gleaner credit`.
+fn coordinator(out: &mut String, c: &Value) {
+    let url = c["url"].as_str().unwrap_or("?");
+    if c["configured"].as_bool() != Some(true) {
+        out.push_str("coordinator: none configured (credit stays in the local ledger)\n");
+    } else if c["reachable"].as_bool() != Some(true) {
+        let _ = writeln!(
+            out,
+            "coordinator unreachable: {} (the ledger keeps the records until it is back)",
+            c["error"].as_str().unwrap_or("no answer")
+        );
+    } else if c["known"].as_bool() != Some(true) {
+        let _ = writeln!(
+            out,
+            "coordinator {url}\n  no records from this host yet (not enrolled, or nothing delivered)"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "coordinator {url}\n  credit             {:.2}\n  cpu time           {:.2} h in {} records{}",
+            secs(&c["credit"]),
+            secs(&c["cpu_hours"]),
+            c["records"],
+            c["account"]
+                .as_str()
+                .map(|a| format!("\n  account            {a}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn errors(out: &mut String, list: &Value) {
+    for e in list.as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  warning: {}", e.as_str().unwrap_or("?"));
+    }
+}
+
 /// Renders the answer to `req` for a person.
 pub fn render(req: &Request, v: &Value) -> String {
     let mut out = String::new();
@@ -43,6 +80,19 @@ pub fn render(req: &Request, v: &Value) -> String {
                 a["reason"].as_str().unwrap_or("").to_string()
             };
             let _ = writeln!(out, "state     {state}");
+            let paused: Vec<&str> = v["paused_types"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["name"].as_str())
+                .collect();
+            if !paused.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "paused by you  {} (`gleaner resume NAME` to let them run)",
+                    paused.join(", ")
+                );
+            }
             let _ = writeln!(
                 out,
                 "limits    {} cores, {:.1} GiB, at most {} machines",
@@ -71,10 +121,13 @@ pub fn render(req: &Request, v: &Value) -> String {
             let offers = f["offers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             let _ = writeln!(out, "machine types  {}", offers.len());
             for o in offers {
-                let backoff = o["backed_off_until"]
+                let mut backoff = o["backed_off_until"]
                     .as_u64()
                     .map(|t| format!("  backed off until {t}"))
                     .unwrap_or_default();
+                if o["paused"].as_bool() == Some(true) {
+                    backoff.push_str("  paused (by you)");
+                }
                 let _ = writeln!(
                     out,
                     "  {:<20} v{:<4} share {}  running {}{backoff}",
@@ -99,13 +152,14 @@ pub fn render(req: &Request, v: &Value) -> String {
         Request::Credit => {
             let _ = writeln!(
                 out,
-                "cpu time recorded  {:.1} s\ndelivered          {:.1} s in {} records\nwaiting            {} records\nrefused            {} records",
+                "this host's ledger\n  cpu time recorded  {:.1} s\n  delivered          {:.1} s in {} records\n  waiting            {} records\n  refused            {} records",
                 secs(&v["cpu_ms"]) / 1000.0,
                 secs(&v["delivered_cpu_ms"]) / 1000.0,
                 v["delivered"],
                 v["pending"],
                 v["rejected"]
             );
+            coordinator(&mut out, &v["coordinator"]);
         }
         Request::Events => events(&mut out, v, 200),
         Request::Space => {
@@ -142,16 +196,59 @@ pub fn render(req: &Request, v: &Value) -> String {
             }
         }
         Request::Pause { .. } => {
-            let _ = writeln!(
-                out,
-                "paused{}",
-                v["until"]
-                    .as_u64()
-                    .map(|u| format!(" until {u}"))
-                    .unwrap_or_default()
-            );
+            let until = v["until"]
+                .as_u64()
+                .map(|u| format!(" until {u}"))
+                .unwrap_or_default();
+            match v["machine_type"].as_str() {
+                Some(name) => {
+                    let _ = writeln!(
+                        out,
+                        "paused {name}{until}: {} machines frozen, none will start; other types keep running",
+                        v["machines_frozen"]
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "paused{until}");
+                }
+            }
+            errors(&mut out, &v["errors"]);
         }
-        Request::Resume { .. } => out.push_str("resumed\n"),
+        Request::Resume { .. } => {
+            match v["machine_type"].as_str() {
+                Some(name) if v["still_frozen"].as_u64().unwrap_or(0) > 0 => {
+                    let _ = writeln!(
+                        out,
+                        "resumed {name}: its {} machines stay frozen while the whole host is paused (`gleaner resume`)",
+                        v["still_frozen"]
+                    );
+                }
+                Some(name) => {
+                    let _ = writeln!(
+                        out,
+                        "resumed {name}: {} machines thawed",
+                        v["machines_thawed"]
+                    );
+                }
+                None => {
+                    out.push_str("resumed\n");
+                    let still: Vec<&str> = v["paused_types"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|t| t.as_str())
+                        .collect();
+                    if !still.is_empty() {
+                        let _ = writeln!(
+                            out,
+                            "still paused by you: {} (`gleaner resume NAME`)",
+                            still.join(", ")
+                        );
+                    }
+                }
+            }
+            errors(&mut out, &v["errors"]);
+        }
         Request::Drain { .. } => out.push_str("draining: no new machines will start\n"),
         Request::Undrain => out.push_str("drain lifted\n"),
         _ => {

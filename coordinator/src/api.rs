@@ -419,6 +419,15 @@ async fn project_json(
     ))
 }
 
+async fn host_json(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<crate::store::HostHistory>, ApiError> {
+    Ok(axum::Json(
+        st.store.host(&id).await?.ok_or(ApiError::NotFound)?,
+    ))
+}
+
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     if let Some(s) = st.space_snapshot() {
         st.metrics.space.set(&s);
@@ -456,6 +465,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         )
         .route("/api/v1/machine-types", post(register_machine_type))
         .route("/api/v1/project/{id}", get(project_json))
+        .route("/api/v1/host/{id}", get(host_json))
         .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))

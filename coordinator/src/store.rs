@@ -179,6 +179,19 @@ pub struct ProjectHistory {
     pub per_day: Vec<(i64, f64)>,
 }
 
+/// One host's credit as the coordinator counts it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostHistory {
+    pub id: String,
+    /// The volunteer account it is enrolled with.
+    pub account: Option<String>,
+    pub credit: f64,
+    pub cpu_hours: f64,
+    pub records: i64,
+    /// (unix day, credit) for the days with credit.
+    pub per_day: Vec<(i64, f64)>,
+}
+
 impl Store {
     /// Opens the database at `url` and applies the migrations: `sqlite://path` (created if
     /// missing) or `sqlite::memory:`, or `postgres://user@host:port/db` (the database must exist).
@@ -467,6 +480,40 @@ impl Store {
         .iter()
         .map(|r| (r.get::<i64, _>(0), r.get::<f64, _>(1)))
         .collect()))
+    }
+
+    /// One host's credit (what `gleaner credit` shows as the coordinator's view): None when the
+    /// coordinator knows neither records from it nor its enrolment.
+    pub async fn host(&self, host: &str) -> Result<Option<HostHistory>, StoreError> {
+        let per_day = self.host_days(host).await?;
+        let (cpu_ms, records) = with_pool!(&self.pool, |p| {
+            let r = sqlx::query(
+                "SELECT CAST(COALESCE(SUM(cpu_ms), 0) AS BIGINT), COUNT(*) FROM records \
+                 WHERE host = $1",
+            )
+            .bind(host)
+            .fetch_one(p)
+            .await?;
+            (r.get::<i64, _>(0), r.get::<i64, _>(1))
+        });
+        let account: Option<String> = with_pool!(&self.pool, |p| sqlx::query(
+            "SELECT account FROM hosts WHERE host = $1"
+        )
+        .bind(host)
+        .fetch_optional(p)
+        .await?
+        .map(|r| r.get::<String, _>(0)));
+        if records == 0 && account.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(HostHistory {
+            id: host.to_owned(),
+            account,
+            credit: per_day.iter().map(|(_, c)| c).sum(),
+            cpu_hours: cpu_ms as f64 / 3_600_000.0,
+            records,
+            per_day,
+        }))
     }
 
     /// The history of a project: `id` is a publisher key or a machine type's digest. None when

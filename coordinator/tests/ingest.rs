@@ -460,6 +460,24 @@ async fn project_scenario(url: &str) -> serde_json::Value {
     assert_eq!(by_mt["records"], 3);
     assert_eq!(by_mt["name"], "example-busybox");
 
+    // The host's own view (what `gleaner credit` shows): all its records, its account.
+    let (code, json) = call(
+        &st,
+        "GET",
+        &format!("/api/v1/host/{}", host.public()),
+        vec![],
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{json}");
+    let h: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(h["records"], 4);
+    assert_eq!(h["account"], "alice");
+    assert!((h["cpu_hours"].as_f64().unwrap() - 2.0).abs() < 1e-9, "{h}");
+    assert!(h["credit"].as_f64().unwrap() > 0.0, "{h}");
+    assert_eq!(
+        call(&st, "GET", "/api/v1/host/nobody", vec![]).await.0,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(
         call(&st, "GET", "/project/nobody", vec![]).await.0,
         StatusCode::NOT_FOUND

@@ -126,6 +126,11 @@ pub enum Msg {
         minutes: u64,
     },
     Resume,
+    /// Pause (or resume) one machine type, by digest; other types keep running.
+    PauseType {
+        digest: String,
+        paused: bool,
+    },
     Preset(Preset),
     Edit(Field, String),
     RunOnBattery(bool),
@@ -299,6 +304,27 @@ impl Model {
             Msg::Resume => self.ask(
                 Ask::Resume,
                 Request::Resume { machine_type: None },
+                &mut out,
+            ),
+            Msg::PauseType {
+                digest,
+                paused: true,
+            } => self.ask(
+                Ask::Pause,
+                Request::Pause {
+                    minutes: None,
+                    machine_type: Some(digest),
+                },
+                &mut out,
+            ),
+            Msg::PauseType {
+                digest,
+                paused: false,
+            } => self.ask(
+                Ask::Resume,
+                Request::Resume {
+                    machine_type: Some(digest),
+                },
                 &mut out,
             ),
             Msg::Preset(p) => {
@@ -569,6 +595,44 @@ mod tests {
         assert!(!m.busy.contains(&Ask::Pause));
         let sent = m.update(Msg::Resume, 0);
         assert_eq!(sent[0].1, Request::Resume { machine_type: None });
+    }
+
+    #[test]
+    fn one_machine_type_pauses_and_resumes_by_digest() {
+        let mut m = connected();
+        let sent = m.update(
+            Msg::PauseType {
+                digest: "ab12".into(),
+                paused: true,
+            },
+            0,
+        );
+        assert_eq!(
+            sent,
+            vec![(
+                Ask::Pause,
+                Request::Pause {
+                    minutes: None,
+                    machine_type: Some("ab12".into())
+                }
+            )]
+        );
+        let sent = m.update(
+            Msg::PauseType {
+                digest: "ab12".into(),
+                paused: false,
+            },
+            0,
+        );
+        assert_eq!(
+            sent[0],
+            (
+                Ask::Resume,
+                Request::Resume {
+                    machine_type: Some("ab12".into())
+                }
+            )
+        );
     }
 
     #[test]

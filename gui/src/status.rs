@@ -65,6 +65,8 @@ pub struct Offer {
     pub share: f64,
     pub running: usize,
     pub backed_off_until: Option<u64>,
+    /// Paused by the owner: its machines frozen, none started.
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -188,7 +188,7 @@ fn status(ui: &mut Ui, m: &Model, now_ms: u64, hits: &mut Hits, out: &mut Vec<Ms
                 for mc in &s.factory.machines {
                     ui.label(&mc.name);
                     ui.label(short_id(&mc.publisher));
-                    let state_color = if mc.state == "frozen" { AMBER } else { GREEN };
+                    let state_color = if mc.state == "running" { GREEN } else { AMBER };
                     ui.label(RichText::new(&mc.state).color(state_color));
                     let cpu = m
                         .cpu_now
@@ -212,6 +212,35 @@ fn status(ui: &mut Ui, m: &Model, now_ms: u64, hits: &mut Hits, out: &mut Vec<Ms
                     } else {
                         "finishing".into()
                     });
+                    ui.end_row();
+                }
+            });
+    }
+    if !s.factory.offers.is_empty() {
+        // Pause one project's machine type while the others keep running (kept across restarts).
+        ui.add_space(6.0);
+        ui.label(RichText::new("Machine types").strong().size(16.0));
+        let busy = m.busy.contains(&Ask::Pause) || m.busy.contains(&Ask::Resume);
+        egui::Grid::new("types")
+            .striped(true)
+            .num_columns(3)
+            .spacing([18.0, 6.0])
+            .show(ui, |ui| {
+                for (i, o) in s.factory.offers.iter().enumerate() {
+                    ui.label(format!("{} v{}", o.name, o.version));
+                    ui.label(if o.paused {
+                        RichText::new("paused by you").color(AMBER)
+                    } else {
+                        RichText::new(format!("{} running", o.running))
+                    });
+                    let label = if o.paused { "▶ Resume" } else { "⏸ Pause" };
+                    let r = ui.add_enabled(!busy, egui::Button::new(label));
+                    if hits.put(format!("pause-type-{i}"), &r) {
+                        out.push(Msg::PauseType {
+                            digest: o.machine_type.clone(),
+                            paused: !o.paused,
+                        });
+                    }
                     ui.end_row();
                 }
             });

@@ -1,8 +1,8 @@
 //! The GUI against a real daemon on the real Docker Engine, in a real X server (Xvfb, rendered by
 //! Mesa's software OpenGL): every view renders with the daemon's data (PNGs kept under
-//! `target/gui-screenshots`), a click on "Pause for 1 hour" freezes the container, invalid limits
-//! are refused in the form, and a missing daemon or a user without permission gets a screen that
-//! says how to fix it.
+//! `target/gui-screenshots`), a click on "Pause for 1 hour" (or on one machine type's pause)
+//! freezes the container, invalid limits are refused in the form, and a missing daemon or a user
+//! without permission gets a screen that says how to fix it.
 //!
 //! winit wants the main thread, so this test has its own `main` (harness = false). The same binary
 //! is also the daemon: run with GLEANER_GUI_TEST_DAEMON=1 it is `gleaner` itself.
@@ -392,6 +392,32 @@ fn script(w: &Window, s: &Setup) -> R<()> {
     })?;
     w.until(10, "the window to show work again", |m| {
         m.status.as_ref().is_some_and(|s| !s.paused)
+    })?;
+
+    // Pausing only its machine type (the toggle beside each type) freezes it too, and is undone.
+    w.click("pause-type-0")?;
+    eventually(20, "the daemon to report the type paused", || {
+        call(rt, &s.sock, Request::Status)
+            .ok()
+            .filter(|v| v["paused_types"].as_array().is_some_and(|a| a.len() == 1))
+    })?;
+    eventually(20, "the container frozen by the type's pause", || {
+        (docker_state(&id) == "paused").then_some(())
+    })?;
+    w.until(10, "the window to show the type paused", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.factory.offers.iter().any(|o| o.paused))
+    })?;
+    w.screenshot("status-type-paused")?;
+    w.click("pause-type-0")?;
+    eventually(20, "the container thawed by the type's resume", || {
+        (docker_state(&id) == "running").then_some(())
+    })?;
+    w.until(10, "the window to show the type running", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.factory.offers.iter().all(|o| !o.paused))
     })?;
 
     // Limits: the form, an invalid value refused inline (nothing sent), a valid one sent.
