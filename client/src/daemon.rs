@@ -153,6 +153,16 @@ struct Status {
 impl Daemon {
     /// Sets the manual pause and has the enforcer apply the result before answering.
     async fn set_paused(&self, paused: bool, until: Option<u64>) -> Result<(), String> {
+        // On disk first, so a restart keeps what the owner asked for.
+        let host = paused.then(|| crate::pauses::HostPause {
+            since: crate::factory::now_ms() / 1000,
+            until,
+        });
+        self.paused_types
+            .lock()
+            .await
+            .set_host(host)
+            .map_err(|e| format!("cannot keep the pause: {e}"))?;
         if let Ok(mut p) = self.pause.lock() {
             *p = Pause { paused, until };
         }
@@ -755,7 +765,19 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     for n in &source_notes {
         tracing::info!("owner activity: {n}");
     }
-    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The owner's pause of the whole host holds across restarts (unless its time ran out).
+    let host_pause = paused_types
+        .host()
+        .filter(|p| p.until.is_none_or(|u| crate::factory::now_ms() / 1000 < u))
+        .map(|p| Pause {
+            paused: true,
+            until: p.until,
+        })
+        .unwrap_or_default();
+    if host_pause.paused {
+        tracing::info!("work stays paused, as the owner asked before the restart");
+    }
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(host_pause.paused));
     let (enforcer_tx, enforcer_rx) = tokio::sync::mpsc::channel(8);
     let (decision_tx, _decision_rx) = watch::channel(None);
     // Claims a previous run left are held from the first decision on: a site job may still run.
@@ -819,7 +841,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         factory: handle.clone(),
         ledger: ledger.clone(),
         host: key.public(),
-        pause: Mutex::new(Pause::default()),
+        pause: Mutex::new(host_pause),
         paused,
         enforcer: enforcer_tx,
         sources: source_notes,

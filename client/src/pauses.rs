@@ -1,5 +1,6 @@
-//! Machine types the owner paused (`gleaner pause TYPE`): kept in `<state_dir>/paused.toml`
-//! (written atomically, so a restart keeps them), and the names people type resolved to digests.
+//! What the owner paused — the whole host (`gleaner pause`) and machine types (`gleaner pause
+//! TYPE`) — kept in `<state_dir>/paused.toml` (written atomically, so a restart keeps them), and
+//! the names people type resolved to digests.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,17 +26,31 @@ pub struct PausedType {
     pub until: Option<u64>,
 }
 
+/// The whole host paused by its owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostPause {
+    /// When it was paused (unix seconds).
+    pub since: u64,
+    /// Resumes by itself at this time (unix seconds), if the pause was for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileRepr {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<HostPause>,
     #[serde(default, rename = "type")]
     types: Vec<PausedType>,
 }
 
-/// The paused machine types, by digest.
+/// The owner's pauses: the whole host's, and the paused machine types by digest.
 #[derive(Debug)]
 pub struct PausedTypes {
     path: PathBuf,
+    host: Option<HostPause>,
     entries: BTreeMap<Digest, PausedType>,
 }
 
@@ -44,6 +59,7 @@ impl PausedTypes {
     /// it, rather than pauses silently lost.
     pub fn open(path: &Path) -> Result<PausedTypes, String> {
         let mut entries = BTreeMap::new();
+        let mut host = None;
         match std::fs::read_to_string(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
@@ -55,6 +71,7 @@ impl PausedTypes {
                         e.message().trim()
                     )
                 })?;
+                host = repr.host;
                 for t in repr.types {
                     let d = t.digest.parse::<Digest>().map_err(|_| {
                         format!(
@@ -69,8 +86,20 @@ impl PausedTypes {
         }
         Ok(PausedTypes {
             path: path.to_owned(),
+            host,
             entries,
         })
+    }
+
+    /// The whole host's pause, if the owner paused it.
+    pub fn host(&self) -> Option<&HostPause> {
+        self.host.as_ref()
+    }
+
+    /// Sets or lifts the whole host's pause, written to the file before it takes effect.
+    pub fn set_host(&mut self, pause: Option<HostPause>) -> Result<(), String> {
+        let old = std::mem::replace(&mut self.host, pause);
+        self.save().inspect_err(|_| self.host = old)
     }
 
     pub fn list(&self) -> Vec<PausedType> {
@@ -132,11 +161,15 @@ impl PausedTypes {
 
     /// A temporary file, fsync, rename over the old one, fsync of the folder.
     fn save(&self) -> Result<(), String> {
-        let repr = FileRepr { types: self.list() };
+        let repr = FileRepr {
+            host: self.host.clone(),
+            types: self.list(),
+        };
         let body = toml::to_string(&repr).map_err(|e| e.to_string())?;
         let text = format!(
-            "# Machine types the owner paused on this host: their machines stay frozen and none\n\
-             # starts. Written by the daemon; change it with `gleaner pause TYPE` / `gleaner resume TYPE`.\n\n{body}"
+            "# What the owner paused on this host ([host]: all work; [[type]]: machine types whose\n\
+             # machines stay frozen and none starts). Written by the daemon; change it with\n\
+             # `gleaner pause [TYPE]` / `gleaner resume [TYPE]`.\n\n{body}"
         );
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)
@@ -259,5 +292,27 @@ mod tests {
         assert!(e.contains("paused.toml") && e.contains("digest"), "{e}");
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(PausedTypes::open(&p).unwrap_err().contains("remove it"));
+    }
+
+    #[test]
+    fn the_host_pause_survives_a_reopen_beside_type_pauses() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path());
+        let d = Digest::of(b"x");
+        let mut t = PausedTypes::open(&p).unwrap();
+        assert_eq!(t.host(), None);
+        t.pause(d, "x", 10, None).unwrap();
+        let hp = HostPause {
+            since: 20,
+            until: Some(80),
+        };
+        t.set_host(Some(hp.clone())).unwrap();
+        let t2 = PausedTypes::open(&p).unwrap();
+        assert_eq!(t2.host(), Some(&hp));
+        assert!(t2.contains(&d));
+        t.set_host(None).unwrap();
+        let t3 = PausedTypes::open(&p).unwrap();
+        assert_eq!(t3.host(), None);
+        assert!(t3.contains(&d), "lifting the host's pause keeps the type's");
     }
 }

@@ -278,7 +278,7 @@ async fn pause_one_machine_type_by_name_across_a_restart() {
     drop(daemon);
     let mut more = args;
     more[1] = "3";
-    let _daemon = spawn_daemon(&state, &types, &more);
+    let daemon = spawn_daemon(&state, &types, &more);
     eventually(
         60,
         "the restarted daemon adopting the paused machine",
@@ -325,6 +325,25 @@ async fn pause_one_machine_type_by_name_across_a_restart() {
     let o = cli(&sock, &["resume", "steady"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("steady is not paused"), "{}", text(&o));
+
+    // The whole host's pause holds across a restart too: nothing is thawed by the new daemon.
+    assert!(cli(&sock, &["pause"]).status.success());
+    assert!(docker_paused(&other_c) && docker_paused(&steady_c));
+    drop(daemon);
+    let _daemon = spawn_daemon(&state, &types, &more);
+    eventually(60, "the restarted daemon, still paused", async || {
+        let o = cli(&sock, &["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        (v["paused"] == true && v["factory"]["machines"].as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    assert!(
+        docker_paused(&other_c) && docker_paused(&steady_c),
+        "the host's pause survives a restart"
+    );
+    let o = cli(&sock, &["resume"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!docker_paused(&other_c) && !docker_paused(&steady_c));
 }
 
 /// The coordinator binary, built beside `gleaner` if it is not there yet.
