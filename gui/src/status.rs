@@ -96,6 +96,54 @@ pub struct Credit {
     pub totals: Totals,
     pub by_project: Vec<ProjectCredit>,
     pub by_day: Vec<DayCredit>,
+    /// The coordinator's count for this host (daemons that ask it send this).
+    pub coordinator: Option<CoordinatorCredit>,
+}
+
+/// What the coordinator says of this host's credit, or why it could not be asked.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct CoordinatorCredit {
+    pub configured: bool,
+    pub url: String,
+    pub reachable: bool,
+    /// The coordinator has records from this host.
+    pub known: bool,
+    pub credit: f64,
+    pub cpu_hours: f64,
+    pub records: i64,
+    pub account: Option<String>,
+    pub error: Option<String>,
+}
+
+impl CoordinatorCredit {
+    /// One sentence for people.
+    pub fn sentence(&self) -> String {
+        if !self.configured {
+            return "No coordinator is configured: credit is counted only here.".into();
+        }
+        if !self.reachable {
+            return format!(
+                "The coordinator ({}) is unreachable: {}. Records wait here and are sent when it answers.",
+                self.url,
+                self.error.as_deref().unwrap_or("no answer")
+            );
+        }
+        if !self.known {
+            return format!(
+                "The coordinator ({}) has no records from this host yet.",
+                self.url
+            );
+        }
+        let account = match &self.account {
+            Some(a) => format!(", credited to {a}"),
+            None => ", not yet linked to an account".into(),
+        };
+        format!(
+            "The coordinator ({}) counts {:.1} credit for this host: {} records, {:.2} CPU hours{account}.",
+            self.url, self.credit, self.records, self.cpu_hours
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -325,5 +373,29 @@ mod tests {
             serde_json::from_value(serde_json::json!({"pending": 3, "cpu_ms": 7})).unwrap();
         assert_eq!(c.totals.pending, 3);
         assert!(c.by_day.is_empty());
+    }
+
+    #[test]
+    fn the_coordinators_count_reads_in_plain_words() {
+        // As the daemon sends it (client/src/daemon.rs, coordinator_credit).
+        let c: Credit = serde_json::from_value(serde_json::json!({"pending": 0,
+            "coordinator": {"configured": true, "url": "https://c:8443", "reachable": true,
+                "known": true, "credit": 12.34, "cpu_hours": 0.5, "records": 4, "account": "ada"}}))
+        .unwrap();
+        let s = c.coordinator.unwrap().sentence();
+        assert!(
+            s.contains("12.3 credit") && s.contains("4 records") && s.contains("ada"),
+            "{s}"
+        );
+        let c: Credit = serde_json::from_value(serde_json::json!({"coordinator": {
+            "configured": true, "url": "https://c:8443", "reachable": false,
+            "error": "connection refused"}}))
+        .unwrap();
+        let s = c.coordinator.unwrap().sentence();
+        assert!(s.contains("unreachable: connection refused"), "{s}");
+        let c: Credit =
+            serde_json::from_value(serde_json::json!({"coordinator": {"configured": false}}))
+                .unwrap();
+        assert!(c.coordinator.unwrap().sentence().contains("No coordinator"));
     }
 }

@@ -650,6 +650,9 @@ fn credit(ui: &mut Ui, m: &Model, hits: &mut Hits, out: &mut Vec<Msg>) {
             format!(" About {est:.1} credit (the coordinator's figure is final).")
         }
     ));
+    if let Some(co) = &c.coordinator {
+        ui.label(co.sentence());
+    }
     let r = ui.small_button("Refresh");
     if hits.put("credit-refresh", &r) {
         out.push(Msg::RefreshCredit);
