@@ -465,6 +465,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     let tracker = TaskTracker::new();
     let space_cancel = CancellationToken::new();
     let mut learned = None;
+    let mut trust_learned = None;
     let space = match &opts.p2p {
         None => None,
         Some(cfg) => {
@@ -481,6 +482,14 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                         );
                     }
                     learned = Some(s.learned);
+                    trust_learned = Some(s.trust_learned);
+                    // The rotations and revocations this host holds go to the space again, for
+                    // peers that were away when they were first spread.
+                    for bytes in catalogue.lock().await.store.signed_entries() {
+                        if let Err(e) = s.handle.announce_trust(bytes).await {
+                            tracing::warn!("not spreading a rotation or revocation: {e}");
+                        }
+                    }
                     Some(s.handle)
                 }
                 Err(e) => {
@@ -683,6 +692,24 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                         .await
                         .admit_signed(&l.envelope, &origin, now, &handle)
                         .await;
+                }
+                // Rotations and revocations from peers, kept when they bear on our trust; then
+                // whatever is new here (from the folder or from peers) goes on to the space.
+                while let Some(l) = trust_learned.as_mut().and_then(|r| r.try_recv().ok()) {
+                    let origin = format!("from peer {}", l.from);
+                    catalogue
+                        .lock()
+                        .await
+                        .apply_from_space(&l.envelope, &origin, &handle)
+                        .await;
+                }
+                let fresh = catalogue.lock().await.take_fresh_trust();
+                if let Some(space) = &space {
+                    for bytes in fresh {
+                        if let Err(e) = space.announce_trust(bytes).await {
+                            tracing::warn!("not spreading a rotation or revocation: {e}");
+                        }
+                    }
                 }
                 if let (Some(space), Ok(status)) = (&space, handle.status().await) {
                     seq += 1;
