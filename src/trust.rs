@@ -525,7 +525,8 @@ mod tests {
     fn revoking_any_key_of_a_rotation_chain_ends_trust_in_the_whole_chain() {
         use Op::*;
         use Then::*;
-        let table: &[(&str, &[Op], &[(u8, Then)])] = &[
+        type Case<'a> = (&'a str, &'a [Op], &'a [(u8, Then)]);
+        let table: &[Case] = &[
             (
                 "rotation alone moves trust",
                 &[List(1), Rotate(1, 2)],
