@@ -470,8 +470,9 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         None => None,
         Some(cfg) => {
             let mut cfg = cfg.clone();
-            // Machine types are fetched from and forwarded for the publishers we trust.
-            cfg.trusted = opts.trusted.iter().map(|(k, _)| *k).collect();
+            // Machine types are fetched from and forwarded for the publishers we trust (kept up to
+            // date with the trust store below).
+            cfg.trusted = catalogue.lock().await.store.trusted_keys();
             match crate::p2p::start_space(&key, cfg.clone(), space_cancel.clone()).await {
                 Ok(s) => {
                     for a in &s.addrs {
@@ -673,6 +674,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         let measure_daily = opts.benchmark.is_none().then(|| opts.state_dir.clone());
         async move {
             let mut seq = crate::factory::now_ms();
+            let mut trust_generation = None;
             loop {
                 let now = crate::factory::now_ms() / 1000;
                 let admitted = catalogue.lock().await.scan(now, &handle).await;
@@ -703,8 +705,18 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                         .apply_from_space(&l.envelope, &origin, &handle)
                         .await;
                 }
-                let fresh = catalogue.lock().await.take_fresh_trust();
+                let (fresh, generation, trusted) = {
+                    let mut cat = catalogue.lock().await;
+                    let g = cat.store.generation();
+                    (cat.take_fresh_trust(), g, cat.store.trusted_keys())
+                };
                 if let Some(space) = &space {
+                    // The space fetches and forwards types of the publishers trusted now.
+                    if trust_generation != Some(generation)
+                        && space.set_trusted(trusted).await.is_ok()
+                    {
+                        trust_generation = Some(generation);
+                    }
                     for bytes in fresh {
                         if let Err(e) = space.announce_trust(bytes).await {
                             tracing::warn!("not spreading a rotation or revocation: {e}");

@@ -205,6 +205,8 @@ pub struct LearnedTrust {
 
 enum Command {
     Publish(Envelope),
+    /// The publishers whose machine types this node fetches and forwards, after a trust change.
+    SetTrusted(Vec<PublicKey>),
     /// Spread a signed rotation or revocation now and re-announce it from time to time.
     AnnounceTrust {
         envelope: Vec<u8>,
@@ -281,6 +283,15 @@ impl SpaceHandle {
     /// Types too large to gossip are only served; peers fetch them when they see them run.
     pub async fn announce(&self, envelope: Vec<u8>) -> Result<Digest, SpaceError> {
         self.provide_or_announce(envelope, true).await
+    }
+
+    /// Replaces the publishers whose machine types this node fetches, keeps and forwards (after
+    /// `gleaner trust`, a rotation or a revocation changed them).
+    pub async fn set_trusted(&self, keys: Vec<PublicKey>) -> Result<(), SpaceError> {
+        self.tx
+            .send(Command::SetTrusted(keys))
+            .await
+            .map_err(|_| SpaceError::Gone)
     }
 
     /// Spreads a signed key rotation or revocation to the space (one this host applied), and
@@ -856,6 +867,13 @@ impl Node {
                     .publish(topic, env.to_bytes())
                 {
                     tracing::debug!("publish: {e}");
+                }
+            }
+            Command::SetTrusted(keys) => {
+                if keys != self.trusted {
+                    self.trusted = keys;
+                    // Types refused for an untrusted publisher may be wanted now.
+                    self.refused.clear();
                 }
             }
             Command::AnnounceTrust { envelope, reply } => {

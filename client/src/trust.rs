@@ -469,6 +469,11 @@ impl TrustStore {
         }
     }
 
+    /// The publisher keys trusted now (after rotations and revocations).
+    pub fn trusted_keys(&self) -> Vec<PublicKey> {
+        self.set.effective().into_keys().collect()
+    }
+
     /// Every signed rotation and revocation kept, as envelope bytes (for the space to spread).
     pub fn signed_entries(&self) -> Vec<Vec<u8>> {
         self.rotations

@@ -5,9 +5,9 @@
 //! revoked publisher's type never starts, even from the settings baseline; a rotation moves the
 //! publisher's trust to its new key and the old key alone is refused; revoking the old key after
 //! that ends the new key's trust too. Records carry the measured host benchmark. In a space of
-//! three daemons on loopback, a rotation and then a revocation made on one host reach a host that
-//! trusts the publisher through one that does not: it moves to the new key, then stops the
-//! publisher's machines and refuses its types.
+//! three daemons on loopback, a rotation and then a revocation dropped on a host that trusts
+//! nobody reach the hosts that trust the publisher: one moves to the new key (and fetches the new
+//! key's type from a peer), then both stop the publisher's machines and refuse its types.
 
 mod support;
 
@@ -382,9 +382,9 @@ async fn rotations_and_revocations_spread_across_the_space() {
         std::fs::create_dir_all(&d).unwrap();
         d
     };
-    // Three hosts: A, where the publisher's signed files are dropped (it trusts nobody); R, a
-    // relay that trusts nobody either; B, which trusts the publisher and runs its type. A and B
-    // know only R.
+    // Three hosts: A, where the publisher's signed files are dropped (it trusts nobody); R, which
+    // trusts the publisher's new key and runs its type; B, which trusts the old key and runs its
+    // type. A and B know only R (and cannot reach each other: everything passes through R).
     let (state_a, types_a) = (dir("a-state"), dir("a-types"));
     let (state_r, types_r) = (dir("r-state"), dir("r-types"));
     let (state_b, types_b) = (dir("b-state"), dir("b-types"));
@@ -411,11 +411,16 @@ async fn rotations_and_revocations_spread_across_the_space() {
     gleaner_client::keys::write(&kp, &p, false).unwrap();
     gleaner_client::keys::write(&kp2, &p2, false).unwrap();
     signed(&types_b, "old.gmt", &typed("spread-old", &p), &p);
-    signed(&types_b, "new.gmt", &typed("spread-new", &p2), &p2);
+    signed(&types_r, "new.gmt", &typed("spread-new", &p2), &p2);
 
     let r_args = space_args(&format!("/ip4/127.0.0.1/tcp/{port}"), false);
     let ab_args = space_args("/ip4/127.0.0.1/tcp/0", true);
-    let r = start_with(&state_r, &types_r, &[], &refs(&r_args));
+    let r = start_with(
+        &state_r,
+        &types_r,
+        &[format!("{}=1", p2.public())],
+        &refs(&r_args),
+    );
     let a = start_with(&state_a, &types_a, &[], &refs(&ab_args));
     let b = start_with(
         &state_b,
@@ -437,9 +442,14 @@ async fn rotations_and_revocations_spread_across_the_space() {
         hosts.push(host);
     }
     let _cleanup: Vec<Cleanup> = hosts.iter().map(|h| Cleanup(h.clone())).collect();
-    eventually(60, "spread-old running on B", async || {
-        (running(&sock_b).await? == ["spread-old"]).then_some(())
-    })
+    eventually(
+        60,
+        "spread-old running on B and spread-new on R",
+        async || {
+            (running(&sock_b).await? == ["spread-old"] && running(&sock_r).await? == ["spread-new"])
+                .then_some(())
+        },
+    )
     .await;
     // Gossip flows both ways through the relay before anything is signed.
     let all: Vec<&str> = hosts.iter().map(String::as_str).collect();
@@ -449,7 +459,8 @@ async fn rotations_and_revocations_spread_across_the_space() {
     })
     .await;
 
-    // The publisher rotates to P2 on host A: B, which never saw the file, moves to the new key.
+    // The publisher rotates to P2 on host A: B, which never saw the file, moves to the new key,
+    // and fetches the new key's type from R, which it sees running it.
     let o = gleaner(&[
         "key",
         "rotate",
@@ -472,8 +483,24 @@ async fn rotations_and_revocations_spread_across_the_space() {
         ev.contains("key rotation") && ev.contains("from peer"),
         "{ev}"
     );
+    // B's space fetched it (the node keeps what it fetched to serve on): no file of B's had it.
+    let new_bytes = std::fs::read(types_r.join("new.gmt")).unwrap();
+    let new_digest = Envelope::open_bytes::<MachineType>(&new_bytes)
+        .unwrap()
+        .digest
+        .to_string();
+    let served = space(&sock_b).await.unwrap()["machine_types"].clone();
+    assert!(
+        served
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d.as_str() == Some(new_digest.as_str())),
+        "{served}"
+    );
 
-    // Then the old key is revoked on host A: B stops the new key's machines and refuses its types.
+    // Then the old key is revoked on host A: B stops the new key's machines and refuses its types,
+    // and so does R, which trusted the new key alone (it is joined to the revoked one).
     let o = gleaner(&[
         "key",
         "revoke",
@@ -493,6 +520,10 @@ async fn rotations_and_revocations_spread_across_the_space() {
         ev.contains("publisher key stolen") && ev.contains("withdrew spread-new"),
         "{ev}"
     );
+    eventually(60, "spread-new stopped on R", async || {
+        (running(&sock_r).await?.is_empty() && offers(&sock_r).await?.is_empty()).then_some(())
+    })
+    .await;
     // A type of the revoked chain that B reads afterwards is refused, with the reason.
     signed(&types_b, "late.gmt", &typed("spread-late", &p2), &p2);
     let ev = eventually(20, "the late type refused on B", async || {
@@ -502,30 +533,25 @@ async fn rotations_and_revocations_spread_across_the_space() {
     .await;
     assert!(ev.contains("was revoked"), "{ev}");
     assert!(!ev.contains("starting spread-late"), "{ev}");
-    // B keeps the revocation; the relay, which trusts neither key, kept nothing.
-    let o = gleaner(&[
-        "trust",
-        "list",
-        "--json",
-        "--socket",
-        sock_b.to_str().unwrap(),
-    ]);
-    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(list["trusted"], serde_json::json!([]), "{list}");
-    assert_eq!(list["revoked"][0]["id"], p.public().to_string(), "{list}");
-    let o = gleaner(&[
-        "trust",
-        "list",
-        "--json",
-        "--socket",
-        sock_r.to_str().unwrap(),
-    ]);
-    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(list["revoked"], serde_json::json!([]), "{list}");
+    // R and B keep the revocation and trust nobody now.
+    for sock in [&sock_b, &sock_r] {
+        let o = gleaner(&[
+            "trust",
+            "list",
+            "--json",
+            "--socket",
+            sock.to_str().unwrap(),
+        ]);
+        let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(list["trusted"], serde_json::json!([]), "{list}");
+        assert_eq!(list["revoked"][0]["id"], p.public().to_string(), "{list}");
+    }
     assert_eq!(running(&sock_b).await.unwrap(), Vec::<String>::new());
     for d in [a, r, b] {
         stop(d);
     }
-    let rt = docker(&hosts[2], &state_b).await;
-    assert_nothing_left(&rt, &state_b).await;
+    for (host, state) in [(&hosts[1], &state_r), (&hosts[2], &state_b)] {
+        let rt = docker(host, state).await;
+        assert_nothing_left(&rt, state).await;
+    }
 }
