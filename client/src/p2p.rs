@@ -881,8 +881,8 @@ impl Node {
                 let r = match check_trust(&envelope, now) {
                     Ok(d) => {
                         if !self.trust.contains_key(&d) && self.trust.len() >= MAX_TRUST_KEPT {
-                            // The oldest by digest order goes: the trust store keeps them all and
-                            // the daemon announces them again at its next start.
+                            // One goes (the lowest digest, an arbitrary choice): the trust store
+                            // keeps them all and the daemon announces them again at its next start.
                             if let Some(old) = self.trust.keys().next().copied() {
                                 self.trust.remove(&old);
                             }
@@ -1167,6 +1167,13 @@ impl Node {
                 "{} bytes, at most {MAX_TRUST_MESSAGE}",
                 m.data.len()
             ));
+        }
+        // The cheap checks first, so junk is always penalised; a well-formed flood then costs a
+        // map lookup per message, not a signature check.
+        match Envelope::from_bytes(&m.data).map(|e| e.kind()) {
+            Ok(Ok(Kind::KeyRotation | Kind::Revocation)) => {}
+            Ok(_) => return Verdict::Reject("wrong message kind for the topic".into()),
+            Err(e) => return Verdict::Reject(e.to_string()),
         }
         if !self.rate_ok(author) {
             self.rate_limited += 1;

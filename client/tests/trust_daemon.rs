@@ -83,7 +83,8 @@ async fn status(sock: &Path) -> Option<serde_json::Value> {
     c.call(&Request::Status).await.ok()
 }
 
-/// Names of the machines running (or starting to stop) now.
+/// Names of the machine types running (or starting to stop) now, each once: how many machines of
+/// a type start depends on whether the owner seems present (a busy terminal on a shared machine).
 async fn running(sock: &Path) -> Option<Vec<String>> {
     let s = status(sock).await?;
     let mut names: Vec<String> = s["factory"]["machines"]
@@ -92,6 +93,7 @@ async fn running(sock: &Path) -> Option<Vec<String>> {
         .filter_map(|m| m["name"].as_str().map(str::to_owned))
         .collect();
     names.sort();
+    names.dedup();
     Some(names)
 }
 
@@ -346,6 +348,34 @@ async fn trust_add_remove_revoke_and_rotate_on_a_real_daemon() {
     }
 }
 
+/// Waits until each daemon runs exactly the named machine types; on timeout, fails with what each
+/// runs and its events.
+async fn expect_running(want: &[(&Path, &[&str])], secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let mut all = true;
+        for (sock, names) in want {
+            all &= running(sock).await.is_some_and(|r| r == *names);
+        }
+        if all {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut why = String::new();
+            for (sock, names) in want {
+                why += &format!(
+                    "\n{}: want {names:?}, status {:?}\nevents:\n{}",
+                    sock.display(),
+                    status(sock).await.map(|s| s["factory"]["machines"].clone()),
+                    events_text(sock).await
+                );
+            }
+            panic!("timed out after {secs} s waiting for machines:{why}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -442,13 +472,9 @@ async fn rotations_and_revocations_spread_across_the_space() {
         hosts.push(host);
     }
     let _cleanup: Vec<Cleanup> = hosts.iter().map(|h| Cleanup(h.clone())).collect();
-    eventually(
-        60,
-        "spread-old running on B and spread-new on R",
-        async || {
-            (running(&sock_b).await? == ["spread-old"] && running(&sock_r).await? == ["spread-new"])
-                .then_some(())
-        },
+    expect_running(
+        &[(&sock_b, &["spread-old"]), (&sock_r, &["spread-new"])],
+        90,
     )
     .await;
     // Gossip flows both ways through the relay before anything is signed.
