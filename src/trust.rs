@@ -3,11 +3,13 @@
 //!
 //! A rotation is signed by the old key ("this new key replaces me") and moves the old key's trust,
 //! policy and all, to the new key; afterwards types signed by the old key are refused. A revocation
-//! is signed by the key itself and refuses that key for good. A rotation is accepted only while its
-//! old key is not revoked; a revocation does not undo a rotation accepted before it, so a publisher
-//! who rotates and then revokes the old key stays trusted under the new one.
+//! is signed by the key itself and refuses that key for good — and with it every key joined to it
+//! by rotations, before or after: whoever held a revoked key could have signed a rotation to a key
+//! of their own, so no key of that chain can be told apart from a thief's. A publisher who rotated
+//! and then revokes (the old key or the new) is trusted again only when the owner trusts a fresh
+//! key that no rotation joins to the chain.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::Error;
 use crate::envelope::{Kind, Message, Verified, check_version};
@@ -221,16 +223,13 @@ impl TrustSet {
         self.listed.insert(key, policy);
     }
 
-    /// Records a verified rotation. Refused when the old key is revoked, already rotated to another
-    /// key, or the new key is revoked or leads back to the old one.
+    /// Records a verified rotation. Refused when a key joined to the old or the new key by
+    /// rotations is revoked, when the old key already rotated to another key, or when the new key
+    /// leads back to the old one.
     pub fn rotate(&mut self, r: &Verified<KeyRotation>) -> Result<Applied, Refused> {
         let (old, new) = (r.message.old, r.message.new);
-        if let Some((at, reason)) = self.revoked.get(&old) {
-            return Err(Refused::Revoked {
-                key: old,
-                at: *at,
-                reason: reason.clone(),
-            });
+        if let Some(e) = self.revoked_in_chain(old) {
+            return Err(e);
         }
         if let Some((to, _)) = self.rotations.get(&old) {
             return if *to == new {
@@ -239,12 +238,8 @@ impl TrustSet {
                 Err(Refused::AlreadyRotated { old, to: *to })
             };
         }
-        if let Some((at, reason)) = self.revoked.get(&new) {
-            return Err(Refused::Revoked {
-                key: new,
-                at: *at,
-                reason: reason.clone(),
-            });
+        if let Some(e) = self.revoked_in_chain(new) {
+            return Err(e);
         }
         if self.chain(new).contains(&old) {
             return Err(Refused::Cycle { old, new });
@@ -261,6 +256,47 @@ impl TrustSet {
         self.revoked
             .insert(r.message.key, (r.message.at, r.message.reason.clone()));
         Applied::New
+    }
+
+    /// Every key joined to `key` by rotations, in either direction (its predecessors, its
+    /// successors, and their other predecessors), `key` included.
+    fn linked(&self, key: PublicKey) -> BTreeSet<PublicKey> {
+        let mut seen = BTreeSet::from([key]);
+        let mut todo = vec![key];
+        while let Some(k) = todo.pop() {
+            let next = self.rotations.get(&k).map(|(n, _)| *n);
+            let prev = self
+                .rotations
+                .iter()
+                .filter(|(_, (n, _))| *n == k)
+                .map(|(o, _)| *o);
+            for j in next.into_iter().chain(prev) {
+                if seen.insert(j) {
+                    todo.push(j);
+                }
+            }
+        }
+        seen
+    }
+
+    /// The revocation that ends `key`'s trust: of `key` itself, or of any key joined to it by
+    /// rotations (revoking the old key after a rotation must not leave the thief's new key
+    /// trusted, and revoking the new key must not hand trust back to the old one).
+    pub fn revoked_in_chain(&self, key: PublicKey) -> Option<Refused> {
+        let found = |k: &PublicKey| {
+            self.revoked.get(k).map(|(at, reason)| Refused::Revoked {
+                key: *k,
+                at: *at,
+                reason: reason.clone(),
+            })
+        };
+        found(&key).or_else(|| self.linked(key).iter().find_map(found))
+    }
+
+    /// Whether `key` bears on this set: it, or a key joined to it by rotations, is listed. Signed
+    /// rotations and revocations that bear on nothing here need not be kept.
+    pub fn concerns(&self, key: PublicKey) -> bool {
+        self.linked(key).iter().any(|k| self.listed.contains_key(k))
     }
 
     /// `key` and its successors, in order, at most [`ROTATION_CHAIN_MAX`] long.
@@ -282,17 +318,12 @@ impl TrustSet {
         self.chain(key).last().copied().unwrap_or(key)
     }
 
-    /// The key `key`'s trust lands on (its newest successor), or why none: that key is revoked.
-    /// A revocation of a key that had already rotated away does not matter here, by design.
+    /// The key `key`'s trust lands on (its newest successor), or why none: a key of its chain is
+    /// revoked.
     pub fn check_listable(&self, key: PublicKey) -> Result<PublicKey, Refused> {
-        let resolved = self.resolve(key);
-        match self.revoked.get(&resolved) {
-            Some((at, reason)) => Err(Refused::Revoked {
-                key: resolved,
-                at: *at,
-                reason: reason.clone(),
-            }),
-            None => Ok(resolved),
+        match self.revoked_in_chain(key) {
+            Some(e) => Err(e),
+            None => Ok(self.resolve(key)),
         }
     }
 
@@ -333,12 +364,8 @@ impl TrustSet {
     /// The verdict on a verified machine type: its share and cores cap, or why it is refused.
     pub fn admit(&self, mt: &MachineType) -> Result<Admission, Refused> {
         let key = mt.publisher;
-        if let Some((at, reason)) = self.revoked.get(&key) {
-            return Err(Refused::Revoked {
-                key,
-                at: *at,
-                reason: reason.clone(),
-            });
+        if let Some(e) = self.revoked_in_chain(key) {
+            return Err(e);
         }
         if self.rotations.contains_key(&key) {
             return Err(Refused::RotatedAway {
@@ -451,28 +478,153 @@ mod tests {
     }
 
     #[test]
-    fn revocation_refuses_the_key_but_not_an_earlier_rotation() {
-        let (a, b, c) = (key(1), key(2), key(3));
+    fn revocation_refuses_the_key_and_others_are_unaffected() {
+        let (a, c) = (key(1), key(3));
         let mut t = TrustSet::default();
         t.list(a.public(), Policy::default());
         t.list(c.public(), Policy::default());
-        t.rotate(&rotation(&a, &b)).unwrap();
-        assert_eq!(t.revoke(&revocation(&a)), Applied::New);
-        assert_eq!(t.revoke(&revocation(&a)), Applied::AlreadyKnown);
-        assert!(t.admit(&mt(&b)).is_ok(), "rotated before the revocation");
-        assert!(matches!(t.admit(&mt(&a)), Err(Refused::Revoked { .. })));
-        t.revoke(&revocation(&c));
+        assert_eq!(t.revoke(&revocation(&c)), Applied::New);
+        assert_eq!(t.revoke(&revocation(&c)), Applied::AlreadyKnown);
         let err = t.admit(&mt(&c)).unwrap_err();
         assert!(err.to_string().contains("laptop stolen"), "{err}");
         assert!(t.check_listable(c.public()).is_err());
-        // A revoked key can no longer rotate anywhere.
-        assert!(matches!(
-            t.rotate(&rotation(&c, &key(4))),
-            Err(Refused::Revoked { .. })
-        ));
-        // Revoking the new key ends the publisher's trust.
-        t.revoke(&revocation(&b));
-        assert!(t.effective().is_empty());
+        assert!(t.admit(&mt(&a)).is_ok());
+        assert_eq!(t.effective().keys().collect::<Vec<_>>(), vec![&a.public()]);
+    }
+
+    /// What happens to each key after a sequence of rotations and revocations.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Op {
+        List(u8),
+        Rotate(u8, u8),
+        Revoke(u8),
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Then {
+        Admitted,
+        /// Refused because this key (by seed) is revoked.
+        RevokedBy(u8),
+        RotatedAway,
+        NotTrusted,
+    }
+
+    fn verdict(t: &TrustSet, n: u8) -> Then {
+        match t.admit(&mt(&key(n))) {
+            Ok(_) => Then::Admitted,
+            Err(Refused::Revoked { key: k, .. }) => {
+                Then::RevokedBy((1..=9).find(|i| key(*i).public() == k).unwrap_or(0))
+            }
+            Err(Refused::RotatedAway { .. }) => Then::RotatedAway,
+            Err(Refused::NotTrusted { .. }) => Then::NotTrusted,
+            Err(e) => panic!("unexpected refusal of key {n}: {e}"),
+        }
+    }
+
+    #[test]
+    fn revoking_any_key_of_a_rotation_chain_ends_trust_in_the_whole_chain() {
+        use Op::*;
+        use Then::*;
+        type Case<'a> = (&'a str, &'a [Op], &'a [(u8, Then)]);
+        let table: &[Case] = &[
+            (
+                "rotation alone moves trust",
+                &[List(1), Rotate(1, 2)],
+                &[(1, RotatedAway), (2, Admitted)],
+            ),
+            (
+                "rotate, then revoke the old key: a thief's rotation must not survive",
+                &[List(1), Rotate(1, 2), Revoke(1)],
+                &[(1, RevokedBy(1)), (2, RevokedBy(1))],
+            ),
+            (
+                "rotate, then revoke the new key: trust does not fall back to the old one",
+                &[List(1), Rotate(1, 2), Revoke(2)],
+                &[(1, RevokedBy(2)), (2, RevokedBy(2))],
+            ),
+            (
+                "a longer chain, revoked at its start",
+                &[List(1), Rotate(1, 2), Rotate(2, 3), Revoke(1)],
+                &[(1, RevokedBy(1)), (2, RevokedBy(1)), (3, RevokedBy(1))],
+            ),
+            (
+                "a longer chain, revoked in its middle",
+                &[List(1), Rotate(1, 2), Rotate(2, 3), Revoke(2)],
+                &[(1, RevokedBy(2)), (2, RevokedBy(2)), (3, RevokedBy(2))],
+            ),
+            (
+                "the new key listed by itself too is revoked with the chain",
+                &[List(1), List(2), Rotate(1, 2), Revoke(1)],
+                &[(1, RevokedBy(1)), (2, RevokedBy(1))],
+            ),
+            (
+                "revoked first, then a rotation is refused: the new key gains nothing",
+                &[List(1), Revoke(1), Rotate(1, 2)],
+                &[(1, RevokedBy(1)), (2, NotTrusted)],
+            ),
+            (
+                "a rotation onto a revoked key is refused",
+                &[List(1), Revoke(2), Rotate(1, 2)],
+                &[(1, Admitted), (2, RevokedBy(2))],
+            ),
+            (
+                "a rotation onto a chain that holds a revoked key is refused",
+                &[List(1), Rotate(2, 3), Revoke(2), Rotate(1, 3)],
+                &[(1, Admitted), (3, RevokedBy(2))],
+            ),
+            (
+                "another publisher is unaffected",
+                &[List(1), List(5), Rotate(1, 2), Revoke(2)],
+                &[(1, RevokedBy(2)), (2, RevokedBy(2)), (5, Admitted)],
+            ),
+        ];
+        for (name, ops, then) in table {
+            let mut t = TrustSet::default();
+            for op in *ops {
+                match *op {
+                    List(n) => t.list(key(n).public(), Policy::default()),
+                    Rotate(o, n) => {
+                        let _ = t.rotate(&rotation(&key(o), &key(n)));
+                    }
+                    Revoke(n) => {
+                        t.revoke(&revocation(&key(n)));
+                    }
+                }
+            }
+            for (n, want) in *then {
+                assert_eq!(verdict(&t, *n), *want, "{name}: key {n}");
+                // The listing and the trust command agree with the verdict.
+                let listable = t.check_listable(key(*n).public()).is_ok();
+                assert_eq!(
+                    listable,
+                    !matches!(want, RevokedBy(_)),
+                    "{name}: check_listable of key {n}"
+                );
+                if let RevokedBy(_) = want {
+                    let k = key(*n).public();
+                    let effective = t.effective();
+                    assert!(
+                        !effective.contains_key(&k) && !effective.contains_key(&t.resolve(k)),
+                        "{name}: key {n} or its successor is still trusted: {effective:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn concerns_follows_rotations_both_ways() {
+        let mut t = TrustSet::default();
+        t.list(key(1).public(), Policy::default());
+        t.rotate(&rotation(&key(1), &key(2))).unwrap();
+        assert!(t.concerns(key(1).public()));
+        assert!(t.concerns(key(2).public()), "a successor of a listed key");
+        assert!(!t.concerns(key(7).public()), "a stranger");
+        t.rotate(&rotation(&key(6), &key(2))).unwrap();
+        assert!(
+            t.concerns(key(6).public()),
+            "another predecessor of the same key"
+        );
     }
 
     #[test]

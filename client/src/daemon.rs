@@ -690,12 +690,14 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     let tracker = TaskTracker::new();
     let space_cancel = CancellationToken::new();
     let mut learned = None;
+    let mut trust_learned = None;
     let space = match &opts.p2p {
         None => None,
         Some(cfg) => {
             let mut cfg = cfg.clone();
-            // Machine types are fetched from and forwarded for the publishers we trust.
-            cfg.trusted = opts.trusted.iter().map(|(k, _)| *k).collect();
+            // Machine types are fetched from and forwarded for the publishers we trust (kept up to
+            // date with the trust store below).
+            cfg.trusted = catalogue.lock().await.store.trusted_keys();
             match crate::p2p::start_space(&key, cfg.clone(), space_cancel.clone()).await {
                 Ok(s) => {
                     for a in &s.addrs {
@@ -706,6 +708,14 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                         );
                     }
                     learned = Some(s.learned);
+                    trust_learned = Some(s.trust_learned);
+                    // The rotations and revocations this host holds go to the space again, for
+                    // peers that were away when they were first spread.
+                    for bytes in catalogue.lock().await.store.signed_entries() {
+                        if let Err(e) = s.handle.announce_trust(bytes).await {
+                            tracing::warn!("not spreading a rotation or revocation: {e}");
+                        }
+                    }
                     Some(s.handle)
                 }
                 Err(e) => {
@@ -943,6 +953,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         let measure_daily = opts.benchmark.is_none().then(|| opts.state_dir.clone());
         async move {
             let mut seq = crate::factory::now_ms();
+            let mut trust_generation = None;
             loop {
                 let now = crate::factory::now_ms() / 1000;
                 let admitted = catalogue.lock().await.scan(now, &handle).await;
@@ -962,6 +973,34 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                         .await
                         .admit_signed(&l.envelope, &origin, now, &handle)
                         .await;
+                }
+                // Rotations and revocations from peers, kept when they bear on our trust; then
+                // whatever is new here (from the folder or from peers) goes on to the space.
+                while let Some(l) = trust_learned.as_mut().and_then(|r| r.try_recv().ok()) {
+                    let origin = format!("from peer {}", l.from);
+                    catalogue
+                        .lock()
+                        .await
+                        .apply_from_space(&l.envelope, &origin, &handle)
+                        .await;
+                }
+                let (fresh, generation, trusted) = {
+                    let mut cat = catalogue.lock().await;
+                    let g = cat.store.generation();
+                    (cat.take_fresh_trust(), g, cat.store.trusted_keys())
+                };
+                if let Some(space) = &space {
+                    // The space fetches and forwards types of the publishers trusted now.
+                    if trust_generation != Some(generation)
+                        && space.set_trusted(trusted).await.is_ok()
+                    {
+                        trust_generation = Some(generation);
+                    }
+                    for bytes in fresh {
+                        if let Err(e) = space.announce_trust(bytes).await {
+                            tracing::warn!("not spreading a rotation or revocation: {e}");
+                        }
+                    }
                 }
                 if let (Some(space), Ok(status)) = (&space, handle.status().await) {
                     seq += 1;

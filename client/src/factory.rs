@@ -478,6 +478,9 @@ pub struct Factory<R: Runtime + 'static> {
     backoff_until: BTreeMap<Digest, u64>,
     machines: BTreeMap<Id16, Machine>,
     starting: BTreeMap<Id16, (Digest, u16, u64)>,
+    /// When each offered type last had a machine started (ms): among types equally behind their
+    /// shares, the one that waited longest goes first.
+    last_started: BTreeMap<Digest, u64>,
     registry: Registry,
     draining: bool,
     events: VecDeque<Event>,
@@ -509,6 +512,7 @@ impl<R: Runtime + 'static> Factory<R> {
             backoff_until: BTreeMap::new(),
             machines: BTreeMap::new(),
             starting: BTreeMap::new(),
+            last_started: BTreeMap::new(),
             registry: Arc::new(RwLock::new(BTreeMap::new())),
             draining: false,
             events: VecDeque::with_capacity(EVENTS_KEPT),
@@ -756,6 +760,7 @@ impl<R: Runtime + 'static> Factory<R> {
             } => self.pause_type(digest, paused, reply),
             Command::Withdraw(digest) => {
                 self.offers.remove(&digest);
+                self.last_started.remove(&digest);
                 let now = self.now();
                 let grace = self.cfg.stop_grace.as_secs();
                 let ids: Vec<Id16> = self
@@ -1229,8 +1234,9 @@ impl<R: Runtime + 'static> Factory<R> {
     /// Chooses what to start: among admitted types that are not backed off, the one lagging most
     /// behind its share — across the whole space while the space's counts are fresh
     /// ([`gleaner::space::pick_by_space_share`]), else here: the fewest running machines per unit of
-    /// share. If it does not fit yet, nothing smaller jumps the queue, so multi-core types are not
-    /// starved by single-core ones.
+    /// share, and among equals the one that waited longest for a start. If it does not fit yet,
+    /// nothing smaller jumps the queue, and once the cores are free it is first in line (it waited
+    /// longest), so multi-core types are not starved by single-core ones refilling freed cores.
     fn choose(&self, allowance: &Allowance, now: u64) -> Option<(Digest, u16)> {
         let used_cores: u16 = self.machines.values().map(|m| m.cores).sum::<u16>()
             + self.starting.values().map(|(_, c, _)| *c).sum::<u16>();
@@ -1281,7 +1287,10 @@ impl<R: Runtime + 'static> Factory<R> {
             _ => eligible.min_by(|a, b| {
                 let ka = self.running_of(&a.digest) as f64 / a.share.max(1e-6);
                 let kb = self.running_of(&b.digest) as f64 / b.share.max(1e-6);
-                ka.total_cmp(&kb).then(a.digest.cmp(&b.digest))
+                let last = |d: &Digest| self.last_started.get(d).copied().unwrap_or(0);
+                ka.total_cmp(&kb)
+                    .then(last(&a.digest).cmp(&last(&b.digest)))
+                    .then(a.digest.cmp(&b.digest))
             })?,
         };
         let mt = &best.machine_type;
@@ -1314,6 +1323,7 @@ impl<R: Runtime + 'static> Factory<R> {
             let id = Id16(id);
             let mem = u64::from(offer.machine_type.memory_mib) << 20;
             self.starting.insert(id, (digest, cores, mem));
+            self.last_started.insert(digest, self.clock.now_ms());
             // A backed-off type that is allowed again gets one probe at a time.
             if self.backoff_until.remove(&digest).is_some() {
                 self.event(

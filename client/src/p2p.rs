@@ -6,7 +6,10 @@
 //! sender's peer score; a peer whose score falls below [`BAN_SCORE`] is disconnected and blocked.
 //! Signed machine types are fetched by digest from the peers that advertise running them
 //! (request-response `/gleaner/mt/1`, CBOR, size-bounded) and verified against the digest and the
-//! trusted publishers before use. Kademlia finds peers beyond the bootstrap nodes.
+//! trusted publishers before use. Publishers' signed key rotations and revocations travel on their
+//! own topic (signature, kind, size and clock checked here; whether one bears on this host's trust
+//! is the trust store's call) and are re-announced now and then so that late joiners learn them.
+//! Kademlia finds peers beyond the bootstrap nodes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -39,6 +42,21 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 pub const MAX_ADVERT: usize = 16 * 1024;
 /// Largest signed machine type served or fetched over `/gleaner/mt/1` (the envelope limit).
 pub const MAX_MACHINE_TYPE: usize = 256 * 1024;
+/// Largest signed key rotation or revocation (a revocation's reason is at most 512 bytes).
+pub const MAX_TRUST_MESSAGE: usize = 2 * 1024;
+/// How often a node re-announces the rotations and revocations it holds (for peers that joined
+/// since), and how soon it tries again when no peer could take one.
+pub const TRUST_REANNOUNCE_S: u64 = 300;
+const TRUST_RETRY_S: u64 = 2;
+/// Rotations and revocations a node re-announces at most (its trust store keeps them all).
+const MAX_TRUST_KEPT: usize = 256;
+/// A rotation or revocation heard from a peer this recently is not announced again by this node
+/// (the space has it; gossipsub would also refuse it as a duplicate for a minute), and how many
+/// such recent ones are remembered.
+const TRUST_HEARD_S: u64 = 90;
+const MAX_TRUST_HEARD: usize = 1024;
+/// A rotation or revocation made further ahead of this node's clock is ignored (not forwarded).
+const TRUST_CLOCK_SKEW_S: u64 = 600;
 /// The request-response protocol for machine types.
 pub const MT_PROTOCOL: &str = "/gleaner/mt/1";
 /// A peer whose gossipsub score falls below this is disconnected and blocked for [`BAN_S`].
@@ -176,8 +194,24 @@ pub struct LearnedType {
     pub from: String,
 }
 
+/// A signed key rotation or revocation gossiped by a peer: signature, kind, size and clock checked;
+/// whether it bears on this host is for the trust store to say.
+#[derive(Debug, Clone)]
+pub struct LearnedTrust {
+    pub envelope: Vec<u8>,
+    /// The peer it came from.
+    pub from: String,
+}
+
 enum Command {
     Publish(Envelope),
+    /// The publishers whose machine types this node fetches and forwards, after a trust change.
+    SetTrusted(Vec<PublicKey>),
+    /// Spread a signed rotation or revocation now and re-announce it from time to time.
+    AnnounceTrust {
+        envelope: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Summary(oneshot::Sender<SpaceSummary>),
     View(oneshot::Sender<SpaceView>),
     Dial(Multiaddr),
@@ -251,6 +285,31 @@ impl SpaceHandle {
         self.provide_or_announce(envelope, true).await
     }
 
+    /// Replaces the publishers whose machine types this node fetches, keeps and forwards (after
+    /// `gleaner trust`, a rotation or a revocation changed them).
+    pub async fn set_trusted(&self, keys: Vec<PublicKey>) -> Result<(), SpaceError> {
+        self.tx
+            .send(Command::SetTrusted(keys))
+            .await
+            .map_err(|_| SpaceError::Gone)
+    }
+
+    /// Spreads a signed key rotation or revocation to the space (one this host applied), and
+    /// re-announces it every [`TRUST_REANNOUNCE_S`] for peers that join later.
+    pub async fn announce_trust(&self, envelope: Vec<u8>) -> Result<(), SpaceError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::AnnounceTrust {
+                envelope,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| SpaceError::Gone)?;
+        rx.await
+            .map_err(|_| SpaceError::Gone)?
+            .map_err(SpaceError::Refused)
+    }
+
     async fn provide_or_announce(
         &self,
         envelope: Vec<u8>,
@@ -279,12 +338,15 @@ pub struct Space {
     pub task: tokio::task::JoinHandle<()>,
     /// Machine types learned from the space (bounded; when full, new ones are dropped with a log).
     pub learned: mpsc::Receiver<LearnedType>,
+    /// Signed key rotations and revocations learned from the space (bounded likewise).
+    pub trust_learned: mpsc::Receiver<LearnedTrust>,
 }
 
 struct Topics {
     adverts: IdentTopic,
     outcomes: IdentTopic,
     types: IdentTopic,
+    trust: IdentTopic,
 }
 
 fn topics(space: &str) -> Topics {
@@ -292,6 +354,7 @@ fn topics(space: &str) -> Topics {
         adverts: IdentTopic::new(format!("gleaner/{space}/adverts")),
         outcomes: IdentTopic::new(format!("gleaner/{space}/outcomes")),
         types: IdentTopic::new(format!("gleaner/{space}/machine-types")),
+        trust: IdentTopic::new(format!("gleaner/{space}/trust")),
     }
 }
 
@@ -408,7 +471,12 @@ pub async fn start_space(
         .map_err(|e| err(&e))?;
     let mdns_on = cfg.mdns;
     let kad_proto = kad_protocol.clone();
-    let score_topics = [t.adverts.hash(), t.outcomes.hash(), t.types.hash()];
+    let score_topics = [
+        t.adverts.hash(),
+        t.outcomes.hash(),
+        t.types.hash(),
+        t.trust.hash(),
+    ];
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic()
@@ -510,7 +578,7 @@ pub async fn start_space(
         // Server once an external (public) address is known, see NewListenAddr below.
         None => swarm.behaviour_mut().kad.set_mode(None),
     }
-    for topic in [&t.adverts, &t.outcomes, &t.types] {
+    for topic in [&t.adverts, &t.outcomes, &t.types, &t.trust] {
         swarm
             .behaviour_mut()
             .gossipsub
@@ -544,6 +612,7 @@ pub async fn start_space(
     }
     let (tx, rx) = mpsc::channel(256);
     let (learned_tx, learned) = mpsc::channel(32);
+    let (trust_tx, trust_learned) = mpsc::channel(32);
     let node = Node {
         swarm,
         topics: t,
@@ -564,6 +633,9 @@ pub async fn start_space(
         fetching: HashMap::new(),
         refused: HashSet::new(),
         learned: learned_tx,
+        trust: BTreeMap::new(),
+        trust_heard: HashMap::new(),
+        trust_learned: trust_tx,
     };
     let task = tokio::spawn(node.run(rx, cancel));
     Ok(Space {
@@ -571,6 +643,7 @@ pub async fn start_space(
         addrs,
         task,
         learned,
+        trust_learned,
     })
 }
 
@@ -616,6 +689,46 @@ struct Node {
     fetching: HashMap<OutboundRequestId, (Digest, PeerId)>,
     refused: HashSet<Digest>,
     learned: mpsc::Sender<LearnedType>,
+    /// Rotations and revocations this host applied, by digest: envelope and when to announce next.
+    trust: BTreeMap<Digest, (Vec<u8>, u64)>,
+    /// Valid rotations and revocations heard from peers lately, and when.
+    trust_heard: HashMap<Digest, u64>,
+    trust_learned: mpsc::Sender<LearnedTrust>,
+}
+
+/// Checks a gossiped key rotation or revocation: size, kind, signature (by the key it names),
+/// and that it was not made in the future. The payload digest names it.
+fn check_trust(bytes: &[u8], now: u64) -> Result<Digest, Verdict> {
+    if bytes.len() > MAX_TRUST_MESSAGE {
+        return Err(Verdict::Reject(format!(
+            "{} bytes, at most {MAX_TRUST_MESSAGE}",
+            bytes.len()
+        )));
+    }
+    let env = Envelope::from_bytes(bytes).map_err(|e| Verdict::Reject(e.to_string()))?;
+    let bad = |e: gleaner::Error| Verdict::Reject(e.to_string());
+    let (digest, at) = match env.kind() {
+        Ok(Kind::KeyRotation) => {
+            let v = env.open::<gleaner::trust::KeyRotation>().map_err(bad)?;
+            (v.digest, v.message.at)
+        }
+        Ok(Kind::Revocation) => {
+            let v = env.open::<gleaner::trust::Revocation>().map_err(bad)?;
+            (v.digest, v.message.at)
+        }
+        _ => {
+            return Err(Verdict::Reject(
+                "wrong message kind for the topic (a key rotation or revocation)".into(),
+            ));
+        }
+    };
+    // The maker's clock, not the relay's fault: ignored, not penalised.
+    if at > now + TRUST_CLOCK_SKEW_S {
+        return Err(Verdict::Ignore(format!(
+            "made at {at}, more than {TRUST_CLOCK_SKEW_S} s ahead of this clock ({now})"
+        )));
+    }
+    Ok(digest)
 }
 
 /// Verdict on one gossiped message.
@@ -698,6 +811,43 @@ impl Node {
         self.buckets
             .retain(|_, (_, last)| ms.saturating_sub(*last) < 60_000);
         self.fetch_wanted(now);
+        self.announce_trust_due(now);
+    }
+
+    /// Publishes the rotations and revocations whose time has come; one no peer could take yet
+    /// is tried again soon, one that went out (or that the space already had) in a while.
+    fn announce_trust_due(&mut self, now: u64) {
+        let due: Vec<Digest> = self
+            .trust
+            .iter()
+            .filter(|(_, (_, next))| *next <= now)
+            .map(|(d, _)| *d)
+            .collect();
+        self.trust_heard
+            .retain(|_, at| now.saturating_sub(*at) < TRUST_HEARD_S);
+        for d in due {
+            let Some((envelope, next)) = self.trust.get_mut(&d) else {
+                continue;
+            };
+            if self.trust_heard.contains_key(&d) {
+                *next = now + TRUST_REANNOUNCE_S;
+                continue;
+            }
+            let topic = self.topics.trust.clone();
+            *next = match self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(topic, envelope.clone())
+            {
+                Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => now + TRUST_RETRY_S,
+                Err(gossipsub::PublishError::Duplicate) | Ok(_) => now + TRUST_REANNOUNCE_S,
+                Err(e) => {
+                    tracing::debug!("announcing rotation or revocation {d}: {e}");
+                    now + TRUST_RETRY_S
+                }
+            };
+        }
     }
 
     fn command(&mut self, cmd: Command) {
@@ -718,6 +868,33 @@ impl Node {
                 {
                     tracing::debug!("publish: {e}");
                 }
+            }
+            Command::SetTrusted(keys) => {
+                if keys != self.trusted {
+                    self.trusted = keys;
+                    // Types refused for an untrusted publisher may be wanted now.
+                    self.refused.clear();
+                }
+            }
+            Command::AnnounceTrust { envelope, reply } => {
+                let now = now();
+                let r = match check_trust(&envelope, now) {
+                    Ok(d) => {
+                        if !self.trust.contains_key(&d) && self.trust.len() >= MAX_TRUST_KEPT {
+                            // One goes (the lowest digest, an arbitrary choice): the trust store
+                            // keeps them all and the daemon announces them again at its next start.
+                            if let Some(old) = self.trust.keys().next().copied() {
+                                self.trust.remove(&old);
+                            }
+                        }
+                        self.trust.insert(d, (envelope, now));
+                        self.announce_trust_due(now);
+                        Ok(())
+                    }
+                    Err(Verdict::Reject(why) | Verdict::Ignore(why)) => Err(why),
+                    Err(Verdict::Accept) => Ok(()),
+                };
+                let _ = reply.send(r);
             }
             Command::Summary(reply) => {
                 let _ = reply.send(self.summary());
@@ -923,6 +1100,9 @@ impl Node {
                 TypeVerdict::Bad(why) => Verdict::Reject(why),
             };
         }
+        if m.topic == self.topics.trust.hash() {
+            return self.validate_trust(m, author, from);
+        }
         let is_advert = m.topic == self.topics.adverts.hash();
         if !is_advert && m.topic != self.topics.outcomes.hash() {
             return Verdict::Reject("unknown topic".into());
@@ -973,6 +1153,47 @@ impl Node {
             };
             if let Err(e) = self.view.outcome(&v.message, now) {
                 return Verdict::Ignore(e.to_string());
+            }
+        }
+        Verdict::Accept
+    }
+
+    /// A gossiped key rotation or revocation: checked, then handed to the daemon (whose trust
+    /// store decides whether it bears on this host) unless this node already holds it. Any valid
+    /// one is forwarded, so that hosts that trust the publisher learn it through hosts that do not.
+    fn validate_trust(&mut self, m: &gossipsub::Message, author: PeerId, from: &PeerId) -> Verdict {
+        if m.data.len() > MAX_TRUST_MESSAGE {
+            return Verdict::Reject(format!(
+                "{} bytes, at most {MAX_TRUST_MESSAGE}",
+                m.data.len()
+            ));
+        }
+        // The cheap checks first, so junk is always penalised; a well-formed flood then costs a
+        // map lookup per message, not a signature check.
+        match Envelope::from_bytes(&m.data).map(|e| e.kind()) {
+            Ok(Ok(Kind::KeyRotation | Kind::Revocation)) => {}
+            Ok(_) => return Verdict::Reject("wrong message kind for the topic".into()),
+            Err(e) => return Verdict::Reject(e.to_string()),
+        }
+        if !self.rate_ok(author) {
+            self.rate_limited += 1;
+            return Verdict::Ignore(format!("{author} sends too many messages"));
+        }
+        let now = now();
+        let digest = match check_trust(&m.data, now) {
+            Ok(d) => d,
+            Err(v) => return v,
+        };
+        if self.trust_heard.len() < MAX_TRUST_HEARD || self.trust_heard.contains_key(&digest) {
+            self.trust_heard.insert(digest, now);
+        }
+        if !self.trust.contains_key(&digest) {
+            let l = LearnedTrust {
+                envelope: m.data.clone(),
+                from: from.to_string(),
+            };
+            if self.trust_learned.try_send(l).is_err() {
+                tracing::warn!("rotation or revocation {digest} dropped: nobody is taking them");
             }
         }
         Verdict::Accept
@@ -1209,6 +1430,49 @@ mod tests {
             kp.public().to_peer_id().to_string(),
             key.public().to_string()
         );
+    }
+
+    #[test]
+    fn trust_messages_are_checked_for_kind_signature_size_and_clock() {
+        use gleaner::trust::{KeyRotation, Revocation, TRUST_VERSION};
+        let (a, b) = (SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32]));
+        let now = 1_800_000_000;
+        let rev = |at: u64, reason: String| Revocation {
+            v: TRUST_VERSION,
+            key: a.public(),
+            at,
+            reason,
+        };
+        let good = Envelope::seal(&rev(now, "stolen".into()), &a).to_bytes();
+        assert!(check_trust(&good, now).is_ok());
+        let rot = KeyRotation {
+            v: TRUST_VERSION,
+            old: a.public(),
+            new: b.public(),
+            at: now,
+        };
+        assert!(check_trust(&Envelope::seal(&rot, &a).to_bytes(), now).is_ok());
+        // A revocation of A signed by B, a machine type, junk: rejected (the sender pays).
+        let forged = Envelope::seal(&rev(now, "framed".into()), &b).to_bytes();
+        assert!(matches!(check_trust(&forged, now), Err(Verdict::Reject(_))));
+        let mt = Envelope::seal(&MachineType::example(a.public()), &a).to_bytes();
+        assert!(matches!(check_trust(&mt, now), Err(Verdict::Reject(_))));
+        assert!(matches!(check_trust(b"junk", now), Err(Verdict::Reject(_))));
+        let mut tampered = good.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(matches!(
+            check_trust(&tampered, now),
+            Err(Verdict::Reject(_))
+        ));
+        let big = vec![0u8; MAX_TRUST_MESSAGE + 1];
+        assert!(matches!(check_trust(&big, now), Err(Verdict::Reject(_))));
+        // Made an hour ahead of this clock: ignored, not held against the relay.
+        let ahead = Envelope::seal(&rev(now + 3600, "later".into()), &a).to_bytes();
+        assert!(matches!(check_trust(&ahead, now), Err(Verdict::Ignore(_))));
+        // An old one is fine: a revocation never expires.
+        let old = Envelope::seal(&rev(1, "long ago".into()), &a).to_bytes();
+        assert!(check_trust(&old, now).is_ok());
     }
 
     #[test]

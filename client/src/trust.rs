@@ -5,7 +5,13 @@
 //!
 //! The settings file's `trust` entries (and `--trust`) are the department's baseline; the owner's
 //! `gleaner trust add/remove` are kept in the store and win over the baseline, including removing a
-//! baseline publisher on this host. Revocations win over everything.
+//! baseline publisher on this host. Revocations win over everything, and a revoked key takes every
+//! key joined to it by rotations down with it.
+//!
+//! Signed rotations and revocations come from the machine-types folder (`gleaner key rotate|revoke`
+//! writes them there) or from peers in the space; whatever is new here is handed back for the
+//! space to spread ([`Catalogue::take_fresh_trust`]), so a revocation made on one host reaches
+//! every host that trusts the publisher.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -258,8 +264,9 @@ impl TrustStore {
         &self.path
     }
 
-    /// Rebuilds the verdicts from the entries: rotations in arrival order, then revocations (so a
-    /// revocation never undoes a rotation accepted before it), then the listings.
+    /// Rebuilds the verdicts from the entries: rotations in arrival order, then revocations (each
+    /// ends trust in its key's whole rotation chain, whenever the rotation came), then the
+    /// listings.
     fn rebuild(&mut self) {
         let mut set = TrustSet::default();
         for (r, _) in &self.rotations {
@@ -444,6 +451,38 @@ impl TrustStore {
         Ok(Some(said))
     }
 
+    /// Whether signed rotation or revocation `bytes` bears on this host's trust: it names a key
+    /// that is trusted here, or joined by rotations to one that is. Peers' messages that do not
+    /// are not kept (anyone can make keys and revoke them; the store must not fill with those).
+    pub fn concerns(&self, bytes: &[u8]) -> bool {
+        let Ok(env) = Envelope::from_bytes(bytes) else {
+            return false;
+        };
+        match env.kind() {
+            Ok(Kind::KeyRotation) => env.open::<KeyRotation>().is_ok_and(|v| {
+                self.set.concerns(v.message.old) || self.set.concerns(v.message.new)
+            }),
+            Ok(Kind::Revocation) => env
+                .open::<Revocation>()
+                .is_ok_and(|v| self.set.concerns(v.message.key)),
+            _ => false,
+        }
+    }
+
+    /// The publisher keys trusted now (after rotations and revocations).
+    pub fn trusted_keys(&self) -> Vec<PublicKey> {
+        self.set.effective().into_keys().collect()
+    }
+
+    /// Every signed rotation and revocation kept, as envelope bytes (for the space to spread).
+    pub fn signed_entries(&self) -> Vec<Vec<u8>> {
+        self.rotations
+            .iter()
+            .map(|(_, b)| b.clone())
+            .chain(self.revocations.iter().map(|(_, b)| b.clone()))
+            .collect()
+    }
+
     /// The verdict on a verified machine type.
     pub fn admit(&self, mt: &MachineType) -> Result<gleaner::trust::Admission, Refused> {
         self.set.admit(mt)
@@ -516,7 +555,13 @@ pub struct Catalogue {
     seen_types: BTreeSet<Digest>,
     offered: BTreeMap<Digest, Offered>,
     reconciled: u64,
+    /// Signed rotations and revocations newly applied here, for the space to spread.
+    fresh_trust: Vec<Vec<u8>>,
 }
+
+/// Fresh signed trust messages held for the space at most (more are dropped with a warning; the
+/// store keeps them and the daemon re-announces the store's entries at start).
+const FRESH_TRUST_MAX: usize = 64;
 
 async fn say(factory: &FactoryHandle, warn: bool, message: String) {
     if warn {
@@ -560,6 +605,48 @@ impl Catalogue {
             seen_types: BTreeSet::new(),
             offered: BTreeMap::new(),
             reconciled: 0,
+            fresh_trust: Vec::new(),
+        }
+    }
+
+    /// Signed rotations and revocations applied since the last call, to publish to the space.
+    pub fn take_fresh_trust(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.fresh_trust)
+    }
+
+    fn keep_fresh(&mut self, bytes: &[u8]) {
+        if self.fresh_trust.len() < FRESH_TRUST_MAX {
+            self.fresh_trust.push(bytes.to_vec());
+        } else {
+            tracing::warn!("too many new rotations and revocations at once: one is not spread");
+        }
+    }
+
+    /// Applies a signed rotation or revocation a peer gossiped (`origin` names it), if it bears on
+    /// this host's trust: persisted, logged and shown in `gleaner events`, offers it no longer
+    /// covers withdrawn (their machines stop gracefully). Returns whether it was new here.
+    pub async fn apply_from_space(
+        &mut self,
+        bytes: &[u8],
+        origin: &str,
+        factory: &FactoryHandle,
+    ) -> bool {
+        if !self.store.concerns(bytes) {
+            tracing::debug!("{origin}: bears on no publisher trusted here; not kept");
+            return false;
+        }
+        match self.store.apply_signed(bytes) {
+            Ok(Some(said)) => {
+                say(factory, true, format!("{said} ({origin})")).await;
+                self.keep_fresh(bytes);
+                self.reconcile(factory).await;
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                say(factory, true, format!("refused {origin}: {e}")).await;
+                false
+            }
         }
     }
 
@@ -577,7 +664,8 @@ impl Catalogue {
                 }
                 match self.store.apply_signed(&bytes) {
                     Ok(Some(said)) => {
-                        say(factory, false, format!("{said} ({})", path.display())).await
+                        say(factory, false, format!("{said} ({})", path.display())).await;
+                        self.keep_fresh(&bytes);
                     }
                     Ok(None) => {}
                     Err(e) => say(factory, true, format!("refused {}: {e}", path.display())).await,
@@ -987,6 +1075,51 @@ mod tests {
         assert!(matches!(s.admit(&mt(&a)), Err(Refused::RotatedAway { .. })));
         assert!(matches!(s.admit(&mt(&c)), Err(Refused::Revoked { .. })));
         assert!(matches!(s.admit(&mt(&d)), Err(Refused::NotTrusted { .. })));
+    }
+
+    #[test]
+    fn rotate_then_revoke_leaves_no_trust_in_the_chain_across_restarts() {
+        for (revoked, name) in [(1u8, "the old key"), (2u8, "the new key")] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = store_path(dir.path());
+            let (a, b, c) = (key(1), key(2), key(3));
+            let baseline = vec![(c.public(), Policy::default())];
+            let mut s = TrustStore::open(&path, baseline.clone()).unwrap();
+            s.trust(a.public(), Policy::default(), String::new(), 1)
+                .unwrap();
+            s.apply_signed(&rotation(&a, &b)).unwrap();
+            let mt = |k: &SecretKey| MachineType::example(k.public());
+            assert!(s.admit(&mt(&b)).is_ok());
+            // Signed rotations and revocations of this chain bear on this host; a stranger's not.
+            assert!(s.concerns(&revocation(&key(revoked))));
+            assert!(!s.concerns(&revocation(&key(9))));
+            assert!(
+                s.apply_signed(&revocation(&key(revoked)))
+                    .unwrap()
+                    .is_some()
+            );
+            for s in [&s, &TrustStore::open(&path, baseline.clone()).unwrap()] {
+                for k in [&a, &b] {
+                    let e = s.admit(&mt(k)).unwrap_err();
+                    assert!(
+                        matches!(e, Refused::Revoked { .. })
+                            && e.to_string().contains("compromised"),
+                        "revoking {name}: {e}"
+                    );
+                }
+                let trusted: Vec<String> = s.listing().trusted.into_iter().map(|l| l.id).collect();
+                assert_eq!(trusted, vec![c.public().to_string()], "revoking {name}");
+                assert!(s.admit(&mt(&c)).is_ok(), "another publisher is unaffected");
+                assert_eq!(s.signed_entries().len(), 2);
+            }
+            let mut s = TrustStore::open(&path, baseline).unwrap();
+            for k in [&a, &b] {
+                let e = s
+                    .trust(k.public(), Policy::default(), String::new(), 2)
+                    .unwrap_err();
+                assert!(e.to_string().contains("revoked"), "revoking {name}: {e}");
+            }
+        }
     }
 
     #[test]

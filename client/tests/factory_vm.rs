@@ -1,7 +1,10 @@
 //! The factory running VM machine types on the real libvirtd (TCG) through the daemon's runtime
 //! over both engines: a signed VM type boots the test kernel, reads its MJF and user_data over
 //! virtiofs and the NoCloud seed, heartbeats, writes its outcome, and yields exactly one usage
-//! record whose CPU time matches libvirt's accounting; after a kill -9 of the factory, a restart
+//! record whose CPU time matches libvirt's accounting; a guest that stops its heartbeat is stopped
+//! with outcome heartbeat-lost; one that overruns its max wallclock finds its shutdowntime already
+//! passed when the host's graceful stop (ACPI) reaches it, and ends with outcome wallclock; after a
+//! kill -9 of the factory, a restart
 //! adopts the VM still running and accounts for and cleans the one that died; nothing is left.
 //! Skipped only when libvirtd is unreachable and CI is unset.
 
@@ -162,6 +165,140 @@ echo "200 Intended work completed ok" > /joboutputs/shutdown_message
     );
     let rt = f.runtime.clone();
     f.stop().await;
+    assert_no_vm_left(&rt, tmp.path(), &domains.names()).await;
+}
+
+/// The folder of the one machine the factory runs under `state`, once it exists.
+async fn machine_dir(state: &std::path::Path, what: &str) -> std::path::PathBuf {
+    let machines = state.join("machines");
+    eventually(240, what, async || {
+        Some(std::fs::read_dir(&machines).ok()?.next()?.ok()?.path())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_heartbeat_stops_is_stopped_with_heartbeat_lost() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let owner = owner("vm-heartbeat");
+    let Some(rt) = host_runtime(&owner, tmp.path()).await else {
+        return;
+    };
+    let domains = Domains::default();
+    let ledger = std::sync::Arc::new(
+        gleaner_client::ledger::Ledger::open(&tmp.path().join("ledger.redb")).unwrap(),
+    );
+    let mut f = vm_factory(rt, ledger, tmp.path(), 1).await;
+    // The guest boots and heartbeats (the init's loop), then stops the heartbeat and stays up.
+    let script = r#"
+kill $(cat /run/heartbeat.pid)
+touch /joboutputs/heartbeat_stopped
+sleep 600
+"#;
+    let mut mt = vm_machine_type("vm-silent", script);
+    // Longer than a TCG boot on a loaded machine, so that only the silence can trip it.
+    mt.heartbeat_s = 30;
+    mt.backoff_s = 3600;
+    f.handle.offer(offer(&mt)).await.unwrap();
+    let dir = machine_dir(tmp.path(), "the machine folder").await;
+    eventually(240, "the guest to stop its heartbeat", async || {
+        if let Ok(owned) = f.runtime.list_owned().await {
+            owned.iter().for_each(|o| domains.saw(&o.name));
+        }
+        dir.join("joboutputs/heartbeat_stopped")
+            .exists()
+            .then_some(())
+    })
+    .await;
+    f.handle.drain(false).await.unwrap();
+    let r = eventually(180, "a heartbeat-lost record", async || {
+        records(&f.ledger).into_iter().next()
+    })
+    .await;
+    assert_eq!(r.outcome, OutcomeCode::HeartbeatLost, "{r:?}");
+    let events = f.handle.status().await.unwrap().events;
+    assert!(
+        events.iter().any(|e| e.message.contains("heartbeat")),
+        "{events:?}"
+    );
+    let rt = f.runtime.clone();
+    f.handle.withdraw(offer(&mt).digest).await.unwrap();
+    f.stop().await;
+    assert_eq!(records(&f.ledger).len(), 1);
+    assert_no_vm_left(&rt, tmp.path(), &domains.names()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_over_its_max_wallclock_sees_its_shutdowntime_then_is_stopped() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let owner = owner("vm-wallclock");
+    let Some(rt) = host_runtime(&owner, tmp.path()).await else {
+        return;
+    };
+    let domains = Domains::default();
+    let ledger = std::sync::Arc::new(
+        gleaner_client::ledger::Ledger::open(&tmp.path().join("ledger.redb")).unwrap(),
+    );
+    // A long grace, so that the guest can wait for the test to read what it wrote: the factory
+    // removes the machine's folder as soon as the machine has ended.
+    let mut f = vm_factory_with(rt, ledger, tmp.path(), 1, |c| {
+        c.stop_grace = Duration::from_secs(90)
+    })
+    .await;
+    // The guest takes over the power button from the init: when the host's graceful stop comes,
+    // it records the shutdowntime it sees, waits (bounded) for the test to read it, then ends.
+    let script = r#"
+kill $(cat /run/powerbutton.pid)
+for ev in /sys/class/input/event*; do
+  [ "$(cat "$ev/device/name")" = "Power Button" ] && dev=/dev/input/$(basename "$ev")
+done
+touch /joboutputs/watching
+dd if="$dev" bs=24 count=1 >/dev/null 2>&1
+cat /machinefeatures/shutdowntime > /joboutputs/shutdowntime_at_stop
+i=0
+while [ ! -e /joboutputs/read ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+echo "100 Shutdown as requested by the host" > /joboutputs/shutdown_message
+"#;
+    let mut mt = vm_machine_type("vm-overrun", script);
+    // Longer than a TCG boot on a loaded machine: the guest must be watching when it comes.
+    mt.max_wallclock_s = 40;
+    mt.heartbeat_s = 30;
+    mt.backoff_s = 3600;
+    f.handle.offer(offer(&mt)).await.unwrap();
+    let dir = machine_dir(tmp.path(), "the machine folder").await;
+    eventually(240, "the guest to watch its power button", async || {
+        if let Ok(owned) = f.runtime.list_owned().await {
+            owned.iter().for_each(|o| domains.saw(&o.name));
+        }
+        dir.join("joboutputs/watching").exists().then_some(())
+    })
+    .await;
+    f.handle.drain(false).await.unwrap();
+    let shutdown = eventually(180, "the guest to be asked to stop", async || {
+        let s = std::fs::read_to_string(dir.join("joboutputs/shutdowntime_at_stop")).ok()?;
+        s.trim().parse::<u64>().ok()
+    })
+    .await;
+    // Host time, after the stop reached the guest (not the guest's clock, which TCG may skew).
+    let seen_at = gleaner_client::factory::now_ms() / 1000;
+    std::fs::write(dir.join("joboutputs/read"), b"").unwrap();
+    assert!(
+        shutdown <= seen_at,
+        "the shutdowntime {shutdown} had passed when the stop reached the guest ({seen_at})"
+    );
+    let r = eventually(120, "a wallclock record", async || {
+        records(&f.ledger).into_iter().next()
+    })
+    .await;
+    assert_eq!(r.outcome, OutcomeCode::WallclockExceeded, "{r:?}");
+    // The guest ended by itself after the graceful stop, long before the grace ran out.
+    assert!(r.wall_ms < (40 + 60) * 1000, "{r:?}");
+    let rt = f.runtime.clone();
+    f.handle.withdraw(offer(&mt).digest).await.unwrap();
+    f.stop().await;
+    assert_eq!(records(&f.ledger).len(), 1);
     assert_no_vm_left(&rt, tmp.path(), &domains.names()).await;
 }
 

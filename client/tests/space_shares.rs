@@ -1,5 +1,6 @@
-//! Space-wide target shares in the factory (issue 5): with the space's counts, a factory starts the
-//! types the space as a whole lacks; without them it keeps its local shares.
+//! Target shares in the factory: with the space's counts, a factory starts the types the space as a
+//! whole lacks (issue 5); without them it keeps its local shares; and slots are laid like masonry
+//! (issue 6): a multi-core type is not starved by single-core machines refilling each freed core.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 fn offer(name: &str) -> Offer {
+    offer_cores(name, 1)
+}
+
+fn offer_cores(name: &str, cores: u16) -> Offer {
     let publisher = SecretKey::from_seed([0x51; 32]);
     let mut mt = MachineType::example(publisher.public());
     mt.name = name.into();
@@ -22,8 +27,8 @@ fn offer(name: &str) -> Offer {
         url: format!("https://example.invalid/{name}.tar"),
         sha256: Digest::of(name.as_bytes()),
     });
-    mt.cores_min = 1;
-    mt.cores_max = 1;
+    mt.cores_min = cores;
+    mt.cores_max = cores;
     mt.memory_mib = 64;
     mt.not_after = 4_000_000_000;
     let v = Envelope::seal(&mt, &publisher)
@@ -33,7 +38,7 @@ fn offer(name: &str) -> Offer {
         machine_type: v.message,
         digest: v.digest,
         share: 1.0,
-        max_cores: 1,
+        max_cores: cores,
     }
 }
 
@@ -114,4 +119,87 @@ async fn a_factory_fills_what_the_space_lacks() {
         vec![("alpha".into(), 2), ("beta".into(), 2)]
     );
     cancel.cancel();
+}
+
+/// On a 2-core host, 1-core machines of one type fill both cores; then a 2-core type of equal share
+/// is offered. Each time a 1-core machine ends, its core is held for the 2-core type rather than
+/// refilled, and once both are free the 2-core type (which waited longest) starts — whichever way
+/// the two types' digests sort.
+#[tokio::test]
+async fn a_two_core_type_is_not_starved_by_one_core_machines() {
+    let narrow = offer("narrow");
+    let wides: Vec<Offer> = (0..64)
+        .map(|i| offer_cores(&format!("wide-{i}"), 2))
+        .collect();
+    let below = wides.iter().find(|w| w.digest < narrow.digest).unwrap();
+    let above = wides.iter().find(|w| w.digest > narrow.digest).unwrap();
+    for wide in [below, above] {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(&dir.path().join("ledger.redb")).unwrap());
+        let mut cfg = FactoryConfig::new(dir.path().to_owned());
+        cfg.tick = Duration::from_millis(50);
+        cfg.max_starting = 1;
+        let rt = Arc::new(FakeRuntime::new());
+        let (_allowance, rx) = watch::channel(Allowance::open(2, 4 << 30));
+        let f = Factory::new(
+            cfg,
+            rt.clone(),
+            ledger,
+            SecretKey::from_seed([0x77; 32]),
+            rx,
+        );
+        let cancel = CancellationToken::new();
+        let (h, _task) = f.spawn(cancel.clone());
+        h.offer(narrow.clone()).await.unwrap();
+        let machines = |want: usize| {
+            let h = h.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let s = h.status().await.unwrap();
+                    if s.machines.len() == want {
+                        return s.machines;
+                    }
+                    assert!(Instant::now() < deadline, "not {want} machines: {s:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let first = machines(2).await;
+        assert!(first.iter().all(|m| m.name == "narrow" && m.cores == 1));
+        h.offer(wide.clone()).await.unwrap();
+        let creates = || rt.calls().iter().filter(|c| c.name() == "create").count();
+        assert_eq!(creates(), 2);
+
+        // One 1-core machine ends: its core stays free for the 2-core type.
+        rt.finish(&format!("gleaner-{}", first[0].machine_id), 0)
+            .unwrap();
+        let left = machines(1).await;
+        assert_eq!(left[0].machine_id, first[1].machine_id);
+        // Many ticks later, nothing has taken the freed core.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s = h.status().await.unwrap();
+        assert_eq!(s.machines.len(), 1, "the freed core was refilled: {s:?}");
+        assert_eq!(creates(), 2, "{:?}", rt.calls());
+
+        // The other ends: the 2-core type gets both cores.
+        rt.finish(&format!("gleaner-{}", first[1].machine_id), 0)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = h.status().await.unwrap();
+            if s.machines.iter().any(|m| m.name == wide.machine_type.name) {
+                assert_eq!(s.machines.len(), 1, "{s:?}");
+                assert_eq!(s.machines[0].cores, 2);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never started: {s:?}",
+                wide.machine_type.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
+    }
 }

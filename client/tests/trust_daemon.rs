@@ -3,8 +3,11 @@
 //! the publisher's policy allows is refused with the reason in `gleaner events`; `gleaner trust
 //! remove` withdraws the publisher and stops its machines, and that too survives a restart; a
 //! revoked publisher's type never starts, even from the settings baseline; a rotation moves the
-//! publisher's trust to its new key and the old key alone is refused. Records carry the measured
-//! host benchmark.
+//! publisher's trust to its new key and the old key alone is refused; revoking the old key after
+//! that ends the new key's trust too. Records carry the measured host benchmark. In a space of
+//! three daemons on loopback, a rotation and then a revocation dropped on a host that trusts
+//! nobody reach the hosts that trust the publisher: one moves to the new key (and fetches the new
+//! key's type from a peer), then both stop the publisher's machines and refuse its types.
 
 mod support;
 
@@ -35,8 +38,14 @@ fn text(o: &Output) -> String {
 
 /// A daemon that trusts nobody but `baseline` (the settings' `--trust` entries).
 fn start(state: &Path, types: &Path, baseline: &[String]) -> Daemon {
+    start_with(state, types, baseline, &["--no-space"])
+}
+
+/// As [`start`], with `extra` arguments (a space's `--listen`, `--bootstrap`...).
+fn start_with(state: &Path, types: &Path, baseline: &[String], extra: &[&str]) -> Daemon {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gleaner"));
-    c.args(["daemon", "--no-space", "--stop-grace", "2"])
+    c.args(["daemon", "--stop-grace", "2"])
+        .args(extra)
         .arg("--state-dir")
         .arg(state)
         .arg("--socket")
@@ -74,7 +83,8 @@ async fn status(sock: &Path) -> Option<serde_json::Value> {
     c.call(&Request::Status).await.ok()
 }
 
-/// Names of the machines running (or starting to stop) now.
+/// Names of the machine types running (or starting to stop) now, each once: how many machines of
+/// a type start depends on whether the owner seems present (a busy terminal on a shared machine).
 async fn running(sock: &Path) -> Option<Vec<String>> {
     let s = status(sock).await?;
     let mut names: Vec<String> = s["factory"]["machines"]
@@ -83,6 +93,7 @@ async fn running(sock: &Path) -> Option<Vec<String>> {
         .filter_map(|m| m["name"].as_str().map(str::to_owned))
         .collect();
     names.sort();
+    names.dedup();
     Some(names)
 }
 
@@ -289,8 +300,32 @@ async fn trust_add_remove_revoke_and_rotate_on_a_real_daemon() {
     assert_eq!(list["trusted"][0]["id"], a2.public().to_string(), "{list}");
     assert_eq!(list["trusted"][0]["share"], 2.0, "{list}");
     assert_eq!(list["trusted"][0]["rotated_from"][0], a_id, "{list}");
-    // The revoked publisher's type never started at any point.
+    // Revoking the old key after the rotation ends the new key's trust too: whoever stole the
+    // old key could have made that rotation.
+    let o = gleaner(&[
+        "key",
+        "revoke",
+        ka.to_str().unwrap(),
+        "--reason",
+        "old laptop stolen",
+        "-o",
+        types.join("a.grv").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    eventually(30, "alpha-two stopped", async || {
+        running(&sock).await?.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(offers(&sock).await.unwrap(), Vec::<String>::new());
     let ev = events_text(&sock).await;
+    assert!(
+        ev.contains("withdrew alpha-two") && ev.contains("old laptop stolen"),
+        "{ev}"
+    );
+    let o = gleaner(&["trust", "list", "--json", "--socket", &s]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list["trusted"], serde_json::json!([]), "{list}");
+    // The revoked publisher's type never started at any point.
     assert!(!ev.contains("starting revoked-type"), "{ev}");
     stop(daemon);
     let rt = docker(&host, &state).await;
@@ -310,5 +345,239 @@ async fn trust_add_remove_revoke_and_rotate_on_a_real_daemon() {
     );
     for (r, _) in &records {
         assert_eq!(u64::from(r.benchmark), score, "{r:?}");
+    }
+}
+
+/// Waits until each daemon runs exactly the named machine types; on timeout, fails with what each
+/// runs and its events.
+async fn expect_running(want: &[(&Path, &[&str])], secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let mut all = true;
+        for (sock, names) in want {
+            all &= running(sock).await.is_some_and(|r| r == *names);
+        }
+        if all {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut why = String::new();
+            for (sock, names) in want {
+                why += &format!(
+                    "\n{}: want {names:?}, status {:?}\nevents:\n{}",
+                    sock.display(),
+                    status(sock).await.map(|s| s["factory"]["machines"].clone()),
+                    events_text(sock).await
+                );
+            }
+            panic!("timed out after {secs} s waiting for machines:{why}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+async fn space(sock: &Path) -> Option<serde_json::Value> {
+    let mut c = ControlClient::connect(sock).await.ok()?;
+    c.call(&Request::Space).await.ok()
+}
+
+/// Whether the daemon at `sock` has adverts from every one of `hosts` in its view.
+async fn sees(sock: &Path, hosts: &[&str]) -> Option<()> {
+    let s = space(sock).await?;
+    let peers: Vec<&str> = s["peers"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p["host"].as_str())
+        .collect();
+    hosts.iter().all(|h| peers.contains(h)).then_some(())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_and_revocations_spread_across_the_space() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |n: &str| {
+        let d = tmp.path().join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    // Three hosts: A, where the publisher's signed files are dropped (it trusts nobody); R, which
+    // trusts the publisher's new key and runs its type; B, which trusts the old key and runs its
+    // type. A and B know only R (and cannot reach each other: everything passes through R).
+    let (state_a, types_a) = (dir("a-state"), dir("a-types"));
+    let (state_r, types_r) = (dir("r-state"), dir("r-types"));
+    let (state_b, types_b) = (dir("b-state"), dir("b-types"));
+    let relay_key = SecretKey::from_seed([0x71; 32]);
+    gleaner_client::keys::write(&state_r.join("host.key"), &relay_key, false).unwrap();
+    let port = free_port();
+    let relay_addr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", relay_key.public());
+    let space_args = |listen: &str, bootstrap: bool| -> Vec<String> {
+        let mut v = vec![
+            "--space".to_string(),
+            "trust-spread".into(),
+            "--no-mdns".into(),
+            "--listen".into(),
+            listen.into(),
+        ];
+        if bootstrap {
+            v.extend(["--bootstrap".into(), relay_addr.clone()]);
+        }
+        v
+    };
+    let p = SecretKey::from_seed([0x72; 32]);
+    let p2 = SecretKey::from_seed([0x73; 32]);
+    let (kp, kp2) = (tmp.path().join("p.key"), tmp.path().join("p2.key"));
+    gleaner_client::keys::write(&kp, &p, false).unwrap();
+    gleaner_client::keys::write(&kp2, &p2, false).unwrap();
+    signed(&types_b, "old.gmt", &typed("spread-old", &p), &p);
+    signed(&types_r, "new.gmt", &typed("spread-new", &p2), &p2);
+
+    let r_args = space_args(&format!("/ip4/127.0.0.1/tcp/{port}"), false);
+    let ab_args = space_args("/ip4/127.0.0.1/tcp/0", true);
+    let r = start_with(
+        &state_r,
+        &types_r,
+        &[format!("{}=1", p2.public())],
+        &refs(&r_args),
+    );
+    let a = start_with(&state_a, &types_a, &[], &refs(&ab_args));
+    let b = start_with(
+        &state_b,
+        &types_b,
+        &[format!("{}=1", p.public())],
+        &refs(&ab_args),
+    );
+    let (sock_a, sock_r, sock_b) = (
+        state_a.join("control.sock"),
+        state_r.join("control.sock"),
+        state_b.join("control.sock"),
+    );
+    let mut hosts = Vec::new();
+    for sock in [&sock_a, &sock_r, &sock_b] {
+        let host = eventually(90, "a daemon to answer", async || {
+            Some(status(sock).await?["host"].as_str()?.to_owned())
+        })
+        .await;
+        hosts.push(host);
+    }
+    let _cleanup: Vec<Cleanup> = hosts.iter().map(|h| Cleanup(h.clone())).collect();
+    expect_running(
+        &[(&sock_b, &["spread-old"]), (&sock_r, &["spread-new"])],
+        90,
+    )
+    .await;
+    // Gossip flows both ways through the relay before anything is signed.
+    let all: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    eventually(60, "A and B in each other's view", async || {
+        sees(&sock_a, &all[1..]).await?;
+        sees(&sock_b, &all[..2]).await
+    })
+    .await;
+
+    // The publisher rotates to P2 on host A: B, which never saw the file, moves to the new key,
+    // and fetches the new key's type from R, which it sees running it.
+    let o = gleaner(&[
+        "key",
+        "rotate",
+        "--old",
+        kp.to_str().unwrap(),
+        "--new",
+        kp2.to_str().unwrap(),
+        "-o",
+        types_a.join("p-to-p2.gkr").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    eventually(
+        60,
+        "spread-new running on B instead of spread-old",
+        async || (running(&sock_b).await? == ["spread-new"]).then_some(()),
+    )
+    .await;
+    let ev = events_text(&sock_b).await;
+    assert!(
+        ev.contains("key rotation") && ev.contains("from peer"),
+        "{ev}"
+    );
+    // B's space fetched it (the node keeps what it fetched to serve on): no file of B's had it.
+    let new_bytes = std::fs::read(types_r.join("new.gmt")).unwrap();
+    let new_digest = Envelope::open_bytes::<MachineType>(&new_bytes)
+        .unwrap()
+        .digest
+        .to_string();
+    let served = space(&sock_b).await.unwrap()["machine_types"].clone();
+    assert!(
+        served
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d.as_str() == Some(new_digest.as_str())),
+        "{served}"
+    );
+
+    // Then the old key is revoked on host A: B stops the new key's machines and refuses its types,
+    // and so does R, which trusted the new key alone (it is joined to the revoked one).
+    let o = gleaner(&[
+        "key",
+        "revoke",
+        kp.to_str().unwrap(),
+        "--reason",
+        "publisher key stolen",
+        "-o",
+        types_a.join("p.grv").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    eventually(60, "spread-new withdrawn and stopped on B", async || {
+        (running(&sock_b).await?.is_empty() && offers(&sock_b).await?.is_empty()).then_some(())
+    })
+    .await;
+    let ev = events_text(&sock_b).await;
+    assert!(
+        ev.contains("publisher key stolen") && ev.contains("withdrew spread-new"),
+        "{ev}"
+    );
+    eventually(60, "spread-new stopped on R", async || {
+        (running(&sock_r).await?.is_empty() && offers(&sock_r).await?.is_empty()).then_some(())
+    })
+    .await;
+    // A type of the revoked chain that B reads afterwards is refused, with the reason.
+    signed(&types_b, "late.gmt", &typed("spread-late", &p2), &p2);
+    let ev = eventually(20, "the late type refused on B", async || {
+        let ev = events_text(&sock_b).await;
+        ev.contains("spread-late").then_some(ev)
+    })
+    .await;
+    assert!(ev.contains("was revoked"), "{ev}");
+    assert!(!ev.contains("starting spread-late"), "{ev}");
+    // R and B keep the revocation and trust nobody now.
+    for sock in [&sock_b, &sock_r] {
+        let o = gleaner(&[
+            "trust",
+            "list",
+            "--json",
+            "--socket",
+            sock.to_str().unwrap(),
+        ]);
+        let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(list["trusted"], serde_json::json!([]), "{list}");
+        assert_eq!(list["revoked"][0]["id"], p.public().to_string(), "{list}");
+    }
+    assert_eq!(running(&sock_b).await.unwrap(), Vec::<String>::new());
+    for d in [a, r, b] {
+        stop(d);
+    }
+    for (host, state) in [(&hosts[1], &state_r), (&hosts[2], &state_b)] {
+        let rt = docker(host, state).await;
+        assert_nothing_left(&rt, state).await;
     }
 }

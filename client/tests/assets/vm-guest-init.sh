@@ -62,7 +62,9 @@ for ev in /sys/class/input/event*; do
 done
 [ -s /run/powerbutton.pid ] || say "no power button: a graceful stop will time out"
 
+# (A test of heartbeat loss stops it from user_data: kill $(cat /run/heartbeat.pid).)
 (while :; do touch /joboutputs/heartbeat; sleep 1; done) &
+echo $! > /run/heartbeat.pid
 say "running user_data"
 sh /user_data > /joboutputs/user_data.log 2>&1
 rc=$?

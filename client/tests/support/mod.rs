@@ -341,10 +341,22 @@ pub async fn vm_factory(
     state: &Path,
     cores: u16,
 ) -> VmFactory {
+    vm_factory_with(runtime, ledger, state, cores, |_| {}).await
+}
+
+/// As [`vm_factory`], with the factory's settings changed by `tweak` (a longer stop grace...).
+pub async fn vm_factory_with(
+    runtime: gleaner_client::runtime::backends::HostRuntime,
+    ledger: Arc<Ledger>,
+    state: &Path,
+    cores: u16,
+    tweak: impl FnOnce(&mut FactoryConfig),
+) -> VmFactory {
     let runtime = Arc::new(runtime);
     let mut cfg = FactoryConfig::new(state.to_owned());
     cfg.tick = Duration::from_millis(200);
     cfg.stop_grace = Duration::from_secs(10);
+    tweak(&mut cfg);
     let (tx, rx) = watch::channel(Allowance::open(cores, 2 << 30));
     let key = SecretKey::from_seed([0x78; 32]);
     let mut f = Factory::new(cfg, runtime.clone(), ledger.clone(), key.clone(), rx);
