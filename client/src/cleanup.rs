@@ -1,12 +1,14 @@
 //! `gleaner cleanup`: what an uninstall runs once the daemon has stopped — every machine this host
-//! owns is stopped and removed from its engine, the image cache and machine folders are deleted, and
-//! the host key and the ledger (unsent credit) are kept unless `--purge`.
+//! owns is stopped and removed from its engine (with a container's egress network and rules), the
+//! image cache and machine folders are deleted, and the host key and the ledger (unsent credit)
+//! are kept unless `--purge`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{MachineHandle, Runtime};
 
 /// What cleanup did.
@@ -49,6 +51,15 @@ pub async fn remove_machines<R: Runtime>(runtime: &R, grace: Duration, report: &
             Ok(()) => report.removed.push(m.name),
             Err(e) => report.failed.push(format!("{}: {e}", m.name)),
         }
+    }
+}
+
+/// Removes the egress networks and firewall rules left without their container (a daemon that
+/// died between making them and the container).
+pub async fn remove_stray_egress(docker: &DockerRuntime, report: &mut Report) {
+    match docker.remove_stray_egress().await {
+        Ok(networks) => report.removed.extend(networks),
+        Err(e) => report.failed.push(format!("egress networks: {e}")),
     }
 }
 

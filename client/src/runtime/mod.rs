@@ -7,6 +7,7 @@
 pub mod backends;
 pub mod blobs;
 pub mod docker;
+pub mod egress;
 pub mod fake;
 pub mod image;
 pub mod libvirt;
