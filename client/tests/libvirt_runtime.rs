@@ -605,3 +605,37 @@ async fn a_memory_hog_cannot_take_more_than_the_vm_size() {
     rt.remove(&m).await.unwrap();
     assert_nothing_left(&rt, &m).await;
 }
+
+/// A VM's network is QEMU's user-mode stack, which a host firewall cannot filter per machine: a
+/// policy listing destinations is refused before anything is made, while `*` gets the network.
+#[tokio::test]
+async fn a_vm_egress_list_is_refused_and_star_gets_the_user_network() {
+    let Some((rt, tmp, owner)) = setup("egress").await else {
+        return;
+    };
+    let mjf = mjf_dir(tmp.path(), "#!/bin/sh\n");
+    let mut s = spec(&owner, "egress", &mjf);
+    let _guard = Guard(vec![s.name.clone()]);
+    s.egress = vec!["192.0.2.1:443".into(), "queue.example.org:443".into()];
+    let e = rt.create(&s).await.unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::Unsupported(_))
+            && e.to_string().contains("containers only")
+            && e.to_string().contains(&s.name),
+        "{e}"
+    );
+    assert!(
+        !virsh(&["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == s.name),
+        "a refused vm was defined"
+    );
+    assert!(!rt.machine_dir(&s.name).exists());
+
+    s.egress = vec!["*".into()];
+    let m = rt.create(&s).await.unwrap();
+    let xml = virsh(&["dumpxml", &m.name]);
+    assert!(xml.contains("<interface type='user'>"), "{xml}");
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+}

@@ -21,8 +21,8 @@ use virt::error::ErrorNumber;
 
 use super::blobs::BlobCache;
 use super::{
-    EngineKind, ImageSource, Limits, MachineHandle, MachineSpec, MachineState, OwnedMachine,
-    PreparedImage, Probe, Progress, Runtime, RuntimeError, Usage,
+    Backend, EngineKind, ImageSource, Limits, MachineHandle, MachineSpec, MachineState,
+    OwnedMachine, PreparedImage, Probe, Progress, Runtime, RuntimeError, Usage,
 };
 
 /// The XML namespace of Gleaner's domain metadata element (ownership, machine id and type).
@@ -967,6 +967,8 @@ impl Runtime for LibvirtRuntime {
 
     async fn create(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
         check_name(&spec.name)?;
+        super::egress_supported(Backend::Vm, &spec.egress)
+            .map_err(|why| RuntimeError::Unsupported(format!("vm {}: {why}", spec.name)))?;
         // Never build over a defined domain: its overlay may be in use (an adopted machine).
         let name = spec.name.clone();
         if self
