@@ -193,6 +193,11 @@ out=$JOBOUTPUTS/result
   echo "user_data_bytes=$(wc -c < $USER_DATA)"
   echo "nproc=$(nproc)"
   touch $MACHINEFEATURES/x 2>/dev/null && echo "mf=writable" || echo "mf=readonly"
+  # The guest's root can remount its read-only mount: the host must refuse the write anyway.
+  mount -o remount,rw $MACHINEFEATURES 2>/dev/null
+  echo hacked 2>/dev/null > $MACHINEFEATURES/hs06 && echo "mf-rw=writable" || echo "mf-rw=readonly"
+  mount -o remount,rw $JOBFEATURES 2>/dev/null
+  touch $JOBFEATURES/x 2>/dev/null && echo "jf-rw=writable" || echo "jf-rw=readonly"
   echo "net=$(ls /sys/class/net | tr '\n' ' ')"
 } > $out.partial
 mv $out.partial $out
@@ -244,10 +249,19 @@ async fn vm_boots_under_tcg_reads_user_data_and_reports_its_outcome() {
         &format!("user_data_bytes={}", REPORT.len()),
         "nproc=2",
         "mf=readonly",
+        "mf-rw=readonly",
+        "jf-rw=readonly",
         "net=lo ",
     ] {
         assert!(result.contains(want), "{want:?} missing from:\n{result}");
     }
+    // The host's copies are untouched, and the host itself can still update them.
+    assert_eq!(
+        std::fs::read_to_string(mjf.join("machinefeatures/hs06")).unwrap(),
+        "42.5"
+    );
+    assert!(!mjf.join("jobfeatures/x").exists());
+    std::fs::write(mjf.join("machinefeatures/shutdowntime"), "1").unwrap();
     assert_eq!(
         std::fs::read_to_string(out.join("shutdown_message")).unwrap(),
         "200 Success\n"
@@ -288,6 +302,8 @@ async fn limits_show_in_dumpxml_freeze_stops_cpu_and_acpi_stop_is_graceful() {
         "<global_quota>50000</global_quota>",
         "<driver type='virtiofs'/>",
         "<target dir='joboutputs'/>",
+        // machinefeatures and jobfeatures are served by the read-only virtiofsd wrapper.
+        "virtiofsd-ro'/>",
         "<serial type='file'>",
         "<on_reboot>destroy</on_reboot>",
         "<readonly/>",
