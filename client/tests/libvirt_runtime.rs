@@ -389,6 +389,26 @@ async fn limits_show_in_dumpxml_freeze_stops_cpu_and_acpi_stop_is_graceful() {
         cores <= 0.25 * 1.05 + slack && cores > 0.1,
         "{cores:.3} cores at a 0.25-core quota"
     );
+    // Live memory: the balloon takes memory back from a running guest. QEMU's `actual` is what
+    // the guest's balloon driver has acknowledged, so it moves only if the guest really gave it up.
+    rt.set_limits(
+        &m,
+        Limits {
+            cpus: 0.5,
+            memory_bytes: 160 << 20,
+        },
+    )
+    .await
+    .unwrap();
+    let balloon = || {
+        virsh(&["dommemstat", &m.name])
+            .lines()
+            .find_map(|l| l.strip_prefix("actual ").map(|v| v.trim().to_owned()))
+    };
+    eventually(120, "the guest's balloon to give back 96 MiB", async || {
+        (balloon().as_deref() == Some("163840")).then_some(())
+    })
+    .await;
     let grow = rt
         .set_limits(
             &m,
