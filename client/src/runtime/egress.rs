@@ -356,6 +356,23 @@ impl Iptables {
     }
 }
 
+impl Iptables {
+    /// Whether this process can manage egress rules: lists the chain the engine sends routed
+    /// container traffic through (for `gleaner doctor`). Says which hook rules would go in.
+    pub async fn check(&self) -> Result<String, RuntimeError> {
+        match self
+            .run("iptables -S DOCKER-USER", &["-w", "-S", "DOCKER-USER"])
+            .await
+        {
+            Ok(_) => Ok("iptables works; egress rules hook into DOCKER-USER and INPUT".into()),
+            Err(e) => match self.run("iptables -S FORWARD", &["-w", "-S", "FORWARD"]).await {
+                Ok(_) => Ok("iptables works; no DOCKER-USER chain, egress rules hook into FORWARD and INPUT".into()),
+                Err(_) => Err(e),
+            },
+        }
+    }
+}
+
 impl Firewall for Iptables {
     fn apply<'a>(
         &'a self,
