@@ -675,3 +675,94 @@ async fn a_vm_egress_list_is_refused_and_star_gets_the_user_network() {
     rt.remove(&m).await.unwrap();
     assert_nothing_left(&rt, &m).await;
 }
+
+/// A stand-in for libvirtd's socket that forwards to the real one and can be "restarted": every
+/// open connection is cut and nothing listens until it comes back. The system libvirtd, which
+/// other tests and users share, is never restarted.
+struct SocketProxy {
+    path: PathBuf,
+    target: PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SocketProxy {
+    fn start(path: PathBuf, target: PathBuf) -> SocketProxy {
+        let mut p = SocketProxy {
+            path,
+            target,
+            task: None,
+        };
+        p.up();
+        p
+    }
+
+    fn up(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path).unwrap();
+        let target = self.target.clone();
+        self.task = Some(tokio::spawn(async move {
+            // Connections live in this set: aborting the task drops (cuts) them all.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut server) = tokio::net::UnixStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Cuts every connection and stops listening, as a stopped libvirtd does.
+    async fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test]
+async fn the_connection_is_reopened_after_libvirtd_goes_away() {
+    let Some((_probe_rt, tmp, owner)) = setup("reconnect").await else {
+        return;
+    };
+    let sock = tmp.path().join("libvirt-sock");
+    let mut proxy =
+        SocketProxy::start(sock.clone(), PathBuf::from("/var/run/libvirt/libvirt-sock"));
+    let mut cfg = LibvirtConfig::new(&owner, tmp.path().join("state-proxied"));
+    cfg.uri = format!("qemu+unix:///system?socket={}", sock.display());
+    let rt = LibvirtRuntime::connect(cfg).await.unwrap();
+    assert!(rt.list_owned().await.unwrap().is_empty());
+    assert_eq!(rt.reconnects(), 0);
+
+    // libvirtd goes away: calls fail, typed as unreachable once the link is known dead, and
+    // keep failing that way (each one trying again) while nothing answers.
+    proxy.down().await;
+    let first = rt.list_owned().await;
+    assert!(first.is_err(), "{first:?}");
+    let e = rt.list_owned().await.unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::Unreachable { .. }) && e.to_string().contains("reopening"),
+        "{e:?}"
+    );
+
+    // It is back: the next call reconnects by itself and works, the link is kept from then on.
+    proxy.up();
+    assert!(rt.list_owned().await.unwrap().is_empty());
+    assert_eq!(rt.reconnects(), 1);
+    let mjf = mjf_dir(tmp.path(), "#!/bin/sh\n");
+    let s = spec(&owner, "reconnect", &mjf);
+    let _guard = Guard(vec![s.name.clone()]);
+    let m = rt.create(&s).await.unwrap();
+    assert_eq!(rt.list_owned().await.unwrap().len(), 1);
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+    assert_eq!(rt.reconnects(), 1);
+    proxy.down().await;
+}
