@@ -486,8 +486,9 @@ impl Runtime for DockerRuntime {
     async fn thaw(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
         match self.docker.unpause_container(&m.engine_id).await {
             Ok(()) => Ok(()),
+            // 409, or 500 when the engine's own pause was still settling: either way it runs.
             Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409,
+                status_code: 409 | 500,
                 message,
             }) if message.contains("not paused") => Ok(()),
             Err(e) if is_not_found(&e) => Err(RuntimeError::NoSuchMachine(m.name.clone())),
