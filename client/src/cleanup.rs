@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{MachineHandle, Runtime};
 
 /// What cleanup did.
@@ -54,12 +53,14 @@ pub async fn remove_machines<R: Runtime>(runtime: &R, grace: Duration, report: &
     }
 }
 
-/// Removes the egress networks and firewall rules left without their container (a daemon that
-/// died between making them and the container).
-pub async fn remove_stray_egress(docker: &DockerRuntime, report: &mut Report) {
-    match docker.remove_stray_egress().await {
-        Ok(networks) => report.removed.extend(networks),
-        Err(e) => report.failed.push(format!("egress networks: {e}")),
+/// Removes what the engines hold for machines that no longer exist (egress networks and firewall
+/// rules a daemon that died between making them and the container left).
+pub async fn remove_strays<R: Runtime>(runtime: &R, report: &mut Report) {
+    match runtime.remove_strays().await {
+        Ok(removed) => report.removed.extend(removed),
+        Err(e) => report
+            .failed
+            .push(format!("left-overs ({:?}): {e}", runtime.engine())),
     }
 }
 

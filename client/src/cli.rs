@@ -646,9 +646,7 @@ fn cleanup(
                 report.failed.push("docker: not reachable".into());
             }
             crate::cleanup::remove_machines(&engines, grace, &mut report).await;
-            if let Some(docker) = engines.containers() {
-                crate::cleanup::remove_stray_egress(docker, &mut report).await;
-            }
+            crate::cleanup::remove_strays(&engines, &mut report).await;
         }
         crate::cleanup::clean_state(&state_dir, purge, &mut report)
             .with_context(|| format!("cannot delete under {}", state_dir.display()))?;

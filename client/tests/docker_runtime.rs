@@ -796,7 +796,7 @@ async fn stray_egress_networks_and_rules_are_swept() {
     let lost_names = EgressNames::for_machine(&lost.name);
     assert!(iptables_rules().contains(&lost_names.chain));
 
-    let swept = rt.remove_stray_egress().await.unwrap();
+    let swept = rt.remove_strays().await.unwrap();
     assert_eq!(swept, vec![lost_names.network.clone()]);
     assert!(!iptables_rules().contains(&lost_names.chain));
     // The machine still there keeps its network and rules.

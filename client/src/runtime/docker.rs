@@ -623,6 +623,10 @@ impl Runtime for DockerRuntime {
         self.remove_egress(&EgressNames::for_machine(&m.name)).await
     }
 
+    async fn remove_strays(&self) -> Result<Vec<String>, RuntimeError> {
+        self.remove_stray_egress().await
+    }
+
     async fn list_owned(&self) -> Result<Vec<OwnedMachine>, RuntimeError> {
         let filters = HashMap::from([(
             "label".to_string(),

@@ -56,6 +56,7 @@ pub fn virtiofsd_ro_script(real: &str) -> String {
         r#"#!/bin/sh
 # Written by gleaner: virtiofsd serving its shared folder read-only (see libvirt.rs).
 set -eu
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
 real='{real}'
 case " $* " in
   *" --print-capabilities "*|*" --version "*|*" -V "*|*" --help "*|*" -h "*) exec "$real" "$@" ;;

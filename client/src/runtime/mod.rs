@@ -245,4 +245,9 @@ pub trait Runtime: Send + Sync {
     fn remove(&self, m: &MachineHandle) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Every machine carrying Gleaner's ownership label/metadata.
     fn list_owned(&self) -> impl Future<Output = Result<Vec<OwnedMachine>, RuntimeError>> + Send;
+    /// Removes what a crash left made for machines that no longer exist (a container's egress
+    /// network and rules); returns what it removed. Run after recovery and by `gleaner cleanup`.
+    fn remove_strays(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
