@@ -17,6 +17,7 @@ PKGS=(
   cpio                # test assets: the VM's busybox initramfs
   busybox-static      # test assets: a rootfs for the container image
   iproute2            # tests: network namespaces
+  iptables            # runtime: egress policies (a chain per filtered container; docker.io pulls it in too)
   chromium            # tests: the dashboard in a real (headless) browser
   postgresql          # tests: the coordinator on PostgreSQL (each test starts its own cluster)
   util-linux          # tests: runuser (a caller without permission)

@@ -22,6 +22,6 @@ pub use advert::{CapacityAdvert, OutcomeReport};
 pub use envelope::{Envelope, Kind, Message, Verified};
 pub use error::Error;
 pub use ident::{PublicKey, SecretKey};
-pub use machine_type::{Backend, Blob, MachineType};
+pub use machine_type::{Backend, Blob, Egress, MachineType};
 pub use usage::{OutcomeCode, UsageRecord};
 pub use wire::{Digest, Id16};

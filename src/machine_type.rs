@@ -59,7 +59,8 @@ pub struct MachineType {
     pub heartbeat_s: u32,
     pub fizzle_s: u32,
     pub backoff_s: u32,
-    /// Outbound network allowed: empty for none, `["*"]` for any, else `host:port` entries.
+    /// Outbound network allowed: empty for none, `["*"]` for any, else `host:port`,
+    /// `ip[/prefix]:port` or `[ipv6[/prefix]]:port` entries (see [`Egress`]).
     pub egress: Vec<String>,
     /// Accounting weight in thousandths (1000 = 1.0).
     pub weight_milli: u32,
@@ -97,6 +98,11 @@ impl MachineType {
     /// True when the signed egress policy allows any outbound network at all.
     pub fn allows_network(&self) -> bool {
         !self.egress.is_empty()
+    }
+
+    /// The egress policy parsed (validation has already refused an entry that does not parse).
+    pub fn egress_policy(&self) -> Result<Vec<Egress>, Error> {
+        self.egress.iter().map(|e| Egress::parse(e)).collect()
     }
 }
 
@@ -151,25 +157,90 @@ fn check_egress(egress: &[String]) -> Result<(), Error> {
         ));
     }
     for e in egress {
-        if e == "*" {
-            continue;
-        }
-        let ok = e.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty()
-                && host.len() <= 253
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b))
-                && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
-        if !ok {
-            return Err(Error::invalid(
-                "egress",
-                format!("{e:?} is neither \"*\" nor host:port"),
-            ));
-        }
+        Egress::parse(e)?;
     }
     Ok(())
+}
+
+/// One entry of a machine type's egress policy, parsed: where the machine may connect (TCP or UDP
+/// to `port`). Hosts are resolved by the client when the machine starts, never by the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Egress {
+    /// `*`: any destination, any port.
+    Any,
+    /// `name:port`: the addresses the name resolves to when the machine starts.
+    Host { host: String, port: u16 },
+    /// `ip:port`, `ip/prefix:port`, `[v6]:port` or `[v6/prefix]:port`: a network.
+    Net {
+        addr: std::net::IpAddr,
+        prefix: u8,
+        port: u16,
+    },
+}
+
+impl Egress {
+    /// Parses one policy entry, saying what is wrong with it when it is not one of the forms.
+    pub fn parse(e: &str) -> Result<Egress, Error> {
+        if e == "*" {
+            return Ok(Egress::Any);
+        }
+        let bad = |why: &str| {
+            Error::invalid(
+                "egress",
+                format!(
+                    "{e:?} is neither \"*\" nor host:port, ip[/prefix]:port or [ipv6[/prefix]]:port: {why}"
+                ),
+            )
+        };
+        let (dest, port) = e.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad("the port is not 1-65535"))?;
+        let dest = match dest.strip_prefix('[') {
+            Some(inner) => inner
+                .strip_suffix(']')
+                .ok_or_else(|| bad("an unclosed '['"))?,
+            None => dest,
+        };
+        let (addr, prefix) = match dest.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (dest, None),
+        };
+        if let Ok(ip) = addr.parse::<std::net::IpAddr>() {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let prefix = match prefix {
+                None => max,
+                Some(p) => p
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| bad("the prefix length is out of range"))?,
+            };
+            return Ok(Egress::Net {
+                addr: ip,
+                prefix,
+                port,
+            });
+        }
+        if prefix.is_some() {
+            return Err(bad("a prefix length needs an ip address"));
+        }
+        let host_ok = !addr.is_empty()
+            && addr.len() <= 253
+            && !addr.starts_with(['-', '.'])
+            && addr
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
+        if !host_ok {
+            return Err(bad("the host is not a dns name or ip address"));
+        }
+        Ok(Egress::Host {
+            host: addr.to_ascii_lowercase(),
+            port,
+        })
+    }
 }
 
 impl Message for MachineType {
@@ -347,5 +418,66 @@ impl MachineType {
             weight_milli: 1000,
             description: "an example machine type".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn egress_entries_parse_into_hosts_and_networks() {
+        let net = |a: &str, prefix, port| Egress::Net {
+            addr: ip(a),
+            prefix,
+            port,
+        };
+        for (entry, want) in [
+            ("*", Egress::Any),
+            (
+                "Queue.Example.org:443",
+                Egress::Host {
+                    host: "queue.example.org".into(),
+                    port: 443,
+                },
+            ),
+            ("192.0.2.7:80", net("192.0.2.7", 32, 80)),
+            ("10.0.0.0/8:9000", net("10.0.0.0", 8, 9000)),
+            ("[2001:db8::1]:443", net("2001:db8::1", 128, 443)),
+            ("[2001:db8::/32]:443", net("2001:db8::", 32, 443)),
+            // Unbracketed IPv6, which earlier versions accepted, still parses.
+            ("::1:8080", net("::1", 128, 8080)),
+        ] {
+            assert_eq!(Egress::parse(entry).unwrap(), want, "{entry}");
+        }
+    }
+
+    #[test]
+    fn bad_egress_entries_are_refused_with_the_reason() {
+        for (entry, why) in [
+            ("queue.example.org", "no port"),
+            ("queue.example.org:0", "the port"),
+            ("queue.example.org:70000", "the port"),
+            ("10.0.0.0/33:80", "prefix length is out of range"),
+            ("[2001:db8::/129]:80", "prefix length is out of range"),
+            ("example.org/8:80", "needs an ip address"),
+            ("[::1:80", "unclosed"),
+            ("bad host:80", "not a dns name"),
+            ("-x.org:80", "not a dns name"),
+            (":80", "not a dns name"),
+        ] {
+            let e = Egress::parse(entry).unwrap_err().to_string();
+            assert!(e.contains("egress") && e.contains(why), "{entry}: {e}");
+        }
+        let mut mt = MachineType::example(crate::SecretKey::from_seed([1; 32]).public());
+        mt.egress = vec!["10.1.0.0/16:443".into(), "example.org:80".into()];
+        assert_eq!(mt.egress_policy().unwrap().len(), 2);
+        mt.egress = vec!["10.1.0.0/16".into()];
+        assert!(mt.egress_policy().is_err());
     }
 }

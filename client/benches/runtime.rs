@@ -27,7 +27,8 @@ fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
-/// Removes every container carrying the bench's owner label, also when the bench panics.
+/// Removes every container (and egress network) carrying the bench's owner label, also when the
+/// bench panics.
 struct Cleanup(String);
 
 impl Drop for Cleanup {
@@ -52,6 +53,7 @@ impl Drop for Cleanup {
                     .output();
             }
         }
+        common::remove_egress_networks(&self.0);
     }
 }
 
@@ -141,6 +143,7 @@ async fn main() {
     // Start latency: ours (prepare from cache + create + start) vs `docker run -d`, interleaved
     // so that both see the same engine state.
     let mut ours = Vec::new();
+    let mut filtered = Vec::new();
     let mut plain = Vec::new();
     let mut handles: Vec<MachineHandle> = Vec::new();
     for i in 0..n {
@@ -150,6 +153,15 @@ async fn main() {
         let h = rt.create(&spec(i)).await.expect("create");
         rt.start(&h).await.expect("start");
         ours.push(t0.elapsed());
+        handles.push(h);
+
+        // The same with an egress list: its own bridge network and iptables chain first.
+        let mut with_egress = spec(n + 2 + i);
+        with_egress.egress = vec!["192.0.2.1:443".into()];
+        let t0 = Instant::now();
+        let h = rt.create(&with_egress).await.expect("create with egress");
+        rt.start(&h).await.expect("start with egress");
+        filtered.push(t0.elapsed());
         handles.push(h);
 
         let t0 = Instant::now();
@@ -179,6 +191,7 @@ async fn main() {
         let _ = Command::new("docker").args(["rm", "-f", &id]).output();
     }
     ours.sort();
+    filtered.sort();
     plain.sort();
 
     // Freeze latency: pause of a busy container vs SIGSTOP of a busy host process.
@@ -229,6 +242,18 @@ async fn main() {
         ms(p99(&ours)),
         ms(p99(&plain)),
         p99(&ours).as_secs_f64() / p99(&plain).as_secs_f64()
+    );
+    println!(
+        "| start, egress list (p50) | {} | {} (`docker run -d`) | {:.2}× | |",
+        ms(p50(&filtered)),
+        ms(p50(&plain)),
+        p50(&filtered).as_secs_f64() / p50(&plain).as_secs_f64()
+    );
+    println!(
+        "| start, egress list (p99) | {} | {} | {:.2}× | |",
+        ms(p99(&filtered)),
+        ms(p99(&plain)),
+        p99(&filtered).as_secs_f64() / p99(&plain).as_secs_f64()
     );
     println!(
         "| freeze (p50) | {} | {} (SIGSTOP) | {:.0}× | |",

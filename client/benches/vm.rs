@@ -174,6 +174,8 @@ async fn main() {
             seed: &seed,
             shares: SHARE_TAGS.iter().map(|t| (*t, bdir.join(t))).collect(),
             console_log: &tmp.path().join(format!("b{i}-console.log")),
+            // The same read-only virtiofsd as the runtime's domains: an equivalent domain.
+            virtiofsd_ro: rt.virtiofsd_ro().expect("virtiofsd is installed"),
             network: false,
         })
         .unwrap();

@@ -1,6 +1,7 @@
 //! `gleaner cleanup`: what an uninstall runs once the daemon has stopped — every machine this host
-//! owns is stopped and removed from its engine, the image cache and machine folders are deleted, and
-//! the host key and the ledger (unsent credit) are kept unless `--purge`.
+//! owns is stopped and removed from its engine (with a container's egress network and rules), the
+//! image cache and machine folders are deleted, and the host key and the ledger (unsent credit)
+//! are kept unless `--purge`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -49,6 +50,17 @@ pub async fn remove_machines<R: Runtime>(runtime: &R, grace: Duration, report: &
             Ok(()) => report.removed.push(m.name),
             Err(e) => report.failed.push(format!("{}: {e}", m.name)),
         }
+    }
+}
+
+/// Removes what the engines hold for machines that no longer exist (egress networks and firewall
+/// rules a daemon that died between making them and the container left).
+pub async fn remove_strays<R: Runtime>(runtime: &R, report: &mut Report) {
+    match runtime.remove_strays().await {
+        Ok(removed) => report.removed.extend(removed),
+        Err(e) => report
+            .failed
+            .push(format!("left-overs ({:?}): {e}", runtime.engine())),
     }
 }
 

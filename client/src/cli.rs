@@ -674,6 +674,7 @@ fn cleanup(
                 report.failed.push("docker: not reachable".into());
             }
             crate::cleanup::remove_machines(&engines, grace, &mut report).await;
+            crate::cleanup::remove_strays(&engines, &mut report).await;
         }
         crate::cleanup::clean_state(&state_dir, purge, &mut report)
             .with_context(|| format!("cannot delete under {}", state_dir.display()))?;

@@ -672,6 +672,17 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     )
     .with_gossip(gossip_tx);
     factory.recover().await?;
+    // After recovery every machine is adopted or removed: what is left for none goes now.
+    match runtime.remove_strays().await {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(
+                ?removed,
+                "removed what a crash left for machines that are gone"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not remove left-overs of gone machines: {e}"),
+    }
     let (engines, backend_bits) = engines(runtime.as_ref()).await;
     for e in &engines {
         tracing::info!("engine {e}");

@@ -59,6 +59,26 @@ pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec
         }),
     }
     let _ = std::fs::remove_dir_all(&cache);
+    // Not required: without it only container types whose egress lists destinations fail.
+    out.push(
+        match crate::runtime::egress::Iptables::default().check().await {
+            Ok(detail) => Check {
+                name: "egress",
+                ok: true,
+                detail,
+                fix: None,
+            },
+            Err(e) => Check {
+                name: "egress",
+                ok: false,
+                detail: format!("{e}: container types whose egress lists destinations cannot start"),
+                fix: Some(
+                    "install iptables and give the daemon CAP_NET_ADMIN (the packaged unit does) or run it as root"
+                        .into(),
+                ),
+            },
+        },
+    );
     let kvm_dev = std::path::Path::new("/dev/kvm").exists();
     let flags = cpu_has_virt_flags();
     out.push(Check {

@@ -26,6 +26,7 @@ use crate::ledger::Ledger;
 use crate::mjf::{Features, MjfDir};
 use crate::runtime::{
     ImageSource, Limits, MachineHandle, MachineSpec, MachineState, PreparedImage, Runtime, Usage,
+    egress_supported,
 };
 
 /// Milliseconds since the epoch, now.
@@ -713,6 +714,16 @@ impl<R: Runtime + 'static> Factory<R> {
                             "refused machine type {} v{}: this host runs no {} machines \
                              (its engine is missing or turned off; see `gleaner doctor`)",
                             o.machine_type.name, o.machine_type.version, o.machine_type.backend
+                        ),
+                    );
+                    return;
+                }
+                if let Err(why) = egress_supported(o.machine_type.backend, &o.machine_type.egress) {
+                    self.event(
+                        None,
+                        format!(
+                            "refused machine type {} v{}: {why}",
+                            o.machine_type.name, o.machine_type.version
                         ),
                     );
                     return;

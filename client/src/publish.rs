@@ -169,7 +169,8 @@ fizzle = "5m"
 backoff = "30m"
 
 [network]
-# [] for no network at all, ["*"] for any, or "host:port" entries.
+# [] for no network at all, ["*"] for any, or only these: "host:port", "ip[/prefix]:port" (TCP and
+# UDP; names resolved when a machine starts). A list is for containers: a VM takes [] or ["*"].
 egress = []
 
 [accounting]

@@ -437,6 +437,47 @@ async fn a_vm_type_is_refused_with_a_reason_when_libvirt_is_off() {
     f.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_type_whose_egress_lists_destinations_is_refused_once_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let owner = owner("vm-egress");
+    let Some(rt) = host_runtime(&owner, tmp.path()).await else {
+        return;
+    };
+    let ledger = std::sync::Arc::new(
+        gleaner_client::ledger::Ledger::open(&tmp.path().join("ledger.redb")).unwrap(),
+    );
+    let mut f = vm_factory(rt, ledger.clone(), tmp.path(), 1).await;
+    let mut mt = vm_machine_type("vm-egress", "true");
+    mt.egress = vec!["192.0.2.1:443".into()];
+    f.handle.offer(offer(&mt)).await.unwrap();
+    // Offered twice (gossip repeats offers): still refused, and said once per offer, never retried.
+    f.handle.offer(offer(&mt)).await.unwrap();
+    let s = eventually(30, "the refusal", async || {
+        let s = f.handle.status().await.unwrap();
+        (s.events
+            .iter()
+            .filter(|e| e.message.contains("refused machine type vm-egress"))
+            .count()
+            == 2)
+            .then_some(s)
+    })
+    .await;
+    assert!(s.offers.is_empty(), "{:?}", s.offers);
+    assert!(s.machines.is_empty());
+    let refusal = s
+        .events
+        .iter()
+        .find(|e| e.message.contains("refused machine type vm-egress"))
+        .unwrap();
+    assert!(
+        refusal.message.contains("192.0.2.1:443") && refusal.message.contains("containers only"),
+        "{refusal:?}"
+    );
+    assert!(records(&ledger).is_empty());
+    f.stop().await;
+}
+
 /// `gleaner cleanup` (what the package's removal runs) after a daemon died with a VM running: the
 /// domain, its overlay and seed and the machine folders go; the host key and the ledger stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,6 +193,11 @@ out=$JOBOUTPUTS/result
   echo "user_data_bytes=$(wc -c < $USER_DATA)"
   echo "nproc=$(nproc)"
   touch $MACHINEFEATURES/x 2>/dev/null && echo "mf=writable" || echo "mf=readonly"
+  # The guest's root can remount its read-only mount: the host must refuse the write anyway.
+  mount -o remount,rw $MACHINEFEATURES 2>/dev/null
+  echo hacked 2>/dev/null > $MACHINEFEATURES/hs06 && echo "mf-rw=writable" || echo "mf-rw=readonly"
+  mount -o remount,rw $JOBFEATURES 2>/dev/null
+  touch $JOBFEATURES/x 2>/dev/null && echo "jf-rw=writable" || echo "jf-rw=readonly"
   echo "net=$(ls /sys/class/net | tr '\n' ' ')"
 } > $out.partial
 mv $out.partial $out
@@ -244,10 +249,19 @@ async fn vm_boots_under_tcg_reads_user_data_and_reports_its_outcome() {
         &format!("user_data_bytes={}", REPORT.len()),
         "nproc=2",
         "mf=readonly",
+        "mf-rw=readonly",
+        "jf-rw=readonly",
         "net=lo ",
     ] {
         assert!(result.contains(want), "{want:?} missing from:\n{result}");
     }
+    // The host's copies are untouched, and the host itself can still update them.
+    assert_eq!(
+        std::fs::read_to_string(mjf.join("machinefeatures/hs06")).unwrap(),
+        "42.5"
+    );
+    assert!(!mjf.join("jobfeatures/x").exists());
+    std::fs::write(mjf.join("machinefeatures/shutdowntime"), "1").unwrap();
     assert_eq!(
         std::fs::read_to_string(out.join("shutdown_message")).unwrap(),
         "200 Success\n"
@@ -288,6 +302,8 @@ async fn limits_show_in_dumpxml_freeze_stops_cpu_and_acpi_stop_is_graceful() {
         "<global_quota>50000</global_quota>",
         "<driver type='virtiofs'/>",
         "<target dir='joboutputs'/>",
+        // machinefeatures and jobfeatures are served by the read-only virtiofsd wrapper.
+        "virtiofsd-ro'/>",
         "<serial type='file'>",
         "<on_reboot>destroy</on_reboot>",
         "<readonly/>",
@@ -373,6 +389,26 @@ async fn limits_show_in_dumpxml_freeze_stops_cpu_and_acpi_stop_is_graceful() {
         cores <= 0.25 * 1.05 + slack && cores > 0.1,
         "{cores:.3} cores at a 0.25-core quota"
     );
+    // Live memory: the balloon takes memory back from a running guest. QEMU's `actual` is what
+    // the guest's balloon driver has acknowledged, so it moves only if the guest really gave it up.
+    rt.set_limits(
+        &m,
+        Limits {
+            cpus: 0.5,
+            memory_bytes: 160 << 20,
+        },
+    )
+    .await
+    .unwrap();
+    let balloon = || {
+        virsh(&["dommemstat", &m.name])
+            .lines()
+            .find_map(|l| l.strip_prefix("actual ").map(|v| v.trim().to_owned()))
+    };
+    eventually(120, "the guest's balloon to give back 96 MiB", async || {
+        (balloon().as_deref() == Some("163840")).then_some(())
+    })
+    .await;
     let grow = rt
         .set_limits(
             &m,
@@ -604,4 +640,129 @@ async fn a_memory_hog_cannot_take_more_than_the_vm_size() {
     assert!(peak > 0 && peak < 448 << 20, "peak RSS {} MiB", peak >> 20);
     rt.remove(&m).await.unwrap();
     assert_nothing_left(&rt, &m).await;
+}
+
+/// A VM's network is QEMU's user-mode stack, which a host firewall cannot filter per machine: a
+/// policy listing destinations is refused before anything is made, while `*` gets the network.
+#[tokio::test]
+async fn a_vm_egress_list_is_refused_and_star_gets_the_user_network() {
+    let Some((rt, tmp, owner)) = setup("egress").await else {
+        return;
+    };
+    let mjf = mjf_dir(tmp.path(), "#!/bin/sh\n");
+    let mut s = spec(&owner, "egress", &mjf);
+    let _guard = Guard(vec![s.name.clone()]);
+    s.egress = vec!["192.0.2.1:443".into(), "queue.example.org:443".into()];
+    let e = rt.create(&s).await.unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::Unsupported(_))
+            && e.to_string().contains("containers only")
+            && e.to_string().contains(&s.name),
+        "{e}"
+    );
+    assert!(
+        !virsh(&["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == s.name),
+        "a refused vm was defined"
+    );
+    assert!(!rt.machine_dir(&s.name).exists());
+
+    s.egress = vec!["*".into()];
+    let m = rt.create(&s).await.unwrap();
+    let xml = virsh(&["dumpxml", &m.name]);
+    assert!(xml.contains("<interface type='user'>"), "{xml}");
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+}
+
+/// A stand-in for libvirtd's socket that forwards to the real one and can be "restarted": every
+/// open connection is cut and nothing listens until it comes back. The system libvirtd, which
+/// other tests and users share, is never restarted.
+struct SocketProxy {
+    path: PathBuf,
+    target: PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SocketProxy {
+    fn start(path: PathBuf, target: PathBuf) -> SocketProxy {
+        let mut p = SocketProxy {
+            path,
+            target,
+            task: None,
+        };
+        p.up();
+        p
+    }
+
+    fn up(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path).unwrap();
+        let target = self.target.clone();
+        self.task = Some(tokio::spawn(async move {
+            // Connections live in this set: aborting the task drops (cuts) them all.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut server) = tokio::net::UnixStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Cuts every connection and stops listening, as a stopped libvirtd does.
+    async fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test]
+async fn the_connection_is_reopened_after_libvirtd_goes_away() {
+    let Some((_probe_rt, tmp, owner)) = setup("reconnect").await else {
+        return;
+    };
+    let sock = tmp.path().join("libvirt-sock");
+    let mut proxy =
+        SocketProxy::start(sock.clone(), PathBuf::from("/var/run/libvirt/libvirt-sock"));
+    let mut cfg = LibvirtConfig::new(&owner, tmp.path().join("state-proxied"));
+    cfg.uri = format!("qemu+unix:///system?socket={}", sock.display());
+    let rt = LibvirtRuntime::connect(cfg).await.unwrap();
+    assert!(rt.list_owned().await.unwrap().is_empty());
+    assert_eq!(rt.reconnects(), 0);
+
+    // libvirtd goes away: calls fail, typed as unreachable once the link is known dead, and
+    // keep failing that way (each one trying again) while nothing answers.
+    proxy.down().await;
+    let first = rt.list_owned().await;
+    assert!(first.is_err(), "{first:?}");
+    let e = rt.list_owned().await.unwrap_err();
+    assert!(
+        matches!(e, RuntimeError::Unreachable { .. }) && e.to_string().contains("reopening"),
+        "{e:?}"
+    );
+
+    // It is back: the next call reconnects by itself and works, the link is kept from then on.
+    proxy.up();
+    assert!(rt.list_owned().await.unwrap().is_empty());
+    assert_eq!(rt.reconnects(), 1);
+    let mjf = mjf_dir(tmp.path(), "#!/bin/sh\n");
+    let s = spec(&owner, "reconnect", &mjf);
+    let _guard = Guard(vec![s.name.clone()]);
+    let m = rt.create(&s).await.unwrap();
+    assert_eq!(rt.list_owned().await.unwrap().len(), 1);
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+    assert_eq!(rt.reconnects(), 1);
+    proxy.down().await;
 }

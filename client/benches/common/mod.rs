@@ -32,3 +32,39 @@ pub fn busybox_tarball() -> (PathBuf, Digest) {
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
+
+/// Removes the egress networks labelled with `owner` and their iptables chains, with the engine's
+/// and iptables' own tools (what a bench that panicked would leave).
+#[allow(dead_code)]
+pub fn remove_egress_networks(owner: &str) {
+    use gleaner_client::runtime::egress::{EgressNames, remove_script};
+    use std::io::Write;
+    let Ok(out) = Command::new("docker")
+        .args(["network", "ls", "--format", "{{.Name}}", "--filter"])
+        .arg(format!(
+            "label={}={owner}",
+            gleaner_client::runtime::OWNER_LABEL
+        ))
+        .output()
+    else {
+        return;
+    };
+    for network in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if let Some(names) = EgressNames::for_network(network)
+            && let Ok(rules) = Command::new("iptables").args(["-w", "-S"]).output()
+            && let Some(script) = remove_script(&String::from_utf8_lossy(&rules.stdout), &names)
+            && let Ok(mut child) = Command::new("iptables-restore")
+                .args(["-w", "--noflush"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+        {
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(script.as_bytes());
+            }
+            let _ = child.wait();
+        }
+        let _ = Command::new("docker")
+            .args(["network", "rm", network])
+            .output();
+    }
+}

@@ -275,6 +275,14 @@ impl<C: Runtime, V: Runtime> Runtime for Backends<C, V> {
         }
         Ok(all)
     }
+
+    async fn remove_strays(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut all = Vec::new();
+        for b in self.present() {
+            all.extend(route!(self, b, |rt| rt.remove_strays().await)?);
+        }
+        Ok(all)
+    }
 }
 
 /// How the daemon (and `gleaner cleanup`) connects the engines.

@@ -1,24 +1,28 @@
 //! Containers on the Docker Engine through bollard: hardened by default (no privileges, every
 //! capability dropped, no new privileges, read-only root, pids/memory/CPU limits, no network unless
-//! the signed egress policy allows it, an unprivileged user), MJF bind mounts in Vac's layout, and
-//! images loaded only after their sha256 has been verified (see `image.rs`).
+//! the signed egress policy allows it and then only to what it lists (see `egress.rs`), an
+//! unprivileged user), MJF bind mounts in Vac's layout, and images loaded only after their sha256
+//! has been verified (see `image.rs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, ContainerStateStatusEnum, ContainerUpdateBody, HostConfig, Mount,
-    MountType, SystemInfoCgroupVersionEnum,
+    MountType, NetworkCreateRequest, SystemInfoCgroupVersionEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, StatsOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, InspectNetworkOptions, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
+    StatsOptionsBuilder, StopContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use gleaner::{Digest, Id16};
 
+use super::egress::{self, EgressNames, Firewall, Iptables, Plan, SystemResolver};
 use super::image::ImageStore;
 pub use super::image::image_tag;
 use super::{
@@ -43,6 +47,8 @@ pub struct DockerRuntime {
     owner: String,
     /// The user the workload runs as inside the container.
     user: String,
+    /// Where the rules enforcing egress policies go.
+    firewall: Arc<dyn Firewall>,
 }
 
 fn call(call: &'static str) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
@@ -115,7 +121,14 @@ impl DockerRuntime {
             images,
             owner: owner.to_owned(),
             user: WORKLOAD_USER.into(),
+            firewall: Arc::new(Iptables::default()),
         }
+    }
+
+    /// The same runtime with its egress rules going to `firewall` (tests).
+    pub fn with_firewall(mut self, firewall: Arc<dyn Firewall>) -> DockerRuntime {
+        self.firewall = firewall;
+        self
     }
 
     /// The engine client, for tests and diagnostics.
@@ -153,13 +166,114 @@ impl DockerRuntime {
             Err(e) => Err(call("kill container")(e)),
         }
     }
+
+    /// Makes the machine's own bridge network and the rules that let it reach only `allowed`.
+    /// The network exists before its rules and outlives them (see `remove_egress`), so a crash
+    /// at any point leaves a network by which the rest is found.
+    async fn make_egress(
+        &self,
+        spec: &MachineSpec,
+        names: &EgressNames,
+        allowed: &[egress::Allowed],
+    ) -> Result<(), RuntimeError> {
+        // A network left by a crash under the same name goes first, with its rules.
+        self.remove_egress(names).await?;
+        let labels = HashMap::from([
+            (OWNER_LABEL.to_string(), self.owner.clone()),
+            (MACHINE_ID_LABEL.to_string(), spec.machine_id.to_string()),
+        ]);
+        let request = NetworkCreateRequest {
+            name: names.network.clone(),
+            driver: Some("bridge".into()),
+            options: Some(HashMap::from([(
+                "com.docker.network.bridge.name".to_string(),
+                names.bridge.clone(),
+            )])),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        self.docker
+            .create_network(request)
+            .await
+            .map_err(call("create network"))?;
+        if let Err(e) = self.firewall.apply(names, allowed).await {
+            let _ = self.remove_egress(names).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes a machine's egress rules, then its network; nothing there is not an error.
+    async fn remove_egress(&self, names: &EgressNames) -> Result<(), RuntimeError> {
+        match self
+            .docker
+            .inspect_network(&names.network, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(call("inspect network")(e)),
+        }
+        self.firewall.remove(names).await?;
+        match self.docker.remove_network(&names.network).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(call("remove network")(e)),
+        }
+    }
+
+    /// Removes the egress networks (and their rules) this runtime owns that no machine uses any
+    /// more: what a crash between making a network and its container leaves. `gleaner cleanup`
+    /// runs it after removing the machines. Returns the networks removed.
+    pub async fn remove_stray_egress(&self) -> Result<Vec<String>, RuntimeError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{OWNER_LABEL}={}", self.owner)],
+        )]);
+        let networks = self
+            .docker
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::default()
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(call("list networks"))?;
+        let machines: Vec<String> = self
+            .list_owned()
+            .await?
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        let mut removed = Vec::new();
+        for n in networks {
+            let Some(name) = n.name else { continue };
+            let Some(names) = EgressNames::for_network(&name) else {
+                continue;
+            };
+            if machines
+                .iter()
+                .any(|m| EgressNames::for_machine(m) == names)
+            {
+                continue;
+            }
+            self.remove_egress(&names).await?;
+            removed.push(name);
+        }
+        Ok(removed)
+    }
 }
 
 /// The smallest writable scratch a container gets, whatever the machine type asks for.
 const MIN_SCRATCH: u64 = 16 << 20;
 
-/// The host configuration of a hardened container for `spec`.
-pub fn host_config(spec: &MachineSpec) -> Result<HostConfig, RuntimeError> {
+/// The host configuration of a hardened container for `spec`, attached to `network` ("none",
+/// "bridge" or the machine's own egress network) with `extra_hosts` ("name:ip") in /etc/hosts.
+pub fn host_config(
+    spec: &MachineSpec,
+    network: &str,
+    extra_hosts: Vec<String>,
+) -> Result<HostConfig, RuntimeError> {
     let mjf = &spec.mjf_dir;
     // Mounts, not "src:dst:mode" binds: a host path holding ':' or ',' cannot be misread, and a
     // missing source is an error instead of an empty directory the engine makes.
@@ -196,14 +310,8 @@ pub fn host_config(spec: &MachineSpec) -> Result<HostConfig, RuntimeError> {
         // Swap equal to memory: no swap at all, so the limit holds and a hog meets the OOM killer.
         memory_swap: Some(memory),
         nano_cpus: Some(nano_cpus(spec.limits.cpus)?),
-        network_mode: Some(
-            if spec.egress.is_empty() {
-                "none"
-            } else {
-                "bridge"
-            }
-            .into(),
-        ),
+        network_mode: Some(network.into()),
+        extra_hosts: (!extra_hosts.is_empty()).then_some(extra_hosts),
         mounts: Some(vec![
             bind("machinefeatures", "/machinefeatures", true),
             bind("jobfeatures", "/jobfeatures", true),
@@ -222,6 +330,7 @@ fn container_body(
     spec: &MachineSpec,
     user: &str,
     labels: HashMap<String, String>,
+    host_config: HostConfig,
 ) -> Result<ContainerCreateBody, RuntimeError> {
     let image = spec
         .image
@@ -243,8 +352,8 @@ fn container_body(
             format!("GLEANER_MACHINE_ID={}", spec.machine_id),
         ]),
         labels: Some(labels),
-        network_disabled: Some(spec.egress.is_empty()),
-        host_config: Some(host_config(spec)?),
+        network_disabled: Some(host_config.network_mode.as_deref() == Some("none")),
+        host_config: Some(host_config),
         ..Default::default()
     })
 }
@@ -309,19 +418,44 @@ impl Runtime for DockerRuntime {
     }
 
     async fn create(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
-        let body = container_body(spec, &self.user, self.labels(spec))?;
-        let r = self
-            .docker
-            .create_container(
-                Some(
-                    CreateContainerOptionsBuilder::default()
-                        .name(&spec.name)
-                        .build(),
-                ),
-                body,
-            )
-            .await
-            .map_err(call("create container"))?;
+        let names = EgressNames::for_machine(&spec.name);
+        let (network, extra_hosts) = match egress::plan(&spec.egress, &SystemResolver).await? {
+            Plan::None => ("none".to_string(), vec![]),
+            Plan::Any => ("bridge".to_string(), vec![]),
+            Plan::Filtered { allowed, hosts } => {
+                self.make_egress(spec, &names, &allowed).await?;
+                let hosts = hosts.iter().map(|(h, a)| format!("{h}:{a}")).collect();
+                (names.network.clone(), hosts)
+            }
+        };
+        let made = async {
+            let body = container_body(
+                spec,
+                &self.user,
+                self.labels(spec),
+                host_config(spec, &network, extra_hosts)?,
+            )?;
+            self.docker
+                .create_container(
+                    Some(
+                        CreateContainerOptionsBuilder::default()
+                            .name(&spec.name)
+                            .build(),
+                    ),
+                    body,
+                )
+                .await
+                .map_err(call("create container"))
+        }
+        .await;
+        let r = match made {
+            Ok(r) => r,
+            Err(e) => {
+                // No container means nothing will remove the network: do it now.
+                let _ = self.remove_egress(&names).await;
+                return Err(e);
+            }
+        };
         Ok(MachineHandle {
             engine_id: r.id,
             name: spec.name.clone(),
@@ -352,8 +486,9 @@ impl Runtime for DockerRuntime {
     async fn thaw(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
         match self.docker.unpause_container(&m.engine_id).await {
             Ok(()) => Ok(()),
+            // 409, or 500 when the engine's own pause was still settling: either way it runs.
             Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409,
+                status_code: 409 | 500,
                 message,
             }) if message.contains("not paused") => Ok(()),
             Err(e) if is_not_found(&e) => Err(RuntimeError::NoSuchMachine(m.name.clone())),
@@ -478,12 +613,18 @@ impl Runtime for DockerRuntime {
             .v(true)
             .build();
         match self.docker.remove_container(&m.engine_id, Some(opts)).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            // 409 "removal already in progress": another call is removing it.
-            Err(e) if is_status(&e, 409) => Ok(()),
-            Err(e) => Err(call("remove container")(e)),
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            // 409 "removal already in progress": another call is removing it, and its network.
+            Err(e) if is_status(&e, 409) => return Ok(()),
+            Err(e) => return Err(call("remove container")(e)),
         }
+        // The machine's egress network and rules, if its policy made them.
+        self.remove_egress(&EgressNames::for_machine(&m.name)).await
+    }
+
+    async fn remove_strays(&self) -> Result<Vec<String>, RuntimeError> {
+        self.remove_stray_egress().await
     }
 
     async fn list_owned(&self) -> Result<Vec<OwnedMachine>, RuntimeError> {

@@ -21,8 +21,8 @@ use virt::error::ErrorNumber;
 
 use super::blobs::BlobCache;
 use super::{
-    EngineKind, ImageSource, Limits, MachineHandle, MachineSpec, MachineState, OwnedMachine,
-    PreparedImage, Probe, Progress, Runtime, RuntimeError, Usage,
+    Backend, EngineKind, ImageSource, Limits, MachineHandle, MachineSpec, MachineState,
+    OwnedMachine, PreparedImage, Probe, Progress, Runtime, RuntimeError, Usage,
 };
 
 /// The XML namespace of Gleaner's domain metadata element (ownership, machine id and type).
@@ -38,6 +38,48 @@ const MIN_QUOTA_US: i64 = 1_000;
 const CMDLINE: &str = "console=ttyS0 panic=-1";
 /// The virtiofs tags the MJF folders are shared under (the guest mounts them by tag).
 pub const SHARE_TAGS: [&str; 3] = ["machinefeatures", "jobfeatures", "joboutputs"];
+/// The only share a guest may write to; the others are served read-only (see `virtiofsd_ro`).
+pub const WRITABLE_SHARE: &str = "joboutputs";
+/// Where virtiofsd is looked for: Debian 13's Rust daemon, then QEMU's own (Debian 12).
+pub const VIRTIOFSD: [&str; 2] = ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"];
+/// The wrapper's file name in the state directory.
+const VIRTIOFSD_RO: &str = "virtiofsd-ro";
+
+/// A virtiofsd that serves its shared folder read-only, for libvirt's `<binary path=…>`:
+/// libvirt 9.0 cannot mark a virtiofs share read-only, and a guest's root can remount a share it
+/// mounted read-only, so the host enforces it. The wrapper bind-mounts the folder read-only onto
+/// itself in a private mount namespace and runs `real` there: the kernel refuses every write
+/// (EROFS) whatever the guest asks, the host's own view stays writable (the factory updates
+/// shutdowntime), and the mount ends with virtiofsd. Without a folder to serve it refuses to run.
+pub fn virtiofsd_ro_script(real: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+# Written by gleaner: virtiofsd serving its shared folder read-only (see libvirt.rs).
+set -eu
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+real='{real}'
+case " $* " in
+  *" --print-capabilities "*|*" --version "*|*" -V "*|*" --help "*|*" -h "*) exec "$real" "$@" ;;
+esac
+src=''
+prev=''
+for a in "$@"; do
+  case "$a" in
+    source=*|*,source=*) s=${{a#*source=}}; src=${{s%%,*}} ;;
+    --shared-dir=*) src=${{a#--shared-dir=}} ;;
+  esac
+  [ "$prev" = --shared-dir ] && src=$a
+  prev=$a
+done
+if [ -z "$src" ] || [ ! -d "$src" ]; then
+  echo "gleaner virtiofsd-ro: no shared folder to serve read-only in: $*" >&2
+  exit 1
+fi
+exec unshare -m --propagation private sh -c   'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'   gleaner-virtiofsd-ro "$src" "$real" "$@"
+"#
+    )
+}
+
 /// What the probe's boot sector prints on the serial port once it runs.
 const PROBE_MARKER: &str = "GLEANER-KVM-OK";
 
@@ -92,13 +134,107 @@ impl LibvirtConfig {
 /// The libvirt backend.
 #[derive(Debug, Clone)]
 pub struct LibvirtRuntime {
-    conn: Arc<Connect>,
+    link: Arc<Link<VirtOpener>>,
     cfg: Arc<LibvirtConfig>,
     blobs: BlobCache,
     /// What new domains run under: TCG until a probe has shown KVM works.
     domain_type: Arc<Mutex<DomainType>>,
     /// The highest memory sample per machine (libvirt keeps no high-water mark).
     peaks: Arc<Mutex<HashMap<String, u64>>>,
+    /// The read-only virtiofsd wrapper in the state directory; `None` without a virtiofsd.
+    virtiofsd_ro: Option<PathBuf>,
+}
+
+/// Opens connections to libvirtd: the real one, or a fake in the reconnection tests.
+pub trait Opener: Send + Sync + 'static {
+    type Conn: Send + Sync + 'static;
+    /// Opens a new connection (blocking); the error says why it could not.
+    fn open(&self) -> Result<Self::Conn, String>;
+    /// Whether `c` still works: false once libvirtd closed it (a restart, an upgrade).
+    fn alive(&self, c: &Self::Conn) -> bool;
+    /// What is being connected to, for errors.
+    fn target(&self) -> String;
+}
+
+/// A connection that is reopened on the next call after libvirtd went away: the call that met
+/// the closed socket fails, the next one finds the connection dead and opens a new one, or
+/// fails with `Unreachable` saying why (and tries again on the call after).
+pub struct Link<K: Opener> {
+    opener: K,
+    current: Mutex<Option<Arc<K::Conn>>>,
+    reopened: std::sync::atomic::AtomicU64,
+}
+
+impl<K: Opener> std::fmt::Debug for Link<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("target", &self.opener.target())
+            .field("reopened", &self.reopened())
+            .finish()
+    }
+}
+
+impl<K: Opener> Link<K> {
+    /// A link whose first connection is `first`.
+    pub fn new(opener: K, first: K::Conn) -> Link<K> {
+        Link {
+            opener,
+            current: Mutex::new(Some(Arc::new(first))),
+            reopened: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The live connection, reopened first if the last one died (blocking). One caller reopens
+    /// at a time; the others wait for its connection rather than opening their own.
+    pub fn get(&self) -> Result<Arc<K::Conn>, RuntimeError> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cur.as_ref()
+            && self.opener.alive(c)
+        {
+            return Ok(c.clone());
+        }
+        // Dropping the dead connection closes it before a new one is opened.
+        *cur = None;
+        let c = Arc::new(self.opener.open().map_err(|e| RuntimeError::Unreachable {
+            engine: EngineKind::Libvirt,
+            reason: format!(
+                "the connection to {} was lost and reopening it failed: {e} (is libvirtd running?)",
+                self.opener.target()
+            ),
+        })?);
+        self.reopened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(target = %self.opener.target(), "reconnected to libvirtd");
+        *cur = Some(c.clone());
+        Ok(c)
+    }
+
+    /// How many times the connection was reopened.
+    pub fn reopened(&self) -> u64 {
+        self.reopened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The real opener: `virConnectOpen` on the configured URI.
+#[derive(Debug, Clone)]
+pub struct VirtOpener {
+    uri: String,
+}
+
+impl Opener for VirtOpener {
+    type Conn = Connect;
+
+    fn open(&self) -> Result<Connect, String> {
+        Connect::open(Some(&self.uri)).map_err(|e| e.message().to_owned())
+    }
+
+    fn alive(&self, c: &Connect) -> bool {
+        c.is_alive().unwrap_or(false)
+    }
+
+    fn target(&self) -> String {
+        self.uri.clone()
+    }
 }
 
 fn verr(call: &'static str) -> impl FnOnce(virt::error::Error) -> RuntimeError {
@@ -174,8 +310,10 @@ pub struct DomainXml<'a> {
     pub disk: Option<&'a Path>,
     /// The NoCloud seed (an ISO 9660 image labelled `cidata`).
     pub seed: &'a Path,
-    /// `(tag, host directory)` shared over virtiofs.
+    /// `(tag, host directory)` shared over virtiofs; all but [`WRITABLE_SHARE`] read-only.
     pub shares: Vec<(&'a str, PathBuf)>,
+    /// The virtiofsd wrapper that serves a share read-only ([`virtiofsd_ro_script`]).
+    pub virtiofsd_ro: &'a Path,
     pub console_log: &'a Path,
     /// User-mode networking when the signed egress policy allows any.
     pub network: bool,
@@ -216,6 +354,7 @@ pub fn domain_xml(d: &DomainXml<'_>) -> Result<String, RuntimeError> {
     let disk = d.disk.map(path_str).transpose()?;
     let seed = path_str(d.seed)?;
     let console = path_str(d.console_log)?;
+    let virtiofsd_ro = path_str(d.virtiofsd_ro)?;
     let shares = d
         .shares
         .iter()
@@ -349,6 +488,11 @@ pub fn domain_xml(d: &DomainXml<'_>) -> Result<String, RuntimeError> {
                                 w.create_element("driver")
                                     .with_attribute(("type", "virtiofs"))
                                     .write_empty()?;
+                                if *tag != WRITABLE_SHARE {
+                                    w.create_element("binary")
+                                        .with_attribute(("path", virtiofsd_ro))
+                                        .write_empty()?;
+                                }
                                 w.create_element("source")
                                     .with_attribute(("dir", dir.as_str()))
                                     .write_empty()?;
@@ -659,18 +803,51 @@ impl LibvirtRuntime {
                 .map_err(ioerr("create state directory", dir))?;
         }
         let blobs = BlobCache::new(cfg.cache_dir.clone(), cfg.cache_quota_bytes)?;
+        let virtiofsd_ro = match VIRTIOFSD.iter().find(|p| Path::new(p).exists()) {
+            Some(real) => {
+                let path = cfg.state_dir.join(VIRTIOFSD_RO);
+                let tmp = cfg
+                    .state_dir
+                    .join(format!(".{VIRTIOFSD_RO}.{}", std::process::id()));
+                std::fs::write(&tmp, virtiofsd_ro_script(real))
+                    .and_then(|()| {
+                        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+                    })
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .map_err(ioerr("write the read-only virtiofsd wrapper", &path))?;
+                Some(path)
+            }
+            None => None,
+        };
         Ok(LibvirtRuntime {
-            conn: Arc::new(conn),
+            link: Arc::new(Link::new(
+                VirtOpener {
+                    uri: cfg.uri.clone(),
+                },
+                conn,
+            )),
             cfg: Arc::new(cfg),
             blobs,
             domain_type: Arc::new(Mutex::new(DomainType::Qemu)),
             peaks: Arc::new(Mutex::new(HashMap::new())),
+            virtiofsd_ro,
         })
     }
 
-    /// The connection, for tests and diagnostics (use it off the executor).
-    pub fn connection(&self) -> Arc<Connect> {
-        self.conn.clone()
+    /// The live connection, reopened if libvirtd went away, for tests and diagnostics (it
+    /// blocks: use it off the executor).
+    pub fn connection(&self) -> Result<Arc<Connect>, RuntimeError> {
+        self.link.get()
+    }
+
+    /// The virtiofsd wrapper that serves machine/job features read-only (`None` without virtiofsd).
+    pub fn virtiofsd_ro(&self) -> Option<&Path> {
+        self.virtiofsd_ro.as_deref()
+    }
+
+    /// How many times the connection to libvirtd was reopened.
+    pub fn reconnects(&self) -> u64 {
+        self.link.reopened()
     }
 
     pub fn config(&self) -> &LibvirtConfig {
@@ -696,14 +873,14 @@ impl LibvirtRuntime {
         self.machine_dir(name).join("console.log")
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs `f` with the live connection (reopened if libvirtd went away) on the blocking pool.
     async fn blocking<T, F>(&self, f: F) -> Result<T, RuntimeError>
     where
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T, RuntimeError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || f(&conn))
+        let link = self.link.clone();
+        tokio::task::spawn_blocking(move || f(&*link.get()?))
             .await
             .map_err(|e| RuntimeError::Call {
                 engine: EngineKind::Libvirt,
@@ -967,6 +1144,15 @@ impl Runtime for LibvirtRuntime {
 
     async fn create(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
         check_name(&spec.name)?;
+        super::egress_supported(Backend::Vm, &spec.egress)
+            .map_err(|why| RuntimeError::Unsupported(format!("vm {}: {why}", spec.name)))?;
+        let virtiofsd_ro = self.virtiofsd_ro.as_deref().ok_or_else(|| {
+            RuntimeError::Unsupported(format!(
+                "vm {}: no virtiofsd (looked for {}) to share machine/job features with",
+                spec.name,
+                VIRTIOFSD.join(", ")
+            ))
+        })?;
         // Never build over a defined domain: its overlay may be in use (an adopted machine).
         let name = spec.name.clone();
         if self
@@ -986,7 +1172,7 @@ impl Runtime for LibvirtRuntime {
         std::fs::create_dir_all(&dir).map_err(ioerr("create machine directory", &dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
             .map_err(ioerr("create machine directory", &dir))?;
-        let built = self.build(spec, &dir).await;
+        let built = self.build(spec, &dir, virtiofsd_ro).await;
         if built.is_err() {
             let _ = remove_all(&dir);
         }
@@ -1186,7 +1372,12 @@ impl Runtime for LibvirtRuntime {
 
 impl LibvirtRuntime {
     /// Builds a machine's files in `dir` and defines its domain.
-    async fn build(&self, spec: &MachineSpec, dir: &Path) -> Result<MachineHandle, RuntimeError> {
+    async fn build(
+        &self,
+        spec: &MachineSpec,
+        dir: &Path,
+        virtiofsd_ro: &Path,
+    ) -> Result<MachineHandle, RuntimeError> {
         if spec.kernel.is_none() && spec.image.is_none() {
             return Err(RuntimeError::Unsupported(
                 "a vm needs a disk image or a kernel".into(),
@@ -1259,6 +1450,7 @@ impl LibvirtRuntime {
                 .map(|t| (*t, spec.mjf_dir.join(t)))
                 .collect(),
             console_log: &console,
+            virtiofsd_ro,
             network: !spec.egress.is_empty(),
         })?;
         let name = spec.name.clone();
@@ -1296,8 +1488,12 @@ mod tests {
             initrd: Some(Path::new("/k/initrd.img")),
             disk: None,
             seed: Path::new("/m/seed.iso"),
-            shares: vec![("joboutputs", PathBuf::from("/m/j'o<b>"))],
+            shares: vec![
+                ("machinefeatures", PathBuf::from("/m/mf")),
+                ("joboutputs", PathBuf::from("/m/j'o<b>")),
+            ],
             console_log: Path::new("/m/console.log"),
+            virtiofsd_ro: Path::new("/s/virtiofsd-ro"),
             network: false,
         })
     }
@@ -1324,6 +1520,151 @@ mod tests {
         assert_eq!(m.owner, "o\"wner<&>");
         assert_eq!(m.machine_id, Some(Id16([7; 16])));
         assert_eq!(m.machine_type, Some(Digest::of(b"t")));
+    }
+
+    #[test]
+    fn only_joboutputs_is_shared_writable() {
+        let xml = xml_for(&BTreeMap::new(), "gleaner-m1").unwrap();
+        let share = |tag: &str| {
+            let end = xml.find(&format!("<target dir=\"{tag}\"/>")).unwrap();
+            let start = xml[..end].rfind("<filesystem").unwrap();
+            xml[start..end].to_owned()
+        };
+        assert!(
+            share("machinefeatures").contains("<binary path=\"/s/virtiofsd-ro\"/>"),
+            "{xml}"
+        );
+        assert!(!share("joboutputs").contains("<binary"), "{xml}");
+    }
+
+    /// The wrapper, run as libvirt runs virtiofsd, around a stand-in that tries to write to the
+    /// folder it serves: the write fails, and the host's own view of the folder stays writable.
+    /// Needs root (a mount namespace), as libvirt's virtiofsd does.
+    #[test]
+    fn the_virtiofsd_wrapper_serves_the_folder_read_only() {
+        if !nix_is_root() {
+            // CI runs as root (as libvirtd does), so there the test always runs.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run this test as root"
+            );
+            eprintln!("skipped: needs root for a mount namespace");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let shared = t.path().join("machinefeatures");
+        std::fs::create_dir(&shared).unwrap();
+        let real = t.path().join("fake-virtiofsd");
+        std::fs::write(
+            &real,
+            "#!/bin/sh\nfor a; do case $a in source=*) d=${a#source=}; d=${d%%,*};; esac; done\n\
+             touch \"$d/x\" 2>/dev/null && echo writable || echo read-only\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let wrapper = t.path().join("virtiofsd-ro");
+        std::fs::write(&wrapper, virtiofsd_ro_script(real.to_str().unwrap())).unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let run = |args: &[&str]| {
+            std::process::Command::new(&wrapper)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let source = format!("source={},xattr", shared.display());
+        let out = run(&["--fd=3", "-o", &source]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "read-only\n");
+        assert!(!shared.join("x").exists());
+        std::fs::write(shared.join("hs06"), "1").unwrap();
+        // Nothing to serve read-only: refused rather than run writable.
+        let out = run(&["--fd=3"]);
+        assert!(!out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no shared folder"));
+    }
+
+    fn nix_is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("Uid:")
+                        .map(|v| v.split_whitespace().next() == Some("0"))
+                })
+            })
+            .unwrap_or(false)
+    }
+
+    /// A libvirtd that can be restarted (its connections die) and stopped (opening fails).
+    #[derive(Default)]
+    struct FakeDaemon {
+        /// Bumped by a restart: connections of an older generation are dead.
+        generation: std::sync::atomic::AtomicU32,
+        down: std::sync::atomic::AtomicBool,
+        opens: std::sync::atomic::AtomicU32,
+    }
+
+    impl Opener for Arc<FakeDaemon> {
+        type Conn = u32;
+        fn open(&self) -> Result<u32, String> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.opens.fetch_add(1, SeqCst);
+            if self.down.load(SeqCst) {
+                return Err("Failed to connect socket: No such file or directory".into());
+            }
+            Ok(self.generation.load(SeqCst))
+        }
+        fn alive(&self, c: &u32) -> bool {
+            use std::sync::atomic::Ordering::SeqCst;
+            !self.down.load(SeqCst) && *c == self.generation.load(SeqCst)
+        }
+        fn target(&self) -> String {
+            "fake:///system".into()
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_is_reopened_on_the_next_call_or_fails_typed() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let d = Arc::new(FakeDaemon::default());
+        let link = Link::new(d.clone(), 0);
+        // A live connection is reused, not reopened.
+        assert_eq!(*link.get().unwrap(), 0);
+        assert_eq!(*link.get().unwrap(), 0);
+        assert_eq!(d.opens.load(SeqCst), 0);
+        // libvirtd is stopped: the dead connection is dropped and reopening fails, typed, with
+        // the target and the cause; every call tries again rather than failing forever.
+        d.down.store(true, SeqCst);
+        for n in 1..=2 {
+            let e = link.get().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    RuntimeError::Unreachable {
+                        engine: EngineKind::Libvirt,
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains("fake:///system") && msg.contains("No such file"),
+                "{msg}"
+            );
+            assert_eq!(d.opens.load(SeqCst), n);
+        }
+        // It comes back (restarted): the next call gets a new connection, kept from then on.
+        d.generation.store(1, SeqCst);
+        d.down.store(false, SeqCst);
+        assert_eq!(*link.get().unwrap(), 1);
+        assert_eq!(*link.get().unwrap(), 1);
+        assert_eq!(link.reopened(), 1);
+        // A restart while up (connections die, opening works) is one reopen.
+        d.generation.store(2, SeqCst);
+        assert_eq!(*link.get().unwrap(), 2);
+        assert_eq!(link.reopened(), 2);
+        assert_eq!(d.opens.load(SeqCst), 4);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod backends;
 pub mod blobs;
 pub mod docker;
+pub mod egress;
 pub mod fake;
 pub mod image;
 pub mod libvirt;
@@ -171,6 +172,24 @@ pub enum RuntimeError {
     Unsupported(String),
 }
 
+/// Whether this host can enforce `egress` for a machine of `backend`, or why not. Containers get
+/// any policy (their own filtered bridge, see `egress.rs`). A VM's network is QEMU's user-mode
+/// stack, whose connections leave from the QEMU process and cannot be told apart by a host
+/// firewall, so a VM may have no network or an unrestricted one (`*`), never a list: a list
+/// that could not be enforced is refused rather than silently widened.
+pub fn egress_supported(backend: Backend, egress: &[String]) -> Result<(), String> {
+    let listed = !egress.is_empty() && !egress.iter().any(|e| e == "*");
+    if backend == Backend::Vm && listed {
+        return Err(format!(
+            "its egress policy lists destinations ({}), which this host can enforce for \
+             containers only: a VM gets no network (egress = []) or an unrestricted one \
+             (egress = [\"*\"])",
+            egress.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// A handle to a machine created by a runtime: its engine id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MachineHandle {
@@ -226,4 +245,9 @@ pub trait Runtime: Send + Sync {
     fn remove(&self, m: &MachineHandle) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Every machine carrying Gleaner's ownership label/metadata.
     fn list_owned(&self) -> impl Future<Output = Result<Vec<OwnedMachine>, RuntimeError>> + Send;
+    /// Removes what a crash left made for machines that no longer exist (a container's egress
+    /// network and rules); returns what it removed. Run after recovery and by `gleaner cleanup`.
+    fn remove_strays(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }

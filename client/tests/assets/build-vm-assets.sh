@@ -38,10 +38,12 @@ cp /bin/busybox "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 install -m 0755 "$here/vm-guest-init.sh" "$root/init"
 # Dependencies first (no depmod here): virtio PCI transport, the seed disk (virtio-blk + iso9660),
-# the MJF shares (virtiofs) and the ACPI power button (button + evdev for acpid).
+# the MJF shares (virtiofs), the memory balloon (live memory limits) and the ACPI power button
+# (button + evdev for acpid).
 order=(
   drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev
-  drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk
+  drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/virtio/virtio_balloon
+  drivers/block/virtio_blk
   drivers/cdrom/cdrom fs/isofs/isofs fs/fuse/fuse fs/fuse/virtiofs drivers/acpi/button
   drivers/input/evdev
 )

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use gleaner::{Digest, Id16};
 use gleaner_client::runtime::docker::DockerRuntime;
+use gleaner_client::runtime::egress::{EgressNames, remove_script};
 use gleaner_client::runtime::{
     Limits, MachineHandle, MachineSpec, OWNER_LABEL, PreparedImage, Runtime,
 };
@@ -171,6 +172,21 @@ impl Guard {
         }
     }
 
+    /// This test's egress networks (named `<machine>-egress`, labelled with the owner).
+    pub fn networks(&self) -> Vec<String> {
+        docker_cli(&[
+            "network",
+            "ls",
+            "--format",
+            "{{.Name}}",
+            "--filter",
+            &format!("label={OWNER_LABEL}={}", self.owner),
+        ])
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+    }
+
     fn containers(&self) -> Vec<String> {
         docker_cli(&[
             "ps",
@@ -205,6 +221,11 @@ impl Guard {
         let owned = rt.list_owned().await.unwrap();
         assert!(owned.is_empty(), "left behind: {owned:?}");
         assert!(self.containers().is_empty());
+        assert!(
+            self.networks().is_empty(),
+            "networks left behind: {:?}",
+            self.networks()
+        );
         let volumes: Vec<String> = docker_cli(&["volume", "ls", "-q"])
             .split_whitespace()
             .map(str::to_owned)
@@ -223,6 +244,42 @@ impl Drop for Guard {
             args.extend(ids.iter().map(String::as_str));
             let _ = Command::new("docker").args(&args).output();
         }
+        // Egress networks and their iptables rules, as the runtime would remove them.
+        for network in self.networks() {
+            if let Some(names) = EgressNames::for_network(&network) {
+                remove_egress_rules(&names);
+            }
+            let _ = Command::new("docker")
+                .args(["network", "rm", &network])
+                .output();
+        }
+    }
+}
+
+/// The host's filter table as `iptables -S` prints it.
+pub fn iptables_rules() -> String {
+    let out = Command::new("iptables")
+        .args(["-w", "-S"])
+        .output()
+        .expect("iptables is installed (installers/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "iptables -S: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Removes an egress chain and its hooks with the iptables tools, independent of the runtime.
+pub fn remove_egress_rules(names: &EgressNames) {
+    if let Some(script) = remove_script(&iptables_rules(), names) {
+        let mut child = Command::new("iptables-restore")
+            .args(["-w", "--noflush"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child.stdin.take().unwrap().write_all(script.as_bytes());
+        let _ = child.wait();
     }
 }
 

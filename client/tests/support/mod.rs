@@ -435,8 +435,9 @@ pub async fn assert_no_vm_left(
                 .unwrap()
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                // The verified image cache stays (it is reused); machine files do not.
-                .filter(|n| n != "cache")
+                // The verified image cache and the runtime's read-only virtiofsd wrapper stay
+                // (they are reused); machine files do not.
+                .filter(|n| n != "cache" && n != "virtiofsd-ro")
                 .collect();
             assert!(left.is_empty(), "{} holds {left:?}", d.display());
         }
