@@ -445,6 +445,15 @@ async fn a_replayed_outcome_is_ignored_and_its_resender_penalised() {
     // Node 2 joins later, through node 0 only, once the original is out of every gossip cache.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (_, h2, _) = node_with(23, vec![a0.clone()], &cancel, short).await;
+    // Node 2 hears node 1 (through node 0, its only peer) before the replays start.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seq = 0;
+    while h2.seq_of(k1.public()).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "node 2 never heard node 1");
+        seq += 1;
+        h1.publish(advert(&k1, seq, 2)).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // Someone who captured the envelope publishes it again and again to node 0.
     let (bad, replays) = replayer(a0.clone(), original.to_bytes(), cancel.clone());
