@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
+use gleaner::envelope::KeyCache;
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
 use libp2p::core::{Transport, upgrade::Version};
@@ -413,12 +414,9 @@ fn is_public(a: &Multiaddr) -> bool {
     })
 }
 
-/// The libp2p id of a host key: the identity multihash of its protobuf-encoded ed25519 key.
+/// The libp2p id of a host key.
 fn peer_id(key: &PublicKey) -> Option<PeerId> {
-    let mut b = [0u8; 38];
-    b[..6].copy_from_slice(&[0x00, 0x24, 0x08, 0x01, 0x12, 0x20]);
-    b[6..].copy_from_slice(&key.to_bytes());
-    PeerId::from_bytes(&b).ok()
+    PeerId::from_bytes(&key.peer_id_bytes()).ok()
 }
 
 fn peer_of(a: &Multiaddr) -> Option<PeerId> {
@@ -598,6 +596,7 @@ pub async fn start_space(
         replayed: 0,
         mt_throttled: 0,
         buckets: HashMap::new(),
+        keys: KeyCache::default(),
         replays: HashMap::new(),
         mt_buckets: HashMap::new(),
         banned: HashMap::new(),
@@ -651,6 +650,9 @@ struct Node {
     mt_throttled: u64,
     /// Token bucket per author (envelope signer): (tokens, last refill in ms).
     buckets: HashMap<PublicKey, (f64, u64)>,
+    /// Hosts' decompressed keys: each advert's signature is checked without decompressing its
+    /// signer's key again.
+    keys: KeyCache,
     /// Decaying count of replays per sending peer, behind its application score.
     replays: HashMap<PeerId, f64>,
     /// Machine-type requests per asking peer: token bucket and decaying count of refusals.
@@ -1079,7 +1081,7 @@ impl Node {
         // see REPLAY_PENALTY).
         let now = now();
         let refused = if is_advert {
-            let v = match env.open::<CapacityAdvert>() {
+            let v = match env.open_cached::<CapacityAdvert>(&mut self.keys) {
                 Ok(v) => v,
                 Err(e) => return Verdict::Reject(e.to_string()),
             };
@@ -1090,7 +1092,7 @@ impl Node {
             }
             r
         } else {
-            match env.open::<OutcomeReport>() {
+            match env.open_cached::<OutcomeReport>(&mut self.keys) {
                 Ok(v) => self.view.outcome(&v.message, now),
                 Err(e) => return Verdict::Reject(e.to_string()),
             }
