@@ -128,6 +128,23 @@ impl Envelope {
         self.decode_payload(signer)
     }
 
+    /// As [`Envelope::open`], taking the signer's decompressed key from `cache` (and putting it
+    /// there): a peer heard again and again is decompressed once, not per message.
+    pub fn open_cached<T: Message>(&self, cache: &mut KeyCache) -> Result<Verified<T>, Error> {
+        let signer = self.check_header::<T>()?;
+        cache
+            .get(signer)?
+            .verify_strict(
+                &signed_bytes(T::KIND, &self.payload),
+                &ed25519_dalek::Signature::from_bytes(&self.signature),
+            )
+            .map_err(|_| Error::BadSignature {
+                kind: T::KIND,
+                signer: signer.to_string(),
+            })?;
+        self.decode_payload(signer)
+    }
+
     /// Decodes and opens envelope bytes in one step.
     pub fn open_bytes<T: Message>(bytes: &[u8]) -> Result<Verified<T>, Error> {
         Envelope::from_bytes(bytes)?.open()
@@ -152,6 +169,38 @@ impl Envelope {
             message,
             digest: Digest::of(&self.payload),
         })
+    }
+}
+
+/// Decompressed keys of recent signers, at most [`KeyCache::MAX`]; when full it starts afresh, so
+/// a stream of new (or made-up) signers costs what it would without a cache, never more memory.
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    keys: std::collections::HashMap<PublicKey, ed25519_dalek::VerifyingKey>,
+}
+
+impl KeyCache {
+    pub const MAX: usize = 4096;
+
+    fn get(&mut self, key: PublicKey) -> Result<ed25519_dalek::VerifyingKey, Error> {
+        if let Some(vk) = self.keys.get(&key) {
+            return Ok(*vk);
+        }
+        let vk = key.verifying_key()?;
+        if self.keys.len() >= Self::MAX {
+            self.keys.clear();
+        }
+        self.keys.insert(key, vk);
+        Ok(vk)
+    }
+
+    /// Keys held now.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 }
 

@@ -1,22 +1,32 @@
 //! The live view of a space, pure (time passed in): the latest capacity advert of every factory,
 //! with expiry and replay protection, running machines per type across the space, and aborts that
-//! back a machine type off everywhere; and the space-wide target-share choice of what to start next.
+//! back a machine type off everywhere (each machine's outcome taken once); and the space-wide
+//! target-share choice of what to start next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::advert::{CapacityAdvert, OutcomeReport};
-use crate::{Digest, PublicKey};
+use crate::{Digest, Id16, PublicKey};
 
 /// How long an advert counts without a newer one.
 pub const ADVERT_TTL_S: u64 = 60;
 /// How far an advert's time may be from ours.
 pub const CLOCK_SKEW_S: u64 = 300;
+/// Outcomes remembered for replay protection. Outcomes older than [`CLOCK_SKEW_S`] are refused by
+/// their clock and forgotten; past this bound the oldest are forgotten early and everything up to
+/// their time is refused as stale, so a forgotten outcome can still never be taken twice.
+pub const OUTCOMES_REMEMBERED: usize = 1 << 16;
 
 /// Why a gossiped message was not taken into the view.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
-    #[error("replayed or stale: seq {seq} is not above {last}")]
-    Replay { seq: u64, last: u64 },
+    /// The same message again: an advert with the seq already taken, or a second outcome for a
+    /// machine whose outcome was taken. Whoever sends it again is replaying it.
+    #[error("replayed: {0} was taken before")]
+    Replay(String),
+    /// Older than what the view holds: honest relays deliver such messages when paths reorder.
+    #[error("stale: {0}")]
+    Stale(String),
     #[error("made at {at}, too far from now ({now})")]
     Clock { at: u64, now: u64 },
 }
@@ -38,6 +48,11 @@ pub struct SpaceView {
     seqs: BTreeMap<PublicKey, u64>,
     /// Last abort (fizzle, lost heartbeat, error) of each machine type anywhere in the space.
     aborts: BTreeMap<Digest, u64>,
+    /// Outcomes taken, by (host, machine), and the same ordered by their time for forgetting.
+    outcomes: BTreeMap<(PublicKey, Id16), u64>,
+    outcomes_by_time: BTreeSet<(u64, PublicKey, Id16)>,
+    /// Outcomes made at or before this time are refused: some of them were forgotten early.
+    outcomes_floor: u64,
 }
 
 impl Default for SpaceView {
@@ -54,6 +69,9 @@ impl SpaceView {
             peers: BTreeMap::new(),
             seqs: BTreeMap::new(),
             aborts: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+            outcomes_by_time: BTreeSet::new(),
+            outcomes_floor: 0,
         }
     }
 
@@ -62,13 +80,20 @@ impl SpaceView {
         if advert.at.abs_diff(now) > CLOCK_SKEW_S {
             return Err(Refused::Clock { at: advert.at, now });
         }
-        if let Some(&last) = self.seqs.get(&advert.host)
-            && advert.seq <= last
-        {
-            return Err(Refused::Replay {
-                seq: advert.seq,
-                last,
-            });
+        match self.seqs.get(&advert.host) {
+            Some(&last) if advert.seq == last => {
+                return Err(Refused::Replay(format!(
+                    "advert {} of {}",
+                    advert.seq, advert.host
+                )));
+            }
+            Some(&last) if advert.seq < last => {
+                return Err(Refused::Stale(format!(
+                    "advert seq {} of {} is below {last}",
+                    advert.seq, advert.host
+                )));
+            }
+            _ => {}
         }
         self.seqs.insert(advert.host, advert.seq);
         self.peers.insert(
@@ -81,11 +106,42 @@ impl SpaceView {
         Ok(())
     }
 
-    /// Takes a verified outcome into the view; aborts start a back-off for their type.
+    /// Takes a verified outcome into the view, once per machine; aborts start a back-off for
+    /// their type.
     pub fn outcome(&mut self, report: &OutcomeReport, now: u64) -> Result<(), Refused> {
         if report.at.abs_diff(now) > CLOCK_SKEW_S {
             return Err(Refused::Clock { at: report.at, now });
         }
+        let key = (report.host, report.machine_id);
+        if self.outcomes.contains_key(&key) {
+            return Err(Refused::Replay(format!(
+                "the outcome of machine {} on {}",
+                report.machine_id, report.host
+            )));
+        }
+        if report.at <= self.outcomes_floor {
+            return Err(Refused::Stale(format!(
+                "outcome made at {}, not after {} (outcomes up to then were forgotten)",
+                report.at, self.outcomes_floor
+            )));
+        }
+        self.forget_outcomes(now);
+        while self.outcomes.len() >= OUTCOMES_REMEMBERED {
+            let Some(oldest) = self.outcomes_by_time.pop_first() else {
+                break;
+            };
+            self.outcomes.remove(&(oldest.1, oldest.2));
+            self.outcomes_floor = self.outcomes_floor.max(oldest.0);
+        }
+        if report.at <= self.outcomes_floor {
+            return Err(Refused::Stale(format!(
+                "outcome made at {}, not after {} (outcomes up to then were forgotten)",
+                report.at, self.outcomes_floor
+            )));
+        }
+        self.outcomes.insert(key, report.at);
+        self.outcomes_by_time
+            .insert((report.at, report.host, report.machine_id));
         if report.outcome.is_abort() {
             let e = self.aborts.entry(report.machine_type).or_insert(0);
             *e = (*e).max(report.at);
@@ -93,10 +149,29 @@ impl SpaceView {
         Ok(())
     }
 
-    /// Forgets adverts older than the TTL.
+    /// Forgets adverts older than the TTL, and outcomes too old to pass the clock check.
     pub fn expire(&mut self, now: u64) {
         self.peers
             .retain(|_, p| now.saturating_sub(p.received_at) <= self.ttl_s);
+        self.forget_outcomes(now);
+    }
+
+    /// Outcomes made more than [`CLOCK_SKEW_S`] ago are refused by their clock: no need to
+    /// remember them.
+    fn forget_outcomes(&mut self, now: u64) {
+        let horizon = now.saturating_sub(CLOCK_SKEW_S);
+        while let Some(&(at, host, id)) = self.outcomes_by_time.first() {
+            if at >= horizon {
+                break;
+            }
+            self.outcomes_by_time.pop_first();
+            self.outcomes.remove(&(host, id));
+        }
+    }
+
+    /// Outcomes remembered for replay protection (bounded by [`OUTCOMES_REMEMBERED`]).
+    pub fn outcomes_remembered(&self) -> usize {
+        self.outcomes.len()
     }
 
     /// Live peers (after [`SpaceView::expire`]).
@@ -242,10 +317,10 @@ mod tests {
         v.insert(advert(1, 1, 1000, 2), 1000).unwrap();
         v.insert(advert(2, 5, 1000, 1), 1000).unwrap();
         assert_eq!(v.running(&Digest([1; 32])), 3);
-        assert_eq!(
+        assert!(matches!(
             v.insert(advert(1, 1, 1001, 9), 1001),
-            Err(Refused::Replay { seq: 1, last: 1 })
-        );
+            Err(Refused::Replay(_))
+        ));
         assert!(matches!(
             v.insert(advert(1, 2, 5000, 0), 1001),
             Err(Refused::Clock { .. })
@@ -276,11 +351,80 @@ mod tests {
         assert_eq!(v.last_abort(&Digest([7; 32])), Some(1000));
         let ok = OutcomeReport {
             outcome: OutcomeCode::Success,
+            machine_id: Id16([1; 16]),
             at: 2000,
             ..r
         };
         v.outcome(&ok, 2000).unwrap();
         assert_eq!(v.last_abort(&Digest([7; 32])), Some(1000));
+    }
+
+    fn outcome(host: u8, id: u8, at: u64) -> OutcomeReport {
+        OutcomeReport {
+            v: 1,
+            host: SecretKey::from_seed([host; 32]).public(),
+            machine_id: Id16([id; 16]),
+            machine_type: Digest([7; 32]),
+            at,
+            ran_s: 3,
+            outcome: OutcomeCode::Fizzle,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_outcome_is_taken_once_per_machine() {
+        let mut v = SpaceView::default();
+        v.outcome(&outcome(1, 1, 1000), 1000).unwrap();
+        // The same report later, or another report for the same machine: a replay.
+        assert!(matches!(
+            v.outcome(&outcome(1, 1, 1000), 1100),
+            Err(Refused::Replay(_))
+        ));
+        assert!(matches!(
+            v.outcome(&outcome(1, 1, 1050), 1100),
+            Err(Refused::Replay(_))
+        ));
+        // Another machine, or the same machine id on another host, is news.
+        v.outcome(&outcome(1, 2, 1000), 1100).unwrap();
+        v.outcome(&outcome(2, 1, 1000), 1100).unwrap();
+        // Once too old for the clock check it is forgotten, and still refused (by the clock).
+        v.expire(1000 + CLOCK_SKEW_S + 1);
+        assert_eq!(v.outcomes_remembered(), 0);
+        assert!(matches!(
+            v.outcome(&outcome(1, 1, 1000), 1000 + CLOCK_SKEW_S + 1),
+            Err(Refused::Clock { .. })
+        ));
+        // A stale advert (below the last seq) is not a replay of the last one.
+        v.insert(advert(1, 5, 1300, 1), 1300).unwrap();
+        assert!(matches!(
+            v.insert(advert(1, 4, 1300, 1), 1300),
+            Err(Refused::Stale(_))
+        ));
+    }
+
+    #[test]
+    fn forgetting_outcomes_early_never_lets_one_back_in() {
+        let mut v = SpaceView::default();
+        let now = 10_000;
+        // Fill the memory with outcomes (a thousand per second of `at`), then one more.
+        let template = outcome(1, 0, now - 200);
+        for i in 0..OUTCOMES_REMEMBERED as u64 {
+            let r = OutcomeReport {
+                machine_id: Id16((i as u128).to_be_bytes()),
+                at: now - 200 + i / 1000,
+                ..template.clone()
+            };
+            v.outcome(&r, now).unwrap();
+        }
+        let mut last = outcome(1, 0, now);
+        last.machine_id = Id16(u128::MAX.to_be_bytes());
+        v.outcome(&last, now).unwrap();
+        assert!(v.outcomes_remembered() <= OUTCOMES_REMEMBERED);
+        // The first one was forgotten to make room; replaying it is refused as stale.
+        let mut first = outcome(1, 0, now - 200);
+        first.machine_id = Id16(0u128.to_be_bytes());
+        assert!(matches!(v.outcome(&first, now), Err(Refused::Stale(_))));
     }
 
     fn d(n: u8) -> Digest {

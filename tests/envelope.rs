@@ -305,3 +305,41 @@ fn resign(env: Envelope, key: &SecretKey, kind: Kind) -> Envelope {
         ..env
     }
 }
+
+#[test]
+fn the_key_cache_gives_the_same_verdicts_as_open() {
+    use gleaner::envelope::KeyCache;
+    let key = publisher();
+    let other = SecretKey::from_seed([5; 32]);
+    let mut cache = KeyCache::default();
+    let good = Envelope::seal(&MachineType::example(key.public()), &key);
+    let mut bad_sig = good.clone();
+    bad_sig.signature[10] ^= 0x80;
+    let mut bad_payload = good.clone();
+    let n = bad_payload.payload.len();
+    bad_payload.payload[n - 3] ^= 0x01;
+    // Signed by another key than the one it names.
+    let mut wrong_signer = good.clone();
+    wrong_signer.signer = serde_bytes::ByteArray::new(other.public().to_bytes());
+    // Twice each: the second time the key comes from the cache.
+    for _ in 0..2 {
+        for env in [&good, &bad_sig, &bad_payload, &wrong_signer] {
+            let plain = env.open::<MachineType>().map_err(|e| e.to_string());
+            let cached = env
+                .open_cached::<MachineType>(&mut cache)
+                .map_err(|e| e.to_string());
+            assert_eq!(plain, cached);
+        }
+    }
+    assert!(good.open_cached::<MachineType>(&mut cache).is_ok());
+    assert_eq!(cache.len(), 2);
+    // Not a point on the curve: refused, and not kept.
+    let not_a_point = (0..=255u8)
+        .map(|b| [b; 32])
+        .find(|k| gleaner::PublicKey::from_bytes(k).is_err())
+        .unwrap();
+    let mut junk = good.clone();
+    junk.signer = serde_bytes::ByteArray::new(not_a_point);
+    assert!(junk.open_cached::<MachineType>(&mut cache).is_err());
+    assert_eq!(cache.len(), 2);
+}

@@ -1,11 +1,14 @@
 //! The space over libp2p: one `Swarm` owned by an event loop, reached through a cloneable
 //! [`SpaceHandle`] with a bounded command channel. Factories gossip signed capacity adverts, outcome
-//! reports and machine-type announcements on per-space gossipsub topics; every message is validated
-//! by hand (envelope signature, kind for the topic, signer = gossip author, freshness, replay, size,
-//! per-author rate) before it is accepted and forwarded, and rejected ones count against their
-//! sender's peer score; a peer whose score falls below [`BAN_SCORE`] is disconnected and blocked.
-//! Signed machine types are fetched by digest from the peers that advertise running them
-//! (request-response `/gleaner/mt/1`, CBOR, size-bounded) and verified against the digest and the
+//! reports and machine-type announcements on per-space gossipsub topics. Gossipsub itself signs
+//! nothing (anonymous messages, id = SHA-256 of the bytes): every message is already an envelope
+//! signed by its author's host key, so that one signature is the only one made and checked. Every
+//! message is validated by hand (envelope signature, kind for the topic, freshness, replay, size,
+//! per-author rate) before it is accepted and forwarded; rejected ones count against their
+//! sender's peer score, and replays cost their re-sender an application score penalty; a peer whose
+//! score falls below [`BAN_SCORE`] is disconnected and blocked. Signed machine types are fetched by
+//! digest from the peers that advertise running them (request-response `/gleaner/mt/1`, CBOR,
+//! size-bounded, each peer's requests rate-limited) and verified against the digest and the
 //! trusted publishers before use. Publishers' signed key rotations and revocations travel on their
 //! own topic (signature, kind, size and clock checked here; whether one bears on this host's trust
 //! is the trust store's call) and are re-announced now and then so that late joiners learn them.
@@ -19,6 +22,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
+use gleaner::envelope::KeyCache;
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
 use libp2p::core::{Transport, upgrade::Version};
@@ -67,6 +71,20 @@ pub const BAN_S: u64 = 600;
 /// more are ignored (not forwarded, not penalised: the relay may be honest).
 const RATE_BURST: f64 = 10.0;
 const RATE_PER_S: f64 = 2.0;
+/// Machine-type requests one peer may make in a burst, and per second after that; more are
+/// refused (the stream is closed unanswered) and counted.
+const MT_BURST: f64 = 16.0;
+const MT_PER_S: f64 = 2.0;
+/// A peer with this many refused machine-type requests outstanding (the count decays by
+/// [`PENALTY_DECAY`] a second) is flooding: it is banned like a low-scoring peer.
+const MT_FLOOD_BAN: f64 = 64.0;
+/// Application score per replay, times the square of the peer's (decaying) replay count: one
+/// replay costs 10, a second soon after 40, a fourth takes a peer below [`BAN_SCORE`]. An honest
+/// relay rarely sends a replay (only one that joined after the original, or that held it longer
+/// than the duplicate cache), and the count decays, so honest peers are never cut off.
+const REPLAY_PENALTY: f64 = 10.0;
+/// Per-second decay of the replay and refused-request counts.
+const PENALTY_DECAY: f64 = 0.9;
 /// Signed machine types kept to serve to peers.
 const MAX_STORED_TYPES: usize = 256;
 /// Machine-type fetches in flight at once, and how soon a failed one is tried again.
@@ -93,6 +111,9 @@ pub struct SpaceConfig {
     pub trusted: Vec<PublicKey>,
     /// Seconds an advert counts without a newer one.
     pub advert_ttl_s: u64,
+    /// Seconds gossipsub remembers a message id and silently drops copies; a copy arriving later
+    /// is validated again, and caught as a replay.
+    pub duplicate_cache_s: u64,
 }
 
 impl SpaceConfig {
@@ -106,6 +127,7 @@ impl SpaceConfig {
             kad_server: None,
             trusted: Vec::new(),
             advert_ttl_s: gleaner::space::ADVERT_TTL_S,
+            duplicate_cache_s: 60,
         }
     }
 }
@@ -165,6 +187,10 @@ pub struct SpaceSummary {
     pub rejected_messages: u64,
     /// Adverts and outcomes ignored because their author sent too many.
     pub rate_limited: u64,
+    /// Adverts and outcomes ignored because they were taken before (their senders penalised).
+    pub replayed: u64,
+    /// Machine-type requests refused because their peer asked too often.
+    pub mt_throttled: u64,
     /// Peers blocked for a low score.
     pub banned: Vec<String>,
     /// Gossipsub scores of connected peers.
@@ -451,6 +477,11 @@ fn is_public(a: &Multiaddr) -> bool {
     })
 }
 
+/// The libp2p id of a host key.
+fn peer_id(key: &PublicKey) -> Option<PeerId> {
+    PeerId::from_bytes(&key.peer_id_bytes()).ok()
+}
+
 fn peer_of(a: &Multiaddr) -> Option<PeerId> {
     a.iter().find_map(|p| match p {
         Protocol::P2p(id) => Some(id),
@@ -477,6 +508,7 @@ pub async fn start_space(
         t.types.hash(),
         t.trust.hash(),
     ];
+    let duplicate_cache = Duration::from_secs(cfg.duplicate_cache_s.max(1));
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic()
@@ -491,23 +523,29 @@ pub async fn start_space(
         })
         .map_err(|e| err(&e))?
         .with_behaviour(|k| {
+            // No gossipsub signatures: each message is an envelope its author signed, checked in
+            // `validate`; a second signature per message doubled the CPU per advert. Author,
+            // seqno and signature fields a peer may still send are not trusted, only ignored.
             let gcfg = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(500))
-                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validation_mode(gossipsub::ValidationMode::None)
                 .validate_messages()
                 .max_transmit_size(MAX_MESSAGE)
+                .duplicate_cache_time(duplicate_cache)
                 .message_id_fn(|m: &gossipsub::Message| {
                     gossipsub::MessageId::from(gleaner::Digest::of(&m.data).0.to_vec())
                 })
                 .build()
                 .map_err(|e| e.to_string())?;
-            let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Signed(k.clone()), gcfg)?;
+            let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gcfg)?;
             // Invalid messages cost their sender heavily (the counter is squared): two take a
             // peer below the graylist threshold (ignored, pruned), three below BAN_SCORE.
             let mut params = gossipsub::PeerScoreParams {
                 // Many factories share one address (a department behind NAT, a test on
                 // loopback): colocation is no sign of a Sybil attack here.
                 ip_colocation_factor_weight: 0.0,
+                // The replay penalty is set as the application score, already weighted.
+                app_specific_weight: 1.0,
                 ..Default::default()
             };
             for h in score_topics {
@@ -624,7 +662,12 @@ pub async fn start_space(
         view: SpaceView::with_ttl(cfg.advert_ttl_s),
         rejected: 0,
         rate_limited: 0,
+        replayed: 0,
+        mt_throttled: 0,
         buckets: HashMap::new(),
+        keys: KeyCache::default(),
+        replays: HashMap::new(),
+        mt_buckets: HashMap::new(),
         banned: HashMap::new(),
         types: BTreeMap::new(),
         type_order: 0,
@@ -676,8 +719,17 @@ struct Node {
     view: SpaceView,
     rejected: u64,
     rate_limited: u64,
-    /// Token bucket per author: (tokens, last refill in ms).
-    buckets: HashMap<PeerId, (f64, u64)>,
+    replayed: u64,
+    mt_throttled: u64,
+    /// Token bucket per author (envelope signer): (tokens, last refill in ms).
+    buckets: HashMap<PublicKey, (f64, u64)>,
+    /// Hosts' decompressed keys: each advert's signature is checked without decompressing its
+    /// signer's key again.
+    keys: KeyCache,
+    /// Decaying count of replays per sending peer, behind its application score.
+    replays: HashMap<PeerId, f64>,
+    /// Machine-type requests per asking peer: token bucket and decaying count of refusals.
+    mt_buckets: HashMap<PeerId, MtBucket>,
     /// Blocked peers and until when.
     banned: HashMap<PeerId, u64>,
     types: BTreeMap<Digest, Stored>,
@@ -735,7 +787,24 @@ fn check_trust(bytes: &[u8], now: u64) -> Result<Digest, Verdict> {
 enum Verdict {
     Accept,
     Ignore(String),
+    /// Taken before: ignored, and its sender's application score lowered.
+    Replay(String),
     Reject(String),
+}
+
+/// A peer's allowance of machine-type requests.
+struct MtBucket {
+    tokens: f64,
+    last_ms: u64,
+    /// Refused requests, decaying by [`PENALTY_DECAY`] a second.
+    refused: f64,
+}
+
+/// Refills a token bucket of `burst` tokens at `per_s` and tells whether a token is there.
+fn refill(tokens: &mut f64, last_ms: &mut u64, now_ms: u64, burst: f64, per_s: f64) -> bool {
+    *tokens = (*tokens + now_ms.saturating_sub(*last_ms) as f64 / 1000.0 * per_s).min(burst);
+    *last_ms = now_ms;
+    *tokens >= 1.0
 }
 
 impl Node {
@@ -792,10 +861,34 @@ impl Node {
             })
             .collect();
         for (p, s) in low {
-            tracing::warn!("banning {p} for {BAN_S} s: gossip score {s:.0}");
-            self.banned.insert(p, now + BAN_S);
-            self.swarm.behaviour_mut().blocked.block_peer(p);
-            self.swarm.behaviour_mut().kad.remove_peer(&p);
+            self.ban(p, &format!("gossip score {s:.0}"), now);
+        }
+        // Replay penalties and refused requests fade, so an honest peer's odd one is forgotten.
+        for (p, n) in self.replays.iter_mut() {
+            *n *= PENALTY_DECAY;
+            let score = -REPLAY_PENALTY * *n * *n;
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .set_application_score(p, score);
+        }
+        self.replays.retain(|_, n| *n > 0.01);
+        let flooders: Vec<(PeerId, f64)> = self
+            .mt_buckets
+            .iter()
+            .filter(|(_, b)| b.refused >= MT_FLOOD_BAN)
+            .map(|(p, b)| (*p, b.refused))
+            .collect();
+        for (p, n) in flooders {
+            self.mt_buckets.remove(&p);
+            self.ban(
+                p,
+                &format!("{n:.0} machine-type requests over its limit"),
+                now,
+            );
+        }
+        for b in self.mt_buckets.values_mut() {
+            b.refused *= PENALTY_DECAY;
         }
         let lifted: Vec<PeerId> = self
             .banned
@@ -810,6 +903,8 @@ impl Node {
         let ms = crate::factory::now_ms();
         self.buckets
             .retain(|_, (_, last)| ms.saturating_sub(*last) < 60_000);
+        self.mt_buckets
+            .retain(|_, b| ms.saturating_sub(b.last_ms) < 60_000 || b.refused > 1.0);
         self.fetch_wanted(now);
         self.announce_trust_due(now);
     }
@@ -848,6 +943,24 @@ impl Node {
                 }
             };
         }
+    }
+
+    fn ban(&mut self, p: PeerId, why: &str, now: u64) {
+        tracing::warn!("banning {p} for {BAN_S} s: {why}");
+        self.banned.insert(p, now + BAN_S);
+        self.swarm.behaviour_mut().blocked.block_peer(p);
+        self.swarm.behaviour_mut().kad.remove_peer(&p);
+    }
+
+    /// A replay from `peer`: its application score drops with the square of its recent count.
+    fn penalise_replay(&mut self, peer: PeerId) {
+        let n = self.replays.entry(peer).or_insert(0.0);
+        *n += 1.0;
+        let score = -REPLAY_PENALTY * *n * *n;
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .set_application_score(&peer, score);
     }
 
     fn command(&mut self, cmd: Command) {
@@ -891,7 +1004,9 @@ impl Node {
                         self.announce_trust_due(now);
                         Ok(())
                     }
-                    Err(Verdict::Reject(why) | Verdict::Ignore(why)) => Err(why),
+                    Err(Verdict::Reject(why) | Verdict::Ignore(why) | Verdict::Replay(why)) => {
+                        Err(why)
+                    }
                     Err(Verdict::Accept) => Ok(()),
                 };
                 let _ = reply.send(r);
@@ -993,6 +1108,8 @@ impl Node {
             peers,
             rejected_messages: self.rejected,
             rate_limited: self.rate_limited,
+            replayed: self.replayed,
+            mt_throttled: self.mt_throttled,
             banned: self.banned.keys().map(|p| p.to_string()).collect(),
             scores,
             machine_types: self.types.keys().map(|d| d.to_string()).collect(),
@@ -1010,6 +1127,12 @@ impl Node {
                     Verdict::Accept => MessageAcceptance::Accept,
                     Verdict::Ignore(reason) => {
                         tracing::debug!("ignored a message from {propagation_source}: {reason}");
+                        MessageAcceptance::Ignore
+                    }
+                    Verdict::Replay(reason) => {
+                        self.replayed += 1;
+                        tracing::info!("ignored a replay from {propagation_source}: {reason}");
+                        self.penalise_replay(propagation_source);
                         MessageAcceptance::Ignore
                     }
                     Verdict::Reject(reason) => {
@@ -1066,17 +1189,17 @@ impl Node {
         }
     }
 
-    /// Takes a token from `author`'s bucket; false when it has sent too much.
-    fn rate_ok(&mut self, author: PeerId) -> bool {
+    /// Whether `author` has a token left (refilled, not taken).
+    fn rate_ok(&mut self, author: PublicKey) -> bool {
         let ms = crate::factory::now_ms();
         let (tokens, last) = self.buckets.entry(author).or_insert((RATE_BURST, ms));
-        *tokens = (*tokens + ms.saturating_sub(*last) as f64 / 1000.0 * RATE_PER_S).min(RATE_BURST);
-        *last = ms;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+        refill(tokens, last, ms, RATE_BURST, RATE_PER_S)
+    }
+
+    /// Takes a token from `author`'s bucket, once its message was accepted.
+    fn rate_take(&mut self, author: PublicKey) {
+        if let Some((tokens, _)) = self.buckets.get_mut(&author) {
+            *tokens = (*tokens - 1.0).max(0.0);
         }
     }
 
@@ -1085,9 +1208,6 @@ impl Node {
         if m.data.len() > MAX_MESSAGE {
             return Verdict::Reject("too large".into());
         }
-        let Some(author) = m.source else {
-            return Verdict::Reject("no author".into());
-        };
         if m.topic == self.topics.types.hash() {
             return match self.check_type(&m.data, true) {
                 TypeVerdict::New(d, mt) => {
@@ -1101,7 +1221,7 @@ impl Node {
             };
         }
         if m.topic == self.topics.trust.hash() {
-            return self.validate_trust(m, author, from);
+            return self.validate_trust(m, from);
         }
         let is_advert = m.topic == self.topics.adverts.hash();
         if !is_advert && m.topic != self.topics.outcomes.hash() {
@@ -1110,7 +1230,7 @@ impl Node {
         if m.data.len() > MAX_ADVERT {
             return Verdict::Reject(format!("{} bytes, at most {MAX_ADVERT}", m.data.len()));
         }
-        // The cheap checks first (no signature yet): shape, kind, signer = author. Junk and
+        // The cheap checks first (no signature yet): shape, kind, a well-formed signer. Junk and
         // relabelled messages are rejected here, which costs their sender its score.
         let env = match Envelope::from_bytes(&m.data) {
             Ok(e) => e,
@@ -1124,44 +1244,55 @@ impl Node {
         if env.kind().ok() != Some(want) {
             return Verdict::Reject("wrong message kind for the topic".into());
         }
-        if env.signer.as_slice() != author.to_bytes().get(6..).unwrap_or_default() {
-            return Verdict::Reject("signed by another key than its gossip author".into());
-        }
+        // The author is the envelope's signer (gossipsub carries no author). Its bucket is only
+        // looked at here, and a token taken once the signature holds and the message is news,
+        // so forgeries in an honest host's name cannot use up its allowance.
+        let author = match env.signer() {
+            Ok(k) => k,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
         // A flood of well-formed messages costs a map lookup each, not a signature check.
         if !self.rate_ok(author) {
             self.rate_limited += 1;
             return Verdict::Ignore(format!("{author} sends too many messages"));
         }
         // A bad signature or payload is the relay's fault too (it should have checked); a stale
-        // or replayed message is not: an honest relay may deliver an older advert after a newer
-        // one came another way, or have another clock. Those are ignored, not penalised.
+        // message is not: an honest relay may deliver an older advert after a newer one came
+        // another way, or have another clock. Those are ignored, not penalised. The very message
+        // taken before is a replay: ignored, and its sender's application score lowered (softly:
+        // see REPLAY_PENALTY).
         let now = now();
-        if is_advert {
-            let v = match env.open::<CapacityAdvert>() {
+        let refused = if is_advert {
+            let v = match env.open_cached::<CapacityAdvert>(&mut self.keys) {
                 Ok(v) => v,
                 Err(e) => return Verdict::Reject(e.to_string()),
             };
             let running: Vec<Digest> = v.message.running.iter().map(|r| r.machine_type).collect();
-            if let Err(e) = self.view.insert(v.message, now) {
-                return Verdict::Ignore(e.to_string());
+            let r = self.view.insert(v.message, now);
+            if r.is_ok() && !running.is_empty() {
+                self.want(&running, author, now);
             }
-            self.want(&running, author, now);
+            r
         } else {
-            let v = match env.open::<OutcomeReport>() {
-                Ok(v) => v,
+            match env.open_cached::<OutcomeReport>(&mut self.keys) {
+                Ok(v) => self.view.outcome(&v.message, now),
                 Err(e) => return Verdict::Reject(e.to_string()),
-            };
-            if let Err(e) = self.view.outcome(&v.message, now) {
-                return Verdict::Ignore(e.to_string());
             }
+        };
+        match refused {
+            Ok(()) => {
+                self.rate_take(author);
+                Verdict::Accept
+            }
+            Err(e @ gleaner::space::Refused::Replay(_)) => Verdict::Replay(e.to_string()),
+            Err(e) => Verdict::Ignore(e.to_string()),
         }
-        Verdict::Accept
     }
 
     /// A gossiped key rotation or revocation: checked, then handed to the daemon (whose trust
     /// store decides whether it bears on this host) unless this node already holds it. Any valid
     /// one is forwarded, so that hosts that trust the publisher learn it through hosts that do not.
-    fn validate_trust(&mut self, m: &gossipsub::Message, author: PeerId, from: &PeerId) -> Verdict {
+    fn validate_trust(&mut self, m: &gossipsub::Message, from: &PeerId) -> Verdict {
         if m.data.len() > MAX_TRUST_MESSAGE {
             return Verdict::Reject(format!(
                 "{} bytes, at most {MAX_TRUST_MESSAGE}",
@@ -1170,11 +1301,20 @@ impl Node {
         }
         // The cheap checks first, so junk is always penalised; a well-formed flood then costs a
         // map lookup per message, not a signature check.
-        match Envelope::from_bytes(&m.data).map(|e| e.kind()) {
-            Ok(Ok(Kind::KeyRotation | Kind::Revocation)) => {}
-            Ok(_) => return Verdict::Reject("wrong message kind for the topic".into()),
+        let env = match Envelope::from_bytes(&m.data) {
+            Ok(e) => e,
             Err(e) => return Verdict::Reject(e.to_string()),
+        };
+        match env.kind() {
+            Ok(Kind::KeyRotation | Kind::Revocation) => {}
+            _ => return Verdict::Reject("wrong message kind for the topic".into()),
         }
+        // The author is the envelope's signer (gossipsub carries no author); a token is taken
+        // only once the signature holds, so forgeries cannot use up an honest signer's allowance.
+        let author = match env.signer() {
+            Ok(k) => k,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
         if !self.rate_ok(author) {
             self.rate_limited += 1;
             return Verdict::Ignore(format!("{author} sends too many messages"));
@@ -1184,6 +1324,7 @@ impl Node {
             Ok(d) => d,
             Err(v) => return v,
         };
+        self.rate_take(author);
         if self.trust_heard.len() < MAX_TRUST_HEARD || self.trust_heard.contains_key(&digest) {
             self.trust_heard.insert(digest, now);
         }
@@ -1271,8 +1412,14 @@ impl Node {
     }
 
     /// Notes the types an advert shows running that we do not hold yet.
-    fn want(&mut self, running: &[Digest], host: PeerId, now: u64) {
-        if self.trusted.is_empty() || host == *self.swarm.local_peer_id() {
+    fn want(&mut self, running: &[Digest], host: PublicKey, now: u64) {
+        if self.trusted.is_empty() {
+            return;
+        }
+        let Some(host) = peer_id(&host) else {
+            return;
+        };
+        if host == *self.swarm.local_peer_id() {
             return;
         }
         for d in running {
@@ -1312,8 +1459,7 @@ impl Node {
                     .running
                     .iter()
                     .any(|r| r.machine_type == d)
-                    .then(|| p.advert.host.to_string().parse::<PeerId>().ok())
-                    .flatten()
+                    .then_some(p.advert.host)
             });
             match host {
                 Some(h) => self.want(&[d], h, now),
@@ -1322,6 +1468,23 @@ impl Node {
                     self.wanted.remove(&d);
                 }
             }
+        }
+    }
+
+    /// Takes a token from `peer`'s machine-type request bucket; counts a refusal when empty.
+    fn mt_allowed(&mut self, peer: PeerId) -> bool {
+        let ms = crate::factory::now_ms();
+        let b = self.mt_buckets.entry(peer).or_insert(MtBucket {
+            tokens: MT_BURST,
+            last_ms: ms,
+            refused: 0.0,
+        });
+        if refill(&mut b.tokens, &mut b.last_ms, ms, MT_BURST, MT_PER_S) {
+            b.tokens -= 1.0;
+            true
+        } else {
+            b.refused += 1.0;
+            false
         }
     }
 
@@ -1336,6 +1499,14 @@ impl Node {
                     },
                 ..
             } => {
+                if !self.mt_allowed(peer) {
+                    // Dropping the channel closes the stream unanswered: no envelope is copied
+                    // or sent for a peer that asks too often.
+                    self.mt_throttled += 1;
+                    tracing::debug!("{peer} asks for machine types too often; refused");
+                    drop(channel);
+                    return;
+                }
                 let MtRequest::Get { digest } = request;
                 let resp = <[u8; 32]>::try_from(digest.as_slice())
                     .ok()
@@ -1430,6 +1601,7 @@ mod tests {
             kp.public().to_peer_id().to_string(),
             key.public().to_string()
         );
+        assert_eq!(peer_id(&key.public()), Some(kp.public().to_peer_id()));
     }
 
     #[test]

@@ -1,18 +1,21 @@
 //! Abuse of the space (issue 5): a raw libp2p peer that floods junk and forged adverts is rejected,
 //! scored down, disconnected and blocked; oversize frames never reach a view; a node that floods
-//! valid adverts is rate-limited without being banned; honest adverts keep arriving throughout.
+//! valid adverts is rate-limited without being banned; honest adverts keep arriving throughout; a
+//! replayed outcome is ignored, not forwarded, and costs its re-sender until it is banned; a peer
+//! flooding machine-type requests is refused and banned while an honest peer's fetch succeeds.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use gleaner::advert::CapacityAdvert;
-use gleaner::{Envelope, SecretKey};
-use gleaner_client::p2p::{self, SpaceConfig, SpaceHandle};
+use gleaner::advert::{CapacityAdvert, OutcomeReport, Running};
+use gleaner::{Backend, Blob, Digest, Envelope, Id16, MachineType, OutcomeCode, SecretKey};
+use gleaner_client::p2p::{self, MtRequest, MtResponse, SpaceConfig, SpaceHandle};
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
 use tokio_util::sync::CancellationToken;
 
 const SPACE: &str = "abuse";
@@ -42,15 +45,57 @@ fn advert(key: &SecretKey, seq: u64, free: u16) -> Envelope {
     Envelope::seal(&a, key)
 }
 
+/// Publishes the honest nodes' adverts, a new seq each round, until every honest node has taken
+/// one from every honest node made in this call; nothing forged ever shows in a view.
+async fn honest_round(honest: &[(SecretKey, SpaceHandle)], seq: &mut u64) {
+    let first = *seq + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        *seq += 1;
+        for (k, h) in honest {
+            h.publish(advert(k, *seq, 2)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut all = true;
+        for (_, h) in honest {
+            let s = h.summary().await.unwrap();
+            assert!(s.peers.iter().all(|p| p.free_cores == 2), "{s:?}");
+            let took = |k: &SecretKey| {
+                s.peers
+                    .iter()
+                    .any(|p| p.host == k.public().to_string() && p.seq >= first)
+            };
+            all &= honest.iter().all(|(k, _)| took(k));
+            assert!(
+                all || Instant::now() < deadline,
+                "honest adverts stopped arriving: {s:?}"
+            );
+        }
+        if all {
+            return;
+        }
+    }
+}
+
 async fn node(
     seed: u8,
     bootstrap: Vec<Multiaddr>,
     cancel: &CancellationToken,
 ) -> (SecretKey, SpaceHandle, Multiaddr) {
+    node_with(seed, bootstrap, cancel, |_| {}).await
+}
+
+async fn node_with(
+    seed: u8,
+    bootstrap: Vec<Multiaddr>,
+    cancel: &CancellationToken,
+    tweak: impl FnOnce(&mut SpaceConfig),
+) -> (SecretKey, SpaceHandle, Multiaddr) {
     let key = SecretKey::from_seed([seed; 32]);
     let mut cfg = SpaceConfig::new(SPACE);
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     cfg.bootstrap = bootstrap;
+    tweak(&mut cfg);
     let (h, addrs, _task) = p2p::start(&key, cfg, cancel.clone()).await.unwrap();
     let addr = addrs[0].clone().with(libp2p::multiaddr::Protocol::P2p(
         key.public().to_string().parse().unwrap(),
@@ -238,65 +283,63 @@ async fn junk_floods_are_banned_and_honest_adverts_still_arrive() {
     assert_eq!(rejected(&h0.summary().await.unwrap()), r0);
     assert_eq!(rejected(&h1.summary().await.unwrap()), r1);
 
-    // Honest adverts kept flowing: everyone holds everyone's latest (or the one before).
-    let last = seq;
-    seq += 1;
-    for (k, h) in &honest {
-        h.publish(advert(k, seq, 2)).unwrap();
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    for (_, h) in &honest {
-        let s = h.summary().await.unwrap();
-        assert_eq!(s.peers.len(), 3, "{s:?}");
-        assert!(s.peers.iter().all(|p| p.seq >= last), "{s:?}");
-    }
+    // Honest adverts kept flowing: everyone takes everyone's new ones.
+    honest_round(&honest, &mut seq).await;
 
     // An oversize frame (200 KiB) is refused by the codec and a 20 KiB advert by validation;
     // neither reaches a view, and the space carries on.
     let (_, big) = attacker(vec![a1.clone()], honest[2].0.clone(), true, cancel.clone());
     // The fat advert comes from its own node: its sender is penalised, not an honest one.
     let (kj, hj, _) = node(8, vec![a0.clone()], &cancel).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut fat = advert(&kj, 1, 77);
     fat.payload = serde_bytes::ByteBuf::from(vec![0u8; 20 * 1024]);
     let before = h0.summary().await.unwrap().rejected_messages;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while big.sent.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the oversize frame was not sent");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    hj.publish(fat).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while h0.summary().await.unwrap().rejected_messages == before {
         assert!(
             Instant::now() < deadline,
-            "the 20 KiB advert was not rejected"
+            "the oversize frame was not sent: connected {} times, {} open",
+            big.connected.load(Ordering::SeqCst),
+            big.open.load(Ordering::SeqCst)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    seq += 2;
-    for (k, h) in &honest {
-        h.publish(advert(k, seq, 2)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h0.summary().await.unwrap().rejected_messages == before {
+        // Sent again until node 8 knows node 0's topics (the same bytes: gossipsub sends them
+        // once).
+        hj.publish(fat.clone()).unwrap();
+        assert!(
+            Instant::now() < deadline,
+            "the 20 KiB advert was not rejected: {:?}\n{:?}",
+            h0.summary().await.unwrap(),
+            hj.summary().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    for (_, h) in &honest {
-        let s = h.summary().await.unwrap();
-        let honest_seen = s.peers.iter().filter(|p| p.seq == seq).count();
-        assert_eq!(honest_seen, 3, "{s:?}");
-        assert!(s.peers.iter().all(|p| p.free_cores == 2), "{s:?}");
-    }
+    honest_round(&honest, &mut seq).await;
 
     // A node that floods *valid* adverts is rate-limited (ignored, not forwarded), not banned.
     let (kf, hf, _) = node(9, vec![a0.clone()], &cancel).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for i in 1..=200 {
-        hf.publish(advert(&kf, i, 2)).unwrap();
-        if i % 20 == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    // First it hears the space (its gossip with node 0 is up: on a loaded machine that can take
+    // a while), then it floods.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hf.seq_of(honest[0].0.public()).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "node 9 never heard node 0");
+        seq += 1;
+        for (k, h) in &honest {
+            h.publish(advert(k, seq, 2)).unwrap();
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut fseq = 0;
     loop {
+        // Bursts of 40 until node 0 limits them (the first may go before node 9 knows its topics).
+        for _ in 0..40 {
+            fseq += 1;
+            hf.publish(advert(&kf, fseq, 2)).unwrap();
+        }
         let s = h0.summary().await.unwrap();
         if s.rate_limited > 0 {
             assert!(!s.banned.contains(&kf.public().to_string()));
@@ -308,5 +351,370 @@ async fn junk_floods_are_banned_and_honest_adverts_still_arrive() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    cancel.cancel();
+}
+
+fn outcome(key: &SecretKey, machine: u8, machine_type: Digest) -> Envelope {
+    let r = OutcomeReport {
+        v: 1,
+        host: key.public(),
+        machine_id: Id16([machine; 16]),
+        machine_type,
+        at: now(),
+        ran_s: 5,
+        outcome: OutcomeCode::Fizzle,
+        detail: String::new(),
+    };
+    Envelope::seal(&r, key)
+}
+
+/// A bare gossipsub peer that re-publishes `data` (an envelope it captured) on the outcomes
+/// topic twice a second, as a new gossipsub message each time.
+fn replayer(target: Multiaddr, data: Vec<u8>, cancel: CancellationToken) -> (PeerId, Arc<Attack>) {
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let id = key.public().to_peer_id();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|k| {
+            let cfg = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .build()
+                .unwrap();
+            gossipsub::Behaviour::<
+                gossipsub::IdentityTransform,
+                gossipsub::AllowAllSubscriptionFilter,
+            >::new(MessageAuthenticity::Signed(k.clone()), cfg)
+            .unwrap()
+        })
+        .unwrap()
+        .build();
+    let topic = IdentTopic::new(format!("gleaner/{SPACE}/outcomes"));
+    swarm.behaviour_mut().subscribe(&topic).unwrap();
+    let state = Arc::new(Attack::default());
+    let st = state.clone();
+    tokio::spawn(async move {
+        swarm.dial(target.clone()).unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                ev = swarm.select_next_some() => {
+                    if let SwarmEvent::ConnectionEstablished { .. } = ev {
+                        st.connected.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                _ = tick.tick() => {
+                    let open = swarm.connected_peers().count() as u64;
+                    st.open.store(open, Ordering::SeqCst);
+                    if open == 0 {
+                        let _ = swarm.dial(target.clone());
+                        continue;
+                    }
+                    if swarm.behaviour_mut().publish(topic.clone(), data.clone()).is_ok() {
+                        st.sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+    });
+    (id, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_outcome_is_ignored_and_its_resender_penalised() {
+    let cancel = CancellationToken::new();
+    // Copies are dropped unseen for 2 s (gossipsub's duplicate cache), checked after that.
+    let short = |c: &mut SpaceConfig| c.duplicate_cache_s = 2;
+    let (_, h0, a0) = node_with(21, vec![], &cancel, short).await;
+    let (k1, h1, _) = node_with(22, vec![a0.clone()], &cancel, short).await;
+    let wait_abort = |h: SpaceHandle, d: Digest, what: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while h.view().await.unwrap().last_abort(&d).is_none() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // Node 1 reports a fizzle; node 0 takes it (publishing again until the mesh has formed).
+    let first_type = Digest([0xa1; 32]);
+    let original = outcome(&k1, 1, first_type);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h0.view().await.unwrap().last_abort(&first_type).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the outcome did not reach node 0"
+        );
+        // A copy published again before it was delivered is the same message id: no replay.
+        h1.publish(original.clone()).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Node 2 joins later, through node 0 only, once the original is out of every gossip cache.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, h2, _) = node_with(23, vec![a0.clone()], &cancel, short).await;
+    // Node 2 hears node 1 (through node 0, its only peer) before the replays start.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seq = 0;
+    while h2.seq_of(k1.public()).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "node 2 never heard node 1");
+        seq += 1;
+        h1.publish(advert(&k1, seq, 2)).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Someone who captured the envelope publishes it again and again to node 0.
+    let (bad, replays) = replayer(a0.clone(), original.to_bytes(), cancel.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s0 = loop {
+        let s = h0.summary().await.unwrap();
+        if s.banned.contains(&bad.to_string()) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replayer was not banned: sent {}, {s:?}",
+            replays.sent.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(s0.replayed > 0, "{s0:?}");
+    assert_eq!(s0.rejected_messages, 0, "a replay is not a forgery: {s0:?}");
+    assert!(!s0.banned.contains(&k1.public().to_string()), "{s0:?}");
+    // Node 0 did not forward it: node 2, who never saw the original, does not hold it...
+    assert_eq!(h2.view().await.unwrap().last_abort(&first_type), None);
+    // ...although news reaches node 2 through node 0: a new outcome of node 1 does.
+    let second_type = Digest([0xa2; 32]);
+    let fresh = outcome(&k1, 2, second_type);
+    let deliver = tokio::spawn(wait_abort(
+        h2.clone(),
+        second_type,
+        "news did not reach node 2",
+    ));
+    while !deliver.is_finished() {
+        let _ = h1.publish(fresh.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    deliver.await.unwrap();
+    assert_eq!(h2.view().await.unwrap().last_abort(&first_type), None);
+    let s2 = h2.summary().await.unwrap();
+    assert!(s2.banned.is_empty(), "{s2:?}");
+    cancel.cancel();
+}
+
+fn signed_type(publisher: &SecretKey) -> Vec<u8> {
+    let mut mt = MachineType::example(publisher.public());
+    mt.name = "flood-target".into();
+    mt.backend = Backend::Container;
+    mt.image = Some(Blob {
+        url: "https://example.invalid/flood.tar".into(),
+        sha256: Digest::of(b"flood"),
+    });
+    mt.cores_min = 1;
+    mt.cores_max = 1;
+    mt.memory_mib = 64;
+    mt.not_after = 4_000_000_000;
+    Envelope::seal(&mt, publisher).to_bytes()
+}
+
+/// What the request flooder got back.
+#[derive(Default)]
+struct Flood {
+    sent: AtomicU64,
+    found: AtomicU64,
+    failed: AtomicU64,
+    open: AtomicU64,
+}
+
+/// A bare request-response peer asking `target` for `digest` as fast as its streams allow.
+fn request_flooder(
+    target: Multiaddr,
+    digest: Digest,
+    cancel: CancellationToken,
+) -> (PeerId, Arc<Flood>) {
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let id = key.public().to_peer_id();
+    let peer: PeerId = target
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+            _ => None,
+        })
+        .unwrap();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::cbor::Behaviour::<MtRequest, MtResponse>::new(
+                [(
+                    StreamProtocol::new(p2p::MT_PROTOCOL),
+                    ProtocolSupport::Outbound,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(5))
+                    .with_max_concurrent_streams(256),
+            )
+        })
+        .unwrap()
+        .build();
+    let state = Arc::new(Flood::default());
+    let st = state.clone();
+    tokio::spawn(async move {
+        swarm.dial(target.clone()).unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                ev = swarm.select_next_some() => {
+                    use request_response::{Event, Message};
+                    match ev {
+                        SwarmEvent::Behaviour(Event::Message {
+                            message: Message::Response { response: MtResponse::Found { .. }, .. },
+                            ..
+                        }) => { st.found.fetch_add(1, Ordering::SeqCst); }
+                        SwarmEvent::Behaviour(Event::OutboundFailure { .. }) => {
+                            st.failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                }
+                _ = tick.tick() => {
+                    let open = swarm.connected_peers().count() as u64;
+                    st.open.store(open, Ordering::SeqCst);
+                    if open == 0 {
+                        let _ = swarm.dial(target.clone());
+                        continue;
+                    }
+                    for _ in 0..20 {
+                        swarm.behaviour_mut().send_request(
+                            &peer,
+                            MtRequest::Get { digest: serde_bytes::ByteBuf::from(digest.0.to_vec()) },
+                        );
+                        st.sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+    });
+    (id, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_type_request_flood_is_throttled_and_an_honest_fetch_succeeds() {
+    let cancel = CancellationToken::new();
+    let publisher = SecretKey::from_seed([0x51; 32]);
+    let envelope = signed_type(&publisher);
+    let digest = Envelope::open_bytes::<MachineType>(&envelope)
+        .unwrap()
+        .digest;
+    // Node 0 holds the signed type; node 1 trusts its publisher but does not hold it.
+    let key0 = SecretKey::from_seed([31; 32]);
+    let mut cfg = SpaceConfig::new(SPACE);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    let s0 = p2p::start_space(&key0, cfg, cancel.clone()).await.unwrap();
+    let a0 = s0.addrs[0].clone().with(libp2p::multiaddr::Protocol::P2p(
+        key0.public().to_string().parse().unwrap(),
+    ));
+    let h0 = s0.handle.clone();
+    assert_eq!(h0.provide(envelope.clone()).await.unwrap(), digest);
+    let mut cfg = SpaceConfig::new(SPACE);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.bootstrap = vec![a0.clone()];
+    cfg.trusted = vec![publisher.public()];
+    let mut s1 = p2p::start_space(&SecretKey::from_seed([32; 32]), cfg, cancel.clone())
+        .await
+        .unwrap();
+
+    // A peer asks node 0 for the type hundreds of times a second.
+    let (bad, flood) = request_flooder(a0.clone(), digest, cancel.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h0.summary().await.unwrap().mt_throttled == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood was not throttled: sent {}, answered {}",
+            flood.sent.load(Ordering::SeqCst),
+            flood.found.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Meanwhile node 0 advertises running the type, and node 1 fetches it from node 0.
+    let running = |seq| {
+        let a = CapacityAdvert {
+            v: 1,
+            host: key0.public(),
+            seq,
+            at: now(),
+            free_cores: 1,
+            free_memory_mib: 1024,
+            free_disk_mib: 0,
+            backends: 1,
+            running: vec![Running {
+                machine_type: digest,
+                count: 1,
+            }],
+            owner_present: false,
+            draining: false,
+            benchmark: 1000,
+        };
+        Envelope::seal(&a, &key0)
+    };
+    let mut seq = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let learned = loop {
+        seq += 1;
+        h0.publish(running(seq)).unwrap();
+        match tokio::time::timeout(Duration::from_millis(500), s1.learned.recv()).await {
+            Ok(Some(l)) => break l,
+            Ok(None) => panic!("node 1 stopped"),
+            Err(_) => assert!(
+                Instant::now() < deadline,
+                "the honest fetch did not succeed: {:?}",
+                h0.summary().await.unwrap()
+            ),
+        }
+    };
+    assert_eq!(learned.digest, digest);
+    assert_eq!(learned.envelope, envelope);
+
+    // The flooder got a handful of answers, not hundreds, and is banned for its flood.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = h0.summary().await.unwrap();
+        if s.banned.contains(&bad.to_string()) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flooder was not banned: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (sent, found) = (
+        flood.sent.load(Ordering::SeqCst),
+        flood.found.load(Ordering::SeqCst),
+    );
+    assert!(
+        sent >= 100 && found <= 16 + 2 * 60,
+        "sent {sent}, answered {found}, {s:?}"
+    );
+    assert!(s.mt_throttled >= 64, "{s:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while flood.open.load(Ordering::SeqCst) > 0 {
+        assert!(Instant::now() < deadline, "the flooder stayed connected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !s.banned
+            .contains(&s1.handle.summary().await.unwrap().peer_id)
+    );
     cancel.cancel();
 }
