@@ -114,7 +114,9 @@ async fn trials(
     let (sources, _) = Sources::detect(
         Some(display),
         PathBuf::from("/nonexistent"),
+        Path::new("/nonexistent"),
         &["x11".to_owned()],
+        None,
         cancel.clone(),
     )
     .await;

@@ -43,6 +43,8 @@ pub struct DaemonOptions {
     /// Which owner-activity sources to use (empty: all that answer).
     pub idle_sources: Vec<String>,
     pub power_supply: PathBuf,
+    /// Where input devices are watched (normally /dev/input).
+    pub input_devices: PathBuf,
     pub owner_interval: Duration,
     /// The space over libp2p: where to listen, whom to dial, LAN discovery. `None`: no space.
     pub p2p: Option<crate::p2p::SpaceConfig>,
@@ -513,30 +515,33 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         ));
     }
 
+    // Event-driven sources (XInput2, input devices) nudge the enforcer when the owner arrives.
+    let (nudge_tx, nudge_rx) = tokio::sync::mpsc::channel(1);
     let (sources, mut source_notes) = crate::owner::Sources::detect(
         opts.display.as_deref(),
         opts.power_supply.clone(),
+        &opts.input_devices,
         &opts.idle_sources,
+        Some(nudge_tx.clone()),
         cancel.child_token(),
     )
     .await;
-    let (nudge_tx, nudge_rx) = tokio::sync::mpsc::channel(1);
-    let nudge = match (
+    let mut nudged = sources.idle.iter().any(|s| s.name() == "evdev");
+    if let (Some(d), true) = (
         &opts.display,
         opts.idle_sources.is_empty() || opts.idle_sources.iter().any(|s| s == "x11"),
     ) {
-        (Some(d), true) => match crate::owner::watch_x11_input(d, nudge_tx) {
+        match crate::owner::watch_x11_input(d, nudge_tx) {
             Ok(()) => {
                 source_notes.push(format!("x11 input events (XInput2) on {d}: active"));
-                Some(nudge_rx)
+                nudged = true;
             }
             Err(e) => {
-                source_notes.push(format!("x11 input events: skipped ({e}); polling instead"));
-                None
+                source_notes.push(format!("x11 input events: skipped ({e}); polling instead"))
             }
-        },
-        _ => None,
-    };
+        }
+    }
+    let nudge = nudged.then_some(nudge_rx);
     for n in &source_notes {
         tracing::info!("owner activity: {n}");
     }

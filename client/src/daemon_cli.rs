@@ -402,6 +402,7 @@ pub fn settings_from(
                 .or_else(|| std::env::var("DISPLAY").ok()),
             idle_sources,
             power_supply: args.power_supply.clone(),
+            input_devices: args.input_devices.clone(),
             owner_interval: Duration::from_millis(100),
             p2p: (!no_space).then(|| crate::p2p::SpaceConfig {
                 space: space.clone(),
