@@ -669,6 +669,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         let measure_daily = opts.benchmark.is_none().then(|| opts.state_dir.clone());
         async move {
             let mut seq = crate::factory::now_ms();
+            let mut last_trim: Option<u64> = None;
             loop {
                 let now = crate::factory::now_ms() / 1000;
                 let admitted = catalogue.lock().await.scan(now, &handle).await;
@@ -715,6 +716,14 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                 }
                 daemon.expire_pause(now).await;
                 wake.notify_one();
+                // Hand memory freed since (start-up's probes and benchmark, a finished machine's
+                // bookkeeping) back to the system while idle, at most once a minute.
+                if last_trim.is_none_or(|t| now.saturating_sub(t) >= 60)
+                    && handle.status().await.is_ok_and(|s| s.machines.is_empty())
+                {
+                    release_free_memory();
+                    last_trim = Some(now);
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -743,6 +752,29 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     tracker.wait().await;
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+/// Caps glibc's malloc arenas at two before any thread starts. glibc gives each thread that
+/// allocates an arena of its own (up to eight per core), and each keeps what was freed in it
+/// resident; a daemon that mostly waits needs no more than two. `MALLOC_ARENA_MAX` in the
+/// environment still wins.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+/// Returns the allocator's free pages to the system (glibc keeps them otherwise).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The daemon's own uid, read from /proc (no unsafe libc call needed).
