@@ -102,7 +102,8 @@ echo "200 Intended work completed ok" > /joboutputs/shutdown_message
         r.cpu_ms,
         engine_ms
     );
-    assert!(r.wall_ms >= 6000 && r.cpu_ms <= r.wall_ms, "{r:?}");
+    // At least the 4 s the workload idles after its work.
+    assert!(r.wall_ms >= 4000 && r.cpu_ms <= r.wall_ms, "{r:?}");
     // The record verifies as the host's signature.
     let pending = f.ledger.pending(10).unwrap();
     Envelope::open_bytes::<UsageRecord>(&pending[0].1).unwrap();

@@ -533,9 +533,16 @@ impl Runtime for DockerRuntime {
         match self.docker.remove_container(&m.engine_id, Some(opts)).await {
             Ok(()) => {
                 // The engine leaves the parent cgroup behind: remove it once it holds no guest
-                // (removing a cgroup that still has children fails, harmlessly).
+                // (removing a cgroup that still has children fails, harmlessly). The engine may
+                // answer before its shim has removed the container's own cgroup: wait a little
+                // for that one, never for other guests'.
                 if let Some(p) = self.cgroup_parent.get().filter(|p| !p.ends_with(".slice")) {
-                    cgroup_remove_parent(p);
+                    for _ in 0..20 {
+                        if cgroup_remove_parent(p) || cgroup_has_other_children(p, &m.engine_id) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
                 Ok(())
             }
@@ -649,16 +656,33 @@ pub fn cgroup_set_cpu_idle(parent: &str, idle: bool) -> Result<std::path::PathBu
     })
 }
 
-/// Removes the empty parent cgroup `parent` from every hierarchy (v1 controllers, or the v2 tree).
-pub fn cgroup_remove_parent(parent: &str) {
+/// The folders named `parent` in every hierarchy (v1 controllers, or the v2 tree).
+fn parent_dirs(parent: &str) -> Vec<std::path::PathBuf> {
     let root = std::path::Path::new("/sys/fs/cgroup");
     let mut dirs = vec![root.join(parent)];
     if let Ok(rd) = std::fs::read_dir(root) {
         dirs.extend(rd.flatten().map(|e| e.path().join(parent)));
     }
-    for d in dirs {
+    dirs
+}
+
+/// Removes the empty parent cgroup `parent` from every hierarchy; whether none is left.
+pub fn cgroup_remove_parent(parent: &str) -> bool {
+    let dirs = parent_dirs(parent);
+    for d in &dirs {
         let _ = std::fs::remove_dir(d);
     }
+    !dirs.iter().any(|d| d.exists())
+}
+
+/// Whether `parent` holds a guest's cgroup other than `id`'s in any hierarchy.
+fn cgroup_has_other_children(parent: &str, id: &str) -> bool {
+    parent_dirs(parent).iter().any(|d| {
+        std::fs::read_dir(d).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.path().is_dir() && e.file_name().to_str() != Some(id))
+        })
+    })
 }
 
 /// The cgroup v2 high-water mark of a container's memory (`memory.peak`, kernel 5.19+), from the
