@@ -29,6 +29,20 @@ fn sample(pid: u32) -> (u64, u64) {
     (rss, ticks)
 }
 
+/// The daemon's resident memory by kind: anonymous (heap, stacks) vs file-backed (the binary's
+/// pages, shared with other processes mapping it) — from /proc/PID/status.
+fn rss_split(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| {
+            l.starts_with("RssAnon:") || l.starts_with("RssFile:") || l.starts_with("Threads:")
+        })
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 struct Kill(Vec<Child>);
 
 impl Drop for Kill {
@@ -75,6 +89,7 @@ fn main() {
     std::thread::sleep(window);
     let secs = t0.elapsed().as_secs_f64();
     let (drss, d1) = sample(dpid);
+    let split = rss_split(dpid);
     let (frss, f1) = sample(fpid);
     let _ = std::fs::remove_dir_all(&dir);
     // Ticks are 1/100 s on Linux.
@@ -97,4 +112,5 @@ fn main() {
         frss as f64 / 1024.0
     );
     println!("| ratio | {:.1}× | | |", drss as f64 / frss.max(1) as f64);
+    println!("\ndaemon RSS by kind (KiB): {split}");
 }

@@ -7,7 +7,7 @@
 //! installers/start-engines.sh). `GLEANER_BENCH_N` sets the sample count (default 8).
 
 mod common;
-use common::percentile;
+use common::{percentile, vm_assets};
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -20,22 +20,6 @@ use gleaner_client::runtime::libvirt::{
     DomainXml, LibvirtConfig, LibvirtRuntime, SHARE_TAGS, domain_xml,
 };
 use gleaner_client::runtime::{Limits, MachineSpec, Runtime};
-
-fn assets() -> (PathBuf, PathBuf) {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/build-vm-assets.sh");
-    let st = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .status()
-        .expect("bash runs");
-    assert!(st.success(), "{} failed", script.display());
-    let mut p = out.clone();
-    while p.pop() && p != Path::new("/") {
-        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
-    }
-    (out.join("vmlinuz"), out.join("initrd.img"))
-}
 
 const USER_DATA: &str = "#!/bin/sh\nsleep 600\n";
 
@@ -92,7 +76,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
-    let (kernel, initrd) = assets();
+    let (kernel, initrd) = vm_assets();
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let owner = format!("bench-vm-{}", std::process::id());

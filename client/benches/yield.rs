@@ -1,13 +1,16 @@
 //! Yield latency: the owner's input (an XTest motion event on a real Xvfb) → every workload frozen
 //! by the owner enforcer (docker pause returned for each container), p50/p99 over many trials;
 //! beside, in the same run, the same enforcer without input events (polling every 100 ms) and a raw
-//! SIGSTOP of the same containers' processes. BOINC polls every 1 s, HTCondor every 5 s.
+//! SIGSTOP of the same containers' processes. Then the same for a busy VM (TCG here) through the
+//! libvirt runtime (virDomainSuspend returned) beside a raw SIGSTOP of its QEMU process, when
+//! libvirtd answers. BOINC polls every 1 s, HTCondor every 5 s.
 //!
-//! Run: `cargo bench -p gleaner-client --bench yield --profile dev` (dockerd running and Xvfb
-//! installed, see installers/install-deps.sh --start). `GLEANER_BENCH_N` sets the trials (200).
+//! Run: `cargo bench -p gleaner-client --bench yield --profile dev` (dockerd and libvirtd running
+//! and Xvfb installed, see installers/install-deps.sh --start). `GLEANER_BENCH_N` sets the trials
+//! (200), `GLEANER_BENCH_VM_N` the VM's (the same).
 
 mod common;
-use common::{busybox_tarball, percentile};
+use common::{busybox_tarball, percentile, vm_assets};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +22,8 @@ use gleaner::Id16;
 use gleaner::policy::{Action, Decision, Preset};
 use gleaner_client::factory::Allowance;
 use gleaner_client::owner::{Enforcer, Sources, watch_x11_input};
-use gleaner_client::runtime::docker::DockerRuntime;
+use gleaner_client::runtime::docker::{DockerRuntime, cgroup_parent_name, cgroup_set_cpu_idle};
+use gleaner_client::runtime::libvirt::{LibvirtConfig, LibvirtRuntime, SHARE_TAGS};
 use gleaner_client::runtime::{
     ImageSource, Limits, MachineHandle, MachineSpec, OWNER_LABEL, Runtime,
 };
@@ -96,8 +100,8 @@ fn sigstop_all(pids: &[i32]) -> Duration {
 
 /// Runs `trials` owner arrivals against an enforcer (with input events when `events`), returning
 /// the latency of each from the input event to every machine frozen.
-async fn trials(
-    rt: &Arc<DockerRuntime>,
+async fn trials<R: Runtime + 'static>(
+    rt: &Arc<R>,
     handles: &[MachineHandle],
     display: &str,
     events: bool,
@@ -114,7 +118,9 @@ async fn trials(
     let (sources, _) = Sources::detect(
         Some(display),
         PathBuf::from("/nonexistent"),
+        Path::new("/nonexistent"),
         &["x11".to_owned()],
+        None,
         cancel.clone(),
     )
     .await;
@@ -175,6 +181,100 @@ async fn trials(
     }
     out.sort();
     out
+}
+
+/// Destroys the bench's VM even when the bench panics.
+struct VmCleanup(String);
+
+impl Drop for VmCleanup {
+    fn drop(&mut self) {
+        for cmd in ["destroy", "undefine"] {
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system", cmd, &self.0])
+                .output();
+        }
+    }
+}
+
+/// One busy VM (a spinning shell under the probe's domain type) through the libvirt runtime:
+/// owner input → suspended, over `n` trials, and a raw SIGSTOP of its QEMU process as often.
+async fn vm_trials(
+    display: &str,
+    owner: &str,
+    tmp: &Path,
+    n: usize,
+) -> Result<(String, Vec<Duration>, Vec<Duration>), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let (kernel, initrd) = vm_assets();
+    let state = tmp.join("vm");
+    let mjf = tmp.join("vm-mjf");
+    for d in SHARE_TAGS {
+        std::fs::create_dir_all(mjf.join(d)).map_err(|e| e.to_string())?;
+    }
+    for d in [tmp, &state, &mjf] {
+        let _ = std::fs::create_dir_all(d);
+        let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+    }
+    let _ = std::fs::set_permissions(
+        mjf.join("joboutputs"),
+        std::fs::Permissions::from_mode(0o1777),
+    );
+    std::fs::write(mjf.join("user_data"), "#!/bin/sh\nwhile :; do :; done\n")
+        .map_err(|e| e.to_string())?;
+    let rt = Arc::new(
+        LibvirtRuntime::connect(LibvirtConfig::new(owner, state))
+            .await
+            .map_err(|e| format!("libvirtd: {e}"))?,
+    );
+    let probe = rt.probe().await.map_err(|e| e.to_string())?;
+    let name = format!("{owner}-vm");
+    let _cleanup = VmCleanup(name.clone());
+    let spec = MachineSpec {
+        backend: gleaner_client::runtime::Backend::Vm,
+        machine_id: Id16([0x76; 16]),
+        machine_type: gleaner::Digest::of(b"bench-yield-vm"),
+        name: name.clone(),
+        image: None,
+        kernel: Some(kernel),
+        initrd: Some(initrd),
+        cores: 1,
+        limits: Limits {
+            cpus: 1.0,
+            memory_bytes: 256 << 20,
+        },
+        disk_bytes: 64 << 20,
+        pids_limit: 64,
+        mjf_dir: mjf.clone(),
+        egress: vec![],
+        command: None,
+        labels: BTreeMap::new(),
+    };
+    let h = rt.create(&spec).await.map_err(|e| e.to_string())?;
+    rt.start(&h).await.map_err(|e| e.to_string())?;
+    // Booted into the workload: the guest's init writes a heartbeat before running user_data.
+    let t0 = Instant::now();
+    while !mjf.join("joboutputs/heartbeat").exists() {
+        if t0.elapsed() > Duration::from_secs(180) {
+            return Err("the VM wrote no heartbeat in 180 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid: i32 = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        .map_err(|e| format!("qemu pid file: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("qemu pid: {e}"))?;
+    let events = trials(&rt, std::slice::from_ref(&h), display, true, n).await;
+    let mut stop: Vec<Duration> = (0..n)
+        .map(|_| {
+            let d = sigstop_all(&[pid]);
+            std::thread::sleep(Duration::from_millis(5));
+            d
+        })
+        .collect();
+    stop.sort();
+    let _ = rt.remove(&h).await;
+    Ok((probe.version, events, stop))
 }
 
 #[tokio::main]
@@ -265,14 +365,28 @@ async fn main() {
 
     let events = trials(&rt, &handles, &display, true, n).await;
     let polled = trials(&rt, &handles, &display, false, (n / 4).max(20)).await;
+    // The guests run in an idle-class cgroup, and a task stops only when it next runs: like the
+    // runtime's freeze, the baseline first puts them back to normal weight (inside the timing).
+    let parent = cgroup_parent_name(&owner);
     let mut stop: Vec<Duration> = (0..n)
         .map(|_| {
-            let d = sigstop_all(&pids);
+            let t0 = Instant::now();
+            let _ = cgroup_set_cpu_idle(&parent, false);
+            let d = t0.elapsed() + sigstop_all(&pids);
+            let _ = cgroup_set_cpu_idle(&parent, true);
             std::thread::sleep(Duration::from_millis(5));
             d
         })
         .collect();
     stop.sort();
+    for h in &handles {
+        let _ = rt.remove(h).await;
+    }
+    let vm_n: usize = std::env::var("GLEANER_BENCH_VM_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n);
+    let vm = vm_trials(&display, &owner, &tmp, vm_n).await;
     let _ = std::fs::remove_dir_all(&tmp);
 
     let p = |v: &[Duration], q| percentile(v, q);
@@ -286,7 +400,10 @@ async fn main() {
     for (name, v) in [
         ("XInput2 event → docker pause (gleaner)", &events),
         ("100 ms polling → docker pause", &polled),
-        ("raw SIGSTOP of the same processes", &stop),
+        (
+            "raw SIGSTOP of the same processes (cpu.idle off first)",
+            &stop,
+        ),
     ] {
         println!(
             "| {name} | {} | {} | {:.1}× | {} |",
@@ -304,4 +421,32 @@ async fn main() {
         );
     }
     println!("| BOINC (polls every 1 s) | ~500 ms | ~1000 ms | | |");
+    match vm {
+        Ok((version, events, stop)) => {
+            println!(
+                "\nYield latency: owner input → 1 busy VM suspended ({} trials; {version})",
+                events.len()
+            );
+            println!("| path | p50 | p99 | p99 vs SIGSTOP | goal |");
+            println!("| --- | --- | --- | --- | --- |");
+            let goal = Duration::from_millis(100);
+            println!(
+                "| XInput2 event → virDomainSuspend (gleaner) | {} | {} | {:.1}× | p99 ≤ 100 ms {} |",
+                ms(p(&events, 0.5)),
+                ms(p(&events, 0.99)),
+                p(&events, 0.99).as_secs_f64() / p(&stop, 0.99).as_secs_f64(),
+                if p(&events, 0.99) <= goal {
+                    "✅"
+                } else {
+                    "❌"
+                }
+            );
+            println!(
+                "| raw SIGSTOP of the QEMU process | {} | {} | 1.0× | |",
+                ms(p(&stop, 0.5)),
+                ms(p(&stop, 0.99))
+            );
+        }
+        Err(e) => println!("\nNo VM row: {e}"),
+    }
 }

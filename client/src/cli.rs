@@ -244,8 +244,8 @@ pub struct DaemonArgs {
     /// the cores, or off [default: the preset's, 75%]
     #[arg(long, value_name = "LOAD")]
     pub suspend_above_load: Option<String>,
-    /// Which owner-activity sources to watch, comma-separated among x11, logind, terminals and
-    /// interrupts [default: all that answer]
+    /// Which owner-activity sources to watch, comma-separated among x11, logind, terminals,
+    /// interrupts and evdev [default: all that answer]
     #[arg(long, value_name = "LIST")]
     pub idle_sources: Option<String>,
     /// Which engines may run machines, comma-separated among docker (containers) and libvirt
@@ -268,6 +268,9 @@ pub struct DaemonArgs {
     /// The sysfs power-supply folder (battery state)
     #[arg(long, default_value = "/sys/class/power_supply", hide = true)]
     pub power_supply: PathBuf,
+    /// The folder of input devices watched for the owner's input (evdev)
+    #[arg(long, default_value = "/dev/input", hide = true)]
+    pub input_devices: PathBuf,
     /// Milliseconds between looks at the machines
     #[arg(long, default_value_t = 500, hide = true)]
     pub tick_ms: u64,
@@ -314,6 +317,7 @@ impl DaemonArgs {
             no_mdns: false,
             no_space: false,
             power_supply: PathBuf::from("/sys/class/power_supply"),
+            input_devices: PathBuf::from("/dev/input"),
             tick_ms: 500,
         }
     }

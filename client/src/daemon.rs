@@ -45,6 +45,8 @@ pub struct DaemonOptions {
     /// Which owner-activity sources to use (empty: all that answer).
     pub idle_sources: Vec<String>,
     pub power_supply: PathBuf,
+    /// Where input devices are watched (normally /dev/input).
+    pub input_devices: PathBuf,
     pub owner_interval: Duration,
     /// The space over libp2p: where to listen, whom to dial, LAN discovery. `None`: no space.
     pub p2p: Option<crate::p2p::SpaceConfig>,
@@ -759,30 +761,33 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         ));
     }
 
+    // Event-driven sources (XInput2, input devices) nudge the enforcer when the owner arrives.
+    let (nudge_tx, nudge_rx) = tokio::sync::mpsc::channel(1);
     let (sources, mut source_notes) = crate::owner::Sources::detect(
         opts.display.as_deref(),
         opts.power_supply.clone(),
+        &opts.input_devices,
         &opts.idle_sources,
+        Some(nudge_tx.clone()),
         cancel.child_token(),
     )
     .await;
-    let (nudge_tx, nudge_rx) = tokio::sync::mpsc::channel(1);
-    let nudge = match (
+    let mut nudged = sources.idle.iter().any(|s| s.name() == "evdev");
+    if let (Some(d), true) = (
         &opts.display,
         opts.idle_sources.is_empty() || opts.idle_sources.iter().any(|s| s == "x11"),
     ) {
-        (Some(d), true) => match crate::owner::watch_x11_input(d, nudge_tx) {
+        match crate::owner::watch_x11_input(d, nudge_tx) {
             Ok(()) => {
                 source_notes.push(format!("x11 input events (XInput2) on {d}: active"));
-                Some(nudge_rx)
+                nudged = true;
             }
             Err(e) => {
-                source_notes.push(format!("x11 input events: skipped ({e}); polling instead"));
-                None
+                source_notes.push(format!("x11 input events: skipped ({e}); polling instead"))
             }
-        },
-        _ => None,
-    };
+        }
+    }
+    let nudge = nudged.then_some(nudge_rx);
     for n in &source_notes {
         tracing::info!("owner activity: {n}");
     }
@@ -965,6 +970,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         async move {
             let mut seq = crate::factory::now_ms();
             let mut trust_generation = None;
+            let mut last_trim: Option<u64> = None;
             loop {
                 let now = crate::factory::now_ms() / 1000;
                 let admitted = catalogue.lock().await.scan(now, &handle).await;
@@ -1040,6 +1046,14 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                 daemon.expire_pause(now).await;
                 daemon.expire_type_pauses(now).await;
                 wake.notify_one();
+                // Hand memory freed since (start-up's probes and benchmark, a finished machine's
+                // bookkeeping) back to the system while idle, at most once a minute.
+                if last_trim.is_none_or(|t| now.saturating_sub(t) >= 60)
+                    && handle.status().await.is_ok_and(|s| s.machines.is_empty())
+                {
+                    release_free_memory();
+                    last_trim = Some(now);
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -1068,6 +1082,29 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     tracker.wait().await;
     let _ = std::fs::remove_file(&opts.socket);
     Ok(())
+}
+
+/// Caps glibc's malloc arenas at two before any thread starts. glibc gives each thread that
+/// allocates an arena of its own (up to eight per core), and each keeps what was freed in it
+/// resident; a daemon that mostly waits needs no more than two. `MALLOC_ARENA_MAX` in the
+/// environment still wins.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+/// Returns the allocator's free pages to the system (glibc keeps them otherwise).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The daemon's own uid, read from /proc (no unsafe libc call needed).

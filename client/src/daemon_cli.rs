@@ -415,6 +415,7 @@ pub fn settings_from(
                 .or_else(|| std::env::var("DISPLAY").ok()),
             idle_sources,
             power_supply: args.power_supply.clone(),
+            input_devices: args.input_devices.clone(),
             owner_interval: Duration::from_millis(100),
             p2p: (!no_space).then(|| crate::p2p::SpaceConfig {
                 space: space.clone(),
@@ -570,6 +571,7 @@ pub fn run(args: DaemonArgs) -> Result<()> {
         host,
         running: std::sync::Mutex::new(first),
     });
+    crate::daemon::limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

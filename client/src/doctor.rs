@@ -134,7 +134,9 @@ pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec
     let (sources, notes) = crate::owner::Sources::detect(
         display.as_deref(),
         std::path::PathBuf::from("/sys/class/power_supply"),
+        std::path::Path::new("/dev/input"),
         &[],
+        None,
         cancel.clone(),
     )
     .await;

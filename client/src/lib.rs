@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod daemon_cli;
 pub mod demo;
 pub mod doctor;
+pub mod evdev;
 pub mod factory;
 pub mod hostbench;
 pub mod image_archive;

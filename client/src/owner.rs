@@ -1,6 +1,7 @@
-//! The owner's side: activity sources (X11 idle time, battery, other programs' CPU load) combined into
-//! the core's `HostState`, and the enforcer that applies the core's decision — freezing every
-//! machine at once when the owner returns, thawing or throttling them live when the owner leaves.
+//! The owner's side: activity sources (X11 idle time, logind, terminals, interrupts, input devices in
+//! `evdev.rs`, battery, other programs' CPU load) combined into the core's `HostState`, and the
+//! enforcer that applies the core's decision — freezing every machine at once when the owner
+//! returns, thawing or throttling them live when the owner leaves.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -414,7 +415,7 @@ fn host_busy_jiffies() -> Option<u64> {
 }
 
 /// The owner-activity sources by name (`idle_sources` in the settings file).
-pub const IDLE_SOURCES: [&str; 4] = ["x11", "logind", "terminals", "interrupts"];
+pub const IDLE_SOURCES: [&str; 5] = ["x11", "logind", "terminals", "interrupts", "evdev"];
 
 /// Where the enforcer reads the host's state.
 pub struct Sources {
@@ -435,12 +436,15 @@ const EXCLUSIVE_SCAN: Duration = Duration::from_secs(2);
 
 impl Sources {
     /// The sources available here among `enabled` (empty: all of [`IDLE_SOURCES`]): X11 on
-    /// `display` if it answers, logind over D-Bus, terminals, input interrupts; and always battery
-    /// from sysfs and load from /proc/stat. Missing sources are skipped and noted, never fatal.
+    /// `display` if it answers, logind over D-Bus, terminals, input interrupts, the input devices
+    /// under `input_dir` (which send `nudge` when the owner arrives); and always battery from sysfs
+    /// and load from /proc/stat. Missing sources are skipped and noted, never fatal.
     pub async fn detect(
         display: Option<&str>,
         power_supply: PathBuf,
+        input_dir: &Path,
         enabled: &[String],
+        nudge: Option<mpsc::Sender<()>>,
         cancel: CancellationToken,
     ) -> (Sources, Vec<String>) {
         let on = |name: &str| enabled.is_empty() || enabled.iter().any(|e| e == name);
@@ -459,7 +463,7 @@ impl Sources {
             }
         }
         if on("logind") {
-            match LogindIdle::connect(None, cancel).await {
+            match LogindIdle::connect(None, cancel.clone()).await {
                 Ok(l) => {
                     notes.push("logind idle hint (D-Bus): active".into());
                     idle.push(Box::new(l));
@@ -485,6 +489,19 @@ impl Sources {
                 None => notes.push(
                     "keyboard/mouse interrupts: skipped (no i8042 line in /proc/interrupts)".into(),
                 ),
+            }
+        }
+        if on("evdev") {
+            match crate::evdev::EvdevIdle::watch(input_dir, nudge, cancel) {
+                Ok(e) => {
+                    notes.push(format!(
+                        "input devices (evdev) in {}: active ({})",
+                        input_dir.display(),
+                        e.devices().join(", ")
+                    ));
+                    idle.push(Box::new(e));
+                }
+                Err(e) => notes.push(format!("input devices (evdev): skipped ({e})")),
             }
         }
         notes.push(format!("battery from {}: active", power_supply.display()));

@@ -1,4 +1,5 @@
-//! Helpers the client's benchmarks share: the busybox image tarball the tests build, percentiles.
+//! Helpers the client's benchmarks share: the busybox image tarball and the VM kernel + initrd the
+//! tests build, percentiles.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,25 @@ pub fn busybox_tarball() -> (PathBuf, Digest) {
         .and_then(|l| l.split_once(' '))
         .expect("\"<path> <sha256>\"");
     (PathBuf::from(path), sha.parse().expect("sha256"))
+}
+
+/// The test VM's kernel and busybox initrd, built (and cached) by
+/// client/tests/assets/build-vm-assets.sh, in folders the QEMU user can reach.
+pub fn vm_assets() -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/build-vm-assets.sh");
+    let st = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .status()
+        .expect("bash runs");
+    assert!(st.success(), "{} failed", script.display());
+    let mut p = out.clone();
+    while p.pop() && p != Path::new("/") {
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+    }
+    (out.join("vmlinuz"), out.join("initrd.img"))
 }
 
 /// The `p` quantile (0..=1) of sorted samples.
