@@ -22,7 +22,7 @@ use gleaner::Id16;
 use gleaner::policy::{Action, Decision, Preset};
 use gleaner_client::factory::Allowance;
 use gleaner_client::owner::{Enforcer, Sources, watch_x11_input};
-use gleaner_client::runtime::docker::{DockerRuntime, cgroup_parent_name, cgroup_set_cpu_idle};
+use gleaner_client::runtime::docker::DockerRuntime;
 use gleaner_client::runtime::libvirt::{LibvirtConfig, LibvirtRuntime, SHARE_TAGS};
 use gleaner_client::runtime::{
     ImageSource, Limits, MachineHandle, MachineSpec, OWNER_LABEL, Runtime,
@@ -365,15 +365,9 @@ async fn main() {
 
     let events = trials(&rt, &handles, &display, true, n).await;
     let polled = trials(&rt, &handles, &display, false, (n / 4).max(20)).await;
-    // The guests run in an idle-class cgroup, and a task stops only when it next runs: like the
-    // runtime's freeze, the baseline first puts them back to normal weight (inside the timing).
-    let parent = cgroup_parent_name(&owner);
     let mut stop: Vec<Duration> = (0..n)
         .map(|_| {
-            let t0 = Instant::now();
-            let _ = cgroup_set_cpu_idle(&parent, false);
-            let d = t0.elapsed() + sigstop_all(&pids);
-            let _ = cgroup_set_cpu_idle(&parent, true);
+            let d = sigstop_all(&pids);
             std::thread::sleep(Duration::from_millis(5));
             d
         })
@@ -400,10 +394,7 @@ async fn main() {
     for (name, v) in [
         ("XInput2 event → docker pause (gleaner)", &events),
         ("100 ms polling → docker pause", &polled),
-        (
-            "raw SIGSTOP of the same processes (cpu.idle off first)",
-            &stop,
-        ),
+        ("raw SIGSTOP of the same processes", &stop),
     ] {
         println!(
             "| {name} | {} | {} | {:.1}× | {} |",
