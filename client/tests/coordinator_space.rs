@@ -263,10 +263,12 @@ async fn coordinator_shows_live_space_capacity_and_expires_leavers() {
     let page = get(&api, "/space").await.expect("the space page");
     assert!(!page.contains(&kc.public().to_string()), "{page}");
 
-    // A forged advert (another host's name, relayed by A as its gossip author) is refused.
+    // A forged advert (in B's name, but signed by another key), relayed by A, is refused.
     let mallory = SecretKey::from_seed([66; 32]);
     eventually(60, "the forged advert to be refused", async || {
-        ha.publish(advert(&mallory, seq, 40, 0, false)).unwrap();
+        let mut forged = advert(&mallory, seq, 40, 0, false);
+        forged.signer = serde_bytes::ByteArray::new(kb.public().to_bytes());
+        ha.publish(forged).unwrap();
         seq += 1;
         tokio::time::sleep(Duration::from_millis(900)).await;
         let v = space_json(&api).await?;
@@ -277,7 +279,7 @@ async fn coordinator_shows_live_space_capacity_and_expires_leavers() {
     assert!(
         !free_by_host(&v)
             .iter()
-            .any(|(h, _)| *h == mallory.public().to_string()),
+            .any(|(h, free)| *h == mallory.public().to_string() || *free == 40),
         "{v}"
     );
     cancel.cancel();
