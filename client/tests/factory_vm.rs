@@ -230,6 +230,52 @@ sleep 600
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_ends_early_fizzles_and_its_type_backs_off() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let owner = owner("vm-fizzle");
+    let Some(rt) = host_runtime(&owner, tmp.path()).await else {
+        return;
+    };
+    let domains = Domains::default();
+    let ledger = std::sync::Arc::new(
+        gleaner_client::ledger::Ledger::open(&tmp.path().join("ledger.redb")).unwrap(),
+    );
+    let mut f = vm_factory(rt, ledger, tmp.path(), 1).await;
+    // The guest has nothing to do: it says so and powers off right after booting.
+    let mut mt = vm_machine_type(
+        "vm-fizzler",
+        "echo '300 No more work' > /joboutputs/shutdown_message",
+    );
+    // Far longer than a TCG boot on a loaded machine: any end before it is a fizzle.
+    mt.fizzle_s = 600;
+    mt.backoff_s = 3600;
+    f.handle.offer(offer(&mt)).await.unwrap();
+    let r = eventually(240, "a fizzle record", async || {
+        if let Ok(owned) = f.runtime.list_owned().await {
+            owned.iter().for_each(|o| domains.saw(&o.name));
+        }
+        records(&f.ledger).into_iter().next()
+    })
+    .await;
+    assert_eq!(r.outcome, OutcomeCode::Fizzle, "{r:?}");
+    let status = f.handle.status().await.unwrap();
+    assert!(
+        status.offers[0].backed_off_until.is_some(),
+        "the type backs off: {:?}",
+        status.offers
+    );
+    // Backed off: no second VM starts, though the slot is free.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(records(&f.ledger).len(), 1);
+    assert!(f.handle.status().await.unwrap().machines.is_empty());
+    assert!(f.runtime.list_owned().await.unwrap().is_empty());
+    let rt = f.runtime.clone();
+    f.stop().await;
+    assert_no_vm_left(&rt, tmp.path(), &domains.names()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_over_its_max_wallclock_sees_its_shutdowntime_then_is_stopped() {
     let _one = ONE_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir().unwrap();
