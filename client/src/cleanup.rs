@@ -19,14 +19,22 @@ pub struct Report {
     pub failed: Vec<String>,
     /// Files and folders deleted.
     pub deleted: Vec<PathBuf>,
-    /// Files kept (the host key and the ledger, without --purge).
+    /// Files kept without --purge: the host key, the ledger, and the owner's choices.
     pub kept: Vec<PathBuf>,
 }
 
 /// The folders under a state dir that only hold what machines need while they run.
 const DISPOSABLE: [&str; 3] = ["images", "machines", "vms"];
-/// What survives a plain cleanup: the host's identity and its unsent credit.
-const KEPT: [&str; 2] = ["host.key", "ledger.redb"];
+/// What survives a plain cleanup: the host's identity, its unsent credit, and what the owner chose
+/// (trusted publishers, live limits, pauses) or a site job still claims — so a reinstall carries on.
+const KEPT: [&str; 6] = [
+    "host.key",
+    "ledger.redb",
+    "trust.toml",
+    "owner.toml",
+    "paused.toml",
+    crate::batch::CLAIMS_FILE,
+];
 
 /// Stops (with `grace`) and removes every machine `runtime` owns.
 pub async fn remove_machines<R: Runtime>(runtime: &R, grace: Duration, report: &mut Report) {
@@ -104,11 +112,20 @@ mod tests {
         }
         std::fs::write(s.join("host.key"), "k").unwrap();
         std::fs::write(s.join("ledger.redb"), "l").unwrap();
+        std::fs::write(s.join("trust.toml"), "t").unwrap();
         let mut r = Report::default();
         clean_state(&s, false, &mut r).unwrap();
         assert!(!s.join("images").exists() && !s.join("machines").exists());
         assert!(s.join("host.key").exists() && s.join("ledger.redb").exists());
-        assert_eq!(r.kept.len(), 2);
+        // Every file kept is listed as kept, the owner's trust store too.
+        assert_eq!(
+            r.kept,
+            vec![
+                s.join("host.key"),
+                s.join("ledger.redb"),
+                s.join("trust.toml")
+            ]
+        );
         let mut r = Report::default();
         clean_state(&s, true, &mut r).unwrap();
         assert!(!s.exists());
