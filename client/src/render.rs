@@ -163,12 +163,16 @@ pub fn render(req: &Request, v: &Value) -> String {
         }
         Request::Events => events(&mut out, v, 200),
         Request::Space => {
+            let n = |k: &str| v[k].as_u64().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "space {}  ({} connected, {} messages rejected)\nme    {}",
+                "space {}  ({} connected; messages: {} rejected, {} replayed, {} over a sender's rate; {} machine-type requests throttled)\nme    {}",
                 v["space"].as_str().unwrap_or("?"),
                 v["connected"],
-                v["rejected_messages"],
+                n("rejected_messages"),
+                n("replayed"),
+                n("rate_limited"),
+                n("mt_throttled"),
                 v["peer_id"].as_str().unwrap_or("?")
             );
             for p in v["peers"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
@@ -256,4 +260,22 @@ pub fn render(req: &Request, v: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod space_tests {
+    use super::*;
+
+    #[test]
+    fn the_space_line_shows_every_abuse_counter() {
+        let v = serde_json::json!({"space": "dept", "connected": 3, "rejected_messages": 2,
+            "replayed": 5, "rate_limited": 7, "mt_throttled": 11, "peer_id": "12D3", "peers": []});
+        let text = render(&Request::Space, &v);
+        assert!(
+            text.contains(
+                "2 rejected, 5 replayed, 7 over a sender's rate; 11 machine-type requests throttled"
+            ),
+            "{text}"
+        );
+    }
 }
