@@ -52,15 +52,18 @@ for pair in gleaner-client:client:gleaner gleaner-coordinator:coordinator:gleane
   fi
 done
 
+# Where cargo puts the binaries: CARGO_TARGET_DIR when set (cargo-deb follows it too), else target/.
+target_dir=${CARGO_TARGET_DIR:-target}
+
 mkdir -p "$out"
 for pair in "${crates[@]}"; do
   IFS=: read -r crate bin <<<"$pair"
   if [[ $profile == release ]]; then
     cargo build --release --locked -p "$crate"
-  elif [[ ! -x "target/debug/$bin" ]]; then
+  elif [[ ! -x "$target_dir/debug/$bin" ]]; then
     # The installer tests run inside `cargo test`, which already built every binary: no nested cargo.
     if [[ -n "${GLEANER_DEBS_NO_BUILD:-}" ]]; then
-      echo "build-debs.sh: target/debug/$bin is missing; cargo build -p $crate (or cargo test --workspace) first" >&2
+      echo "build-debs.sh: $target_dir/debug/$bin is missing; cargo build -p $crate (or cargo test --workspace) first" >&2
       exit 1
     fi
     cargo build --locked -p "$crate"
