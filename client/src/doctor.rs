@@ -177,8 +177,15 @@ pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec
             Err(e) => Check {
                 name: "coordinator",
                 ok: false,
+                // No HTTPS client at all (no root certificates): the URL is not the problem.
+                fix: Some(if e.starts_with("cannot set up HTTPS") {
+                    "install the system's root certificates (apt install ca-certificates), or pin \
+                     the coordinator's certificate with --coordinator-fingerprint"
+                        .into()
+                } else {
+                    "check the URL, the network and the pinned fingerprint".into()
+                }),
                 detail: e,
-                fix: Some("check the URL, the network and the pinned fingerprint".into()),
             },
         });
     }
