@@ -10,8 +10,9 @@
 #   --binary PATH  the `gleaner` binary to install [default: ./gleaner beside this script, else
 #                  target/release/gleaner of the source tree it is in]
 #   --no-enable    install the units but do not enable or start the service
-#   --uninstall    stop the service, remove Gleaner's containers (`gleaner cleanup`), the binary and
-#                  the units; keep the ledger, host key and config in /var/lib/gleaner and /etc/gleaner
+#   --uninstall    stop the service and desktop users' own daemons, remove Gleaner's containers and
+#                  domains (`gleaner cleanup`), the binary and the units; keep the ledger, host key
+#                  and config in /var/lib/gleaner and /etc/gleaner (and users' ~/.local/share/gleaner)
 #   --purge        with --uninstall: also delete the ledger, host key, config, user and group
 #
 # Only Debian 12 is tested (by the project's CI, in a fresh root); the other families below follow
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
     --no-enable) enable=no ;;
     --uninstall) uninstall=yes ;;
     --purge) purge=yes ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -93,6 +94,22 @@ if [ "$uninstall" = yes ]; then
                 done
             fi
         fi
+    fi
+    # Desktop users' own daemons (the user unit): stopped and their machines removed as that user,
+    # their ~/.local/share/gleaner kept (as the .deb's prerm does).
+    if [ -x "$bin" ] && "$bin" cleanup --help >/dev/null 2>&1; then
+        getent passwd | while IFS=: read -r name _ uid gid _ home _; do
+            case "$uid" in *[!0-9]*|'') continue ;; esac
+            if [ "$uid" -lt 1000 ] || [ "$uid" -eq 65534 ]; then continue; fi
+            [ -f "$home/.local/share/gleaner/host.key" ] || continue
+            if [ "$systemd_running" = yes ]; then
+                systemctl --user -M "$name@" stop gleaner.service >/dev/null 2>&1 || true
+            fi
+            setpriv --reuid "$name" --regid "$gid" --init-groups \
+                env -i HOME="$home" PATH=/usr/sbin:/usr/bin:/sbin:/bin XDG_RUNTIME_DIR="/run/user/$uid" \
+                "$bin" cleanup --state-dir "$home/.local/share/gleaner" --socket "/run/user/$uid/gleaner/control.sock" ||
+                say "cleanup of $name's desktop daemon failed; see above"
+        done
     fi
     rm -f "$bin" "$unit_dir/gleaner.service" "$user_unit_dir/gleaner.service"
     [ "$systemd_running" = yes ] && systemctl daemon-reload
