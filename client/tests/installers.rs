@@ -1,11 +1,15 @@
 //! Installer tests: build the Debian packages from the debug binaries, check their contents and
 //! maintainer scripts, install them into a fresh Debian 12 root (a container imported from a cached
 //! debootstrap), verify the systemd units there, run `gleaner doctor` and the unit's own ExecStart
-//! line as the `gleaner` user, then remove and purge, checking what stays and what goes.
+//! line as the `gleaner` user and the user unit's as a desktop user, then remove (every daemon's
+//! containers, and the system daemon's libvirt domains on the host's real libvirtd, go; ledgers stay)
+//! and purge, checking what stays and what goes.
 //!
 //! Needs root, Docker (started by `installers/start-engines.sh`), debootstrap, dpkg-dev and
 //! shellcheck (`installers/install-deps.sh`), and the Debian mirror (a package registry) for the
 //! first debootstrap and for apt to resolve the packages' dependencies.
+
+mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -50,10 +54,17 @@ fn debs() -> &'static Path {
         // The test's own binary is fresh; the coordinator's is built by `cargo test --workspace`.
         let gleaner = Path::new(env!("CARGO_BIN_EXE_gleaner"));
         assert!(gleaner.exists());
+        // <target>/debug/gleaner: the packages take the binaries from this build's target dir,
+        // wherever CARGO_TARGET_DIR or a cargo config put it.
+        let target = gleaner
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lives in <target>/debug");
         ok(Command::new("bash")
             .arg(repo().join("installers/build-debs.sh"))
             .arg("--out")
             .arg(&out)
+            .env("CARGO_TARGET_DIR", target)
             .env("GLEANER_DEBS_NO_BUILD", "1"));
         out
     })
@@ -142,6 +153,58 @@ fn docker_cli() -> String {
         .to_owned()
 }
 
+/// The host's libvirtd socket (qemu:///system), when libvirtd runs.
+const LIBVIRT_SOCK: &str = "/run/libvirt/libvirt-sock";
+
+/// The value of `key=` in the text of a systemd unit or a desktop entry.
+fn unit_key(unit: &str, key: &str) -> String {
+    unit.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key}= missing from the unit:\n{unit}"))
+        .to_owned()
+}
+
+/// A libvirt domain on the host's libvirtd marked as a Gleaner machine of `owner` (the metadata the
+/// client writes), with no disk: started, it sits in the firmware under TCG, cheap and running.
+/// Destroyed and undefined on drop.
+struct Domain(String);
+
+impl Domain {
+    fn define(name: &str, owner: &str) -> Domain {
+        let d = Domain(name.to_owned());
+        d.undefine();
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><metadata>\
+             <gleaner:machine xmlns:gleaner='{ns}' owner='{owner}'/></metadata>\
+             <memory unit='MiB'>32</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64'>hvm</type></os><devices/></domain>",
+            ns = gleaner_client::runtime::libvirt::METADATA_NS
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), xml).unwrap();
+        ok(Command::new("virsh")
+            .args(["-c", "qemu:///system", "define"])
+            .arg(file.path()));
+        d
+    }
+
+    fn defined(&self) -> bool {
+        support::virsh(&["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == self.0)
+    }
+
+    fn undefine(&self) {
+        support::remove_domains(&self.0);
+    }
+}
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        self.undefine();
+    }
+}
+
 #[test]
 fn packages_hold_what_they_promise() {
     let client = deb("gleaner-client");
@@ -206,23 +269,46 @@ fn packages_hold_what_they_promise() {
         .current_dir(repo())
         .args(["installers/build-debs.sh", "installers/install.sh"])
         .args(["tests/installers/debian-root.sh"]));
-    // The GUI's desktop entry, and its package once gui/ has the metadata in installers/debian/gui.
-    ok(Command::new("desktop-file-validate")
-        .arg(repo().join("installers/desktop/org.gleaner.Gleaner.desktop")));
-    let gui_manifest = std::fs::read_to_string(repo().join("gui/Cargo.toml")).unwrap_or_default();
-    if gui_manifest.contains("[package.metadata.deb]") {
-        let files = ok(Command::new("dpkg-deb").arg("-c").arg(deb("gleaner-gui")));
-        for path in [
-            "./usr/bin/gleaner-gui",
-            "./usr/share/applications/org.gleaner.Gleaner.desktop",
+    // The GUI's package: the binary, its desktop entry and icon; the entry as shipped is valid and
+    // launches that binary with that icon.
+    let gui = deb("gleaner-gui");
+    let info = ok(Command::new("dpkg-deb").arg("-I").arg(&gui));
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with(" Depends: ") && l.contains("gleaner-client")),
+        "the GUI package must depend on the client (it only talks to its daemon):\n{info}"
+    );
+    let files = ok(Command::new("dpkg-deb").arg("-c").arg(&gui));
+    let entry = "./usr/share/applications/org.gleaner.Gleaner.desktop";
+    for (mode, path) in [
+        ("-rwxr-xr-x", "./usr/bin/gleaner-gui"),
+        ("-rw-r--r--", entry),
+        (
+            "-rw-r--r--",
             "./usr/share/icons/hicolor/scalable/apps/org.gleaner.Gleaner.svg",
-        ] {
-            assert!(
-                files.lines().any(|l| l.ends_with(path)),
-                "{path} missing:\n{files}"
-            );
-        }
+        ),
+    ] {
+        assert!(
+            files
+                .lines()
+                .any(|l| l.starts_with(mode) && l.ends_with(path)),
+            "{path} ({mode}) missing from the GUI package:\n{files}"
+        );
     }
+    let shipped = tmp.path().join("gui");
+    std::fs::create_dir(&shipped).unwrap();
+    ok(Command::new("sh")
+        .arg("-c")
+        .arg("dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" \"$3\"")
+        .arg("sh")
+        .arg(&gui)
+        .arg(&shipped)
+        .arg(entry));
+    let shipped = shipped.join(entry);
+    ok(Command::new("desktop-file-validate").arg(&shipped));
+    let desktop = std::fs::read_to_string(&shipped).unwrap();
+    assert_eq!(unit_key(&desktop, "Exec"), "gleaner-gui");
+    assert_eq!(unit_key(&desktop, "Icon"), "org.gleaner.Gleaner");
 }
 
 /// Waits for `want` on the notify socket (what systemd would read), returning everything received.
@@ -258,20 +344,29 @@ fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
         std::fs::Permissions::from_mode(0o777),
     )
     .unwrap();
-    let c = Container::start(
-        &image,
-        "gleaner-installers-install",
-        &[
-            "-v".into(),
-            format!("{}:/debs:ro", debs().display()),
-            "-v".into(),
-            "/var/run/docker.sock:/var/run/docker.sock".into(),
-            "-v".into(),
-            format!("{}:/usr/bin/docker:ro", docker_cli()),
-            "-v".into(),
-            format!("{}:/notify", notify_dir.path().display()),
-        ],
-    );
+    let mut mounts = vec![
+        "-v".into(),
+        format!("{}:/debs:ro", debs().display()),
+        "-v".into(),
+        "/var/run/docker.sock:/var/run/docker.sock".into(),
+        "-v".into(),
+        format!("{}:/usr/bin/docker:ro", docker_cli()),
+        "-v".into(),
+        format!("{}:/notify", notify_dir.path().display()),
+    ];
+    // The host's libvirtd, reached as the installed client reaches it (qemu:///system over its
+    // socket): removal must take the system daemon's domains with it.
+    let libvirt = Path::new(LIBVIRT_SOCK).exists();
+    if libvirt {
+        mounts.extend(["-v".into(), format!("{LIBVIRT_SOCK}:{LIBVIRT_SOCK}")]);
+    } else {
+        assert!(
+            !support::ci(),
+            "libvirtd must run in CI (installers/start-engines.sh): no {LIBVIRT_SOCK}"
+        );
+        eprintln!("SKIPPED (the domains part): no {LIBVIRT_SOCK}; run installers/start-engines.sh");
+    }
+    let c = Container::start(&image, "gleaner-installers-install", &mounts);
     let (client_name, coord_name) = (
         client.file_name().unwrap().to_str().unwrap(),
         coordinator.file_name().unwrap().to_str().unwrap(),
@@ -317,19 +412,40 @@ fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
         text(&verify)
     );
 
+    // The hardening, as systemd itself assesses the installed units (offline: no systemd runs here
+    // to apply it): a low overall exposure (the system unit is at 2.4 of 10 with systemd 252), and
+    // the protections the issue names hold.
+    let security = c.ok("systemd-analyze security --offline=yes --threshold=30 \
+         /lib/systemd/system/gleaner.service 2>&1");
+    for setting in ["NoNewPrivileges=", "ProtectSystem=", "ProtectHome="] {
+        assert!(
+            security
+                .lines()
+                .any(|l| l.starts_with(&format!("\u{2713} {setting}"))),
+            "{setting} does not hold in gleaner.service:\n{security}"
+        );
+    }
+    c.ok("systemd-analyze security --offline=yes --threshold=30 \
+          /lib/systemd/system/gleaner-coordinator.service");
+
     // The daemon's own user reaches Docker through the group the postinst gave it.
     let doctor = c.ok("setpriv --reuid gleaner --regid gleaner --init-groups gleaner doctor");
     assert!(doctor.contains("ok   docker"), "{doctor}");
+    // On a system without root certificates (the package depends on ca-certificates; here they are
+    // moved away), HTTPS to a coordinator that is not pinned fails with that reason and the fix.
+    let no_roots = c.ok("mv /etc/ssl/certs /etc/ssl/certs.away \
+         && { gleaner doctor --coordinator https://127.0.0.1:9 2>&1 || true; } \
+         && mv /etc/ssl/certs.away /etc/ssl/certs");
+    assert!(
+        no_roots.contains("No CA certificates were loaded")
+            && no_roots.contains("fix: install the system's root certificates"),
+        "{no_roots}"
+    );
 
     // Start the daemon as systemd would from the installed unit: its User=, RuntimeDirectory=,
     // ExecStart= and NOTIFY_SOCKET; systemd reads READY=1 from the socket.
     let unit = c.ok("cat /lib/systemd/system/gleaner.service");
-    let key = |k: &str| {
-        unit.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("{k}= missing from gleaner.service"))
-            .to_owned()
-    };
+    let key = |k: &str| unit_key(&unit, k);
     let mut exec = key("ExecStart");
     assert!(exec.contains("--config /etc/gleaner/client.toml"), "{exec}");
     // The shipped settings file is valid as installed.
@@ -356,7 +472,7 @@ fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
         c.ok("stat -c '%a %U %G' /run/gleaner/control.sock"),
         "660 gleaner gleaner\n"
     );
-    c.ok("useradd -G gleaner alice && useradd mallory");
+    c.ok("useradd -m -G gleaner,docker alice && useradd mallory");
     c.ok("gleaner status");
     c.ok("setpriv --reuid alice --regid alice --init-groups gleaner status");
     let refused = c.sh("setpriv --reuid mallory --regid mallory --init-groups gleaner status");
@@ -377,14 +493,129 @@ fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
     );
     c.ok("test -f /var/lib/gleaner/ledger.redb && test -f /var/lib/gleaner/host.key");
 
-    // Removal takes this daemon's containers with it and nothing else.
+    // A desktop install: alice runs the user unit's ExecStart with what `systemctl --user` gives
+    // it (HOME, XDG_RUNTIME_DIR, NOTIFY_SOCKET), her settings copied as the install guide says.
+    let user_unit = c.ok("cat /usr/lib/systemd/user/gleaner.service");
+    let ukey = |k: &str| unit_key(&user_unit, k);
+    let uid = c.ok("id -u alice").trim().to_owned();
+    let as_alice = format!(
+        "HOME=/home/alice XDG_RUNTIME_DIR=/run/user/{uid} \
+         setpriv --reuid alice --regid alice --init-groups"
+    );
+    c.ok(&format!(
+        "install -d -o alice -g alice -m 0700 /run/user/{uid}"
+    ));
+    c.ok(&format!(
+        "{as_alice} sh -c 'mkdir -p ~/.config/gleaner && cp /etc/gleaner/client.toml ~/.config/gleaner/'"
+    ));
+    c.ok(&format!(
+        "cd /home/alice && NOTIFY_SOCKET=/notify/sock {as_alice} {exec} --no-space \
+         >/var/log/alice-daemon.log 2>&1 & echo $! >/run/alice-daemon.pid",
+        exec = ukey("ExecStart"),
+    ));
+    await_notify(&notify, "READY=1", Duration::from_secs(120));
+    // Her state and socket are hers; the unit's ExecReload re-reads ~/.config/gleaner/client.toml
+    // (it fails for a daemon that found no settings file); her CLI finds the socket by itself.
+    assert_eq!(
+        c.ok(&format!(
+            "stat -c %U /run/user/{uid}/gleaner/control.sock /home/alice/.local/share/gleaner/host.key"
+        )),
+        "alice\nalice\n"
+    );
+    c.ok(&format!("{as_alice} {}", ukey("ExecReload")));
+    c.ok(&format!("{as_alice} gleaner status"));
+    let alice_id = c.ok(
+        "gleaner key show /home/alice/.local/share/gleaner/host.key | awk '$1 == \"id\" { print $2 }'",
+    );
+    let alice_id = alice_id.trim();
+    assert!(!alice_id.is_empty() && alice_id != owner);
+    // Her session ends (systemd --user stops the unit with SIGTERM).
+    c.ok(
+        "kill -TERM $(cat /run/alice-daemon.pid); for i in $(seq 1 240); do \
+          kill -0 $(cat /run/alice-daemon.pid) 2>/dev/null || exit 0; sleep 0.25; done; exit 1",
+    );
+
+    // The coordinator as its unit starts it (its user, its ExecStart with the installed settings
+    // file; on a free port here, beside other tests on the host's network); the installed client
+    // reaches it, pinned by the certificate the coordinator made for itself.
+    let cunit = c.ok("cat /lib/systemd/system/gleaner-coordinator.service");
+    let cexec = unit_key(&cunit, "ExecStart");
+    assert!(
+        cexec.contains("serve --config /etc/gleaner/coordinator.toml"),
+        "{cexec}"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    c.ok(&format!(
+        "cd / && setpriv --reuid {u} --regid {g} --init-groups {cexec} --listen 127.0.0.1:{port} \
+         >/var/log/coordinator.log 2>&1 & echo $! >/run/coordinator.pid",
+        u = unit_key(&cunit, "User"),
+        g = unit_key(&cunit, "Group"),
+    ));
+    let start = Instant::now();
+    let log = loop {
+        let log = c.ok("cat /var/log/coordinator.log");
+        if log.contains("dashboard") {
+            break log;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the coordinator did not start from its unit: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let fingerprint = log
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint "))
+        .unwrap_or_else(|| panic!("no fingerprint in {log}"))
+        .trim();
+    let doctor = c.ok(&format!(
+        "gleaner doctor --coordinator https://127.0.0.1:{port} --coordinator-fingerprint {fingerprint}"
+    ));
+    assert!(doctor.contains("ok   coordinator"), "{doctor}");
+    c.ok("kill -TERM $(cat /run/coordinator.pid) && test -s /var/lib/gleaner-coordinator/coordinator.db");
+
+    // Removal takes every daemon's containers (the system one's and alice's), the system daemon's
+    // domains (one running) and their overlays with it, and nothing else.
     let owned = format!("{}-owned", c.0);
+    let alices = format!("{}-alice", c.0);
     let other = format!("{}-other", c.0);
-    for (name, label) in [(&owned, owner), (&other, "someone-else")] {
+    for (name, label) in [
+        (&owned, owner),
+        (&alices, alice_id),
+        (&other, "someone-else"),
+    ] {
         ok(Command::new("docker")
             .args(["create", "--name", name, "--label"])
             .arg(format!("org.gleaner.owner={label}"))
             .args([&image.0, "true"]));
+    }
+    let domains = libvirt.then(|| {
+        let vm_owned = Domain::define(&format!("{}-vm-owned", c.0), owner);
+        let vm_other = Domain::define(&format!("{}-vm-other", c.0), "someone-else");
+        ok(Command::new("virsh").args(["-c", "qemu:///system", "start", &vm_owned.0]));
+        // Its machine folder, where the daemon keeps a VM's overlay and seed.
+        c.ok(&format!(
+            "install -d -o gleaner -g gleaner /var/lib/gleaner/vms/{n} \
+             && touch /var/lib/gleaner/vms/{n}/overlay.qcow2",
+            n = vm_owned.0
+        ));
+        (vm_owned, vm_other)
+    });
+    // An upgrade (the same package again: prerm upgrade, postinst configure) leaves the workloads
+    // for the new daemon to adopt.
+    c.ok(&format!("dpkg -i /debs/{client_name}"));
+    assert!(
+        run(Command::new("docker").args(["inspect", &owned]))
+            .status
+            .success(),
+        "an upgrade removed the daemon's container"
+    );
+    if let Some((vm_owned, _)) = &domains {
+        assert!(vm_owned.defined(), "an upgrade removed the daemon's domain");
     }
     let removed = c.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y -qq gleaner-client 2>&1");
     let exists = |name: &str| {
@@ -392,25 +623,35 @@ fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
             .status
             .success()
     };
-    let (owned_left, other_left) = (exists(&owned), exists(&other));
+    let left = [exists(&owned), exists(&alices), exists(&other)];
     let _ = Command::new("docker")
-        .args(["rm", "-f", &owned, &other])
+        .args(["rm", "-f", &owned, &alices, &other])
         .output();
     assert!(removed.status.success(), "remove: {}", text(&removed));
-    assert!(
-        !owned_left,
-        "the daemon's container survived removal: {}",
+    assert_eq!(
+        left,
+        [false, false, true],
+        "containers left (system daemon's, alice's, someone else's) after removal: {}",
         text(&removed)
     );
-    assert!(
-        other_left,
-        "removal took a container that is not this daemon's"
-    );
-    // Kept on remove: the ledger, the key, the config, the user.
+    if let Some((vm_owned, vm_other)) = &domains {
+        assert!(
+            !vm_owned.defined(),
+            "the daemon's domain survived removal: {}",
+            text(&removed)
+        );
+        assert!(
+            vm_other.defined(),
+            "removal took a domain that is not this daemon's"
+        );
+        c.ok("test ! -e /var/lib/gleaner/vms");
+    }
+    // Kept on remove: the ledgers, the keys, the config, the user.
     c.ok(
         "test ! -e /usr/bin/gleaner && test -f /var/lib/gleaner/ledger.redb \
           && test -f /var/lib/gleaner/host.key && test -f /etc/gleaner/client.toml \
-          && getent passwd gleaner",
+          && getent passwd gleaner && test -f /home/alice/.local/share/gleaner/ledger.redb \
+          && test -f /home/alice/.local/share/gleaner/host.key",
     );
 
     // Purge: nothing of the client remains; the coordinator's config dir entry still does.
@@ -458,11 +699,24 @@ fn install_sh_sets_up_a_fresh_root_and_uninstalls() {
     // Twice is the same as once.
     c.ok("/src/installers/install.sh --binary /bin-in/gleaner");
     assert_eq!(c.ok("getent passwd gleaner | wc -l").trim(), "1");
-    // Uninstall keeps the ledger; --purge removes it.
-    c.ok("touch /var/lib/gleaner/ledger.redb && /src/installers/install.sh --uninstall");
+    // A desktop user ran the user unit: her daemon's state (key, ledger, an image cache).
+    c.ok(
+        "useradd -m alice && setpriv --reuid alice --regid alice --init-groups env HOME=/home/alice \
+          sh -c 'd=~/.local/share/gleaner && mkdir -p $d/images && touch $d/ledger.redb \
+          && gleaner key generate --out $d/host.key'",
+    );
+    // Uninstall keeps the ledgers; it cleans alice's daemon up as alice (with no Docker here the
+    // cleanup reports that, and the uninstall goes on); --purge removes the system one's state.
+    let out =
+        c.ok("touch /var/lib/gleaner/ledger.redb && /src/installers/install.sh --uninstall 2>&1");
+    assert!(out.contains("cleanup of alice's desktop daemon"), "{out}");
     c.ok(
         "test ! -e /usr/local/bin/gleaner && test ! -e /etc/systemd/system/gleaner.service \
           && test -f /var/lib/gleaner/ledger.redb",
+    );
+    assert_eq!(
+        c.ok("cd /home/alice/.local/share/gleaner && test ! -e images && stat -c '%n %U' host.key ledger.redb && find . ! -user alice"),
+        "host.key alice\nledger.redb alice\n"
     );
     c.ok("/src/installers/install.sh --uninstall --purge");
     c.ok("test ! -e /var/lib/gleaner && ! getent passwd gleaner && test ! -e /etc/gleaner");
