@@ -696,6 +696,15 @@ fn install_sh_sets_up_a_fresh_root_and_uninstalls() {
         text(&verify)
     );
     c.ok("test -L /etc/systemd/system/multi-user.target.wants/gleaner.service");
+    // The user unit for desktop sessions, pointed at the same binary.
+    c.ok("grep -q '^ExecStart=/usr/local/bin/gleaner daemon' /etc/systemd/user/gleaner.service");
+    let verify = c.sh("mkdir -p /tmp/xdg && XDG_RUNTIME_DIR=/tmp/xdg \
+         systemd-analyze --user verify /etc/systemd/user/gleaner.service 2>&1");
+    assert!(
+        verify.status.success() && text(&verify).trim().is_empty(),
+        "systemd-analyze --user verify: {}",
+        text(&verify)
+    );
     // Twice is the same as once.
     c.ok("/src/installers/install.sh --binary /bin-in/gleaner");
     assert_eq!(c.ok("getent passwd gleaner | wc -l").trim(), "1");
