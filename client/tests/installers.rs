@@ -329,6 +329,18 @@ fn await_notify(sock: &UnixDatagram, want: &str, deadline: Duration) -> Vec<Stri
     panic!("no {want} within {deadline:?}; received {got:?}");
 }
 
+/// As [`await_notify`] for a daemon started in `c` with its output in `log`: a daemon that never
+/// gets ready fails the test with what it printed.
+fn await_ready(c: &Container, sock: &UnixDatagram, log: &str) {
+    let got = std::panic::catch_unwind(|| await_notify(sock, "READY=1", Duration::from_secs(120)));
+    if got.is_err() {
+        panic!(
+            "no READY=1 within 120 s; {log}:\n{}",
+            text(&c.sh(&format!("cat {log}")))
+        );
+    }
+}
+
 #[test]
 fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
     let (client, coordinator) = (deb("gleaner-client"), deb("gleaner-coordinator"));
@@ -465,7 +477,7 @@ fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
         u = key("User"),
         g = key("Group"),
     ));
-    await_notify(&notify, "READY=1", Duration::from_secs(120));
+    await_ready(&c, &notify, "/var/log/gleaner-daemon.log");
     // READY=1 comes only once the control socket is bound: status works at once.
     c.ok("test -S /run/gleaner/control.sock || { cat /var/log/gleaner-daemon.log; exit 1; }");
     assert_eq!(
@@ -513,7 +525,7 @@ fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
          >/var/log/alice-daemon.log 2>&1 & echo $! >/run/alice-daemon.pid",
         exec = ukey("ExecStart"),
     ));
-    await_notify(&notify, "READY=1", Duration::from_secs(120));
+    await_ready(&c, &notify, "/var/log/alice-daemon.log");
     // Her state and socket are hers; the unit's ExecReload re-reads ~/.config/gleaner/client.toml
     // (it fails for a daemon that found no settings file); her CLI finds the socket by itself.
     assert_eq!(
