@@ -165,6 +165,28 @@ pub struct DayCredit {
     pub credit: f64,
 }
 
+/// `Trusted`: the trust store's listing (publishers with their policy, and baseline ones removed).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Trusted {
+    pub trusted: Vec<Listed>,
+    pub removed: Vec<String>,
+}
+
+/// One trusted publisher and the policy the owner (or the settings) gave it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Listed {
+    pub id: String,
+    pub share: f64,
+    pub allow_vms: bool,
+    pub allow_egress: bool,
+    pub max_cores: Option<u16>,
+    /// `owner` (trusted on this host) or `settings` (the department's baseline).
+    pub source: String,
+    pub note: String,
+}
+
 /// The owner policy in force (`Limits` with no `set`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
