@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::limits::{Field, FormError, LimitsForm, WindowForm};
 use crate::projects::{self, Candidate};
-use crate::status::{Credit, Policy, Status, Trusted};
+use crate::status::{CreditView, Listing, Policy, Status};
 
 /// The views, one tab each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -183,9 +183,9 @@ pub struct Model {
     pub form_check: Result<String, FormError>,
     /// The daemon's refusal of the last apply, shown inline.
     pub limits_notice: Option<Notice>,
-    pub credit: Option<Credit>,
+    pub credit: Option<CreditView>,
     /// The trusted publishers with their shares (from `Trusted`).
-    pub trusted: Option<Trusted>,
+    pub trusted: Option<Listing>,
     pub trust_key: String,
     pub share: String,
     pub file_path: String,
@@ -455,7 +455,7 @@ impl Model {
                 }
             }
             (Ask::Credit, Ok(v)) => {
-                if let Ok(c) = serde_json::from_value::<Credit>(v) {
+                if let Ok(c) = serde_json::from_value::<CreditView>(v) {
                     self.credit = Some(c);
                 }
             }
@@ -495,7 +495,7 @@ impl Model {
                 self.ask(Ask::Trusted, Request::Trusted, out);
             }
             (Ask::Trusted, Ok(v)) => {
-                if let Ok(t) = serde_json::from_value::<Trusted>(v) {
+                if let Ok(t) = serde_json::from_value::<Listing>(v) {
                     self.trusted = Some(t);
                 }
             }
@@ -600,7 +600,7 @@ pub struct ProjectRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::Machine;
+    use crate::status::MachineStatus;
 
     const HOST: HostSize = HostSize {
         cores: 4.0,
@@ -749,10 +749,10 @@ mod tests {
     fn cpu_now_comes_from_two_samples() {
         let mut m = connected();
         let mut s = Status::default();
-        s.factory.machines.push(Machine {
+        s.factory.machines.push(MachineStatus {
             machine_id: "m1".into(),
             cpu_seconds: 10.0,
-            ..Machine::default()
+            ..MachineStatus::default()
         });
         m.update(Msg::Status(Box::new(s.clone())), 1_000);
         s.factory.machines[0].cpu_seconds = 10.5;
@@ -803,7 +803,7 @@ mod tests {
             0,
         );
         let mut s = Status::default();
-        s.factory.offers.push(crate::status::Offer {
+        s.factory.offers.push(crate::status::OfferStatus {
             publisher: "pubB".into(),
             name: "sim".into(),
             version: 2,

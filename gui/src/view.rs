@@ -9,7 +9,7 @@ use gleaner::policy::Preset;
 
 use crate::limits::{Field, LimitsForm};
 use crate::model::{Ask, Connection, Model, Msg, Notice, View};
-use crate::status::{Owner, bytes_words, duration_words};
+use crate::status::{Owner, bytes_words, coordinator_sentence, duration_words, headline};
 
 /// Where each named widget was drawn this frame (tests click them by name).
 #[derive(Debug, Default, Clone)]
@@ -97,7 +97,7 @@ fn status(ui: &mut Ui, m: &Model, now_ms: u64, hits: &mut Hits, out: &mut Vec<Ms
         return;
     };
     let now = now_ms / 1000;
-    let h = s.headline(now);
+    let h = headline(s, now);
     let color = match (s.paused, h.owner) {
         (true, _) => AMBER,
         (_, Owner::Away) => GREEN,
@@ -669,7 +669,7 @@ fn credit(ui: &mut Ui, m: &Model, hits: &mut Hits, out: &mut Vec<Msg>) {
         }
     ));
     if let Some(co) = &c.coordinator {
-        ui.label(co.sentence());
+        ui.label(coordinator_sentence(co));
     }
     let r = ui.small_button("Refresh");
     if hits.put("credit-refresh", &r) {

@@ -376,8 +376,8 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         move |m| {
             let now = now_s();
             m.status.as_ref().is_some_and(|s| {
-                s.headline(now).owner == gleaner_gui::status::Owner::Away
-                    && s.headline(now).title.contains("away")
+                gleaner_gui::status::headline(s, now).owner == gleaner_gui::status::Owner::Away
+                    && gleaner_gui::status::headline(s, now).title.contains("away")
                     && s.factory.machines.iter().any(|mc| {
                         mc.name == "steady"
                             && mc.publisher == key
@@ -406,18 +406,18 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         })
     };
     let present = w.until(20, "the window to say the owner is here", |m| {
-        m.status
-            .as_ref()
-            .is_some_and(|s| s.headline(0).owner == gleaner_gui::status::Owner::Present)
+        m.status.as_ref().is_some_and(|s| {
+            gleaner_gui::status::headline(s, 0).owner == gleaner_gui::status::Owner::Present
+        })
     });
     let shot = present.and_then(|()| w.screenshot("status-owner-present"));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = mover.join();
     shot?;
     w.until(20, "the owner away again", |m| {
-        m.status
-            .as_ref()
-            .is_some_and(|s| s.headline(0).owner == gleaner_gui::status::Owner::Away)
+        m.status.as_ref().is_some_and(|s| {
+            gleaner_gui::status::headline(s, 0).owner == gleaner_gui::status::Owner::Away
+        })
     })?;
 
     // One click on "Pause for 1 hour" freezes the container, as the engine says.
@@ -503,9 +503,12 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         (docker_state(&id) == "paused").then_some(())
     })?;
     w.until(10, "the window to show the snooze", |m| {
-        m.status
-            .as_ref()
-            .is_some_and(|s| s.paused && s.headline(now_s()).why.contains("min more"))
+        m.status.as_ref().is_some_and(|s| {
+            s.paused
+                && gleaner_gui::status::headline(s, now_s())
+                    .why
+                    .contains("min more")
+        })
     })?;
     w.screenshot("status-snoozed")?;
     w.click("resume")?;
