@@ -451,6 +451,18 @@ fn script(w: &Window, s: &Setup) -> R<()> {
     eventually(20, "the container frozen by the engine", || {
         (docker_state(&id) == "paused").then_some(())
     })?;
+    // ...and as the daemon's API says of the machine.
+    eventually(
+        20,
+        "the API to show the machine paused by the owner",
+        || {
+            call(rt, &s.sock, Request::Status).ok().and_then(|v| {
+                let machines = v["factory"]["machines"].as_array()?;
+                (!machines.is_empty() && machines.iter().all(|m| m["state"] == "paused (by you)"))
+                    .then_some(())
+            })
+        },
+    )?;
     w.until(10, "the window to show the pause", |m| {
         m.status.as_ref().is_some_and(|s| s.paused)
     })?;
