@@ -4,6 +4,7 @@
 
 pub mod advert;
 pub mod cbor;
+pub mod control;
 pub mod credit;
 pub mod enrolment;
 pub mod envelope;

@@ -137,20 +137,8 @@ pub struct Daemon {
     coordinator_credit: Option<Arc<dyn crate::coordinator_client::CoordinatorCredit>>,
 }
 
-#[derive(Serialize)]
-struct Status {
-    host: String,
-    paused: bool,
-    paused_until: Option<u64>,
-    /// Machine types paused by the owner, with their names.
-    paused_types: Vec<crate::pauses::PausedType>,
-    factory: crate::factory::FactoryStatus,
-    ledger: crate::ledger::LedgerTotals,
-    /// Which owner-activity sources are active, and which were skipped and why.
-    sources: Vec<String>,
-    /// Which engines run machines (containers, VMs), and which were skipped and why.
-    engines: Vec<String>,
-}
+/// `status` as the control API answers it (one definition, shared with the GUI).
+use gleaner::control::Status;
 
 impl Daemon {
     /// Sets the manual pause and has the enforcer apply the result before answering.
@@ -232,7 +220,7 @@ impl Daemon {
             "applied": "owner policy",
             "restart_needed": r.restart_needed,
             "decision": format!("{} (source: {})", d.reason.text(), d.source),
-            "policy": policy_json(&r.policy),
+            "policy": gleaner::control::Policy::from(&r.policy),
         }))
     }
 
@@ -275,7 +263,19 @@ impl Controller for Daemon {
                     host: self.host.to_string(),
                     paused: pause.paused,
                     paused_until: pause.until,
-                    paused_types: self.paused_types.lock().await.list(),
+                    paused_types: self
+                        .paused_types
+                        .lock()
+                        .await
+                        .list()
+                        .into_iter()
+                        .map(|p| gleaner::control::PausedType {
+                            digest: p.digest,
+                            name: p.name,
+                            since: p.since,
+                            until: p.until,
+                        })
+                        .collect(),
                     factory,
                     ledger,
                     sources: self.sources.clone(),
@@ -328,16 +328,11 @@ impl Controller for Daemon {
                 Err(e) => Response::error(e.to_string()),
             },
             Request::Credit => match self.ledger.credit() {
-                Ok(t) => {
-                    let coordinator =
-                        coordinator_credit(self.coordinator_credit.as_deref(), &self.host).await;
-                    match serde_json::to_value(t) {
-                        Ok(mut v) => {
-                            v["coordinator"] = coordinator;
-                            Response::ok(v)
-                        }
-                        Err(e) => Response::error(format!("cannot encode the credit: {e}")),
-                    }
+                Ok(mut view) => {
+                    view.coordinator = Some(
+                        coordinator_credit(self.coordinator_credit.as_deref(), &self.host).await,
+                    );
+                    Response::ok(view)
                 }
                 Err(e) => Response::error(e.to_string()),
             },
@@ -355,7 +350,7 @@ impl Controller for Daemon {
             Request::Limits { set: None } => {
                 let p = self.policy.lock().map(|p| p.clone());
                 match p {
-                    Ok(p) => Response::ok(policy_json(&p)),
+                    Ok(p) => Response::ok(gleaner::control::Policy::from(&p)),
                     Err(_) => Response::error("the policy lock is poisoned"),
                 }
             }
@@ -572,41 +567,16 @@ impl Daemon {
 async fn coordinator_credit(
     view: Option<&dyn crate::coordinator_client::CoordinatorCredit>,
     host: &PublicKey,
-) -> serde_json::Value {
+) -> gleaner::control::CoordinatorCredit {
+    use gleaner::control::CoordinatorCredit as C;
     let Some(view) = view else {
-        return serde_json::json!({"configured": false});
+        return C::unconfigured();
     };
     match view.host_credit(&host.to_string()).await {
-        Ok(Some(c)) => serde_json::json!({
-            "configured": true, "url": view.url(), "reachable": true, "known": true,
-            "credit": c.credit, "cpu_hours": c.cpu_hours, "records": c.records,
-            "account": c.account,
-        }),
-        Ok(None) => serde_json::json!({
-            "configured": true, "url": view.url(), "reachable": true, "known": false,
-        }),
-        Err(e) => serde_json::json!({
-            "configured": true, "url": view.url(), "reachable": false, "error": e,
-        }),
+        Ok(Some(c)) => C::known(view.url(), c.credit, c.cpu_hours, c.records, c.account),
+        Ok(None) => C::unknown(view.url()),
+        Err(e) => C::unreachable(view.url(), &e),
     }
-}
-
-/// The owner policy for people and scripts.
-fn policy_json(p: &gleaner::policy::OwnerPolicy) -> serde_json::Value {
-    let limits = |l: &gleaner::policy::Limits| serde_json::json!({"cores": l.cores, "memory_bytes": l.memory_bytes});
-    serde_json::json!({
-        "away": limits(&p.away),
-        "present": p.present.as_ref().map(limits),
-        "idle_after_s": p.idle_after_s,
-        "run_on_battery": p.run_on_battery,
-        "suspend_above_load": p.suspend_above_load,
-        "schedule": p.schedule.iter().map(|w| serde_json::json!({
-            "days": w.days, "start_min": w.start_min, "end_min": w.end_min,
-        })).collect::<Vec<_>>(),
-        "max_machines": p.max_machines,
-        "exclusive_apps": p.exclusive_apps,
-        "stop_after_frozen_s": p.stop_after_frozen_s,
-    })
 }
 
 /// Runs the daemon until `cancel` fires: then the factory stops and accounts for every machine,
@@ -1237,28 +1207,49 @@ mod tests {
     #[tokio::test]
     async fn credit_shows_the_coordinator_or_why_not() {
         let host = SecretKey::from_seed([3; 32]).public();
-        let v = coordinator_credit(None, &host).await;
-        assert_eq!(v["configured"], false);
+        // The exact JSON of each case (docs/control-api.md), from the core's one definition.
+        let json = |c: gleaner::control::CoordinatorCredit| serde_json::to_value(c).unwrap();
+        let v = json(coordinator_credit(None, &host).await);
+        assert_eq!(v, serde_json::json!({"configured": false}));
         let known = Fixed(Ok(Some(HostCredit {
             credit: 12.5,
             cpu_hours: 2.0,
             records: 4,
             account: Some("alice".into()),
         })));
-        let v = coordinator_credit(Some(&known), &host).await;
+        let v = json(coordinator_credit(Some(&known), &host).await);
         assert_eq!(
-            (v["reachable"].clone(), v["credit"].clone()),
-            (true.into(), 12.5.into())
+            v,
+            serde_json::json!({"configured": true, "url": known.url(), "reachable": true,
+                "known": true, "credit": 12.5, "cpu_hours": 2.0, "records": 4, "account": "alice"})
         );
-        assert_eq!(v["account"], "alice");
-        let v = coordinator_credit(Some(&Fixed(Ok(None))), &host).await;
+        let unlinked = Fixed(Ok(Some(HostCredit {
+            credit: 1.0,
+            cpu_hours: 1.0,
+            records: 1,
+            account: None,
+        })));
+        let v = json(coordinator_credit(Some(&unlinked), &host).await);
+        assert!(v["account"].is_null() && v.as_object().unwrap().contains_key("account"));
+        let back: gleaner::control::CoordinatorCredit = serde_json::from_value(v).unwrap();
         assert_eq!(
-            (v["reachable"].clone(), v["known"].clone()),
-            (true.into(), false.into())
+            back.account,
+            Some(None),
+            "a null account is read back as present"
         );
-        let v = coordinator_credit(Some(&Fixed(Err("connection refused".into()))), &host).await;
-        assert_eq!(v["reachable"], false);
-        assert_eq!(v["error"], "connection refused");
+        let v = json(coordinator_credit(Some(&Fixed(Ok(None))), &host).await);
+        assert_eq!(
+            v,
+            serde_json::json!({"configured": true, "url": known.url(), "reachable": true,
+                "known": false})
+        );
+        let v =
+            json(coordinator_credit(Some(&Fixed(Err("connection refused".into()))), &host).await);
+        assert_eq!(
+            v,
+            serde_json::json!({"configured": true, "url": known.url(), "reachable": false,
+                "error": "connection refused"})
+        );
         let text = crate::render::render(&Request::Credit, &serde_json::json!({"coordinator": v}));
         assert!(
             text.contains("coordinator unreachable: connection refused"),

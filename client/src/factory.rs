@@ -93,40 +93,9 @@ impl FactoryConfig {
     }
 }
 
-/// What the owner policy currently allows (fed by the owner module through a watch channel).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Allowance {
-    /// Cores Gleaner may allocate to machines in all.
-    pub cores: u16,
-    pub memory_bytes: u64,
-    /// Most machines at once.
-    pub max_machines: usize,
-    /// New machines may be started.
-    pub may_start: bool,
-    /// Running machines must be stopped (gracefully) — e.g. the owner's policy says so.
-    pub stop_all: bool,
-    /// Why, in words, and which source decided (for status).
-    pub reason: String,
-    /// The owner policy (or the owner's whole-host pause) has frozen all work: machines whose
-    /// type-pause is lifted stay frozen until the host resumes.
-    #[serde(default)]
-    pub frozen: bool,
-}
-
-impl Allowance {
-    /// Everything up to `cores` and `memory_bytes`, starting allowed.
-    pub fn open(cores: u16, memory_bytes: u64) -> Allowance {
-        Allowance {
-            cores,
-            memory_bytes,
-            max_machines: usize::from(cores).max(1),
-            may_start: true,
-            stop_all: false,
-            reason: "allowed".into(),
-            frozen: false,
-        }
-    }
-}
+// What the owner policy allows (fed by the owner module through a watch channel) and what status
+// shows of the factory are the control API's types, defined once in the core for the GUI too.
+pub use gleaner::control::{Allowance, Event, FactoryStatus, MachineStatus, OfferStatus};
 
 /// A machine type the factory may run, admitted by the trust store.
 #[derive(Debug, Clone)]
@@ -137,56 +106,6 @@ pub struct Offer {
     pub share: f64,
     /// The publisher's cap on cores per machine.
     pub max_cores: u16,
-}
-
-/// Something that happened, for status and the GUI.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    pub at: u64,
-    pub machine: Option<String>,
-    pub message: String,
-}
-
-/// One machine as status shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct MachineStatus {
-    pub machine_id: String,
-    pub machine_type: String,
-    pub name: String,
-    pub publisher: String,
-    pub state: String,
-    pub cores: u16,
-    pub memory_bytes: u64,
-    pub started_at: u64,
-    pub shutdown_at: u64,
-    pub cpu_seconds: f64,
-    pub memory_now_bytes: u64,
-}
-
-/// The factory's state, for `gleaner status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct FactoryStatus {
-    pub draining: bool,
-    pub allowance: Allowance,
-    pub machines: Vec<MachineStatus>,
-    pub offers: Vec<OfferStatus>,
-    pub events: Vec<Event>,
-    /// Machine types the owner paused (digests), running here or not.
-    pub paused_types: Vec<String>,
-}
-
-/// One admitted machine type as status shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct OfferStatus {
-    pub machine_type: String,
-    pub name: String,
-    pub version: u64,
-    pub publisher: String,
-    pub share: f64,
-    pub running: usize,
-    pub backed_off_until: Option<u64>,
-    /// Paused by the owner (`gleaner pause TYPE`): its machines frozen, none started.
-    pub paused: bool,
 }
 
 /// Requests to the factory loop.

@@ -31,17 +31,8 @@ fn err<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> LedgerError 
     }
 }
 
-/// Counts and sums over the ledger, for `gleaner credit` and status.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct LedgerTotals {
-    pub pending: u64,
-    pub delivered: u64,
-    pub rejected: u64,
-    /// CPU milliseconds in pending + delivered records.
-    pub cpu_ms: u64,
-    /// CPU milliseconds in delivered (acknowledged) records.
-    pub delivered_cpu_ms: u64,
-}
+/// Counts and sums over the ledger, for `gleaner credit` and status (a control API type).
+pub use gleaner::control::LedgerTotals;
 
 /// The durable ledger.
 pub struct Ledger {
@@ -241,34 +232,10 @@ impl Ledger {
     }
 }
 
-/// Credit in the local ledger per project and per day (for `gleaner credit` and the GUI's chart).
-/// The credit is the formula's at weight 1.0: the machine type's weight is not in the record, so
-/// the coordinator's figure is the one that counts.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct CreditView {
-    #[serde(flatten)]
-    pub totals: LedgerTotals,
-    pub by_project: Vec<ProjectCredit>,
-    pub by_day: Vec<DayCredit>,
-}
-
-/// One project's (publisher's) machine type in [`CreditView`].
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct ProjectCredit {
-    pub publisher: String,
-    pub machine_type: String,
-    pub records: u64,
-    pub cpu_ms: u64,
-    pub credit: f64,
-}
-
-/// One UTC day (days since 1970-01-01, by each record's end) in [`CreditView`].
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct DayCredit {
-    pub day: u64,
-    pub cpu_ms: u64,
-    pub credit: f64,
-}
+/// Credit in the local ledger per project and per day (for `gleaner credit` and the GUI's chart):
+/// the control API's types. The credit is the formula's at weight 1.0: the machine type's weight is
+/// not in the record, so the coordinator's figure is the one that counts.
+pub use gleaner::control::{CreditView, DayCredit, ProjectCredit};
 
 impl Ledger {
     /// The totals with the per-project and per-day breakdown.
@@ -301,6 +268,7 @@ impl Ledger {
             totals: self.totals()?,
             by_project: projects.into_values().collect(),
             by_day: days.into_values().collect(),
+            coordinator: None,
         })
     }
 }

@@ -144,32 +144,8 @@ struct OwnerEntry {
     note: String,
 }
 
-/// One trusted publisher as `gleaner trust list` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Listed {
-    pub id: String,
-    pub share: f64,
-    pub allow_vms: bool,
-    pub allow_egress: bool,
-    pub max_cores: Option<u16>,
-    /// `owner` (gleaner trust add) or `settings` (the department's baseline).
-    pub source: &'static str,
-    /// Older keys of this publisher whose trust was rotated onto this one.
-    pub rotated_from: Vec<String>,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub note: String,
-}
-
-/// Everything `gleaner trust list` shows.
-#[derive(Debug, Clone, Serialize)]
-pub struct Listing {
-    pub file: PathBuf,
-    pub trusted: Vec<Listed>,
-    /// Baseline publishers removed by the owner on this host.
-    pub removed: Vec<String>,
-    pub revoked: Vec<serde_json::Value>,
-    pub rotations: Vec<serde_json::Value>,
-}
+/// What `gleaner trust list` and the GUI show: the control API's types.
+pub use gleaner::control::{Listed, Listing, Revoked, Rotated};
 
 /// The trust store: baseline + owner entries + signed rotations and revocations, persisted.
 #[derive(Debug)]
@@ -507,7 +483,7 @@ impl TrustStore {
                     allow_vms: p.allow_vms,
                     allow_egress: p.allow_egress,
                     max_cores: p.max_cores,
-                    source: if owner.is_some() { "owner" } else { "settings" },
+                    source: if owner.is_some() { "owner" } else { "settings" }.into(),
                     rotated_from: self
                         .set
                         .rotated_onto(k)
@@ -525,12 +501,20 @@ impl TrustStore {
             revoked: self
                 .set
                 .revoked()
-                .map(|(k, (at, reason))| serde_json::json!({"id": k.to_string(), "at": at, "reason": reason}))
+                .map(|(k, (at, reason))| Revoked {
+                    id: k.to_string(),
+                    at: *at,
+                    reason: reason.clone(),
+                })
                 .collect(),
             rotations: self
                 .set
                 .rotations()
-                .map(|(o, n, at)| serde_json::json!({"old": o.to_string(), "new": n.to_string(), "at": at}))
+                .map(|(o, n, at)| Rotated {
+                    old: o.to_string(),
+                    new: n.to_string(),
+                    at,
+                })
                 .collect(),
         }
     }

@@ -227,42 +227,44 @@ pub fn save_png(image: &ColorImage, path: &Path) -> std::io::Result<()> {
 }
 
 /// A script for `--screenshot`: waits until the view has its data (or the daemon is known to be
-/// unreachable), saves a PNG of the window, and closes it.
+/// unreachable), saves a PNG of the window, and closes it. Returns what the window showed in
+/// words (the view, or the problem's title), for the log of a bug report or a test.
 pub fn screenshot_script(
     driver: Sender<Drive>,
     view: View,
     path: PathBuf,
     timeout: Duration,
-) -> std::thread::JoinHandle<Result<(), String>> {
+) -> std::thread::JoinHandle<Result<String, String>> {
     std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + timeout;
-        loop {
+        let shown = loop {
             let (tx, rx) = std::sync::mpsc::channel();
             let asked = driver.send(Drive::Inspect(Box::new(move |m: &Model, _: &Hits| {
-                let ready = match &m.connection {
-                    Connection::Connecting => false,
-                    Connection::Down(_) => true,
+                let shown = match &m.connection {
+                    Connection::Connecting => None,
+                    Connection::Down(p) => Some(p.explain().0.to_owned()),
                     Connection::Up => match view {
                         View::Status => m.status.is_some(),
                         View::Limits => m.form.is_some(),
-                        View::Projects => m.status.is_some(),
+                        View::Projects => m.status.is_some() && m.trusted.is_some(),
                         View::Credit => m.credit.is_some(),
-                    },
+                    }
+                    .then(|| format!("the {} view", view.title())),
                 };
-                let _ = tx.send(ready);
+                let _ = tx.send(shown);
             })));
             if asked.is_err() {
                 return Err("the window closed".into());
             }
-            if rx.recv_timeout(Duration::from_secs(5)).unwrap_or(false) {
-                break;
+            if let Ok(Some(shown)) = rx.recv_timeout(Duration::from_secs(5)) {
+                break shown;
             }
             if std::time::Instant::now() > deadline {
                 let _ = driver.send(Drive::Close);
                 return Err("timed out waiting for the daemon's data".into());
             }
             std::thread::sleep(Duration::from_millis(200));
-        }
+        };
         // Two status updates, so CPU rates are measured.
         std::thread::sleep(Duration::from_millis(2200));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -274,6 +276,6 @@ pub fn screenshot_script(
             .map_err(|_| "no screenshot came")?;
         let r = save_png(&image, &path).map_err(|e| format!("{}: {e}", path.display()));
         let _ = driver.send(Drive::Close);
-        r
+        r.map(|()| shown)
     })
 }

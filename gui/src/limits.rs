@@ -225,31 +225,8 @@ impl LimitsForm {
     /// The form reset to a preset's policy on this host.
     pub fn from_preset(preset: Preset, host: HostSize) -> LimitsForm {
         let p = preset.policy(host.cores, host.memory_bytes);
-        let policy = Policy {
-            away: crate::status::PolicyLimits {
-                cores: p.away.cores,
-                memory_bytes: p.away.memory_bytes,
-            },
-            present: p.present.map(|l| crate::status::PolicyLimits {
-                cores: l.cores,
-                memory_bytes: l.memory_bytes,
-            }),
-            idle_after_s: p.idle_after_s,
-            run_on_battery: p.run_on_battery,
-            suspend_above_load: p.suspend_above_load,
-            schedule: p
-                .schedule
-                .iter()
-                .map(|w| crate::status::PolicyWindow {
-                    days: w.days,
-                    start_min: w.start_min,
-                    end_min: w.end_min,
-                })
-                .collect(),
-            max_machines: p.max_machines,
-            exclusive_apps: p.exclusive_apps,
-            stop_after_frozen_s: p.stop_after_frozen_s,
-        };
+        // The same conversion the daemon answers `limits` with.
+        let policy = Policy::from(&p);
         let mut f = LimitsForm::from_policy(&policy, host);
         f.preset = Some(preset);
         f

@@ -54,6 +54,10 @@ fn main() -> ExitCode {
             eprintln!("gleaner-gui: screenshot: {e}");
             ExitCode::from(1)
         }
+        Some(Ok(Ok(shown))) => {
+            println!("gleaner-gui: screenshot saved: {shown}");
+            ExitCode::SUCCESS
+        }
         Some(Err(_)) => ExitCode::from(1),
         _ => ExitCode::SUCCESS,
     }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::limits::{Field, FormError, LimitsForm, WindowForm};
 use crate::projects::{self, Candidate};
-use crate::status::{Credit, Policy, Status};
+use crate::status::{CreditView, Listing, Policy, Status};
 
 /// The views, one tab each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -105,6 +105,8 @@ pub enum Ask {
     Credit,
     Trust,
     Untrust,
+    /// The trust store's listing (publishers and their shares).
+    Trusted,
 }
 
 /// Messages: from the backend (the daemon's answers) and from the owner (clicks and typing).
@@ -181,7 +183,9 @@ pub struct Model {
     pub form_check: Result<String, FormError>,
     /// The daemon's refusal of the last apply, shown inline.
     pub limits_notice: Option<Notice>,
-    pub credit: Option<Credit>,
+    pub credit: Option<CreditView>,
+    /// The trusted publishers with their shares (from `Trusted`).
+    pub trusted: Option<Listing>,
     pub trust_key: String,
     pub share: String,
     pub file_path: String,
@@ -207,6 +211,7 @@ impl Model {
             form_check: Ok(String::new()),
             limits_notice: None,
             credit: None,
+            trusted: None,
             trust_key: String::new(),
             share: "1".into(),
             file_path: String::new(),
@@ -241,6 +246,7 @@ impl Model {
                 self.connection = Connection::Up;
                 self.ask(Ask::Policy, Request::Limits { set: None }, &mut out);
                 self.ask(Ask::Credit, Request::Credit, &mut out);
+                self.ask(Ask::Trusted, Request::Trusted, &mut out);
             }
             Msg::Disconnected(p) => {
                 self.connection = Connection::Down(p);
@@ -270,12 +276,15 @@ impl Model {
             }
             Msg::Reply { ask, result } => {
                 self.busy.retain(|a| *a != ask);
-                self.reply(ask, result);
+                self.reply(ask, result, &mut out);
             }
             Msg::Show(v) => {
                 self.view = v;
                 if v == View::Credit && self.connection == Connection::Up {
                     self.ask(Ask::Credit, Request::Credit, &mut out);
+                }
+                if v == View::Projects && self.connection == Connection::Up {
+                    self.ask(Ask::Trusted, Request::Trusted, &mut out);
                 }
             }
             Msg::Pause { minutes } => self.ask(
@@ -424,7 +433,7 @@ impl Model {
         out
     }
 
-    fn reply(&mut self, ask: Ask, result: Result<Value, String>) {
+    fn reply(&mut self, ask: Ask, result: Result<Value, String>, out: &mut Vec<(Ask, Request)>) {
         match (ask, result) {
             (Ask::Policy, Ok(v)) => {
                 if let Ok(p) = serde_json::from_value::<Policy>(v) {
@@ -446,7 +455,7 @@ impl Model {
                 }
             }
             (Ask::Credit, Ok(v)) => {
-                if let Ok(c) = serde_json::from_value::<Credit>(v) {
+                if let Ok(c) = serde_json::from_value::<CreditView>(v) {
                     self.credit = Some(c);
                 }
             }
@@ -476,12 +485,19 @@ impl Model {
                     ok: true,
                     text: "Trusted: its machine types may run here now.".into(),
                 });
+                self.ask(Ask::Trusted, Request::Trusted, out);
             }
             (Ask::Untrust, Ok(_)) => {
                 self.projects_notice = Some(Notice {
                     ok: true,
                     text: "No longer trusted: its machines stop.".into(),
-                })
+                });
+                self.ask(Ask::Trusted, Request::Trusted, out);
+            }
+            (Ask::Trusted, Ok(v)) => {
+                if let Ok(t) = serde_json::from_value::<Listing>(v) {
+                    self.trusted = Some(t);
+                }
             }
             (Ask::Trust | Ask::Untrust, Err(e)) => {
                 self.projects_notice = Some(Notice {
@@ -493,21 +509,38 @@ impl Model {
             (Ask::Pause | Ask::Resume, Err(e)) => {
                 self.status_notice = Some(Notice { ok: false, text: e })
             }
-            (Ask::Policy | Ask::Credit, Err(e)) => {
+            (Ask::Policy | Ask::Credit | Ask::Trusted, Err(e)) => {
                 self.status_notice = Some(Notice { ok: false, text: e })
             }
         }
     }
 
-    /// Trusted publishers with their machine types, from the daemon's offers.
+    /// Trusted publishers with their shares (from the trust store's listing, so a publisher with
+    /// no machine type here yet is listed too) and their machine types (from the daemon's offers).
     pub fn projects(&self) -> Vec<ProjectRow> {
         let mut rows: BTreeMap<String, ProjectRow> = BTreeMap::new();
+        for l in self.trusted.iter().flat_map(|t| &t.trusted) {
+            rows.insert(
+                l.id.clone(),
+                ProjectRow {
+                    publisher: l.id.clone(),
+                    share: l.share,
+                    allows: allows(l),
+                    source: l.source.clone(),
+                    types: Vec::new(),
+                    running: 0,
+                    backed_off: false,
+                },
+            );
+        }
         for o in self.status.iter().flat_map(|s| &s.factory.offers) {
             let r = rows
                 .entry(o.publisher.clone())
                 .or_insert_with(|| ProjectRow {
                     publisher: o.publisher.clone(),
                     share: o.share,
+                    allows: String::new(),
+                    source: String::new(),
                     types: Vec::new(),
                     running: 0,
                     backed_off: false,
@@ -531,11 +564,34 @@ impl Model {
     }
 }
 
+/// What a trusted publisher's machine types may have beyond a plain container, in words.
+fn allows(l: &crate::status::Listed) -> String {
+    let mut a = Vec::new();
+    if l.allow_vms {
+        a.push("VMs".to_owned());
+    }
+    if l.allow_egress {
+        a.push("network".to_owned());
+    }
+    if let Some(c) = l.max_cores {
+        a.push(format!("at most {c} cores"));
+    }
+    if a.is_empty() {
+        "containers, no network".into()
+    } else {
+        a.join(", ")
+    }
+}
+
 /// One trusted project in the Projects view.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProjectRow {
     pub publisher: String,
     pub share: f64,
+    /// What its machine types may use (VMs, network, a cores cap), in words.
+    pub allows: String,
+    /// `owner` or `settings` (who trusted it), when the listing says.
+    pub source: String,
     pub types: Vec<String>,
     pub running: usize,
     pub backed_off: bool,
@@ -544,7 +600,7 @@ pub struct ProjectRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::Machine;
+    use crate::status::MachineStatus;
 
     const HOST: HostSize = HostSize {
         cores: 4.0,
@@ -554,7 +610,7 @@ mod tests {
     fn connected() -> Model {
         let mut m = Model::new(HOST);
         let sent = m.update(Msg::Connected, 0);
-        assert_eq!(sent.len(), 2, "policy and credit asked for at once");
+        assert_eq!(sent.len(), 3, "policy, credit and trust asked for at once");
         let policy = serde_json::json!({
             "away": {"cores": 4.0, "memory_bytes": 4u64 << 30}, "present": null,
             "idle_after_s": 300, "run_on_battery": false, "suspend_above_load": 3.0,
@@ -693,10 +749,10 @@ mod tests {
     fn cpu_now_comes_from_two_samples() {
         let mut m = connected();
         let mut s = Status::default();
-        s.factory.machines.push(Machine {
+        s.factory.machines.push(MachineStatus {
             machine_id: "m1".into(),
             cpu_seconds: 10.0,
-            ..Machine::default()
+            ..MachineStatus::default()
         });
         m.update(Msg::Status(Box::new(s.clone())), 1_000);
         s.factory.machines[0].cpu_seconds = 10.5;
@@ -728,6 +784,50 @@ mod tests {
                 max_cores: None,
             }
         );
+    }
+
+    #[test]
+    fn projects_list_trusted_publishers_with_their_shares_even_without_types() {
+        let mut m = connected();
+        let listing = serde_json::json!({"file": "/x/trust.toml", "trusted": [
+            {"id": "pubA", "share": 2.0, "allow_vms": true, "allow_egress": false,
+             "max_cores": null, "source": "owner", "rotated_from": []},
+            {"id": "pubB", "share": 0.5, "allow_vms": false, "allow_egress": false,
+             "max_cores": 2, "source": "settings", "rotated_from": []}],
+            "removed": [], "revoked": [], "rotations": []});
+        m.update(
+            Msg::Reply {
+                ask: Ask::Trusted,
+                result: Ok(listing),
+            },
+            0,
+        );
+        let mut s = Status::default();
+        s.factory.offers.push(crate::status::OfferStatus {
+            publisher: "pubB".into(),
+            name: "sim".into(),
+            version: 2,
+            share: 0.5,
+            running: 1,
+            ..Default::default()
+        });
+        m.update(Msg::Status(Box::new(s)), 0);
+        let rows = m.projects();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].publisher.as_str(), rows[0].share), ("pubA", 2.0));
+        assert!(rows[0].types.is_empty() && rows[0].allows.contains("VMs"));
+        assert_eq!(rows[1].types, vec!["sim v2".to_owned()]);
+        assert_eq!(rows[1].running, 1);
+        assert!(rows[1].allows.contains("at most 2 cores"));
+        // A trust change asks the listing again.
+        let sent = m.update(
+            Msg::Reply {
+                ask: Ask::Trust,
+                result: Ok(Value::Null),
+            },
+            0,
+        );
+        assert_eq!(sent, vec![(Ask::Trusted, Request::Trusted)]);
     }
 
     #[test]

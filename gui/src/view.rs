@@ -9,7 +9,7 @@ use gleaner::policy::Preset;
 
 use crate::limits::{Field, LimitsForm};
 use crate::model::{Ask, Connection, Model, Msg, Notice, View};
-use crate::status::{Owner, bytes_words, duration_words};
+use crate::status::{Owner, bytes_words, coordinator_sentence, duration_words, headline};
 
 /// Where each named widget was drawn this frame (tests click them by name).
 #[derive(Debug, Default, Clone)]
@@ -97,7 +97,7 @@ fn status(ui: &mut Ui, m: &Model, now_ms: u64, hits: &mut Hits, out: &mut Vec<Ms
         return;
     };
     let now = now_ms / 1000;
-    let h = s.headline(now);
+    let h = headline(s, now);
     let color = match (s.paused, h.owner) {
         (true, _) => AMBER,
         (_, Owner::Away) => GREEN,
@@ -129,7 +129,7 @@ fn status(ui: &mut Ui, m: &Model, now_ms: u64, hits: &mut Hits, out: &mut Vec<Ms
                 if hits.put("pause-1h", &r) {
                     out.push(Msg::Pause { minutes: Some(60) });
                 }
-                ui.menu_button("Snooze…", |ui| {
+                let r = ui.menu_button("Snooze…", |ui| {
                     for (label, min) in [
                         ("15 minutes", 15),
                         ("30 minutes", 30),
@@ -143,6 +143,7 @@ fn status(ui: &mut Ui, m: &Model, now_ms: u64, hits: &mut Hits, out: &mut Vec<Ms
                         }
                     }
                 });
+                hits.put("snooze", &r.response);
             }
         });
     });
@@ -518,18 +519,35 @@ fn projects(ui: &mut Ui, m: &Model, hits: &mut Hits, out: &mut Vec<Msg>) {
     } else {
         egui::Grid::new("projects")
             .striped(true)
-            .num_columns(5)
+            .num_columns(6)
             .spacing([18.0, 6.0])
             .show(ui, |ui| {
-                for t in ["Publisher", "Share", "Machine types", "Running", ""] {
+                for t in [
+                    "Publisher",
+                    "Share",
+                    "May use",
+                    "Machine types",
+                    "Running",
+                    "",
+                ] {
                     ui.label(RichText::new(t).strong());
                 }
                 ui.end_row();
                 for (i, r) in rows.iter().enumerate() {
-                    ui.label(RichText::new(short_id(&r.publisher)).monospace())
+                    let who = if r.source == "settings" {
+                        " (by the settings)"
+                    } else {
+                        ""
+                    };
+                    ui.label(RichText::new(format!("{}{who}", short_id(&r.publisher))).monospace())
                         .on_hover_text(&r.publisher);
                     ui.label(format!("{}", r.share));
-                    let mut types = r.types.join(", ");
+                    ui.label(&r.allows);
+                    let mut types = if r.types.is_empty() {
+                        "none here yet".to_owned()
+                    } else {
+                        r.types.join(", ")
+                    };
                     if r.backed_off {
                         types.push_str(" (backing off after failures)");
                     }
@@ -651,7 +669,7 @@ fn credit(ui: &mut Ui, m: &Model, hits: &mut Hits, out: &mut Vec<Msg>) {
         }
     ));
     if let Some(co) = &c.coordinator {
-        ui.label(co.sentence());
+        ui.label(coordinator_sentence(co));
     }
     let r = ui.small_button("Refresh");
     if hits.put("credit-refresh", &r) {

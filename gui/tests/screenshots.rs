@@ -1,8 +1,10 @@
 //! The GUI against a real daemon on the real Docker Engine, in a real X server (Xvfb, rendered by
 //! Mesa's software OpenGL): every view renders with the daemon's data (PNGs kept under
-//! `target/gui-screenshots`), a click on "Pause for 1 hour" (or on one machine type's pause)
-//! freezes the container, invalid limits are refused in the form, and a missing daemon or a user
-//! without permission gets a screen that says how to fix it.
+//! `target/gui-screenshots`, printed at the start and after each shot), a click on "Pause for 1
+//! hour", a snooze or one machine type's pause freezes the container, a preset and detailed limits
+//! are applied live while invalid ones are refused in the form, a project is trusted by key and by
+//! a signed file (details shown first), and a missing daemon or a user without permission gets a
+//! screen that says how to fix it.
 //!
 //! winit wants the main thread, so this test has its own `main` (harness = false). The same binary
 //! is also the daemon: run with GLEANER_GUI_TEST_DAEMON=1 it is `gleaner` itself.
@@ -133,6 +135,56 @@ fn xvfb() -> R<(Reap, String)> {
 
 fn publisher() -> SecretKey {
     SecretKey::from_seed([0x52; 32])
+}
+
+/// The publisher of the file the Projects view trusts (not trusted before).
+fn climate_publisher() -> SecretKey {
+    SecretKey::from_seed([0x53; 32])
+}
+
+/// The publisher the Projects view trusts by key.
+fn key_publisher() -> SecretKey {
+    SecretKey::from_seed([0x54; 32])
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The daemon's trust listing entry for `key`, if it trusts it.
+fn trusted_entry(
+    rt: &tokio::runtime::Runtime,
+    sock: &Path,
+    key: &str,
+) -> Option<serde_json::Value> {
+    call(rt, sock, Request::Trusted).ok().and_then(|v| {
+        v["trusted"]
+            .as_array()?
+            .iter()
+            .find(|t| t["id"] == key)
+            .cloned()
+    })
+}
+
+/// Waits until the daemon reports a whole-host pause ending `secs` (± a minute) from now.
+fn paused_for(rt: &tokio::runtime::Runtime, sock: &Path, secs: u64, what: &str) -> R<()> {
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    eventually(20, what, || {
+        let v = call(rt, sock, Request::Status).ok()?;
+        let until = v["paused_until"].as_u64();
+        *last.borrow_mut() = v["paused_until"].clone();
+        let now = now_s();
+        (v["paused"] == true && until.is_some_and(|u| u + 90 >= now + secs && u <= now + secs + 60))
+            .then_some(())
+    })
+    .map_err(|e| {
+        format!(
+            "{e} (paused_until {}, expected about now + {secs} s)",
+            last.borrow()
+        )
+    })
 }
 
 /// A container machine type on a busybox image built here (no registry).
@@ -315,6 +367,26 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         }) && !m.cpu_now.is_empty()
     })?;
     w.screenshot("status")?;
+    // What runs, as the status view shows it: the type, its project, memory now and time left,
+    // and the owner state in words.
+    let key = publisher().public().to_string();
+    w.until(
+        30,
+        "the machine's project, memory now and time left",
+        move |m| {
+            let now = now_s();
+            m.status.as_ref().is_some_and(|s| {
+                gleaner_gui::status::headline(s, now).owner == gleaner_gui::status::Owner::Away
+                    && gleaner_gui::status::headline(s, now).title.contains("away")
+                    && s.factory.machines.iter().any(|mc| {
+                        mc.name == "steady"
+                            && mc.publisher == key
+                            && mc.memory_now_bytes > 0
+                            && mc.shutdown_at > now
+                    })
+            })
+        },
+    )?;
 
     // The owner returns (real X pointer motion in this Xvfb): the window says so, and why.
     let display = s.display.clone();
@@ -334,18 +406,18 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         })
     };
     let present = w.until(20, "the window to say the owner is here", |m| {
-        m.status
-            .as_ref()
-            .is_some_and(|s| s.headline(0).owner == gleaner_gui::status::Owner::Present)
+        m.status.as_ref().is_some_and(|s| {
+            gleaner_gui::status::headline(s, 0).owner == gleaner_gui::status::Owner::Present
+        })
     });
     let shot = present.and_then(|()| w.screenshot("status-owner-present"));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = mover.join();
     shot?;
     w.until(20, "the owner away again", |m| {
-        m.status
-            .as_ref()
-            .is_some_and(|s| s.headline(0).owner == gleaner_gui::status::Owner::Away)
+        m.status.as_ref().is_some_and(|s| {
+            gleaner_gui::status::headline(s, 0).owner == gleaner_gui::status::Owner::Away
+        })
     })?;
 
     // One click on "Pause for 1 hour" freezes the container, as the engine says.
@@ -369,10 +441,7 @@ fn script(w: &Window, s: &Setup) -> R<()> {
     let until = v["paused_until"]
         .as_u64()
         .ok_or("a pause for 1 hour has an end")?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = now_s();
     if !(now + 3_500..=now + 3_660).contains(&until) {
         return Err(format!(
             "paused until {until}, expected about {}",
@@ -382,10 +451,28 @@ fn script(w: &Window, s: &Setup) -> R<()> {
     eventually(20, "the container frozen by the engine", || {
         (docker_state(&id) == "paused").then_some(())
     })?;
+    // ...and as the daemon's API says of the machine.
+    eventually(
+        20,
+        "the API to show the machine paused by the owner",
+        || {
+            call(rt, &s.sock, Request::Status).ok().and_then(|v| {
+                let machines = v["factory"]["machines"].as_array()?;
+                (!machines.is_empty() && machines.iter().all(|m| m["state"] == "paused (by you)"))
+                    .then_some(())
+            })
+        },
+    )?;
     w.until(10, "the window to show the pause", |m| {
         m.status.as_ref().is_some_and(|s| s.paused)
     })?;
     w.screenshot("status-paused")?;
+    // While paused the same place offers "Snooze 1 more hour": the pause ends an hour later.
+    w.click("pause-1h")?;
+    paused_for(rt, &s.sock, 7_200, "the snooze to add an hour")?;
+    if docker_state(&id) != "paused" {
+        return Err(format!("container {id} thawed by a snooze"));
+    }
     w.click("resume")?;
     eventually(20, "the container thawed", || {
         (docker_state(&id) == "running").then_some(())
@@ -420,6 +507,27 @@ fn script(w: &Window, s: &Setup) -> R<()> {
             .is_some_and(|s| s.factory.offers.iter().all(|o| !o.paused))
     })?;
 
+    // Snooze from the menu (not paused): 15 minutes of frozen work, then resumed by hand.
+    w.click("snooze")?;
+    w.click("snooze-15")?;
+    paused_for(rt, &s.sock, 900, "a 15-minute snooze")?;
+    eventually(20, "the container frozen by the snooze", || {
+        (docker_state(&id) == "paused").then_some(())
+    })?;
+    w.until(10, "the window to show the snooze", |m| {
+        m.status.as_ref().is_some_and(|s| {
+            s.paused
+                && gleaner_gui::status::headline(s, now_s())
+                    .why
+                    .contains("min more")
+        })
+    })?;
+    w.screenshot("status-snoozed")?;
+    w.click("resume")?;
+    eventually(20, "the container thawed after the snooze", || {
+        (docker_state(&id) == "running").then_some(())
+    })?;
+
     // Limits: the form, an invalid value refused inline (nothing sent), a valid one sent.
     w.click("tab-limits")?;
     w.until(20, "the limits form", |m| {
@@ -441,8 +549,32 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         return Err("the daemon's limits changed after an invalid form".into());
     }
     w.screenshot("limits-invalid")?;
+    // A preset fills the detailed settings (here: freeze while the owner is present), which are
+    // then adjusted by hand: away after 1 s idle, one core, 512 MiB, and (as in the settings file)
+    // not frozen by other programs' load on this shared test machine.
+    w.click("preset-only-when-idle")?;
+    w.until(10, "the preset in the form", |m| {
+        m.form.as_ref().is_some_and(|f| {
+            f.preset == Some(gleaner::policy::Preset::OnlyWhenIdle) && !f.present_runs
+        })
+    })?;
+    w.type_into("limits-idle_after", "1s")?;
+    w.type_into("limits-cores", "1")?;
     w.type_into("limits-memory", "512MiB")?;
-    w.until(10, "the form to accept 512MiB", |m| m.form_check.is_ok())?;
+    w.type_into("limits-suspend_above_load", "off")?;
+    w.until(
+        10,
+        "the form to accept 1s, 1 core, 512MiB and no load limit",
+        |m| {
+            m.form_check.is_ok()
+                && m.form.as_ref().is_some_and(|f| {
+                    f.idle_after == "1s"
+                        && f.cores == "1"
+                        && f.memory == "512MiB"
+                        && f.suspend_above_load == "off"
+                })
+        },
+    )?;
     w.click("limits-apply")?;
     w.until(20, "the daemon's answer to the limits", |m| {
         m.limits_notice.is_some()
@@ -455,18 +587,63 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         return Err(format!("the daemon refused valid limits: {text}"));
     }
     let after = call(rt, &s.sock, Request::Limits { set: None })?;
-    if after["away"]["memory_bytes"] != 512u64 << 20 {
-        return Err(format!("the daemon did not apply 512MiB: {after}"));
+    if after["away"]["memory_bytes"] != 512u64 << 20
+        || !after["present"].is_null()
+        || after["idle_after_s"] != 1
+    {
+        return Err(format!(
+            "the daemon did not apply the preset with 1s and 512MiB: {after}"
+        ));
     }
+    // Live: the daemon's allowance follows at once, without a restart.
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    eventually(
+        20,
+        "the daemon's allowance to follow the new limits",
+        || {
+            let v = call(rt, &s.sock, Request::Status).ok()?;
+            let a = v["factory"]["allowance"].clone();
+            let ok = a["memory_bytes"].as_u64().is_some_and(|m| m <= 512 << 20) && a["cores"] == 1;
+            *last.borrow_mut() = a;
+            ok.then_some(())
+        },
+    )
+    .map_err(|e| format!("{e}: {}", last.borrow()))?;
     w.screenshot("limits-applied")?;
 
     // Projects: the trusted publisher, and a signed file's details before trusting.
     w.click("tab-projects")?;
-    w.until(10, "the trusted project", |m| !m.projects().is_empty())?;
+    let key = publisher().public().to_string();
+    w.until(
+        10,
+        "the trusted project with its share and type",
+        move |m| {
+            m.projects()
+                .iter()
+                .any(|r| r.publisher == key && r.share == 1.0 && r.types == ["steady v1"])
+        },
+    )?;
     w.screenshot("projects")?;
     w.type_into("trust-file", &s.gmt.display().to_string())?;
     w.click("trust-file-open")?;
     w.until(10, "the machine type's details", |m| m.candidate.is_some())?;
+    // What the owner reads before trusting: the name, the signer and where it may connect.
+    let climate = climate_publisher().public().to_string();
+    let details = w.inspect(|m, _| m.candidate.clone().unwrap().details)?;
+    let has = |k: &str, v: &str| details.iter().any(|(dk, dv)| dk == k && dv.contains(v));
+    if !(has("Name", "climate-ensemble v3")
+        && has("Publisher", &climate)
+        && details
+            .iter()
+            .any(|(_, v)| v.contains("queue.climate.example:443")))
+    {
+        return Err(format!(
+            "the details before trusting lack name, signer or egress: {details:?}"
+        ));
+    }
+    if trusted_entry(rt, &s.sock, &climate).is_some() {
+        return Err("the publisher was trusted before the owner confirmed".into());
+    }
     w.screenshot("projects-candidate")?;
     w.click("trust-file-confirm")?;
     w.until(20, "the daemon's answer to trust", |m| {
@@ -480,7 +657,43 @@ fn script(w: &Window, s: &Setup) -> R<()> {
             notice.text
         ));
     }
+    if trusted_entry(rt, &s.sock, &climate).is_none() {
+        return Err("the daemon does not list the publisher trusted from the file".into());
+    }
     w.screenshot("projects-trust")?;
+
+    // By key: a publisher with no machine type here yet, with a share of 2.
+    let by_key = key_publisher().public().to_string();
+    w.type_into("share", "2")?;
+    w.type_into("trust-key", &by_key)?;
+    w.until(10, "the key and share in the form", {
+        let k = by_key.clone();
+        move |m| m.trust_key == k && m.share == "2"
+    })?;
+    w.click("trust-key-button")?;
+    w.until(20, "the daemon's answer to trust by key", |m| {
+        m.projects_notice.is_some() && m.trust_key.is_empty()
+    })?;
+    let notice = w.inspect(|m, _| m.projects_notice.clone().unwrap())?;
+    if !notice.ok {
+        return Err(format!("the daemon refused trust by key: {}", notice.text));
+    }
+    let entry = trusted_entry(rt, &s.sock, &by_key)
+        .ok_or("the daemon does not list the publisher trusted by key")?;
+    if entry["share"] != 2.0 {
+        return Err(format!(
+            "trusted by key with share 2, the daemon says {entry}"
+        ));
+    }
+    w.until(10, "the window to list the new publisher and its share", {
+        let k = by_key.clone();
+        move |m| {
+            m.projects()
+                .iter()
+                .any(|r| r.publisher == k && r.share == 2.0 && r.types.is_empty())
+        }
+    })?;
+    w.screenshot("projects-by-key")?;
 
     // Credit: per project and per day, from the daemon's ledger.
     w.click("tab-credit")?;
@@ -509,9 +722,10 @@ fn script(w: &Window, s: &Setup) -> R<()> {
         .env("HOME", tmp.path())
         .output()
         .map_err(|e| e.to_string())?;
-    if !o.status.success() {
+    let said = String::from_utf8_lossy(&o.stdout);
+    if !o.status.success() || !said.contains("You may not control the Gleaner daemon") {
         return Err(format!(
-            "gleaner-gui as nobody: {}",
+            "gleaner-gui as nobody showed {said:?}, not the permission screen: {}",
             String::from_utf8_lossy(&o.stderr)
         ));
     }
@@ -522,6 +736,7 @@ fn script(w: &Window, s: &Setup) -> R<()> {
 
 fn run() -> R<()> {
     std::fs::create_dir_all(shots()).map_err(|e| e.to_string())?;
+    println!("screenshots for review go to {}", shots().display());
     let (_x, display) = xvfb()?;
     // SAFETY: set before any other thread exists; eframe and Mesa read them at window creation.
     unsafe {
@@ -541,9 +756,10 @@ fn run() -> R<()> {
         .arg(&nodaemon)
         .output()
         .map_err(|e| e.to_string())?;
-    if !o.status.success() {
+    let said = String::from_utf8_lossy(&o.stdout);
+    if !o.status.success() || !said.contains("The Gleaner daemon is not running") {
         return Err(format!(
-            "gleaner-gui without a daemon: {}",
+            "gleaner-gui without a daemon showed {said:?}, not the not-running screen: {}",
             String::from_utf8_lossy(&o.stderr)
         ));
     }
@@ -569,11 +785,17 @@ fn run() -> R<()> {
     let signed = |mt: &MachineType| Envelope::seal(mt, &publisher()).to_bytes();
     std::fs::write(types.join("steady.gmt"), signed(&steady)).map_err(|e| e.to_string())?;
     // A file to trust from the Projects view (outside the daemon's folder).
+    // Another publisher's, not trusted yet.
     let mut other = machine_type(tmp.path(), "climate-ensemble", "sleep 1")?;
+    other.publisher = climate_publisher().public();
     other.version = 3;
     other.egress = vec!["queue.climate.example:443".into()];
     let gmt = tmp.path().join("climate-ensemble.gmt");
-    std::fs::write(&gmt, signed(&other)).map_err(|e| e.to_string())?;
+    std::fs::write(
+        &gmt,
+        Envelope::seal(&other, &climate_publisher()).to_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
     seed_ledger(&state, &steady)?;
     let config = tmp.path().join("client.toml");
     // The owner policy in the settings file, not on the command line (which would win over the
