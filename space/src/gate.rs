@@ -190,6 +190,14 @@ mod tests {
         Envelope::seal(&a, key).to_bytes()
     }
 
+    /// `key`'s advert with its signature broken.
+    fn forged(key: &SecretKey, seq: u64) -> Vec<u8> {
+        let mut a = advert(key, seq);
+        let last = a.len() - 1;
+        a[last] ^= 1;
+        a
+    }
+
     fn check(g: &mut AdvertGate, v: &mut SpaceView, data: &[u8], ms: u64) -> Checked {
         g.check(data, Kind::CapacityAdvert, v, NOW, ms)
     }
@@ -215,11 +223,8 @@ mod tests {
     fn junk_relabelled_forged_and_oversized_messages_are_rejected() {
         let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
         let key = SecretKey::from_seed([1; 32]);
-        let mut forged = advert(&key, 1);
-        let last = forged.len() - 1;
-        forged[last] ^= 1;
         let big = vec![0u8; MAX_ADVERT + 1];
-        for bad in [b"junk".to_vec(), forged, big] {
+        for bad in [b"junk".to_vec(), forged(&key, 1), big] {
             let c = check(&mut g, &mut v, &bad, 0);
             assert!(matches!(c.verdict, Verdict::Reject(_)), "{c:?}");
         }
@@ -255,11 +260,9 @@ mod tests {
         let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
         let key = SecretKey::from_seed([1; 32]);
         // Forgeries in its name first: rejected, and no token taken.
-        let mut forged = advert(&key, 1000);
-        let last = forged.len() - 1;
-        forged[last] ^= 1;
+        let forgery = forged(&key, 1000);
         for _ in 0..50 {
-            let c = check(&mut g, &mut v, &forged, 0);
+            let c = check(&mut g, &mut v, &forgery, 0);
             assert!(matches!(c.verdict, Verdict::Reject(_)), "{c:?}");
         }
         let burst = RATE_BURST as u64;
