@@ -12,38 +12,29 @@
 //! trusted publishers before use. Publishers' signed key rotations and revocations travel on their
 //! own topic (signature, kind, size and clock checked here; whether one bears on this host's trust
 //! is the trust store's call) and are re-announced now and then so that late joiners learn them.
-//! Kademlia finds peers beyond the bootstrap nodes.
+//! Kademlia finds peers beyond the bootstrap nodes. What the coordinator's observer shares with
+//! this node (ids, transport, gossipsub and scoring, advert checks, discovery, the tunable
+//! constants) lives in the `gleaner-space` crate.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
-use gleaner::envelope::KeyCache;
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
-use libp2p::core::{Transport, upgrade::Version};
-use libp2p::futures::io::{AsyncRead, AsyncWrite};
-use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity};
+use gleaner_space::gate::refill;
+use gleaner_space::{AdvertGate, SpaceBehaviour, Topics, Verdict, discovery, topics, tuning};
+use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
-use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, allow_block_list, identify, kad, mdns, noise, ping, tcp,
-    yamux,
-};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, allow_block_list, identify, kad, mdns, ping};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// Largest gossiped frame (gossipsub's transmit limit); larger frames are refused by the codec.
-pub const MAX_MESSAGE: usize = 64 * 1024;
-/// Largest advert or outcome message; a bigger one is rejected (and penalised).
-pub const MAX_ADVERT: usize = 16 * 1024;
+pub use gleaner_space::{MAX_ADVERT, MAX_MESSAGE, MT_PROTOCOL, transport_bytes};
 /// Largest signed machine type served or fetched over `/gleaner/mt/1` (the envelope limit).
 pub const MAX_MACHINE_TYPE: usize = 256 * 1024;
 /// Largest signed key rotation or revocation (a revocation's reason is at most 512 bytes).
@@ -61,16 +52,10 @@ const TRUST_HEARD_S: u64 = 90;
 const MAX_TRUST_HEARD: usize = 1024;
 /// A rotation or revocation made further ahead of this node's clock is ignored (not forwarded).
 const TRUST_CLOCK_SKEW_S: u64 = 600;
-/// The request-response protocol for machine types.
-pub const MT_PROTOCOL: &str = "/gleaner/mt/1";
 /// A peer whose gossipsub score falls below this is disconnected and blocked for [`BAN_S`].
 pub const BAN_SCORE: f64 = -100.0;
 /// How long a banned peer stays blocked.
 pub const BAN_S: u64 = 600;
-/// Adverts and outcomes one author may have accepted in a burst, and per second after that;
-/// more are ignored (not forwarded, not penalised: the relay may be honest).
-const RATE_BURST: f64 = 10.0;
-const RATE_PER_S: f64 = 2.0;
 /// Machine-type requests one peer may make in a burst, and per second after that; more are
 /// refused (the stream is closed unanswered) and counted.
 const MT_BURST: f64 = 16.0;
@@ -92,8 +77,6 @@ const MAX_FETCHES: usize = 8;
 const FETCH_RETRY_S: u64 = 30;
 /// Digests found unusable (untrusted publisher, rollback), not fetched again.
 const MAX_REFUSED: usize = 4096;
-/// Kademlia-discovered peers are dialled while fewer than this are connected.
-const TARGET_PEERS: usize = 16;
 
 /// Settings of one node.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +143,12 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     mt: request_response::cbor::Behaviour<MtRequest, MtResponse>,
+}
+
+impl SpaceBehaviour for Behaviour {
+    fn kad(&mut self) -> &mut kad::Behaviour<kad::store::MemoryStore> {
+        &mut self.kad
+    }
 }
 
 /// Why the space could not start or be reached.
@@ -368,77 +357,8 @@ pub struct Space {
     pub trust_learned: mpsc::Receiver<LearnedTrust>,
 }
 
-struct Topics {
-    adverts: IdentTopic,
-    outcomes: IdentTopic,
-    types: IdentTopic,
-    trust: IdentTopic,
-}
-
-fn topics(space: &str) -> Topics {
-    Topics {
-        adverts: IdentTopic::new(format!("gleaner/{space}/adverts")),
-        outcomes: IdentTopic::new(format!("gleaner/{space}/outcomes")),
-        types: IdentTopic::new(format!("gleaner/{space}/machine-types")),
-        trust: IdentTopic::new(format!("gleaner/{space}/trust")),
-    }
-}
-
 fn now() -> u64 {
     crate::factory::now_ms() / 1000
-}
-
-// ---- transport byte counters (for the benchmark) ----
-
-static BYTES_IN: AtomicU64 = AtomicU64::new(0);
-static BYTES_OUT: AtomicU64 = AtomicU64::new(0);
-
-/// Bytes read and written on TCP connections by every node in this process, before noise and
-/// yamux are taken off (what the wire carries, minus TCP/IP headers).
-pub fn transport_bytes() -> (u64, u64) {
-    (
-        BYTES_IN.load(Ordering::Relaxed),
-        BYTES_OUT.load(Ordering::Relaxed),
-    )
-}
-
-/// A TCP stream that counts its bytes.
-struct Metered<S>(S);
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.0).poll_read(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            BYTES_IN.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.0).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            BYTES_OUT.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_close(cx)
-    }
 }
 
 // ---- start ----
@@ -482,13 +402,6 @@ fn peer_id(key: &PublicKey) -> Option<PeerId> {
     PeerId::from_bytes(&key.peer_id_bytes()).ok()
 }
 
-fn peer_of(a: &Multiaddr) -> Option<PeerId> {
-    a.iter().find_map(|p| match p {
-        Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
-}
-
 /// As [`start`], also handing out the machine types the node learns.
 pub async fn start_space(
     key: &SecretKey,
@@ -496,10 +409,9 @@ pub async fn start_space(
     cancel: CancellationToken,
 ) -> Result<Space, SpaceError> {
     let err = |e: &dyn std::fmt::Display| SpaceError::Setup(e.to_string());
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.seed()).map_err(|e| err(&e))?;
+    let keypair = gleaner_space::keypair(key).map_err(SpaceError::Setup)?;
     let t = topics(&cfg.space);
-    let kad_protocol = StreamProtocol::try_from_owned(format!("/gleaner/{}/kad/1", cfg.space))
-        .map_err(|e| err(&e))?;
+    let kad_protocol = gleaner_space::kad_protocol(&cfg.space).map_err(SpaceError::Setup)?;
     let mdns_on = cfg.mdns;
     let kad_proto = kad_protocol.clone();
     let score_topics = [
@@ -509,107 +421,28 @@ pub async fn start_space(
         t.trust.hash(),
     ];
     let duplicate_cache = Duration::from_secs(cfg.duplicate_cache_s.max(1));
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_quic()
-        .with_other_transport(|k| {
-            let noise = noise::Config::new(k)
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            Ok(tcp::tokio::Transport::new(tcp::Config::default())
-                .map(|s, _| Metered(s))
-                .upgrade(Version::V1)
-                .authenticate(noise)
-                .multiplex(yamux::Config::default()))
+    let mut swarm = gleaner_space::build_swarm(keypair, |k| {
+        let codec = request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(1024)
+            .set_response_size_maximum(MAX_MACHINE_TYPE as u64 + 1024);
+        let mt = request_response::Behaviour::with_codec(
+            codec,
+            [(StreamProtocol::new(MT_PROTOCOL), ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(20))
+                .with_max_concurrent_streams(32),
+        );
+        Ok(Behaviour {
+            blocked: Default::default(),
+            gossipsub: gleaner_space::gossipsub_behaviour(score_topics, duplicate_cache)?,
+            identify: gleaner_space::swarm::identify_behaviour(k),
+            ping: ping::Behaviour::default(),
+            mdns: gleaner_space::swarm::mdns_behaviour(mdns_on, k)?,
+            kad: gleaner_space::swarm::kad_behaviour(k.public().to_peer_id(), kad_proto),
+            mt,
         })
-        .map_err(|e| err(&e))?
-        .with_behaviour(|k| {
-            // No gossipsub signatures: each message is an envelope its author signed, checked in
-            // `validate`; a second signature per message doubled the CPU per advert. Author,
-            // seqno and signature fields a peer may still send are not trusted, only ignored.
-            let gcfg = gossipsub::ConfigBuilder::default()
-                .heartbeat_interval(Duration::from_millis(500))
-                .validation_mode(gossipsub::ValidationMode::None)
-                .validate_messages()
-                .max_transmit_size(MAX_MESSAGE)
-                .duplicate_cache_time(duplicate_cache)
-                .message_id_fn(|m: &gossipsub::Message| {
-                    gossipsub::MessageId::from(gleaner::Digest::of(&m.data).0.to_vec())
-                })
-                .build()
-                .map_err(|e| e.to_string())?;
-            let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gcfg)?;
-            // Invalid messages cost their sender heavily (the counter is squared): two take a
-            // peer below the graylist threshold (ignored, pruned), three below BAN_SCORE.
-            let mut params = gossipsub::PeerScoreParams {
-                // Many factories share one address (a department behind NAT, a test on
-                // loopback): colocation is no sign of a Sybil attack here.
-                ip_colocation_factor_weight: 0.0,
-                // The replay penalty is set as the application score, already weighted.
-                app_specific_weight: 1.0,
-                ..Default::default()
-            };
-            for h in score_topics {
-                params.topics.insert(
-                    h,
-                    gossipsub::TopicScoreParams {
-                        topic_weight: 1.0,
-                        // Small rewards for time in the mesh (at most +36) and for first
-                        // deliveries (at most +10), so a long-lived peer cannot bank enough
-                        // credit to keep sending junk.
-                        time_in_mesh_weight: 0.01,
-                        time_in_mesh_quantum: Duration::from_secs(1),
-                        time_in_mesh_cap: 3600.0,
-                        first_message_deliveries_weight: 0.5,
-                        first_message_deliveries_cap: 20.0,
-                        // Adverts come at about one per host every 2 s and announcements are
-                        // rare: a mesh-delivery quota would punish honest quiet peers.
-                        mesh_message_deliveries_weight: 0.0,
-                        mesh_failure_penalty_weight: 0.0,
-                        invalid_message_deliveries_weight: -30.0,
-                        invalid_message_deliveries_decay: 0.9,
-                        ..Default::default()
-                    },
-                );
-            }
-            gs.with_peer_score(params, gossipsub::PeerScoreThresholds::default())?;
-            let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(
-                    mdns::Config::default(),
-                    k.public().to_peer_id(),
-                )?)
-            } else {
-                None
-            };
-            let id = k.public().to_peer_id();
-            let mut kcfg = kad::Config::new(kad_proto.clone());
-            kcfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
-            let kad = kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kcfg);
-            let codec = request_response::cbor::codec::Codec::default()
-                .set_request_size_maximum(1024)
-                .set_response_size_maximum(MAX_MACHINE_TYPE as u64 + 1024);
-            let mt = request_response::Behaviour::with_codec(
-                codec,
-                [(StreamProtocol::new(MT_PROTOCOL), ProtocolSupport::Full)],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(20))
-                    .with_max_concurrent_streams(32),
-            );
-            Ok(Behaviour {
-                blocked: Default::default(),
-                gossipsub: gs,
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/gleaner/1".into(),
-                    k.public(),
-                )),
-                ping: ping::Behaviour::default(),
-                mdns: Toggle::from(mdns),
-                kad,
-                mt,
-            })
-        })
-        .map_err(|e| err(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
+    })
+    .map_err(SpaceError::Setup)?;
     match cfg.kad_server {
         Some(true) => swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server)),
         Some(false) => swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client)),
@@ -623,31 +456,16 @@ pub async fn start_space(
             .subscribe(topic)
             .map_err(|e| err(&e))?;
     }
-    for a in &cfg.listen {
-        swarm.listen_on(a.clone()).map_err(|e| err(&e))?;
-    }
     // Wait until every listener is bound so callers learn the real ports.
-    let mut addrs = Vec::new();
-    while addrs.len() < cfg.listen.len() {
-        match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await {
-            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
-                if cfg.kad_server.is_none() && is_public(&address) {
-                    swarm.add_external_address(address.clone());
-                }
-                addrs.push(address)
-            }
-            Ok(_) => {}
-            Err(_) => return Err(SpaceError::Setup("listening took too long".into())),
+    let kad_server = cfg.kad_server;
+    let addrs = discovery::listen(&mut swarm, &cfg.listen, |swarm, address| {
+        if kad_server.is_none() && is_public(address) {
+            swarm.add_external_address(address.clone());
         }
-    }
-    for b in &cfg.bootstrap {
-        if let Some(p) = peer_of(b) {
-            swarm.behaviour_mut().kad.add_address(&p, b.clone());
-        }
-        if let Err(e) = swarm.dial(b.clone()) {
-            tracing::warn!("dial {b}: {e}");
-        }
-    }
+    })
+    .await
+    .map_err(SpaceError::Setup)?;
+    discovery::dial_bootstrap(&mut swarm, &cfg.bootstrap);
     let (tx, rx) = mpsc::channel(256);
     let (learned_tx, learned) = mpsc::channel(32);
     let (trust_tx, trust_learned) = mpsc::channel(32);
@@ -661,11 +479,9 @@ pub async fn start_space(
         kad_protocol,
         view: SpaceView::with_ttl(cfg.advert_ttl_s),
         rejected: 0,
-        rate_limited: 0,
         replayed: 0,
         mt_throttled: 0,
-        buckets: HashMap::new(),
-        keys: KeyCache::default(),
+        gate: AdvertGate::default(),
         replays: HashMap::new(),
         mt_buckets: HashMap::new(),
         banned: HashMap::new(),
@@ -718,14 +534,11 @@ struct Node {
     kad_protocol: StreamProtocol,
     view: SpaceView,
     rejected: u64,
-    rate_limited: u64,
     replayed: u64,
     mt_throttled: u64,
-    /// Token bucket per author (envelope signer): (tokens, last refill in ms).
-    buckets: HashMap<PublicKey, (f64, u64)>,
-    /// Hosts' decompressed keys: each advert's signature is checked without decompressing its
-    /// signer's key again.
-    keys: KeyCache,
+    /// The checks on adverts and outcomes: per-author rates (trust messages share them) and the
+    /// hosts' decompressed keys.
+    gate: AdvertGate,
     /// Decaying count of replays per sending peer, behind its application score.
     replays: HashMap<PeerId, f64>,
     /// Machine-type requests per asking peer: token bucket and decaying count of refusals.
@@ -783,15 +596,6 @@ fn check_trust(bytes: &[u8], now: u64) -> Result<Digest, Verdict> {
     Ok(digest)
 }
 
-/// Verdict on one gossiped message.
-enum Verdict {
-    Accept,
-    Ignore(String),
-    /// Taken before: ignored, and its sender's application score lowered.
-    Replay(String),
-    Reject(String),
-}
-
 /// A peer's allowance of machine-type requests.
 struct MtBucket {
     tokens: f64,
@@ -800,51 +604,28 @@ struct MtBucket {
     refused: f64,
 }
 
-/// Refills a token bucket of `burst` tokens at `per_s` and tells whether a token is there.
-fn refill(tokens: &mut f64, last_ms: &mut u64, now_ms: u64, burst: f64, per_s: f64) -> bool {
-    *tokens = (*tokens + now_ms.saturating_sub(*last_ms) as f64 / 1000.0 * per_s).min(burst);
-    *last_ms = now_ms;
-    *tokens >= 1.0
-}
-
 impl Node {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, cancel: CancellationToken) {
         // A bootstrap peer may not be up yet, may restart, or may have been cut off: redial it.
-        let mut redial = tokio::time::interval(Duration::from_secs(2));
+        let mut redial = tokio::time::interval(tuning::REDIAL_INTERVAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lookup = tokio::time::interval(Duration::from_secs(10));
+        let mut lookup = tokio::time::interval(tuning::LOOKUP_INTERVAL);
         lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = redial.tick() => self.redial(),
-                _ = housekeeping.tick() => self.housekeeping(),
-                _ = lookup.tick() => {
-                    // Walk the DHT while we know fewer peers than we would like.
-                    if self.swarm.connected_peers().count() < TARGET_PEERS {
-                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
-                    }
+                _ = redial.tick() => {
+                    discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p))
                 }
+                _ = housekeeping.tick() => self.housekeeping(),
+                _ = lookup.tick() => discovery::lookup(&mut self.swarm),
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(c) => self.command(c),
                 },
                 ev = self.swarm.select_next_some() => self.event(ev),
-            }
-        }
-    }
-
-    fn redial(&mut self) {
-        let none = self.swarm.connected_peers().next().is_none();
-        for b in self.bootstrap.clone() {
-            let go = match peer_of(&b) {
-                Some(p) => !self.swarm.is_connected(&p) && !self.banned.contains_key(&p),
-                None => none,
-            };
-            if go {
-                let _ = self.swarm.dial(b);
             }
         }
     }
@@ -901,8 +682,7 @@ impl Node {
             self.swarm.behaviour_mut().blocked.unblock_peer(p);
         }
         let ms = crate::factory::now_ms();
-        self.buckets
-            .retain(|_, (_, last)| ms.saturating_sub(*last) < 60_000);
+        self.gate.rates.forget_idle(ms);
         self.mt_buckets
             .retain(|_, b| ms.saturating_sub(b.last_ms) < 60_000 || b.refused > 1.0);
         self.fetch_wanted(now);
@@ -1107,7 +887,7 @@ impl Node {
             kad_server: self.swarm.behaviour().kad.mode() == kad::Mode::Server,
             peers,
             rejected_messages: self.rejected,
-            rate_limited: self.rate_limited,
+            rate_limited: self.gate.rate_limited,
             replayed: self.replayed,
             mt_throttled: self.mt_throttled,
             banned: self.banned.keys().map(|p| p.to_string()).collect(),
@@ -1146,41 +926,19 @@ impl Node {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
-                for (peer, addr) in list {
-                    if !self.swarm.is_connected(&peer) {
-                        let _ = self.swarm.dial(addr);
-                    }
-                }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(e)) => {
+                discovery::on_mdns(&mut self.swarm, e)
             }
             // Peers that speak our DHT go into the routing table under their listen addresses.
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
-            })) if info.protocols.contains(&self.kad_protocol) => {
-                for a in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
-                }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => {
+                discovery::on_identify(&mut self.swarm, e, &self.kad_protocol)
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
-                peer,
-                addresses,
-                ..
-            })) if !self.swarm.is_connected(&peer)
-                && !self.banned.contains_key(&peer)
-                && self.swarm.connected_peers().count() < TARGET_PEERS =>
-            {
-                let opts = DialOpts::peer_id(peer)
-                    .addresses(addresses.into_vec())
-                    .build();
-                let _ = self.swarm.dial(opts);
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => {
+                discovery::on_kad(&mut self.swarm, e, |p| self.banned.contains_key(p))
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mt(e)) => self.mt_event(e),
-            SwarmEvent::ConnectionEstablished { peer_id, .. }
-                if self.bootstrap.iter().any(|b| peer_of(b) == Some(peer_id)) =>
-            {
-                let _ = self.swarm.behaviour_mut().kad.bootstrap();
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                discovery::on_connected(&mut self.swarm, peer_id, &self.bootstrap)
             }
             SwarmEvent::NewListenAddr { address, .. } if is_public(&address) => {
                 self.swarm.add_external_address(address);
@@ -1191,16 +949,12 @@ impl Node {
 
     /// Whether `author` has a token left (refilled, not taken).
     fn rate_ok(&mut self, author: PublicKey) -> bool {
-        let ms = crate::factory::now_ms();
-        let (tokens, last) = self.buckets.entry(author).or_insert((RATE_BURST, ms));
-        refill(tokens, last, ms, RATE_BURST, RATE_PER_S)
+        self.gate.rates.ok(author, crate::factory::now_ms())
     }
 
     /// Takes a token from `author`'s bucket, once its message was accepted.
     fn rate_take(&mut self, author: PublicKey) {
-        if let Some((tokens, _)) = self.buckets.get_mut(&author) {
-            *tokens = (*tokens - 1.0).max(0.0);
-        }
+        self.gate.rates.take(author);
     }
 
     /// Checks a gossiped message and, if good, takes it into the view (or the type store).
@@ -1227,66 +981,23 @@ impl Node {
         if !is_advert && m.topic != self.topics.outcomes.hash() {
             return Verdict::Reject("unknown topic".into());
         }
-        if m.data.len() > MAX_ADVERT {
-            return Verdict::Reject(format!("{} bytes, at most {MAX_ADVERT}", m.data.len()));
-        }
-        // The cheap checks first (no signature yet): shape, kind, a well-formed signer. Junk and
-        // relabelled messages are rejected here, which costs their sender its score.
-        let env = match Envelope::from_bytes(&m.data) {
-            Ok(e) => e,
-            Err(e) => return Verdict::Reject(e.to_string()),
-        };
         let want = if is_advert {
             Kind::CapacityAdvert
         } else {
             Kind::Outcome
         };
-        if env.kind().ok() != Some(want) {
-            return Verdict::Reject("wrong message kind for the topic".into());
-        }
-        // The author is the envelope's signer (gossipsub carries no author). Its bucket is only
-        // looked at here, and a token taken once the signature holds and the message is news,
-        // so forgeries in an honest host's name cannot use up its allowance.
-        let author = match env.signer() {
-            Ok(k) => k,
-            Err(e) => return Verdict::Reject(e.to_string()),
-        };
-        // A flood of well-formed messages costs a map lookup each, not a signature check.
-        if !self.rate_ok(author) {
-            self.rate_limited += 1;
-            return Verdict::Ignore(format!("{author} sends too many messages"));
-        }
-        // A bad signature or payload is the relay's fault too (it should have checked); a stale
-        // message is not: an honest relay may deliver an older advert after a newer one came
-        // another way, or have another clock. Those are ignored, not penalised. The very message
-        // taken before is a replay: ignored, and its sender's application score lowered (softly:
-        // see REPLAY_PENALTY).
+        // Size, shape, kind, signer, rate, signature, then the view: see `AdvertGate::check`. A
+        // replay's sender is penalised by the caller (softly: see REPLAY_PENALTY).
         let now = now();
-        let refused = if is_advert {
-            let v = match env.open_cached::<CapacityAdvert>(&mut self.keys) {
-                Ok(v) => v,
-                Err(e) => return Verdict::Reject(e.to_string()),
-            };
-            let running: Vec<Digest> = v.message.running.iter().map(|r| r.machine_type).collect();
-            let r = self.view.insert(v.message, now);
-            if r.is_ok() && !running.is_empty() {
-                self.want(&running, author, now);
-            }
-            r
-        } else {
-            match env.open_cached::<OutcomeReport>(&mut self.keys) {
-                Ok(v) => self.view.outcome(&v.message, now),
-                Err(e) => return Verdict::Reject(e.to_string()),
-            }
-        };
-        match refused {
-            Ok(()) => {
-                self.rate_take(author);
-                Verdict::Accept
-            }
-            Err(e @ gleaner::space::Refused::Replay(_)) => Verdict::Replay(e.to_string()),
-            Err(e) => Verdict::Ignore(e.to_string()),
+        let checked = self
+            .gate
+            .check(&m.data, want, &mut self.view, now, crate::factory::now_ms());
+        if let Some((author, running)) = checked.running
+            && !running.is_empty()
+        {
+            self.want(&running, author, now);
         }
+        checked.verdict
     }
 
     /// A gossiped key rotation or revocation: checked, then handed to the daemon (whose trust
@@ -1316,7 +1027,7 @@ impl Node {
             Err(e) => return Verdict::Reject(e.to_string()),
         };
         if !self.rate_ok(author) {
-            self.rate_limited += 1;
+            self.gate.rate_limited += 1;
             return Verdict::Ignore(format!("{author} sends too many messages"));
         }
         let now = now();

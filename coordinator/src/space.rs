@@ -1,37 +1,26 @@
-//! The coordinator as an observer in a space: a small libp2p node (the same transports, identify
-//! and Kademlia protocol ids and gossipsub topic and message ids as the client's `p2p.rs`, so it
-//! interoperates) that subscribes only to the space's capacity adverts, validates each by hand
-//! (size, kind, per-author rate keyed by the envelope's signer, signature, schema, freshness, replay) and
-//! keeps the core's `SpaceView` with expiry. It never publishes. One event loop owns the Swarm and
+//! The coordinator as an observer in a space: a small libp2p node (transport, gossipsub, ids and
+//! discovery from `gleaner-space`, as the client's, so it interoperates) that subscribes only to
+//! the space's capacity adverts, validates each with the client's checks (size, kind, per-author
+//! rate keyed by the envelope's signer, signature, schema, freshness, replay) and keeps the core's
+//! `SpaceView` with expiry. It never publishes. One event loop owns the Swarm and
 //! hands out a [`SpaceSnapshot`] through a `watch` channel (one value, so bounded) every second.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use gleaner::advert::{CapacityAdvert, backend_bits};
+use gleaner::advert::backend_bits;
 use gleaner::space::SpaceView;
-use gleaner::{Envelope, Kind, SecretKey};
-use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity};
+use gleaner::{Kind, SecretKey};
+use gleaner_space::{AdvertGate, SpaceBehaviour, Verdict, discovery, tuning};
+use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, kad, mdns, noise, ping, tcp, yamux};
+use libp2p::{Multiaddr, StreamProtocol, identify, kad, mdns, ping};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Largest gossiped frame (as the client's gossipsub transmit limit).
-pub const MAX_MESSAGE: usize = 64 * 1024;
-/// Largest advert; a bigger one is rejected (as in the client).
-pub const MAX_ADVERT: usize = 16 * 1024;
-/// Adverts one author may have accepted in a burst, and per second after that (as in the client).
-const RATE_BURST: f64 = 10.0;
-const RATE_PER_S: f64 = 2.0;
-/// Kademlia-discovered peers are dialled while fewer than this are connected.
-const TARGET_PEERS: usize = 16;
-/// Longest space name (as the client's).
-pub const SPACE_NAME_MAX: usize = 64;
+pub use gleaner_space::{MAX_ADVERT, MAX_MESSAGE, SPACE_NAME_MAX, check_space_name};
 
 /// How the coordinator joins a space.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,16 +46,6 @@ impl SpaceConfig {
             advert_ttl_s: gleaner::space::ADVERT_TTL_S,
         }
     }
-}
-
-/// Why a space name is refused, if it is (the client's rule: it becomes part of topic names).
-pub fn check_space_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > SPACE_NAME_MAX || name.contains(['/', ' ']) {
-        return Err(format!(
-            "{name:?}: a space name is 1-{SPACE_NAME_MAX} characters without '/' or spaces"
-        ));
-    }
-    Ok(())
 }
 
 /// Why the space could not be joined.
@@ -211,6 +190,12 @@ struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
 }
 
+impl SpaceBehaviour for Behaviour {
+    fn kad(&mut self) -> &mut kad::Behaviour<kad::store::MemoryStore> {
+        &mut self.kad
+    }
+}
+
 /// A joined space.
 pub struct Space {
     /// The latest snapshot, renewed every second.
@@ -227,53 +212,6 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn peer_of(a: &Multiaddr) -> Option<PeerId> {
-    a.iter().find_map(|p| match p {
-        Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
-}
-
-/// The gossipsub settings the client uses, so that message ids (the digest of the data), signing
-/// and limits agree across the space; invalid adverts cost their sender as in the client.
-fn gossipsub_behaviour(advert_topic: gossipsub::TopicHash) -> Result<gossipsub::Behaviour, String> {
-    let gcfg = gossipsub::ConfigBuilder::default()
-        .heartbeat_interval(Duration::from_millis(500))
-        .validation_mode(gossipsub::ValidationMode::None)
-        .validate_messages()
-        .max_transmit_size(MAX_MESSAGE)
-        .message_id_fn(|m: &gossipsub::Message| {
-            gossipsub::MessageId::from(gleaner::Digest::of(&m.data).0.to_vec())
-        })
-        .build()
-        .map_err(|e| e.to_string())?;
-    // As in the client: gossipsub signs nothing, the envelope's signature is the only one.
-    let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gcfg)?;
-    let mut params = gossipsub::PeerScoreParams {
-        // Many factories share one address (NAT, loopback): no Sybil sign here.
-        ip_colocation_factor_weight: 0.0,
-        ..Default::default()
-    };
-    params.topics.insert(
-        advert_topic,
-        gossipsub::TopicScoreParams {
-            topic_weight: 1.0,
-            time_in_mesh_weight: 0.01,
-            time_in_mesh_quantum: Duration::from_secs(1),
-            time_in_mesh_cap: 3600.0,
-            first_message_deliveries_weight: 0.5,
-            first_message_deliveries_cap: 20.0,
-            mesh_message_deliveries_weight: 0.0,
-            mesh_failure_penalty_weight: 0.0,
-            invalid_message_deliveries_weight: -30.0,
-            invalid_message_deliveries_decay: 0.9,
-            ..Default::default()
-        },
-    );
-    gs.with_peer_score(params, gossipsub::PeerScoreThresholds::default())?;
-    Ok(gs)
-}
-
 /// Joins the space with `key` as the libp2p identity and starts the event loop; returns once every
 /// listener is bound.
 pub async fn start(
@@ -283,49 +221,24 @@ pub async fn start(
 ) -> Result<Space, SpaceError> {
     let err = |e: &dyn std::fmt::Display| SpaceError::Setup(e.to_string());
     check_space_name(&cfg.space).map_err(SpaceError::Setup)?;
-    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.seed()).map_err(|e| err(&e))?;
-    let topic = IdentTopic::new(format!("gleaner/{}/adverts", cfg.space));
-    let kad_protocol = StreamProtocol::try_from_owned(format!("/gleaner/{}/kad/1", cfg.space))
-        .map_err(|e| err(&e))?;
+    let keypair = gleaner_space::keypair(key).map_err(SpaceError::Setup)?;
+    // Only the advert topic: an observer has no use for outcomes, types or trust messages.
+    let topic = gleaner_space::topics(&cfg.space).adverts;
+    let kad_protocol = gleaner_space::kad_protocol(&cfg.space).map_err(SpaceError::Setup)?;
     let mdns_on = cfg.mdns;
     let topic_hash = topic.hash();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| err(&e))?
-        .with_quic()
-        .with_behaviour(|k| {
-            let gossipsub = gossipsub_behaviour(topic_hash)?;
-            let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(
-                    mdns::Config::default(),
-                    k.public().to_peer_id(),
-                )?)
-            } else {
-                None
-            };
-            let id = k.public().to_peer_id();
-            let mut kcfg = kad::Config::new(kad_protocol.clone());
-            kcfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
-            let kad = kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kcfg);
-            Ok(Behaviour {
-                gossipsub,
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/gleaner/1".into(),
-                    k.public(),
-                )),
-                ping: ping::Behaviour::default(),
-                mdns: Toggle::from(mdns),
-                kad,
-            })
+    let kad_proto = kad_protocol.clone();
+    let mut swarm = gleaner_space::build_swarm(keypair, |k| {
+        Ok(Behaviour {
+            // gossipsub's own default duplicate cache, which the observer always had.
+            gossipsub: gleaner_space::gossipsub_behaviour([topic_hash], Duration::from_secs(60))?,
+            identify: gleaner_space::swarm::identify_behaviour(k),
+            ping: ping::Behaviour::default(),
+            mdns: gleaner_space::swarm::mdns_behaviour(mdns_on, k)?,
+            kad: gleaner_space::swarm::kad_behaviour(k.public().to_peer_id(), kad_proto),
         })
-        .map_err(|e| err(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
+    })
+    .map_err(SpaceError::Setup)?;
     // An observer looks peers up but answers no lookups: the factories keep the DHT.
     swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
     swarm
@@ -333,27 +246,10 @@ pub async fn start(
         .gossipsub
         .subscribe(&topic)
         .map_err(|e| err(&e))?;
-    for a in &cfg.listen {
-        swarm
-            .listen_on(a.clone())
-            .map_err(|e| SpaceError::Setup(format!("listen on {a}: {e}")))?;
-    }
-    let mut addrs = Vec::new();
-    while addrs.len() < cfg.listen.len() {
-        match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await {
-            Ok(SwarmEvent::NewListenAddr { address, .. }) => addrs.push(address),
-            Ok(_) => {}
-            Err(_) => return Err(SpaceError::Setup("listening took too long".into())),
-        }
-    }
-    for b in &cfg.bootstrap {
-        if let Some(p) = peer_of(b) {
-            swarm.behaviour_mut().kad.add_address(&p, b.clone());
-        }
-        if let Err(e) = swarm.dial(b.clone()) {
-            tracing::warn!("space: dial {b}: {e}");
-        }
-    }
+    let addrs = discovery::listen(&mut swarm, &cfg.listen, |_, _| {})
+        .await
+        .map_err(SpaceError::Setup)?;
+    discovery::dial_bootstrap(&mut swarm, &cfg.bootstrap);
     let me = *swarm.local_peer_id();
     let addrs: Vec<Multiaddr> = addrs
         .into_iter()
@@ -368,9 +264,8 @@ pub async fn start(
         bootstrap: cfg.bootstrap,
         ttl_s: cfg.advert_ttl_s,
         view: SpaceView::with_ttl(cfg.advert_ttl_s),
-        buckets: HashMap::new(),
+        gate: AdvertGate::default(),
         rejected: 0,
-        rate_limited: 0,
     };
     let (tx, snapshots) = watch::channel(node.snapshot());
     let task = tokio::spawn(node.run(tx, cancel));
@@ -390,51 +285,38 @@ struct Node {
     bootstrap: Vec<Multiaddr>,
     ttl_s: u64,
     view: SpaceView,
-    /// Token bucket per author: (tokens, last refill in ms).
-    /// Token bucket per author (the envelope's signer): (tokens, last refill in ms).
-    buckets: HashMap<gleaner::PublicKey, (f64, u128)>,
+    /// The client's checks on adverts, with their per-author rates.
+    gate: AdvertGate,
     rejected: u64,
-    rate_limited: u64,
 }
 
-enum Verdict {
-    Accept,
-    Ignore(String),
-    Reject(String),
-}
-
-fn now_ms() -> u128 {
+fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
 impl Node {
     async fn run(mut self, tx: watch::Sender<SpaceSnapshot>, cancel: CancellationToken) {
-        let mut redial = tokio::time::interval(Duration::from_secs(2));
+        let mut redial = tokio::time::interval(tuning::REDIAL_INTERVAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lookup = tokio::time::interval(Duration::from_secs(10));
+        let mut lookup = tokio::time::interval(tuning::LOOKUP_INTERVAL);
         lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = redial.tick() => self.redial(),
+                _ = redial.tick() => discovery::redial(&mut self.swarm, &self.bootstrap, |_| false),
                 _ = tick.tick() => {
                     let now = now();
                     self.view.expire(now);
-                    let ms = now_ms();
-                    self.buckets.retain(|_, (_, last)| ms.saturating_sub(*last) < 60_000);
+                    self.gate.rates.forget_idle(now_ms());
                     // Nobody reading is no reason to stop observing.
                     tx.send_replace(self.snapshot());
                 }
-                _ = lookup.tick() => {
-                    if self.swarm.connected_peers().count() < TARGET_PEERS {
-                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
-                    }
-                }
+                _ = lookup.tick() => discovery::lookup(&mut self.swarm),
                 ev = self.swarm.select_next_some() => self.event(ev),
             }
         }
@@ -453,21 +335,7 @@ impl Node {
             totals,
             peers,
             rejected_messages: self.rejected,
-            rate_limited: self.rate_limited,
-        }
-    }
-
-    /// A bootstrap peer may not be up yet, may restart, or may have been cut off: redial it.
-    fn redial(&mut self) {
-        let none = self.swarm.connected_peers().next().is_none();
-        for b in self.bootstrap.clone() {
-            let go = match peer_of(&b) {
-                Some(p) => !self.swarm.is_connected(&p),
-                None => none,
-            };
-            if go {
-                let _ = self.swarm.dial(b);
-            }
+            rate_limited: self.gate.rate_limited,
         }
     }
 
@@ -480,7 +348,8 @@ impl Node {
             })) => {
                 let acceptance = match self.validate(&message) {
                     Verdict::Accept => MessageAcceptance::Accept,
-                    Verdict::Ignore(why) => {
+                    // A replay may come from an honest relay too; the observer penalises nobody.
+                    Verdict::Ignore(why) | Verdict::Replay(why) => {
                         tracing::debug!(
                             "space: ignored an advert from {propagation_source}: {why}"
                         );
@@ -499,59 +368,20 @@ impl Node {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
-                for (peer, addr) in list {
-                    if !self.swarm.is_connected(&peer) {
-                        let _ = self.swarm.dial(addr);
-                    }
-                }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(e)) => {
+                discovery::on_mdns(&mut self.swarm, e)
             }
             // Factories that speak the space's DHT go into the routing table.
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                ..
-            })) if info.protocols.contains(&self.kad_protocol) => {
-                for a in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
-                }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => {
+                discovery::on_identify(&mut self.swarm, e, &self.kad_protocol)
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
-                peer,
-                addresses,
-                ..
-            })) if !self.swarm.is_connected(&peer)
-                && self.swarm.connected_peers().count() < TARGET_PEERS =>
-            {
-                let opts = DialOpts::peer_id(peer)
-                    .addresses(addresses.into_vec())
-                    .build();
-                let _ = self.swarm.dial(opts);
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => {
+                discovery::on_kad(&mut self.swarm, e, |_| false)
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. }
-                if self.bootstrap.iter().any(|b| peer_of(b) == Some(peer_id)) =>
-            {
-                let _ = self.swarm.behaviour_mut().kad.bootstrap();
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                discovery::on_connected(&mut self.swarm, peer_id, &self.bootstrap)
             }
             _ => {}
-        }
-    }
-
-    /// Takes a token from `author`'s bucket; false when it has sent too much.
-    /// Whether `author` has a token left (refilled, not taken).
-    fn rate_ok(&mut self, author: gleaner::PublicKey) -> bool {
-        let ms = now_ms();
-        let (tokens, last) = self.buckets.entry(author).or_insert((RATE_BURST, ms));
-        *tokens = (*tokens + ms.saturating_sub(*last) as f64 / 1000.0 * RATE_PER_S).min(RATE_BURST);
-        *last = ms;
-        *tokens >= 1.0
-    }
-
-    /// Takes a token once `author`'s advert verified and was news, so that forgeries in an honest
-    /// host's name cannot use up its allowance.
-    fn rate_take(&mut self, author: gleaner::PublicKey) {
-        if let Some((tokens, _)) = self.buckets.get_mut(&author) {
-            *tokens = (*tokens - 1.0).max(0.0);
         }
     }
 
@@ -560,44 +390,22 @@ impl Node {
         if m.topic != self.topic {
             return Verdict::Reject("not the advert topic".into());
         }
-        if m.data.len() > MAX_ADVERT {
-            return Verdict::Reject(format!("{} bytes, at most {MAX_ADVERT}", m.data.len()));
-        }
-        let env = match Envelope::from_bytes(&m.data) {
-            Ok(e) => e,
-            Err(e) => return Verdict::Reject(e.to_string()),
-        };
-        if env.kind().ok() != Some(Kind::CapacityAdvert) {
-            return Verdict::Reject("wrong message kind for the advert topic".into());
-        }
-        // Gossipsub carries no author (anonymous, as in the client): the envelope's signer is.
-        let author = match env.signer() {
-            Ok(k) => k,
-            Err(e) => return Verdict::Reject(e.to_string()),
-        };
-        if !self.rate_ok(author) {
-            self.rate_limited += 1;
-            return Verdict::Ignore(format!("{author} sends too many adverts"));
-        }
-        let v = match env.open::<CapacityAdvert>() {
-            Ok(v) => v,
-            Err(e) => return Verdict::Reject(e.to_string()),
-        };
-        // Stale or replayed adverts may come from honest relays: ignored, not penalised.
-        match self.view.insert(v.message, now()) {
-            Ok(()) => {
-                self.rate_take(author);
-                Verdict::Accept
-            }
-            Err(e) => Verdict::Ignore(e.to_string()),
-        }
+        self.gate
+            .check(
+                &m.data,
+                Kind::CapacityAdvert,
+                &mut self.view,
+                now(),
+                now_ms(),
+            )
+            .verdict
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gleaner::advert::Running;
+    use gleaner::advert::{CapacityAdvert, Running};
     use gleaner::{Digest, SecretKey};
 
     fn advert(seed: u8, at: u64, free: u16, running: u16, owner: bool) -> CapacityAdvert {
@@ -645,13 +453,5 @@ mod tests {
         let (peers, totals) = capacity(&v, 10, 1011);
         assert_eq!(peers.len(), 1);
         assert_eq!(totals.free_cores, 4);
-    }
-
-    #[test]
-    fn space_names() {
-        assert!(check_space_name("demo").is_ok());
-        for bad in ["", "a/b", "a b", &"x".repeat(65)] {
-            assert!(check_space_name(bad).is_err(), "{bad:?}");
-        }
     }
 }

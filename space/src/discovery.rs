@@ -1,0 +1,163 @@
+//! How a space node finds and keeps its peers, as steps of its event loop: listening, dialling and
+//! redialling the bootstrap peers, mDNS, identify feeding Kademlia, and dialling what Kademlia
+//! finds while the node has fewer than [`TARGET_PEERS`](crate::tuning::TARGET_PEERS) connections.
+
+use futures_util::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, mdns};
+
+use crate::tuning::TARGET_PEERS;
+
+/// A node's behaviour: whatever else it runs, it has the space's Kademlia.
+pub trait SpaceBehaviour: NetworkBehaviour {
+    fn kad(&mut self) -> &mut kad::Behaviour<kad::store::MemoryStore>;
+}
+
+/// The peer id at the end of an address, if it names one.
+pub fn peer_of(a: &Multiaddr) -> Option<PeerId> {
+    a.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// Listens on every address in `listen` and waits until each is bound, so callers learn the real
+/// ports; `bound` sees each address as it comes.
+pub async fn listen<B: SpaceBehaviour>(
+    swarm: &mut Swarm<B>,
+    listen: &[Multiaddr],
+    mut bound: impl FnMut(&mut Swarm<B>, &Multiaddr),
+) -> Result<Vec<Multiaddr>, String> {
+    for a in listen {
+        swarm
+            .listen_on(a.clone())
+            .map_err(|e| format!("listen on {a}: {e}"))?;
+    }
+    let mut addrs = Vec::new();
+    while addrs.len() < listen.len() {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), swarm.select_next_some())
+            .await
+        {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => {
+                bound(swarm, &address);
+                addrs.push(address)
+            }
+            Ok(_) => {}
+            Err(_) => return Err("listening took too long".into()),
+        }
+    }
+    Ok(addrs)
+}
+
+/// Puts the bootstrap peers in the routing table and dials them.
+pub fn dial_bootstrap<B: SpaceBehaviour>(swarm: &mut Swarm<B>, bootstrap: &[Multiaddr]) {
+    for b in bootstrap {
+        if let Some(p) = peer_of(b) {
+            swarm.behaviour_mut().kad().add_address(&p, b.clone());
+        }
+        if let Err(e) = swarm.dial(b.clone()) {
+            tracing::warn!("dial {b}: {e}");
+        }
+    }
+}
+
+/// A bootstrap peer may not be up yet, may restart, or may have been cut off: redial it (unless
+/// `banned`). One without a peer id is dialled only while nothing is connected.
+pub fn redial<B: SpaceBehaviour>(
+    swarm: &mut Swarm<B>,
+    bootstrap: &[Multiaddr],
+    banned: impl Fn(&PeerId) -> bool,
+) {
+    let none = swarm.connected_peers().next().is_none();
+    for b in bootstrap {
+        let go = match peer_of(b) {
+            Some(p) => !swarm.is_connected(&p) && !banned(&p),
+            None => none,
+        };
+        if go {
+            let _ = swarm.dial(b.clone());
+        }
+    }
+}
+
+/// Walks the DHT while the node knows fewer peers than it would like.
+pub fn lookup<B: SpaceBehaviour>(swarm: &mut Swarm<B>) {
+    if swarm.connected_peers().count() < TARGET_PEERS {
+        let _ = swarm.behaviour_mut().kad().bootstrap();
+    }
+}
+
+/// mDNS found peers on the LAN: dial those not connected.
+pub fn on_mdns<B: SpaceBehaviour>(swarm: &mut Swarm<B>, e: mdns::Event) {
+    if let mdns::Event::Discovered(list) = e {
+        for (peer, addr) in list {
+            if !swarm.is_connected(&peer) {
+                let _ = swarm.dial(addr);
+            }
+        }
+    }
+}
+
+/// Peers that speak the space's DHT go into the routing table under their listen addresses.
+pub fn on_identify<B: SpaceBehaviour>(
+    swarm: &mut Swarm<B>,
+    e: identify::Event,
+    kad_protocol: &StreamProtocol,
+) {
+    if let identify::Event::Received { peer_id, info, .. } = e
+        && info.protocols.contains(kad_protocol)
+    {
+        for a in info.listen_addrs {
+            swarm.behaviour_mut().kad().add_address(&peer_id, a);
+        }
+    }
+}
+
+/// A peer Kademlia found is dialled while the node has room for more (unless `banned`).
+pub fn on_kad<B: SpaceBehaviour>(
+    swarm: &mut Swarm<B>,
+    e: kad::Event,
+    banned: impl Fn(&PeerId) -> bool,
+) {
+    if let kad::Event::RoutingUpdated {
+        peer, addresses, ..
+    } = e
+        && !swarm.is_connected(&peer)
+        && !banned(&peer)
+        && swarm.connected_peers().count() < TARGET_PEERS
+    {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addresses.into_vec())
+            .build();
+        let _ = swarm.dial(opts);
+    }
+}
+
+/// Once a bootstrap peer is connected, the DHT is walked through it.
+pub fn on_connected<B: SpaceBehaviour>(
+    swarm: &mut Swarm<B>,
+    peer_id: PeerId,
+    bootstrap: &[Multiaddr],
+) {
+    if bootstrap.iter().any(|b| peer_of(b) == Some(peer_id)) {
+        let _ = swarm.behaviour_mut().kad().bootstrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_of_reads_the_p2p_part() {
+        let id = crate::keypair(&gleaner::SecretKey::from_seed([3; 32]))
+            .unwrap()
+            .public()
+            .to_peer_id();
+        let a: Multiaddr = format!("/ip4/127.0.0.1/tcp/4001/p2p/{id}").parse().unwrap();
+        assert_eq!(peer_of(&a), Some(id));
+        assert_eq!(peer_of(&"/ip4/127.0.0.1/tcp/4001".parse().unwrap()), None);
+    }
+}

@@ -1,0 +1,286 @@
+//! The checks a gossiped capacity advert or outcome report passes before a node takes it and lets
+//! gossipsub forward it, cheapest first: size, envelope shape, kind for the topic, a well-formed
+//! signer, that signer's rate, the signature and schema, then freshness and replay in the view.
+
+use std::collections::HashMap;
+
+use gleaner::advert::{CapacityAdvert, OutcomeReport};
+use gleaner::envelope::KeyCache;
+use gleaner::space::SpaceView;
+use gleaner::{Digest, Envelope, Kind, PublicKey};
+
+use crate::MAX_ADVERT;
+use crate::tuning::{RATE_BURST, RATE_IDLE_MS, RATE_PER_S};
+
+/// Verdict on one gossiped message.
+#[derive(Debug)]
+pub enum Verdict {
+    Accept,
+    Ignore(String),
+    /// Taken before: ignored (the client also lowers its sender's application score).
+    Replay(String),
+    Reject(String),
+}
+
+/// Refills a token bucket of `burst` tokens at `per_s` and tells whether a token is there.
+pub fn refill(tokens: &mut f64, last_ms: &mut u64, now_ms: u64, burst: f64, per_s: f64) -> bool {
+    *tokens = (*tokens + now_ms.saturating_sub(*last_ms) as f64 / 1000.0 * per_s).min(burst);
+    *last_ms = now_ms;
+    *tokens >= 1.0
+}
+
+/// A token bucket per author (the envelope's signer): gossipsub carries no author, the envelope's
+/// signer is the author. A token is looked at before the signature is checked and taken only once
+/// the message verified and was news, so forgeries in an honest host's name cannot use up its
+/// allowance, and a flood of well-formed messages costs a map lookup each, not a signature check.
+#[derive(Debug, Default)]
+pub struct AuthorRates {
+    /// (tokens, last refill in ms).
+    buckets: HashMap<PublicKey, (f64, u64)>,
+}
+
+impl AuthorRates {
+    /// Whether `author` has a token left (refilled, not taken).
+    pub fn ok(&mut self, author: PublicKey, now_ms: u64) -> bool {
+        let (tokens, last) = self.buckets.entry(author).or_insert((RATE_BURST, now_ms));
+        refill(tokens, last, now_ms, RATE_BURST, RATE_PER_S)
+    }
+
+    /// Takes a token from `author`'s bucket, once its message was accepted.
+    pub fn take(&mut self, author: PublicKey) {
+        if let Some((tokens, _)) = self.buckets.get_mut(&author) {
+            *tokens = (*tokens - 1.0).max(0.0);
+        }
+    }
+
+    /// Forgets authors not heard for a while (a full bucket again), so the map stays small.
+    pub fn forget_idle(&mut self, now_ms: u64) {
+        self.buckets
+            .retain(|_, (_, last)| now_ms.saturating_sub(*last) < RATE_IDLE_MS);
+    }
+}
+
+/// What checking a gossiped advert or outcome found.
+#[derive(Debug)]
+pub struct Checked {
+    pub verdict: Verdict,
+    /// For an advert taken into the view: its author and the machine types it shows running.
+    pub running: Option<(PublicKey, Vec<Digest>)>,
+}
+
+/// The per-node state behind the checks on adverts and outcomes (rates and decompressed keys).
+#[derive(Debug, Default)]
+pub struct AdvertGate {
+    pub rates: AuthorRates,
+    /// Hosts' decompressed keys: each advert's signature is checked without decompressing its
+    /// signer's key again.
+    keys: KeyCache,
+    /// Messages ignored because their author sent too many.
+    pub rate_limited: u64,
+}
+
+impl AdvertGate {
+    /// Checks a gossiped message of `kind` (a capacity advert or an outcome report) and, if it is
+    /// good, takes it into `view`.
+    ///
+    /// Junk, relabelled messages and bad signatures or payloads are rejected (the relay should
+    /// have checked, so they cost it its score). A stale message is ignored, not penalised: an
+    /// honest relay may deliver an older advert after a newer one came another way, or have
+    /// another clock. The very message taken before is a replay.
+    pub fn check(
+        &mut self,
+        data: &[u8],
+        kind: Kind,
+        view: &mut SpaceView,
+        now: u64,
+        now_ms: u64,
+    ) -> Checked {
+        let mut running = None;
+        let verdict = self.verdict(data, kind, view, now, now_ms, &mut running);
+        Checked { verdict, running }
+    }
+
+    fn verdict(
+        &mut self,
+        data: &[u8],
+        kind: Kind,
+        view: &mut SpaceView,
+        now: u64,
+        now_ms: u64,
+        news: &mut Option<(PublicKey, Vec<Digest>)>,
+    ) -> Verdict {
+        if kind != Kind::CapacityAdvert && kind != Kind::Outcome {
+            return Verdict::Reject(format!("{kind:?} is not an advert or outcome"));
+        }
+        if data.len() > MAX_ADVERT {
+            return Verdict::Reject(format!("{} bytes, at most {MAX_ADVERT}", data.len()));
+        }
+        // The cheap checks first (no signature yet): shape, kind, a well-formed signer.
+        let env = match Envelope::from_bytes(data) {
+            Ok(e) => e,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
+        if env.kind().ok() != Some(kind) {
+            return Verdict::Reject("wrong message kind for the topic".into());
+        }
+        let author = match env.signer() {
+            Ok(k) => k,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
+        if !self.rates.ok(author, now_ms) {
+            self.rate_limited += 1;
+            return Verdict::Ignore(format!("{author} sends too many messages"));
+        }
+        let refused = if kind == Kind::CapacityAdvert {
+            let v = match env.open_cached::<CapacityAdvert>(&mut self.keys) {
+                Ok(v) => v,
+                Err(e) => return Verdict::Reject(e.to_string()),
+            };
+            let running: Vec<Digest> = v.message.running.iter().map(|r| r.machine_type).collect();
+            let r = view.insert(v.message, now);
+            if r.is_ok() {
+                *news = Some((author, running));
+            }
+            r
+        } else {
+            match env.open_cached::<OutcomeReport>(&mut self.keys) {
+                Ok(v) => view.outcome(&v.message, now),
+                Err(e) => return Verdict::Reject(e.to_string()),
+            }
+        };
+        match refused {
+            Ok(()) => {
+                self.rates.take(author);
+                Verdict::Accept
+            }
+            Err(e @ gleaner::space::Refused::Replay(_)) => Verdict::Replay(e.to_string()),
+            Err(e) => Verdict::Ignore(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gleaner::OutcomeCode;
+    use gleaner::SecretKey;
+    use gleaner::advert::{Running, backend_bits};
+    use gleaner::wire::Id16;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn advert(key: &SecretKey, seq: u64) -> Vec<u8> {
+        let a = CapacityAdvert {
+            v: 1,
+            host: key.public(),
+            seq,
+            at: NOW,
+            free_cores: 2,
+            free_memory_mib: 1024,
+            free_disk_mib: 0,
+            backends: backend_bits::DOCKER,
+            running: vec![Running {
+                machine_type: Digest([3; 32]),
+                count: 1,
+            }],
+            owner_present: false,
+            draining: false,
+            benchmark: 1000,
+        };
+        Envelope::seal(&a, key).to_bytes()
+    }
+
+    /// `key`'s advert with its signature broken.
+    fn forged(key: &SecretKey, seq: u64) -> Vec<u8> {
+        let mut a = advert(key, seq);
+        let last = a.len() - 1;
+        a[last] ^= 1;
+        a
+    }
+
+    fn check(g: &mut AdvertGate, v: &mut SpaceView, data: &[u8], ms: u64) -> Checked {
+        g.check(data, Kind::CapacityAdvert, v, NOW, ms)
+    }
+
+    #[test]
+    fn a_good_advert_is_taken_once_and_its_replay_is_named() {
+        let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
+        let key = SecretKey::from_seed([1; 32]);
+        let a = advert(&key, 5);
+        let c = check(&mut g, &mut v, &a, 0);
+        assert!(matches!(c.verdict, Verdict::Accept), "{c:?}");
+        assert_eq!(c.running, Some((key.public(), vec![Digest([3; 32])])));
+        assert_eq!(v.peers().count(), 1);
+        let c = check(&mut g, &mut v, &a, 0);
+        assert!(matches!(c.verdict, Verdict::Replay(_)), "{c:?}");
+        assert_eq!(c.running, None);
+        // An older one may come from an honest relay: ignored, not a replay.
+        let c = check(&mut g, &mut v, &advert(&key, 4), 0);
+        assert!(matches!(c.verdict, Verdict::Ignore(_)), "{c:?}");
+    }
+
+    #[test]
+    fn junk_relabelled_forged_and_oversized_messages_are_rejected() {
+        let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
+        let key = SecretKey::from_seed([1; 32]);
+        let big = vec![0u8; MAX_ADVERT + 1];
+        for bad in [b"junk".to_vec(), forged(&key, 1), big] {
+            let c = check(&mut g, &mut v, &bad, 0);
+            assert!(matches!(c.verdict, Verdict::Reject(_)), "{c:?}");
+        }
+        // An advert on the outcome topic.
+        let c = g.check(&advert(&key, 1), Kind::Outcome, &mut v, NOW, 0);
+        assert!(matches!(c.verdict, Verdict::Reject(_)), "{c:?}");
+        assert_eq!(v.peers().count(), 0);
+    }
+
+    #[test]
+    fn an_outcome_is_taken_once() {
+        let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
+        let key = SecretKey::from_seed([1; 32]);
+        let o = OutcomeReport {
+            v: 1,
+            host: key.public(),
+            machine_id: Id16([9; 16]),
+            machine_type: Digest([3; 32]),
+            at: NOW,
+            ran_s: 10,
+            outcome: OutcomeCode::Success,
+            detail: String::new(),
+        };
+        let o = Envelope::seal(&o, &key).to_bytes();
+        let c = g.check(&o, Kind::Outcome, &mut v, NOW, 0);
+        assert!(matches!(c.verdict, Verdict::Accept), "{c:?}");
+        let c = g.check(&o, Kind::Outcome, &mut v, NOW, 0);
+        assert!(matches!(c.verdict, Verdict::Replay(_)), "{c:?}");
+    }
+
+    #[test]
+    fn an_author_is_held_to_its_rate_and_forgeries_do_not_spend_it() {
+        let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
+        let key = SecretKey::from_seed([1; 32]);
+        // Forgeries in its name first: rejected, and no token taken.
+        let forgery = forged(&key, 1000);
+        for _ in 0..50 {
+            let c = check(&mut g, &mut v, &forgery, 0);
+            assert!(matches!(c.verdict, Verdict::Reject(_)), "{c:?}");
+        }
+        let burst = RATE_BURST as u64;
+        for seq in 1..=burst {
+            let c = check(&mut g, &mut v, &advert(&key, seq), 0);
+            assert!(matches!(c.verdict, Verdict::Accept), "seq {seq}: {c:?}");
+        }
+        let c = check(&mut g, &mut v, &advert(&key, burst + 1), 0);
+        assert!(matches!(c.verdict, Verdict::Ignore(_)), "{c:?}");
+        assert_eq!(g.rate_limited, 1);
+        // A second later the bucket has refilled by RATE_PER_S tokens.
+        let c = check(&mut g, &mut v, &advert(&key, burst + 1), 1000);
+        assert!(matches!(c.verdict, Verdict::Accept), "{c:?}");
+        // Another author is not held to the first one's rate.
+        let other = SecretKey::from_seed([2; 32]);
+        let c = check(&mut g, &mut v, &advert(&other, 1), 1000);
+        assert!(matches!(c.verdict, Verdict::Accept), "{c:?}");
+        g.rates.forget_idle(1000 + RATE_IDLE_MS);
+        assert!(g.rates.buckets.is_empty());
+    }
+}

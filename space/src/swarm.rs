@@ -1,0 +1,245 @@
+//! The transport and behaviours of a space node: the host key as the libp2p identity, QUIC and
+//! TCP (noise, yamux; TCP bytes counted for the benchmark), anonymous gossipsub with the space's
+//! peer scoring, Kademlia, identify and mDNS.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use gleaner::SecretKey;
+use libp2p::core::{Transport, upgrade::Version};
+use libp2p::futures::io::{AsyncRead, AsyncWrite};
+use libp2p::gossipsub::{self, MessageAuthenticity};
+use libp2p::identity::Keypair;
+use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
+use libp2p::{PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, tcp, yamux};
+
+use crate::tuning;
+
+/// The libp2p identity of a host key (the same ed25519 key, so its peer id is the host's id).
+pub fn keypair(key: &SecretKey) -> Result<Keypair, String> {
+    Keypair::ed25519_from_bytes(key.seed()).map_err(|e| format!("host key as libp2p identity: {e}"))
+}
+
+// ---- transport byte counters (for the benchmark) ----
+
+static BYTES_IN: AtomicU64 = AtomicU64::new(0);
+static BYTES_OUT: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes read and written on TCP connections by every node in this process, before noise and
+/// yamux are taken off (what the wire carries, minus TCP/IP headers).
+pub fn transport_bytes() -> (u64, u64) {
+    (
+        BYTES_IN.load(Ordering::Relaxed),
+        BYTES_OUT.load(Ordering::Relaxed),
+    )
+}
+
+/// A TCP stream that counts its bytes.
+struct Metered<S>(S);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.0).poll_read(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            BYTES_IN.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.0).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            BYTES_OUT.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+// ---- swarm ----
+
+/// A swarm on QUIC and metered TCP (noise, yamux) with the node's own behaviour, made by
+/// `behaviour` from the identity.
+pub fn build_swarm<B: NetworkBehaviour>(
+    keypair: Keypair,
+    behaviour: impl FnOnce(&Keypair) -> Result<B, Box<dyn std::error::Error + Send + Sync>>,
+) -> Result<Swarm<B>, String> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic()
+        .with_other_transport(|k| {
+            let noise = noise::Config::new(k)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok(tcp::tokio::Transport::new(tcp::Config::default())
+                .map(|s, _| Metered(s))
+                .upgrade(Version::V1)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default()))
+        })
+        .map_err(|e| format!("tcp transport: {e}"))?
+        .with_behaviour(behaviour)
+        .map_err(|e| format!("behaviour: {e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(tuning::IDLE_CONNECTION_TIMEOUT))
+        .build())
+}
+
+/// Gossipsub as every node of the space runs it, scoring the given topics.
+///
+/// No gossipsub signatures: each message is an envelope its author signed, checked by hand
+/// before it is accepted; a second signature per message doubled the CPU per advert. Author,
+/// seqno and signature fields a peer may still send are not trusted, only ignored. The message id
+/// is the SHA-256 of the bytes, so that every node names a message alike. Messages stay
+/// unforwarded until the node reports its verdict, and invalid ones cost their sender.
+pub fn gossipsub_behaviour(
+    score_topics: impl IntoIterator<Item = gossipsub::TopicHash>,
+    duplicate_cache: Duration,
+) -> Result<gossipsub::Behaviour, String> {
+    let gcfg = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(tuning::HEARTBEAT)
+        .validation_mode(gossipsub::ValidationMode::None)
+        .validate_messages()
+        .max_transmit_size(crate::MAX_MESSAGE)
+        .duplicate_cache_time(duplicate_cache)
+        .message_id_fn(message_id)
+        .build()
+        .map_err(|e| format!("gossipsub config: {e}"))?;
+    let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gcfg)
+        .map_err(|e| format!("gossipsub: {e}"))?;
+    let mut params = gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: tuning::IP_COLOCATION_FACTOR_WEIGHT,
+        app_specific_weight: tuning::APP_SPECIFIC_WEIGHT,
+        ..Default::default()
+    };
+    for h in score_topics {
+        params.topics.insert(
+            h,
+            gossipsub::TopicScoreParams {
+                topic_weight: 1.0,
+                time_in_mesh_weight: tuning::TIME_IN_MESH_WEIGHT,
+                time_in_mesh_quantum: tuning::TIME_IN_MESH_QUANTUM,
+                time_in_mesh_cap: tuning::TIME_IN_MESH_CAP,
+                first_message_deliveries_weight: tuning::FIRST_MESSAGE_DELIVERIES_WEIGHT,
+                first_message_deliveries_cap: tuning::FIRST_MESSAGE_DELIVERIES_CAP,
+                mesh_message_deliveries_weight: tuning::MESH_MESSAGE_DELIVERIES_WEIGHT,
+                mesh_failure_penalty_weight: tuning::MESH_FAILURE_PENALTY_WEIGHT,
+                invalid_message_deliveries_weight: tuning::INVALID_MESSAGE_DELIVERIES_WEIGHT,
+                invalid_message_deliveries_decay: tuning::INVALID_MESSAGE_DELIVERIES_DECAY,
+                ..Default::default()
+            },
+        );
+    }
+    gs.with_peer_score(params, gossipsub::PeerScoreThresholds::default())
+        .map_err(|e| format!("gossipsub peer score: {e}"))?;
+    Ok(gs)
+}
+
+/// A gossiped message's id: the SHA-256 of its bytes.
+pub fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
+    gossipsub::MessageId::from(gleaner::Digest::of(&m.data).0.to_vec())
+}
+
+/// Kademlia on the space's own protocol, with a periodic bootstrap.
+pub fn kad_behaviour(
+    id: PeerId,
+    protocol: StreamProtocol,
+) -> kad::Behaviour<kad::store::MemoryStore> {
+    let mut kcfg = kad::Config::new(protocol);
+    kcfg.set_periodic_bootstrap_interval(Some(tuning::KAD_BOOTSTRAP_INTERVAL));
+    kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kcfg)
+}
+
+/// Identify, announcing [`crate::IDENTIFY_PROTOCOL`].
+pub fn identify_behaviour(k: &Keypair) -> identify::Behaviour {
+    identify::Behaviour::new(identify::Config::new(
+        crate::IDENTIFY_PROTOCOL.into(),
+        k.public(),
+    ))
+}
+
+/// mDNS on the LAN when `on`, off otherwise.
+pub fn mdns_behaviour(on: bool, k: &Keypair) -> std::io::Result<Toggle<mdns::tokio::Behaviour>> {
+    let mdns = if on {
+        Some(mdns::tokio::Behaviour::new(
+            mdns::Config::default(),
+            k.public().to_peer_id(),
+        )?)
+    } else {
+        None
+    };
+    Ok(Toggle::from(mdns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_key_is_the_libp2p_identity() {
+        let key = SecretKey::from_seed([42; 32]);
+        let kp = keypair(&key).unwrap();
+        assert_eq!(
+            kp.public().to_peer_id().to_string(),
+            key.public().to_string()
+        );
+    }
+
+    /// Message ids are the SHA-256 of the data alone: not the (absent) author or seqno.
+    #[test]
+    fn message_id_is_the_sha256_of_the_bytes() {
+        let m = gossipsub::Message {
+            source: None,
+            data: b"an envelope".to_vec(),
+            sequence_number: None,
+            topic: gossipsub::TopicHash::from_raw("gleaner/demo/adverts"),
+        };
+        let id = message_id(&m);
+        assert_eq!(id.0, gleaner::Digest::of(b"an envelope").0.to_vec());
+        let other = gossipsub::Message {
+            source: Some(
+                keypair(&SecretKey::from_seed([2; 32]))
+                    .unwrap()
+                    .public()
+                    .to_peer_id(),
+            ),
+            sequence_number: Some(7),
+            ..m
+        };
+        assert_eq!(message_id(&other), id);
+    }
+
+    #[tokio::test]
+    async fn swarm_builds_with_the_space_behaviours() {
+        let t = crate::topics("demo");
+        let kp = keypair(&SecretKey::from_seed([1; 32])).unwrap();
+        let swarm = build_swarm(kp, |_| {
+            Ok(gossipsub_behaviour(
+                [t.adverts.hash()],
+                Duration::from_secs(60),
+            )?)
+        })
+        .unwrap();
+        assert_eq!(
+            swarm.local_peer_id().to_string(),
+            SecretKey::from_seed([1; 32]).public().to_string()
+        );
+    }
+}
