@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod docker;
 pub mod egress;
 pub mod fake;
+pub mod freezer;
 pub mod image;
 pub mod libvirt;
 
