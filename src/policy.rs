@@ -304,6 +304,17 @@ pub struct Decision {
     pub may_start: bool,
 }
 
+impl Decision {
+    /// Whether running guests should take only CPU time no other process wants (the idle
+    /// scheduling class): while the owner is at the machine and they are throttled, so the
+    /// owner's programs never share a core with them. While the owner is away they keep normal
+    /// weight — an idle-class task may wait long for a busy core, and so for the freezer, and
+    /// the owner's return must freeze them at once.
+    pub fn guests_in_background(&self) -> bool {
+        matches!(self.action, Action::Run(_)) && self.reason == Reason::OwnerPresentThrottled
+    }
+}
+
 /// Decides what Gleaner may do now. A freeze that has lasted longer than the policy's
 /// `stop_after_frozen_s` becomes a graceful stop, with the freeze's reason and source.
 pub fn decide(p: &OwnerPolicy, s: &HostState) -> Decision {
@@ -420,6 +431,22 @@ mod tests {
             minute: 12 * 60,
             ..HostState::default()
         }
+    }
+
+    #[test]
+    fn guests_go_to_the_background_only_while_throttled_for_the_owner() {
+        let idle = Preset::OnlyWhenIdle.policy(4.0, 8 * GIB);
+        let gentle = Preset::AlwaysGently.policy(4.0, 8 * GIB);
+        // Throttled for the owner: background.
+        assert!(decide(&gentle, &state(Some(10))).guests_in_background());
+        // Owner away (normal weight, so the owner's return freezes at once), frozen, or
+        // throttled for another reason: not.
+        assert!(!decide(&gentle, &state(Some(999))).guests_in_background());
+        assert!(!decide(&idle, &state(Some(999))).guests_in_background());
+        assert!(!decide(&idle, &state(Some(10))).guests_in_background());
+        let mut busy = state(Some(10));
+        busy.exclusive_app = true;
+        assert!(!decide(&gentle, &busy).guests_in_background());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Owner slowdown: the throughput of an owner's single-threaded CPU benchmark (SHA-256 over 64 KiB
 //! blocks) alone, and then while a `gleaner daemon` runs two busy guests under the "always, gently"
 //! policy with the owner at the machine (input on a real Xvfb keeps them throttled to one core).
-//! Goal: the owner keeps ≥ 97 % of the throughput alone.
+//! Goal: the owner keeps ≥ 97 % of the throughput alone. In the same run, the guests' parent cgroup
+//! is then put back to normal CPU weight (`cpu.idle = 0`) to show what the idle mark is worth.
 //!
 //! Run: `cargo bench -p gleaner-client --bench slowdown` (dockerd running, Xvfb installed).
 
@@ -181,20 +182,80 @@ fn main() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let with = median((0..rounds).map(|_| owner_blocks(period)).collect());
+    // The enforcer has put the guests in the background (their parent cgroup marked idle).
+    // Rounds alternate with the same guests put back at normal weight by hand — what the owner
+    // got before — and with the guests paused (the owner alone again), so every row sees the
+    // same load from the rest of the machine.
+    let host = status(&sock)["host"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let parent = gleaner_client::runtime::docker::cgroup_parent_name(&host);
+    assert_eq!(
+        gleaner_client::runtime::docker::cgroup_cpu_idle(&parent),
+        Some(true),
+        "the enforcer did not put the guests in the background"
+    );
+    let idle_file = |on: bool| {
+        gleaner_client::runtime::docker::cgroup_set_cpu_idle(&parent, on).expect("cpu.idle")
+    };
+    let wait_reason = |want: &str| {
+        let t0 = Instant::now();
+        while !status(&sock)["factory"]["allowance"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(want))
+        {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no {want:?} reason");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let gleaner = |cmd: &str| {
+        let st = Command::new(env!("CARGO_BIN_EXE_gleaner"))
+            .args([cmd, "--socket"])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .status()
+            .expect("gleaner");
+        assert!(st.success(), "gleaner {cmd}");
+    };
+    let (mut with, mut normal, mut paused) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        idle_file(true);
+        std::thread::sleep(Duration::from_millis(500));
+        with.push(owner_blocks(period));
+        idle_file(false);
+        std::thread::sleep(Duration::from_millis(500));
+        normal.push(owner_blocks(period));
+        gleaner("pause");
+        wait_reason("paused");
+        std::thread::sleep(Duration::from_millis(500));
+        paused.push(owner_blocks(period));
+        gleaner("resume");
+        wait_reason("throttled");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (with, normal, paused) = (median(with), median(normal), median(paused));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = input.join();
-    let share = with / alone;
+    let share = with / paused;
     println!(
         "\nOwner slowdown: SHA-256 blocks/s, median of {rounds} × {} s",
         period.as_secs()
     );
     println!("| owner benchmark | blocks/s | share of alone | goal |");
     println!("| --- | --- | --- | --- |");
-    println!("| alone | {alone:.0} | 100 % | |");
     println!(
-        "| two busy guests, owner present, always-gently | {with:.0} | {:.1} % | ≥ 97 % {} |",
+        "| alone, before the daemon started | {alone:.0} | {:.1} % | |",
+        alone / paused * 100.0
+    );
+    println!("| alone, guests paused (interleaved: the reference) | {paused:.0} | 100 % | |");
+    println!(
+        "| two busy guests, owner present, always-gently (guests in the background) | {with:.0} | {:.1} % | ≥ 97 % {} |",
         share * 100.0,
         if share >= 0.97 { "✅" } else { "❌" }
+    );
+    println!(
+        "| the same guests at normal CPU weight (cpu.idle = 0, as before) | {normal:.0} | {:.1} % | |",
+        normal / paused * 100.0
     );
 }

@@ -2,8 +2,8 @@
 //! by the owner enforcer (docker pause returned for each container), p50/p99 over many trials;
 //! beside, in the same run, the same enforcer without input events (polling every 100 ms) and a raw
 //! SIGSTOP of the same containers' processes. Then the same for a busy VM (TCG here) through the
-//! libvirt runtime (virDomainSuspend returned) beside a raw SIGSTOP of its QEMU process, when
-//! libvirtd answers. BOINC polls every 1 s, HTCondor every 5 s.
+//! libvirt runtime (QEMU's cgroup frozen), in alternating blocks with libvirt's own suspend
+//! (virDomainSuspend returned), beside a raw SIGSTOP of its QEMU process, when libvirtd answers. BOINC polls every 1 s, HTCondor every 5 s.
 //!
 //! Run: `cargo bench -p gleaner-client --bench yield --profile dev` (dockerd and libvirtd running
 //! and Xvfb installed, see installers/install-deps.sh --start). `GLEANER_BENCH_N` sets the trials
@@ -188,6 +188,10 @@ struct VmCleanup(String);
 
 impl Drop for VmCleanup {
     fn drop(&mut self) {
+        // A QEMU left frozen in its cgroup could not die.
+        if let Ok(f) = gleaner_client::runtime::freezer::QemuFreezer::for_domain(&self.0) {
+            let _ = f.thaw();
+        }
         for cmd in ["destroy", "undefine"] {
             let _ = Command::new("virsh")
                 .args(["-c", "qemu:///system", cmd, &self.0])
@@ -196,14 +200,23 @@ impl Drop for VmCleanup {
     }
 }
 
+/// The VM's results, each sorted.
+struct VmRows {
+    version: String,
+    /// Owner input → frozen through QEMU's cgroup (what Gleaner does).
+    events: Vec<Duration>,
+    /// Owner input → virDomainSuspend returned.
+    suspend: Vec<Duration>,
+    /// The runtime's freeze call alone: cgroup, and virDomainSuspend.
+    call_cg: Vec<Duration>,
+    call_suspend: Vec<Duration>,
+    /// Raw SIGSTOP of QEMU.
+    stop: Vec<Duration>,
+}
+
 /// One busy VM (a spinning shell under the probe's domain type) through the libvirt runtime:
 /// owner input → suspended, over `n` trials, and a raw SIGSTOP of its QEMU process as often.
-async fn vm_trials(
-    display: &str,
-    owner: &str,
-    tmp: &Path,
-    n: usize,
-) -> Result<(String, Vec<Duration>, Vec<Duration>), String> {
+async fn vm_trials(display: &str, owner: &str, tmp: &Path, n: usize) -> Result<VmRows, String> {
     use std::os::unix::fs::PermissionsExt;
     let (kernel, initrd) = vm_assets();
     let state = tmp.join("vm");
@@ -264,7 +277,37 @@ async fn vm_trials(
         .trim()
         .parse()
         .map_err(|e| format!("qemu pid: {e}"))?;
-    let events = trials(&rt, std::slice::from_ref(&h), display, true, n).await;
+    // The same VM frozen by libvirt alone (virDomainSuspend, what main did), in alternating
+    // blocks with the cgroup freeze so that both see the same load.
+    let mut cfg = LibvirtConfig::new(owner, tmp.join("vm"));
+    cfg.cgroup_freeze = false;
+    let rt_suspend = Arc::new(
+        LibvirtRuntime::connect(cfg)
+            .await
+            .map_err(|e| format!("libvirtd: {e}"))?,
+    );
+    let (mut events, mut suspend) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for block in 0..4 {
+        let k = n / 4 + usize::from(block < n % 4);
+        events.extend(trials(&rt, std::slice::from_ref(&h), display, true, k).await);
+        suspend.extend(trials(&rt_suspend, std::slice::from_ref(&h), display, true, k).await);
+    }
+    events.sort();
+    suspend.sort();
+    // The engine call alone, without the input path (X server, enforcer, decision): where the
+    // tail comes from. Alternating, each followed by a thaw and a pause for the guest to run.
+    let (mut call_cg, mut call_suspend) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        for (rt, out) in [(&rt, &mut call_cg), (&rt_suspend, &mut call_suspend)] {
+            let t0 = Instant::now();
+            rt.freeze(&h).await.map_err(|e| e.to_string())?;
+            out.push(t0.elapsed());
+            rt.thaw(&h).await.map_err(|e| e.to_string())?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    call_cg.sort();
+    call_suspend.sort();
     let mut stop: Vec<Duration> = (0..n)
         .map(|_| {
             let d = sigstop_all(&[pid]);
@@ -274,7 +317,14 @@ async fn vm_trials(
         .collect();
     stop.sort();
     let _ = rt.remove(&h).await;
-    Ok((probe.version, events, stop))
+    Ok(VmRows {
+        version: probe.version,
+        events,
+        suspend,
+        call_cg,
+        call_suspend,
+        stop,
+    })
 }
 
 #[tokio::main]
@@ -413,7 +463,14 @@ async fn main() {
     }
     println!("| BOINC (polls every 1 s) | ~500 ms | ~1000 ms | | |");
     match vm {
-        Ok((version, events, stop)) => {
+        Ok(VmRows {
+            version,
+            events,
+            suspend,
+            call_cg,
+            call_suspend,
+            stop,
+        }) => {
             println!(
                 "\nYield latency: owner input → 1 busy VM suspended ({} trials; {version})",
                 events.len()
@@ -422,7 +479,7 @@ async fn main() {
             println!("| --- | --- | --- | --- | --- |");
             let goal = Duration::from_millis(100);
             println!(
-                "| XInput2 event → virDomainSuspend (gleaner) | {} | {} | {:.1}× | p99 ≤ 100 ms {} |",
+                "| XInput2 event → QEMU's cgroup frozen (gleaner) | {} | {} | {:.1}× | p99 ≤ 100 ms {} |",
                 ms(p(&events, 0.5)),
                 ms(p(&events, 0.99)),
                 p(&events, 0.99).as_secs_f64() / p(&stop, 0.99).as_secs_f64(),
@@ -432,6 +489,26 @@ async fn main() {
                     "❌"
                 }
             );
+            println!(
+                "| XInput2 event → virDomainSuspend (libvirt only) | {} | {} | {:.1}× | |",
+                ms(p(&suspend, 0.5)),
+                ms(p(&suspend, 0.99)),
+                p(&suspend, 0.99).as_secs_f64() / p(&stop, 0.99).as_secs_f64(),
+            );
+            for (name, v) in [
+                ("the runtime's freeze call alone: QEMU's cgroup", &call_cg),
+                (
+                    "the runtime's freeze call alone: virDomainSuspend",
+                    &call_suspend,
+                ),
+            ] {
+                println!(
+                    "| {name} | {} | {} | {:.1}× | |",
+                    ms(p(v, 0.5)),
+                    ms(p(v, 0.99)),
+                    p(v, 0.99).as_secs_f64() / p(&stop, 0.99).as_secs_f64(),
+                );
+            }
             println!(
                 "| raw SIGSTOP of the QEMU process | {} | {} | 1.0× | |",
                 ms(p(&stop, 0.5)),

@@ -684,6 +684,12 @@ impl<R: Runtime + 'static> Enforcer<R> {
                         tracing::debug!("set limits: {e}");
                     }
                 }
+                // After the thaw and the new limits, off the path of any freeze: guests go to
+                // the background while throttled for the owner, back to normal weight when
+                // the owner leaves (a freeze from the background un-idles them itself).
+                if let Err(e) = self.runtime.set_background(d.guests_in_background()).await {
+                    tracing::debug!("guests' cpu class: {e}");
+                }
             }
         }
         let mut a = self.allowance.borrow().clone();

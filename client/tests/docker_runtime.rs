@@ -399,6 +399,112 @@ async fn cpu_hog_stays_within_its_quota_and_limits_change_live() {
 }
 
 #[tokio::test]
+async fn guests_in_the_background_only_get_cpu_no_one_else_wants() {
+    let owner = owner("cpuidle");
+    let guard = Guard::new(&owner);
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(&owner, &tmp.path().join("cache")).await;
+    let image = busybox(&rt).await;
+    let mjf = mjf_dir(tmp.path(), "while :; do :; done\n");
+    let mut s = spec(&owner, "cpuidle", &image, &mjf);
+    s.limits.cpus = 1.0;
+    let m = rt.create(&s).await.unwrap();
+    rt.start(&m).await.unwrap();
+    // The container's cpu cgroup, as the kernel sees it through the process.
+    let pid = docker_cli(&["inspect", "-f", "{{.State.Pid}}", &m.engine_id]);
+    let pid = pid.trim();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let cpu_dir = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+            if ctrl.split(',').any(|c| c == "cpu") {
+                Some(format!("/sys/fs/cgroup/cpu{path}"))
+            } else if ctrl.is_empty() {
+                Some(format!("/sys/fs/cgroup{path}"))
+            } else {
+                None
+            }
+        })
+        .expect("the container's cpu cgroup");
+    // Its parent, shared by all guests: at normal weight until the enforcer puts them in the
+    // background (the owner away: an owner's return must freeze them at once), then marked
+    // idle — the mark ranks the whole group against everything else on the host.
+    let parent = std::path::Path::new(&cpu_dir)
+        .parent()
+        .unwrap()
+        .join("cpu.idle");
+    let idle = || std::fs::read_to_string(&parent).unwrap().trim().to_owned();
+    assert_eq!(idle(), "0", "{}", parent.display());
+    rt.set_background(true).await.unwrap();
+    assert_eq!(idle(), "1", "{}", parent.display());
+    // By behaviour: an owner's spinning process on the same core takes it all but a sliver
+    // (SCHED_IDLE weight 3 against 1024); an ordinary container would get half.
+    let owner_hog = std::process::Command::new("taskset")
+        .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+        .spawn()
+        .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _owner_hog = KillOnDrop(owner_hog);
+    // Every process of the container (its init and the spinning shell) onto that core.
+    let procs = std::fs::read_to_string(format!("{cpu_dir}/cgroup.procs")).unwrap();
+    for p in procs.lines() {
+        let pinned = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", p])
+            .output()
+            .unwrap();
+        assert!(pinned.status.success(), "{pinned:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (rate, _) = cpu_rate(&rt, &m, Duration::from_secs(3)).await;
+    assert!(
+        rate < 0.1,
+        "the guest took {rate:.3} of a core an owner process wanted"
+    );
+    // A freeze from the background does not wait for the guest to get CPU: the group is back
+    // at normal weight first, and the guest really stops.
+    rt.freeze(&m).await.unwrap();
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Frozen);
+    assert_eq!(idle(), "0", "frozen guests stay marked idle");
+    let a = rt.sample(&m).await.unwrap().cpu_ns;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        rt.sample(&m).await.unwrap().cpu_ns,
+        a,
+        "cpu time grew while frozen"
+    );
+    rt.thaw(&m).await.unwrap();
+    // Back at normal weight (the owner left): the guest shares the core with the owner's hog
+    // again. Other builds may share core 0 too, so it is given time to show a real share.
+    rt.set_background(false).await.unwrap();
+    assert_eq!(idle(), "0");
+    eventually(
+        60,
+        "a normal-weight guest to get a share of the core",
+        async || {
+            let (rate, _) = cpu_rate(&rt, &m, Duration::from_secs(2)).await;
+            (rate > 0.15).then_some(())
+        },
+    )
+    .await;
+    guard.finish(&rt, &[&m]).await;
+    // No empty parent cgroup is left behind once its last guest is removed.
+    let parent_dir = std::path::Path::new(&cpu_dir).parent().unwrap().to_owned();
+    let t0 = Instant::now();
+    while parent_dir.exists() && t0.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!parent_dir.exists(), "{} left behind", parent_dir.display());
+}
+
+#[tokio::test]
 async fn freeze_stops_cpu_time_and_thaw_resumes_it() {
     let owner = owner("freeze");
     let guard = Guard::new(&owner);

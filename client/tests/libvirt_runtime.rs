@@ -1,7 +1,7 @@
 //! The libvirt runtime against the real libvirtd (started by installers/start-engines.sh) with a
 //! real guest: a Debian cloud kernel and a busybox initramfs (tests/assets/build-vm-assets.sh)
 //! booted under TCG. user_data and MJF reach the guest, its outputs come back, `virsh dumpxml`
-//! shows the limits, freeze stops CPU time, stop is graceful (ACPI) or forced at the deadline,
+//! shows the limits, freeze stops CPU time (through QEMU's cgroup, libvirt's calls still answering), stop is graceful (ACPI) or forced at the deadline,
 //! and nothing is left behind. Skipped only when libvirtd is unreachable and CI is unset.
 
 use std::collections::BTreeMap;
@@ -132,6 +132,10 @@ struct Guard(Vec<String>);
 impl Drop for Guard {
     fn drop(&mut self) {
         for name in &self.0 {
+            // A QEMU left frozen in its cgroup could not die.
+            if let Ok(f) = gleaner_client::runtime::freezer::QemuFreezer::for_domain(name) {
+                let _ = f.thaw();
+            }
             let _ = virsh(&["destroy", name]);
             let _ = virsh(&["undefine", name]);
         }
@@ -435,6 +439,94 @@ async fn limits_show_in_dumpxml_freeze_stops_cpu_and_acpi_stop_is_graceful() {
         "100 Shutdown as requested by the host\n"
     );
 
+    rt.remove(&m).await.unwrap();
+    assert_nothing_left(&rt, &m).await;
+}
+
+/// Counts as fast as it can and writes the count out now and then.
+const COUNT: &str = "#!/bin/sh\ni=0\nwhile :; do i=$((i+1)); [ $((i % 2000)) = 0 ] && echo $i > $JOBOUTPUTS/count; done\n";
+
+#[tokio::test]
+async fn freeze_stops_the_qemu_cgroup_at_once_and_libvirt_calls_still_answer() {
+    let Some((rt, tmp, owner)) = setup("cgfreeze").await else {
+        return;
+    };
+    let mjf = mjf_dir(tmp.path(), COUNT);
+    let mut spec = spec(&owner, "cgfreeze", &mjf);
+    spec.cores = 1;
+    spec.limits.cpus = 1.0;
+    let _guard = Guard(vec![spec.name.clone()]);
+    let m = rt.create(&spec).await.unwrap();
+    rt.start(&m).await.unwrap();
+    let count_file = mjf.join("joboutputs/count");
+    let count = || {
+        std::fs::read_to_string(&count_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let first = eventually(180, "the guest to count", async || count()).await;
+    eventually(60, "the count to move", async || {
+        count().is_some_and(|c| c > first).then_some(())
+    })
+    .await;
+
+    // The freeze goes through QEMU's own cgroup (found from its pid), not virDomainSuspend:
+    // the kernel says every thread is stopped while libvirt still sees the domain running.
+    let f = gleaner_client::runtime::freezer::QemuFreezer::for_domain(&m.name).unwrap();
+    let procs = std::fs::read_to_string(f.dir.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|p| p.trim() == f.pid.to_string()),
+        "{} does not hold QEMU {}",
+        f.dir.display(),
+        f.pid
+    );
+    let t = Instant::now();
+    rt.freeze(&m).await.unwrap();
+    eprintln!("cgroup freeze took {:?}", t.elapsed());
+    assert!(f.is_frozen(), "{} not frozen", f.dir.display());
+    assert_eq!(virsh(&["domstate", &m.name]).trim(), "running");
+    // Everyone asking Gleaner's runtime sees it frozen, and no call waits on the frozen monitor.
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Frozen);
+    let owned = rt.list_owned().await.unwrap();
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    assert_eq!(owned[0].state, MachineState::Frozen);
+    let a = tokio::time::timeout(Duration::from_secs(30), rt.sample(&m))
+        .await
+        .expect("sample answers while frozen")
+        .unwrap();
+    assert!(a.memory_bytes > 0);
+    rt.freeze(&m).await.unwrap(); // idempotent
+    let limits = rt.set_limits(&m, spec.limits).await;
+    assert!(
+        matches!(limits, Err(RuntimeError::Unsupported(_))),
+        "{limits:?}"
+    );
+    // The guest makes no progress: neither its count nor QEMU's CPU time moves.
+    let frozen_at = count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(), frozen_at, "the guest counted while frozen");
+    let b = rt.sample(&m).await.unwrap();
+    assert!(
+        b.cpu_ns - a.cpu_ns < 20_000_000,
+        "QEMU used {} ns of CPU while frozen",
+        b.cpu_ns - a.cpu_ns
+    );
+
+    // A runtime that did not freeze it (a daemon restarted meanwhile) still thaws it.
+    let other = LibvirtRuntime::connect(LibvirtConfig::new(&owner, tmp.path().join("state")))
+        .await
+        .unwrap();
+    other.thaw(&m).await.unwrap();
+    assert!(!f.is_freezing());
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Running);
+    let thawed = count().unwrap_or(0);
+    eventually(60, "the guest to count again after thaw", async || {
+        count().is_some_and(|c| c > thawed).then_some(())
+    })
+    .await;
+
+    // Removed while frozen: thawed so QEMU can die, nothing left.
+    rt.freeze(&m).await.unwrap();
     rt.remove(&m).await.unwrap();
     assert_nothing_left(&rt, &m).await;
 }

@@ -1,6 +1,7 @@
 //! The owner policy on a real X server (Xvfb) with a real container: an idle machine runs the
 //! workload, mouse input (xdotool) freezes it at once, idle again thaws it; a CPU hog outside
-//! Gleaner suspends work too.
+//! Gleaner suspends work too; under "always, gently" guests go to the background (idle CPU class)
+//! only while the owner is present.
 
 mod support;
 
@@ -165,6 +166,103 @@ async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
     }
     eventually(20, "running after the hog", async || {
         (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
+    })
+    .await;
+}
+
+/// The guests' `cpu.idle` mark (their per-daemon parent cgroup, cgroup v1 or v2).
+fn guests_cpu_idle(host: &str) -> Option<String> {
+    let parent = gleaner_client::runtime::docker::cgroup_parent_name(host);
+    let root = Path::new("/sys/fs/cgroup");
+    [root.join("cpu").join(&parent), root.join(&parent)]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(d.join("cpu.idle")).ok())
+        .map(|s| s.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_go_to_the_background_only_while_the_owner_is_present() {
+    let (x, display) = xvfb();
+    let mut kill = Kill(vec![x], None);
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let types = tmp.path().join("types");
+    std::fs::create_dir_all(&types).unwrap();
+    let sock = state.join("control.sock");
+    let mt = machine_type(
+        "gentle-worker",
+        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
+    );
+    write_type(&types, "w.gmt", &mt);
+    kill.0.push(
+        daemon_command(
+            &state,
+            &types,
+            &[
+                "--cores",
+                "1",
+                "--memory",
+                "1GiB",
+                "--preset",
+                "always-gently",
+                "--idle-after",
+                "3s",
+                "--display",
+                &display,
+                "--suspend-above-load",
+                "off",
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    let host = eventually(60, "the daemon's machine", async || {
+        let mut c = ControlClient::connect(&sock).await.ok()?;
+        let s = c.call(&Request::Status).await.ok()?;
+        (s["factory"]["machines"].as_array()?.len() == 1)
+            .then(|| s["host"].as_str().unwrap().to_owned())
+    })
+    .await;
+    kill.1 = Some(host.clone());
+    // The owner away: guests at normal weight, so the owner's return could freeze them at once.
+    eventually(30, "normal weight while the owner is away", async || {
+        (reason(&sock).await.contains("owner is away")
+            && guests_cpu_idle(&host).as_deref() == Some("0"))
+        .then_some(())
+    })
+    .await;
+
+    // The owner at the machine (input every 300 ms): throttled, and in the background.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mover = {
+        let (stop, display) = (stop.clone(), display.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i = (i + 7) % 300;
+                let _ = Command::new("xdotool")
+                    .args(["mousemove", &i.to_string(), "50"])
+                    .env("DISPLAY", &display)
+                    .stdout(Stdio::null())
+                    .status();
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    eventually(30, "the background while throttled", async || {
+        (reason(&sock).await.contains("throttled")
+            && guests_cpu_idle(&host).as_deref() == Some("1"))
+        .then_some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = mover.join();
+
+    // The owner leaves: back at normal weight.
+    eventually(30, "normal weight once the owner left", async || {
+        (reason(&sock).await.contains("owner is away")
+            && guests_cpu_idle(&host).as_deref() == Some("0"))
+        .then_some(())
     })
     .await;
 }

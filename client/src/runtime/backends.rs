@@ -219,6 +219,17 @@ impl<C: Runtime, V: Runtime> Runtime for Backends<C, V> {
             .await)
     }
 
+    async fn set_background(&self, on: bool) -> Result<(), RuntimeError> {
+        // Every engine's guests alike; one that cannot is no reason to skip the other.
+        let mut first_err = None;
+        for b in self.present() {
+            if let Err(e) = route!(self, b, |rt| rt.set_background(on).await) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     async fn state(&self, m: &MachineHandle) -> Result<MachineState, RuntimeError> {
         match self.which(m).await {
             Some(b) => route!(self, b, |rt| rt.state(m).await),

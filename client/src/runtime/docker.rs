@@ -7,12 +7,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, ContainerStateStatusEnum, ContainerUpdateBody, HostConfig, Mount,
-    MountType, NetworkCreateRequest, SystemInfoCgroupVersionEnum,
+    MountType, NetworkCreateRequest, SystemInfoCgroupDriverEnum, SystemInfoCgroupVersionEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, InspectNetworkOptions, KillContainerOptionsBuilder,
@@ -49,6 +50,10 @@ pub struct DockerRuntime {
     user: String,
     /// Where the rules enforcing egress policies go.
     firewall: Arc<dyn Firewall>,
+    /// The cgroup parent of our containers for the engine's cgroup driver, learnt at first use.
+    cgroup_parent: tokio::sync::OnceCell<String>,
+    /// Whether guests should run in the background (idle class), as the enforcer last asked.
+    background: Arc<AtomicBool>,
 }
 
 fn call(call: &'static str) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
@@ -122,6 +127,8 @@ impl DockerRuntime {
             owner: owner.to_owned(),
             user: WORKLOAD_USER.into(),
             firewall: Arc::new(Iptables::default()),
+            cgroup_parent: tokio::sync::OnceCell::new(),
+            background: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -139,6 +146,36 @@ impl DockerRuntime {
     /// The image cache.
     pub fn images(&self) -> &ImageStore {
         &self.images
+    }
+
+    /// The parent cgroup of this runtime's containers below the hierarchy's root, by the engine's
+    /// cgroup driver: `gleaner-<owner>` (cgroupfs; one per daemon, so daemons sharing an engine do
+    /// not change each other's guests) or `gleaner.slice` (systemd, where a dash means nesting).
+    async fn cgroup_parent(&self) -> Result<&str, RuntimeError> {
+        self.cgroup_parent
+            .get_or_try_init(|| async {
+                let info = self.docker.info().await.map_err(call("info"))?;
+                Ok(
+                    if info.cgroup_driver == Some(SystemInfoCgroupDriverEnum::SYSTEMD) {
+                        "gleaner.slice".to_owned()
+                    } else {
+                        cgroup_parent_name(&self.owner)
+                    },
+                )
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    /// Marks the guests' parent cgroup idle or back to normal weight. Best effort: an older kernel (before 5.15) or a parent not made yet leaves guests at
+    /// normal weight, bounded by their quotas all the same.
+    async fn apply_class(&self, idle: bool) {
+        let Ok(parent) = self.cgroup_parent().await else {
+            return;
+        };
+        if let Err(e) = cgroup_set_cpu_idle(parent, idle) {
+            tracing::debug!("guests' cgroup {parent}: cpu.idle not set to {idle}: {e}");
+        }
     }
 
     /// The value of the ownership label on everything this runtime makes.
@@ -429,12 +466,16 @@ impl Runtime for DockerRuntime {
             }
         };
         let made = async {
-            let body = container_body(
-                spec,
-                &self.user,
-                self.labels(spec),
-                host_config(spec, &network, extra_hosts)?,
-            )?;
+            let mut hc = host_config(spec, &network, extra_hosts)?;
+            // Every guest under one parent cgroup per daemon, which `set_background` marks idle
+            // for the CPU scheduler while the owner is at the machine.
+            let parent = self.cgroup_parent().await?;
+            hc.cgroup_parent = Some(if parent.ends_with(".slice") {
+                parent.to_owned()
+            } else {
+                format!("/{parent}")
+            });
+            let body = container_body(spec, &self.user, self.labels(spec), hc)?;
             self.docker
                 .create_container(
                     Some(
@@ -464,13 +505,31 @@ impl Runtime for DockerRuntime {
 
     async fn start(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
         match self.docker.start_container(&m.engine_id, None).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // A guest started while the others are in the background joins them there (the
+                // parent cgroup exists only once the engine made a first container in it).
+                if self.background.load(Ordering::SeqCst) {
+                    self.apply_class(true).await;
+                }
+                Ok(())
+            }
             Err(e) if is_not_found(&e) => Err(RuntimeError::NoSuchMachine(m.name.clone())),
             Err(e) => Err(call("start container")(e)),
         }
     }
 
     async fn freeze(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
+        // A task freezes only when it next runs, and an idle-class guest on a busy host may not
+        // run for a second or more: the engine then gives up ("unable to freeze"). So guests in
+        // the background go back to normal weight first (one cgroup write, no engine call);
+        // frozen, they take no CPU either way. Guests at normal weight — the owner away, the
+        // case of an owner returning — skip this: nothing stands before the pause.
+        // The mark is read, not remembered: a daemon that crashed may have left it set.
+        if let Ok(p) = self.cgroup_parent().await
+            && cgroup_cpu_idle(p) == Some(true)
+        {
+            self.apply_class(false).await;
+        }
         match self.docker.pause_container(&m.engine_id).await {
             Ok(()) => Ok(()),
             // Already paused is what we wanted.
@@ -494,6 +553,14 @@ impl Runtime for DockerRuntime {
             Err(e) if is_not_found(&e) => Err(RuntimeError::NoSuchMachine(m.name.clone())),
             Err(e) => Err(call("unpause container")(e)),
         }
+    }
+
+    async fn set_background(&self, on: bool) -> Result<(), RuntimeError> {
+        self.background.store(on, Ordering::SeqCst);
+        // Written every time (once per change of the owner's decision): a mark left by a daemon
+        // that crashed is corrected at the first decision.
+        self.apply_class(on).await;
+        Ok(())
     }
 
     async fn set_limits(&self, m: &MachineHandle, limits: Limits) -> Result<(), RuntimeError> {
@@ -525,7 +592,8 @@ impl Runtime for DockerRuntime {
         // The kernel's own accounting straight from the container's cgroup v1 (the numbers the
         // stats API reports): no engine round trip, so the factory and the owner enforcer, which
         // sample every tick, never wait on the engine.
-        if let Some(u) = cgroup_v1_usage(&m.engine_id) {
+        if let Some(u) = cgroup_v1_usage(self.cgroup_parent.get().map(String::as_str), &m.engine_id)
+        {
             return Ok(u);
         }
         // One-shot stats (API 1.41+): the engine reads the cgroup once instead of waiting a
@@ -565,7 +633,9 @@ impl Runtime for DockerRuntime {
         // process can see it, else the current usage stands in (the factory keeps its maximum).
         let peak = mem
             .max_usage
-            .or_else(|| cgroup_memory_peak(&m.engine_id))
+            .or_else(|| {
+                cgroup_memory_peak(self.cgroup_parent.get().map(String::as_str), &m.engine_id)
+            })
             .unwrap_or(usage);
         Ok(Usage {
             cpu_ns,
@@ -613,7 +683,20 @@ impl Runtime for DockerRuntime {
             .v(true)
             .build();
         match self.docker.remove_container(&m.engine_id, Some(opts)).await {
-            Ok(()) => {}
+            Ok(()) => {
+                // The engine leaves the parent cgroup behind: remove it once it holds no guest
+                // (removing a cgroup that still has children fails, harmlessly). The engine may
+                // answer before its shim has removed the container's own cgroup: wait a little
+                // for that one, never for other guests'.
+                if let Some(p) = self.cgroup_parent.get().filter(|p| !p.ends_with(".slice")) {
+                    for _ in 0..20 {
+                        if cgroup_remove_parent(p) || cgroup_has_other_children(p, &m.engine_id) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
             Err(e) if is_not_found(&e) => {}
             // 409 "removal already in progress": another call is removing it, and its network.
             Err(e) if is_status(&e, 409) => return Ok(()),
@@ -672,20 +755,111 @@ impl Runtime for DockerRuntime {
     }
 }
 
+/// The cgroupfs parent of the containers of daemon `owner`: `gleaner-<owner>`, with any character
+/// a cgroup name should not hold replaced.
+pub fn cgroup_parent_name(owner: &str) -> String {
+    let clean: String = owner
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("gleaner-{clean}")
+}
+
+/// The container's cgroup paths below the hierarchy's root: under our parent, or the engine's
+/// default parents for either driver (containers made before the parent existed).
+fn container_cgroups(parent: Option<&str>, id: &str) -> Vec<String> {
+    let mut v = Vec::with_capacity(3);
+    match parent {
+        Some(p) if p.ends_with(".slice") => v.push(format!("{p}/docker-{id}.scope")),
+        Some(p) => v.push(format!("{p}/{id}")),
+        None => {}
+    }
+    v.push(format!("docker/{id}"));
+    v.push(format!("system.slice/docker-{id}.scope"));
+    v
+}
+
+/// Marks the guests' parent cgroup idle for the CPU scheduler (`cpu.idle = 1`, kernel 5.15+, cgroup
+/// v1 or v2), or back to normal: idle, the whole group is scheduled as SCHED_IDLE against
+/// everything outside it, so any owner process that wants a core gets it at once (an idle mark on
+/// each container alone would only rank them among the engine's other containers). Returns the
+/// file written.
+pub fn cgroup_set_cpu_idle(parent: &str, idle: bool) -> Result<std::path::PathBuf, String> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    // v1 keeps the cpu controller in its own hierarchy; v2 has one tree.
+    let candidates = [root.join("cpu").join(parent), root.join(parent)]
+        .into_iter()
+        .map(|d| d.join("cpu.idle"));
+    let mut tried = Vec::new();
+    for f in candidates {
+        if !f.exists() {
+            continue;
+        }
+        match std::fs::write(&f, if idle { "1" } else { "0" }) {
+            Ok(()) => return Ok(f),
+            Err(e) => tried.push(format!("{}: {e}", f.display())),
+        }
+    }
+    Err(if tried.is_empty() {
+        "no cpu.idle file for the guests' cgroup (kernel before 5.15, or another layout)".into()
+    } else {
+        tried.join(", ")
+    })
+}
+
+/// Whether the guests' parent cgroup is marked idle now (`None`: no such file to read).
+pub fn cgroup_cpu_idle(parent: &str) -> Option<bool> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    [root.join("cpu").join(parent), root.join(parent)]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(d.join("cpu.idle")).ok())
+        .map(|v| v.trim() == "1")
+}
+
+/// The folders named `parent` in every hierarchy (v1 controllers, or the v2 tree).
+fn parent_dirs(parent: &str) -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.join(parent)];
+    if let Ok(rd) = std::fs::read_dir(root) {
+        dirs.extend(rd.flatten().map(|e| e.path().join(parent)));
+    }
+    dirs
+}
+
+/// Removes the empty parent cgroup `parent` from every hierarchy; whether none is left.
+pub fn cgroup_remove_parent(parent: &str) -> bool {
+    let dirs = parent_dirs(parent);
+    for d in &dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+    !dirs.iter().any(|d| d.exists())
+}
+
+/// Whether `parent` holds a guest's cgroup other than `id`'s in any hierarchy.
+fn cgroup_has_other_children(parent: &str, id: &str) -> bool {
+    parent_dirs(parent).iter().any(|d| {
+        std::fs::read_dir(d).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.path().is_dir() && e.file_name().to_str() != Some(id))
+        })
+    })
+}
+
 /// The cgroup v2 high-water mark of a container's memory (`memory.peak`, kernel 5.19+), from the
 /// cgroupfs (`/sys/fs/cgroup/docker/<id>`) or systemd (`system.slice/docker-<id>.scope`) layout,
 /// if this process can see it.
-pub fn cgroup_memory_peak(id: &str) -> Option<u64> {
+pub fn cgroup_memory_peak(parent: Option<&str>, id: &str) -> Option<u64> {
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let root = std::path::Path::new("/sys/fs/cgroup");
-    [
-        format!("docker/{id}"),
-        format!("system.slice/docker-{id}.scope"),
-    ]
-    .iter()
-    .find_map(|sub| {
+    container_cgroups(parent, id).iter().find_map(|sub| {
         std::fs::read_to_string(root.join(sub).join("memory.peak"))
             .ok()?
             .trim()
@@ -700,17 +874,12 @@ fn read_u64(path: &std::path::Path) -> Option<u64> {
 
 /// CPU and memory of a container from its cgroup v1 hierarchy (cgroupfs or systemd layout), if
 /// this process can see it. Memory in use excludes inactive page cache, as `docker stats` does.
-pub fn cgroup_v1_usage(id: &str) -> Option<Usage> {
+pub fn cgroup_v1_usage(parent: Option<&str>, id: &str) -> Option<Usage> {
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let root = std::path::Path::new("/sys/fs/cgroup");
-    [
-        format!("docker/{id}"),
-        format!("system.slice/docker-{id}.scope"),
-    ]
-    .iter()
-    .find_map(|sub| {
+    container_cgroups(parent, id).iter().find_map(|sub| {
         let cpu_ns = read_u64(&root.join("cpuacct").join(sub).join("cpuacct.usage"))?;
         let mem = root.join("memory").join(sub);
         let usage = read_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0);

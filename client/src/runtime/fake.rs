@@ -55,6 +55,7 @@ pub enum FakeCall {
     Freeze(String),
     Thaw(String),
     SetLimits { name: String, limits: Limits },
+    SetBackground(bool),
     State(String),
     Sample(String),
     Stop { name: String, grace: Duration },
@@ -73,6 +74,7 @@ impl FakeCall {
             FakeCall::Freeze(_) => "freeze",
             FakeCall::Thaw(_) => "thaw",
             FakeCall::SetLimits { .. } => "set_limits",
+            FakeCall::SetBackground(_) => "set_background",
             FakeCall::State(_) => "state",
             FakeCall::Sample(_) => "sample",
             FakeCall::Stop { .. } => "stop",
@@ -400,6 +402,11 @@ impl Runtime for FakeRuntime {
             limits,
         })?;
         machine(&mut s, m)?.limits = limits;
+        Ok(())
+    }
+
+    async fn set_background(&self, on: bool) -> Result<(), RuntimeError> {
+        drop(self.enter(FakeCall::SetBackground(on))?);
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod docker;
 pub mod egress;
 pub mod fake;
+pub mod freezer;
 pub mod image;
 pub mod libvirt;
 
@@ -229,6 +230,16 @@ pub trait Runtime: Send + Sync {
         m: &MachineHandle,
         limits: Limits,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Puts this runtime's guests in the background — they run only on CPU time no other
+    /// process wants (the idle scheduling class) — or back at normal weight. The enforcer asks
+    /// for the background only while the owner is at the machine and guests are throttled;
+    /// while the owner is away they keep normal weight, so an owner's return freezes them at
+    /// once. Best effort: an engine or kernel that cannot leaves guests at normal weight, still
+    /// bound by their quotas.
+    fn set_background(&self, on: bool) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = on;
+        async { Ok(()) }
+    }
     fn state(
         &self,
         m: &MachineHandle,

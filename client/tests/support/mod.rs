@@ -157,6 +157,15 @@ pub fn remove_owned(owner: &str) {
                 .output();
         }
     }
+    // The daemon's guests' parent cgroup, which a killed daemon cannot remove (the engine's
+    // shim may take a moment to drop the containers' own cgroups).
+    let parent = gleaner_client::runtime::docker::cgroup_parent_name(owner);
+    for _ in 0..20 {
+        if gleaner_client::runtime::docker::cgroup_remove_parent(&parent) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 impl Drop for TestFactory {
