@@ -122,6 +122,8 @@ pub struct Daemon {
     paused: Arc<std::sync::atomic::AtomicBool>,
     enforcer: tokio::sync::mpsc::Sender<crate::owner::EnforcerCommand>,
     sources: Vec<String>,
+    /// The input devices read now (evdev), refreshed in status as they are plugged in and out.
+    evdev: Option<crate::evdev::Devices>,
     space: Option<crate::p2p::SpaceHandle>,
     reload: Option<Reload>,
     /// The owner policy in force (for `gleaner limits`).
@@ -278,7 +280,14 @@ impl Controller for Daemon {
                     paused_types: self.paused_types.lock().await.list(),
                     factory,
                     ledger,
-                    sources: self.sources.clone(),
+                    sources: self
+                        .sources
+                        .iter()
+                        .map(|n| match &self.evdev {
+                            Some(d) if n.starts_with(crate::evdev::NOTE_PREFIX) => d.note(),
+                            _ => n.clone(),
+                        })
+                        .collect(),
                     engines: self.engines.clone(),
                 })
             }
@@ -772,7 +781,8 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         cancel.child_token(),
     )
     .await;
-    let mut nudged = sources.idle.iter().any(|s| s.name() == "evdev");
+    let evdev = sources.evdev.clone();
+    let mut nudged = evdev.is_some();
     if let (Some(d), true) = (
         &opts.display,
         opts.idle_sources.is_empty() || opts.idle_sources.iter().any(|s| s == "x11"),
@@ -871,6 +881,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         paused,
         enforcer: enforcer_tx,
         sources: source_notes,
+        evdev,
         space: space.clone(),
         reload,
         policy: Mutex::new(opts.policy.clone()),

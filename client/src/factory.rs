@@ -107,6 +107,11 @@ pub struct Allowance {
     pub stop_all: bool,
     /// Why, in words, and which source decided (for status).
     pub reason: String,
+    /// The source that decided, by name: the activity source that saw the owner (`x11`, `logind`,
+    /// `evdev`, `terminals`, `interrupts`), or `battery`, `schedule`, `cpu-load`, `owner`,
+    /// `batch-system`...; empty before the first decision (and from older daemons).
+    #[serde(default)]
+    pub source: String,
     /// The owner policy (or the owner's whole-host pause) has frozen all work: machines whose
     /// type-pause is lifted stay frozen until the host resumes.
     #[serde(default)]
@@ -123,6 +128,7 @@ impl Allowance {
             may_start: true,
             stop_all: false,
             reason: "allowed".into(),
+            source: String::new(),
             frozen: false,
         }
     }

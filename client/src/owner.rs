@@ -420,6 +420,8 @@ pub const IDLE_SOURCES: [&str; 5] = ["x11", "logind", "terminals", "interrupts",
 /// Where the enforcer reads the host's state.
 pub struct Sources {
     pub idle: Vec<Box<dyn IdleSource>>,
+    /// The input devices read now, when the evdev source is active (they come and go).
+    pub evdev: Option<crate::evdev::Devices>,
     pub power_supply: PathBuf,
     /// Where processes are listed, for exclusive applications.
     pub proc: PathBuf,
@@ -450,6 +452,7 @@ impl Sources {
         let on = |name: &str| enabled.is_empty() || enabled.iter().any(|e| e == name);
         let mut notes = Vec::new();
         let mut idle: Vec<Box<dyn IdleSource>> = Vec::new();
+        let mut evdev = None;
         if on("x11") {
             match display {
                 Some(d) => match X11Idle::connect(d) {
@@ -494,14 +497,11 @@ impl Sources {
         if on("evdev") {
             match crate::evdev::EvdevIdle::watch(input_dir, nudge, cancel) {
                 Ok(e) => {
-                    notes.push(format!(
-                        "input devices (evdev) in {}: active ({})",
-                        input_dir.display(),
-                        e.devices().join(", ")
-                    ));
+                    notes.push(e.devices_handle().note());
+                    evdev = Some(e.devices_handle());
                     idle.push(Box::new(e));
                 }
-                Err(e) => notes.push(format!("input devices (evdev): skipped ({e})")),
+                Err(e) => notes.push(format!("{}: skipped ({e})", crate::evdev::NOTE_PREFIX)),
             }
         }
         notes.push(format!("battery from {}: active", power_supply.display()));
@@ -509,6 +509,7 @@ impl Sources {
         (
             Sources {
                 idle,
+                evdev,
                 power_supply,
                 proc: PathBuf::from("/proc"),
                 last_busy: None,
@@ -552,7 +553,12 @@ impl Sources {
         policy: &OwnerPolicy,
         frozen_for_s: u64,
     ) -> HostState {
-        let idle_s = self.idle.iter_mut().filter_map(|s| s.idle_s()).min();
+        // The freshest source decides, and is named in status ("source: evdev").
+        let freshest = self
+            .idle
+            .iter_mut()
+            .filter_map(|s| Some((s.idle_s()?, s.name())))
+            .min_by_key(|(idle, _)| *idle);
         let hz = 100.0;
         let now = std::time::Instant::now();
         // /proc/stat counts in jiffies: measure over at least 200 ms and keep the last value in
@@ -573,7 +579,8 @@ impl Sources {
         let (weekday, minute) = local_week_minute();
         let exclusive_app = !self.exclusive_running(&policy.exclusive_apps).is_empty();
         HostState {
-            idle_s,
+            idle_s: freshest.map(|(idle, _)| idle),
+            idle_source: freshest.map(|(_, name)| name),
             on_battery: on_battery(&self.power_supply),
             other_load: self.other_load,
             weekday,
@@ -696,6 +703,7 @@ impl<R: Runtime + 'static> Enforcer<R> {
         a.frozen = d.action == Action::Freeze;
         a.max_machines = self.policy.max_machines;
         a.reason = format!("{} (source: {})", d.reason.text(), d.source);
+        a.source = d.source.to_owned();
         let _ = self.allowance.send(a);
         let _ = self.decision.send(Some(d.clone()));
     }
