@@ -113,6 +113,11 @@ struct Pause {
     until: Option<u64>,
 }
 
+/// How often the daemon's housekeeping (machine-type folder, advert, space counts) runs while
+/// machines run or types are offered, and while the daemon is idle.
+const HOUSEKEEPING: Duration = Duration::from_secs(2);
+const HOUSEKEEPING_IDLE: Duration = Duration::from_secs(6);
+
 /// The daemon's side of the control API.
 pub struct Daemon {
     factory: FactoryHandle,
@@ -1057,17 +1062,29 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                 daemon.expire_pause(now).await;
                 daemon.expire_type_pauses(now).await;
                 wake.notify_one();
+                // Idle: no machine and nothing offered (so no advert worth refreshing often).
+                let status = handle.status().await.ok();
+                let idle = status
+                    .as_ref()
+                    .is_some_and(|s| s.machines.is_empty() && s.offers.is_empty());
                 // Hand memory freed since (start-up's probes and benchmark, a finished machine's
                 // bookkeeping) back to the system while idle, at most once a minute.
                 if last_trim.is_none_or(|t| now.saturating_sub(t) >= 60)
-                    && handle.status().await.is_ok_and(|s| s.machines.is_empty())
+                    && status.as_ref().is_some_and(|s| s.machines.is_empty())
                 {
                     release_free_memory();
                     last_trim = Some(now);
                 }
+                // Every 2 s while there is work or something to offer; an idle daemon looks at its
+                // folder and re-advertises less often, so it costs the owner next to nothing.
+                let pause = if idle {
+                    HOUSEKEEPING_IDLE
+                } else {
+                    HOUSEKEEPING
+                };
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }

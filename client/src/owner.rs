@@ -68,15 +68,35 @@ impl IdleSource for X11Idle {
 /// and `/dev/ttyN` is the last time someone typed. For servers and text consoles.
 pub struct TerminalIdle {
     dev: PathBuf,
+    /// The terminal devices found at the last listing, and when that was: `/dev` holds hundreds
+    /// of entries, so it is listed again only every [`TERMINAL_RELIST`], not at every look.
+    ttys: (Vec<PathBuf>, Option<std::time::Instant>),
 }
+
+/// How often the terminal devices are listed again (a new SSH session's `/dev/pts/N`).
+const TERMINAL_RELIST: Duration = Duration::from_secs(10);
 
 impl TerminalIdle {
     /// Watches the terminals under `dev` (normally `/dev`).
     pub fn new(dev: impl Into<PathBuf>) -> TerminalIdle {
-        TerminalIdle { dev: dev.into() }
+        TerminalIdle {
+            dev: dev.into(),
+            ttys: (Vec::new(), None),
+        }
     }
 
-    fn newest_input(&self) -> Option<std::time::SystemTime> {
+    fn newest_input(&mut self) -> Option<std::time::SystemTime> {
+        if self.ttys.1.is_none_or(|at| at.elapsed() >= TERMINAL_RELIST) {
+            self.ttys = (self.list(), Some(std::time::Instant::now()));
+        }
+        self.ttys
+            .0
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok()?.accessed().ok())
+            .max()
+    }
+
+    fn list(&self) -> Vec<PathBuf> {
         let numbered = |dir: &Path, prefix: &str| -> Vec<PathBuf> {
             std::fs::read_dir(dir)
                 .map(|rd| {
@@ -95,9 +115,7 @@ impl TerminalIdle {
         };
         let mut ttys = numbered(&self.dev.join("pts"), "");
         ttys.extend(numbered(&self.dev, "tty"));
-        ttys.iter()
-            .filter_map(|p| std::fs::metadata(p).ok()?.accessed().ok())
-            .max()
+        ttys
     }
 }
 
@@ -475,7 +493,7 @@ impl Sources {
             }
         }
         if on("terminals") {
-            let terminals = TerminalIdle::new("/dev");
+            let mut terminals = TerminalIdle::new("/dev");
             if terminals.newest_input().is_some() {
                 notes.push("terminal input (/dev/pts, /dev/tty*): active".into());
                 idle.push(Box::new(terminals));

@@ -817,11 +817,17 @@ impl Node {
         let mut lookup = tokio::time::interval(Duration::from_secs(10));
         lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A node alone (no peer connected, none banned, no bootstrap address to redial) has
+            // no housekeeping, redial or DHT walk to do: those timers sleep until a peer comes
+            // (mDNS, or one dialling in), so an idle daemon is not woken for nothing. A timer
+            // that slept fires at once when it is wanted again.
+            let alone = self.swarm.connected_peers().next().is_none() && self.banned.is_empty();
+            let dialling = !self.bootstrap.is_empty();
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = redial.tick() => self.redial(),
-                _ = housekeeping.tick() => self.housekeeping(),
-                _ = lookup.tick() => {
+                _ = redial.tick(), if dialling => self.redial(),
+                _ = housekeeping.tick(), if !alone => self.housekeeping(),
+                _ = lookup.tick(), if !alone || dialling => {
                     // Walk the DHT while we know fewer peers than we would like.
                     if self.swarm.connected_peers().count() < TARGET_PEERS {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
