@@ -5,7 +5,7 @@
 # Usage: installers/build-debs.sh [--release] [--out DIR] [--install-tool]
 #   (default)       package the debug binaries already in target/debug (built here if missing);
 #                   fast enough for CI, large and slow binaries: not for distribution
-#   --release       cargo build --release, then package: what a real release ships
+#   --release       cargo build --profile dist (release + fat LTO), then package: what a real release ships
 #   --out DIR       where the .deb files go [default: target/debian]
 #   --install-tool  only make sure the pinned cargo-deb is installed, then exit
 # Env: GLEANER_DEBS_NO_BUILD=1 fails instead of building a missing debug binary.
@@ -21,7 +21,7 @@ out=target/debian
 tool_only=false
 while (($#)); do
   case "$1" in
-    --release) profile=release ;;
+    --release) profile=dist ;;
     --out) out=${2:?--out needs a directory}; shift ;;
     --install-tool) tool_only=true ;;
     *) echo "build-debs.sh: unknown argument '$1' (see the usage at the top of the script)" >&2; exit 2 ;;
@@ -58,8 +58,8 @@ target_dir=${CARGO_TARGET_DIR:-target}
 mkdir -p "$out"
 for pair in "${crates[@]}"; do
   IFS=: read -r crate bin <<<"$pair"
-  if [[ $profile == release ]]; then
-    cargo build --release --locked -p "$crate"
+  if [[ $profile == dist ]]; then
+    cargo build --profile dist --locked -p "$crate"
   elif [[ ! -x "$target_dir/debug/$bin" ]]; then
     # The installer tests run inside `cargo test`, which already built every binary: no nested cargo.
     if [[ -n "${GLEANER_DEBS_NO_BUILD:-}" ]]; then

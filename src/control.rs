@@ -73,6 +73,10 @@ pub struct Allowance {
     /// The owner policy's decision in words, with its source: "running: the owner is away
     /// (source: x11)".
     pub reason: String,
+    /// The source that decided, by name: the activity source that saw the owner (`x11`, `logind`,
+    /// `evdev`, `terminals`, `interrupts`), or `battery`, `schedule`, `cpu-load`, `owner`,
+    /// `batch-system`...; empty before the first decision (and from older daemons).
+    pub source: String,
     /// The owner policy (or the owner's whole-host pause) has frozen all work: machines whose
     /// type-pause is lifted stay frozen until the host resumes.
     pub frozen: bool,
@@ -88,6 +92,7 @@ impl Allowance {
             may_start: true,
             stop_all: false,
             reason: "allowed".into(),
+            source: String::new(),
             frozen: false,
         }
     }

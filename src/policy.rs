@@ -163,6 +163,9 @@ pub struct HostState {
     /// Seconds since the owner's last input, from the freshest source; `None` when no source can
     /// tell (a headless machine: then the owner counts as away).
     pub idle_s: Option<u64>,
+    /// Which source measured `idle_s` (x11, logind, evdev, terminals, interrupts...), named as the
+    /// source of an owner decision; `None` reads as "input".
+    pub idle_source: Option<&'static str>,
     pub on_battery: bool,
     /// Cores kept busy by programs other than Gleaner's machines.
     pub other_load: f64,
@@ -392,16 +395,17 @@ fn decide_owner(
         return freeze(Reason::OtherLoad, "cpu-load");
     }
     let present = s.idle_s.is_some_and(|i| i < p.idle_after_s);
+    let input = s.idle_source.unwrap_or("input");
     if present {
         return match p.present {
-            None => freeze(Reason::OwnerPresent, "input"),
+            None => freeze(Reason::OwnerPresent, input),
             Some(l) => Decision {
                 action: Action::Run(Limits {
                     cores: l.cores.min(p.away.cores),
                     memory_bytes: l.memory_bytes.min(p.away.memory_bytes),
                 }),
                 reason: Reason::OwnerPresentThrottled,
-                source: "input",
+                source: input,
                 may_start: true,
             },
         };
@@ -410,7 +414,7 @@ fn decide_owner(
         action: Action::Run(p.away),
         reason: Reason::OwnerAway,
         source: if s.idle_s.is_some() {
-            "input"
+            input
         } else {
             "no-input-source"
         },
@@ -710,6 +714,40 @@ mod tests {
                 false,
                 "batch-system",
                 "batch-system",
+            ),
+            // The source that saw the owner is named (present, throttled and away alike).
+            (
+                &idle,
+                HostState {
+                    idle_source: Some("evdev"),
+                    ..state(Some(10))
+                },
+                Action::Freeze,
+                false,
+                "owner-present",
+                "evdev",
+            ),
+            (
+                &gentle,
+                HostState {
+                    idle_source: Some("x11"),
+                    ..state(Some(10))
+                },
+                run(1.0, 2 * GIB),
+                true,
+                "owner-present-throttled",
+                "x11",
+            ),
+            (
+                &idle,
+                HostState {
+                    idle_source: Some("logind"),
+                    ..state(Some(999))
+                },
+                run(2.0, 4 * GIB),
+                true,
+                "owner-away",
+                "logind",
             ),
             // No site job: the claim says nothing.
             (

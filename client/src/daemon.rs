@@ -113,6 +113,11 @@ struct Pause {
     until: Option<u64>,
 }
 
+/// How often the daemon's housekeeping (machine-type folder, advert, space counts) runs while
+/// machines run or types are offered, and while the daemon is idle.
+const HOUSEKEEPING: Duration = Duration::from_secs(2);
+const HOUSEKEEPING_IDLE: Duration = Duration::from_secs(6);
+
 /// The daemon's side of the control API.
 pub struct Daemon {
     factory: FactoryHandle,
@@ -122,6 +127,8 @@ pub struct Daemon {
     paused: Arc<std::sync::atomic::AtomicBool>,
     enforcer: tokio::sync::mpsc::Sender<crate::owner::EnforcerCommand>,
     sources: Vec<String>,
+    /// The input devices read now (evdev), refreshed in status as they are plugged in and out.
+    evdev: Option<crate::evdev::Devices>,
     space: Option<crate::p2p::SpaceHandle>,
     reload: Option<Reload>,
     /// The owner policy in force (for `gleaner limits`).
@@ -278,7 +285,14 @@ impl Controller for Daemon {
                         .collect(),
                     factory,
                     ledger,
-                    sources: self.sources.clone(),
+                    sources: self
+                        .sources
+                        .iter()
+                        .map(|n| match &self.evdev {
+                            Some(d) if n.starts_with(crate::evdev::NOTE_PREFIX) => d.note(),
+                            _ => n.clone(),
+                        })
+                        .collect(),
                     engines: self.engines.clone(),
                 })
             }
@@ -742,7 +756,8 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         cancel.child_token(),
     )
     .await;
-    let mut nudged = sources.idle.iter().any(|s| s.name() == "evdev");
+    let evdev = sources.evdev.clone();
+    let mut nudged = evdev.is_some();
     if let (Some(d), true) = (
         &opts.display,
         opts.idle_sources.is_empty() || opts.idle_sources.iter().any(|s| s == "x11"),
@@ -841,6 +856,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         paused,
         enforcer: enforcer_tx,
         sources: source_notes,
+        evdev,
         space: space.clone(),
         reload,
         policy: Mutex::new(opts.policy.clone()),
@@ -1016,17 +1032,29 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                 daemon.expire_pause(now).await;
                 daemon.expire_type_pauses(now).await;
                 wake.notify_one();
+                // Idle: no machine and nothing offered (so no advert worth refreshing often).
+                let status = handle.status().await.ok();
+                let idle = status
+                    .as_ref()
+                    .is_some_and(|s| s.machines.is_empty() && s.offers.is_empty());
                 // Hand memory freed since (start-up's probes and benchmark, a finished machine's
                 // bookkeeping) back to the system while idle, at most once a minute.
                 if last_trim.is_none_or(|t| now.saturating_sub(t) >= 60)
-                    && handle.status().await.is_ok_and(|s| s.machines.is_empty())
+                    && status.as_ref().is_some_and(|s| s.machines.is_empty())
                 {
                     release_free_memory();
                     last_trim = Some(now);
                 }
+                // Every 2 s while there is work or something to offer; an idle daemon looks at its
+                // folder and re-advertises less often, so it costs the owner next to nothing.
+                let pause = if idle {
+                    HOUSEKEEPING_IDLE
+                } else {
+                    HOUSEKEEPING
+                };
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }

@@ -585,11 +585,16 @@ impl<R: Runtime + 'static> Factory<R> {
         let mut tick = tokio::time::interval(self.cfg.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // With no machine, no start under way and nothing offered, a tick has nothing to do:
+            // wait for a command instead (an offer arrives as one), so an idle daemon does not
+            // wake twice a second for nothing. The first tick after that comes at once.
+            let quiet =
+                self.machines.is_empty() && self.starting.is_empty() && self.offers.is_empty();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(cmd) = commands.recv() => self.command(cmd).await,
                 Some(s) = started_rx.recv() => self.started(s).await,
-                _ = tick.tick() => {
+                _ = tick.tick(), if !quiet => {
                     self.tick().await;
                     self.start_new(&started_tx);
                 }

@@ -68,15 +68,35 @@ impl IdleSource for X11Idle {
 /// and `/dev/ttyN` is the last time someone typed. For servers and text consoles.
 pub struct TerminalIdle {
     dev: PathBuf,
+    /// The terminal devices found at the last listing, and when that was: `/dev` holds hundreds
+    /// of entries, so it is listed again only every [`TERMINAL_RELIST`], not at every look.
+    ttys: (Vec<PathBuf>, Option<std::time::Instant>),
 }
+
+/// How often the terminal devices are listed again (a new SSH session's `/dev/pts/N`).
+const TERMINAL_RELIST: Duration = Duration::from_secs(10);
 
 impl TerminalIdle {
     /// Watches the terminals under `dev` (normally `/dev`).
     pub fn new(dev: impl Into<PathBuf>) -> TerminalIdle {
-        TerminalIdle { dev: dev.into() }
+        TerminalIdle {
+            dev: dev.into(),
+            ttys: (Vec::new(), None),
+        }
     }
 
-    fn newest_input(&self) -> Option<std::time::SystemTime> {
+    fn newest_input(&mut self) -> Option<std::time::SystemTime> {
+        if self.ttys.1.is_none_or(|at| at.elapsed() >= TERMINAL_RELIST) {
+            self.ttys = (self.list(), Some(std::time::Instant::now()));
+        }
+        self.ttys
+            .0
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok()?.accessed().ok())
+            .max()
+    }
+
+    fn list(&self) -> Vec<PathBuf> {
         let numbered = |dir: &Path, prefix: &str| -> Vec<PathBuf> {
             std::fs::read_dir(dir)
                 .map(|rd| {
@@ -95,9 +115,7 @@ impl TerminalIdle {
         };
         let mut ttys = numbered(&self.dev.join("pts"), "");
         ttys.extend(numbered(&self.dev, "tty"));
-        ttys.iter()
-            .filter_map(|p| std::fs::metadata(p).ok()?.accessed().ok())
-            .max()
+        ttys
     }
 }
 
@@ -420,6 +438,8 @@ pub const IDLE_SOURCES: [&str; 5] = ["x11", "logind", "terminals", "interrupts",
 /// Where the enforcer reads the host's state.
 pub struct Sources {
     pub idle: Vec<Box<dyn IdleSource>>,
+    /// The input devices read now, when the evdev source is active (they come and go).
+    pub evdev: Option<crate::evdev::Devices>,
     pub power_supply: PathBuf,
     /// Where processes are listed, for exclusive applications.
     pub proc: PathBuf,
@@ -450,6 +470,7 @@ impl Sources {
         let on = |name: &str| enabled.is_empty() || enabled.iter().any(|e| e == name);
         let mut notes = Vec::new();
         let mut idle: Vec<Box<dyn IdleSource>> = Vec::new();
+        let mut evdev = None;
         if on("x11") {
             match display {
                 Some(d) => match X11Idle::connect(d) {
@@ -472,7 +493,7 @@ impl Sources {
             }
         }
         if on("terminals") {
-            let terminals = TerminalIdle::new("/dev");
+            let mut terminals = TerminalIdle::new("/dev");
             if terminals.newest_input().is_some() {
                 notes.push("terminal input (/dev/pts, /dev/tty*): active".into());
                 idle.push(Box::new(terminals));
@@ -494,14 +515,11 @@ impl Sources {
         if on("evdev") {
             match crate::evdev::EvdevIdle::watch(input_dir, nudge, cancel) {
                 Ok(e) => {
-                    notes.push(format!(
-                        "input devices (evdev) in {}: active ({})",
-                        input_dir.display(),
-                        e.devices().join(", ")
-                    ));
+                    notes.push(e.devices_handle().note());
+                    evdev = Some(e.devices_handle());
                     idle.push(Box::new(e));
                 }
-                Err(e) => notes.push(format!("input devices (evdev): skipped ({e})")),
+                Err(e) => notes.push(format!("{}: skipped ({e})", crate::evdev::NOTE_PREFIX)),
             }
         }
         notes.push(format!("battery from {}: active", power_supply.display()));
@@ -509,6 +527,7 @@ impl Sources {
         (
             Sources {
                 idle,
+                evdev,
                 power_supply,
                 proc: PathBuf::from("/proc"),
                 last_busy: None,
@@ -552,7 +571,12 @@ impl Sources {
         policy: &OwnerPolicy,
         frozen_for_s: u64,
     ) -> HostState {
-        let idle_s = self.idle.iter_mut().filter_map(|s| s.idle_s()).min();
+        // The freshest source decides, and is named in status ("source: evdev").
+        let freshest = self
+            .idle
+            .iter_mut()
+            .filter_map(|s| Some((s.idle_s()?, s.name())))
+            .min_by_key(|(idle, _)| *idle);
         let hz = 100.0;
         let now = std::time::Instant::now();
         // /proc/stat counts in jiffies: measure over at least 200 ms and keep the last value in
@@ -573,7 +597,8 @@ impl Sources {
         let (weekday, minute) = local_week_minute();
         let exclusive_app = !self.exclusive_running(&policy.exclusive_apps).is_empty();
         HostState {
-            idle_s,
+            idle_s: freshest.map(|(idle, _)| idle),
+            idle_source: freshest.map(|(_, name)| name),
             on_battery: on_battery(&self.power_supply),
             other_load: self.other_load,
             weekday,
@@ -702,6 +727,7 @@ impl<R: Runtime + 'static> Enforcer<R> {
         a.frozen = d.action == Action::Freeze;
         a.max_machines = self.policy.max_machines;
         a.reason = format!("{} (source: {})", d.reason.text(), d.source);
+        a.source = d.source.to_owned();
         let _ = self.allowance.send(a);
         let _ = self.decision.send(Some(d.clone()));
     }

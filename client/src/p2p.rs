@@ -614,13 +614,19 @@ impl Node {
         let mut lookup = tokio::time::interval(tuning::LOOKUP_INTERVAL);
         lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A node alone (no peer connected, none banned, no bootstrap address to redial) has
+            // no housekeeping, redial or DHT walk to do: those timers sleep until a peer comes
+            // (mDNS, or one dialling in), so an idle daemon is not woken for nothing. A timer
+            // that slept fires at once when it is wanted again.
+            let alone = self.swarm.connected_peers().next().is_none() && self.banned.is_empty();
+            let dialling = !self.bootstrap.is_empty();
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = redial.tick() => {
+                _ = redial.tick(), if dialling => {
                     discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p))
                 }
-                _ = housekeeping.tick() => self.housekeeping(),
-                _ = lookup.tick() => discovery::lookup(&mut self.swarm),
+                _ = housekeeping.tick(), if !alone => self.housekeeping(),
+                _ = lookup.tick(), if !alone || dialling => discovery::lookup(&mut self.swarm),
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(c) => self.command(c),

@@ -96,6 +96,32 @@ async fn input_events_mark_the_owner_present() {
         .expect("a nudge for the motion")
         .expect("the source is alive");
     assert_eq!(src.idle_s(), Some(0));
+
+    // A device plugged in after the source started is read too; unplugged, it is dropped.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut late = fake_device(dir.path(), "event7");
+    eventually(10, "event7 watched", async || {
+        (src.devices() == ["event0", "event7"]).then_some(())
+    })
+    .await;
+    assert!(src.idle_s().unwrap() >= 1, "plugging in is not input");
+    late.write_all(&events(&[(EV_KEY, 57, 1), (0x00, 0, 0)]))
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), nudges.recv())
+        .await
+        .expect("a nudge from the device plugged in later")
+        .expect("the source is alive");
+    assert_eq!(src.idle_s(), Some(0));
+    std::fs::remove_file(dir.path().join("event7")).unwrap();
+    eventually(10, "event7 dropped", async || {
+        (src.devices() == ["event0"]).then_some(())
+    })
+    .await;
+    // Only `event*` names are devices.
+    std::fs::write(dir.path().join("mouse1"), b"").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(src.devices(), ["event0"]);
+    drop(late);
     cancel.cancel();
 }
 
@@ -119,7 +145,7 @@ async fn a_key_press_freezes_the_workload_and_idleness_thaws_it() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("input");
     std::fs::create_dir_all(&input).unwrap();
-    let mut dev = fake_device(&input, "event0");
+    let dev = fake_device(&input, "event0");
     let state = tmp.path().join("state");
     let types = tmp.path().join("types");
     let sock = state.join("control.sock");
@@ -179,25 +205,60 @@ async fn a_key_press_freezes_the_workload_and_idleness_thaws_it() {
     })
     .await;
 
-    // The owner presses a key: frozen, for the owner's presence.
-    dev.write_all(&events(&[(0x04, 4, 30), (EV_KEY, 30, 1), (0x00, 0, 0)]))
+    // A keyboard plugged in after the daemon started: watched, and status lists it.
+    let mut keyboard = fake_device(&input, "event5");
+    eventually(30, "the new device in status", async || {
+        let mut c = ControlClient::connect(&sock).await.ok()?;
+        let s = c.call(&Request::Status).await.ok()?;
+        s["sources"]
+            .to_string()
+            .contains("event0, event5")
+            .then_some(())
+    })
+    .await;
+    // The owner presses a key on it: frozen, for the owner's presence, seen by evdev.
+    keyboard
+        .write_all(&events(&[(0x04, 4, 30), (EV_KEY, 30, 1), (0x00, 0, 0)]))
         .unwrap();
     eventually(10, "frozen after a key press", async || {
         (rt.state(&h).await.ok()? == MachineState::Frozen).then_some(())
     })
     .await;
-    eventually(10, "the owner-present reason", async || {
+    eventually(10, "the owner-present reason, naming evdev", async || {
         let mut c = ControlClient::connect(&sock).await.ok()?;
         let s = c.call(&Request::Status).await.ok()?;
-        let reason = s["factory"]["allowance"]["reason"].as_str()?.to_owned();
-        // evdev is the only source enabled: it saw the key press.
-        reason.contains("owner is using the machine").then_some(())
+        let a = &s["factory"]["allowance"];
+        let reason = a["reason"].as_str()?.to_owned();
+        (reason == "frozen: the owner is using the machine (source: evdev)"
+            && a["source"].as_str()? == "evdev")
+            .then_some(())
     })
     .await;
+    // `gleaner status` names the source too (present, or away again by now: evdev decides both).
+    let out = Command::new(env!("CARGO_BIN_EXE_gleaner"))
+        .args(["status", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("(source: evdev)"),
+        "{text}"
+    );
 
     // No more input: thawed once idle again.
     eventually(20, "thawed after idle", async || {
         (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
     })
     .await;
+    // Unplugged: no longer listed.
+    std::fs::remove_file(input.join("event5")).unwrap();
+    eventually(30, "the device gone from status", async || {
+        let mut c = ControlClient::connect(&sock).await.ok()?;
+        let s = c.call(&Request::Status).await.ok()?;
+        let sources = s["sources"].to_string();
+        (sources.contains("event0") && !sources.contains("event5")).then_some(())
+    })
+    .await;
+    drop((dev, keyboard));
 }

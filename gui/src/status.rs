@@ -60,10 +60,14 @@ pub struct Headline {
 /// What the daemon is doing and why, for a person.
 pub fn headline(st: &Status, now: u64) -> Headline {
     let a = &st.factory.allowance;
-    let (decision, source) = match a.reason.rsplit_once(" (source: ") {
+    let (decision, mut source) = match a.reason.rsplit_once(" (source: ") {
         Some((d, s)) => (d.to_owned(), s.trim_end_matches(')').to_owned()),
         None => (a.reason.clone(), String::new()),
     };
+    // A daemon that names the source in its own field is believed over the reason's words.
+    if !a.source.is_empty() {
+        source.clone_from(&a.source);
+    }
     let by = if source.is_empty() {
         String::new()
     } else {
@@ -202,6 +206,24 @@ mod tests {
         let h = headline(&p, 100);
         assert_eq!(h.title, "Paused by you");
         assert!(h.why.contains("1 h 0 min"), "{h:?}");
+    }
+
+    #[test]
+    fn the_named_source_field_wins_and_old_daemons_still_read() {
+        // A daemon with the `source` field: the input source that saw the owner is named.
+        let v = serde_json::json!({"factory": {"allowance": {
+            "reason": "frozen: the owner is using the machine (source: evdev)", "source": "evdev"}}});
+        let s: Status = serde_json::from_value(v).unwrap();
+        assert_eq!(s.factory.allowance.source, "evdev");
+        let h = headline(&s, 0);
+        assert_eq!(h.owner, Owner::Present);
+        assert!(h.why.contains("noticed by: evdev"), "{h:?}");
+        // An older daemon without it: read from the reason, as before.
+        let h = headline(
+            &status("frozen: the owner is using the machine (source: input)"),
+            0,
+        );
+        assert!(h.why.contains("noticed by: input"), "{h:?}");
     }
 
     #[test]
