@@ -380,6 +380,9 @@ async fn open_loop(
     )
 }
 
+/// Picks one stage's milliseconds out of a sample.
+type StageOf = fn(&Sample) -> f64;
+
 /// p50 and p99 of one stage over the samples, in milliseconds.
 fn stage(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> (f64, f64) {
     let mut v: Vec<f64> = samples.iter().map(f).collect();
@@ -604,7 +607,7 @@ fn main() {
             "  stages at {:.0} % load, p50 / p99 ms (server's Server-Timing; outside = client-seen minus server total: TLS, HTTP, client):",
             load * 100.0
         );
-        let stages: [(&str, fn(&Sample) -> f64); 7] = [
+        let stages: [(&str, StageOf); 7] = [
             ("body read", |s| s.body),
             ("verify (with wait for a core)", |s| s.verify),
             ("queue for a writer", |s| s.queue),
