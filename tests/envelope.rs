@@ -1,7 +1,7 @@
 //! Signed envelopes end to end: round trips, and every tampering refused with its specific reason.
 
 use gleaner::cbor::{self, Limits};
-use gleaner::envelope::open_batch;
+use gleaner::envelope::{open_batch, open_batch_messages};
 use gleaner::{
     Digest, Envelope, Error, Id16, Kind, MachineType, OutcomeCode, SecretKey, UsageRecord,
 };
@@ -292,6 +292,36 @@ fn batch_opens_good_records_and_singles_out_bad_ones() {
             _ => assert_eq!(r.as_ref().unwrap().message.record_id, Id16([i as u8; 16])),
         }
     }
+}
+
+#[test]
+fn batch_messages_match_batch_without_digests() {
+    let host = SecretKey::from_seed([4; 32]);
+    let other = SecretKey::from_seed([5; 32]);
+    let mut envs: Vec<Envelope> = (0..12)
+        .map(|i| Envelope::seal(&record(&host, i), &host))
+        .collect();
+    // One from another host in the middle, one forged, one whose payload is not a usage record.
+    envs[4] = Envelope::seal(&record(&other, 4), &other);
+    envs[6].signature[5] ^= 1;
+    envs[9].payload = serde_bytes::ByteBuf::from(vec![0xa0]);
+    let full = open_batch::<UsageRecord>(&envs);
+    let bare = open_batch_messages::<UsageRecord>(&envs);
+    assert_eq!(full.len(), bare.len());
+    for (i, (f, b)) in full.iter().zip(&bare).enumerate() {
+        match (f, b) {
+            (Ok(f), Ok((signer, message))) => {
+                assert_eq!((&f.signer, &f.message), (signer, message), "record {i}");
+                let expected = if i == 4 { &other } else { &host };
+                assert_eq!(*signer, expected.public(), "record {i}");
+            }
+            (Err(f), Err(b)) => assert_eq!(f.to_string(), b.to_string(), "record {i}"),
+            _ => panic!("record {i}: open_batch gave {f:?}, open_batch_messages {b:?}"),
+        }
+    }
+    assert!(matches!(bare[6], Err(Error::BadSignature { .. })));
+    assert!(bare[9].is_err());
+    assert_eq!(bare.iter().filter(|r| r.is_ok()).count(), 10);
 }
 
 /// Re-signs an envelope whose payload was replaced, as an attacker with their own key could.

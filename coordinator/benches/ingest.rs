@@ -4,7 +4,9 @@
 //!
 //! `CARGO_TARGET_DIR=... nice cargo bench -p gleaner-coordinator --bench ingest`
 //! Environment: `BENCH_DB=sqlite|postgres` (default sqlite), `BENCH_RECORDS` (default 100000),
-//! `BENCH_CLIENTS` (16), `BENCH_BATCH` (500 for the throughput run; the latency run uses 50).
+//! `BENCH_CLIENTS` (16), `BENCH_BATCH` (500 for the throughput run; the latency runs use 50),
+//! `BENCH_LOADS` (0.25,0.5: open-loop latency runs at these fractions of the measured
+//! throughput), `BENCH_LAT_SECS` (5 per latency run).
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gleaner::cbor::{self, Limits};
-use gleaner::envelope::{Kind, open_batch};
+use gleaner::envelope::{Kind, open_batch_messages};
 use gleaner::{Digest, Envelope, Id16, OutcomeCode, SecretKey, UsageRecord};
 use gleaner_coordinator::api::AppState;
 use gleaner_coordinator::ratelimit::RateLimits;
@@ -162,7 +164,7 @@ fn open_rate(bodies: &[Vec<u8>], records: usize, threads: usize) -> Rate {
                 for body in part {
                     let envs: Vec<Envelope> =
                         cbor::from_slice(body, &Limits::BATCH, "batch").expect("batch decodes");
-                    let opened = open_batch::<UsageRecord>(&envs);
+                    let opened = open_batch_messages::<UsageRecord>(&envs);
                     assert!(opened.iter().all(Result::is_ok));
                 }
             });
@@ -207,16 +209,10 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// Posts every client's batches over HTTPS, each client on its own connection, one request in
-/// flight per client (a ledger waits for the acknowledgement before dropping its outbox entries).
-/// With `pace`, each client starts a request at most every `pace` (an offered load below
-/// saturation, for latency); without, as fast as acknowledgements come (throughput).
-async fn post_all(
-    base: &str,
-    store: &Store,
-    per_client: Vec<Vec<Vec<u8>>>,
-    records: usize,
-    pace: Option<Duration>,
-) -> Run {
+/// flight per client (a ledger waits for the acknowledgement before dropping its outbox entries),
+/// as fast as acknowledgements come (throughput; a closed loop, so its latencies are those of a
+/// saturated server).
+async fn post_all(base: &str, store: &Store, per_client: Vec<Vec<Vec<u8>>>, records: usize) -> Run {
     let g0 = store.group_commits();
     let cpu0 = cpu_secs();
     let t = Instant::now();
@@ -229,15 +225,7 @@ async fn post_all(
                 .build()
                 .expect("client");
             let mut lat = Vec::with_capacity(bodies.len());
-            let mut tick = pace.map(|p| {
-                let mut i = tokio::time::interval(p);
-                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                i
-            });
             for body in bodies {
-                if let Some(tick) = tick.as_mut() {
-                    tick.tick().await;
-                }
                 let n = body.len();
                 let t = Instant::now();
                 let r = http
@@ -278,6 +266,135 @@ async fn post_all(
     }
 }
 
+/// One request's times in milliseconds: as the client saw it (scheduled send to the end of the
+/// answer), and the server's stages from its `Server-Timing` header.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    client: f64,
+    body: f64,
+    verify: f64,
+    queue: f64,
+    commit: f64,
+    total: f64,
+}
+
+fn parse_server_timing(v: &str) -> Sample {
+    let mut s = Sample::default();
+    for part in v.split(',') {
+        let Some((name, dur)) = part.trim().split_once(";dur=") else {
+            continue;
+        };
+        let d: f64 = dur.parse().unwrap_or(f64::NAN);
+        match name {
+            "body" => s.body = d,
+            "verify" => s.verify = d,
+            "queue" => s.queue = d,
+            "commit" => s.commit = d,
+            "total" => s.total = d,
+            _ => {}
+        }
+    }
+    s
+}
+
+/// An open-loop run: batches are sent on a fixed schedule (`rate` requests per second) whether or
+/// not earlier ones were answered, over a shared pool of HTTPS connections, so a slow answer does
+/// not hold back the next request (no coordinated omission). Latency counts from the scheduled
+/// send. The first tenth of the requests warms the connection pool and is left out.
+async fn open_loop(
+    base: &str,
+    store: &Store,
+    bodies: Vec<Vec<u8>>,
+    records: usize,
+    rate: f64,
+) -> (Run, Vec<Sample>) {
+    let http = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .expect("client");
+    let url = format!("{base}/api/v1/usage");
+    let n = bodies.len();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    // At most this many requests outstanding; beyond it the generator waits (and that wait shows
+    // in the latency, since it counts from the schedule).
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+    let g0 = store.group_commits();
+    let cpu0 = cpu_secs();
+    let t0 = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for (k, body) in bodies.into_iter().enumerate() {
+        let at = t0 + interval * k as u32;
+        tokio::time::sleep_until(at).await;
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore");
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(&url)
+                .header("content-type", "application/cbor")
+                .body(body)
+                .send()
+                .await
+                .expect("post");
+            assert!(r.status().is_success(), "{}", r.status());
+            let timing = r
+                .headers()
+                .get("server-timing")
+                .and_then(|v| v.to_str().ok())
+                .map(parse_server_timing)
+                .unwrap_or_default();
+            let text = r.text().await.expect("answer");
+            let client = at.elapsed().as_secs_f64() * 1000.0;
+            drop(permit);
+            assert!(
+                !text.contains("rejected") && !text.contains("retry"),
+                "{}",
+                &text[..text.len().min(300)]
+            );
+            Sample { client, ..timing }
+        }));
+    }
+    let mut samples = Vec::with_capacity(n);
+    for t in tasks {
+        samples.push(t.await.expect("request task"));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - cpu0;
+    let g1 = store.group_commits();
+    let samples: Vec<Sample> = samples.split_off(n / 10);
+    let mut latencies: Vec<Duration> = samples
+        .iter()
+        .map(|s| Duration::from_secs_f64(s.client / 1000.0))
+        .collect();
+    latencies.sort();
+    (
+        Run {
+            records,
+            secs,
+            cpu,
+            latencies,
+            commits: g1.commits - g0.commits,
+            batches: g1.batches - g0.batches,
+            commit_time: g1.busy - g0.busy,
+        },
+        samples,
+    )
+}
+
+/// Picks one stage's milliseconds out of a sample.
+type StageOf = fn(&Sample) -> f64;
+
+/// p50 and p99 of one stage over the samples, in milliseconds.
+fn stage(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> (f64, f64) {
+    let mut v: Vec<f64> = samples.iter().map(f).collect();
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    (at(0.5), at(0.99))
+}
+
 fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let total = env("BENCH_RECORDS", 100_000);
@@ -307,18 +424,20 @@ fn main() {
     eprintln!("signing {total} records…");
     let tput = make_batches(1, &hosts, total, batch);
     let lat_batch = 50;
-    let lat_total = (total / 5).max(clients * lat_batch);
-    let lat = make_batches(2, &hosts, lat_total, lat_batch);
+    let loads: Vec<f64> = std::env::var("BENCH_LOADS")
+        .unwrap_or_else(|_| "0.25,0.5".into())
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    let lat_secs = env("BENCH_LAT_SECS", 5) as f64;
     let flat: Vec<Vec<Envelope>> = tput.iter().flatten().cloned().collect();
     let n_tput: usize = flat.iter().map(Vec::len).sum();
-    let n_lat: usize = lat.iter().flatten().map(Vec::len).sum();
     let bodies = |b: &Vec<Vec<Vec<Envelope>>>| -> Vec<Vec<Vec<u8>>> {
         b.iter()
             .map(|c| c.iter().map(cbor::to_vec).collect())
             .collect()
     };
     let tput_bodies = bodies(&tput);
-    let lat_bodies = bodies(&lat);
     let flat_bodies: Vec<Vec<u8>> = tput_bodies.iter().flatten().cloned().collect();
 
     eprintln!("raw verify_batch and the verification path…");
@@ -377,14 +496,37 @@ fn main() {
         .build()
         .expect("client runtime");
     eprintln!("ingest over HTTPS…");
-    let (t_run, l_run) = client_rt.block_on(async {
-        let t = post_all(&base, &store, tput_bodies, n_tput, None).await;
-        // Offer half the throughput just measured, spread over the clients.
-        let rate = n_tput as f64 / t.secs / 2.0;
-        let pace = Duration::from_secs_f64(lat_batch as f64 * clients as f64 / rate.max(1.0));
-        let l = post_all(&base, &store, lat_bodies, n_lat, Some(pace)).await;
-        (t, l)
-    });
+    let t_run = client_rt.block_on(post_all(&base, &store, tput_bodies, n_tput));
+    let capacity = n_tput as f64 / t_run.secs;
+    let mut l_runs = Vec::new();
+    let mut n_lat = 0;
+    for (i, load) in loads.iter().enumerate() {
+        // Offered: this fraction of the throughput just measured, for `lat_secs`, in batches of
+        // `lat_batch`, the hosts taking turns.
+        let rate = capacity * load;
+        let per_host = ((rate * lat_secs) as usize / lat_batch / clients).max(2);
+        eprintln!(
+            "open loop at {:.0} % of capacity ({rate:.0} records/s)…",
+            load * 100.0
+        );
+        let signed = make_batches(
+            2 + i as u32,
+            &hosts,
+            per_host * lat_batch * clients,
+            lat_batch,
+        );
+        let mut order = Vec::with_capacity(per_host * clients);
+        for b in 0..per_host {
+            for host in &signed {
+                order.push(cbor::to_vec(&host[b]));
+            }
+        }
+        let n = order.len() * lat_batch;
+        n_lat += n;
+        let (run, samples) =
+            client_rt.block_on(open_loop(&base, &store, order, n, rate / lat_batch as f64));
+        l_runs.push((*load, rate, run, samples));
+    }
     handle.shutdown();
 
     println!(
@@ -402,18 +544,25 @@ fn main() {
     );
     row(&format!("raw verify_batch, {cores} threads"), rawn);
     row("raw verify_batch + key decompression, 1 thread", rawd);
-    row("verification path (decode + open_batch), 1 thread", open1);
+    row(
+        "verification path (decode + open_batch_messages), 1 thread",
+        open1,
+    );
     row(&format!("verification path, {cores} threads"), openn);
     let t_rate = Rate::new(t_run.records, t_run.secs, t_run.cpu);
-    let l_rate = Rate::new(l_run.records, l_run.secs, l_run.cpu);
     row(
         &format!("end to end, throughput (batches of {batch})"),
         t_rate,
     );
-    row(
-        &format!("end to end, half load paced (batches of {lat_batch})"),
-        l_rate,
-    );
+    for (load, _, r, _) in &l_runs {
+        row(
+            &format!(
+                "end to end, open loop at {:.0} % (batches of {lat_batch})",
+                load * 100.0
+            ),
+            Rate::new(r.records, r.secs, r.cpu),
+        );
+    }
     println!("  ratios (wall rate; CPU cost in brackets, raw / path):");
     println!(
         "    verification path / raw verify_batch, 1 thread: {:.2}× ({:.2}×)",
@@ -430,7 +579,17 @@ fn main() {
         t_rate.per_s / rawn.per_s,
         rawn.cpu_us / t_rate.cpu_us
     );
-    for (name, r) in [("throughput", &t_run), ("half load", &l_run)] {
+    let mut runs = vec![("throughput, closed loop".to_string(), &t_run)];
+    for (load, rate, r, _) in &l_runs {
+        runs.push((
+            format!(
+                "open loop {:.0} % ({rate:.0} records/s offered)",
+                load * 100.0
+            ),
+            r,
+        ));
+    }
+    for (name, r) in runs {
         println!(
             "  durable-ack latency, {name}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
              {} commits for {} batches ({:.1} batches per commit, {:.1} ms each on average)",
@@ -442,6 +601,25 @@ fn main() {
             r.batches as f64 / r.commits.max(1) as f64,
             r.commit_time.as_secs_f64() * 1000.0 / r.commits.max(1) as f64
         );
+    }
+    for (load, _, _, samples) in &l_runs {
+        println!(
+            "  stages at {:.0} % load, p50 / p99 ms (server's Server-Timing; outside = client-seen minus server total: TLS, HTTP, client):",
+            load * 100.0
+        );
+        let stages: [(&str, StageOf); 7] = [
+            ("body read", |s| s.body),
+            ("verify (with wait for a core)", |s| s.verify),
+            ("queue for a writer", |s| s.queue),
+            ("group commit (durable)", |s| s.commit),
+            ("server total", |s| s.total),
+            ("outside the server", |s| s.client - s.total),
+            ("client-seen", |s| s.client),
+        ];
+        for (name, f) in stages {
+            let (p50, p99) = stage(samples, f);
+            println!("    {name:<32} {p50:>8.2} {p99:>8.2}");
+        }
     }
     server_rt.block_on(async {
         let stats = store.stats().await.expect("stats");

@@ -2,7 +2,7 @@
 //! the dashboard, JSON stats, Prometheus metrics and health. One error type decides what clients see.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -12,7 +12,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use gleaner::cbor::{self, Limits};
 use gleaner::enrolment::Enrolment;
-use gleaner::envelope::open_batch;
+use gleaner::envelope::open_batch_messages;
 use gleaner::{Envelope, MachineType, UsageRecord};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::dashboard;
 use crate::ratelimit::{self, Limiter, RateLimits};
 use crate::space::SpaceSnapshot;
-use crate::store::{Outcome, Store, StoreError};
+use crate::store::{IngestTiming, Outcome, Store, StoreError};
 
 /// Addresses tracked by each rate limiter before idle ones are dropped.
 const RATE_LIMIT_CLIENTS: usize = 100_000;
@@ -37,6 +37,9 @@ pub struct AppState {
     pub limiters: Limiters,
     /// The live view of the space when the coordinator joined one (`serve --space`).
     pub space: Option<tokio::sync::watch::Receiver<SpaceSnapshot>>,
+    /// Batches being verified at once: one per core, first come first served, so a burst of
+    /// batches does not time-slice every one of them (and the HTTP workers) into slow answers.
+    verifiers: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -48,6 +51,9 @@ impl AppState {
             metrics: Metrics::default(),
             limiters: Limiters::new(limits),
             space: None,
+            verifiers: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            )),
         }
     }
 
@@ -263,13 +269,13 @@ type Opened = (Vec<Option<Outcome>>, Vec<UsageRecord>);
 fn verify_batch(body: &[u8]) -> Result<Opened, ApiError> {
     let envelopes: Vec<Envelope> = cbor::from_slice(body, &Limits::BATCH, "usage batch")
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let opened = open_batch::<UsageRecord>(&envelopes);
+    let opened = open_batch_messages::<UsageRecord>(&envelopes);
     let mut results: Vec<Option<Outcome>> = Vec::with_capacity(opened.len());
     let mut good = Vec::with_capacity(opened.len());
     for r in opened {
         match r {
-            Ok(v) => {
-                good.push(v.message);
+            Ok((_, record)) => {
+                good.push(record);
                 results.push(None);
             }
             Err(e) => results.push(Some(Outcome::Rejected {
@@ -280,17 +286,55 @@ fn verify_batch(body: &[u8]) -> Result<Opened, ApiError> {
     Ok((results, good))
 }
 
+/// When a request's headers arrived (set by [`stamp`]), to tell body reading from the rest.
+#[derive(Debug, Clone, Copy)]
+struct Arrived(Instant);
+
+async fn stamp(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    req.extensions_mut().insert(Arrived(Instant::now()));
+    next.run(req).await
+}
+
+/// The `Server-Timing` value (milliseconds) of an ingest answer: body read, verification (with
+/// its wait for a free core), waiting for a writer, the group's durable commit, and the total.
+fn server_timing(body: Duration, verify: Duration, store: IngestTiming, total: Duration) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "body;dur={:.3}, verify;dur={:.3}, queue;dur={:.3}, commit;dur={:.3}, total;dur={:.3}",
+        ms(body),
+        ms(verify),
+        ms(store.queued),
+        ms(store.commit),
+        ms(total)
+    )
+}
+
 async fn ingest(
     State(st): State<Arc<AppState>>,
+    arrived: Option<axum::Extension<Arrived>>,
     body: Bytes,
-) -> Result<axum::Json<BatchResponse>, ApiError> {
-    // Decoding and signature verification are CPU work: off the async workers.
-    let (results, good) = tokio::task::spawn_blocking(move || verify_batch(&body))
+) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let arrived = arrived.map_or(start, |a| a.0.0);
+    // Decoding and signature verification are CPU work: off the async workers, one batch per core.
+    let permit = st
+        .verifiers
+        .clone()
+        .acquire_owned()
         .await
-        .map_err(|e| ApiError::Internal(format!("verification task: {e}")))??;
-    let stored = st.store.ingest(good, now()).await?;
+        .map_err(|e| ApiError::Internal(format!("verification slots: {e}")))?;
+    let (results, good) = tokio::task::spawn_blocking(move || {
+        let opened = verify_batch(&body);
+        drop(permit);
+        opened
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("verification task: {e}")))??;
+    let verified = Instant::now();
+    let stored = st.store.ingest_timed(good, now()).await?;
     st.metrics.batches.inc();
-    let mut stored = stored.into_iter();
+    let timing = stored.timing;
+    let mut stored = stored.outcomes.into_iter();
     let results = results
         .into_iter()
         .map(|r| {
@@ -308,7 +352,18 @@ async fn ingest(
             serde_json::to_value(o).unwrap_or_default()
         })
         .collect();
-    Ok(axum::Json(BatchResponse { results }))
+    let mut resp = axum::Json(BatchResponse { results }).into_response();
+    let timing = server_timing(
+        start.saturating_duration_since(arrived),
+        verified - start,
+        timing,
+        arrived.elapsed(),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&timing) {
+        resp.headers_mut()
+            .insert(header::HeaderName::from_static("server-timing"), v);
+    }
+    Ok(resp)
 }
 
 /// The enrolment request body.
@@ -457,7 +512,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/space", get(space_json))
         .route(
             "/api/v1/usage",
-            post(ingest).route_layer(limited(&state.limiters.ingest)),
+            post(ingest)
+                .route_layer(limited(&state.limiters.ingest))
+                .route_layer(axum::middleware::from_fn(stamp)),
         )
         .route(
             "/api/v1/enrol",

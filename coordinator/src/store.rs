@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use gleaner::credit::credit;
 use gleaner::{PublicKey, UsageRecord};
@@ -89,11 +90,33 @@ const INSERT_CHUNK: usize = 1000;
 const GROUP_MAX_RECORDS: usize = 20_000;
 /// Batches waiting for the writer; senders wait (back-pressure) when it is full.
 const WRITER_QUEUE: usize = 256;
+/// Group-commit writers on PostgreSQL (each holds a pooled connection while it commits).
+const PG_WRITERS: usize = 3;
 
 struct Job {
     records: Vec<UsageRecord>,
     now: u64,
-    reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+    /// When the request handed the batch to the writers (for [`IngestTiming::queued`]).
+    queued: Instant,
+    reply: oneshot::Sender<Result<Stored, StoreError>>,
+}
+
+/// A batch's outcomes and how long the store took over it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// One per record, in order.
+    pub outcomes: Vec<Outcome>,
+    pub timing: IngestTiming,
+}
+
+/// Where a batch's time in the store went (reported in the ingest answer's `Server-Timing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestTiming {
+    /// From handing the batch over until a writer took it into a group: the queue, and a commit
+    /// in flight on every writer.
+    pub queued: Duration,
+    /// Its group's transaction, begin to durable commit (with a one-by-one retry, that one).
+    pub commit: Duration,
 }
 
 /// The coordinator's database.
@@ -109,7 +132,7 @@ pub struct Store {
 pub struct GroupStats {
     pub commits: u64,
     pub batches: u64,
-    pub busy: std::time::Duration,
+    pub busy: Duration,
 }
 
 /// How well group commit is grouping: transactions committed and the batches they held.
@@ -226,7 +249,16 @@ impl Store {
         };
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let groups = Arc::new(GroupCounters::default());
-        tokio::spawn(writer(pool.clone(), rx, groups.clone()));
+        // SQLite has one writer at a time (a second would wait on the lock); PostgreSQL commits
+        // several transactions concurrently and flushes their WAL together.
+        let writers = match pool {
+            Pool::Sqlite(_) => 1,
+            Pool::Postgres(_) => PG_WRITERS,
+        };
+        let rx: Queue = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..writers {
+            tokio::spawn(writer(pool.clone(), rx.clone(), groups.clone()));
+        }
         Ok(Store {
             pool,
             writer: tx,
@@ -240,7 +272,7 @@ impl Store {
         GroupStats {
             commits: self.groups.commits.load(Ordering::Relaxed),
             batches: self.groups.batches.load(Ordering::Relaxed),
-            busy: std::time::Duration::from_micros(self.groups.micros.load(Ordering::Relaxed)),
+            busy: Duration::from_micros(self.groups.micros.load(Ordering::Relaxed)),
         }
     }
 
@@ -329,14 +361,28 @@ impl Store {
         records: Vec<UsageRecord>,
         now: u64,
     ) -> Result<Vec<Outcome>, StoreError> {
+        Ok(self.ingest_timed(records, now).await?.outcomes)
+    }
+
+    /// As [`Store::ingest`], also saying how long the batch waited for a writer and how long its
+    /// group's commit took.
+    pub async fn ingest_timed(
+        &self,
+        records: Vec<UsageRecord>,
+        now: u64,
+    ) -> Result<Stored, StoreError> {
         if records.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Stored {
+                outcomes: Vec::new(),
+                timing: IngestTiming::default(),
+            });
         }
         let (reply, rx) = oneshot::channel();
         self.writer
             .send(Job {
                 records,
                 now,
+                queued: Instant::now(),
                 reply,
             })
             .await
@@ -602,33 +648,53 @@ impl Store {
     }
 }
 
-/// The group-commit writer: takes every batch queued while the previous commit ran and commits
-/// them together. If a group fails, each batch is retried alone so that one cannot sink the others.
-async fn writer(pool: Pool, mut rx: mpsc::Receiver<Job>, groups: Arc<GroupCounters>) {
-    while let Some(first) = rx.recv().await {
-        let mut n = first.records.len();
-        let mut jobs = vec![first];
-        while n < GROUP_MAX_RECORDS {
-            match rx.try_recv() {
-                Ok(j) => {
-                    n += j.records.len();
-                    jobs.push(j);
+/// The batches waiting for a writer, shared by the writers: whichever is free takes the next group.
+type Queue = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
+
+/// A group-commit writer: takes every batch queued while it (and the other writers) committed and
+/// commits them together. If a group fails, each batch is retried alone so that one cannot sink
+/// the others. Several writers overlap their commits on PostgreSQL: one collects and inserts the
+/// next group while another waits for its commit to be durable.
+async fn writer(pool: Pool, rx: Queue, groups: Arc<GroupCounters>) {
+    loop {
+        // The lock is held only while collecting, so the next free writer collects the next group
+        // while this one commits.
+        let mut jobs = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut n = first.records.len();
+            let mut jobs = vec![first];
+            while n < GROUP_MAX_RECORDS {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        n += j.records.len();
+                        jobs.push(j);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
-        }
-        let started = std::time::Instant::now();
+            jobs
+        };
+        let started = Instant::now();
+        let timing = |job: &Job, commit: Duration| IngestTiming {
+            queued: started.saturating_duration_since(job.queued),
+            commit,
+        };
         match commit_group(&pool, &jobs).await {
             Ok(outs) => {
+                let took = started.elapsed();
                 groups.commits.fetch_add(1, Ordering::Relaxed);
                 groups
                     .micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
                 groups
                     .batches
                     .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-                for (job, out) in jobs.into_iter().zip(outs) {
-                    let _ = job.reply.send(Ok(out));
+                for (job, outcomes) in jobs.into_iter().zip(outs) {
+                    let timing = timing(&job, took);
+                    let _ = job.reply.send(Ok(Stored { outcomes, timing }));
                 }
             }
             Err(e) if jobs.len() == 1 => {
@@ -642,9 +708,13 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Job>, groups: Arc<GroupCounte
                     jobs.len()
                 );
                 for job in jobs {
+                    let alone = Instant::now();
                     let r = commit_group(&pool, std::slice::from_ref(&job))
                         .await
-                        .map(|mut o| o.pop().unwrap_or_default());
+                        .map(|mut o| Stored {
+                            outcomes: o.pop().unwrap_or_default(),
+                            timing: timing(&job, alone.elapsed()),
+                        });
                     let _ = job.reply.send(r);
                 }
             }
