@@ -90,8 +90,12 @@ const INSERT_CHUNK: usize = 1000;
 const GROUP_MAX_RECORDS: usize = 20_000;
 /// Batches waiting for the writer; senders wait (back-pressure) when it is full.
 const WRITER_QUEUE: usize = 256;
-/// Group-commit writers on PostgreSQL (each holds a pooled connection while it commits).
-const PG_WRITERS: usize = 3;
+/// Group-commit writers on PostgreSQL (each holds a pooled connection while it commits). One, like
+/// SQLite: with three overlapping writers, two groups holding the same record ids (a ledger
+/// re-sending a batch) wait on each other's uncommitted rows, PostgreSQL aborts one as a deadlock,
+/// and a batch alone in its group got a 503 (CI caught it in `ingest.rs`'s concurrency test). More
+/// writers need the ids inserted in one global order and a retry on deadlock first.
+const PG_WRITERS: usize = 1;
 
 struct Job {
     records: Vec<UsageRecord>,
