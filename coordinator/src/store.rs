@@ -90,12 +90,6 @@ const INSERT_CHUNK: usize = 1000;
 const GROUP_MAX_RECORDS: usize = 20_000;
 /// Batches waiting for the writer; senders wait (back-pressure) when it is full.
 const WRITER_QUEUE: usize = 256;
-/// Group-commit writers on PostgreSQL (each holds a pooled connection while it commits). One, like
-/// SQLite: with three overlapping writers, two groups holding the same record ids (a ledger
-/// re-sending a batch) wait on each other's uncommitted rows, PostgreSQL aborts one as a deadlock,
-/// and a batch alone in its group got a 503 (CI caught it in `ingest.rs`'s concurrency test). More
-/// writers need the ids inserted in one global order and a retry on deadlock first.
-const PG_WRITERS: usize = 1;
 
 struct Job {
     records: Vec<UsageRecord>,
@@ -253,16 +247,12 @@ impl Store {
         };
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let groups = Arc::new(GroupCounters::default());
-        // SQLite has one writer at a time (a second would wait on the lock); PostgreSQL commits
-        // several transactions concurrently and flushes their WAL together.
-        let writers = match pool {
-            Pool::Sqlite(_) => 1,
-            Pool::Postgres(_) => PG_WRITERS,
-        };
-        let rx: Queue = Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..writers {
-            tokio::spawn(writer(pool.clone(), rx.clone(), groups.clone()));
-        }
+        // One writer per store. SQLite has one writer at a time anyway. On PostgreSQL, three
+        // overlapping writers deadlocked when two groups held the same record ids (a ledger
+        // re-sending a batch) and a batch alone in its group got a 503 (CI caught it in
+        // `ingest.rs`'s concurrency test): more writers need one global insert order and a retry
+        // on deadlock first.
+        tokio::spawn(writer(pool.clone(), rx, groups.clone()));
         Ok(Store {
             pool,
             writer: tx,
@@ -652,19 +642,11 @@ impl Store {
     }
 }
 
-/// The batches waiting for a writer, shared by the writers: whichever is free takes the next group.
-type Queue = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
-
-/// A group-commit writer: takes every batch queued while it (and the other writers) committed and
-/// commits them together. If a group fails, each batch is retried alone so that one cannot sink
-/// the others. Several writers overlap their commits on PostgreSQL: one collects and inserts the
-/// next group while another waits for its commit to be durable.
-async fn writer(pool: Pool, rx: Queue, groups: Arc<GroupCounters>) {
+/// The group-commit writer: takes every batch queued while it committed and commits them together.
+/// If a group fails, each batch is retried alone so that one cannot sink the others.
+async fn writer(pool: Pool, mut rx: mpsc::Receiver<Job>, groups: Arc<GroupCounters>) {
     loop {
-        // The lock is held only while collecting, so the next free writer collects the next group
-        // while this one commits.
         let mut jobs = {
-            let mut rx = rx.lock().await;
             let Some(first) = rx.recv().await else {
                 return;
             };
