@@ -58,16 +58,22 @@ target_dir=${CARGO_TARGET_DIR:-target}
 mkdir -p "$out"
 for pair in "${crates[@]}"; do
   IFS=: read -r crate bin <<<"$pair"
-  if [[ $profile == dist ]]; then
-    cargo build --profile dist --locked -p "$crate"
-  elif [[ ! -x "$target_dir/debug/$bin" ]]; then
-    # The installer tests run inside `cargo test`, which already built every binary: no nested cargo.
-    if [[ -n "${GLEANER_DEBS_NO_BUILD:-}" ]]; then
-      echo "build-debs.sh: $target_dir/debug/$bin is missing; cargo build -p $crate (or cargo test --workspace) first" >&2
-      exit 1
+  # The client package also ships the VM helper (its own crate, vmhost/), beside `gleaner`.
+  builds=("$crate:$bin")
+  [[ $crate == gleaner-client ]] && builds+=("gleaner-vmhost:gleaner-vmhost")
+  for b in "${builds[@]}"; do
+    IFS=: read -r bcrate bbin <<<"$b"
+    if [[ $profile == dist ]]; then
+      cargo build --profile dist --locked -p "$bcrate"
+    elif [[ ! -x "$target_dir/debug/$bbin" ]]; then
+      # The installer tests run inside `cargo test`, which already built every binary: no nested cargo.
+      if [[ -n "${GLEANER_DEBS_NO_BUILD:-}" ]]; then
+        echo "build-debs.sh: $target_dir/debug/$bbin is missing; cargo build -p $bcrate (or cargo test --workspace) first" >&2
+        exit 1
+      fi
+      cargo build --locked -p "$bcrate"
     fi
-    cargo build --locked -p "$crate"
-  fi
+  done
   # --no-build: the binary is the one just built (or the one cargo test built); -q hides the
   # dev-profile warning, which is expected here.
   args=(-p "$crate" --no-build --profile "$profile" -o "$out")

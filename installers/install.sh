@@ -8,7 +8,8 @@
 #   install.sh --uninstall [--purge]
 #
 #   --binary PATH  the `gleaner` binary to install [default: ./gleaner beside this script, else
-#                  target/release/gleaner of the source tree it is in]
+#                  target/release/gleaner of the source tree it is in]; the VM helper
+#                  gleaner-vmhost beside it is installed too
 #   --no-enable    install the units but do not enable or start the service
 #   --uninstall    stop the service and desktop users' own daemons, remove Gleaner's containers and
 #                  domains (`gleaner cleanup`), the binary and the units; keep the ledger, host key
@@ -111,7 +112,7 @@ if [ "$uninstall" = yes ]; then
                 say "cleanup of $name's desktop daemon failed; see above"
         done
     fi
-    rm -f "$bin" "$unit_dir/gleaner.service" "$user_unit_dir/gleaner.service"
+    rm -f "$bin" "$prefix/bin/gleaner-vmhost" "$unit_dir/gleaner.service" "$user_unit_dir/gleaner.service"
     [ "$systemd_running" = yes ] && systemctl daemon-reload
     if [ "$purge" = yes ]; then
         rm -rf /var/lib/gleaner /etc/gleaner /run/gleaner
@@ -132,9 +133,14 @@ if [ -z "$binary" ]; then
     [ -n "$binary" ] || die "no gleaner binary beside this script or in target/release; build it (cargo build --release -p gleaner-client) or pass --binary PATH"
 fi
 [ -x "$binary" ] || die "$binary is not an executable file"
-# The binary links the libvirt client library (VM support): install it when it is missing.
-if ldd "$binary" 2>/dev/null | grep -q 'libvirt.so.0 => not found'; then
-    say "installing the libvirt client library that gleaner links (VMs)"
+# The VM helper ships beside the binary; it alone links the libvirt client library (VMs): install
+# that when it is missing. Without the helper, containers still run and `gleaner doctor` says so.
+vmhost=$(dirname "$binary")/gleaner-vmhost
+if [ ! -x "$vmhost" ]; then
+    say "note: no gleaner-vmhost beside $binary: VM machine types will be refused (containers run)"
+    vmhost=
+elif ldd "$vmhost" 2>/dev/null | grep -q 'libvirt.so.0 => not found'; then
+    say "installing the libvirt client library that gleaner-vmhost links (VMs)"
     case "$family" in
     debian) { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libvirt0 ca-certificates >/dev/null; } ||
         die "could not install libvirt0 (apt-get install libvirt0); nothing installed" ;;
@@ -157,6 +163,10 @@ fi
 install -d -m 0755 "$prefix/bin"
 install -m 0755 "$binary" "$prefix/bin/gleaner.new"
 mv -f "$prefix/bin/gleaner.new" "$prefix/bin/gleaner"
+if [ -n "$vmhost" ]; then
+    install -m 0755 "$vmhost" "$prefix/bin/gleaner-vmhost.new"
+    mv -f "$prefix/bin/gleaner-vmhost.new" "$prefix/bin/gleaner-vmhost"
+fi
 
 getent group gleaner >/dev/null || groupadd --system gleaner
 if ! getent passwd gleaner >/dev/null; then

@@ -91,11 +91,37 @@ pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec
         },
         fix: (!(kvm_dev && flags)).then(|| "enable hardware virtualisation in the firmware; containers work without it".into()),
     });
-    // The real VM engine: libvirtd reachable, and its probe (a test boot before trusting KVM).
+    // The VM helper (libvirt runs in it, never in the daemon), then the real VM engine through
+    // it: libvirtd reachable, and its probe (a test boot before trusting KVM).
+    let helper = crate::runtime::vmhost::find_helper();
+    out.push(Check {
+        name: "vm helper",
+        ok: helper.is_ok(),
+        detail: match &helper {
+            Ok(p) => format!("{} (started only while VMs need libvirt)", p.display()),
+            Err(e) => e.clone(),
+        },
+        fix: helper.is_err().then(|| {
+            "reinstall the gleaner-client package, which ships gleaner-vmhost beside gleaner".into()
+        }),
+    });
     let vm_dir = std::env::temp_dir().join(format!("gleaner-doctor-vms-{}", std::process::id()));
-    let cfg = crate::runtime::libvirt::LibvirtConfig::new("gleaner-doctor", vm_dir.clone());
-    match crate::runtime::libvirt::LibvirtRuntime::connect(cfg).await {
-        Ok(rt) => match rt.probe().await {
+    let cfg = crate::runtime::vmhost::LibvirtConfig::new("gleaner-doctor", vm_dir.clone());
+    let connected = match helper {
+        Ok(h) => Some(crate::runtime::vmhost::VmHostRuntime::connect(cfg, h).await),
+        Err(_) => None,
+    };
+    match connected {
+        // Said above, with the fix: without the helper libvirt is not tried.
+        None => out.push(Check {
+            name: "vm backend",
+            ok: false,
+            detail: "not tried without the VM helper; vm machine types are refused, containers \
+                     still run"
+                .into(),
+            fix: None,
+        }),
+        Some(Ok(rt)) => match rt.probe().await {
             Ok(p) => out.push(Check {
                 name: "vm backend",
                 ok: true,
@@ -116,7 +142,7 @@ pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec
                 ),
             }),
         },
-        Err(e) => out.push(Check {
+        Some(Err(e)) => out.push(Check {
             name: "vm backend",
             ok: false,
             detail: format!("{e}; vm machine types are refused, containers still run"),
@@ -151,6 +177,35 @@ pub async fn checks(coordinator: Option<(&str, Option<gleaner::Digest>)>) -> Vec
              in the user's session (DISPLAY set) or with logind on the system bus"
                 .into()
         }),
+    });
+    // A freeze through the kernel's cgroup freezer takes milliseconds; without write access to
+    // the cgroups (an unprivileged user, systemd's ProtectControlGroups) the runtimes fall back
+    // to the engines' own pause, and the idle CPU class is not set either.
+    out.push(match crate::runtime::freezer::writable() {
+        Ok(dir) => Check {
+            name: "fast freeze",
+            ok: true,
+            detail: format!(
+                "guests are frozen through their cgroups ({}) in milliseconds, and run in the \
+                 idle CPU class while the owner is present",
+                dir.display()
+            ),
+            fix: None,
+        },
+        Err(e) => Check {
+            name: "fast freeze",
+            ok: false,
+            detail: format!(
+                "cannot write the cgroups ({e}): guests are frozen by the engines instead \
+                 (docker pause, virDomainSuspend: tens to hundreds of ms when the owner returns) \
+                 and keep normal CPU weight while throttled"
+            ),
+            fix: Some(
+                "run the daemon as root, or give it write access to /sys/fs/cgroup \
+                 (see docs/guides/department.md, \"Yielding fast\")"
+                    .into(),
+            ),
+        },
     });
     if let Some((url, pin)) = coordinator {
         let r = match crate::pinning::http_client(pin) {

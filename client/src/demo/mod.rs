@@ -214,9 +214,12 @@ fn vm_assets(dir: &Path) -> Result<(PathBuf, PathBuf)> {
 async fn vm_project(dir: &Path) -> Option<(PathBuf, PathBuf)> {
     step("checking the VM engine");
     let cfg =
-        crate::runtime::libvirt::LibvirtConfig::new("gleaner-demo-probe", dir.join("probe-vms"));
-    let probe = match crate::runtime::libvirt::LibvirtRuntime::connect(cfg).await {
-        Ok(rt) => rt.probe().await,
+        crate::runtime::vmhost::LibvirtConfig::new("gleaner-demo-probe", dir.join("probe-vms"));
+    let probe = match crate::runtime::vmhost::find_helper() {
+        Ok(helper) => match crate::runtime::vmhost::VmHostRuntime::connect(cfg, helper).await {
+            Ok(rt) => rt.probe().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
         Err(e) => Err(e),
     };
     let _ = std::fs::remove_dir_all(dir.join("probe-vms"));
@@ -588,8 +591,10 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     }
     if vm.is_some() {
         for host in &hosts {
-            let cfg = crate::runtime::libvirt::LibvirtConfig::new(host, dir.join("probe-vms"));
-            if let Ok(rt) = crate::runtime::libvirt::LibvirtRuntime::connect(cfg).await {
+            let cfg = crate::runtime::vmhost::LibvirtConfig::new(host, dir.join("probe-vms"));
+            if let Ok(helper) = crate::runtime::vmhost::find_helper()
+                && let Ok(rt) = crate::runtime::vmhost::VmHostRuntime::connect(cfg, helper).await
+            {
                 left += rt.list_owned().await.map(|l| l.len()).unwrap_or(0);
             }
             let _ = std::fs::remove_dir_all(dir.join("probe-vms"));

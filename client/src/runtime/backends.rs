@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::docker::DockerRuntime;
-use super::libvirt::{LibvirtConfig, LibvirtRuntime};
+use super::vmhost::{LibvirtConfig, VmHostRuntime};
 use super::{
     Backend, EngineKind, ImageSource, Limits, MachineHandle, MachineSpec, MachineState,
     OwnedMachine, PreparedImage, Probe, Progress, Runtime, RuntimeError, Usage,
@@ -20,7 +20,7 @@ use super::{
 
 /// Containers on `C`, VMs on `V`; either may be missing (not installed, not running, turned off).
 #[derive(Debug)]
-pub struct Backends<C: Runtime = DockerRuntime, V: Runtime = LibvirtRuntime> {
+pub struct Backends<C: Runtime = DockerRuntime, V: Runtime = VmHostRuntime> {
     containers: Option<C>,
     vms: Option<V>,
     /// Which backend's engine made each machine, by engine id.
@@ -29,8 +29,9 @@ pub struct Backends<C: Runtime = DockerRuntime, V: Runtime = LibvirtRuntime> {
     skipped: Vec<String>,
 }
 
-/// The runtime the daemon runs: Docker for containers, libvirt for VMs.
-pub type HostRuntime = Backends<DockerRuntime, LibvirtRuntime>;
+/// The runtime the daemon runs: Docker for containers, libvirt (through the `gleaner-vmhost`
+/// helper process) for VMs.
+pub type HostRuntime = Backends<DockerRuntime, VmHostRuntime>;
 
 fn missing(backend: Backend) -> RuntimeError {
     RuntimeError::Unsupported(match backend {
@@ -310,6 +311,8 @@ pub struct ConnectOptions {
     pub vms: bool,
     /// libvirt's URI (normally `qemu:///system`).
     pub libvirt_uri: String,
+    /// The VM helper; `None`: found by [`super::vmhost::find_helper`] (beside this executable).
+    pub vmhost: Option<PathBuf>,
 }
 
 impl ConnectOptions {
@@ -320,7 +323,8 @@ impl ConnectOptions {
             disk_bytes,
             containers: true,
             vms: true,
-            libvirt_uri: super::libvirt::DEFAULT_URI.into(),
+            libvirt_uri: super::vmhost::DEFAULT_URI.into(),
+            vmhost: None,
         }
     }
 }
@@ -351,8 +355,18 @@ pub async fn connect(opts: &ConnectOptions) -> HostRuntime {
         let mut cfg = LibvirtConfig::new(&opts.owner, vm_state_dir(&opts.state_dir));
         cfg.uri = opts.libvirt_uri.clone();
         cfg.cache_quota_bytes = opts.disk_bytes;
-        match LibvirtRuntime::connect(cfg).await {
-            Ok(v) => Some(v),
+        match opts
+            .vmhost
+            .clone()
+            .map_or_else(super::vmhost::find_helper, Ok)
+        {
+            Ok(helper) => match VmHostRuntime::connect(cfg, helper).await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    skipped.push(format!("vms: skipped ({e})"));
+                    None
+                }
+            },
             Err(e) => {
                 skipped.push(format!("vms: skipped ({e})"));
                 None

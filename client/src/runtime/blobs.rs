@@ -9,7 +9,7 @@ use gleaner::Digest;
 use sha2::Digest as _;
 use tokio::io::AsyncWriteExt;
 
-use super::{EngineKind, Progress, RuntimeError};
+use super::{EngineKind, ImageSource, PreparedImage, Progress, RuntimeError};
 
 /// The cache directory and its quota.
 #[derive(Debug, Clone)]
@@ -27,10 +27,44 @@ fn image_err(url: &str, reason: impl Into<String>) -> RuntimeError {
 }
 
 impl BlobCache {
+    /// A VM's disk image fetched into this verified cache, made readable by the QEMU user (never
+    /// written: each machine writes its own overlay). Both VM runtimes prepare images so: a
+    /// download needs no libvirt.
+    pub async fn prepare_vm_image(
+        &self,
+        source: &ImageSource,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<PreparedImage, RuntimeError> {
+        use std::os::unix::fs::PermissionsExt;
+        if source.url.starts_with("oci://") {
+            return Err(RuntimeError::Unsupported(
+                "a vm image cannot be an oci:// reference".into(),
+            ));
+        }
+        let path = self.fetch(&source.url, &source.sha256, progress).await?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(|e| {
+            RuntimeError::Call {
+                engine: EngineKind::Libvirt,
+                call: "prepare image".into(),
+                reason: format!("{}: {e}", path.display()),
+            }
+        })?;
+        let reference = path
+            .to_str()
+            .ok_or_else(|| {
+                RuntimeError::Unsupported(format!("path {} is not UTF-8", path.display()))
+            })?
+            .to_owned();
+        Ok(PreparedImage {
+            sha256: source.sha256,
+            reference,
+        })
+    }
+
     pub fn new(dir: PathBuf, quota_bytes: u64) -> Result<BlobCache, RuntimeError> {
         std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::Call {
             engine: EngineKind::Docker,
-            call: "create blob cache",
+            call: "create blob cache".into(),
             reason: format!("{}: {e}", dir.display()),
         })?;
         let http = reqwest::Client::builder()

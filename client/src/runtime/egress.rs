@@ -277,7 +277,7 @@ impl Default for Iptables {
 fn fw_error(call: &'static str, reason: String) -> RuntimeError {
     RuntimeError::Call {
         engine: EngineKind::Docker,
-        call,
+        call: call.into(),
         reason,
     }
 }

@@ -243,7 +243,7 @@ impl FakeRuntime {
             let reason = q.remove(0);
             return Err(RuntimeError::Call {
                 engine: EngineKind::Fake,
-                call: name,
+                call: name.into(),
                 reason,
             });
         }
@@ -355,7 +355,7 @@ impl Runtime for FakeRuntime {
         if s.machines.values().any(|m| m.spec.name == spec.name) {
             return Err(RuntimeError::Call {
                 engine: EngineKind::Fake,
-                call: "create",
+                call: "create".into(),
                 reason: format!("the name {} is already in use", spec.name),
             });
         }
@@ -381,7 +381,7 @@ impl Runtime for FakeRuntime {
             }
             other => Err(RuntimeError::Call {
                 engine: EngineKind::Fake,
-                call: "freeze",
+                call: "freeze".into(),
                 reason: format!("{} is {other:?}, not running", m.name),
             }),
         }

@@ -1,8 +1,10 @@
 //! Freezing a VM's QEMU process through its cgroup (v1 `freezer.state`, v2 `cgroup.freeze`), the
 //! way `docker pause` freezes a container: the kernel stops every thread where it stands, with
 //! no round trip through libvirtd's RPC, its job lock and QEMU's monitor (virDomainSuspend).
-//! (Containers stay with `docker pause`: runc reads a frozen cgroup as "paused" and then refuses
-//! to pause it, so a freeze of ours would hide from the engine.)
+//! A container is frozen the same way, through its own cgroup (the Docker runtime finds it from
+//! its id): runc would read that cgroup as "paused" and refuse a `docker pause` on top, so the
+//! Docker runtime never mixes the two on one container — it thaws what it froze, and leaves a
+//! freeze the engine made (its fallback) to `docker unpause`.
 //!
 //! A VM's cgroup is found from the process itself (`/run/libvirt/qemu/<name>.pid`, its `-name guest=<name>` on the
 //! command line, then `/proc/<pid>/cgroup`), so it follows wherever libvirt put the domain. Only
@@ -23,6 +25,30 @@ fn pid_files(name: &str) -> Vec<PathBuf> {
         );
     }
     v
+}
+
+/// Whether this process may freeze cgroups (write the v1 freezer hierarchy or the v2 tree), or
+/// why not: without it every freeze goes through the engines (`docker pause`, virDomainSuspend),
+/// which is tens to hundreds of milliseconds instead of a few.
+pub fn writable() -> Result<PathBuf, String> {
+    let v1 = PathBuf::from("/sys/fs/cgroup/freezer");
+    let dir = if v1.join("freezer.state").exists() || v1.join("tasks").exists() {
+        v1
+    } else {
+        unified_mount().ok_or("no cgroup freezer: neither a v1 freezer hierarchy nor a v2 tree")?
+    };
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{}: not a path", dir.display()))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "{}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ))
+    }
 }
 
 /// Which cgroup interface the freeze goes through.
@@ -102,29 +128,8 @@ impl QemuFreezer {
         if !ours {
             return Err(format!("process {pid} is not the QEMU of {name}"));
         }
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
-        let root = Path::new("/sys/fs/cgroup");
-        let mut found = None;
-        for line in cgroups.lines() {
-            let mut f = line.splitn(3, ':');
-            let (Some(_), Some(ctrl), Some(path)) = (f.next(), f.next(), f.next()) else {
-                continue;
-            };
-            if ctrl.split(',').any(|c| c == "freezer") {
-                found = Some((Kind::V1, root.join("freezer"), path));
-                break;
-            }
-            if ctrl.is_empty() {
-                if let Some(m) = unified_mount() {
-                    found = Some((Kind::V2, m, path));
-                }
-            }
-        }
-        let Some((kind, mount, path)) = found else {
-            return Err(format!("process {pid} is in no freezer cgroup"));
-        };
-        let mut dir = mount.join(path.trim_start_matches('/'));
+        let (CgroupFreezer { dir, kind }, mount) = CgroupFreezer::of_process(pid)?;
+        let mut dir = dir;
         // libvirt may keep QEMU's main thread in a per-thread child (emulator, vcpuN): freeze
         // the domain's own cgroup, which holds them all.
         let leaf = |d: &Path| {
@@ -160,6 +165,57 @@ impl QemuFreezer {
 }
 
 impl CgroupFreezer {
+    /// The freezer of the cgroup process `pid` is in (its own leaf, whoever else shares it), and
+    /// the mount of that hierarchy.
+    pub fn of_process(pid: i32) -> Result<(CgroupFreezer, PathBuf), String> {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
+        let root = Path::new("/sys/fs/cgroup");
+        let mut found = None;
+        for line in cgroups.lines() {
+            let mut f = line.splitn(3, ':');
+            let (Some(_), Some(ctrl), Some(path)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            if ctrl.split(',').any(|c| c == "freezer") {
+                found = Some((Kind::V1, root.join("freezer"), path));
+                break;
+            }
+            if ctrl.is_empty() {
+                if let Some(m) = unified_mount() {
+                    found = Some((Kind::V2, m, path));
+                }
+            }
+        }
+        let Some((kind, mount, path)) = found else {
+            return Err(format!("process {pid} is in no freezer cgroup"));
+        };
+        let dir = mount.join(path.trim_start_matches('/'));
+        Ok((CgroupFreezer { dir, kind }, mount))
+    }
+
+    /// The freezer of the cgroup at `sub` below the hierarchy's root (`gleaner-x/<id>`), in the
+    /// v1 freezer hierarchy or else the v2 tree; `None` when neither has it (another layout, or
+    /// the cgroup is gone).
+    pub fn at(sub: &str) -> Option<CgroupFreezer> {
+        let sub = sub.trim_start_matches('/');
+        if sub.is_empty() || sub.split('/').any(|c| c == ".." || c == ".") {
+            return None;
+        }
+        let v1 = Path::new("/sys/fs/cgroup/freezer").join(sub);
+        if v1.join("freezer.state").exists() {
+            return Some(CgroupFreezer {
+                dir: v1,
+                kind: Kind::V1,
+            });
+        }
+        let v2 = unified_mount()?.join(sub);
+        v2.join("cgroup.freeze").exists().then_some(CgroupFreezer {
+            dir: v2,
+            kind: Kind::V2,
+        })
+    }
+
     fn write(&self, frozen: bool) -> Result<(), String> {
         let (file, value) = match (self.kind, frozen) {
             (Kind::V1, true) => ("freezer.state", "FROZEN"),

@@ -61,7 +61,7 @@ fn image_err(url: &str, reason: impl Into<String>) -> RuntimeError {
 fn call(call: &'static str) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
     move |e| RuntimeError::Call {
         engine: EngineKind::Docker,
-        call,
+        call: call.into(),
         reason: e.to_string(),
     }
 }
@@ -350,7 +350,7 @@ impl ImageStore {
             if let Some(e) = msg.error_detail.and_then(|d| d.message) {
                 return Err(RuntimeError::Call {
                     engine: EngineKind::Docker,
-                    call: "load image",
+                    call: "load image".into(),
                     reason: e,
                 });
             }

@@ -1,4 +1,5 @@
-//! The runtime boundary: how a logical machine becomes a container (Docker Engine) or a VM (libvirt).
+//! The runtime boundary: how a logical machine becomes a container (Docker Engine) or a VM (libvirt,
+//! which runs in the `gleaner-vmhost` helper process: see `vmhost.rs`).
 //!
 //! One trait, a closed set of backends (an enum), each tested against its real engine; the fake serves
 //! the factory's unit tests. Every machine a runtime makes carries ownership labels/metadata so a
@@ -11,8 +12,9 @@ pub mod egress;
 pub mod fake;
 pub mod freezer;
 pub mod image;
-pub mod libvirt;
+pub mod vmhost;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -53,7 +55,7 @@ pub struct Probe {
 }
 
 /// A content-addressed image to make available: a tarball/disk by URL + sha256, or `oci://` pinned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ImageSource {
     pub url: String,
     pub sha256: Digest,
@@ -63,7 +65,7 @@ pub struct ImageSource {
 }
 
 /// An image that is ready in the engine (a Docker image id, or a local disk/kernel path).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PreparedImage {
     pub sha256: Digest,
     /// Docker: the image reference to create containers from. Libvirt: the local file path.
@@ -78,7 +80,7 @@ pub struct Progress {
 }
 
 /// Live resource limits of a machine (changed without restarting it).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// CPU quota in cores (e.g. 1.5); never more than the allocated cores.
     pub cpus: f64,
@@ -86,7 +88,7 @@ pub struct Limits {
 }
 
 /// Everything needed to create one logical machine.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MachineSpec {
     /// Container or VM: which engine makes the machine.
     pub backend: Backend,
@@ -130,7 +132,7 @@ pub enum MachineState {
 }
 
 /// One usage sample from the engine's own accounting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Cumulative CPU time in nanoseconds since the machine started.
     pub cpu_ns: u64,
@@ -139,7 +141,7 @@ pub struct Usage {
 }
 
 /// A machine found in the engine with Gleaner's ownership labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OwnedMachine {
     pub engine_id: String,
     pub name: String,
@@ -148,15 +150,16 @@ pub struct OwnedMachine {
     pub state: MachineState,
 }
 
-/// A runtime failure: which engine call failed and why.
-#[derive(Debug, thiserror::Error)]
+/// A runtime failure: which engine call failed and why. Serialisable: the VM helper sends it back
+/// over its pipe as it was made.
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum RuntimeError {
     #[error("{engine:?} is not reachable: {reason}")]
     Unreachable { engine: EngineKind, reason: String },
     #[error("{engine:?} call {call} failed: {reason}")]
     Call {
         engine: EngineKind,
-        call: &'static str,
+        call: Cow<'static, str>,
         reason: String,
     },
     #[error("image {url}: sha256 is {actual}, the machine type requires {expected}")]
@@ -192,7 +195,7 @@ pub fn egress_supported(backend: Backend, egress: &[String]) -> Result<(), Strin
 }
 
 /// A handle to a machine created by a runtime: its engine id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct MachineHandle {
     pub engine_id: String,
     pub name: String,

@@ -4,6 +4,8 @@
 //! CPU quota via cputune, serial console to a log, suspend/resume, ACPI shutdown with a deadline.
 //!
 //! Every libvirt call is blocking, so each runs on tokio's blocking pool (`spawn_blocking`).
+//! It runs in the `gleaner-vmhost` helper (see `serve.rs`), never in the daemon, which reaches it
+//! through `gleaner_client::runtime::vmhost::VmHostRuntime`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -19,26 +21,24 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainShutoffReason, DomainState, DomainStateReason, SchedulerInfo};
 use virt::error::ErrorNumber;
 
-use super::blobs::BlobCache;
-use super::freezer::QemuFreezer;
-use super::{
+use gleaner_client::runtime::blobs::BlobCache;
+use gleaner_client::runtime::freezer::QemuFreezer;
+use gleaner_client::runtime::vmhost::FREEZE_DEADLINE;
+pub use gleaner_client::runtime::vmhost::{
+    DEFAULT_URI, DomainType, LibvirtConfig, METADATA_NS, SHARE_TAGS,
+};
+use gleaner_client::runtime::{
     Backend, EngineKind, ImageSource, Limits, MachineHandle, MachineSpec, MachineState,
     OwnedMachine, PreparedImage, Probe, Progress, Runtime, RuntimeError, Usage,
 };
 
-/// The XML namespace of Gleaner's domain metadata element (ownership, machine id and type).
-pub const METADATA_NS: &str = "https://gleaner.invalid/ns/libvirt/machine/1";
 const METADATA_PREFIX: &str = "gleaner";
-/// The system libvirtd's QEMU driver.
-pub const DEFAULT_URI: &str = "qemu:///system";
 /// The CFS period the domain's CPU quota is expressed in (µs).
 const CPU_PERIOD_US: u64 = 100_000;
 /// libvirt refuses a CFS quota below 1 ms.
 const MIN_QUOTA_US: i64 = 1_000;
 /// The kernel command line of a direct kernel boot. Fixed: nothing from a machine type reaches it.
 const CMDLINE: &str = "console=ttyS0 panic=-1";
-/// The virtiofs tags the MJF folders are shared under (the guest mounts them by tag).
-pub const SHARE_TAGS: [&str; 3] = ["machinefeatures", "jobfeatures", "joboutputs"];
 /// The only share a guest may write to; the others are served read-only (see `virtiofsd_ro`).
 pub const WRITABLE_SHARE: &str = "joboutputs";
 /// Where virtiofsd is looked for: Debian 13's Rust daemon, then QEMU's own (Debian 12).
@@ -83,59 +83,6 @@ exec unshare -m --propagation private sh -c   'mount --bind "$1" "$1" && mount -
 
 /// What the probe's boot sector prints on the serial port once it runs.
 const PROBE_MARKER: &str = "GLEANER-KVM-OK";
-
-/// The libvirt domain type a machine runs under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DomainType {
-    /// Hardware virtualisation, only when a test boot showed it works.
-    Kvm,
-    /// QEMU's TCG emulation: slow but runs everywhere.
-    Qemu,
-}
-
-impl DomainType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DomainType::Kvm => "kvm",
-            DomainType::Qemu => "qemu",
-        }
-    }
-}
-
-/// Where and how the runtime works.
-#[derive(Debug, Clone)]
-pub struct LibvirtConfig {
-    /// libvirt connection URI, normally [`DEFAULT_URI`].
-    pub uri: String,
-    /// The owner recorded in each domain's metadata: distinguishes daemons sharing one libvirtd.
-    pub owner: String,
-    /// Per-machine files (overlay, seed, console log) live in `<state_dir>/<machine name>/`; the
-    /// directory must be reachable by the QEMU user (libvirt-qemu), so it is made mode 0755.
-    pub state_dir: PathBuf,
-    /// The content-addressed image cache and its quota.
-    pub cache_dir: PathBuf,
-    pub cache_quota_bytes: u64,
-    /// How long the probe's KVM test boot may take before KVM is declared unusable.
-    pub kvm_probe_timeout: Duration,
-    /// Freeze a VM through its QEMU's cgroup (instant; libvirt keeps seeing it running) when
-    /// this process can, else `virDomainSuspend`. Off: always `virDomainSuspend` (the yield
-    /// bench's comparison).
-    pub cgroup_freeze: bool,
-}
-
-impl LibvirtConfig {
-    pub fn new(owner: &str, state_dir: PathBuf) -> LibvirtConfig {
-        LibvirtConfig {
-            uri: DEFAULT_URI.into(),
-            owner: owner.into(),
-            cache_dir: state_dir.join("cache"),
-            state_dir,
-            cache_quota_bytes: 8 << 30,
-            kvm_probe_timeout: Duration::from_secs(10),
-            cgroup_freeze: true,
-        }
-    }
-}
 
 /// The libvirt backend.
 #[derive(Debug, Clone)]
@@ -246,7 +193,7 @@ impl Opener for VirtOpener {
 fn verr(call: &'static str) -> impl FnOnce(virt::error::Error) -> RuntimeError {
     move |e| RuntimeError::Call {
         engine: EngineKind::Libvirt,
-        call,
+        call: call.into(),
         reason: e.message().to_owned(),
     }
 }
@@ -254,7 +201,7 @@ fn verr(call: &'static str) -> impl FnOnce(virt::error::Error) -> RuntimeError {
 fn ioerr<'a>(call: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RuntimeError + 'a {
     move |e| RuntimeError::Call {
         engine: EngineKind::Libvirt,
-        call,
+        call: call.into(),
         reason: format!("{}: {e}", path.display()),
     }
 }
@@ -610,9 +557,6 @@ fn domain_state(dom: &Domain) -> Result<MachineState, virt::error::Error> {
     Ok(map_state(state, reason))
 }
 
-/// How long a cgroup freeze may take before it is undone and libvirt suspends the domain instead.
-const FREEZE_DEADLINE: Duration = Duration::from_secs(2);
-
 /// The freezer of domain `name`'s QEMU if its cgroup is frozen or freezing now.
 fn cgroup_frozen(name: &str) -> Option<QemuFreezer> {
     QemuFreezer::for_domain(name)
@@ -717,13 +661,13 @@ async fn run_tool(
         .await
         .map_err(|e| RuntimeError::Call {
             engine: EngineKind::Libvirt,
-            call,
+            call: call.into(),
             reason: format!("{program}: {e}"),
         })?;
     if !out.status.success() {
         return Err(RuntimeError::Call {
             engine: EngineKind::Libvirt,
-            call,
+            call: call.into(),
             reason: format!(
                 "{program} {}: {}",
                 out.status,
@@ -912,7 +856,7 @@ impl LibvirtRuntime {
             .await
             .map_err(|e| RuntimeError::Call {
                 engine: EngineKind::Libvirt,
-                call: "blocking task",
+                call: "blocking task".into(),
                 reason: e.to_string(),
             })?
     }
@@ -1152,27 +1096,12 @@ impl Runtime for LibvirtRuntime {
         source: &ImageSource,
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<PreparedImage, RuntimeError> {
-        if source.url.starts_with("oci://") {
-            return Err(RuntimeError::Unsupported(
-                "a vm image cannot be an oci:// reference".into(),
-            ));
-        }
-        let path = self
-            .blobs
-            .fetch(&source.url, &source.sha256, progress)
-            .await?;
-        // Read by the QEMU user; never written (each machine writes its own overlay).
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
-            .map_err(ioerr("prepare image", &path))?;
-        Ok(PreparedImage {
-            sha256: source.sha256,
-            reference: path_str(&path)?.to_owned(),
-        })
+        self.blobs.prepare_vm_image(source, progress).await
     }
 
     async fn create(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
         check_name(&spec.name)?;
-        super::egress_supported(Backend::Vm, &spec.egress)
+        gleaner_client::runtime::egress_supported(Backend::Vm, &spec.egress)
             .map_err(|why| RuntimeError::Unsupported(format!("vm {}: {why}", spec.name)))?;
         let virtiofsd_ro = self.virtiofsd_ro.as_deref().ok_or_else(|| {
             RuntimeError::Unsupported(format!(
@@ -1190,7 +1119,7 @@ impl Runtime for LibvirtRuntime {
         {
             return Err(RuntimeError::Call {
                 engine: EngineKind::Libvirt,
-                call: "define domain",
+                call: "define domain".into(),
                 reason: format!("a domain named {} already exists", spec.name),
             });
         }
@@ -1254,7 +1183,7 @@ impl Runtime for LibvirtRuntime {
         if let Some(f) = cgroup_frozen(&m.name) {
             f.thaw().map_err(|reason| RuntimeError::Call {
                 engine: EngineKind::Libvirt,
-                call: "thaw qemu cgroup",
+                call: "thaw qemu cgroup".into(),
                 reason,
             })?;
         }

@@ -1,8 +1,11 @@
 //! The libvirt runtime against the real libvirtd (started by installers/start-engines.sh) with a
-//! real guest: a Debian cloud kernel and a busybox initramfs (tests/assets/build-vm-assets.sh)
+//! real guest: a Debian cloud kernel and a busybox initramfs (client/tests/assets/build-vm-assets.sh)
 //! booted under TCG. user_data and MJF reach the guest, its outputs come back, `virsh dumpxml`
 //! shows the limits, freeze stops CPU time (through QEMU's cgroup, libvirt's calls still answering), stop is graceful (ACPI) or forced at the deadline,
 //! and nothing is left behind. Skipped only when libvirtd is unreachable and CI is unset.
+//! Most tests drive the runtime in process (as the helper does); the last ones drive it as the
+//! daemon does, through the `gleaner-vmhost` helper process: started on demand, let go when idle,
+//! and replaced after it dies mid-call.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -11,10 +14,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gleaner::{Digest, Id16};
-use gleaner_client::runtime::libvirt::{DomainType, LibvirtConfig, LibvirtRuntime, kvm_verdict};
+use gleaner_client::runtime::vmhost::VmHostRuntime;
 use gleaner_client::runtime::{
     ImageSource, Limits, MachineHandle, MachineSpec, MachineState, Runtime, RuntimeError,
 };
+use gleaner_vmhost::libvirt::{DomainType, LibvirtConfig, LibvirtRuntime, kvm_verdict};
 
 /// The test kernel and initramfs, built once (and cached across runs) from Debian packages.
 fn assets() -> (PathBuf, PathBuf) {
@@ -22,8 +26,8 @@ fn assets() -> (PathBuf, PathBuf) {
     ASSETS
         .get_or_init(|| {
             let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/build-vm-assets.sh");
+            let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../client/tests/assets/build-vm-assets.sh");
             let st = Command::new("bash")
                 .arg(&script)
                 .arg(&out)
@@ -857,4 +861,120 @@ async fn the_connection_is_reopened_after_libvirtd_goes_away() {
     assert_nothing_left(&rt, &m).await;
     assert_eq!(rt.reconnects(), 1);
     proxy.down().await;
+}
+
+/// The daemon's VM runtime over the real helper executable (cargo builds it for these tests),
+/// letting the helper go after `idle` without calls; `None` (skip) as [`setup`].
+async fn helper_setup(
+    test: &str,
+    idle: Duration,
+) -> Option<(VmHostRuntime, tempfile::TempDir, String)> {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let owner = format!("test-{test}-{}", std::process::id());
+    let cfg = LibvirtConfig::new(&owner, tmp.path().join("state"));
+    let helper = PathBuf::from(env!("CARGO_BIN_EXE_gleaner-vmhost"));
+    match VmHostRuntime::connect_with_idle(cfg, helper, idle).await {
+        Ok(rt) => Some((rt, tmp, owner)),
+        Err(e @ RuntimeError::Unreachable { .. }) if !ci() => {
+            eprintln!("SKIPPED: libvirtd is unreachable ({e}); run installers/start-engines.sh");
+            None
+        }
+        Err(e) => panic!("libvirtd must be reachable (installers/start-engines.sh): {e}"),
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The helper is started by the first call (here `connect`), answers over its pipe, exits once
+/// idle with no VM running, and the next call starts a new one.
+#[tokio::test]
+async fn the_helper_starts_on_demand_and_goes_when_idle() {
+    let Some((rt, _tmp, _owner)) = helper_setup("helper-idle", Duration::from_secs(2)).await else {
+        return;
+    };
+    assert_eq!(rt.spawns(), 1);
+    let pid = rt.helper_pid().await.expect("a helper runs after connect");
+    assert!(process_exists(pid));
+    assert!(rt.list_owned().await.unwrap().is_empty());
+    let probe = rt.probe().await.unwrap();
+    assert!(probe.version.starts_with("libvirt "), "{probe:?}");
+    assert!(
+        probe.notes.iter().any(|n| n.contains("gleaner-vmhost")),
+        "the probe says where libvirt runs: {probe:?}"
+    );
+    // No calls and no VM: let go (its stdin closed), and reaped.
+    eventually(120, "the idle helper to exit", async || {
+        (rt.helper_pid().await.is_none() && !process_exists(pid)).then_some(())
+    })
+    .await;
+    assert_eq!(rt.spawns(), 1);
+    // The next call starts another.
+    assert!(rt.list_owned().await.unwrap().is_empty());
+    assert_eq!(rt.spawns(), 2);
+    let again = rt.helper_pid().await.expect("a new helper");
+    assert_ne!(again, pid);
+}
+
+/// A helper killed while a call waits on it fails that call as unreachable, naming the helper;
+/// the VM lives on (libvirtd holds it), and the next call starts a new helper that finds it. A
+/// running VM keeps the helper from being let go.
+#[tokio::test]
+async fn a_helper_killed_mid_call_fails_that_call_naming_it_and_the_next_starts_another() {
+    let Some((rt, tmp, owner)) = helper_setup("helper-killed", Duration::from_secs(2)).await else {
+        return;
+    };
+    // A guest that ignores the power button: a stop waits out its whole grace in the helper.
+    let script = "#!/bin/sh\nkill $(cat /run/powerbutton.pid)\necho deaf > $JOBOUTPUTS/deaf\nwhile :; do sleep 1; done\n";
+    let mjf = mjf_dir(tmp.path(), script);
+    let spec = spec(&owner, "helper-killed", &mjf);
+    let _guard = Guard(vec![spec.name.clone()]);
+    let m = rt.create(&spec).await.unwrap();
+    rt.start(&m).await.unwrap();
+    wait_file(&mjf.join("joboutputs/deaf"), 180).await;
+    let pid = rt.helper_pid().await.expect("a helper runs");
+    // A VM runs: the helper stays past several idle times.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(rt.helper_pid().await, Some(pid));
+    assert_eq!(rt.spawns(), 1);
+
+    let stopping = tokio::spawn({
+        let (rt, m) = (rt.clone(), m.clone());
+        async move { rt.stop(&m, Duration::from_secs(120)).await }
+    });
+    // The stop is under way in the helper (it waits up to 120 s for the deaf guest).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!stopping.is_finished());
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let e = tokio::time::timeout(Duration::from_secs(60), stopping)
+        .await
+        .expect("the call fails once its helper is gone")
+        .unwrap()
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, RuntimeError::Unreachable { .. })
+            && msg.contains(env!("CARGO_BIN_EXE_gleaner-vmhost"))
+            && msg.contains(&format!("pid {pid}"))
+            && msg.contains("signal: 9"),
+        "{e:?}"
+    );
+    // The VM outlived its helper; the next call starts a new one, which finds it running.
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Running);
+    assert_eq!(rt.spawns(), 2);
+    assert_ne!(rt.helper_pid().await, Some(pid));
+    assert_eq!(
+        rt.stop(&m, Duration::from_secs(2)).await.unwrap(),
+        MachineState::Exited { code: None }
+    );
+    rt.remove(&m).await.unwrap();
+    assert!(rt.list_owned().await.unwrap().is_empty());
+    assert!(!rt.machine_dir(&m.name).exists());
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Gone);
 }

@@ -3,9 +3,11 @@
 //! of an equivalent domain (the same XML, its seed made beforehand), both to "running" and to the
 //! guest's first heartbeat, under the domain type the probe picks (TCG here).
 //!
-//! Run: `cargo bench -p gleaner-client --bench vm --profile dev` (libvirtd running, see
-//! installers/start-engines.sh). `GLEANER_BENCH_N` sets the sample count (default 8).
+//! Run: `cargo bench -p gleaner-vmhost --bench vm --profile dev` (libvirtd running, see
+//! installers/start-engines.sh). `GLEANER_BENCH_N` sets the sample count (default 8). The runtime
+//! runs in process here (as in the helper); the daemon adds one pipe round trip per call.
 
+#[path = "../../client/benches/common/mod.rs"]
 mod common;
 use common::{percentile, vm_assets};
 
@@ -16,10 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gleaner::{Digest, Id16};
-use gleaner_client::runtime::libvirt::{
-    DomainXml, LibvirtConfig, LibvirtRuntime, SHARE_TAGS, domain_xml,
-};
 use gleaner_client::runtime::{Limits, MachineSpec, Runtime};
+use gleaner_vmhost::libvirt::{DomainXml, LibvirtConfig, LibvirtRuntime, SHARE_TAGS, domain_xml};
 
 const USER_DATA: &str = "#!/bin/sh\nsleep 600\n";
 
