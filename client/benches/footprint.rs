@@ -2,8 +2,11 @@
 //! (in a space, watching the owner, no work offered) after it has settled, beside a `sleep` process
 //! (the floor any process pays) measured in the same run. Goals: ≤ 12 MiB RSS, ≤ 1 ms CPU per second.
 //!
-//! Run: `cargo bench -p gleaner-client --bench footprint` (release build; dockerd running).
-//! `GLEANER_FOOTPRINT_S` sets how long the daemon idles before the measured minute (default 600).
+//! Run: `cargo build --release -p gleaner-vmhost && cargo bench -p gleaner-client --bench footprint`
+//! (release build; dockerd and libvirtd running: the daemon must be one that could run VMs, so the
+//! VM helper `gleaner-vmhost` must sit beside `gleaner`, and the bench checks that the daemon found
+//! libvirt through it). `GLEANER_FOOTPRINT_S` sets how long the daemon idles before the measured
+//! minute (default 600). Prints the resident memory per mapping, and whether the helper still runs.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,6 +46,37 @@ fn rss_split(pid: u32) -> String {
         .join(", ")
 }
 
+/// Resident memory (KiB) per mapped file (or `[heap]`, `[stack]`, `anonymous`), largest first.
+fn rss_by_mapping(pid: u32) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut current = String::from("anonymous");
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range perms offset dev inode [path].
+            current = f.nth(4).unwrap_or("anonymous").to_owned();
+        } else if first == "Rss:" {
+            *by.entry(current.clone()).or_default() +=
+                f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    let mut v: Vec<_> = by.into_iter().filter(|(_, kib)| *kib > 0).collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.1));
+    v
+}
+
+/// The pids of `parent`'s children named `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &parent.to_string(), "-x", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
 struct Kill(Vec<Child>);
 
 impl Drop for Kill {
@@ -60,6 +94,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
     let window = Duration::from_secs(60);
+    let gleaner = std::path::Path::new(env!("CARGO_BIN_EXE_gleaner"));
+    let helper = gleaner.with_file_name("gleaner-vmhost");
+    assert!(
+        helper.is_file(),
+        "no {} beside the daemon: build it first (cargo build --release -p gleaner-vmhost), \
+         or the daemon measured could not run VMs",
+        helper.display()
+    );
     let dir = std::env::temp_dir().join(format!("gleaner-footprint-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("types")).expect("dir");
     let daemon = Command::new(env!("CARGO_BIN_EXE_gleaner"))
@@ -78,6 +120,33 @@ fn main() {
     let floor = Command::new("sleep").arg("100000").spawn().expect("sleep");
     let (dpid, fpid) = (daemon.id(), floor.id());
     let _kill = Kill(vec![daemon, floor]);
+    // A daemon that could run VMs: its engines (status) name libvirt, reached through the helper.
+    let t = Instant::now();
+    let engines = loop {
+        let out = Command::new(gleaner)
+            .args(["status", "--json", "--socket"])
+            .arg(dir.join("control.sock"))
+            .output()
+            .expect("gleaner status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("engines") {
+            break text;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "the daemon never answered status"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(
+        engines.contains("vms: libvirt"),
+        "the daemon found no libvirt (is libvirtd running?): {engines}"
+    );
+    eprintln!(
+        "the daemon runs VMs through {} ({} helper process now)",
+        helper.display(),
+        children_named(dpid, "gleaner-vmhost").len()
+    );
     eprintln!(
         "idling {settle} s, then measuring for {} s",
         window.as_secs()
@@ -91,6 +160,8 @@ fn main() {
     let (drss, d1) = sample(dpid);
     let split = rss_split(dpid);
     let (frss, f1) = sample(fpid);
+    let mappings = rss_by_mapping(dpid);
+    let helpers = children_named(dpid, "gleaner-vmhost");
     let _ = std::fs::remove_dir_all(&dir);
     // Ticks are 1/100 s on Linux.
     let cpu_ms = |a: u64, b: u64| (b - a) as f64 * 10.0 / secs;
@@ -113,4 +184,18 @@ fn main() {
     );
     println!("| ratio | {:.1}× | | |", drss as f64 / frss.max(1) as f64);
     println!("\ndaemon RSS by kind (KiB): {split}");
+    println!(
+        "VM helper processes at the end: {} (let go when idle)",
+        helpers.len()
+    );
+    println!("\n| daemon mapping | RSS (KiB) |\n| --- | --- |");
+    for (name, kib) in mappings.iter().take(25) {
+        println!("| {name} | {kib} |");
+    }
+    let virt: u64 = mappings
+        .iter()
+        .filter(|(n, _)| n.contains("libvirt"))
+        .map(|(_, k)| k)
+        .sum();
+    println!("| (libvirt's own libraries, all) | {virt} |");
 }

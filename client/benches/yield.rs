@@ -1,12 +1,16 @@
 //! Yield latency: the owner's input (an XTest motion event on a real Xvfb) → every workload frozen
-//! by the owner enforcer (docker pause returned for each container), p50/p99 over many trials;
-//! beside, in the same run, the same enforcer without input events (polling every 100 ms) and a raw
-//! SIGSTOP of the same containers' processes. Then the same for a busy VM (TCG here) through the
-//! libvirt runtime (QEMU's cgroup frozen), in alternating blocks with libvirt's own suspend
+//! by the owner enforcer (each container's cgroup frozen by the kernel's freezer), p50/p99 over
+//! many trials; beside, in the same run and alternating blocks, the engine's own `docker pause`,
+//! then the same enforcer without input events (polling every 100 ms) and a raw SIGSTOP of the
+//! same containers' processes. Then the same for a busy VM (TCG here) through the daemon's VM
+//! runtime (QEMU's cgroup frozen in process; libvirt in the gleaner-vmhost helper), in
+//! alternating blocks with libvirt's own suspend
 //! (virDomainSuspend returned), beside a raw SIGSTOP of its QEMU process, when libvirtd answers. BOINC polls every 1 s, HTCondor every 5 s.
 //!
-//! Run: `cargo bench -p gleaner-client --bench yield --profile dev` (dockerd and libvirtd running
-//! and Xvfb installed, see installers/install-deps.sh --start). `GLEANER_BENCH_N` sets the trials
+//! Run: `cargo build -p gleaner-vmhost && cargo bench -p gleaner-client --bench yield --profile dev`
+//! (dockerd and libvirtd running and Xvfb installed, see installers/install-deps.sh --start; the
+//! VM part goes through the daemon's runtime, so the `gleaner-vmhost` helper of the same profile
+//! must be built). `GLEANER_BENCH_N` sets the trials
 //! (200), `GLEANER_BENCH_VM_N` the VM's (the same).
 
 mod common;
@@ -23,7 +27,7 @@ use gleaner::policy::{Action, Decision, Preset};
 use gleaner_client::factory::Allowance;
 use gleaner_client::owner::{Enforcer, Sources, watch_x11_input};
 use gleaner_client::runtime::docker::DockerRuntime;
-use gleaner_client::runtime::libvirt::{LibvirtConfig, LibvirtRuntime, SHARE_TAGS};
+use gleaner_client::runtime::vmhost::{LibvirtConfig, SHARE_TAGS, VmHostRuntime, find_helper};
 use gleaner_client::runtime::{
     ImageSource, Limits, MachineHandle, MachineSpec, OWNER_LABEL, Runtime,
 };
@@ -234,8 +238,10 @@ async fn vm_trials(display: &str, owner: &str, tmp: &Path, n: usize) -> Result<V
     );
     std::fs::write(mjf.join("user_data"), "#!/bin/sh\nwhile :; do :; done\n")
         .map_err(|e| e.to_string())?;
+    // The daemon's own VM runtime: the cgroup freeze in this process, libvirt in the helper.
+    let helper = find_helper()?;
     let rt = Arc::new(
-        LibvirtRuntime::connect(LibvirtConfig::new(owner, state))
+        VmHostRuntime::connect(LibvirtConfig::new(owner, state), helper.clone())
             .await
             .map_err(|e| format!("libvirtd: {e}"))?,
     );
@@ -282,7 +288,7 @@ async fn vm_trials(display: &str, owner: &str, tmp: &Path, n: usize) -> Result<V
     let mut cfg = LibvirtConfig::new(owner, tmp.join("vm"));
     cfg.cgroup_freeze = false;
     let rt_suspend = Arc::new(
-        LibvirtRuntime::connect(cfg)
+        VmHostRuntime::connect(cfg, helper)
             .await
             .map_err(|e| format!("libvirtd: {e}"))?,
     );
@@ -413,7 +419,22 @@ async fn main() {
         })
         .collect();
 
-    let events = trials(&rt, &handles, &display, true, n).await;
+    // The same containers frozen by the engine alone (`docker pause`, what main did), in
+    // alternating blocks with the cgroup freeze so that both see the same load.
+    let rt_pause = Arc::new(
+        DockerRuntime::connect(&owner, tmp.join("cache"), 1 << 30)
+            .await
+            .expect("dockerd is running")
+            .with_cgroup_freeze(false),
+    );
+    let (mut events, mut paused) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for block in 0..4 {
+        let k = n / 4 + usize::from(block < n % 4);
+        events.extend(trials(&rt, &handles, &display, true, k).await);
+        paused.extend(trials(&rt_pause, &handles, &display, true, k).await);
+    }
+    events.sort();
+    paused.sort();
     let polled = trials(&rt, &handles, &display, false, (n / 4).max(20)).await;
     let mut stop: Vec<Duration> = (0..n)
         .map(|_| {
@@ -442,8 +463,15 @@ async fn main() {
     println!("| --- | --- | --- | --- | --- |");
     let goal = Duration::from_millis(50);
     for (name, v) in [
-        ("XInput2 event → docker pause (gleaner)", &events),
-        ("100 ms polling → docker pause", &polled),
+        (
+            "XInput2 event → containers' cgroups frozen (gleaner)",
+            &events,
+        ),
+        (
+            "XInput2 event → docker pause (engine only, what main did)",
+            &paused,
+        ),
+        ("100 ms polling → cgroups frozen", &polled),
         ("raw SIGSTOP of the same processes", &stop),
     ] {
         println!(

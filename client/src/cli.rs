@@ -274,6 +274,10 @@ pub struct DaemonArgs {
     /// Milliseconds between looks at the machines
     #[arg(long, default_value_t = 500, hide = true)]
     pub tick_ms: u64,
+    /// Seconds with no machine running before the daemon lets go of its executable's start-up
+    /// pages (again after each machine ends); for tests and measurements
+    #[arg(long, default_value_t = 60, hide = true)]
+    pub idle_release_after: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -319,6 +323,7 @@ impl DaemonArgs {
             power_supply: PathBuf::from("/sys/class/power_supply"),
             input_devices: PathBuf::from("/dev/input"),
             tick_ms: 500,
+            idle_release_after: 60,
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct DaemonOptions {
     pub cores: u16,
     pub memory_bytes: u64,
     pub tick: Duration,
+    /// How long with no machine running before the executable's start-up pages are let go
+    /// (crate::pageout); again after each machine ends.
+    pub idle_release_after: Duration,
     pub stop_grace: Duration,
     /// A fixed per-core benchmark score; `None`: measure it (crate::hostbench), cached in
     /// `state_dir` for a day and re-measured daily.
@@ -953,10 +956,15 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         let key = key.clone();
         let benchmark = benchmark.clone();
         let measure_daily = opts.benchmark.is_none().then(|| opts.state_dir.clone());
+        let release_after = opts.idle_release_after.as_secs();
         async move {
             let mut seq = crate::factory::now_ms();
             let mut trust_generation = None;
             let mut last_trim: Option<u64> = None;
+            // Since when no machine has run, and whether the start-up pages were let go since.
+            let mut idle_since: Option<u64> = None;
+            let mut pages_released = false;
+            let mut pageout_failed = false;
             loop {
                 let now = crate::factory::now_ms() / 1000;
                 let admitted = catalogue.lock().await.scan(now, &handle).await;
@@ -1045,6 +1053,23 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                     release_free_memory();
                     last_trim = Some(now);
                 }
+                // Once idle for a while (after start-up, and again after each machine ends), the
+                // executable's and libraries' pages touched by start-up or by the machine's work are let go; the
+                // idle loop faults back the few it uses (docs/BENCHMARKS.md, idle footprint).
+                if status.as_ref().is_some_and(|s| s.machines.is_empty()) {
+                    let since = *idle_since.get_or_insert(now);
+                    if !pages_released && now.saturating_sub(since) >= release_after {
+                        pages_released = true;
+                        release_executable_pages(&mut pageout_failed);
+                    }
+                } else if status.is_some() {
+                    idle_since = None;
+                    if std::mem::take(&mut pages_released)
+                        && let Err(e) = crate::pageout::restore_readahead()
+                    {
+                        tracing::debug!("the executable's read-ahead not restored: {e}");
+                    }
+                }
                 // Every 2 s while there is work or something to offer; an idle daemon looks at its
                 // folder and re-advertises less often, so it costs the owner next to nothing.
                 let pause = if idle {
@@ -1102,6 +1127,25 @@ fn release_free_memory() {
     // SAFETY: malloc_trim only releases memory the allocator holds free.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Lets go of the executable's and its libraries' start-up pages (crate::pageout). A failure is logged once (at
+/// debug: an old or unusual kernel, nothing the owner can act on) and the daemon carries on.
+fn release_executable_pages(failed_before: &mut bool) {
+    match crate::pageout::release_executable_pages() {
+        Ok(r) => tracing::debug!(
+            mappings = r.mappings,
+            kib = r.kib,
+            exe_kib = r.exe_kib,
+            kept = r.kept,
+            "idle: let go of the executable's and libraries' resident pages"
+        ),
+        Err(e) if !*failed_before => {
+            *failed_before = true;
+            tracing::debug!("idle: not letting go of the executable's pages: {e}");
+        }
+        Err(_) => {}
     }
 }
 

@@ -273,17 +273,10 @@ pub fn settings_from(
         (None, Some(s)) => s.get_ref().clone(),
         (None, None) => "default".to_owned(),
     };
-    if space.is_empty() || space.len() > 64 || space.contains(['/', ' ']) {
+    if let Err(why) = gleaner_space::check_space_name(&space) {
         return Err(match &f.space {
-            Some(s) if args.space.is_none() => o.invalid(
-                "space",
-                s.span(),
-                "a space name is 1-64 characters without '/' or spaces",
-            ),
-            _ => config::invalid_option(
-                "--space",
-                "a space name is 1-64 characters without '/' or spaces",
-            ),
+            Some(s) if args.space.is_none() => o.invalid("space", s.span(), why),
+            _ => config::invalid_option("--space", why),
         });
     }
     let no_space = args.no_space || f.no_space.unwrap_or(false);
@@ -448,6 +441,7 @@ pub fn settings_from(
             cores,
             memory_bytes,
             tick: Duration::from_millis(args.tick_ms.max(50)),
+            idle_release_after: Duration::from_secs(args.idle_release_after),
             stop_grace,
             benchmark: None,
             policy,

@@ -20,6 +20,7 @@ pub mod mjf;
 pub mod outbox;
 pub mod owner;
 pub mod p2p;
+pub mod pageout;
 pub mod pauses;
 pub mod pinning;
 pub mod publish;

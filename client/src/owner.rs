@@ -837,6 +837,74 @@ mod tests {
         assert!(!on_battery(Path::new("/nonexistent")));
     }
 
+    /// Sets a file's access time to `secs_ago` seconds before now.
+    fn accessed(path: &Path, secs_ago: u64) {
+        let f = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap();
+        let at = std::time::SystemTime::now() - Duration::from_secs(secs_ago);
+        f.set_times(std::fs::FileTimes::new().set_accessed(at))
+            .unwrap();
+    }
+
+    #[test]
+    fn terminals_idle_since_the_newest_keystroke_on_a_numbered_terminal() {
+        let dev = tempfile::tempdir().unwrap();
+        assert_eq!(TerminalIdle::new(dev.path()).idle_s(), None, "no terminals");
+        std::fs::create_dir(dev.path().join("pts")).unwrap();
+        accessed(&dev.path().join("pts/0"), 1000);
+        accessed(&dev.path().join("pts/3"), 100);
+        accessed(&dev.path().join("tty2"), 500);
+        // Not terminals someone types on: newer, and ignored.
+        accessed(&dev.path().join("pts/ptmx"), 1);
+        accessed(&dev.path().join("ttyS0"), 2);
+        accessed(&dev.path().join("tty"), 3);
+        accessed(&dev.path().join("null"), 4);
+        let mut t = TerminalIdle::new(dev.path());
+        let idle = t.idle_s().unwrap();
+        assert!((100..=102).contains(&idle), "{idle}");
+        // A keystroke on a console seen at the last listing counts at the next look.
+        accessed(&dev.path().join("tty2"), 10);
+        let idle = t.idle_s().unwrap();
+        assert!((10..=12).contains(&idle), "{idle}");
+    }
+
+    #[test]
+    fn interrupts_count_only_the_input_controllers_and_idle_grows_while_they_are_still() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("interrupts");
+        let table = |kbd: u64, mouse: u64, disk: u64| {
+            format!(
+                "           CPU0       CPU1\n  1:  {kbd}  0   IO-APIC   1-edge      i8042\n \
+                 12:  0  {mouse}   IO-APIC  12-edge      i8042\n 14:  {disk}  0   IO-APIC  \
+                 14-edge      ata_piix\n"
+            )
+        };
+        std::fs::write(
+            &path,
+            "           CPU0\n 14:  9   IO-APIC  14-edge  ata_piix\n",
+        )
+        .unwrap();
+        assert!(InterruptIdle::new(&path).is_none(), "no input controller");
+        std::fs::write(&path, table(10, 20, 5)).unwrap();
+        assert_eq!(input_interrupts(&path), Some(30));
+        let mut s = InterruptIdle::new(&path).unwrap();
+        assert_eq!(
+            s.idle_s(),
+            Some(0),
+            "the first look counts as input just now"
+        );
+        // Disk interrupts are not the owner.
+        std::fs::write(&path, table(10, 20, 500)).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(s.idle_s(), Some(1));
+        std::fs::write(&path, table(11, 20, 500)).unwrap();
+        assert_eq!(s.idle_s(), Some(0), "a key press");
+    }
+
     #[test]
     fn week_minute_is_in_range() {
         let (d, m) = local_week_minute();

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use gleaner_client::control::{ControlClient, Request};
-use gleaner_client::runtime::{MachineHandle, MachineState, Runtime};
+use gleaner_client::runtime::{MachineState, Runtime};
 use support::*;
 
 fn gleaner(args: &[&str]) -> Output {
@@ -88,22 +88,9 @@ async fn settings_file_exclusive_apps_reload_and_cleanup() {
         )
     };
     std::fs::write(&cfg, settings("")).unwrap();
-    write_type(
-        &types,
-        "w.gmt",
-        &machine_type(
-            "excl-worker",
-            "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
-        ),
-    );
+    write_type(&types, "w.gmt", &machine_type("excl-worker", HEARTBEAT));
     let mut daemon = spawn_daemon(&state, &types, &["--config", cfg.to_str().unwrap()]);
-    let host = eventually(90, "a machine from the daemon", async || {
-        let mut c = ControlClient::connect(&sock).await.ok()?;
-        let s = c.call(&Request::Status).await.ok()?;
-        (s["factory"]["machines"].as_array()?.len() == 1)
-            .then(|| s["host"].as_str().unwrap().to_owned())
-    })
-    .await;
+    let host = one_machine_host(&sock, 90, |_| ()).await;
     struct Cleanup(String);
     impl Drop for Cleanup {
         fn drop(&mut self) {
@@ -117,15 +104,7 @@ async fn settings_file_exclusive_apps_reload_and_cleanup() {
     assert!(limits["present"].is_null(), "{limits}");
 
     let rt = docker(&host, &state).await;
-    let owned = rt.list_owned().await.unwrap();
-    let h = MachineHandle {
-        engine_id: owned[0].engine_id.clone(),
-        name: owned[0].name.clone(),
-    };
-    eventually(30, "running", async || {
-        (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
-    })
-    .await;
+    let h = the_running_machine(&rt).await;
 
     // The exclusive application starts: the workload freezes; it ends: the workload thaws.
     let app = tmp.path().join(&app_name);
@@ -135,9 +114,14 @@ async fn settings_file_exclusive_apps_reload_and_cleanup() {
         (rt.state(&h).await.ok()? == MachineState::Frozen).then_some(())
     })
     .await;
-    let status = call(&sock, Request::Status).await;
-    let reason = status["factory"]["allowance"]["reason"].to_string();
-    assert!(reason.contains("exclusive application"), "{reason}");
+    // The enforcer freezes first and names the reason after, so status may lag the freeze by
+    // the length of the freeze call: wait for it rather than read it once.
+    eventually(10, "status naming the exclusive application", async || {
+        let status = call(&sock, Request::Status).await;
+        let reason = status["factory"]["allowance"]["reason"].to_string();
+        reason.contains("exclusive application").then_some(())
+    })
+    .await;
     let _ = app.kill();
     let _ = app.wait();
     eventually(15, "thawed after the exclusive app", async || {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use gleaner_client::control::{ControlClient, Request};
 use gleaner_client::evdev::{EV_KEY, EV_REL, EvdevIdle, encode_event};
 use gleaner_client::owner::IdleSource;
-use gleaner_client::runtime::{MachineHandle, MachineState, Runtime};
+use gleaner_client::runtime::{MachineState, Runtime};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -149,10 +149,7 @@ async fn a_key_press_freezes_the_workload_and_idleness_thaws_it() {
     let state = tmp.path().join("state");
     let types = tmp.path().join("types");
     let sock = state.join("control.sock");
-    let mt = machine_type(
-        "evdev-worker",
-        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
-    );
+    let mt = machine_type("evdev-worker", HEARTBEAT);
     write_type(&types, "w.gmt", &mt);
     let input_arg = input.display().to_string();
     let mut kill = Kill(
@@ -181,29 +178,17 @@ async fn a_key_press_freezes_the_workload_and_idleness_thaws_it() {
         None,
     );
     // Idle for 2 s: the machine starts and runs; status names the source.
-    let host = eventually(60, "the daemon running a machine", async || {
-        let mut c = ControlClient::connect(&sock).await.ok()?;
-        let s = c.call(&Request::Status).await.ok()?;
+    let host = one_machine_host(&sock, 60, |s| {
         let sources = s["sources"].to_string();
         assert!(
             sources.contains("input devices (evdev)") && sources.contains("event0"),
             "{sources}"
         );
-        (s["factory"]["machines"].as_array()?.len() == 1)
-            .then(|| s["host"].as_str().unwrap().to_owned())
     })
     .await;
     kill.1 = Some(host.clone());
     let rt = docker(&host, &state).await;
-    let owned = rt.list_owned().await.unwrap();
-    let h = MachineHandle {
-        engine_id: owned[0].engine_id.clone(),
-        name: owned[0].name.clone(),
-    };
-    eventually(30, "running", async || {
-        (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
-    })
-    .await;
+    let h = the_running_machine(&rt).await;
 
     // A keyboard plugged in after the daemon started: watched, and status lists it.
     let mut keyboard = fake_device(&input, "event5");

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use gleaner_client::control::{ControlClient, Request};
-use gleaner_client::runtime::{MachineHandle, MachineState, Runtime};
+use gleaner_client::runtime::{MachineState, Runtime};
 use support::*;
 
 /// Kills its processes, then removes the containers of `owner` (the daemon first, so it cannot
@@ -29,23 +29,28 @@ impl Drop for Kill {
     }
 }
 
+/// Xvfb on a display it picks itself (`-displayfd`: free, stale locks taken over), once it says
+/// it is ready.
 fn xvfb() -> (Child, String) {
-    let n = 90 + std::process::id() % 100;
-    let display = format!(":{n}");
-    let child = Command::new("Xvfb")
-        .args([&display, "-nolisten", "tcp", "-screen", "0", "640x480x24"])
-        .stdout(Stdio::null())
+    let mut child = Command::new("Xvfb")
+        .args([
+            "-displayfd",
+            "1",
+            "-nolisten",
+            "tcp",
+            "-screen",
+            "0",
+            "640x480x24",
+        ])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("Xvfb is installed (installers/install-deps.sh)");
-    let sock = format!("/tmp/.X11-unix/X{n}");
-    for _ in 0..100 {
-        if Path::new(&sock).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child, display)
+    let mut line = String::new();
+    let out = child.stdout.take().expect("Xvfb's stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("Xvfb");
+    let n: u32 = line.trim().parse().expect("Xvfb names its display");
+    (child, format!(":{n}"))
 }
 
 async fn reason(sock: &Path) -> String {
@@ -66,10 +71,7 @@ async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
     let types = tmp.path().join("types");
     std::fs::create_dir_all(&types).unwrap();
     let sock = state.join("control.sock");
-    let mt = machine_type(
-        "idle-worker",
-        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
-    );
+    let mt = machine_type("idle-worker", HEARTBEAT);
     write_type(&types, "w.gmt", &mt);
     kill.0.push(
         daemon_command(
@@ -94,27 +96,15 @@ async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
         .unwrap(),
     );
     // Idle for 2 s: the machine starts and runs.
-    let host = eventually(60, "the daemon", async || {
-        let mut c = ControlClient::connect(&sock).await.ok()?;
-        let s = c.call(&Request::Status).await.ok()?;
+    let host = one_machine_host(&sock, 60, |s| {
         let sources = s["sources"].to_string();
         assert!(sources.contains("x11 idle time"), "{sources}");
         assert!(sources.contains("x11 input events (XInput2)"), "{sources}");
-        (s["factory"]["machines"].as_array()?.len() == 1)
-            .then(|| s["host"].as_str().unwrap().to_owned())
     })
     .await;
     kill.1 = Some(host.clone());
     let rt = docker(&host, &state).await;
-    let owned = rt.list_owned().await.unwrap();
-    let h = MachineHandle {
-        engine_id: owned[0].engine_id.clone(),
-        name: owned[0].name.clone(),
-    };
-    eventually(30, "running", async || {
-        (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
-    })
-    .await;
+    let h = the_running_machine(&rt).await;
     assert!(reason(&sock).await.contains("owner is away"));
 
     // The owner moves the mouse: frozen.
@@ -128,7 +118,16 @@ async fn input_freezes_idle_thaws_and_cpu_hogs_suspend() {
         (rt.state(&h).await.ok()? == MachineState::Frozen).then_some(())
     })
     .await;
+    // The owner counts as present for 2 s after input: keep moving while status is read, so a
+    // slow poll on a busy machine cannot miss the window.
+    let mut x = 100;
     eventually(10, "the owner-present reason", async || {
+        x += 1;
+        Command::new("xdotool")
+            .args(["mousemove", &x.to_string(), "100"])
+            .env("DISPLAY", &display)
+            .status()
+            .ok()?;
         reason(&sock)
             .await
             .contains("owner is using the machine")
@@ -189,10 +188,7 @@ async fn guests_go_to_the_background_only_while_the_owner_is_present() {
     let types = tmp.path().join("types");
     std::fs::create_dir_all(&types).unwrap();
     let sock = state.join("control.sock");
-    let mt = machine_type(
-        "gentle-worker",
-        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
-    );
+    let mt = machine_type("gentle-worker", HEARTBEAT);
     write_type(&types, "w.gmt", &mt);
     kill.0.push(
         daemon_command(
@@ -216,13 +212,7 @@ async fn guests_go_to_the_background_only_while_the_owner_is_present() {
         .spawn()
         .unwrap(),
     );
-    let host = eventually(60, "the daemon's machine", async || {
-        let mut c = ControlClient::connect(&sock).await.ok()?;
-        let s = c.call(&Request::Status).await.ok()?;
-        (s["factory"]["machines"].as_array()?.len() == 1)
-            .then(|| s["host"].as_str().unwrap().to_owned())
-    })
-    .await;
+    let host = one_machine_host(&sock, 60, |_| ()).await;
     kill.1 = Some(host.clone());
     // The owner away: guests at normal weight, so the owner's return could freeze them at once.
     eventually(30, "normal weight while the owner is away", async || {

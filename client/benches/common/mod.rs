@@ -34,7 +34,9 @@ pub fn busybox_tarball() -> (PathBuf, Digest) {
 pub fn vm_assets() -> (PathBuf, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/build-vm-assets.sh");
+    // From the client's benches and from vmhost's (which include this file).
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/tests/assets/build-vm-assets.sh");
     let st = Command::new("bash")
         .arg(&script)
         .arg(&out)
