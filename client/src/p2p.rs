@@ -97,6 +97,9 @@ pub struct SpaceConfig {
     /// Seconds gossipsub remembers a message id and silently drops copies; a copy arriving later
     /// is validated again, and caught as a replay.
     pub duplicate_cache_s: u64,
+    /// How long a connection with no stream open stays before it is closed (gossipsub keeps one
+    /// open to every space peer; tests shorten this to show that those connections stay).
+    pub idle_timeout: Duration,
 }
 
 impl SpaceConfig {
@@ -111,6 +114,7 @@ impl SpaceConfig {
             trusted: Vec::new(),
             advert_ttl_s: gleaner::space::ADVERT_TTL_S,
             duplicate_cache_s: 60,
+            idle_timeout: tuning::IDLE_CONNECTION_TIMEOUT,
         }
     }
 }
@@ -158,6 +162,9 @@ pub enum SpaceError {
     Setup(String),
     #[error("the space event loop has stopped")]
     Gone,
+    /// The event loop's command queue is full (it is behind): the message was not published.
+    #[error("the space event loop is busy (its command queue is full); message dropped")]
+    Busy,
     #[error("machine type refused: {0}")]
     Refused(String),
 }
@@ -169,6 +176,9 @@ pub struct SpaceSummary {
     pub peer_id: String,
     pub listen: Vec<String>,
     pub connected: usize,
+    /// Peers in this node's gossipsub mesh for adverts (gossipsub keeps it between
+    /// `tuning::MESH_N_LOW` and `MESH_N_HIGH` when it has the peers).
+    pub mesh_peers: usize,
     /// Peers in the Kademlia routing table.
     pub known_peers: usize,
     pub kad_server: bool,
@@ -247,11 +257,15 @@ pub struct SpaceHandle {
 }
 
 impl SpaceHandle {
-    /// Publishes a signed advert or outcome on its topic (dropped if the loop is busy).
+    /// Publishes a signed advert or outcome on its topic; dropped with [`SpaceError::Busy`] if
+    /// the loop is behind (its queue is full), never waiting.
     pub fn publish(&self, env: Envelope) -> Result<(), SpaceError> {
         self.tx
             .try_send(Command::Publish(env))
-            .map_err(|_| SpaceError::Gone)
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SpaceError::Busy,
+                mpsc::error::TrySendError::Closed(_) => SpaceError::Gone,
+            })
     }
 
     pub async fn summary(&self) -> Result<SpaceSummary, SpaceError> {
@@ -421,7 +435,7 @@ pub async fn start_space(
         t.trust.hash(),
     ];
     let duplicate_cache = Duration::from_secs(cfg.duplicate_cache_s.max(1));
-    let mut swarm = gleaner_space::build_swarm(keypair, |k| {
+    let mut swarm = gleaner_space::build_swarm_with(keypair, cfg.idle_timeout, |k| {
         let codec = request_response::cbor::codec::Codec::default()
             .set_request_size_maximum(1024)
             .set_response_size_maximum(MAX_MACHINE_TYPE as u64 + 1024);
@@ -884,11 +898,18 @@ impl Node {
                 ))
             })
             .collect();
+        let adverts = self.topics.adverts.hash();
         SpaceSummary {
             space: self.space.clone(),
             peer_id: self.swarm.local_peer_id().to_string(),
             listen: self.listen.iter().map(|a| a.to_string()).collect(),
             connected: self.swarm.connected_peers().count(),
+            mesh_peers: self
+                .swarm
+                .behaviour()
+                .gossipsub
+                .mesh_peers(&adverts)
+                .count(),
             known_peers,
             kad_server: self.swarm.behaviour().kad.mode() == kad::Mode::Server,
             peers,

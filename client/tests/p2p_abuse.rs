@@ -340,6 +340,10 @@ async fn junk_floods_are_banned_and_honest_adverts_still_arrive() {
             fseq += 1;
             hf.publish(advert(&kf, fseq, 2)).unwrap();
         }
+        // Node 9's loop takes its commands in order: once it answers, the burst has left its
+        // queue. Without this wait a loaded machine let bursts pile up in the bounded queue
+        // faster than node 9 drained them, and a publish was refused as busy.
+        hf.seq_of(kf.public()).await.unwrap();
         let s = h0.summary().await.unwrap();
         if s.rate_limited > 0 {
             assert!(!s.banned.contains(&kf.public().to_string()));

@@ -12,7 +12,7 @@ pub mod tuning;
 
 pub use discovery::{SpaceBehaviour, peer_of};
 pub use gate::{AdvertGate, AuthorRates, Checked, Verdict};
-pub use swarm::{build_swarm, gossipsub_behaviour, keypair, transport_bytes};
+pub use swarm::{build_swarm, build_swarm_with, gossipsub_behaviour, keypair, transport_bytes};
 
 use libp2p::StreamProtocol;
 use libp2p::gossipsub::IdentTopic;

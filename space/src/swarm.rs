@@ -83,6 +83,16 @@ pub fn build_swarm<B: NetworkBehaviour>(
     keypair: Keypair,
     behaviour: impl FnOnce(&Keypair) -> Result<B, Box<dyn std::error::Error + Send + Sync>>,
 ) -> Result<Swarm<B>, String> {
+    build_swarm_with(keypair, tuning::IDLE_CONNECTION_TIMEOUT, behaviour)
+}
+
+/// As [`build_swarm`], closing connections nobody needs after `idle` instead of
+/// [`tuning::IDLE_CONNECTION_TIMEOUT`] (tests shorten it to see what stays).
+pub fn build_swarm_with<B: NetworkBehaviour>(
+    keypair: Keypair,
+    idle: Duration,
+    behaviour: impl FnOnce(&Keypair) -> Result<B, Box<dyn std::error::Error + Send + Sync>>,
+) -> Result<Swarm<B>, String> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic()
@@ -98,7 +108,7 @@ pub fn build_swarm<B: NetworkBehaviour>(
         .map_err(|e| format!("tcp transport: {e}"))?
         .with_behaviour(behaviour)
         .map_err(|e| format!("behaviour: {e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(tuning::IDLE_CONNECTION_TIMEOUT))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build())
 }
 
@@ -115,6 +125,13 @@ pub fn gossipsub_behaviour(
 ) -> Result<gossipsub::Behaviour, String> {
     let gcfg = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(tuning::HEARTBEAT)
+        .mesh_n(tuning::MESH_N)
+        .mesh_n_low(tuning::MESH_N_LOW)
+        .mesh_n_high(tuning::MESH_N_HIGH)
+        .flood_publish(tuning::FLOOD_PUBLISH)
+        .history_gossip(tuning::HISTORY_GOSSIP)
+        .gossip_lazy(tuning::GOSSIP_LAZY)
+        .gossip_factor(tuning::GOSSIP_FACTOR)
         .validation_mode(gossipsub::ValidationMode::None)
         .validate_messages()
         .max_transmit_size(crate::MAX_MESSAGE)

@@ -1,5 +1,5 @@
-//! The tunable constants of a space node, in one place: gossipsub heartbeat and peer scoring,
-//! Kademlia and redial intervals, connection and per-author rate limits. Both the client and the
+//! The tunable constants of a space node, in one place: gossipsub heartbeat, publishing, IHAVE
+//! gossip, mesh degree and peer scoring, Kademlia and redial intervals, connection and per-author rate limits. Both the client and the
 //! coordinator's observer take them from here, so that they cannot drift apart.
 
 use std::time::Duration;
@@ -7,11 +7,40 @@ use std::time::Duration;
 /// Gossipsub heartbeat (mesh maintenance and gossip emission).
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 
-/// A connection with no stream open for this long is closed.
+/// Whether a node sends its own messages to every peer of the topic (gossipsub's default) or,
+/// as here, only to its mesh like any message it forwards. Flooding costs the publisher N − 1
+/// copies per advert (29 in a 30-node space, every second) and each receiver a duplicate; an
+/// advert is superseded by the next one within seconds, so the mesh and IHAVE gossip carry it.
+pub const FLOOD_PUBLISH: bool = false;
+/// IHAVE gossip (the fallback for messages the mesh missed): ids of the last `HISTORY_GOSSIP`
+/// heartbeats (1 s), sent to `GOSSIP_LAZY` peers outside the mesh per topic and heartbeat, or to
+/// `GOSSIP_FACTOR` of them if more. Gossipsub's defaults (3 heartbeats to 6 peers) carried every
+/// message id 1.5 s long to 6 peers twice a second: ~17 kB/s per node at 30 adverts/s, three
+/// times the adverts themselves.
+pub const HISTORY_GOSSIP: usize = 2;
+pub const GOSSIP_LAZY: usize = 3;
+pub const GOSSIP_FACTOR: f64 = 0.1;
+const _: () = assert!(HISTORY_GOSSIP >= 1 && HISTORY_GOSSIP <= 5);
+
+/// Gossipsub's mesh degree D per topic, and the bounds it keeps each mesh within (grafting up to
+/// D below the low bound, pruning to D above the high one): gossipsub's defaults, named here so
+/// that tests and benchmarks can say what a full mesh is.
+pub const MESH_N: usize = 6;
+pub const MESH_N_LOW: usize = 5;
+pub const MESH_N_HIGH: usize = 12;
+const _: () = assert!(MESH_N_LOW <= MESH_N && MESH_N <= MESH_N_HIGH);
+
+/// A connection with no stream open for this long is closed. Gossipsub keeps a stream open to
+/// every peer that speaks it (libp2p-gossipsub 0.50 does not exempt its streams from keep-alive),
+/// so in practice this closes only connections to peers outside the space's gossip.
 pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Kademlia's own periodic bootstrap.
-pub const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(60);
+/// Kademlia's own periodic bootstrap (its default). A walk is not cheap for the peers it asks:
+/// libp2p-kad 0.49 answers each FIND_NODE by visiting k-buckets one by one and copying a 20-entry
+/// buffer per bucket, most of them empty — in a profile of a 30-node space that copying was
+/// ~11 % of the process's CPU at a 60 s interval. A node with fewer than [`TARGET_PEERS`]
+/// connections walks every [`LOOKUP_INTERVAL`] anyway; one well connected needs no more.
+pub const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(300);
 /// How often a node walks the DHT while it has fewer than [`TARGET_PEERS`] connections.
 pub const LOOKUP_INTERVAL: Duration = Duration::from_secs(10);
 /// How often bootstrap peers that are not connected are dialled again.
