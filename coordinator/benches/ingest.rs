@@ -6,7 +6,8 @@
 //! Environment: `BENCH_DB=sqlite|postgres` (default sqlite), `BENCH_RECORDS` (default 100000),
 //! `BENCH_CLIENTS` (16), `BENCH_BATCH` (500 for the throughput run; the latency runs use 50),
 //! `BENCH_LOADS` (0.25,0.5: open-loop latency runs at these fractions of the measured
-//! throughput), `BENCH_LAT_SECS` (5 per latency run).
+//! throughput), `BENCH_LAT_SECS` (5 per latency run), `BENCH_VERIFY_ROUNDS` (3: raw and path
+//! rates measured back to back this many times; medians and the per-round ratios' spread).
 
 #[path = "../tests/support/pg.rs"]
 mod pg;
@@ -19,7 +20,7 @@ use gleaner::envelope::{Kind, open_batch_messages};
 use gleaner::{Digest, Envelope, Id16, OutcomeCode, SecretKey, UsageRecord};
 use gleaner_coordinator::api::AppState;
 use gleaner_coordinator::ratelimit::RateLimits;
-use gleaner_coordinator::store::Store;
+use gleaner_coordinator::store::{GroupStats, Store};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -173,6 +174,12 @@ fn open_rate(bodies: &[Vec<u8>], records: usize, threads: usize) -> Rate {
     Rate::new(records, t.elapsed().as_secs_f64(), cpu_secs() - cpu0)
 }
 
+/// The middle element of `v` by `key` (the upper one of two).
+fn median_by<T: Copy>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    v[v.len() / 2]
+}
+
 /// A measured rate: records per wall second, and CPU time per record (all threads of this
 /// process). The CPU figure holds on a busy shared machine where the wall rate does not.
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +205,39 @@ struct Run {
     commits: u64,
     batches: u64,
     commit_time: Duration,
+    /// SQLite's WAL syncs after the commits, and their time in `fdatasync`.
+    syncs: u64,
+    sync_time: Duration,
+    /// SQLite's checkpoints beside the writer, WAL restarts the writer waited for (and how long).
+    checkpoints: u64,
+    restarts: u64,
+    restart_time: Duration,
+}
+
+impl Run {
+    fn new(
+        records: usize,
+        secs: f64,
+        cpu: f64,
+        latencies: Vec<Duration>,
+        g0: GroupStats,
+        g1: GroupStats,
+    ) -> Run {
+        Run {
+            records,
+            secs,
+            cpu,
+            latencies,
+            commits: g1.commits - g0.commits,
+            batches: g1.batches - g0.batches,
+            commit_time: g1.busy - g0.busy,
+            syncs: g1.syncs - g0.syncs,
+            sync_time: g1.sync_busy - g0.sync_busy,
+            checkpoints: g1.checkpoints - g0.checkpoints,
+            restarts: g1.restarts - g0.restarts,
+            restart_time: g1.restart_busy - g0.restart_busy,
+        }
+    }
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -255,15 +295,7 @@ async fn post_all(base: &str, store: &Store, per_client: Vec<Vec<Vec<u8>>>, reco
     let cpu = cpu_secs() - cpu0;
     latencies.sort();
     let g1 = store.group_commits();
-    Run {
-        records,
-        secs,
-        cpu,
-        latencies,
-        commits: g1.commits - g0.commits,
-        batches: g1.batches - g0.batches,
-        commit_time: g1.busy - g0.busy,
-    }
+    Run::new(records, secs, cpu, latencies, g0, g1)
 }
 
 /// One request's times in milliseconds: as the client saw it (scheduled send to the end of the
@@ -275,6 +307,7 @@ struct Sample {
     verify: f64,
     queue: f64,
     commit: f64,
+    sync: f64,
     total: f64,
 }
 
@@ -290,6 +323,7 @@ fn parse_server_timing(v: &str) -> Sample {
             "verify" => s.verify = d,
             "queue" => s.queue = d,
             "commit" => s.commit = d,
+            "sync" => s.sync = d,
             "total" => s.total = d,
             _ => {}
         }
@@ -366,18 +400,7 @@ async fn open_loop(
         .map(|s| Duration::from_secs_f64(s.client / 1000.0))
         .collect();
     latencies.sort();
-    (
-        Run {
-            records,
-            secs,
-            cpu,
-            latencies,
-            commits: g1.commits - g0.commits,
-            batches: g1.batches - g0.batches,
-            commit_time: g1.busy - g0.busy,
-        },
-        samples,
-    )
+    (Run::new(records, secs, cpu, latencies, g0, g1), samples)
 }
 
 /// Picks one stage's milliseconds out of a sample.
@@ -430,6 +453,7 @@ fn main() {
         .filter_map(|x| x.trim().parse().ok())
         .collect();
     let lat_secs = env("BENCH_LAT_SECS", 5) as f64;
+    let verify_rounds = env("BENCH_VERIFY_ROUNDS", 3).max(1);
     let flat: Vec<Vec<Envelope>> = tput.iter().flatten().cloned().collect();
     let n_tput: usize = flat.iter().map(Vec::len).sum();
     let bodies = |b: &Vec<Vec<Vec<Envelope>>>| -> Vec<Vec<Vec<u8>>> {
@@ -440,13 +464,28 @@ fn main() {
     let tput_bodies = bodies(&tput);
     let flat_bodies: Vec<Vec<u8>> = tput_bodies.iter().flatten().cloned().collect();
 
-    eprintln!("raw verify_batch and the verification path…");
+    eprintln!("raw verify_batch and the verification path, {verify_rounds} rounds…");
     let load_before = loadavg();
-    let raw1 = raw_verify_rate(&flat, 1, false);
-    let rawn = raw_verify_rate(&flat, cores, false);
+    // Each round measures raw and path back to back, so a ratio compares two rates taken seconds
+    // apart; the other sessions' load drifts over minutes and swung single-shot ratios by ±0.2.
+    let mut rounds = Vec::with_capacity(verify_rounds);
+    for _ in 0..verify_rounds {
+        let raw1 = raw_verify_rate(&flat, 1, false);
+        let open1 = open_rate(&flat_bodies, n_tput, 1);
+        let rawn = raw_verify_rate(&flat, cores, false);
+        let openn = open_rate(&flat_bodies, n_tput, cores);
+        rounds.push([raw1, open1, rawn, openn]);
+    }
     let rawd = raw_verify_rate(&flat, 1, true);
-    let open1 = open_rate(&flat_bodies, n_tput, 1);
-    let openn = open_rate(&flat_bodies, n_tput, cores);
+    let median_rate = |i: usize| median_by(rounds.iter().map(|r| r[i]).collect(), |r| r.per_s);
+    let (raw1, open1, rawn, openn) = (
+        median_rate(0),
+        median_rate(1),
+        median_rate(2),
+        median_rate(3),
+    );
+    // Raw 2-thread rates around the end-to-end runs: before (the rounds), between, after.
+    let mut raw_around: Vec<Rate> = rounds.iter().map(|r| r[2]).collect();
 
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -497,6 +536,7 @@ fn main() {
         .expect("client runtime");
     eprintln!("ingest over HTTPS…");
     let t_run = client_rt.block_on(post_all(&base, &store, tput_bodies, n_tput));
+    raw_around.push(raw_verify_rate(&flat, cores, false));
     let capacity = n_tput as f64 / t_run.secs;
     let mut l_runs = Vec::new();
     let mut n_lat = 0;
@@ -528,6 +568,8 @@ fn main() {
         l_runs.push((*load, rate, run, samples));
     }
     handle.shutdown();
+    raw_around.push(raw_verify_rate(&flat, cores, false));
+    let raw_e2e = median_by(raw_around.clone(), |r| r.per_s);
 
     println!(
         "ingest benchmark: {db}, {cores} cores, client and server in one process, \
@@ -563,21 +605,42 @@ fn main() {
             Rate::new(r.records, r.secs, r.cpu),
         );
     }
-    println!("  ratios (wall rate; CPU cost in brackets, raw / path):");
     println!(
-        "    verification path / raw verify_batch, 1 thread: {:.2}× ({:.2}×)",
-        open1.per_s / raw1.per_s,
-        raw1.cpu_us / open1.cpu_us
+        "  ratios (wall rate; CPU cost in brackets, raw / path; rates above are medians of \
+         {verify_rounds} rounds):"
     );
+    for (threads, raw, path) in [(1, 0, 1), (cores, 2, 3)] {
+        let mut wall: Vec<f64> = rounds
+            .iter()
+            .map(|r| r[path].per_s / r[raw].per_s)
+            .collect();
+        let mut cpu: Vec<f64> = rounds
+            .iter()
+            .map(|r| r[raw].cpu_us / r[path].cpu_us)
+            .collect();
+        wall.sort_by(f64::total_cmp);
+        cpu.sort_by(f64::total_cmp);
+        println!(
+            "    verification path / raw verify_batch, {threads} thread(s), per round: median \
+             {:.2}× ({:.2}×), spread {:.2}–{:.2}× ({:.2}–{:.2}×)",
+            wall[wall.len() / 2],
+            cpu[cpu.len() / 2],
+            wall[0],
+            wall[wall.len() - 1],
+            cpu[0],
+            cpu[cpu.len() - 1]
+        );
+    }
+    let spread: Vec<String> = raw_around
+        .iter()
+        .map(|r| format!("{:.0}", r.per_s))
+        .collect();
     println!(
-        "    verification path / raw verify_batch, {cores} threads: {:.2}× ({:.2}×)",
-        openn.per_s / rawn.per_s,
-        rawn.cpu_us / openn.cpu_us
-    );
-    println!(
-        "    end to end / raw verify_batch, {cores} threads: {:.2}× ({:.2}×)",
-        t_rate.per_s / rawn.per_s,
-        rawn.cpu_us / t_rate.cpu_us
+        "    end to end / raw verify_batch, {cores} threads (median raw of before, between and \
+         after the runs: {}): {:.2}× ({:.2}×)",
+        spread.join(", "),
+        t_rate.per_s / raw_e2e.per_s,
+        raw_e2e.cpu_us / t_rate.cpu_us
     );
     let mut runs = vec![("throughput, closed loop".to_string(), &t_run)];
     for (load, rate, r, _) in &l_runs {
@@ -592,14 +655,21 @@ fn main() {
     for (name, r) in runs {
         println!(
             "  durable-ack latency, {name}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
-             {} commits for {} batches ({:.1} batches per commit, {:.1} ms each on average)",
+             {} commits for {} batches ({:.1} batches per commit, {:.1} ms each on average); \
+             {} WAL syncs ({:.1} ms each on average); {} checkpoints beside the writer, \
+             {} WAL restarts ({:.1} ms each on average, the writer held)",
             pct(&r.latencies, 0.5),
             pct(&r.latencies, 0.99),
             pct(&r.latencies, 1.0),
             r.commits,
             r.batches,
             r.batches as f64 / r.commits.max(1) as f64,
-            r.commit_time.as_secs_f64() * 1000.0 / r.commits.max(1) as f64
+            r.commit_time.as_secs_f64() * 1000.0 / r.commits.max(1) as f64,
+            r.syncs,
+            r.sync_time.as_secs_f64() * 1000.0 / r.syncs.max(1) as f64,
+            r.checkpoints,
+            r.restarts,
+            r.restart_time.as_secs_f64() * 1000.0 / r.restarts.max(1) as f64
         );
     }
     for (load, _, _, samples) in &l_runs {
@@ -607,11 +677,12 @@ fn main() {
             "  stages at {:.0} % load, p50 / p99 ms (server's Server-Timing; outside = client-seen minus server total: TLS, HTTP, client):",
             load * 100.0
         );
-        let stages: [(&str, StageOf); 7] = [
+        let stages: [(&str, StageOf); 8] = [
             ("body read", |s| s.body),
             ("verify (with wait for a core)", |s| s.verify),
             ("queue for a writer", |s| s.queue),
-            ("group commit (durable)", |s| s.commit),
+            ("group commit (to COMMIT's return)", |s| s.commit),
+            ("WAL sync after commit (SQLite)", |s| s.sync),
             ("server total", |s| s.total),
             ("outside the server", |s| s.client - s.total),
             ("client-seen", |s| s.client),

@@ -296,15 +296,18 @@ async fn stamp(mut req: axum::extract::Request, next: axum::middleware::Next) ->
 }
 
 /// The `Server-Timing` value (milliseconds) of an ingest answer: body read, verification (with
-/// its wait for a free core), waiting for a writer, the group's durable commit, and the total.
+/// its wait for a free core), waiting for a writer, the group's transaction up to COMMIT's return
+/// (durable on PostgreSQL), SQLite's sync of the write-ahead log after it, and the total.
 fn server_timing(body: Duration, verify: Duration, store: IngestTiming, total: Duration) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     format!(
-        "body;dur={:.3}, verify;dur={:.3}, queue;dur={:.3}, commit;dur={:.3}, total;dur={:.3}",
+        "body;dur={:.3}, verify;dur={:.3}, queue;dur={:.3}, commit;dur={:.3}, sync;dur={:.3}, \
+         total;dur={:.3}",
         ms(body),
         ms(verify),
         ms(store.queued),
         ms(store.commit),
+        ms(store.sync),
         ms(total)
     )
 }
