@@ -243,20 +243,22 @@ pub fn open_batch_messages<T: Message>(
     let mut signed = Vec::with_capacity(total);
     let mut ends = Vec::with_capacity(envelopes.len());
     let mut idx = Vec::with_capacity(envelopes.len());
-    // A batch usually comes from one host: decompress each distinct signer's point once.
-    let mut last: Option<(PublicKey, ed25519_dalek::VerifyingKey)> = None;
+    // A batch usually comes from one host: decompress each distinct signer's point, and check
+    // it is not of small order (three doublings per call), once.
+    let mut last: Option<(PublicKey, ed25519_dalek::VerifyingKey, bool)> = None;
     for (i, env) in envelopes.iter().enumerate() {
         match env.check_header::<T>().and_then(|k| {
-            if let Some((lk, vk)) = &last
+            if let Some((lk, vk, weak)) = &last
                 && *lk == k
             {
-                return Ok((k, *vk));
+                return Ok((k, *vk, *weak));
             }
             let vk = k.verifying_key()?;
-            last = Some((k, vk));
-            Ok((k, vk))
+            let weak = vk.is_weak();
+            last = Some((k, vk, weak));
+            Ok((k, vk, weak))
         }) {
-            Ok((_, vk)) if !vk.is_weak() => {
+            Ok((_, vk, false)) => {
                 keys.push(vk);
                 sigs.push(ed25519_dalek::Signature::from_bytes(&env.signature));
                 signed.extend_from_slice(&tag);
@@ -265,7 +267,7 @@ pub fn open_batch_messages<T: Message>(
                 idx.push(i);
                 results.push(None);
             }
-            Ok((k, _)) => results.push(Some(Err(Error::BadKey {
+            Ok((k, _, true)) => results.push(Some(Err(Error::BadKey {
                 signer: k.to_string(),
             }))),
             Err(e) => results.push(Some(Err(e))),

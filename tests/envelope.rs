@@ -373,3 +373,42 @@ fn the_key_cache_gives_the_same_verdicts_as_open() {
     assert!(junk.open_cached::<MachineType>(&mut cache).is_err());
     assert_eq!(cache.len(), 2);
 }
+
+/// A small-order signer key is refused in a batch every time it appears, and the records around
+/// it (from a good key, before and after) still open: the per-signer cache keeps the weak verdict
+/// with the key it belongs to.
+#[test]
+fn batch_refuses_a_small_order_signer_wherever_it_appears() {
+    let host = SecretKey::from_seed([4; 32]);
+    let mut envs: Vec<Envelope> = (0..8)
+        .map(|i| Envelope::seal(&record(&host, i), &host))
+        .collect();
+    // The identity point: a valid encoding, of order 1.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    for i in [2, 3, 6] {
+        envs[i].signer = serde_bytes::ByteArray::new(identity);
+    }
+    for res in [
+        open_batch_messages::<UsageRecord>(&envs)
+            .into_iter()
+            .map(|r| r.map(|(_, m)| m))
+            .collect::<Vec<_>>(),
+        open_batch::<UsageRecord>(&envs)
+            .into_iter()
+            .map(|r| r.map(|v| v.message))
+            .collect(),
+    ] {
+        for (i, r) in res.iter().enumerate() {
+            if [2, 3, 6].contains(&i) {
+                assert!(matches!(r, Err(Error::BadKey { .. })), "record {i}: {r:?}");
+            } else {
+                assert_eq!(
+                    r.as_ref().unwrap().record_id,
+                    Id16([i as u8; 16]),
+                    "record {i}"
+                );
+            }
+        }
+    }
+}
