@@ -35,10 +35,7 @@ async fn status_pause_resume_drain_and_permissions() {
     let types = tmp.path().join("types");
     std::fs::create_dir_all(&types).unwrap();
     let sock = state.join("control.sock");
-    let mt = machine_type(
-        "steady",
-        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
-    );
+    let mt = machine_type("steady", HEARTBEAT);
     write_type(&types, "steady.gmt", &mt);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -170,14 +167,9 @@ impl Drop for Cleanup {
     }
 }
 
-/// `docker inspect`'s State.Paused of a container.
+/// Whether a container is frozen (the engine's pause or Gleaner's cgroup freeze).
 fn docker_paused(id: &str) -> bool {
-    let o = Command::new("docker")
-        .args(["inspect", "-f", "{{.State.Paused}}", id])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout).trim() == "true"
+    container_frozen(id).unwrap_or_else(|| panic!("container {id} is gone"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,10 +179,9 @@ async fn pause_one_machine_type_by_name_across_a_restart() {
     let state = tmp.path().join("state");
     let types = tmp.path().join("types");
     let sock = state.join("control.sock");
-    let script = "while true; do touch /joboutputs/heartbeat; sleep 0.5; done";
     let (steady, other) = (
-        machine_type("steady", script),
-        machine_type("other", script),
+        machine_type("steady", HEARTBEAT),
+        machine_type("other", HEARTBEAT),
     );
     write_type(&types, "steady.gmt", &steady);
     write_type(&types, "other.gmt", &other);
@@ -401,10 +392,7 @@ async fn credit_shows_the_ledger_and_the_coordinator_and_survives_it_going_away(
         .find_map(|l| l.strip_prefix("fingerprint ").map(|f| f.trim().to_owned()))
         .expect("the coordinator prints its fingerprint");
 
-    let mt = machine_type(
-        "steady",
-        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
-    );
+    let mt = machine_type("steady", HEARTBEAT);
     write_type(&types, "steady.gmt", &mt);
     let base = format!("https://127.0.0.1:{port}");
     let _daemon = spawn_daemon(

@@ -56,10 +56,7 @@ async fn kill_9_and_restart_adopts_everything_and_loses_nothing() {
     std::fs::create_dir_all(&types).unwrap();
     let sock = state.join("control.sock");
 
-    let mt = machine_type(
-        "long-runner",
-        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
-    );
+    let mt = machine_type("long-runner", HEARTBEAT);
     std::fs::write(
         types.join("long.gmt"),
         Envelope::seal(&mt, &publisher()).to_bytes(),

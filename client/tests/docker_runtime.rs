@@ -521,6 +521,28 @@ async fn freeze_stops_cpu_time_and_thaw_resumes_it() {
     // Freezing twice is fine: the owner may press pause twice.
     rt.freeze(&m).await.unwrap();
     assert_eq!(rt.state(&m).await.unwrap(), MachineState::Frozen);
+    // Frozen through its cgroup by the kernel, not by the engine's pause: the engine's books
+    // still say running, and the runtime reports it frozen all the same (also when listing, as
+    // a restarted daemon would).
+    assert!(!engine_paused(&rt, &m).await, "froze through docker pause");
+    let listed = rt.list_owned().await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .find(|o| o.engine_id == m.engine_id)
+            .map(|o| o.state),
+        Some(MachineState::Frozen)
+    );
+    // Limits change while frozen (the owner's policy may throttle a frozen guest before thawing).
+    rt.set_limits(
+        &m,
+        Limits {
+            cpus: 0.4,
+            memory_bytes: 96 << 20,
+        },
+    )
+    .await
+    .unwrap();
     let a = rt.sample(&m).await.unwrap().cpu_ns;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let b = rt.sample(&m).await.unwrap().cpu_ns;
@@ -539,6 +561,51 @@ async fn freeze_stops_cpu_time_and_thaw_resumes_it() {
     let state = rt.stop(&m, Duration::from_secs(2)).await.unwrap();
     assert!(matches!(state, MachineState::Exited { .. }), "{state:?}");
     guard.finish(&rt, &[&m]).await;
+}
+
+/// Whether the engine paused the container itself (`docker pause`), by its own books.
+async fn engine_paused(rt: &DockerRuntime, m: &MachineHandle) -> bool {
+    let i = rt
+        .docker()
+        .inspect_container(&m.engine_id, None)
+        .await
+        .unwrap();
+    i.state.and_then(|s| s.paused).unwrap_or(false)
+}
+
+#[tokio::test]
+async fn the_engines_pause_is_the_fallback_and_a_frozen_guest_is_removed() {
+    let owner = owner("pausefb");
+    let guard = Guard::new(&owner);
+    let tmp = tempfile::tempdir().unwrap();
+    // Without the cgroup freezer: the engine pauses, and thaw goes back through the engine.
+    let rt = runtime(&owner, &tmp.path().join("cache"))
+        .await
+        .with_cgroup_freeze(false);
+    let image = busybox(&rt).await;
+    let mjf = mjf_dir(tmp.path(), "while :; do :; done\n");
+    let mut s = spec(&owner, "pausefb", &image, &mjf);
+    s.limits.cpus = 0.2;
+    let m = rt.create(&s).await.unwrap();
+    rt.start(&m).await.unwrap();
+    rt.freeze(&m).await.unwrap();
+    assert!(engine_paused(&rt, &m).await);
+    assert_eq!(rt.state(&m).await.unwrap(), MachineState::Frozen);
+    // A runtime with the cgroup freezer finds it frozen already, and thaws it through the engine
+    // (whose books would otherwise still say paused).
+    let rt2 = runtime(&owner, &tmp.path().join("cache")).await;
+    rt2.freeze(&m).await.unwrap();
+    assert!(engine_paused(&rt2, &m).await);
+    rt2.thaw(&m).await.unwrap();
+    assert!(!engine_paused(&rt2, &m).await);
+    assert_eq!(rt2.state(&m).await.unwrap(), MachineState::Running);
+    // Frozen through the cgroup, then removed: a frozen task cannot take the engine's SIGKILL
+    // on cgroup v1, so the runtime thaws it first and the container goes.
+    rt2.freeze(&m).await.unwrap();
+    assert!(!engine_paused(&rt2, &m).await);
+    rt2.remove(&m).await.unwrap();
+    assert_eq!(rt2.state(&m).await.unwrap(), MachineState::Gone);
+    guard.finish(&rt2, &[]).await;
 }
 
 #[tokio::test]
@@ -779,16 +846,37 @@ impl Drop for Greeters {
 }
 
 /// The gateway address of a Docker network (the host's address on that bridge).
+/// The host's address on a Docker network: its IPAM gateway or, when the engine left that out
+/// (dockerd adopting a `docker0` that already had its address does), the address of the
+/// network's bridge interface on the host, which is what containers reach.
 fn gateway(network: &str) -> String {
-    docker_cli(&[
-        "network",
-        "inspect",
-        "--format",
-        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
-        network,
-    ])
-    .trim()
-    .to_owned()
+    let inspect = |format: &str| docker_cli(&["network", "inspect", "--format", format, network]);
+    let gw = inspect("{{range .IPAM.Config}}{{.Gateway}}{{end}}")
+        .trim()
+        .to_owned();
+    if !gw.is_empty() {
+        return gw;
+    }
+    let bridge = inspect(r#"{{index .Options "com.docker.network.bridge.name"}}"#)
+        .trim()
+        .to_owned();
+    let bridge = if bridge.is_empty() || bridge == "<no value>" {
+        "docker0".to_owned()
+    } else {
+        bridge
+    };
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", &bridge])
+        .output()
+        .unwrap_or_else(|e| panic!("ip addr show dev {bridge}: {e}"));
+    // "5: docker0    inet 172.17.0.1/16 brd ... scope global docker0"
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[tokio::test]

@@ -178,7 +178,7 @@ impl Domain {
              <gleaner:machine xmlns:gleaner='{ns}' owner='{owner}'/></metadata>\
              <memory unit='MiB'>32</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64'>hvm</type></os><devices/></domain>",
-            ns = gleaner_client::runtime::libvirt::METADATA_NS
+            ns = gleaner_client::runtime::vmhost::METADATA_NS
         );
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), xml).unwrap();
@@ -221,6 +221,7 @@ fn packages_hold_what_they_promise() {
     let files = ok(Command::new("dpkg-deb").arg("-c").arg(&client));
     for (mode, path) in [
         ("-rwxr-xr-x", "./usr/bin/gleaner"),
+        ("-rwxr-xr-x", "./usr/bin/gleaner-vmhost"),
         ("-rw-r--r--", "./lib/systemd/system/gleaner.service"),
         ("-rw-r--r--", "./usr/lib/systemd/user/gleaner.service"),
         ("-rw-r-----", "./etc/gleaner/client.toml"),
@@ -443,6 +444,11 @@ fn client_and_coordinator_install_run_and_uninstall_in_fresh_debian() {
     // The daemon's own user reaches Docker through the group the postinst gave it.
     let doctor = c.ok("setpriv --reuid gleaner --regid gleaner --init-groups gleaner doctor");
     assert!(doctor.contains("ok   docker"), "{doctor}");
+    // The daemon finds its VM helper beside it, where the package put it.
+    assert!(
+        doctor.contains("ok   vm helper") && doctor.contains("/usr/bin/gleaner-vmhost"),
+        "{doctor}"
+    );
     // On a system without root certificates (the package depends on ca-certificates; here they are
     // moved away), HTTPS to a coordinator that is not pinned fails with that reason and the fix.
     let no_roots = c.ok("mv /etc/ssl/certs /etc/ssl/certs.away \
@@ -690,6 +696,11 @@ fn install_sh_sets_up_a_fresh_root_and_uninstalls() {
             format!("{}:/src:ro", repo().display()),
             "-v".into(),
             format!("{}:/bin-in/gleaner:ro", env!("CARGO_BIN_EXE_gleaner")),
+            "-v".into(),
+            format!(
+                "{}:/bin-in/gleaner-vmhost:ro",
+                support::vmhost_bin().display()
+            ),
         ],
     );
     // No Docker on this host: the script installs, says so, and does not fail.
@@ -699,6 +710,8 @@ fn install_sh_sets_up_a_fresh_root_and_uninstalls() {
         "install.sh said nothing about Docker:\n{out}"
     );
     c.ok("test -x /usr/local/bin/gleaner && /usr/local/bin/gleaner --version");
+    // The VM helper beside it, with the libvirt library it links (installed by the script).
+    c.ok("/usr/local/bin/gleaner-vmhost --version && ! ldd /usr/local/bin/gleaner-vmhost | grep -q 'not found'");
     c.ok("getent passwd gleaner && test -d /var/lib/gleaner && test -f /etc/gleaner/client.toml");
     c.ok("grep -q '^ExecStart=/usr/local/bin/gleaner daemon' /etc/systemd/system/gleaner.service");
     let verify = c.sh("systemd-analyze verify /etc/systemd/system/gleaner.service 2>&1");
@@ -732,8 +745,8 @@ fn install_sh_sets_up_a_fresh_root_and_uninstalls() {
         c.ok("touch /var/lib/gleaner/ledger.redb && /src/installers/install.sh --uninstall 2>&1");
     assert!(out.contains("cleanup of alice's desktop daemon"), "{out}");
     c.ok(
-        "test ! -e /usr/local/bin/gleaner && test ! -e /etc/systemd/system/gleaner.service \
-          && test -f /var/lib/gleaner/ledger.redb",
+        "test ! -e /usr/local/bin/gleaner && test ! -e /usr/local/bin/gleaner-vmhost \
+          && test ! -e /etc/systemd/system/gleaner.service && test -f /var/lib/gleaner/ledger.redb",
     );
     assert_eq!(
         c.ok("cd /home/alice/.local/share/gleaner && test ! -e images && stat -c '%n %U' host.key ledger.redb && find . ! -user alice"),

@@ -342,10 +342,7 @@ fn rand_suffix() -> String {
 fn start_daemon(tmp: &Path, batch: &str, slurm_conf: &Path) -> (Daemon, PathBuf, PathBuf) {
     let state = tmp.join("state");
     let types = tmp.join("types");
-    let mut mt = machine_type(
-        "cluster-worker",
-        "while true; do touch /joboutputs/heartbeat; sleep 0.5; done",
-    );
+    let mut mt = machine_type("cluster-worker", HEARTBEAT);
     mt.cores_max = 2;
     write_type(&types, "w.gmt", &mt);
     let cfg = tmp.join("client.toml");
@@ -400,27 +397,20 @@ async fn running_machine(sock: &Path) -> (String, String) {
     (host, name)
 }
 
-/// `docker inspect` of the container: (paused, NanoCpus), or None when it is gone.
+/// The container: (frozen, NanoCpus), or None when it is gone. Frozen is the engine's pause or
+/// Gleaner's cgroup freeze (which the engine's books show as running).
 fn inspect(name: &str) -> Option<(bool, i64)> {
     let o = Command::new("docker")
-        .args([
-            "inspect",
-            "-f",
-            "{{.State.Paused}} {{.HostConfig.NanoCpus}}",
-            name,
-        ])
+        .args(["inspect", "-f", "{{.HostConfig.NanoCpus}}", name])
         .output()
         .ok()?;
-    let s = String::from_utf8_lossy(&o.stdout);
-    let mut w = s.split_whitespace();
-    Some((w.next()? == "true", w.next()?.parse().ok()?))
+    let nano = String::from_utf8_lossy(&o.stdout).trim().parse().ok()?;
+    Some((container_frozen(name)?, nano))
 }
 
-/// The job's first command: record whether Gleaner's container is paused (or gone) and its quota.
+/// The job's first command: record whether Gleaner's container is frozen (or gone) and its quota.
 fn record_first(name: &str) -> String {
-    format!(
-        "docker inspect -f 'paused={{{{.State.Paused}}}} nanocpus={{{{.HostConfig.NanoCpus}}}}' {name} 2>/dev/null || echo gone"
-    )
+    shell_frozen_and_quota(name)
 }
 
 async fn reason(sock: &Path) -> String {

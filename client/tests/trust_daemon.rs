@@ -19,8 +19,6 @@ use gleaner::{Envelope, MachineType, SecretKey};
 use gleaner_client::control::{ControlClient, Request};
 use support::*;
 
-const SCRIPT: &str = "while true; do touch /joboutputs/heartbeat; sleep 0.5; done";
-
 fn gleaner(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gleaner"))
         .args(args)
@@ -128,7 +126,7 @@ fn signed(types: &Path, file: &str, mt: &MachineType, key: &SecretKey) {
 }
 
 fn typed(name: &str, key: &SecretKey) -> MachineType {
-    let mut mt = machine_type(name, SCRIPT);
+    let mut mt = machine_type(name, HEARTBEAT);
     mt.publisher = key.public();
     mt
 }

@@ -98,39 +98,52 @@ fn containers(owner: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The container's state as the engine says it, except that a container frozen through its
+/// cgroup by Gleaner's runtime (which the engine still calls running) reads "paused" too.
 fn docker_state(id: &str) -> String {
-    Command::new("docker")
-        .args(["inspect", "-f", "{{.State.Status}}", id])
+    let o = Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Status}} {{.State.Pid}}", id])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let mut w = o.split_whitespace();
+    let (status, pid) = (
+        w.next().unwrap_or_default(),
+        w.next().and_then(|p| p.parse().ok()),
+    );
+    match pid {
+        Some(pid) if status == "running" && pid > 0 => {
+            let frozen = gleaner_client::runtime::freezer::CgroupFreezer::of_process(pid)
+                .is_ok_and(|(f, _)| f.is_freezing());
+            if frozen { "paused" } else { "running" }.to_owned()
+        }
+        _ => status.to_owned(),
+    }
 }
 
-/// Starts Xvfb on a free display; returns it and its number.
+/// Starts Xvfb on a display it picks itself (`-displayfd`: free, stale locks taken over) and
+/// waits until it says it is ready; returns it and its name.
 fn xvfb() -> R<(Reap, String)> {
-    for n in 70..100 {
-        if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-            || Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        {
-            continue;
-        }
-        let child = Command::new("Xvfb")
-            .arg(format!(":{n}"))
-            .args(["-screen", "0", "1280x1024x24", "-ac", "-nolisten", "tcp"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| format!("Xvfb: {e} (installers/install-deps.sh installs xvfb)"))?;
-        let x = Reap(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
-                return Ok((x, format!(":{n}")));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        return Err("Xvfb did not start".into());
+    let mut child = Command::new("Xvfb")
+        .args(["-displayfd", "1", "-screen", "0", "1280x1024x24", "-ac"])
+        .args(["-nolisten", "tcp"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("Xvfb: {e} (installers/install-deps.sh installs xvfb)"))?;
+    let out = child.stdout.take().ok_or("Xvfb's stdout")?;
+    let x = Reap(child);
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(n) if n.trim().parse::<u32>().is_ok() => Ok((x, format!(":{}", n.trim()))),
+        Ok(_) => Err("Xvfb exited without a display".into()),
+        Err(_) => Err("Xvfb did not start within 10 s".into()),
     }
-    Err("no free X display".into())
 }
 
 fn publisher() -> SecretKey {

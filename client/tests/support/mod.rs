@@ -190,6 +190,47 @@ pub async fn eventually<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> Op
     }
 }
 
+/// A guest that touches `/joboutputs/heartbeat` every half second until it is stopped.
+pub const HEARTBEAT: &str = "while true; do touch /joboutputs/heartbeat; sleep 0.5; done";
+
+/// Polls the daemon on `sock` until its factory runs exactly one machine, handing every status to
+/// `check` (which may assert on it), and returns the daemon's host name (its machines' owner label).
+pub async fn one_machine_host(
+    sock: &Path,
+    secs: u64,
+    check: impl Fn(&serde_json::Value),
+) -> String {
+    use gleaner_client::control::{ControlClient, Request};
+    eventually(secs, "the daemon running one machine", async || {
+        let mut c = ControlClient::connect(sock).await.ok()?;
+        let s = c.call(&Request::Status).await.ok()?;
+        check(&s);
+        (s["factory"]["machines"].as_array()?.len() == 1)
+            .then(|| s["host"].as_str().map(str::to_owned))
+            .flatten()
+    })
+    .await
+}
+
+/// The one machine `rt`'s owner has in the engine, once the engine says it runs.
+pub async fn the_running_machine(rt: &DockerRuntime) -> gleaner_client::runtime::MachineHandle {
+    use gleaner_client::runtime::{MachineHandle, MachineState};
+    let owned = rt
+        .list_owned()
+        .await
+        .expect("the engine lists our machines");
+    assert_eq!(owned.len(), 1, "one machine: {owned:?}");
+    let h = MachineHandle {
+        engine_id: owned[0].engine_id.clone(),
+        name: owned[0].name.clone(),
+    };
+    eventually(30, "the machine running", async || {
+        (rt.state(&h).await.ok()? == MachineState::Running).then_some(())
+    })
+    .await;
+    h
+}
+
 /// Asserts the engine holds no machine with this owner label.
 pub async fn assert_nothing_left(rt: &DockerRuntime, state: &Path) {
     let owned = rt.list_owned().await.unwrap();
@@ -304,6 +345,13 @@ pub fn vm_machine_type(name: &str, script: &str) -> MachineType {
     mt.heartbeat_s = 120;
     mt.not_after = 4_000_000_000;
     mt
+}
+
+/// The VM helper the daemon starts (`target/<profile>/gleaner-vmhost`, found as the daemon finds
+/// it): `cargo test --workspace` builds it; a client test run alone needs `cargo build -p
+/// gleaner-vmhost` first, and says so.
+pub fn vmhost_bin() -> PathBuf {
+    gleaner_client::runtime::vmhost::find_helper().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The daemon's runtime (Docker and libvirt) for `owner`, or `None` (skip) when libvirtd is
@@ -451,4 +499,34 @@ pub async fn assert_no_vm_left(
             assert!(left.is_empty(), "{} holds {left:?}", d.display());
         }
     }
+}
+
+/// Whether container `name` (or id) is frozen: paused by the engine, or frozen through its cgroup
+/// by Gleaner's runtime (which the engine's books show as running). `None` when it is gone.
+pub fn container_frozen(name: &str) -> Option<bool> {
+    let o = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Paused}} {{.State.Pid}}", name])
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    let s = String::from_utf8_lossy(&o.stdout);
+    let mut w = s.split_whitespace();
+    let paused = w.next()? == "true";
+    let pid: i32 = w.next()?.parse().ok()?;
+    Some(
+        paused
+            || (pid > 0
+                && gleaner_client::runtime::freezer::CgroupFreezer::of_process(pid)
+                    .is_ok_and(|(f, _)| f.is_freezing())),
+    )
+}
+
+/// A shell command printing `paused=<frozen> nanocpus=<quota>` for container `name` (frozen as
+/// [`container_frozen`] says: the engine's pause or the cgroup freezer, v1 or v2), or `gone`.
+pub fn shell_frozen_and_quota(name: &str) -> String {
+    format!(
+        r#"set -- $(docker inspect -f '{{{{.State.Paused}}}} {{{{.State.Pid}}}} {{{{.HostConfig.NanoCpus}}}}' {name} 2>/dev/null); if [ -z "$1" ]; then echo gone; else fz=$1; if [ "$fz" = false ] && [ "$2" != 0 ]; then p=$(awk -F: '$2 ~ /(^|,)freezer(,|$)/ {{print $3}}' /proc/$2/cgroup); if [ -n "$p" ]; then [ "$(cat /sys/fs/cgroup/freezer$p/freezer.state)" != THAWED ] && fz=true; else p=$(awk -F: '$1 == 0 {{print $3}}' /proc/$2/cgroup); for m in /sys/fs/cgroup /sys/fs/cgroup/unified; do [ "$(cat $m$p/cgroup.freeze 2>/dev/null)" = 1 ] && fz=true; done; fi; fi; echo paused=$fz nanocpus=$3; fi"#
+    )
 }
