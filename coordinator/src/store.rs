@@ -100,7 +100,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
 
 use gleaner::credit::credit;
-use gleaner::{PublicKey, UsageRecord};
+use gleaner::{Digest, PublicKey, UsageRecord};
 use serde::Serialize;
 use sha2::Digest as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -921,6 +921,7 @@ async fn writer(
     groups: Arc<GroupCounters>,
     sync: Option<SyncStage>,
 ) {
+    let mut known = Known::default();
     loop {
         let mut jobs = {
             // Held while collecting a group, not while committing it.
@@ -966,7 +967,7 @@ async fn writer(
             sync: Duration::ZERO,
         };
         let mut done = Vec::with_capacity(jobs.len());
-        match commit_retrying(&pool, &jobs).await {
+        match commit_retrying(&pool, &jobs, &mut known).await {
             Ok(outs) => {
                 let took = started.elapsed();
                 groups.commits.fetch_add(1, Ordering::Relaxed);
@@ -996,7 +997,7 @@ async fn writer(
                 );
                 for job in jobs {
                     let alone = Instant::now();
-                    match commit_retrying(&pool, std::slice::from_ref(&job)).await {
+                    match commit_retrying(&pool, std::slice::from_ref(&job), &mut known).await {
                         Ok(mut o) => {
                             let stored = Stored {
                                 outcomes: o.pop().unwrap_or_default(),
@@ -1051,10 +1052,14 @@ fn retryable(e: &StoreError) -> bool {
 }
 
 /// [`commit_group`], run again (up to [`GROUP_RETRIES`] times) while it fails [`retryable`]-ly.
-async fn commit_retrying(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, StoreError> {
+async fn commit_retrying(
+    pool: &Pool,
+    jobs: &[Job],
+    known: &mut Known,
+) -> Result<Vec<Vec<Outcome>>, StoreError> {
     let mut tries = 0;
     loop {
-        match commit_group(pool, jobs).await {
+        match commit_group(pool, jobs, known).await {
             Err(e) if retryable(&e) && tries < GROUP_RETRIES => {
                 tries += 1;
                 tracing::debug!("group of {} batches: {e}; again ({tries})", jobs.len());
@@ -1376,13 +1381,22 @@ fn placeholders(sql: &mut String, first: usize, n: usize, numbered: bool) {
     }
 }
 
-/// The query for which of `n` record ids are stored already.
-fn existing_sql(n: usize, numbered: bool) -> String {
-    let mut sql = String::from("SELECT record_id FROM records WHERE record_id IN (");
+/// `select` (which ends in `IN (`) with `n` placeholders and the closing parenthesis: a question
+/// about `n` keys in one round trip.
+fn in_list_sql(select: &str, n: usize, numbered: bool) -> String {
+    let mut sql = String::from(select);
     placeholders(&mut sql, 1, n, numbered);
     sql.push(')');
     sql
 }
+
+/// Which record ids of a chunk are stored already.
+const EXISTING_IDS: &str = "SELECT record_id FROM records WHERE record_id IN (";
+/// Which hosts of a group are enrolled.
+const ENROLLED_HOSTS: &str = "SELECT host FROM hosts WHERE host IN (";
+/// What the machine types of a group weigh.
+const TYPE_WEIGHTS: &str =
+    "SELECT digest, CAST(weight_milli AS BIGINT) FROM machine_types WHERE digest IN (";
 
 /// The multi-row INSERT for `rows` records. No RETURNING: sqlx hands each returned row across a
 /// channel from SQLite's worker thread, which cost more than the insert itself.
@@ -1403,8 +1417,38 @@ fn insert_sql(rows: usize, numbered: bool) -> String {
     sql
 }
 
+/// What a writer has learnt of keys whose rows never change once stored: enrolled hosts (nothing
+/// un-enrols a host) and machine types' weights (a type is stored once, `ON CONFLICT DO NOTHING`).
+/// Only what the database answered is kept: a host or type it did not know is asked again in the
+/// next group, as it may be enrolled or published meanwhile. Steady ingest from known hosts then
+/// costs the group no lookup at all.
+#[derive(Default)]
+struct Known {
+    hosts: HashSet<String>,
+    weights: HashMap<String, i64>,
+}
+
+/// Keys a [`Known`] holds before it starts again from empty (a bound, not a tuning knob: each key is
+/// ~50 bytes, and a forgotten key costs only one lookup).
+const KNOWN_MAX: usize = 100_000;
+
+impl Known {
+    fn bound(&mut self) {
+        if self.hosts.len() > KNOWN_MAX {
+            self.hosts.clear();
+        }
+        if self.weights.len() > KNOWN_MAX {
+            self.weights.clear();
+        }
+    }
+}
+
 /// Checks, prices and inserts the records of `jobs` in one transaction; one outcome list per job.
-async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, StoreError> {
+async fn commit_group(
+    pool: &Pool,
+    jobs: &[Job],
+    known: &mut Known,
+) -> Result<Vec<Vec<Outcome>>, StoreError> {
     let numbered = matches!(pool, Pool::Postgres(_));
     with_pool!(pool, |p, begin| {
         let mut tx = p.begin_with(begin).await?;
@@ -1412,13 +1456,59 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
             .iter()
             .map(|j| Vec::with_capacity(j.records.len()))
             .collect();
-        let mut enrolled: HashMap<String, bool> = HashMap::new();
-        let mut weights: HashMap<String, i64> = HashMap::new();
         let mut flagged: HashSet<String> = HashSet::new();
         let mut seen: HashSet<[u8; 16]> = HashSet::new();
         let mut pending: Vec<Pending<'_>> = Vec::new();
-        // Key text (base58 of the peer id) costs microseconds per key; a group names few keys.
+        // Key text (base58 of the peer id, hex of a digest) costs microseconds per key; a group
+        // names few keys, each turned into text once.
         let mut names: HashMap<PublicKey, String> = HashMap::new();
+        let mut type_names: HashMap<Digest, String> = HashMap::new();
+        for r in jobs.iter().flat_map(|j| &j.records) {
+            names.entry(r.host).or_insert_with(|| r.host.to_string());
+            type_names
+                .entry(r.machine_type)
+                .or_insert_with(|| r.machine_type.to_string());
+        }
+        // Which hosts are enrolled and what each machine type weighs, for the keys not already
+        // [`Known`]: one query each per group (per thousand keys), not one per key. Each is a
+        // round trip to SQLite's worker thread inside the writer's transaction.
+        known.bound();
+        let hosts: Vec<&String> = names
+            .values()
+            .filter(|h| !known.hosts.contains(*h))
+            .collect();
+        for chunk in hosts.chunks(INSERT_CHUNK) {
+            let mut q = sqlx::query(AssertSqlSafe(in_list_sql(
+                ENROLLED_HOSTS,
+                chunk.len(),
+                numbered,
+            )));
+            for h in chunk {
+                q = q.bind((*h).clone());
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                known.hosts.insert(row.get::<String, _>(0));
+            }
+        }
+        let types: Vec<&String> = type_names
+            .values()
+            .filter(|t| !known.weights.contains_key(*t))
+            .collect();
+        for chunk in types.chunks(INSERT_CHUNK) {
+            let mut q = sqlx::query(AssertSqlSafe(in_list_sql(
+                TYPE_WEIGHTS,
+                chunk.len(),
+                numbered,
+            )));
+            for t in chunk {
+                q = q.bind((*t).clone());
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                known
+                    .weights
+                    .insert(row.get::<String, _>(0), row.get::<i64, _>(1));
+            }
+        }
         for (ji, job) in jobs.iter().enumerate() {
             let now = job.now;
             for r in &job.records {
@@ -1426,19 +1516,7 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
                     .entry(r.host)
                     .or_insert_with(|| r.host.to_string())
                     .clone();
-                let known = match enrolled.get(&host) {
-                    Some(k) => *k,
-                    None => {
-                        let k = sqlx::query("SELECT 1 FROM hosts WHERE host = $1")
-                            .bind(&host)
-                            .fetch_optional(&mut *tx)
-                            .await?
-                            .is_some();
-                        enrolled.insert(host.clone(), k);
-                        k
-                    }
-                };
-                if !known {
+                if !known.hosts.contains(&host) {
                     out[ji].push(Outcome::Retry {
                         reason: format!("host {host} is not enrolled"),
                     });
@@ -1456,22 +1534,12 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
                     });
                     continue;
                 }
-                let mt = r.machine_type.to_string();
-                let weight = match weights.get(&mt) {
-                    Some(w) => *w,
-                    None => {
-                        let w = sqlx::query(
-                            "SELECT CAST(weight_milli AS BIGINT) FROM machine_types WHERE digest = $1",
-                        )
-                        .bind(&mt)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                        .map(|row| row.get::<i64, _>(0))
-                        .unwrap_or(1000);
-                        weights.insert(mt.clone(), w);
-                        w
-                    }
-                };
+                let mt = type_names
+                    .entry(r.machine_type)
+                    .or_insert_with(|| r.machine_type.to_string())
+                    .clone();
+                // An unknown machine type weighs 1.0 (docs/credit.md).
+                let weight = known.weights.get(&mt).copied().unwrap_or(1000);
                 let c = credit(r, weight.clamp(1, 100_000) as u32);
                 if c.scale_clamped && flagged.insert(host.clone()) {
                     sqlx::query("UPDATE hosts SET flagged = 1, flag_reason = $1 WHERE host = $2")
@@ -1511,7 +1579,11 @@ async fn commit_group(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, St
         for chunk in pending.chunks(INSERT_CHUNK) {
             // Duplicates are rare (a ledger re-sending after a lost answer): ask which ids exist,
             // usually getting no rows back, and insert the rest.
-            let mut q = sqlx::query(AssertSqlSafe(existing_sql(chunk.len(), numbered)));
+            let mut q = sqlx::query(AssertSqlSafe(in_list_sql(
+                EXISTING_IDS,
+                chunk.len(),
+                numbered,
+            )));
             for pr in chunk {
                 q = q.bind(pr.id.clone());
             }
@@ -1907,5 +1979,103 @@ mod tests {
             .expect("a missing WAL is no error");
         assert!(gone.is_none());
         assert!(Fdatasync.sync(gone).is_ok());
+    }
+
+    /// One group holds batches from an enrolled and an unenrolled host over a weighted and an
+    /// unknown machine type: the hosts and weights are looked up for the whole group at once, and
+    /// each record is still answered by its own host and priced by its own type.
+    #[tokio::test]
+    async fn a_group_answers_each_record_by_its_own_host_and_type() {
+        let (store, host) = enrolled_store(
+            "sqlite::memory:",
+            Arc::new(Fdatasync),
+            Checkpoints::default(),
+            [8; 32],
+        )
+        .await;
+        let stranger = SecretKey::from_seed([9; 32]);
+        let heavy = Digest([4; 32]);
+        let Pool::Sqlite(db) = &store.pool else {
+            panic!("an in-memory store is SQLite");
+        };
+        sqlx::query(
+            "INSERT INTO machine_types (digest, publisher, name, version, weight_milli) \
+             VALUES ($1, $2, 'heavy', 1, 2500)",
+        )
+        .bind(heavy.to_string())
+        .bind(host.public().to_string())
+        .execute(db)
+        .await
+        .expect("machine type");
+        let mut weighted = records(&host, 1, 2);
+        for r in &mut weighted {
+            r.machine_type = heavy;
+        }
+        let jobs: Vec<Job> = [
+            weighted.clone(),
+            records(&stranger, 2, 2),
+            records(&host, 3, 1),
+        ]
+        .into_iter()
+        .map(|records| Job {
+            records,
+            now: now(),
+            queued: Instant::now(),
+            reply: oneshot::channel().0,
+        })
+        .collect();
+        let mut known = Known::default();
+        let outs = commit_group(&store.pool, &jobs, &mut known)
+            .await
+            .expect("group commits");
+        let retry =
+            |o: &Outcome| matches!(o, Outcome::Retry { reason } if reason.contains("not enrolled"));
+        assert_eq!(outs[0], vec![Outcome::Accepted; 2]);
+        assert!(
+            outs[1].len() == 2 && outs[1].iter().all(retry),
+            "{:?}",
+            outs[1]
+        );
+        assert_eq!(outs[2], vec![Outcome::Accepted]);
+        let stored: HashMap<String, f64> = sqlx::query("SELECT record_id, credit FROM records")
+            .fetch_all(db)
+            .await
+            .expect("records")
+            .iter()
+            .map(|row| (row.get::<String, _>(0), row.get::<f64, _>(1)))
+            .collect();
+        assert_eq!(
+            stored.len(),
+            3,
+            "only the enrolled host's records: {stored:?}"
+        );
+        let plain = &jobs[2].records[0];
+        assert_eq!(
+            stored[&weighted[0].record_id.to_string()],
+            credit(&weighted[0], 2500).credit
+        );
+        assert_eq!(
+            stored[&plain.record_id.to_string()],
+            credit(plain, 1000).credit
+        );
+        assert!(stored[&weighted[0].record_id.to_string()] > stored[&plain.record_id.to_string()]);
+        // The writer remembers only what the database knew: the stranger, enrolled since, is
+        // asked about again and its records are taken in the next group.
+        assert!(known.hosts.contains(&host.public().to_string()));
+        assert!(!known.hosts.contains(&stranger.public().to_string()));
+        store
+            .enrol(&stranger.public(), "a", now())
+            .await
+            .expect("enrol");
+        let again = [Job {
+            records: records(&stranger, 2, 2),
+            now: now(),
+            queued: Instant::now(),
+            reply: oneshot::channel().0,
+        }];
+        let outs = commit_group(&store.pool, &again, &mut known)
+            .await
+            .expect("group commits");
+        assert_eq!(outs[0], vec![Outcome::Accepted; 2]);
     }
 }
