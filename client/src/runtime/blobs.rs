@@ -2,7 +2,10 @@
 //! SHA-256, verified while they stream and before any engine sees them, with a disk quota and
 //! least-recently-used eviction.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use gleaner::Digest;
@@ -17,7 +20,56 @@ pub struct BlobCache {
     dir: PathBuf,
     quota_bytes: u64,
     http: reqwest::Client,
+    /// Fetches in progress, by digest: a second fetch of the same blob (two machine types on one
+    /// image, started in the same tick) waits for the first and then finds it cached.
+    fetching: Gates,
 }
+
+/// One async gate per digest being fetched; an entry lives while someone holds or waits for it,
+/// so the map holds at most the fetches in progress.
+#[derive(Debug, Clone, Default)]
+struct Gates(Arc<std::sync::Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>>);
+
+/// Held while fetching one digest; dropping it lets the next fetch of that digest go.
+struct Gate {
+    gates: Gates,
+    digest: Digest,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Gates {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<tokio::sync::Mutex<()>>>> {
+        // The map is left consistent whatever panicked while holding it.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn hold(&self, digest: &Digest) -> Gate {
+        let gate = self.map().entry(*digest).or_default().clone();
+        let held = gate.clone().lock_owned().await;
+        Gate {
+            gates: self.clone(),
+            digest: *digest,
+            gate,
+            held: Some(held),
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.held = None;
+        let mut map = self.gates.map();
+        // Ours and the map's: nobody else holds or waits for this digest.
+        if Arc::strong_count(&self.gate) <= 2 {
+            map.remove(&self.digest);
+        }
+    }
+}
+
+/// Numbers this process's partial downloads, so that no two fetches ever write the same file
+/// (the daemon and the VM helper share the cache directory).
+static PARTIAL: AtomicU64 = AtomicU64::new(0);
 
 fn image_err(url: &str, reason: impl Into<String>) -> RuntimeError {
     RuntimeError::Image {
@@ -75,6 +127,7 @@ impl BlobCache {
             dir,
             quota_bytes,
             http,
+            fetching: Gates::default(),
         })
     }
 
@@ -91,6 +144,7 @@ impl BlobCache {
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<PathBuf, RuntimeError> {
         let path = self.path_of(sha256);
+        let _fetching = self.fetching.hold(sha256).await;
         if path.exists() {
             // Touch for LRU; a cached blob was verified when it was stored.
             let _ = std::fs::File::options()
@@ -99,7 +153,11 @@ impl BlobCache {
                 .and_then(|f| f.set_modified(SystemTime::now()));
             return Ok(path);
         }
-        let tmp = self.dir.join(format!(".{sha256}.partial"));
+        let tmp = self.dir.join(format!(
+            ".{sha256}.{}-{}.partial",
+            std::process::id(),
+            PARTIAL.fetch_add(1, Ordering::Relaxed)
+        ));
         let result = self.download(url, &tmp, progress).await;
         let actual = match result {
             Ok(d) => d,
@@ -284,5 +342,37 @@ mod tests {
             })
             .count();
         assert_eq!(stray, 0);
+    }
+
+    /// Two machine types on one image start in the same tick: their fetches of the same blob
+    /// must not write one partial file over each other (before the gate, one of them failed with
+    /// a hash mismatch or a vanished partial file, and its type was backed off).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_fetches_of_one_blob_all_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("big");
+        let body: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&src, &body).unwrap();
+        let d = Digest::of(&body);
+        let url = format!("file://{}", src.display());
+        let cache = BlobCache::new(dir.path().join("cache"), 1 << 30).unwrap();
+        let fetches = (0..4).map(|_| {
+            let (cache, url) = (cache.clone(), url.clone());
+            tokio::spawn(async move { cache.fetch(&url, &d, &|_| {}).await })
+        });
+        for f in futures_util::future::join_all(fetches).await {
+            let got = f.unwrap().expect("every fetch gets the blob");
+            assert_eq!(got, cache.path_of(&d));
+        }
+        assert_eq!(std::fs::read(cache.path_of(&d)).unwrap(), body);
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![format!("{d}.blob")], "no partial file is left");
+        assert!(
+            cache.fetching.map().is_empty(),
+            "no gate outlives its fetches"
+        );
     }
 }
