@@ -21,28 +21,9 @@ use gleaner_client::runtime::{
 use gleaner_vmhost::libvirt::{DomainType, LibvirtConfig, LibvirtRuntime, kvm_verdict};
 
 /// The test kernel and initramfs, built once (and cached across runs) from Debian packages.
-fn assets() -> (PathBuf, PathBuf) {
-    static ASSETS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
-    ASSETS
-        .get_or_init(|| {
-            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
-            let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../client/tests/assets/build-vm-assets.sh");
-            let st = Command::new("bash")
-                .arg(&script)
-                .arg(&out)
-                .status()
-                .expect("bash runs");
-            assert!(st.success(), "{} failed", script.display());
-            // QEMU runs as libvirt-qemu and must reach them.
-            let mut p = out.clone();
-            while p.pop() && p != Path::new("/") {
-                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
-            }
-            (out.join("vmlinuz"), out.join("initrd.img"))
-        })
-        .clone()
-}
+#[path = "../../client/benches/common/mod.rs"]
+mod common;
+use common::vm_assets as assets;
 
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")

@@ -1,4 +1,4 @@
-//! Helpers the client's benchmarks share: the busybox image tarball and the VM kernel + initrd the
+//! Helpers the client's benchmarks (and tests, for the VM assets) share: the busybox image tarball and the VM kernel + initrd the
 //! tests build, percentiles.
 #![allow(dead_code)]
 
@@ -29,25 +29,31 @@ pub fn busybox_tarball() -> (PathBuf, Digest) {
     (PathBuf::from(path), sha.parse().expect("sha256"))
 }
 
-/// The test VM's kernel and busybox initrd, built (and cached) by
-/// client/tests/assets/build-vm-assets.sh, in folders the QEMU user can reach.
+/// The test VM's kernel and busybox initrd, built (and cached across runs) by
+/// client/tests/assets/build-vm-assets.sh, in folders the QEMU user can reach; built once per
+/// process. Shared by the client's tests and benches and vmhost's (which include this file).
 pub fn vm_assets() -> (PathBuf, PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
-    // From the client's benches and from vmhost's (which include this file).
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/tests/assets/build-vm-assets.sh");
-    let st = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .status()
-        .expect("bash runs");
-    assert!(st.success(), "{} failed", script.display());
-    let mut p = out.clone();
-    while p.pop() && p != Path::new("/") {
-        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
-    }
-    (out.join("vmlinuz"), out.join("initrd.img"))
+    static ASSETS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    ASSETS
+        .get_or_init(|| {
+            use std::os::unix::fs::PermissionsExt;
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
+            let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../client/tests/assets/build-vm-assets.sh");
+            let st = Command::new("bash")
+                .arg(&script)
+                .arg(&out)
+                .status()
+                .expect("bash runs");
+            assert!(st.success(), "{} failed", script.display());
+            // QEMU runs as libvirt-qemu and must reach them.
+            let mut p = out.clone();
+            while p.pop() && p != Path::new("/") {
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+            }
+            (out.join("vmlinuz"), out.join("initrd.img"))
+        })
+        .clone()
 }
 
 /// The `p` quantile (0..=1) of sorted samples.

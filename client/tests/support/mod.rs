@@ -303,24 +303,10 @@ pub fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
+#[path = "../../benches/common/mod.rs"]
+mod common;
 /// The test VM's kernel and initramfs (built once from Debian packages, cached across runs).
-pub fn vm_assets() -> (PathBuf, PathBuf) {
-    static ASSETS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
-    ASSETS
-        .get_or_init(|| {
-            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-assets/vm");
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets/build-vm-assets.sh");
-            let st = std::process::Command::new("bash")
-                .arg(&script)
-                .arg(&out)
-                .status()
-                .expect("bash runs");
-            assert!(st.success(), "{} failed", script.display());
-            (out.join("vmlinuz"), out.join("initrd.img"))
-        })
-        .clone()
-}
+pub use common::vm_assets;
 
 /// A VM machine type (direct kernel boot of the test VM) whose guest runs `script` as user_data.
 pub fn vm_machine_type(name: &str, script: &str) -> MachineType {
