@@ -46,10 +46,20 @@ pub fn vm_assets() -> (PathBuf, PathBuf) {
                 .status()
                 .expect("bash runs");
             assert!(st.success(), "{} failed", script.display());
-            // QEMU runs as libvirt-qemu and must reach them.
+            // QEMU runs as libvirt-qemu and must reach them: every folder above gets read and
+            // search for others added, never a bit taken away (setting 0755 outright made /tmp
+            // lose its sticky bit and its write for all when the target dir was under it).
             let mut p = out.clone();
             while p.pop() && p != Path::new("/") {
-                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+                if let Ok(m) = std::fs::metadata(&p) {
+                    let mode = m.permissions().mode();
+                    if mode & 0o005 != 0o005 {
+                        let _ = std::fs::set_permissions(
+                            &p,
+                            std::fs::Permissions::from_mode(mode | 0o005),
+                        );
+                    }
+                }
             }
             (out.join("vmlinuz"), out.join("initrd.img"))
         })
