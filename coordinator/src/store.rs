@@ -180,6 +180,14 @@ macro_rules! with_pool {
     };
 }
 
+/// The id in `names` of the text bound as `$1` (NULL, matching no record, if it has none): records
+/// name hosts, publishers and machine types by these ids (migration 0003).
+macro_rules! name_id_of {
+    () => {
+        "(SELECT id FROM names WHERE name = $1)"
+    };
+}
+
 /// Records per multi-row INSERT: 15 parameters each stays under SQLite's 32766 and PostgreSQL's
 /// 65535 bound parameters.
 const INSERT_CHUNK: usize = 1000;
@@ -727,7 +735,9 @@ impl Store {
         .map(|r| (r.get::<i64, _>(0), r.get::<f64, _>(1)))
         .collect());
         let names = self.publisher_names().await?;
-        let mut projects = self.board("r.publisher", "").await?;
+        let mut projects = self
+            .board("pn.name", "JOIN names pn ON pn.id = r.publisher")
+            .await?;
         for row in &mut projects {
             if let Some(name) = names.get(&row.id) {
                 row.key = name.clone();
@@ -739,15 +749,21 @@ impl Store {
             records,
             hosts,
             volunteers: self
-                .board("h.account", "JOIN hosts h ON h.host = r.host")
+                .board(
+                    "h.account",
+                    "JOIN names hn ON hn.id = r.host JOIN hosts h ON h.host = hn.name",
+                )
                 .await?,
             teams: self
                 .board(
                     "a.team",
-                    "JOIN hosts h ON h.host = r.host JOIN accounts a ON a.name = h.account",
+                    "JOIN names hn ON hn.id = r.host JOIN hosts h ON h.host = hn.name \
+                     JOIN accounts a ON a.name = h.account",
                 )
                 .await?,
-            hosts_board: self.board("r.host", "").await?,
+            hosts_board: self
+                .board("hn.name", "JOIN names hn ON hn.id = r.host")
+                .await?,
             projects,
             per_day,
         })
@@ -755,9 +771,11 @@ impl Store {
 
     /// Credit per day of one host.
     pub async fn host_days(&self, host: &str) -> Result<Vec<(i64, f64)>, StoreError> {
-        Ok(with_pool!(&self.pool, |p| sqlx::query(
-            "SELECT day, SUM(credit) FROM records WHERE host = $1 GROUP BY day ORDER BY day",
-        )
+        Ok(with_pool!(&self.pool, |p| sqlx::query(concat!(
+            "SELECT day, SUM(credit) FROM records WHERE host = ",
+            name_id_of!(),
+            " GROUP BY day ORDER BY day"
+        ),)
         .bind(host)
         .fetch_all(p)
         .await?
@@ -771,10 +789,11 @@ impl Store {
     pub async fn host(&self, host: &str) -> Result<Option<HostHistory>, StoreError> {
         let per_day = self.host_days(host).await?;
         let (cpu_ms, records) = with_pool!(&self.pool, |p| {
-            let r = sqlx::query(
+            let r = sqlx::query(concat!(
                 "SELECT CAST(COALESCE(SUM(cpu_ms), 0) AS BIGINT), COUNT(*) FROM records \
-                 WHERE host = $1",
-            )
+                     WHERE host = ",
+                name_id_of!()
+            ))
             .bind(host)
             .fetch_one(p)
             .await?;
@@ -806,10 +825,14 @@ impl Store {
         let (per_day, cpu_ms, records) = with_pool!(&self.pool, |p| {
             let mut per_day = Vec::new();
             let (mut cpu_ms, mut records) = (0i64, 0i64);
-            for r in sqlx::query(
+            for r in sqlx::query(concat!(
                 "SELECT day, SUM(credit), CAST(SUM(cpu_ms) AS BIGINT), COUNT(*) FROM records \
-             WHERE publisher = $1 OR machine_type = $1 GROUP BY day ORDER BY day",
-            )
+                     WHERE publisher = ",
+                name_id_of!(),
+                " OR machine_type = ",
+                name_id_of!(),
+                " GROUP BY day ORDER BY day"
+            ))
             .bind(id)
             .fetch_all(p)
             .await?
@@ -820,31 +843,40 @@ impl Store {
             }
             (per_day, cpu_ms, records)
         });
-        let sql =
-            "SELECT COUNT(DISTINCT host) FROM records WHERE publisher = $1 OR machine_type = $1";
+        let sql = concat!(
+            "SELECT COUNT(DISTINCT host) FROM records WHERE publisher = ",
+            name_id_of!(),
+            " OR machine_type = ",
+            name_id_of!()
+        );
         let hosts: i64 = with_pool!(&self.pool, |p| sqlx::query(sql)
             .bind(id)
             .fetch_one(p)
             .await?
             .get(0));
         // Machine types with credit, then those registered but not (yet) run.
-        let mut machine_types: Vec<ProjectMachineType> = with_pool!(&self.pool, |p| sqlx::query(
-            "SELECT r.machine_type, MIN(m.name), SUM(r.credit), COUNT(*) FROM records r \
-             LEFT JOIN machine_types m ON m.digest = r.machine_type \
-             WHERE r.publisher = $1 OR r.machine_type = $1 \
-             GROUP BY r.machine_type ORDER BY SUM(r.credit) DESC, r.machine_type",
-        )
-        .bind(id)
-        .fetch_all(p)
-        .await?
-        .iter()
-        .map(|r| ProjectMachineType {
-            digest: r.get(0),
-            name: r.get(1),
-            credit: r.get(2),
-            records: r.get(3),
-        })
-        .collect());
+        let mut machine_types: Vec<ProjectMachineType> =
+            with_pool!(&self.pool, |p| sqlx::query(concat!(
+                "SELECT tn.name, MIN(m.name), SUM(r.credit), COUNT(*) FROM records r \
+                 JOIN names tn ON tn.id = r.machine_type \
+                 LEFT JOIN machine_types m ON m.digest = tn.name \
+                 WHERE r.publisher = ",
+                name_id_of!(),
+                " OR r.machine_type = ",
+                name_id_of!(),
+                " GROUP BY tn.name ORDER BY SUM(r.credit) DESC, tn.name"
+            ),)
+            .bind(id)
+            .fetch_all(p)
+            .await?
+            .iter()
+            .map(|r| ProjectMachineType {
+                digest: r.get(0),
+                name: r.get(1),
+                credit: r.get(2),
+                records: r.get(3),
+            })
+            .collect());
         let known: Vec<(String, String)> = with_pool!(&self.pool, |p| sqlx::query(
             "SELECT digest, name FROM machine_types WHERE publisher = $1 OR digest = $1 \
              ORDER BY name, digest",
@@ -1364,6 +1396,19 @@ struct Pending<'a> {
     credit: f64,
 }
 
+/// The id a key's text gets in `names` when ingest first meets it: 63 bits of its SHA-256, at or
+/// above 2^62 (migration 0003 numbered the names it found from 1). Derived rather than counted,
+/// so that PostgreSQL's writers (and coordinators sharing a database) give a new name the same
+/// id without asking each other. Forging a key onto a given name's id takes ~2^62 tries, and by
+/// chance a million names share one with odds of about 1 in 10^7; should it happen, the later
+/// name's records are refused, never credited to the other.
+fn name_id(name: &str) -> i64 {
+    let d = sha2::Sha256::digest(name.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    (i64::from_be_bytes(b) & i64::MAX) | (1 << 62)
+}
+
 /// `n` placeholders separated by commas starting at `$first`. SQLite gets anonymous `?`: it looks
 /// each named or numbered one (`$N`, `?N`) up in a list while parsing, which is quadratic in their
 /// count and took seconds for 15 000 parameters; PostgreSQL needs `$N`.
@@ -1392,11 +1437,28 @@ fn in_list_sql(select: &str, n: usize, numbered: bool) -> String {
 
 /// Which record ids of a chunk are stored already.
 const EXISTING_IDS: &str = "SELECT record_id FROM records WHERE record_id IN (";
+/// The ids of names.
+const NAME_IDS: &str = "SELECT name, id FROM names WHERE name IN (";
 /// Which hosts of a group are enrolled.
 const ENROLLED_HOSTS: &str = "SELECT host FROM hosts WHERE host IN (";
 /// What the machine types of a group weigh.
 const TYPE_WEIGHTS: &str =
     "SELECT digest, CAST(weight_milli AS BIGINT) FROM machine_types WHERE digest IN (";
+
+/// The multi-row INSERT of `rows` new names (id, name), leaving names already stored alone.
+fn names_sql(rows: usize, numbered: bool) -> String {
+    let mut sql = String::from("INSERT INTO names (id, name) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        placeholders(&mut sql, i * 2 + 1, 2, numbered);
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING");
+    sql
+}
 
 /// The multi-row INSERT for `rows` records. No RETURNING: sqlx hands each returned row across a
 /// channel from SQLite's worker thread, which cost more than the insert itself.
@@ -1418,7 +1480,8 @@ fn insert_sql(rows: usize, numbered: bool) -> String {
 }
 
 /// What a writer has learnt of keys whose rows never change once stored: enrolled hosts (nothing
-/// un-enrols a host) and machine types' weights (a type is stored once, `ON CONFLICT DO NOTHING`).
+/// un-enrols a host), machine types' weights (a type is stored once, `ON CONFLICT DO NOTHING`)
+/// and the ids of names.
 /// Only what the database answered is kept: a host or type it did not know is asked again in the
 /// next group, as it may be enrolled or published meanwhile. Steady ingest from known hosts then
 /// costs the group no lookup at all.
@@ -1426,6 +1489,8 @@ fn insert_sql(rows: usize, numbered: bool) -> String {
 struct Known {
     hosts: HashSet<String>,
     weights: HashMap<String, i64>,
+    /// Ids of names in `names` (rows that never change).
+    ids: HashMap<String, i64>,
 }
 
 /// Keys a [`Known`] holds before it starts again from empty (a bound, not a tuning knob: each key is
@@ -1439,6 +1504,9 @@ impl Known {
         }
         if self.weights.len() > KNOWN_MAX {
             self.weights.clear();
+        }
+        if self.ids.len() > KNOWN_MAX {
+            self.ids.clear();
         }
     }
 }
@@ -1573,6 +1641,45 @@ async fn commit_group(
                 out[ji].push(Outcome::Accepted);
             }
         }
+        // Names only of records that passed the checks: a host that is not enrolled adds none.
+        let mut new_names: Vec<&String> = pending
+            .iter()
+            .flat_map(|pr| [&pr.host, &pr.publisher, &pr.machine_type])
+            .filter(|n| !known.ids.contains_key(*n))
+            .collect();
+        new_names.sort_unstable();
+        new_names.dedup();
+        // Stored if new and learnt: one INSERT and one SELECT per thousand names not already
+        // [`Known`], in name order (PostgreSQL's writers then lock the rows in one order). A name
+        // still without an id after that lost it to another name ([`name_id`]). What is learnt
+        // here is kept only once the transaction commits: rolled back, a new name's row is gone.
+        let mut learnt: HashMap<String, i64> = HashMap::new();
+        for chunk in new_names.chunks(INSERT_CHUNK) {
+            let mut q = sqlx::query(AssertSqlSafe(names_sql(chunk.len(), numbered)));
+            for n in chunk {
+                q = q.bind(name_id(n)).bind((*n).clone());
+            }
+            q.execute(&mut *tx).await?;
+            let mut q = sqlx::query(AssertSqlSafe(in_list_sql(NAME_IDS, chunk.len(), numbered)));
+            for n in chunk {
+                q = q.bind((*n).clone());
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                learnt.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+            }
+        }
+        let id_of = |n: &String| known.ids.get(n).or_else(|| learnt.get(n)).copied();
+        pending.retain(|pr| {
+            let lost = [&pr.host, &pr.publisher, &pr.machine_type]
+                .into_iter()
+                .find(|n| id_of(n).is_none());
+            if let Some(n) = lost {
+                out[pr.job][pr.pos] = Outcome::Rejected {
+                    reason: format!("the key {n} has no id of its own on this coordinator"),
+                };
+            }
+            lost.is_none()
+        });
         // One global insert order: two groups holding some of the same ids (on PostgreSQL's
         // several writers) then wait for each other's rows in the same order, never in a cycle.
         pending.sort_unstable_by(|a, b| a.id.cmp(&b.id));
@@ -1608,9 +1715,9 @@ async fn commit_group(
                 let r = pr.record;
                 q = q
                     .bind(pr.id.clone())
-                    .bind(pr.host.clone())
-                    .bind(pr.publisher.clone())
-                    .bind(pr.machine_type.clone())
+                    .bind(id_of(&pr.host))
+                    .bind(id_of(&pr.publisher))
+                    .bind(id_of(&pr.machine_type))
                     .bind(r.machine_id.to_string())
                     .bind(r.start as i64)
                     .bind(r.end as i64)
@@ -1632,6 +1739,7 @@ async fn commit_group(
             }
         }
         tx.commit().await?;
+        known.ids.extend(learnt);
         Ok(out)
     })
 }
@@ -2073,9 +2181,77 @@ mod tests {
             queued: Instant::now(),
             reply: oneshot::channel().0,
         }];
+        // Before it was enrolled, the stranger's records named nothing into `names`.
+        let named = |n: String| {
+            sqlx::query("SELECT COUNT(*) FROM names WHERE name = $1")
+                .bind(n)
+                .fetch_one(db)
+        };
+        assert_eq!(
+            named(stranger.public().to_string())
+                .await
+                .expect("names")
+                .get::<i64, _>(0),
+            0
+        );
         let outs = commit_group(&store.pool, &again, &mut known)
             .await
             .expect("group commits");
         assert_eq!(outs[0], vec![Outcome::Accepted; 2]);
+        assert_eq!(
+            named(stranger.public().to_string())
+                .await
+                .expect("names")
+                .get::<i64, _>(0),
+            1
+        );
+    }
+
+    /// A group that rolls back takes the names it stored with it, and the writer forgets their
+    /// ids too: the next group stores them again instead of naming rows that do not exist.
+    #[tokio::test]
+    async fn names_of_a_group_that_rolled_back_are_stored_again() {
+        let (store, host) = enrolled_store(
+            "sqlite::memory:",
+            Arc::new(Fdatasync),
+            Checkpoints::default(),
+            [8; 32],
+        )
+        .await;
+        let Pool::Sqlite(db) = &store.pool else {
+            panic!("an in-memory store is SQLite");
+        };
+        // A record claiming 4242 ms fails its INSERT, after the group has stored its names.
+        sqlx::query(
+            "CREATE TRIGGER fail_4242 BEFORE INSERT ON records WHEN NEW.cpu_ms = 4242 \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .execute(db)
+        .await
+        .expect("trigger");
+        let job = |records| Job {
+            records,
+            now: now(),
+            queued: Instant::now(),
+            reply: oneshot::channel().0,
+        };
+        let mut failing = records(&host, 1, 1);
+        failing[0].cpu_ms = 4242;
+        let mut known = Known::default();
+        let failed = commit_group(&store.pool, &[job(failing)], &mut known).await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert!(known.ids.is_empty(), "{:?}", known.ids);
+        let outs = commit_group(&store.pool, &[job(records(&host, 2, 2))], &mut known)
+            .await
+            .expect("group commits");
+        assert_eq!(outs[0], vec![Outcome::Accepted; 2]);
+        // The host (which is also the publisher here) and the machine type.
+        assert_eq!(known.ids.len(), 2, "{:?}", known.ids);
+        let hosts: i64 = sqlx::query("SELECT COUNT(DISTINCT host) FROM records")
+            .fetch_one(db)
+            .await
+            .expect("records")
+            .get(0);
+        assert_eq!(hosts, 1);
     }
 }
