@@ -1445,38 +1445,37 @@ const ENROLLED_HOSTS: &str = "SELECT host FROM hosts WHERE host IN (";
 const TYPE_WEIGHTS: &str =
     "SELECT digest, CAST(weight_milli AS BIGINT) FROM machine_types WHERE digest IN (";
 
-/// The multi-row INSERT of `rows` new names (id, name), leaving names already stored alone.
-fn names_sql(rows: usize, numbered: bool) -> String {
-    let mut sql = String::from("INSERT INTO names (id, name) VALUES ");
+/// `head` (`INSERT INTO t (columns) VALUES `) with `rows` rows of `cols` placeholders, leaving
+/// rows whose keys are stored already alone (`ON CONFLICT DO NOTHING`).
+fn insert_rows_sql(head: &str, rows: usize, cols: usize, numbered: bool) -> String {
+    let mut sql = String::from(head);
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
         sql.push('(');
-        placeholders(&mut sql, i * 2 + 1, 2, numbered);
+        placeholders(&mut sql, i * cols + 1, cols, numbered);
         sql.push(')');
     }
     sql.push_str(" ON CONFLICT DO NOTHING");
     sql
 }
 
+/// The multi-row INSERT of `rows` new names (id, name).
+fn names_sql(rows: usize, numbered: bool) -> String {
+    insert_rows_sql("INSERT INTO names (id, name) VALUES ", rows, 2, numbered)
+}
+
 /// The multi-row INSERT for `rows` records. No RETURNING: sqlx hands each returned row across a
 /// channel from SQLite's worker thread, which cost more than the insert itself.
 fn insert_sql(rows: usize, numbered: bool) -> String {
-    let mut sql = String::from(
+    insert_rows_sql(
         "INSERT INTO records (record_id, host, publisher, machine_type, machine_id, start_s, end_s, \
          cpu_ms, wall_ms, cores, benchmark, outcome, credit, day, received) VALUES ",
-    );
-    for i in 0..rows {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push('(');
-        placeholders(&mut sql, i * 15 + 1, 15, numbered);
-        sql.push(')');
-    }
-    sql.push_str(" ON CONFLICT DO NOTHING");
-    sql
+        rows,
+        15,
+        numbered,
+    )
 }
 
 /// What a writer has learnt of keys whose rows never change once stored: enrolled hosts (nothing
