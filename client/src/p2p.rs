@@ -177,7 +177,7 @@ pub struct SpaceSummary {
     pub listen: Vec<String>,
     pub connected: usize,
     /// Peers in this node's gossipsub mesh for adverts (gossipsub keeps it between
-    /// `tuning::MESH_N_LOW` and `MESH_N_HIGH` when it has the peers).
+    /// `tuning::ADVERT_MESH_N_LOW` and `ADVERT_MESH_N_HIGH` when it has the peers).
     pub mesh_peers: usize,
     /// Peers in the Kademlia routing table.
     pub known_peers: usize,
@@ -428,12 +428,7 @@ pub async fn start_space(
     let kad_protocol = gleaner_space::kad_protocol(&cfg.space).map_err(SpaceError::Setup)?;
     let mdns_on = cfg.mdns;
     let kad_proto = kad_protocol.clone();
-    let score_topics = [
-        t.adverts.hash(),
-        t.outcomes.hash(),
-        t.types.hash(),
-        t.trust.hash(),
-    ];
+    let other_topics = [t.outcomes.hash(), t.types.hash(), t.trust.hash()];
     let duplicate_cache = Duration::from_secs(cfg.duplicate_cache_s.max(1));
     let mut swarm = gleaner_space::build_swarm_with(keypair, cfg.idle_timeout, |k| {
         let codec = request_response::cbor::codec::Codec::default()
@@ -448,7 +443,11 @@ pub async fn start_space(
         );
         Ok(Behaviour {
             blocked: Default::default(),
-            gossipsub: gleaner_space::gossipsub_behaviour(score_topics, duplicate_cache)?,
+            gossipsub: gleaner_space::gossipsub_behaviour(
+                t.adverts.hash(),
+                other_topics,
+                duplicate_cache,
+            )?,
             identify: gleaner_space::swarm::identify_behaviour(k),
             ping: ping::Behaviour::default(),
             mdns: gleaner_space::swarm::mdns_behaviour(mdns_on, k)?,

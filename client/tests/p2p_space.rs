@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
 use gleaner::{Digest, Envelope, Id16, OutcomeCode, SecretKey};
 use gleaner_client::p2p::{self, SpaceConfig, SpaceHandle};
-use gleaner_space::tuning::MESH_N_LOW;
+use gleaner_space::tuning::ADVERT_MESH_N_LOW;
 use tokio_util::sync::CancellationToken;
 
 fn now() -> u64 {
@@ -180,11 +180,13 @@ async fn a_chain_of_nodes_connects_and_stays_connected_past_the_idle_timeout() {
             let s = h.summary().await.unwrap();
             looks.push((s.connected, s.mesh_peers));
         }
-        let ok = looks.iter().all(|&(c, m)| c >= N - 2 && m >= MESH_N_LOW);
+        let ok = looks
+            .iter()
+            .all(|&(c, m)| c >= N - 2 && m >= ADVERT_MESH_N_LOW);
         held = if ok { held + 1 } else { 0 };
         assert!(
             Instant::now() < deadline,
-            "not every node held {} connections and a mesh of {MESH_N_LOW} for {HELD_S} s; \
+            "not every node held {} connections and a mesh of {ADVERT_MESH_N_LOW} for {HELD_S} s; \
              (connected, adverts mesh) per node at the last look: {looks:?}",
             N - 2
         );

@@ -231,7 +231,11 @@ pub async fn start(
     let mut swarm = gleaner_space::build_swarm(keypair, |k| {
         Ok(Behaviour {
             // gossipsub's own default duplicate cache, which the observer always had.
-            gossipsub: gleaner_space::gossipsub_behaviour([topic_hash], Duration::from_secs(60))?,
+            gossipsub: gleaner_space::gossipsub_behaviour(
+                topic_hash.clone(),
+                [],
+                Duration::from_secs(60),
+            )?,
             identify: gleaner_space::swarm::identify_behaviour(k),
             ping: ping::Behaviour::default(),
             mdns: gleaner_space::swarm::mdns_behaviour(mdns_on, k)?,

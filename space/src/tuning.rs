@@ -1,5 +1,5 @@
 //! The tunable constants of a space node, in one place: gossipsub heartbeat, publishing, IHAVE
-//! gossip, mesh degree and peer scoring, Kademlia and redial intervals, connection and per-author rate limits. Both the client and the
+//! gossip, mesh degrees and peer scoring, Kademlia and redial intervals, connection and per-author rate limits. Both the client and the
 //! coordinator's observer take them from here, so that they cannot drift apart.
 
 use std::time::Duration;
@@ -22,13 +22,33 @@ pub const GOSSIP_LAZY: usize = 3;
 pub const GOSSIP_FACTOR: f64 = 0.1;
 const _: () = assert!(HISTORY_GOSSIP >= 1 && HISTORY_GOSSIP <= 5);
 
-/// Gossipsub's mesh degree D per topic, and the bounds it keeps each mesh within (grafting up to
-/// D below the low bound, pruning to D above the high one): gossipsub's defaults, named here so
-/// that tests and benchmarks can say what a full mesh is.
+/// Gossipsub's mesh degree D, and the bounds it keeps a mesh within (grafting up to D below the
+/// low bound, pruning to D above the high one), for every topic but adverts: gossipsub's
+/// defaults, named here so that tests and benchmarks can say what a full mesh is.
 pub const MESH_N: usize = 6;
 pub const MESH_N_LOW: usize = 5;
 pub const MESH_N_HIGH: usize = 12;
 const _: () = assert!(MESH_N_LOW <= MESH_N && MESH_N <= MESH_N_HIGH);
+
+/// The adverts topic's own, smaller mesh. Each node receives a message about D − 1 times, one
+/// frame each, and frames are where a node's CPU goes; adverts are nearly all of the traffic.
+/// A missed advert is replaced by the same host's next one within a second, so adverts need
+/// fewer paths than the messages sent once (outcomes, machine-type announcements, rotations and
+/// revocations), which keep the full mesh above. At 30 nodes D = 4 cut bytes per useful byte from
+/// 8.1× to 5.5× and CPU per node by a quarter (docs/BENCHMARKS.md); with D = 4 on every topic, a
+/// one-shot outcome once failed to reach every node of a 12-node test under load.
+pub const ADVERT_MESH_N: usize = 4;
+pub const ADVERT_MESH_N_LOW: usize = 3;
+pub const ADVERT_MESH_N_HIGH: usize = 8;
+/// Mesh peers of the adverts topic that this node dialled itself (gossipsub's eclipse guard; at
+/// most half of D).
+pub const ADVERT_MESH_OUTBOUND_MIN: usize = 2;
+const _: () = assert!(
+    ADVERT_MESH_OUTBOUND_MIN <= ADVERT_MESH_N_LOW
+        && ADVERT_MESH_N_LOW <= ADVERT_MESH_N
+        && ADVERT_MESH_N <= ADVERT_MESH_N_HIGH
+        && ADVERT_MESH_OUTBOUND_MIN * 2 <= ADVERT_MESH_N
+);
 
 /// A connection with no stream open for this long is closed. Gossipsub keeps a stream open to
 /// every peer that speaks it (libp2p-gossipsub 0.50 does not exempt its streams from keep-alive),
