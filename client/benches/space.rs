@@ -177,12 +177,22 @@ async fn run(n: usize) -> Results {
     eprintln!("{n} nodes: steady window measured");
     // The graph after the window: connections and adverts-mesh peers per node.
     let (mut conns, mut mesh) = (Vec::new(), Vec::new());
+    let (mut banned, mut replayed, mut rejected, mut limited) = (0, 0, 0, 0);
     for node in &nodes {
         if let Ok(s) = node.handle.summary().await {
             conns.push(s.connected as f64);
             mesh.push(s.mesh_peers as f64);
+            banned += s.banned.len();
+            replayed += s.replayed;
+            rejected += s.rejected_messages;
+            limited += s.rate_limited;
         }
     }
+    // An honest space bans nobody and refuses nothing; a node that does is overloaded or wrong.
+    eprintln!(
+        "{n} nodes: {banned} bans in force, {replayed} replays, {rejected} rejected and \
+         {limited} rate-limited messages in all"
+    );
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     eprintln!(
         "{n} nodes: {:.1} connections per node (min {}, max {}), adverts mesh {:.1}",

@@ -6,7 +6,9 @@
 //! message is validated by hand (envelope signature, kind for the topic, freshness, replay, size,
 //! per-author rate) before it is accepted and forwarded; rejected ones count against their
 //! sender's peer score, and replays cost their re-sender an application score penalty; a peer whose
-//! score falls below [`BAN_SCORE`] is disconnected and blocked. Signed machine types are fetched by
+//! score falls below [`BAN_SCORE`] while it has lately sent this node junk (a rejected message or
+//! a replay) is disconnected and blocked. A score that fell only for slowness (messages that
+//! waited too long in its queue, IHAVE promises kept late) is gossipsub's to weigh, not a ban. Signed machine types are fetched by
 //! digest from the peers that advertise running them (request-response `/gleaner/mt/1`, CBOR,
 //! size-bounded, each peer's requests rate-limited) and verified against the digest and the
 //! trusted publishers before use. Publishers' signed key rotations and revocations travel on their
@@ -52,7 +54,12 @@ const TRUST_HEARD_S: u64 = 90;
 const MAX_TRUST_HEARD: usize = 1024;
 /// A rotation or revocation made further ahead of this node's clock is ignored (not forwarded).
 const TRUST_CLOCK_SKEW_S: u64 = 600;
-/// A peer whose gossipsub score falls below this is disconnected and blocked for [`BAN_S`].
+/// A peer whose gossipsub score falls below this, and that has lately sent this node junk, is
+/// disconnected and blocked for [`BAN_S`]. Gossipsub's score also falls for slowness: its
+/// behaviour penalty counts IHAVE promises not kept within 3 s, and its slow-peer penalty messages
+/// that waited too long in the peer's queue. An honest but overloaded peer earns those, and in a
+/// 100-node bench on 2 cores banning for them blocked ~60 peers per node and set off ~1,100
+/// reconnections a second; gossipsub itself stops gossiping with such a peer for a while.
 pub const BAN_SCORE: f64 = -100.0;
 /// How long a banned peer stays blocked.
 pub const BAN_S: u64 = 600;
@@ -496,6 +503,7 @@ pub async fn start_space(
         mt_throttled: 0,
         gate: AdvertGate::default(),
         replays: HashMap::new(),
+        rejects: HashMap::new(),
         mt_buckets: HashMap::new(),
         banned: HashMap::new(),
         types: BTreeMap::new(),
@@ -554,6 +562,8 @@ struct Node {
     gate: AdvertGate,
     /// Decaying count of replays per sending peer, behind its application score.
     replays: HashMap<PeerId, f64>,
+    /// Decaying count of rejected messages per sending peer: with replays, the evidence a ban needs.
+    rejects: HashMap<PeerId, f64>,
     /// Machine-type requests per asking peer: token bucket and decaying count of refusals.
     mt_buckets: HashMap<PeerId, MtBucket>,
     /// Blocked peers and until when.
@@ -609,6 +619,22 @@ fn check_trust(bytes: &[u8], now: u64) -> Result<Digest, Verdict> {
     Ok(digest)
 }
 
+/// The peers to ban now: those that sent junk lately (a rejected message or a replay), are not
+/// banned yet, and whose gossipsub `score` is below [`BAN_SCORE`]; with their scores.
+fn to_ban(
+    rejects: &HashMap<PeerId, f64>,
+    replays: &HashMap<PeerId, f64>,
+    banned: &HashMap<PeerId, u64>,
+    score: impl Fn(&PeerId) -> Option<f64>,
+) -> Vec<(PeerId, f64)> {
+    let junk: HashSet<&PeerId> = rejects.keys().chain(replays.keys()).collect();
+    junk.into_iter()
+        .filter(|p| !banned.contains_key(*p))
+        .filter_map(|p| Some((*p, score(p)?)))
+        .filter(|(_, s)| *s < BAN_SCORE)
+        .collect()
+}
+
 /// A peer's allowance of machine-type requests.
 struct MtBucket {
     tokens: f64,
@@ -651,18 +677,19 @@ impl Node {
 
     fn housekeeping(&mut self) {
         let now = now();
-        // Ban peers whose score says they send junk.
-        let low: Vec<(PeerId, f64)> = self
-            .swarm
-            .connected_peers()
-            .filter_map(|p| {
-                let s = self.swarm.behaviour().gossipsub.peer_score(p)?;
-                (s < BAN_SCORE).then_some((*p, s))
-            })
-            .collect();
+        // Ban peers that sent junk lately and whose score says they send enough of it. Only
+        // those are scored here: a low score without junk is slowness (see BAN_SCORE).
+        let gossipsub = &self.swarm.behaviour().gossipsub;
+        let low = to_ban(&self.rejects, &self.replays, &self.banned, |p| {
+            gossipsub.peer_score(p)
+        });
         for (p, s) in low {
-            self.ban(p, &format!("gossip score {s:.0}"), now);
+            self.ban(p, &format!("gossip score {s:.0} after sending junk"), now);
         }
+        for n in self.rejects.values_mut() {
+            *n *= PENALTY_DECAY;
+        }
+        self.rejects.retain(|_, n| *n > 0.01);
         // Replay penalties and refused requests fade, so an honest peer's odd one is forgotten.
         for (p, n) in self.replays.iter_mut() {
             *n *= PENALTY_DECAY;
@@ -943,6 +970,7 @@ impl Node {
                     }
                     Verdict::Reject(reason) => {
                         self.rejected += 1;
+                        *self.rejects.entry(propagation_source).or_insert(0.0) += 1.0;
                         tracing::info!("rejected a message from {propagation_source}: {reason}");
                         MessageAcceptance::Reject
                     }
@@ -1382,6 +1410,41 @@ mod tests {
         // An old one is fine: a revocation never expires.
         let old = Envelope::seal(&rev(1, "long ago".into()), &a).to_bytes();
         assert!(check_trust(&old, now).is_ok());
+    }
+
+    #[test]
+    fn only_peers_that_sent_junk_are_banned_for_a_low_score() {
+        let peer = |i: u8| {
+            gleaner_space::keypair(&SecretKey::from_seed([i; 32]))
+                .unwrap()
+                .public()
+                .to_peer_id()
+        };
+        let (junk_low, slow_low, junk_ok, replayer, banned_junk, gone) =
+            (peer(1), peer(2), peer(3), peer(4), peer(5), peer(6));
+        let rejects = HashMap::from([(junk_low, 1.0), (junk_ok, 3.0), (banned_junk, 1.0)]);
+        let replays = HashMap::from([(replayer, 2.0), (junk_low, 1.0), (gone, 1.0)]);
+        let banned = HashMap::from([(banned_junk, 10_000)]);
+        let score = |p: &PeerId| match p {
+            p if *p == junk_ok => Some(BAN_SCORE + 1.0),
+            p if *p == gone => None,
+            // Everyone else scores low, the slow peer included.
+            _ => Some(BAN_SCORE - 50.0),
+        };
+        let mut got: Vec<PeerId> = to_ban(&rejects, &replays, &banned, score)
+            .into_iter()
+            .map(|(p, s)| {
+                assert_eq!(s, BAN_SCORE - 50.0);
+                p
+            })
+            .collect();
+        got.sort();
+        let mut want = vec![junk_low, replayer];
+        want.sort();
+        // Not the slow peer (low score, no junk), nor one above the line, nor one already banned
+        // or no longer scored; the peer with both rejects and replays once.
+        assert_eq!(got, want);
+        assert!(!got.contains(&slow_low));
     }
 
     #[test]
