@@ -112,14 +112,16 @@ async fn run(n: usize) -> Results {
         });
     }
     let published = Arc::new(AtomicU64::new(0));
+    let quiet = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Every node advertises once a second, spread over the second.
     for (i, node) in nodes.iter().enumerate() {
-        let (key, h, seq, published, cancel) = (
+        let (key, h, seq, published, cancel, quiet) = (
             node.key.clone(),
             node.handle.clone(),
             node.seq.clone(),
             published.clone(),
             cancel.clone(),
+            quiet.clone(),
         );
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis((i * 1000 / n) as u64)).await;
@@ -128,6 +130,9 @@ async fn run(n: usize) -> Results {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = every.tick() => {
+                        if quiet.load(Ordering::Relaxed) {
+                            continue;
+                        }
                         let s = seq.fetch_add(1, Ordering::SeqCst) + 1;
                         if h.publish(advert(&key, s)).is_ok() {
                             published.fetch_add(1, Ordering::Relaxed);
@@ -236,6 +241,13 @@ async fn run(n: usize) -> Results {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     lat.sort_by(f64::total_cmp);
+    // The same space with nobody advertising: what a node costs with no adverts to carry.
+    quiet.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c0 = cpu_s();
+    tokio::time::sleep(window).await;
+    let idle_ms_per_node_s = (cpu_s() - c0) * 1e3 / (n as f64 * window.as_secs_f64());
+    eprintln!("{n} nodes: idle {idle_ms_per_node_s:.2} ms/s per node");
     cancel.cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
     Results {
