@@ -225,5 +225,19 @@ async fn a_node_without_the_file_learns_the_type_from_a_peer_and_runs_it() {
     other.description = "not the one announced".into();
     let other = Envelope::seal(&other, &publisher).to_bytes();
     assert!(c.handle.announce(other).await.is_err());
+    // Nor is a v1 it has not seen (a rollback), nor a v3 that has already expired. (The v1 it
+    // holds is known bytes, still served to peers that run it, not learned again.)
+    let mut older = Envelope::open_bytes::<MachineType>(&v1).unwrap().message;
+    older.description = "an older one".into();
+    let older = Envelope::seal(&older, &publisher).to_bytes();
+    assert!(c.handle.announce(older).await.is_err(), "rollback taken");
+    let mut stale = Envelope::open_bytes::<MachineType>(&v2).unwrap().message;
+    stale.version = 3;
+    stale.not_after = 1;
+    let stale = Envelope::seal(&stale, &publisher).to_bytes();
+    assert!(
+        c.handle.announce(stale).await.is_err(),
+        "expired type taken"
+    );
     cancel.cancel();
 }
