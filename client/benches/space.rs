@@ -7,7 +7,7 @@
 //! (10) seconds.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gleaner::advert::CapacityAdvert;
@@ -112,7 +112,7 @@ async fn run(n: usize) -> Results {
         });
     }
     let published = Arc::new(AtomicU64::new(0));
-    let quiet = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quiet = Arc::new(AtomicBool::new(false));
     // Every node advertises once a second, spread over the second.
     for (i, node) in nodes.iter().enumerate() {
         let (key, h, seq, published, cancel, quiet) = (
