@@ -220,21 +220,23 @@ async fn a_node_without_the_file_learns_the_type_from_a_peer_and_runs_it() {
         vec![2],
         "v2 replaced v1"
     );
+    // The publisher's v1 or v2 changed by `edit` and signed again.
+    let reseal = |from: &[u8], edit: &dyn Fn(&mut MachineType)| {
+        let mut mt = Envelope::open_bytes::<MachineType>(from).unwrap().message;
+        edit(&mut mt);
+        Envelope::seal(&mt, &publisher).to_bytes()
+    };
     // A second, different v2 (equivocation) is not taken from the space.
-    let mut other = Envelope::open_bytes::<MachineType>(&v2).unwrap().message;
-    other.description = "not the one announced".into();
-    let other = Envelope::seal(&other, &publisher).to_bytes();
+    let other = reseal(&v2, &|m| m.description = "not the one announced".into());
     assert!(c.handle.announce(other).await.is_err());
     // Nor is a v1 it has not seen (a rollback), nor a v3 that has already expired. (The v1 it
     // holds is known bytes, still served to peers that run it, not learned again.)
-    let mut older = Envelope::open_bytes::<MachineType>(&v1).unwrap().message;
-    older.description = "an older one".into();
-    let older = Envelope::seal(&older, &publisher).to_bytes();
+    let older = reseal(&v1, &|m| m.description = "an older one".into());
     assert!(c.handle.announce(older).await.is_err(), "rollback taken");
-    let mut stale = Envelope::open_bytes::<MachineType>(&v2).unwrap().message;
-    stale.version = 3;
-    stale.not_after = 1;
-    let stale = Envelope::seal(&stale, &publisher).to_bytes();
+    let stale = reseal(&v2, &|m| {
+        m.version = 3;
+        m.not_after = 1;
+    });
     assert!(
         c.handle.announce(stale).await.is_err(),
         "expired type taken"
