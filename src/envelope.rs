@@ -150,6 +150,14 @@ impl Envelope {
         Envelope::from_bytes(bytes)?.open()
     }
 
+    /// Decodes the payload as `T` **without checking the signature or validating it**: for a
+    /// relay to tell a copy of a message it already has (by host and sequence number) before it
+    /// spends a signature check on it. Nothing read this way may be trusted or acted on.
+    pub fn peek<T: Message>(&self) -> Result<T, Error> {
+        self.check_header::<T>()?;
+        cbor::from_slice(&self.payload, &Limits::PAYLOAD, T::KIND.as_str())
+    }
+
     fn check_header<T: Message>(&self) -> Result<PublicKey, Error> {
         let kind = self.kind()?;
         if kind != T::KIND {
@@ -179,24 +187,31 @@ impl Envelope {
 
 /// Decompressed keys of recent signers, at most [`KeyCache::MAX`]; when full it starts afresh, so
 /// a stream of new (or made-up) signers costs what it would without a cache, never more memory.
+/// Each key is kept with whether it is of small order (weak), which batch verification must refuse.
 #[derive(Debug, Default)]
 pub struct KeyCache {
-    keys: std::collections::HashMap<PublicKey, ed25519_dalek::VerifyingKey>,
+    keys: std::collections::HashMap<PublicKey, (ed25519_dalek::VerifyingKey, bool)>,
 }
 
 impl KeyCache {
     pub const MAX: usize = 4096;
 
     fn get(&mut self, key: PublicKey) -> Result<ed25519_dalek::VerifyingKey, Error> {
-        if let Some(vk) = self.keys.get(&key) {
-            return Ok(*vk);
+        self.get_checked(key).map(|(vk, _)| vk)
+    }
+
+    /// The decompressed key and whether it is weak (of small order).
+    fn get_checked(&mut self, key: PublicKey) -> Result<(ed25519_dalek::VerifyingKey, bool), Error> {
+        if let Some(entry) = self.keys.get(&key) {
+            return Ok(*entry);
         }
         let vk = key.verifying_key()?;
+        let entry = (vk, vk.is_weak());
         if self.keys.len() >= Self::MAX {
             self.keys.clear();
         }
-        self.keys.insert(key, vk);
-        Ok(vk)
+        self.keys.insert(key, entry);
+        Ok(entry)
     }
 
     /// Keys held now.
@@ -232,6 +247,37 @@ pub fn open_batch<T: Message>(envelopes: &[Envelope]) -> Vec<Result<Verified<T>,
 pub fn open_batch_messages<T: Message>(
     envelopes: &[Envelope],
 ) -> Vec<Result<(PublicKey, T), Error>> {
+    // A batch usually comes from one host: decompress each distinct signer's point, and check
+    // it is not of small order (three doublings per call), once.
+    let mut last: Option<(PublicKey, ed25519_dalek::VerifyingKey, bool)> = None;
+    open_batch_keyed(envelopes, |k| {
+        if let Some((lk, vk, weak)) = &last
+            && *lk == k
+        {
+            return Ok((*vk, *weak));
+        }
+        let vk = k.verifying_key()?;
+        let weak = vk.is_weak();
+        last = Some((k, vk, weak));
+        Ok((vk, weak))
+    })
+}
+
+/// As [`open_batch_messages`], for a batch from many signers heard again and again (a space's
+/// adverts): each signer's decompressed key comes from `cache`.
+pub fn open_batch_cached<T: Message>(
+    envelopes: &[Envelope],
+    cache: &mut KeyCache,
+) -> Vec<Result<(PublicKey, T), Error>> {
+    open_batch_keyed(envelopes, |k| cache.get_checked(k))
+}
+
+/// The batch verification behind [`open_batch_messages`] and [`open_batch_cached`]; `key` gives
+/// a signer's decompressed key and whether it is weak.
+fn open_batch_keyed<T: Message>(
+    envelopes: &[Envelope],
+    mut key: impl FnMut(PublicKey) -> Result<(ed25519_dalek::VerifyingKey, bool), Error>,
+) -> Vec<Result<(PublicKey, T), Error>> {
     let mut results: Vec<Option<Result<(PublicKey, T), Error>>> =
         Vec::with_capacity(envelopes.len());
     let mut keys = Vec::with_capacity(envelopes.len());
@@ -243,21 +289,11 @@ pub fn open_batch_messages<T: Message>(
     let mut signed = Vec::with_capacity(total);
     let mut ends = Vec::with_capacity(envelopes.len());
     let mut idx = Vec::with_capacity(envelopes.len());
-    // A batch usually comes from one host: decompress each distinct signer's point, and check
-    // it is not of small order (three doublings per call), once.
-    let mut last: Option<(PublicKey, ed25519_dalek::VerifyingKey, bool)> = None;
     for (i, env) in envelopes.iter().enumerate() {
-        match env.check_header::<T>().and_then(|k| {
-            if let Some((lk, vk, weak)) = &last
-                && *lk == k
-            {
-                return Ok((k, *vk, *weak));
-            }
-            let vk = k.verifying_key()?;
-            let weak = vk.is_weak();
-            last = Some((k, vk, weak));
-            Ok((k, vk, weak))
-        }) {
+        match env
+            .check_header::<T>()
+            .and_then(|k| key(k).map(|(vk, weak)| (k, vk, weak)))
+        {
             Ok((_, vk, false)) => {
                 keys.push(vk);
                 sigs.push(ed25519_dalek::Signature::from_bytes(&env.signature));

@@ -14,6 +14,7 @@ pub mod ident;
 pub mod lifecycle;
 pub mod machine_type;
 pub mod policy;
+pub mod relay;
 pub mod space;
 pub mod trust;
 pub mod usage;

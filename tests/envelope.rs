@@ -1,7 +1,7 @@
 //! Signed envelopes end to end: round trips, and every tampering refused with its specific reason.
 
 use gleaner::cbor::{self, Limits};
-use gleaner::envelope::{open_batch, open_batch_messages};
+use gleaner::envelope::{KeyCache, open_batch, open_batch_cached, open_batch_messages};
 use gleaner::{
     Digest, Envelope, Error, Id16, Kind, MachineType, OutcomeCode, SecretKey, UsageRecord,
 };
@@ -322,6 +322,19 @@ fn batch_messages_match_batch_without_digests() {
     assert!(matches!(bare[6], Err(Error::BadSignature { .. })));
     assert!(bare[9].is_err());
     assert_eq!(bare.iter().filter(|r| r.is_ok()).count(), 10);
+    // With signers' keys from a cache (twice: cold, then warm), the same verdicts.
+    let mut cache = KeyCache::default();
+    for _ in 0..2 {
+        let cached = open_batch_cached::<UsageRecord>(&envs, &mut cache);
+        for (i, (c, b)) in cached.iter().zip(&bare).enumerate() {
+            match (c, b) {
+                (Ok(c), Ok(b)) => assert_eq!(c, b, "record {i}"),
+                (Err(c), Err(b)) => assert_eq!(c.to_string(), b.to_string(), "record {i}"),
+                _ => panic!("record {i}: cached gave {c:?}, open_batch_messages {b:?}"),
+            }
+        }
+    }
+    assert_eq!(cache.len(), 2);
 }
 
 /// Re-signs an envelope whose payload was replaced, as an attacker with their own key could.
@@ -397,6 +410,10 @@ fn batch_refuses_a_small_order_signer_wherever_it_appears() {
         open_batch::<UsageRecord>(&envs)
             .into_iter()
             .map(|r| r.map(|v| v.message))
+            .collect(),
+        open_batch_cached::<UsageRecord>(&envs, &mut KeyCache::default())
+            .into_iter()
+            .map(|r| r.map(|(_, m)| m))
             .collect(),
     ] {
         for (i, r) in res.iter().enumerate() {

@@ -1,0 +1,577 @@
+//! The advert relay's logic (sans-IO, time passed in): how a node of a space spreads capacity
+//! adverts to its few relay neighbours in batches, and keeps each advert's path a tree.
+//!
+//! Every host advertises about once a second, so an advert is a stream per host, and a missed one
+//! is replaced by the next. A node forwards an advert it took (verified, newer than any it has
+//! from that host) to every neighbour but the one it came from, batched into one frame per
+//! neighbour per flush. The first copy of a host's advert wins; a copy that arrives again over
+//! another link makes this node send that neighbour a `Prune(host)` ("do not send me this host's
+//! adverts"), so after the first few seconds each host's adverts reach each node once, along a
+//! tree rooted at the host (Plumtree's eager/lazy split, with the stream itself as the lazy push:
+//! a host silent longer than [`RelayConfig::repair_ms`] is `Graft`ed back on every link this node
+//! pruned, and so is every host whose tree link goes down). Duplicates are told from news by the
+//! host and sequence number read from the envelope *before* its signature is checked, so copies
+//! cost no signature check; news is verified by the caller before [`Relay::accepted`].
+//!
+//! Frame layout: a version byte (1), then items: `1, len: u16 BE, envelope bytes` (an advert),
+//! `2, host: 32 bytes` (prune), `3, host: 32 bytes` (graft).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+
+use crate::advert::CapacityAdvert;
+use crate::envelope::Envelope;
+use crate::ident::PublicKey;
+
+/// The frame format this build writes and reads.
+pub const FRAME_VERSION: u8 = 1;
+const ADVERT: u8 = 1;
+const PRUNE: u8 = 2;
+const GRAFT: u8 = 3;
+
+/// The relay's limits and timings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayConfig {
+    /// A host not heard for this long is grafted back on the links this node pruned it on.
+    pub repair_ms: u64,
+    /// A host not heard for this long is forgotten (its advert has expired from the view).
+    pub forget_ms: u64,
+    /// Hosts tracked at most; a new host beyond this is still forwarded, but not tracked.
+    pub max_hosts: usize,
+    /// Hosts one neighbour may have pruned at once (more prunes are ignored).
+    pub max_muted: usize,
+    /// Bytes queued for one neighbour at most; adverts beyond are dropped (the neighbour is slow;
+    /// the next advert replaces them).
+    pub max_queued: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            repair_ms: 3_000,
+            forget_ms: crate::space::ADVERT_TTL_S * 1000,
+            max_hosts: 65_536,
+            max_muted: 65_536,
+            max_queued: 192 * 1024,
+        }
+    }
+}
+
+/// Why a frame could not be read: its sender is not relaying honestly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("empty frame")]
+    Empty,
+    #[error("relay frame version {0}, this build reads {FRAME_VERSION}")]
+    Version(u8),
+    #[error("item {index}: unknown tag {tag}")]
+    Tag { index: usize, tag: u8 },
+    #[error("item {index}: cut short")]
+    Short { index: usize },
+}
+
+/// One item of a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item<'a> {
+    Advert(&'a [u8]),
+    Prune(PublicKey),
+    Graft(PublicKey),
+}
+
+/// Reads a frame's items.
+pub fn decode(frame: &[u8]) -> Result<Vec<Item<'_>>, FrameError> {
+    let (&version, mut rest) = frame.split_first().ok_or(FrameError::Empty)?;
+    if version != FRAME_VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let mut items = Vec::new();
+    while let Some((&tag, body)) = rest.split_first() {
+        let index = items.len();
+        let short = FrameError::Short { index };
+        match tag {
+            ADVERT => {
+                let (len, body) = body.split_at_checked(2).ok_or(short.clone())?;
+                let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+                let (bytes, body) = body.split_at_checked(len).ok_or(short)?;
+                items.push(Item::Advert(bytes));
+                rest = body;
+            }
+            PRUNE | GRAFT => {
+                let (key, body) = body.split_at_checked(32).ok_or(short)?;
+                let key = PublicKey::from_wire(key).map_err(|_| FrameError::Short { index })?;
+                items.push(if tag == PRUNE {
+                    Item::Prune(key)
+                } else {
+                    Item::Graft(key)
+                });
+                rest = body;
+            }
+            tag => return Err(FrameError::Tag { index, tag }),
+        }
+    }
+    Ok(items)
+}
+
+/// Appends `item` to a frame being built (starting it with the version byte if empty). An advert
+/// longer than `u16::MAX` bytes is not appended (false).
+pub fn encode(out: &mut Vec<u8>, item: &Item<'_>) -> bool {
+    if out.is_empty() {
+        out.push(FRAME_VERSION);
+    }
+    match item {
+        Item::Advert(bytes) => {
+            let Ok(len) = u16::try_from(bytes.len()) else {
+                return false;
+            };
+            out.push(ADVERT);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
+        Item::Prune(k) => {
+            out.push(PRUNE);
+            out.extend_from_slice(&k.to_bytes());
+        }
+        Item::Graft(k) => {
+            out.push(GRAFT);
+            out.extend_from_slice(&k.to_bytes());
+        }
+    }
+    true
+}
+
+/// An advert in a frame that is news (newer than anything from its host): to be verified, and
+/// if good, handed back through [`Relay::accepted`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    pub bytes: &'a [u8],
+    /// As the envelope claims (unverified).
+    pub host: PublicKey,
+    pub seq: u64,
+}
+
+/// What a frame held.
+#[derive(Debug, Default)]
+pub struct Received<'a> {
+    /// News, to verify.
+    pub news: Vec<Candidate<'a>>,
+    /// Adverts whose envelope or payload could not even be read (junk: the sender relays what it
+    /// did not check).
+    pub junk: Vec<String>,
+}
+
+/// Counters, for the space's summary and benchmarks.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Copies of adverts this node already had.
+    pub duplicates: u64,
+    pub prunes_sent: u64,
+    pub grafts_sent: u64,
+    /// Adverts not queued to a neighbour whose queue was full.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+struct Link {
+    /// The frame being built for this neighbour.
+    out: Vec<u8>,
+    /// Hosts this neighbour asked not to be sent.
+    muted: HashSet<PublicKey>,
+    /// Hosts this node asked this neighbour not to send.
+    pruned: HashSet<PublicKey>,
+}
+
+#[derive(Debug)]
+struct Host<P> {
+    seq: u64,
+    /// When its latest advert came (ms).
+    at_ms: u64,
+    /// The neighbour it came from (`None`: this node's own, or its link went down).
+    from: Option<P>,
+    /// When this node last grafted it back (ms).
+    grafted_ms: u64,
+}
+
+/// One node's relay state: its neighbours (links) and the hosts it hears.
+#[derive(Debug)]
+pub struct Relay<P> {
+    cfg: RelayConfig,
+    links: HashMap<P, Link>,
+    hosts: HashMap<PublicKey, Host<P>>,
+    pub stats: RelayStats,
+}
+
+impl<P: Copy + Eq + Hash> Relay<P> {
+    pub fn new(cfg: RelayConfig) -> Relay<P> {
+        Relay {
+            cfg,
+            links: HashMap::new(),
+            hosts: HashMap::new(),
+            stats: RelayStats::default(),
+        }
+    }
+
+    /// A neighbour linked: it gets every advert from now on until it prunes hosts.
+    pub fn add_link(&mut self, peer: P) {
+        self.links.entry(peer).or_default();
+    }
+
+    /// A neighbour gone: every host whose adverts came through it is grafted back on the links
+    /// this node pruned it on, so the next advert finds another way.
+    pub fn remove_link(&mut self, peer: &P) {
+        if self.links.remove(peer).is_none() {
+            return;
+        }
+        let orphans: Vec<PublicKey> = self
+            .hosts
+            .iter_mut()
+            .filter(|(_, h)| h.from.as_ref() == Some(peer))
+            .map(|(k, h)| {
+                h.from = None;
+                *k
+            })
+            .collect();
+        for host in orphans {
+            self.graft(host);
+        }
+    }
+
+    /// The neighbours linked now.
+    pub fn links(&self) -> impl Iterator<Item = &P> {
+        self.links.keys()
+    }
+
+    /// Reads a frame from `from`: prunes and grafts take effect, copies of adverts this node has
+    /// prune their link, and news is handed out to verify.
+    pub fn on_frame<'a>(&mut self, from: P, frame: &'a [u8]) -> Result<Received<'a>, FrameError> {
+        let items = decode(frame)?;
+        let mut got = Received::default();
+        if !self.links.contains_key(&from) {
+            return Ok(got);
+        }
+        for item in items {
+            match item {
+                Item::Prune(host) => {
+                    if let Some(l) = self.links.get_mut(&from)
+                        && l.muted.len() < self.cfg.max_muted
+                    {
+                        l.muted.insert(host);
+                    }
+                }
+                Item::Graft(host) => {
+                    if let Some(l) = self.links.get_mut(&from) {
+                        l.muted.remove(&host);
+                    }
+                }
+                Item::Advert(bytes) => {
+                    let peeked = Envelope::from_bytes(bytes).and_then(|e| e.peek::<CapacityAdvert>());
+                    let advert = match peeked {
+                        Ok(a) => a,
+                        Err(e) => {
+                            got.junk.push(e.to_string());
+                            continue;
+                        }
+                    };
+                    match self.hosts.get(&advert.host) {
+                        Some(h) if advert.seq <= h.seq => {
+                            self.stats.duplicates += 1;
+                            if h.from != Some(from) {
+                                self.prune(from, advert.host);
+                            }
+                        }
+                        _ => got.news.push(Candidate {
+                            bytes,
+                            host: advert.host,
+                            seq: advert.seq,
+                        }),
+                    }
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    /// A verified advert that is news, from neighbour `from` (`None`: this node's own): it is
+    /// queued to every other neighbour that has not pruned its host.
+    pub fn accepted(&mut self, from: Option<P>, host: PublicKey, seq: u64, bytes: &[u8], now_ms: u64) {
+        let full = self.hosts.len() >= self.cfg.max_hosts;
+        match self.hosts.get_mut(&host) {
+            Some(h) => {
+                if seq <= h.seq {
+                    return;
+                }
+                h.seq = seq;
+                h.at_ms = now_ms;
+                h.from = from;
+            }
+            None if !full => {
+                self.hosts.insert(
+                    host,
+                    Host {
+                        seq,
+                        at_ms: now_ms,
+                        from,
+                        grafted_ms: 0,
+                    },
+                );
+            }
+            None => {}
+        }
+        let max = self.cfg.max_queued;
+        for (peer, l) in self.links.iter_mut() {
+            if Some(*peer) == from || l.muted.contains(&host) {
+                continue;
+            }
+            if l.out.len() + bytes.len() + 3 > max || !encode(&mut l.out, &Item::Advert(bytes)) {
+                self.stats.dropped += 1;
+            }
+        }
+    }
+
+    /// Grafts back hosts not heard for [`RelayConfig::repair_ms`] (at most once per that long
+    /// each), and forgets hosts not heard for [`RelayConfig::forget_ms`].
+    pub fn repair(&mut self, now_ms: u64) {
+        let (repair, forget) = (self.cfg.repair_ms, self.cfg.forget_ms);
+        let forgotten: Vec<PublicKey> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| now_ms.saturating_sub(h.at_ms) >= forget)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &forgotten {
+            self.hosts.remove(k);
+            for l in self.links.values_mut() {
+                l.pruned.remove(k);
+            }
+        }
+        let due: Vec<PublicKey> = self
+            .hosts
+            .iter_mut()
+            .filter(|(_, h)| {
+                now_ms.saturating_sub(h.at_ms) >= repair
+                    && now_ms.saturating_sub(h.grafted_ms) >= repair
+            })
+            .map(|(k, h)| {
+                h.grafted_ms = now_ms;
+                *k
+            })
+            .collect();
+        for host in due {
+            self.graft(host);
+        }
+    }
+
+    /// The frames built since the last flush, one per neighbour that has something.
+    pub fn flush(&mut self) -> Vec<(P, Vec<u8>)> {
+        self.links
+            .iter_mut()
+            .filter(|(_, l)| !l.out.is_empty())
+            .map(|(p, l)| (*p, std::mem::take(&mut l.out)))
+            .collect()
+    }
+
+    /// Bytes waiting in the fullest neighbour's frame (to flush early when large).
+    pub fn queued(&self) -> usize {
+        self.links.values().map(|l| l.out.len()).max().unwrap_or(0)
+    }
+
+    /// Hosts tracked now.
+    pub fn hosts(&self) -> usize {
+        self.hosts.len()
+    }
+
+    fn prune(&mut self, peer: P, host: PublicKey) {
+        if let Some(l) = self.links.get_mut(&peer)
+            && l.pruned.insert(host)
+        {
+            encode(&mut l.out, &Item::Prune(host));
+            self.stats.prunes_sent += 1;
+        }
+    }
+
+    fn graft(&mut self, host: PublicKey) {
+        for l in self.links.values_mut() {
+            if l.pruned.remove(&host) {
+                encode(&mut l.out, &Item::Graft(host));
+                self.stats.grafts_sent += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SecretKey;
+
+    fn advert(key: &SecretKey, seq: u64) -> Vec<u8> {
+        let a = CapacityAdvert {
+            v: 1,
+            host: key.public(),
+            seq,
+            at: 1_800_000_000,
+            free_cores: 2,
+            free_memory_mib: 1024,
+            free_disk_mib: 1024,
+            backends: 1,
+            running: vec![],
+            owner_present: false,
+            draining: false,
+            benchmark: 1,
+        };
+        Envelope::seal(&a, key).to_bytes()
+    }
+
+    fn relay() -> Relay<u8> {
+        let mut r = Relay::new(RelayConfig::default());
+        for p in 1..=3 {
+            r.add_link(p);
+        }
+        r
+    }
+
+    fn frame(items: &[Item<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in items {
+            assert!(encode(&mut out, i));
+        }
+        out
+    }
+
+    fn sent(r: &mut Relay<u8>) -> HashMap<u8, Vec<Item<'static>>> {
+        r.flush()
+            .into_iter()
+            .map(|(p, f)| {
+                let f: &'static [u8] = Box::leak(f.into_boxed_slice());
+                (p, decode(f).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frames_round_trip_and_broken_ones_are_named() {
+        let k = SecretKey::from_seed([7; 32]);
+        let a = advert(&k, 1);
+        let items = vec![Item::Advert(&a), Item::Prune(k.public()), Item::Graft(k.public())];
+        let f = frame(&items);
+        assert_eq!(decode(&f).unwrap(), items);
+        assert_eq!(decode(&[]), Err(FrameError::Empty));
+        assert_eq!(decode(&[9]), Err(FrameError::Version(9)));
+        assert_eq!(decode(&[1, 7]), Err(FrameError::Tag { index: 0, tag: 7 }));
+        assert_eq!(decode(&f[..f.len() - 1]), Err(FrameError::Short { index: 2 }));
+        assert_eq!(decode(&[1, 1, 0, 5, 1]), Err(FrameError::Short { index: 0 }));
+        let mut out = Vec::new();
+        assert!(!encode(&mut out, &Item::Advert(&vec![0; 70_000])));
+    }
+
+    #[test]
+    fn news_is_forwarded_to_every_other_link_and_copies_prune_their_link() {
+        let k = SecretKey::from_seed([7; 32]);
+        let mut r = relay();
+        let a1 = advert(&k, 1);
+        let f = frame(&[Item::Advert(&a1)]);
+        let got = r.on_frame(1, &f).unwrap();
+        assert_eq!(got.news.len(), 1);
+        assert_eq!((got.news[0].host, got.news[0].seq), (k.public(), 1));
+        r.accepted(Some(1), k.public(), 1, &a1, 1000);
+        let out = sent(&mut r);
+        // Not back to where it came from; to both others.
+        assert!(!out.contains_key(&1));
+        assert_eq!(out[&2], vec![Item::Advert(&a1)]);
+        assert_eq!(out[&3], vec![Item::Advert(&a1)]);
+        // The same advert again from link 2: no news, link 2 is pruned for this host, once.
+        for _ in 0..2 {
+            let got = r.on_frame(2, &f).unwrap();
+            assert!(got.news.is_empty());
+        }
+        assert_eq!(r.stats.duplicates, 2);
+        assert_eq!(sent(&mut r)[&2], vec![Item::Prune(k.public())]);
+        // A copy from the link it came from is no reason to prune that link.
+        assert!(r.on_frame(1, &f).unwrap().news.is_empty());
+        assert!(sent(&mut r).is_empty());
+        // An older advert is a copy too.
+        let a0 = advert(&k, 0);
+        assert!(r.on_frame(3, &frame(&[Item::Advert(&a0)])).unwrap().news.is_empty());
+        assert_eq!(sent(&mut r)[&3], vec![Item::Prune(k.public())]);
+    }
+
+    #[test]
+    fn a_pruned_host_is_not_sent_until_grafted() {
+        let k = SecretKey::from_seed([7; 32]);
+        let mut r = relay();
+        r.on_frame(2, &frame(&[Item::Prune(k.public())])).unwrap();
+        let a1 = advert(&k, 1);
+        r.accepted(None, k.public(), 1, &a1, 1000);
+        let out = sent(&mut r);
+        assert!(!out.contains_key(&2), "link 2 pruned this host");
+        assert_eq!(out.len(), 2, "this node's own advert goes to every other link");
+        r.on_frame(2, &frame(&[Item::Graft(k.public())])).unwrap();
+        let a2 = advert(&k, 2);
+        r.accepted(None, k.public(), 2, &a2, 2000);
+        assert_eq!(sent(&mut r).len(), 3);
+    }
+
+    #[test]
+    fn a_silent_host_and_a_lost_link_graft_the_pruned_links_back() {
+        let k = SecretKey::from_seed([7; 32]);
+        let mut r = relay();
+        let a1 = advert(&k, 1);
+        let f = frame(&[Item::Advert(&a1)]);
+        r.on_frame(1, &f).unwrap();
+        r.accepted(Some(1), k.public(), 1, &a1, 1000);
+        r.on_frame(2, &f).unwrap();
+        r.on_frame(3, &f).unwrap();
+        sent(&mut r);
+        // Heard lately: nothing to repair.
+        r.repair(1000 + 2_999);
+        assert!(sent(&mut r).is_empty());
+        // Silent for the repair time: both pruned links grafted back, once per repair time.
+        r.repair(1000 + 3_000);
+        let out = sent(&mut r);
+        assert_eq!(out[&2], vec![Item::Graft(k.public())]);
+        assert_eq!(out[&3], vec![Item::Graft(k.public())]);
+        assert!(!out.contains_key(&1));
+        r.repair(1000 + 3_500);
+        assert!(sent(&mut r).is_empty());
+        assert_eq!(r.stats.grafts_sent, 2);
+        // Pruned again, then its tree link goes: grafted back at once.
+        let a2 = advert(&k, 2);
+        let f2 = frame(&[Item::Advert(&a2)]);
+        r.on_frame(1, &f2).unwrap();
+        r.accepted(Some(1), k.public(), 2, &a2, 5000);
+        r.on_frame(2, &f2).unwrap();
+        sent(&mut r);
+        r.remove_link(&1);
+        assert_eq!(sent(&mut r)[&2], vec![Item::Graft(k.public())]);
+        // Forgotten once its advert would have expired.
+        r.repair(5000 + RelayConfig::default().forget_ms);
+        assert_eq!(r.hosts(), 0);
+    }
+
+    #[test]
+    fn junk_is_named_and_a_stranger_link_is_not_heard() {
+        let k = SecretKey::from_seed([7; 32]);
+        let mut r = relay();
+        let junk = frame(&[Item::Advert(b"not an envelope")]);
+        let got = r.on_frame(1, &junk).unwrap();
+        assert!(got.news.is_empty());
+        assert_eq!(got.junk.len(), 1);
+        let a1 = advert(&k, 1);
+        assert!(r.on_frame(9, &frame(&[Item::Advert(&a1)])).unwrap().news.is_empty());
+    }
+
+    #[test]
+    fn a_slow_neighbours_queue_is_bounded() {
+        let mut r: Relay<u8> = Relay::new(RelayConfig {
+            max_queued: 1000,
+            ..RelayConfig::default()
+        });
+        r.add_link(1);
+        let k = SecretKey::from_seed([7; 32]);
+        for seq in 1..20 {
+            let a = advert(&k, seq);
+            r.accepted(None, k.public(), seq, &a, seq * 1000);
+        }
+        assert!(r.queued() <= 1000);
+        assert!(r.stats.dropped > 0);
+    }
+}
