@@ -109,46 +109,112 @@ impl AdvertGate {
         now_ms: u64,
         news: &mut Option<(PublicKey, Vec<Digest>)>,
     ) -> Verdict {
-        if kind != Kind::CapacityAdvert && kind != Kind::Outcome {
-            return Verdict::Reject(format!("{kind:?} is not an advert or outcome"));
-        }
-        if data.len() > MAX_ADVERT {
-            return Verdict::Reject(format!("{} bytes, at most {MAX_ADVERT}", data.len()));
-        }
-        // The cheap checks first (no signature yet): shape, kind, a well-formed signer.
-        let env = match Envelope::from_bytes(data) {
-            Ok(e) => e,
-            Err(e) => return Verdict::Reject(e.to_string()),
+        let (env, author) = match self.precheck(data, kind, now_ms) {
+            Ok(v) => v,
+            Err(v) => return v,
         };
-        if env.kind().ok() != Some(kind) {
-            return Verdict::Reject("wrong message kind for the topic".into());
-        }
-        let author = match env.signer() {
-            Ok(k) => k,
-            Err(e) => return Verdict::Reject(e.to_string()),
-        };
-        if !self.rates.ok(author, now_ms) {
-            self.rate_limited += 1;
-            return Verdict::Ignore(format!("{author} sends too many messages"));
-        }
         let refused = if kind == Kind::CapacityAdvert {
-            let v = match env.open_cached::<CapacityAdvert>(&mut self.keys) {
-                Ok(v) => v,
+            match env.open_cached::<CapacityAdvert>(&mut self.keys) {
+                Ok(v) => return self.take_advert(author, v.message, view, now, news),
                 Err(e) => return Verdict::Reject(e.to_string()),
-            };
-            let running: Vec<Digest> = v.message.running.iter().map(|r| r.machine_type).collect();
-            let r = view.insert(v.message, now);
-            if r.is_ok() {
-                *news = Some((author, running));
             }
-            r
         } else {
             match env.open_cached::<OutcomeReport>(&mut self.keys) {
                 Ok(v) => view.outcome(&v.message, now),
                 Err(e) => return Verdict::Reject(e.to_string()),
             }
         };
-        match refused {
+        self.verdict_of(author, refused)
+    }
+
+    /// Checks relayed capacity adverts as [`AdvertGate::check`] does each, with one batch
+    /// verification of their signatures; good ones go into `view`. One verdict per item, in order.
+    pub fn check_adverts(
+        &mut self,
+        items: &[&[u8]],
+        view: &mut SpaceView,
+        now: u64,
+        now_ms: u64,
+    ) -> Vec<Checked> {
+        let mut out: Vec<Checked> = Vec::with_capacity(items.len());
+        let mut envs = Vec::with_capacity(items.len());
+        let mut at = Vec::with_capacity(items.len());
+        for (i, data) in items.iter().enumerate() {
+            match self.precheck(data, Kind::CapacityAdvert, now_ms) {
+                Ok((env, _)) => {
+                    envs.push(env);
+                    at.push(i);
+                    // Filled in below.
+                    out.push(Checked {
+                        verdict: Verdict::Accept,
+                        running: None,
+                    });
+                }
+                Err(verdict) => out.push(Checked {
+                    verdict,
+                    running: None,
+                }),
+            }
+        }
+        let opened = gleaner::envelope::open_batch_cached::<CapacityAdvert>(&envs, &mut self.keys);
+        for (i, r) in at.into_iter().zip(opened) {
+            let c = &mut out[i];
+            c.verdict = match r {
+                Ok((author, advert)) => self.take_advert(author, advert, view, now, &mut c.running),
+                Err(e) => Verdict::Reject(e.to_string()),
+            };
+        }
+        out
+    }
+
+    /// The checks before a signature (cheapest first): kind, size, shape, kind on the wire, a
+    /// well-formed signer, and that signer's rate.
+    fn precheck(
+        &mut self,
+        data: &[u8],
+        kind: Kind,
+        now_ms: u64,
+    ) -> Result<(Envelope, PublicKey), Verdict> {
+        if kind != Kind::CapacityAdvert && kind != Kind::Outcome {
+            return Err(Verdict::Reject(format!("{kind:?} is not an advert or outcome")));
+        }
+        if data.len() > MAX_ADVERT {
+            return Err(Verdict::Reject(format!(
+                "{} bytes, at most {MAX_ADVERT}",
+                data.len()
+            )));
+        }
+        let env = Envelope::from_bytes(data).map_err(|e| Verdict::Reject(e.to_string()))?;
+        if env.kind().ok() != Some(kind) {
+            return Err(Verdict::Reject("wrong message kind for the topic".into()));
+        }
+        let author = env.signer().map_err(|e| Verdict::Reject(e.to_string()))?;
+        if !self.rates.ok(author, now_ms) {
+            self.rate_limited += 1;
+            return Err(Verdict::Ignore(format!("{author} sends too many messages")));
+        }
+        Ok((env, author))
+    }
+
+    /// A verified advert into the view; its running types are news if it was taken.
+    fn take_advert(
+        &mut self,
+        author: PublicKey,
+        advert: CapacityAdvert,
+        view: &mut SpaceView,
+        now: u64,
+        news: &mut Option<(PublicKey, Vec<Digest>)>,
+    ) -> Verdict {
+        let running: Vec<Digest> = advert.running.iter().map(|r| r.machine_type).collect();
+        let r = view.insert(advert, now);
+        if r.is_ok() {
+            *news = Some((author, running));
+        }
+        self.verdict_of(author, r)
+    }
+
+    fn verdict_of(&mut self, author: PublicKey, r: Result<(), gleaner::space::Refused>) -> Verdict {
+        match r {
             Ok(()) => {
                 self.rates.take(author);
                 Verdict::Accept
@@ -217,6 +283,39 @@ mod tests {
         // An older one may come from an honest relay: ignored, not a replay.
         let c = check(&mut g, &mut v, &advert(&key, 4), 0);
         assert!(matches!(c.verdict, Verdict::Ignore(_)), "{c:?}");
+    }
+
+    #[test]
+    fn a_batch_of_relayed_adverts_gets_the_verdicts_one_by_one_would() {
+        let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
+        let keys: Vec<SecretKey> = (1..=4).map(|i| SecretKey::from_seed([i; 32])).collect();
+        let items = [
+            advert(&keys[0], 5),
+            forged(&keys[1], 1),
+            b"junk".to_vec(),
+            advert(&keys[2], 1),
+            advert(&keys[0], 5),
+            advert(&keys[3], 2),
+            advert(&keys[3], 1),
+        ];
+        let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+        let out = g.check_adverts(&refs, &mut v, NOW, 0);
+        let kinds: Vec<&str> = out
+            .iter()
+            .map(|c| match c.verdict {
+                Verdict::Accept => "accept",
+                Verdict::Reject(_) => "reject",
+                Verdict::Replay(_) => "replay",
+                Verdict::Ignore(_) => "ignore",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["accept", "reject", "reject", "accept", "replay", "accept", "ignore"]
+        );
+        assert_eq!(out[3].running, Some((keys[2].public(), vec![Digest([3; 32])])));
+        assert_eq!(out[4].running, None);
+        assert_eq!(v.peers().count(), 3);
     }
 
     #[test]
