@@ -2,16 +2,19 @@
 //! coordinator's observer cannot drift apart: the names on the wire (gossipsub topics, protocol
 //! ids), the size limits, the transport and behaviours (anonymous gossipsub whose message id is the
 //! SHA-256 of the bytes, peer scoring, Kademlia, identify, mDNS), the checks a gossiped advert or
-//! outcome passes, and the discovery steps of the event loop. The tunable constants live in
-//! [`tuning`]. This crate links the core and libp2p, never an engine (no bollard, no virt).
+//! outcome passes, the discovery steps of the event loop, and the stream links adverts are relayed
+//! over ([`links`]). The tunable constants live in [`tuning`]. This crate links the core and
+//! libp2p, never an engine (no bollard, no virt).
 
 pub mod discovery;
 pub mod gate;
+pub mod links;
 pub mod swarm;
 pub mod tuning;
 
 pub use discovery::{SpaceBehaviour, peer_of};
 pub use gate::{AdvertGate, AuthorRates, Checked, Verdict};
+pub use links::{LinkEvent, Links, RELAY_PROTOCOL};
 pub use swarm::{build_swarm, build_swarm_with, gossipsub_behaviour, keypair, transport_bytes};
 
 use libp2p::StreamProtocol;

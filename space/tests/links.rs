@@ -1,0 +1,704 @@
+//! Relay links between real swarms on loopback TCP: frames both ways, the frame limit, closing,
+//! crossed opens, the inbound cap, refused and impossible opens, and a dropped connection.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use gleaner::SecretKey;
+use gleaner_space::links::{LINK_QUEUE, MAX_FRAME, OPEN_TIMEOUT};
+use gleaner_space::{LinkEvent, Links, RELAY_PROTOCOL};
+use libp2p::futures::future::select_all;
+use libp2p::futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, timeout};
+
+/// Longest wait for something that takes milliseconds on loopback.
+const WAIT: Duration = Duration::from_secs(15);
+/// No event for this long and the links are taken to have settled.
+const QUIET: Duration = Duration::from_millis(600);
+
+enum Cmd {
+    Dial(Multiaddr),
+    Disconnect(PeerId),
+}
+
+/// A swarm driven by its own task, with (unless bare) relay links on it.
+struct Node {
+    id: PeerId,
+    addr: Multiaddr,
+    links: Option<Links>,
+    control: libp2p_stream::Control,
+    cmds: mpsc::Sender<Cmd>,
+    connected: watch::Receiver<HashSet<PeerId>>,
+    swarm: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.swarm.abort();
+    }
+}
+
+impl Node {
+    /// A node listening on loopback TCP; with relay links (keeping `max_inbound` inbound ones)
+    /// or, with `None`, a bare one that does not speak the relay protocol.
+    async fn new(seed: u8, max_inbound: Option<usize>) -> Node {
+        let kp = gleaner_space::keypair(&SecretKey::from_seed([seed; 32])).unwrap();
+        let mut swarm = gleaner_space::build_swarm_with(kp, Duration::from_secs(60), |_| {
+            Ok(libp2p_stream::Behaviour::new())
+        })
+        .unwrap();
+        let id = *swarm.local_peer_id();
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        let control = swarm.behaviour().new_control();
+        let links = max_inbound.map(|m| Links::new(control.clone(), id, m).unwrap());
+        let (cmds, mut cmd_rx) = mpsc::channel(8);
+        let (conn_tx, connected) = watch::channel(HashSet::new());
+        let swarm = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = swarm.select_next_some() => match ev {
+                        SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                            conn_tx.send_modify(|s| {
+                                s.insert(peer_id);
+                            });
+                        }
+                        SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                            conn_tx.send_modify(|s| {
+                                s.remove(&peer_id);
+                            });
+                        }
+                        _ => {}
+                    },
+                    cmd = cmd_rx.recv() => match cmd {
+                        Some(Cmd::Dial(a)) => swarm.dial(a).unwrap(),
+                        Some(Cmd::Disconnect(p)) => {
+                            let _ = swarm.disconnect_peer_id(p);
+                        }
+                        None => break,
+                    },
+                }
+            }
+        });
+        Node {
+            id,
+            addr,
+            links,
+            control,
+            cmds,
+            connected,
+            swarm,
+        }
+    }
+
+    fn links(&mut self) -> &mut Links {
+        self.links.as_mut().expect("a bare node has no links")
+    }
+
+    /// The next link event, failing the test if none comes.
+    async fn event(&mut self) -> LinkEvent {
+        timeout(WAIT, self.links().next())
+            .await
+            .unwrap_or_else(|_| panic!("no link event within {WAIT:?}"))
+    }
+
+    fn linked(&mut self) -> Vec<(PeerId, bool)> {
+        let mut v: Vec<_> = self.links().linked().collect();
+        v.sort();
+        v
+    }
+
+    async fn wait_connected(&self, peer: PeerId, yes: bool) {
+        let mut c = self.connected.clone();
+        timeout(WAIT, c.wait_for(|s| s.contains(&peer) == yes))
+            .await
+            .unwrap_or_else(|_| panic!("connection to {peer} never became {yes}"))
+            .unwrap();
+    }
+}
+
+/// `a` dials `b`; returns once both see the connection.
+async fn connect(a: &Node, b: &Node) {
+    a.cmds.send(Cmd::Dial(b.addr.clone())).await.unwrap();
+    a.wait_connected(b.id, true).await;
+    b.wait_connected(a.id, true).await;
+}
+
+/// The events of every node in `nodes` until none has come for [`QUIET`], one list per node.
+async fn settle(nodes: &mut [&mut Node]) -> Vec<Vec<LinkEvent>> {
+    let mut out = vec![Vec::new(); nodes.len()];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let next = {
+            let futs = nodes
+                .iter_mut()
+                .enumerate()
+                .map(|(i, n)| Box::pin(async move { (i, n.links().next().await) }));
+            timeout(QUIET, select_all(futs))
+                .await
+                .map(|((i, e), _, _)| (i, e))
+        };
+        match next {
+            Ok((i, e)) => out[i].push(e),
+            Err(_) => return out,
+        }
+        assert!(Instant::now() < deadline, "links never settled: {out:?}");
+    }
+}
+
+/// A frame of `len` bytes that differs with `tag`.
+fn frame(tag: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (j * 7 + tag * 13) as u8).collect()
+}
+
+/// Two nodes linked by `a`'s open, both `Up` seen.
+async fn linked_pair(a_seed: u8, b_seed: u8) -> (Node, Node) {
+    let mut a = Node::new(a_seed, Some(8)).await;
+    let mut b = Node::new(b_seed, Some(8)).await;
+    connect(&a, &b).await;
+    a.links().open(b.id);
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Up {
+            peer: b.id,
+            outbound: true
+        }
+    );
+    assert_eq!(
+        b.event().await,
+        LinkEvent::Up {
+            peer: a.id,
+            outbound: false
+        }
+    );
+    (a, b)
+}
+
+#[tokio::test]
+async fn a_link_opens_and_frames_flow_both_ways_in_order() {
+    let mut a = Node::new(1, Some(8)).await;
+    let mut b = Node::new(2, Some(8)).await;
+    connect(&a, &b).await;
+    a.links().open(b.id);
+    a.links().open(b.id); // one open in flight already: no-op
+    assert!(a.links().pending(&b.id));
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Up {
+            peer: b.id,
+            outbound: true
+        }
+    );
+    assert_eq!(
+        b.event().await,
+        LinkEvent::Up {
+            peer: a.id,
+            outbound: false
+        }
+    );
+    assert!(!a.links().pending(&b.id));
+    a.links().open(b.id); // linked already: no-op
+    assert!(!a.links().pending(&b.id));
+    assert_eq!(a.linked(), vec![(b.id, true)]);
+    assert_eq!(b.linked(), vec![(a.id, false)]);
+    assert_eq!((a.links().outbound(), a.links().inbound()), (1, 0));
+    assert_eq!((b.links().outbound(), b.links().inbound()), (0, 1));
+
+    // Sizes around the prefix, yamux's frame and window sizes, 100 KiB and the limit itself,
+    // fewer than LINK_QUEUE per batch so that none is dropped.
+    let sizes = [
+        0,
+        1,
+        3,
+        4,
+        5,
+        255,
+        256,
+        1000,
+        4096,
+        16 * 1024 - 1,
+        65535,
+        65536,
+        65537,
+        100 * 1024,
+        MAX_FRAME,
+    ];
+    const { assert!(15 < LINK_QUEUE) };
+    for round in 0..3 {
+        for (i, &len) in sizes.iter().enumerate() {
+            assert!(a.links().send(&b.id, frame(round * 100 + i, len)));
+            assert!(b.links().send(&a.id, frame(round * 100 + 50 + i, len)));
+        }
+        for (i, &len) in sizes.iter().enumerate() {
+            assert_eq!(
+                b.event().await,
+                LinkEvent::Frame {
+                    peer: a.id,
+                    frame: frame(round * 100 + i, len)
+                },
+                "round {round}, frame {i} a->b"
+            );
+        }
+        for (i, &len) in sizes.iter().enumerate() {
+            assert_eq!(
+                a.event().await,
+                LinkEvent::Frame {
+                    peer: b.id,
+                    frame: frame(round * 100 + 50 + i, len)
+                },
+                "round {round}, frame {i} b->a"
+            );
+        }
+    }
+    // Nothing else happened on either side.
+    let rest = settle(&mut [&mut a, &mut b]).await;
+    assert_eq!(rest, vec![vec![], vec![]]);
+}
+
+/// The current-thread runtime does not run the writer between two `send` calls, so exactly
+/// LINK_QUEUE frames fit; the rest are refused, as are frames to no link and oversize frames.
+#[tokio::test]
+async fn send_refuses_a_full_queue_an_unlinked_peer_and_an_oversize_frame() {
+    let (mut a, mut b) = linked_pair(1, 2).await;
+    let accepted: Vec<bool> = (0..LINK_QUEUE + 4)
+        .map(|i| a.links().send(&b.id, frame(i, 1000)))
+        .collect();
+    assert_eq!(
+        accepted,
+        (0..LINK_QUEUE + 4)
+            .map(|i| i < LINK_QUEUE)
+            .collect::<Vec<_>>()
+    );
+    for i in 0..LINK_QUEUE {
+        assert_eq!(
+            b.event().await,
+            LinkEvent::Frame {
+                peer: a.id,
+                frame: frame(i, 1000)
+            }
+        );
+    }
+    let stranger = gleaner_space::keypair(&SecretKey::from_seed([9; 32]))
+        .unwrap()
+        .public()
+        .to_peer_id();
+    assert!(!a.links().send(&stranger, vec![1]));
+    assert!(!a.links().send(&b.id, vec![0; MAX_FRAME + 1]));
+    // The oversize frame was not sent: the link is still up and carries the next frame.
+    assert!(a.links().send(&b.id, vec![5; MAX_FRAME]));
+    assert_eq!(
+        b.event().await,
+        LinkEvent::Frame {
+            peer: a.id,
+            frame: vec![5; MAX_FRAME]
+        }
+    );
+    let rest = settle(&mut [&mut a, &mut b]).await;
+    assert_eq!(rest, vec![vec![], vec![]]);
+    assert_eq!(a.linked(), vec![(b.id, true)]);
+}
+
+/// `send` refuses oversize frames, so `b` writes them on a raw stream of the relay protocol,
+/// which `a` takes for a link like any other.
+#[tokio::test]
+async fn an_oversize_frame_closes_the_link() {
+    let mut a = Node::new(1, Some(8)).await;
+    let mut b = Node::new(2, Some(8)).await;
+    connect(&a, &b).await;
+    let mut raw = timeout(WAIT, b.control.open_stream(a.id, RELAY_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Up {
+            peer: b.id,
+            outbound: false
+        }
+    );
+    // A frame of exactly MAX_FRAME is fine.
+    raw.write_all(&(MAX_FRAME as u32).to_be_bytes())
+        .await
+        .unwrap();
+    raw.write_all(&frame(1, MAX_FRAME)).await.unwrap();
+    raw.flush().await.unwrap();
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Frame {
+            peer: b.id,
+            frame: frame(1, MAX_FRAME)
+        }
+    );
+    // One byte more in the prefix is not.
+    raw.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+    assert_eq!(a.event().await, LinkEvent::Down { peer: b.id });
+    assert!(a.linked().is_empty());
+    // And the writer's end sees the link closed.
+    let mut byte = [0u8; 1];
+    let read = timeout(WAIT, raw.read(&mut byte)).await.unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let rest = settle(&mut [&mut a, &mut b]).await;
+    assert_eq!(rest, vec![vec![], vec![]]);
+}
+
+#[tokio::test]
+async fn close_takes_the_link_down_on_both_sides() {
+    let (mut a, mut b) = linked_pair(1, 2).await;
+    a.links().close(&b.id);
+    assert!(a.linked().is_empty());
+    assert!(!a.links().send(&b.id, vec![1]));
+    assert_eq!(a.event().await, LinkEvent::Down { peer: b.id });
+    assert_eq!(b.event().await, LinkEvent::Down { peer: a.id });
+    assert!(b.linked().is_empty());
+    let rest = settle(&mut [&mut a, &mut b]).await;
+    assert_eq!(rest, vec![vec![], vec![]]);
+
+    // The peer can link again, and the new link carries frames.
+    b.links().open(a.id);
+    assert_eq!(
+        b.event().await,
+        LinkEvent::Up {
+            peer: a.id,
+            outbound: true
+        }
+    );
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Up {
+            peer: b.id,
+            outbound: false
+        }
+    );
+    assert!(a.links().send(&b.id, vec![1, 2, 3]));
+    assert_eq!(
+        b.event().await,
+        LinkEvent::Frame {
+            peer: a.id,
+            frame: vec![1, 2, 3]
+        }
+    );
+}
+
+/// Both open at once, several times over: each time exactly one link survives, opened by the
+/// smaller peer id, both sides agree, and it carries frames.
+#[tokio::test]
+async fn crossed_opens_leave_one_link_both_sides_agree_on() {
+    let mut a = Node::new(1, Some(8)).await;
+    let mut b = Node::new(2, Some(8)).await;
+    connect(&a, &b).await;
+    let a_opens = a.id < b.id;
+    for round in 0..6u8 {
+        // Alternate who calls first; both calls happen before either swarm task runs.
+        if round % 2 == 0 {
+            a.links().open(b.id);
+            b.links().open(a.id);
+        } else {
+            b.links().open(a.id);
+            a.links().open(b.id);
+        }
+        let ev = settle(&mut [&mut a, &mut b]).await;
+        assert_eq!(a.linked(), vec![(b.id, a_opens)], "round {round}: {ev:?}");
+        assert_eq!(b.linked(), vec![(a.id, !a_opens)], "round {round}: {ev:?}");
+        assert!(!a.links().pending(&b.id) && !b.links().pending(&a.id));
+        let (small, large) = if a_opens {
+            (&ev[0], &ev[1])
+        } else {
+            (&ev[1], &ev[0])
+        };
+        let (small_id, large_id) = if a_opens { (a.id, b.id) } else { (b.id, a.id) };
+        // The smaller side's own open wins at once: one Up, never a flap.
+        assert_eq!(
+            small,
+            &vec![LinkEvent::Up {
+                peer: large_id,
+                outbound: true
+            }],
+            "round {round}"
+        );
+        // The larger side may first bring its own link up, then trade it: Ups and Downs pair
+        // up and the last word is the smaller side's link.
+        let ups = large
+            .iter()
+            .filter(|e| matches!(e, LinkEvent::Up { .. }))
+            .count();
+        let downs = large
+            .iter()
+            .filter(|e| matches!(e, LinkEvent::Down { .. }))
+            .count();
+        assert_eq!(ups, downs + 1, "round {round}: {large:?}");
+        assert_eq!(
+            large.last(),
+            Some(&LinkEvent::Up {
+                peer: small_id,
+                outbound: false
+            }),
+            "round {round}: {large:?}"
+        );
+        assert_eq!(ups + downs, large.len(), "round {round}: {large:?}");
+
+        // The link both kept carries frames both ways.
+        assert!(a.links().send(&b.id, vec![round, 1]));
+        assert!(b.links().send(&a.id, vec![round, 2]));
+        assert_eq!(
+            b.event().await,
+            LinkEvent::Frame {
+                peer: a.id,
+                frame: vec![round, 1]
+            }
+        );
+        assert_eq!(
+            a.event().await,
+            LinkEvent::Frame {
+                peer: b.id,
+                frame: vec![round, 2]
+            }
+        );
+        a.links().close(&b.id);
+        let ev = settle(&mut [&mut a, &mut b]).await;
+        assert_eq!(
+            ev,
+            vec![
+                vec![LinkEvent::Down { peer: b.id }],
+                vec![LinkEvent::Down { peer: a.id }]
+            ],
+            "round {round}"
+        );
+    }
+}
+
+/// Crossed opens where one side's link is already up before the other side (whose `Links` has
+/// not yet handled the inbound stream) opens too. When the larger side's link came first, the
+/// smaller side's open must replace it on both sides (the larger sees Down, then Up); when the
+/// smaller side's came first, the larger side's late open must be dropped without a flap.
+#[tokio::test]
+async fn late_crossed_opens_end_with_the_smaller_sides_link() {
+    let a = Node::new(1, Some(8)).await;
+    let b = Node::new(2, Some(8)).await;
+    connect(&a, &b).await;
+    let (mut small, mut large) = if a.id < b.id { (a, b) } else { (b, a) };
+    for round in 0..3u8 {
+        // The larger side's link comes up on its side; the smaller side opens before it has
+        // looked at its events, so before it knows of that link.
+        large.links().open(small.id);
+        assert_eq!(
+            large.event().await,
+            LinkEvent::Up {
+                peer: small.id,
+                outbound: true
+            }
+        );
+        small.links().open(large.id);
+        let ev = settle(&mut [&mut small, &mut large]).await;
+        assert_eq!(
+            ev[0],
+            vec![LinkEvent::Up {
+                peer: large.id,
+                outbound: true
+            }],
+            "round {round}"
+        );
+        assert_eq!(
+            ev[1],
+            vec![
+                LinkEvent::Down { peer: small.id },
+                LinkEvent::Up {
+                    peer: small.id,
+                    outbound: false
+                }
+            ],
+            "round {round}"
+        );
+        assert_eq!(small.linked(), vec![(large.id, true)]);
+        assert_eq!(large.linked(), vec![(small.id, false)]);
+        assert!(large.links().send(&small.id, vec![round]));
+        assert_eq!(
+            small.event().await,
+            LinkEvent::Frame {
+                peer: large.id,
+                frame: vec![round]
+            }
+        );
+        small.links().close(&large.id);
+        settle(&mut [&mut small, &mut large]).await;
+
+        // The other way round: the smaller side's link is up first, the larger side opens late.
+        small.links().open(large.id);
+        assert_eq!(
+            small.event().await,
+            LinkEvent::Up {
+                peer: large.id,
+                outbound: true
+            }
+        );
+        large.links().open(small.id);
+        let ev = settle(&mut [&mut small, &mut large]).await;
+        assert_eq!(ev[0], vec![], "round {round}");
+        assert_eq!(
+            ev[1],
+            vec![LinkEvent::Up {
+                peer: small.id,
+                outbound: false
+            }],
+            "round {round}"
+        );
+        assert_eq!(small.linked(), vec![(large.id, true)]);
+        assert_eq!(large.linked(), vec![(small.id, false)]);
+        assert!(!large.links().pending(&small.id));
+        assert!(large.links().send(&small.id, vec![round, 1]));
+        assert_eq!(
+            small.event().await,
+            LinkEvent::Frame {
+                peer: large.id,
+                frame: vec![round, 1]
+            }
+        );
+        small.links().close(&large.id);
+        settle(&mut [&mut small, &mut large]).await;
+    }
+}
+
+#[tokio::test]
+async fn inbound_links_beyond_the_cap_are_refused() {
+    let mut c = Node::new(3, Some(1)).await;
+    let mut a = Node::new(1, Some(8)).await;
+    let mut b = Node::new(2, Some(8)).await;
+    connect(&a, &c).await;
+    connect(&b, &c).await;
+    a.links().open(c.id);
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Up {
+            peer: c.id,
+            outbound: true
+        }
+    );
+    assert_eq!(
+        c.event().await,
+        LinkEvent::Up {
+            peer: a.id,
+            outbound: false
+        }
+    );
+
+    b.links().open(c.id);
+    let ev = settle(&mut [&mut b, &mut c]).await;
+    assert_eq!(ev[1], vec![], "c took a second inbound link");
+    let refused_b = matches!(ev[0].as_slice(), [LinkEvent::OpenFailed { peer, .. }] if *peer == c.id)
+        || ev[0]
+            == vec![
+                LinkEvent::Up {
+                    peer: c.id,
+                    outbound: true,
+                },
+                LinkEvent::Down { peer: c.id },
+            ];
+    assert!(refused_b, "b saw {:?}", ev[0]);
+    assert!(b.linked().is_empty());
+    assert_eq!(c.linked(), vec![(a.id, false)]);
+    assert_eq!(c.links().inbound(), 1);
+
+    // The first link still works.
+    assert!(a.links().send(&c.id, vec![7]));
+    assert_eq!(
+        c.event().await,
+        LinkEvent::Frame {
+            peer: a.id,
+            frame: vec![7]
+        }
+    );
+    // The cap is on inbound links only: c may still open to b.
+    c.links().open(b.id);
+    assert_eq!(
+        c.event().await,
+        LinkEvent::Up {
+            peer: b.id,
+            outbound: true
+        }
+    );
+    assert_eq!(
+        b.event().await,
+        LinkEvent::Up {
+            peer: c.id,
+            outbound: false
+        }
+    );
+    assert_eq!((c.links().inbound(), c.links().outbound()), (1, 1));
+}
+
+#[tokio::test]
+async fn open_fails_without_the_protocol_or_a_connection() {
+    let mut a = Node::new(1, Some(8)).await;
+    let bare = Node::new(2, None).await;
+    connect(&a, &bare).await;
+    a.links().open(bare.id);
+    match a.event().await {
+        LinkEvent::OpenFailed { peer, error } => {
+            assert_eq!(peer, bare.id);
+            assert!(error.contains(RELAY_PROTOCOL.as_ref()), "{error}");
+        }
+        e => panic!("expected OpenFailed, got {e:?}"),
+    }
+    assert!(!a.links().pending(&bare.id));
+    assert!(a.linked().is_empty());
+
+    // A peer the swarm has no address for fails at once, well before the open timeout.
+    let stranger = gleaner_space::keypair(&SecretKey::from_seed([9; 32]))
+        .unwrap()
+        .public()
+        .to_peer_id();
+    let started = Instant::now();
+    a.links().open(stranger);
+    match a.event().await {
+        LinkEvent::OpenFailed { peer, .. } => assert_eq!(peer, stranger),
+        e => panic!("expected OpenFailed, got {e:?}"),
+    }
+    assert!(started.elapsed() < OPEN_TIMEOUT / 2);
+    let rest = settle(&mut [&mut a]).await;
+    assert_eq!(rest, vec![vec![]]);
+}
+
+#[tokio::test]
+async fn a_closed_connection_takes_the_link_down() {
+    let (mut a, mut b) = linked_pair(1, 2).await;
+    // Some traffic first, so that the readers wait on a later frame, not the first.
+    assert!(a.links().send(&b.id, vec![1]));
+    assert!(b.links().send(&a.id, vec![2]));
+    assert_eq!(
+        b.event().await,
+        LinkEvent::Frame {
+            peer: a.id,
+            frame: vec![1]
+        }
+    );
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Frame {
+            peer: b.id,
+            frame: vec![2]
+        }
+    );
+    let started = Instant::now();
+    a.cmds.send(Cmd::Disconnect(b.id)).await.unwrap();
+    assert_eq!(a.event().await, LinkEvent::Down { peer: b.id });
+    assert_eq!(b.event().await, LinkEvent::Down { peer: a.id });
+    // This side closed the connection: its reader learns of it from the re-poll (see links.rs).
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    a.wait_connected(b.id, false).await;
+    assert!(a.linked().is_empty() && b.linked().is_empty());
+}
