@@ -305,12 +305,14 @@ impl Links {
                 attempt,
                 result,
             } => {
-                if self.pending.get(&peer).is_none_or(|p| p.attempt != attempt) {
-                    return; // abandoned by `close`
-                }
+                // An attempt `close` abandoned has no entry, or a newer attempt's.
                 let Some(p) = self.pending.remove(&peer) else {
                     return;
                 };
+                if p.attempt != attempt {
+                    self.pending.insert(peer, p);
+                    return;
+                }
                 match result {
                     Ok(stream) => {
                         // A parked stream lost the tie to this one; dropping it resets it.

@@ -1,5 +1,6 @@
-//! Relay links between real swarms on loopback TCP: frames both ways, the frame limit, closing,
-//! crossed opens, the inbound cap, refused and impossible opens, and a dropped connection.
+//! Relay links between real swarms on loopback TCP: frames both ways, send's refusals, the frame
+//! limit, closing, crossed and late-crossed opens, a peer's replacement link, the inbound cap,
+//! failed opens, and a connection closed under a link.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -287,10 +288,7 @@ async fn send_refuses_a_full_queue_an_unlinked_peer_and_an_oversize_frame() {
             }
         );
     }
-    let stranger = gleaner_space::keypair(&SecretKey::from_seed([9; 32]))
-        .unwrap()
-        .public()
-        .to_peer_id();
+    let stranger = peer_of_seed(9);
     assert!(!a.links().send(&stranger, vec![1]));
     assert!(!a.links().send(&b.id, vec![0; MAX_FRAME + 1]));
     // The oversize frame was not sent: the link is still up and carries the next frame.
@@ -326,11 +324,7 @@ async fn an_oversize_frame_closes_the_link() {
         }
     );
     // A frame of exactly MAX_FRAME is fine.
-    raw.write_all(&(MAX_FRAME as u32).to_be_bytes())
-        .await
-        .unwrap();
-    raw.write_all(&frame(1, MAX_FRAME)).await.unwrap();
-    raw.flush().await.unwrap();
+    write_raw(&mut raw, &frame(1, MAX_FRAME)).await;
     assert_eq!(
         a.event().await,
         LinkEvent::Frame {
@@ -351,6 +345,73 @@ async fn an_oversize_frame_closes_the_link() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     let rest = settle(&mut [&mut a, &mut b]).await;
     assert_eq!(rest, vec![vec![], vec![]]);
+}
+
+/// Writes one frame on a raw stream.
+async fn write_raw(s: &mut libp2p::Stream, frame: &[u8]) {
+    s.write_all(&(frame.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(frame).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+/// A peer that opens a second link while its first is up (it took the first for dead) gets the
+/// new one, and whatever the old one still reports once replaced (a late frame, its end) is
+/// ignored: it must neither surface nor take the new link down. `b` speaks raw streams; `a`'s
+/// events are read only once all of that has happened, so the old link's late reports wait in
+/// the queue behind the new link's arrival.
+#[tokio::test]
+async fn a_peers_new_link_replaces_its_old_one_whose_late_reports_are_ignored() {
+    let mut a = Node::new(1, Some(8)).await;
+    let mut b = Node::new(2, Some(8)).await;
+    connect(&a, &b).await;
+    let up = LinkEvent::Up {
+        peer: b.id,
+        outbound: false,
+    };
+    let fr = |f: &[u8]| LinkEvent::Frame {
+        peer: b.id,
+        frame: f.to_vec(),
+    };
+    let mut old = timeout(WAIT, b.control.open_stream(a.id, RELAY_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    write_raw(&mut old, b"old").await;
+    assert_eq!(a.event().await, up);
+    assert_eq!(a.event().await, fr(b"old"));
+
+    // The old link's reader is running; `a` is not looking while the rest happens.
+    let mut new = timeout(WAIT, b.control.open_stream(a.id, RELAY_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    write_raw(&mut old, b"old, late").await;
+    old.close().await.unwrap();
+    drop(old);
+    write_raw(&mut new, b"new").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let ev = settle(&mut [&mut a]).await.remove(0);
+    // The late frame may have been read before the new link was taken, and then shown before the
+    // old link's Down; never after the new link's Up.
+    let replaced = vec![LinkEvent::Down { peer: b.id }, up.clone(), fr(b"new")];
+    let mut early = vec![fr(b"old, late")];
+    early.extend(replaced.clone());
+    assert!(ev == replaced || ev == early, "{ev:?}");
+    assert_eq!(a.linked(), vec![(b.id, false)]);
+    // The new link works both ways.
+    assert!(a.links().send(&b.id, b"back".to_vec()));
+    let mut prefix = [0u8; 4];
+    timeout(WAIT, new.read_exact(&mut prefix))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(u32::from_be_bytes(prefix), 4);
+    let mut body = [0u8; 4];
+    new.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"back");
 }
 
 #[tokio::test]
@@ -389,6 +450,39 @@ async fn close_takes_the_link_down_on_both_sides() {
             frame: vec![1, 2, 3]
         }
     );
+    a.links().close(&b.id);
+    let ev = settle(&mut [&mut a, &mut b]).await;
+    assert_eq!(
+        ev,
+        vec![
+            vec![LinkEvent::Down { peer: b.id }],
+            vec![LinkEvent::Down { peer: a.id }]
+        ]
+    );
+
+    // Closing a peer whose open is in flight abandons the open: OpenFailed, nothing after. (The
+    // peer may have seen the stream come and go.)
+    a.links().open(b.id);
+    a.links().close(&b.id);
+    assert!(!a.links().pending(&b.id));
+    let ev = settle(&mut [&mut a, &mut b]).await;
+    assert!(
+        matches!(ev[0].as_slice(), [LinkEvent::OpenFailed { peer, .. }] if *peer == b.id),
+        "{ev:?}"
+    );
+    assert!(
+        ev[1].is_empty()
+            || ev[1]
+                == vec![
+                    LinkEvent::Up {
+                        peer: a.id,
+                        outbound: false
+                    },
+                    LinkEvent::Down { peer: a.id }
+                ],
+        "{ev:?}"
+    );
+    assert!(a.linked().is_empty() && b.linked().is_empty());
 }
 
 /// Both open at once, several times over: each time exactly one link survives, opened by the
@@ -569,6 +663,58 @@ async fn late_crossed_opens_end_with_the_smaller_sides_link() {
     }
 }
 
+fn peer_of_seed(seed: u8) -> PeerId {
+    gleaner_space::keypair(&SecretKey::from_seed([seed; 32]))
+        .unwrap()
+        .public()
+        .to_peer_id()
+}
+
+/// The smaller side holds back a link the larger side opened while its own crossing open is in
+/// flight (its own would win); when its own fails, it takes the held one instead of ending with
+/// none. The larger side here is bare (its open is a raw stream), so the smaller side's open
+/// fails for want of the protocol; the raw stream arrives before that open even starts, and is
+/// handled after it started, so it is held.
+#[tokio::test]
+async fn a_held_crossing_link_is_taken_when_our_own_open_fails() {
+    let (s, l) = if peer_of_seed(1) < peer_of_seed(2) {
+        (1, 2)
+    } else {
+        (2, 1)
+    };
+    let mut small = Node::new(s, Some(8)).await;
+    let mut large = Node::new(l, None).await;
+    connect(&small, &large).await;
+    let mut raw = timeout(WAIT, large.control.open_stream(small.id, RELAY_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    small.links().open(large.id);
+    assert_eq!(
+        small.event().await,
+        LinkEvent::Up {
+            peer: large.id,
+            outbound: false
+        }
+    );
+    let ev = settle(&mut [&mut small]).await;
+    assert_eq!(
+        ev,
+        vec![vec![]],
+        "no OpenFailed after the held link came up"
+    );
+    assert!(!small.links().pending(&large.id));
+    assert_eq!(small.linked(), vec![(large.id, false)]);
+    write_raw(&mut raw, b"held").await;
+    assert_eq!(
+        small.event().await,
+        LinkEvent::Frame {
+            peer: large.id,
+            frame: b"held".to_vec()
+        }
+    );
+}
+
 #[tokio::test]
 async fn inbound_links_beyond_the_cap_are_refused() {
     let mut c = Node::new(3, Some(1)).await;
@@ -654,10 +800,7 @@ async fn open_fails_without_the_protocol_or_a_connection() {
     assert!(a.linked().is_empty());
 
     // A peer the swarm has no address for fails at once, well before the open timeout.
-    let stranger = gleaner_space::keypair(&SecretKey::from_seed([9; 32]))
-        .unwrap()
-        .public()
-        .to_peer_id();
+    let stranger = peer_of_seed(9);
     let started = Instant::now();
     a.links().open(stranger);
     match a.event().await {
