@@ -182,11 +182,15 @@ struct Link {
 
 #[derive(Debug)]
 struct Host<P> {
+    /// The highest seq heard, verified or still waiting to be ([`Relay::on_frame`] counts it at
+    /// once, so copies that come meanwhile cost no second signature check).
     seq: u64,
-    /// When its latest advert came (ms).
-    at_ms: u64,
     /// The neighbour it came from (`None`: this node's own, or its link went down).
     from: Option<P>,
+    /// The last seq taken (verified) and where it came from: what a refused one falls back to.
+    confirmed: Option<(u64, Option<P>)>,
+    /// When its latest advert was taken (ms).
+    at_ms: u64,
     /// When this node last grafted it back (ms).
     grafted_ms: u64,
 }
@@ -210,9 +214,23 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         }
     }
 
-    /// A neighbour linked: it gets every advert from now on until it prunes hosts.
+    /// A neighbour linked: it gets every advert from now on until it prunes hosts, and it is
+    /// pruned at once for every host whose adverts already reach this node over another link (a
+    /// new link would otherwise bring a second copy of everything until each host's copy pruned
+    /// it; this way it carries only what this node lacks, and stands by for grafts).
     pub fn add_link(&mut self, peer: P) {
-        self.links.entry(peer).or_default();
+        if self.links.contains_key(&peer) {
+            return;
+        }
+        let mut l = Link::default();
+        for (host, h) in &self.hosts {
+            if h.from.is_some_and(|f| f != peer) {
+                l.pruned.insert(*host);
+                encode(&mut l.out, &Item::Prune(*host));
+                self.stats.prunes_sent += 1;
+            }
+        }
+        self.links.insert(peer, l);
     }
 
     /// A neighbour gone: every host whose adverts came through it is grafted back on the links
@@ -241,8 +259,14 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     }
 
     /// Reads a frame from `from`: prunes and grafts take effect, copies of adverts this node has
-    /// prune their link, and news is handed out to verify.
-    pub fn on_frame<'a>(&mut self, from: P, frame: &'a [u8]) -> Result<Received<'a>, FrameError> {
+    /// (or is about to verify) prune their link, and news is handed out to verify; each piece of
+    /// news must come back through [`Relay::accepted`] or [`Relay::refused`].
+    pub fn on_frame<'a>(
+        &mut self,
+        from: P,
+        frame: &'a [u8],
+        now_ms: u64,
+    ) -> Result<Received<'a>, FrameError> {
         let items = decode(frame)?;
         let mut got = Received::default();
         if !self.links.contains_key(&from) {
@@ -263,7 +287,8 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                     }
                 }
                 Item::Advert(bytes) => {
-                    let peeked = Envelope::from_bytes(bytes).and_then(|e| e.peek::<CapacityAdvert>());
+                    let peeked =
+                        Envelope::from_bytes(bytes).and_then(|e| e.peek::<CapacityAdvert>());
                     let advert = match peeked {
                         Ok(a) => a,
                         Err(e) => {
@@ -271,19 +296,38 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                             continue;
                         }
                     };
-                    match self.hosts.get(&advert.host) {
+                    let full = self.hosts.len() >= self.cfg.max_hosts;
+                    match self.hosts.get_mut(&advert.host) {
                         Some(h) if advert.seq <= h.seq => {
                             self.stats.duplicates += 1;
                             if h.from != Some(from) {
                                 self.prune(from, advert.host);
                             }
+                            continue;
                         }
-                        _ => got.news.push(Candidate {
-                            bytes,
-                            host: advert.host,
-                            seq: advert.seq,
-                        }),
+                        Some(h) => {
+                            h.seq = advert.seq;
+                            h.from = Some(from);
+                        }
+                        None if !full => {
+                            self.hosts.insert(
+                                advert.host,
+                                Host {
+                                    seq: advert.seq,
+                                    from: Some(from),
+                                    confirmed: None,
+                                    at_ms: now_ms,
+                                    grafted_ms: 0,
+                                },
+                            );
+                        }
+                        None => {}
                     }
+                    got.news.push(Candidate {
+                        bytes,
+                        host: advert.host,
+                        seq: advert.seq,
+                    });
                 }
             }
         }
@@ -291,25 +335,37 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     }
 
     /// A verified advert that is news, from neighbour `from` (`None`: this node's own): it is
-    /// queued to every other neighbour that has not pruned its host.
-    pub fn accepted(&mut self, from: Option<P>, host: PublicKey, seq: u64, bytes: &[u8], now_ms: u64) {
+    /// queued to every other neighbour that has not pruned its host (unless a newer one from the
+    /// same host was taken first).
+    pub fn accepted(
+        &mut self,
+        from: Option<P>,
+        host: PublicKey,
+        seq: u64,
+        bytes: &[u8],
+        now_ms: u64,
+    ) {
         let full = self.hosts.len() >= self.cfg.max_hosts;
         match self.hosts.get_mut(&host) {
             Some(h) => {
-                if seq <= h.seq {
+                if h.confirmed.is_some_and(|(c, _)| seq <= c) {
                     return;
                 }
-                h.seq = seq;
+                h.confirmed = Some((seq, from));
                 h.at_ms = now_ms;
-                h.from = from;
+                if seq >= h.seq {
+                    h.seq = seq;
+                    h.from = from;
+                }
             }
             None if !full => {
                 self.hosts.insert(
                     host,
                     Host {
                         seq,
-                        at_ms: now_ms,
                         from,
+                        confirmed: Some((seq, from)),
+                        at_ms: now_ms,
                         grafted_ms: 0,
                     },
                 );
@@ -321,6 +377,39 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             if Some(*peer) == from || l.muted.contains(&host) {
                 continue;
             }
+            if l.out.len() + bytes.len() + 3 > max || !encode(&mut l.out, &Item::Advert(bytes)) {
+                self.stats.dropped += 1;
+            }
+        }
+    }
+
+    /// News that did not verify (or was not taken): the host falls back to what was last taken
+    /// from it, and every link pruned for it meanwhile is grafted back, so that a forgery that
+    /// came first cannot cut the host's real adverts off.
+    pub fn refused(&mut self, host: PublicKey, seq: u64) {
+        let Some(h) = self.hosts.get_mut(&host) else {
+            return;
+        };
+        if h.seq != seq {
+            return;
+        }
+        match h.confirmed {
+            Some((c, from)) => {
+                h.seq = c;
+                h.from = from;
+            }
+            None => {
+                self.hosts.remove(&host);
+            }
+        }
+        self.graft(host);
+    }
+
+    /// Bytes this node sends as an advert of its own although they could not be read as one:
+    /// queued to every neighbour as they are, for the neighbours to judge (and refuse).
+    pub fn send_unread(&mut self, bytes: &[u8]) {
+        let max = self.cfg.max_queued;
+        for l in self.links.values_mut() {
             if l.out.len() + bytes.len() + 3 > max || !encode(&mut l.out, &Item::Advert(bytes)) {
                 self.stats.dropped += 1;
             }
@@ -451,14 +540,24 @@ mod tests {
     fn frames_round_trip_and_broken_ones_are_named() {
         let k = SecretKey::from_seed([7; 32]);
         let a = advert(&k, 1);
-        let items = vec![Item::Advert(&a), Item::Prune(k.public()), Item::Graft(k.public())];
+        let items = vec![
+            Item::Advert(&a),
+            Item::Prune(k.public()),
+            Item::Graft(k.public()),
+        ];
         let f = frame(&items);
         assert_eq!(decode(&f).unwrap(), items);
         assert_eq!(decode(&[]), Err(FrameError::Empty));
         assert_eq!(decode(&[9]), Err(FrameError::Version(9)));
         assert_eq!(decode(&[1, 7]), Err(FrameError::Tag { index: 0, tag: 7 }));
-        assert_eq!(decode(&f[..f.len() - 1]), Err(FrameError::Short { index: 2 }));
-        assert_eq!(decode(&[1, 1, 0, 5, 1]), Err(FrameError::Short { index: 0 }));
+        assert_eq!(
+            decode(&f[..f.len() - 1]),
+            Err(FrameError::Short { index: 2 })
+        );
+        assert_eq!(
+            decode(&[1, 1, 0, 5, 1]),
+            Err(FrameError::Short { index: 0 })
+        );
         let mut out = Vec::new();
         assert!(!encode(&mut out, &Item::Advert(&vec![0; 70_000])));
     }
@@ -469,7 +568,7 @@ mod tests {
         let mut r = relay();
         let a1 = advert(&k, 1);
         let f = frame(&[Item::Advert(&a1)]);
-        let got = r.on_frame(1, &f).unwrap();
+        let got = r.on_frame(1, &f, 0).unwrap();
         assert_eq!(got.news.len(), 1);
         assert_eq!((got.news[0].host, got.news[0].seq), (k.public(), 1));
         r.accepted(Some(1), k.public(), 1, &a1, 1000);
@@ -480,31 +579,98 @@ mod tests {
         assert_eq!(out[&3], vec![Item::Advert(&a1)]);
         // The same advert again from link 2: no news, link 2 is pruned for this host, once.
         for _ in 0..2 {
-            let got = r.on_frame(2, &f).unwrap();
+            let got = r.on_frame(2, &f, 0).unwrap();
             assert!(got.news.is_empty());
         }
         assert_eq!(r.stats.duplicates, 2);
         assert_eq!(sent(&mut r)[&2], vec![Item::Prune(k.public())]);
         // A copy from the link it came from is no reason to prune that link.
-        assert!(r.on_frame(1, &f).unwrap().news.is_empty());
+        assert!(r.on_frame(1, &f, 0).unwrap().news.is_empty());
         assert!(sent(&mut r).is_empty());
         // An older advert is a copy too.
         let a0 = advert(&k, 0);
-        assert!(r.on_frame(3, &frame(&[Item::Advert(&a0)])).unwrap().news.is_empty());
+        assert!(
+            r.on_frame(3, &frame(&[Item::Advert(&a0)]), 0)
+                .unwrap()
+                .news
+                .is_empty()
+        );
         assert_eq!(sent(&mut r)[&3], vec![Item::Prune(k.public())]);
+    }
+
+    #[test]
+    fn a_new_link_is_pruned_for_the_hosts_that_already_come_another_way() {
+        let (k, mine) = (SecretKey::from_seed([7; 32]), SecretKey::from_seed([8; 32]));
+        let mut r = relay();
+        let a1 = advert(&k, 1);
+        r.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        r.accepted(Some(1), k.public(), 1, &a1, 1000);
+        // This node's own adverts come over no link: nothing to prune for them.
+        r.accepted(None, mine.public(), 1, &advert(&mine, 1), 1000);
+        sent(&mut r);
+        r.add_link(4);
+        assert_eq!(sent(&mut r)[&4], vec![Item::Prune(k.public())]);
+        // And that pruned link is grafted back when the host falls silent.
+        r.repair(1000 + 3_000);
+        assert!(sent(&mut r)[&4].contains(&Item::Graft(k.public())));
+    }
+
+    #[test]
+    fn news_waiting_to_be_verified_makes_its_copies_duplicates_and_a_refusal_undoes_it() {
+        let k = SecretKey::from_seed([7; 32]);
+        let mut r = relay();
+        let a1 = advert(&k, 1);
+        r.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        r.accepted(Some(1), k.public(), 1, &a1, 1000);
+        sent(&mut r);
+        // Seq 2 comes from link 1 and, before it is verified, again from link 2: one check only.
+        let a2 = advert(&k, 2);
+        let f2 = frame(&[Item::Advert(&a2)]);
+        assert_eq!(r.on_frame(1, &f2, 1100).unwrap().news.len(), 1);
+        assert!(r.on_frame(2, &f2, 1100).unwrap().news.is_empty());
+        assert_eq!(sent(&mut r)[&2], vec![Item::Prune(k.public())]);
+        // It does not verify (say link 1 forged it): back to seq 1, and link 2 grafted back so
+        // that the real seq 2 can still come that way.
+        r.refused(k.public(), 2);
+        assert_eq!(sent(&mut r)[&2], vec![Item::Graft(k.public())]);
+        assert_eq!(r.on_frame(2, &f2, 1200).unwrap().news.len(), 1);
+        r.accepted(Some(2), k.public(), 2, &a2, 1200);
+        let out = sent(&mut r);
+        assert_eq!(out[&1], vec![Item::Advert(&a2)]);
+        assert!(!out.contains_key(&2));
+        // A refused newcomer is forgotten.
+        let other = SecretKey::from_seed([9; 32]);
+        let b1 = advert(&other, 1);
+        r.on_frame(3, &frame(&[Item::Advert(&b1)]), 1300).unwrap();
+        assert_eq!(r.hosts(), 2);
+        r.refused(other.public(), 1);
+        assert_eq!(r.hosts(), 1);
+        // Two pieces of news from one host taken out of order: the older is not forwarded.
+        let (a3, a4) = (advert(&k, 3), advert(&k, 4));
+        r.on_frame(1, &frame(&[Item::Advert(&a3), Item::Advert(&a4)]), 1400)
+            .unwrap();
+        r.accepted(Some(1), k.public(), 4, &a4, 1400);
+        r.accepted(Some(1), k.public(), 3, &a3, 1400);
+        assert_eq!(sent(&mut r)[&3], vec![Item::Advert(&a4)]);
     }
 
     #[test]
     fn a_pruned_host_is_not_sent_until_grafted() {
         let k = SecretKey::from_seed([7; 32]);
         let mut r = relay();
-        r.on_frame(2, &frame(&[Item::Prune(k.public())])).unwrap();
+        r.on_frame(2, &frame(&[Item::Prune(k.public())]), 0)
+            .unwrap();
         let a1 = advert(&k, 1);
         r.accepted(None, k.public(), 1, &a1, 1000);
         let out = sent(&mut r);
         assert!(!out.contains_key(&2), "link 2 pruned this host");
-        assert_eq!(out.len(), 2, "this node's own advert goes to every other link");
-        r.on_frame(2, &frame(&[Item::Graft(k.public())])).unwrap();
+        assert_eq!(
+            out.len(),
+            2,
+            "this node's own advert goes to every other link"
+        );
+        r.on_frame(2, &frame(&[Item::Graft(k.public())]), 0)
+            .unwrap();
         let a2 = advert(&k, 2);
         r.accepted(None, k.public(), 2, &a2, 2000);
         assert_eq!(sent(&mut r).len(), 3);
@@ -516,10 +682,10 @@ mod tests {
         let mut r = relay();
         let a1 = advert(&k, 1);
         let f = frame(&[Item::Advert(&a1)]);
-        r.on_frame(1, &f).unwrap();
+        r.on_frame(1, &f, 0).unwrap();
         r.accepted(Some(1), k.public(), 1, &a1, 1000);
-        r.on_frame(2, &f).unwrap();
-        r.on_frame(3, &f).unwrap();
+        r.on_frame(2, &f, 0).unwrap();
+        r.on_frame(3, &f, 0).unwrap();
         sent(&mut r);
         // Heard lately: nothing to repair.
         r.repair(1000 + 2_999);
@@ -536,9 +702,9 @@ mod tests {
         // Pruned again, then its tree link goes: grafted back at once.
         let a2 = advert(&k, 2);
         let f2 = frame(&[Item::Advert(&a2)]);
-        r.on_frame(1, &f2).unwrap();
+        r.on_frame(1, &f2, 0).unwrap();
         r.accepted(Some(1), k.public(), 2, &a2, 5000);
-        r.on_frame(2, &f2).unwrap();
+        r.on_frame(2, &f2, 0).unwrap();
         sent(&mut r);
         r.remove_link(&1);
         assert_eq!(sent(&mut r)[&2], vec![Item::Graft(k.public())]);
@@ -552,11 +718,16 @@ mod tests {
         let k = SecretKey::from_seed([7; 32]);
         let mut r = relay();
         let junk = frame(&[Item::Advert(b"not an envelope")]);
-        let got = r.on_frame(1, &junk).unwrap();
+        let got = r.on_frame(1, &junk, 0).unwrap();
         assert!(got.news.is_empty());
         assert_eq!(got.junk.len(), 1);
         let a1 = advert(&k, 1);
-        assert!(r.on_frame(9, &frame(&[Item::Advert(&a1)])).unwrap().news.is_empty());
+        assert!(
+            r.on_frame(9, &frame(&[Item::Advert(&a1)]), 0)
+                .unwrap()
+                .news
+                .is_empty()
+        );
     }
 
     #[test]
