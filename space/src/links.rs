@@ -376,8 +376,7 @@ impl Links {
         let (read, write) = stream.split();
         let (frames, queue) = mpsc::channel(LINK_QUEUE);
         let tx = self.reports_tx.clone();
-        let reader = tokio::spawn(async move {
-            let reason = read_frames(read, peer, id, &tx).await;
+        let ended = move |tx: mpsc::Sender<Report>, reason: String| async move {
             let _ = tx
                 .send(Report::Ended {
                     peer,
@@ -385,18 +384,16 @@ impl Links {
                     reason,
                 })
                 .await;
+        };
+        let reader = tokio::spawn(async move {
+            let reason = read_frames(read, peer, id, &tx).await;
+            ended(tx, reason).await;
         })
         .abort_handle();
         let tx = self.reports_tx.clone();
         let writer = tokio::spawn(async move {
             let reason = write_frames(write, queue).await;
-            let _ = tx
-                .send(Report::Ended {
-                    peer,
-                    link: id,
-                    reason,
-                })
-                .await;
+            ended(tx, reason).await;
         })
         .abort_handle();
         self.links.insert(

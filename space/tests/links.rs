@@ -106,6 +106,16 @@ impl Node {
     }
 
     /// The next link event, failing the test if none comes.
+    /// The next event is `Up` for `peer`, opened by us or not.
+    async fn expect_up(&mut self, peer: PeerId, outbound: bool) {
+        assert_eq!(self.event().await, LinkEvent::Up { peer, outbound });
+    }
+
+    /// The next event is `Down` for `peer`.
+    async fn expect_down(&mut self, peer: PeerId) {
+        assert_eq!(self.event().await, LinkEvent::Down { peer });
+    }
+
     async fn event(&mut self) -> LinkEvent {
         timeout(WAIT, self.links().next())
             .await
@@ -167,20 +177,8 @@ async fn linked_pair(a_seed: u8, b_seed: u8) -> (Node, Node) {
     let mut b = Node::new(b_seed, Some(8)).await;
     connect(&a, &b).await;
     a.links().open(b.id);
-    assert_eq!(
-        a.event().await,
-        LinkEvent::Up {
-            peer: b.id,
-            outbound: true
-        }
-    );
-    assert_eq!(
-        b.event().await,
-        LinkEvent::Up {
-            peer: a.id,
-            outbound: false
-        }
-    );
+    a.expect_up(b.id, true).await;
+    b.expect_up(a.id, false).await;
     (a, b)
 }
 
@@ -192,20 +190,8 @@ async fn a_link_opens_and_frames_flow_both_ways_in_order() {
     a.links().open(b.id);
     a.links().open(b.id); // one open in flight already: no-op
     assert!(a.links().pending(&b.id));
-    assert_eq!(
-        a.event().await,
-        LinkEvent::Up {
-            peer: b.id,
-            outbound: true
-        }
-    );
-    assert_eq!(
-        b.event().await,
-        LinkEvent::Up {
-            peer: a.id,
-            outbound: false
-        }
-    );
+    a.expect_up(b.id, true).await;
+    b.expect_up(a.id, false).await;
     assert!(!a.links().pending(&b.id));
     a.links().open(b.id); // linked already: no-op
     assert!(!a.links().pending(&b.id));
@@ -316,13 +302,7 @@ async fn an_oversize_frame_closes_the_link() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(
-        a.event().await,
-        LinkEvent::Up {
-            peer: b.id,
-            outbound: false
-        }
-    );
+    a.expect_up(b.id, false).await;
     // A frame of exactly MAX_FRAME is fine.
     write_raw(&mut raw, &frame(1, MAX_FRAME)).await;
     assert_eq!(
@@ -337,7 +317,7 @@ async fn an_oversize_frame_closes_the_link() {
         .await
         .unwrap();
     raw.flush().await.unwrap();
-    assert_eq!(a.event().await, LinkEvent::Down { peer: b.id });
+    a.expect_down(b.id).await;
     assert!(a.linked().is_empty());
     // And the writer's end sees the link closed.
     let mut byte = [0u8; 1];
@@ -420,28 +400,16 @@ async fn close_takes_the_link_down_on_both_sides() {
     a.links().close(&b.id);
     assert!(a.linked().is_empty());
     assert!(!a.links().send(&b.id, vec![1]));
-    assert_eq!(a.event().await, LinkEvent::Down { peer: b.id });
-    assert_eq!(b.event().await, LinkEvent::Down { peer: a.id });
+    a.expect_down(b.id).await;
+    b.expect_down(a.id).await;
     assert!(b.linked().is_empty());
     let rest = settle(&mut [&mut a, &mut b]).await;
     assert_eq!(rest, vec![vec![], vec![]]);
 
     // The peer can link again, and the new link carries frames.
     b.links().open(a.id);
-    assert_eq!(
-        b.event().await,
-        LinkEvent::Up {
-            peer: a.id,
-            outbound: true
-        }
-    );
-    assert_eq!(
-        a.event().await,
-        LinkEvent::Up {
-            peer: b.id,
-            outbound: false
-        }
-    );
+    b.expect_up(a.id, true).await;
+    a.expect_up(b.id, false).await;
     assert!(a.links().send(&b.id, vec![1, 2, 3]));
     assert_eq!(
         b.event().await,
@@ -586,13 +554,7 @@ async fn late_crossed_opens_end_with_the_smaller_sides_link() {
         // The larger side's link comes up on its side; the smaller side opens before it has
         // looked at its events, so before it knows of that link.
         large.links().open(small.id);
-        assert_eq!(
-            large.event().await,
-            LinkEvent::Up {
-                peer: small.id,
-                outbound: true
-            }
-        );
+        large.expect_up(small.id, true).await;
         small.links().open(large.id);
         let ev = settle(&mut [&mut small, &mut large]).await;
         assert_eq!(
@@ -629,13 +591,7 @@ async fn late_crossed_opens_end_with_the_smaller_sides_link() {
 
         // The other way round: the smaller side's link is up first, the larger side opens late.
         small.links().open(large.id);
-        assert_eq!(
-            small.event().await,
-            LinkEvent::Up {
-                peer: large.id,
-                outbound: true
-            }
-        );
+        small.expect_up(large.id, true).await;
         large.links().open(small.id);
         let ev = settle(&mut [&mut small, &mut large]).await;
         assert_eq!(ev[0], vec![], "round {round}");
@@ -690,13 +646,7 @@ async fn a_held_crossing_link_is_taken_when_our_own_open_fails() {
         .unwrap()
         .unwrap();
     small.links().open(large.id);
-    assert_eq!(
-        small.event().await,
-        LinkEvent::Up {
-            peer: large.id,
-            outbound: false
-        }
-    );
+    small.expect_up(large.id, false).await;
     let ev = settle(&mut [&mut small]).await;
     assert_eq!(
         ev,
@@ -723,20 +673,8 @@ async fn inbound_links_beyond_the_cap_are_refused() {
     connect(&a, &c).await;
     connect(&b, &c).await;
     a.links().open(c.id);
-    assert_eq!(
-        a.event().await,
-        LinkEvent::Up {
-            peer: c.id,
-            outbound: true
-        }
-    );
-    assert_eq!(
-        c.event().await,
-        LinkEvent::Up {
-            peer: a.id,
-            outbound: false
-        }
-    );
+    a.expect_up(c.id, true).await;
+    c.expect_up(a.id, false).await;
 
     b.links().open(c.id);
     let ev = settle(&mut [&mut b, &mut c]).await;
@@ -766,20 +704,8 @@ async fn inbound_links_beyond_the_cap_are_refused() {
     );
     // The cap is on inbound links only: c may still open to b.
     c.links().open(b.id);
-    assert_eq!(
-        c.event().await,
-        LinkEvent::Up {
-            peer: b.id,
-            outbound: true
-        }
-    );
-    assert_eq!(
-        b.event().await,
-        LinkEvent::Up {
-            peer: c.id,
-            outbound: false
-        }
-    );
+    c.expect_up(b.id, true).await;
+    b.expect_up(c.id, false).await;
     assert_eq!((c.links().inbound(), c.links().outbound()), (1, 1));
 }
 
@@ -834,8 +760,8 @@ async fn a_closed_connection_takes_the_link_down() {
     );
     let started = Instant::now();
     a.cmds.send(Cmd::Disconnect(b.id)).await.unwrap();
-    assert_eq!(a.event().await, LinkEvent::Down { peer: b.id });
-    assert_eq!(b.event().await, LinkEvent::Down { peer: a.id });
+    a.expect_down(b.id).await;
+    b.expect_down(a.id).await;
     // This side closed the connection: its reader learns of it from the re-poll (see links.rs).
     assert!(
         started.elapsed() < Duration::from_secs(5),
