@@ -1,22 +1,25 @@
 //! The space over libp2p: one `Swarm` owned by an event loop, reached through a cloneable
-//! [`SpaceHandle`] with a bounded command channel. Factories gossip signed capacity adverts, outcome
-//! reports and machine-type announcements on per-space gossipsub topics. Gossipsub itself signs
-//! nothing (anonymous messages, id = SHA-256 of the bytes): every message is already an envelope
-//! signed by its author's host key, so that one signature is the only one made and checked. Every
-//! message is validated by hand (envelope signature, kind for the topic, freshness, replay, size,
-//! per-author rate) before it is accepted and forwarded; rejected ones count against their
-//! sender's peer score, and replays cost their re-sender an application score penalty; a peer whose
-//! score falls below [`BAN_SCORE`] while it has lately sent this node junk (a rejected message or
-//! a replay) is disconnected and blocked. A score that fell only for slowness (messages that
-//! waited too long in its queue, IHAVE promises kept late) is gossipsub's to weigh, not a ban. Signed machine types are fetched by
-//! digest from the peers that advertise running them (request-response `/gleaner/mt/1`, CBOR,
-//! size-bounded, each peer's requests rate-limited) and verified against the digest and the
-//! trusted publishers before use. Publishers' signed key rotations and revocations travel on their
-//! own topic (signature, kind, size and clock checked here; whether one bears on this host's trust
-//! is the trust store's call) and are re-announced now and then so that late joiners learn them.
+//! [`SpaceHandle`] with a bounded command channel. Factories spread signed capacity adverts over
+//! the advert relay (`gleaner_space::relay`: batched frames on long-lived streams to a few
+//! neighbours, each host's adverts settling on a tree) and gossip outcome reports and
+//! machine-type announcements on per-space gossipsub topics. Gossipsub itself signs nothing
+//! (anonymous messages, id = SHA-256 of the bytes): every message is already an envelope signed
+//! by its author's host key, so that one signature is the only one made and checked. Every
+//! message is validated by hand (envelope signature, kind, freshness, replay, size, per-author
+//! rate) before it is accepted and forwarded; rejected ones count against their sender's peer
+//! score, and replays cost their re-sender an application score penalty; a peer whose score
+//! falls below [`BAN_SCORE`] while it has lately sent this node junk (a rejected message or a
+//! replay), or that sent [`JUNK_BAN`] rejected messages lately, is disconnected and blocked. A
+//! score that fell only for slowness (messages that waited too long in its queue, IHAVE promises
+//! kept late) is gossipsub's to weigh, not a ban. Signed machine types are fetched by digest from
+//! the peers that advertise running them (request-response `/gleaner/mt/1`, CBOR, size-bounded,
+//! each peer's requests rate-limited) and verified against the digest and the trusted publishers
+//! before use. Publishers' signed key rotations and revocations travel on their own topic
+//! (signature, kind, size and clock checked here; whether one bears on this host's trust is the
+//! trust store's call) and are re-announced now and then so that late joiners learn them.
 //! Kademlia finds peers beyond the bootstrap nodes. What the coordinator's observer shares with
-//! this node (ids, transport, gossipsub and scoring, advert checks, discovery, the tunable
-//! constants) lives in the `gleaner-space` crate.
+//! this node (ids, transport, gossipsub and scoring, the relay, advert checks, discovery, the
+//! tunable constants) lives in the `gleaner-space` crate.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -26,7 +29,10 @@ use gleaner::advert::{CapacityAdvert, OutcomeReport};
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
 use gleaner_space::gate::refill;
-use gleaner_space::{AdvertGate, SpaceBehaviour, Topics, Verdict, discovery, topics, tuning};
+use gleaner_space::relay::{AdvertRelay, RelaySummary};
+use gleaner_space::{
+    AdvertGate, LinkEvent, SpaceBehaviour, Topics, Verdict, discovery, topics, tuning,
+};
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
@@ -63,6 +69,9 @@ const TRUST_CLOCK_SKEW_S: u64 = 600;
 pub const BAN_SCORE: f64 = -100.0;
 /// How long a banned peer stays blocked.
 pub const BAN_S: u64 = 600;
+/// A peer with this many rejected messages outstanding (the count decays by [`PENALTY_DECAY`] a
+/// second) is banned whatever its gossipsub score: an honest relay forwards only what it checked.
+pub const JUNK_BAN: f64 = 5.0;
 /// Machine-type requests one peer may make in a burst, and per second after that; more are
 /// refused (the stream is closed unanswered) and counted.
 const MT_BURST: f64 = 16.0;
@@ -148,6 +157,8 @@ pub enum MtResponse {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    /// Long-lived streams for the advert relay.
+    stream: gleaner_space::StreamBehaviour,
     gossipsub: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -183,9 +194,8 @@ pub struct SpaceSummary {
     pub peer_id: String,
     pub listen: Vec<String>,
     pub connected: usize,
-    /// Peers in this node's gossipsub mesh for adverts (gossipsub keeps it between
-    /// `tuning::ADVERT_MESH_N_LOW` and `ADVERT_MESH_N_HIGH` when it has the peers).
-    pub mesh_peers: usize,
+    /// The advert relay: neighbours linked, copies, prunes and grafts.
+    pub relay: RelaySummary,
     /// Peers in the Kademlia routing table.
     pub known_peers: usize,
     pub kad_server: bool,
@@ -435,7 +445,7 @@ pub async fn start_space(
     let kad_protocol = gleaner_space::kad_protocol(&cfg.space).map_err(SpaceError::Setup)?;
     let mdns_on = cfg.mdns;
     let kad_proto = kad_protocol.clone();
-    let other_topics = [t.outcomes.hash(), t.types.hash(), t.trust.hash()];
+    let topics_scored = [t.outcomes.hash(), t.types.hash(), t.trust.hash()];
     let duplicate_cache = Duration::from_secs(cfg.duplicate_cache_s.max(1));
     let mut swarm = gleaner_space::build_swarm_with(keypair, cfg.idle_timeout, |k| {
         let codec = request_response::cbor::codec::Codec::default()
@@ -450,11 +460,8 @@ pub async fn start_space(
         );
         Ok(Behaviour {
             blocked: Default::default(),
-            gossipsub: gleaner_space::gossipsub_behaviour(
-                t.adverts.hash(),
-                other_topics,
-                duplicate_cache,
-            )?,
+            stream: gleaner_space::StreamBehaviour::new(),
+            gossipsub: gleaner_space::gossipsub_behaviour(topics_scored, duplicate_cache)?,
             identify: gleaner_space::swarm::identify_behaviour(k),
             ping: ping::Behaviour::default(),
             mdns: gleaner_space::swarm::mdns_behaviour(mdns_on, k)?,
@@ -469,7 +476,8 @@ pub async fn start_space(
         // Server once an external (public) address is known, see NewListenAddr below.
         None => swarm.behaviour_mut().kad.set_mode(None),
     }
-    for topic in [&t.adverts, &t.outcomes, &t.types, &t.trust] {
+    // Adverts travel on the relay, not on gossipsub (see `gleaner_space::relay`).
+    for topic in [&t.outcomes, &t.types, &t.trust] {
         swarm
             .behaviour_mut()
             .gossipsub
@@ -486,11 +494,17 @@ pub async fn start_space(
     .await
     .map_err(SpaceError::Setup)?;
     discovery::dial_bootstrap(&mut swarm, &cfg.bootstrap);
+    let relay = AdvertRelay::new(
+        swarm.behaviour().stream.new_control(),
+        *swarm.local_peer_id(),
+    )
+    .map_err(SpaceError::Setup)?;
     let (tx, rx) = mpsc::channel(256);
     let (learned_tx, learned) = mpsc::channel(32);
     let (trust_tx, trust_learned) = mpsc::channel(32);
     let node = Node {
         swarm,
+        relay,
         topics: t,
         space: cfg.space,
         listen: addrs.clone(),
@@ -547,6 +561,8 @@ enum TypeVerdict {
 
 struct Node {
     swarm: libp2p::Swarm<Behaviour>,
+    /// Adverts to and from a few neighbours, batched.
+    relay: AdvertRelay,
     topics: Topics,
     space: String,
     listen: Vec<Multiaddr>,
@@ -619,19 +635,27 @@ fn check_trust(bytes: &[u8], now: u64) -> Result<Digest, Verdict> {
     Ok(digest)
 }
 
-/// The peers to ban now: those that sent junk lately (a rejected message or a replay), are not
-/// banned yet, and whose gossipsub `score` is below [`BAN_SCORE`]; with their scores.
+/// The peers to ban now, with why: those not banned yet that sent junk lately (a rejected
+/// message or a replay) and whose gossipsub `score` is below [`BAN_SCORE`], and those that sent
+/// [`JUNK_BAN`] rejected messages lately whatever their score (relayed adverts do not travel on
+/// gossipsub, so junk there costs no gossipsub score).
 fn to_ban(
     rejects: &HashMap<PeerId, f64>,
     replays: &HashMap<PeerId, f64>,
     banned: &HashMap<PeerId, u64>,
     score: impl Fn(&PeerId) -> Option<f64>,
-) -> Vec<(PeerId, f64)> {
+) -> Vec<(PeerId, String)> {
     let junk: HashSet<&PeerId> = rejects.keys().chain(replays.keys()).collect();
     junk.into_iter()
         .filter(|p| !banned.contains_key(*p))
-        .filter_map(|p| Some((*p, score(p)?)))
-        .filter(|(_, s)| *s < BAN_SCORE)
+        .filter_map(|p| {
+            let n = rejects.get(p).copied().unwrap_or(0.0);
+            if n >= JUNK_BAN {
+                return Some((*p, format!("{n:.0} rejected messages lately")));
+            }
+            let s = score(p)?;
+            (s < BAN_SCORE).then(|| (*p, format!("gossip score {s:.0} after sending junk")))
+        })
         .collect()
 }
 
@@ -652,6 +676,8 @@ impl Node {
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lookup = tokio::time::interval(tuning::LOOKUP_INTERVAL);
         lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(tuning::RELAY_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A node alone (no peer connected, none banned, no bootstrap address to redial) has
             // no housekeeping, redial or DHT walk to do: those timers sleep until a peer comes
@@ -659,6 +685,7 @@ impl Node {
             // that slept fires at once when it is wanted again.
             let alone = self.swarm.connected_peers().next().is_none() && self.banned.is_empty();
             let dialling = !self.bootstrap.is_empty();
+            let queued = self.relay.queued();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = redial.tick(), if dialling => {
@@ -666,6 +693,8 @@ impl Node {
                 }
                 _ = housekeeping.tick(), if !alone => self.housekeeping(),
                 _ = lookup.tick(), if !alone || dialling => discovery::lookup(&mut self.swarm),
+                _ = flush.tick(), if queued => self.flush_relay(),
+                ev = self.relay.next() => self.link_event(ev),
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(c) => self.command(c),
@@ -683,8 +712,8 @@ impl Node {
         let low = to_ban(&self.rejects, &self.replays, &self.banned, |p| {
             gossipsub.peer_score(p)
         });
-        for (p, s) in low {
-            self.ban(p, &format!("gossip score {s:.0} after sending junk"), now);
+        for (p, why) in low {
+            self.ban(p, &why, now);
         }
         for n in self.rejects.values_mut() {
             *n *= PENALTY_DECAY;
@@ -728,6 +757,12 @@ impl Node {
             self.swarm.behaviour_mut().blocked.unblock_peer(p);
         }
         let ms = crate::factory::now_ms();
+        let banned = &self.banned;
+        self.relay.maintain(
+            self.swarm.connected_peers().copied(),
+            |p| banned.contains_key(p),
+            ms,
+        );
         self.gate.rates.forget_idle(ms);
         self.mt_buckets
             .retain(|_, b| ms.saturating_sub(b.last_ms) < 60_000 || b.refused > 1.0);
@@ -774,6 +809,7 @@ impl Node {
     fn ban(&mut self, p: PeerId, why: &str, now: u64) {
         tracing::warn!("banning {p} for {BAN_S} s: {why}");
         self.banned.insert(p, now + BAN_S);
+        self.relay.close(&p);
         self.swarm.behaviour_mut().blocked.block_peer(p);
         self.swarm.behaviour_mut().kad.remove_peer(&p);
     }
@@ -793,12 +829,16 @@ impl Node {
         match cmd {
             Command::Publish(env) => {
                 let topic = match env.kind() {
-                    Ok(Kind::CapacityAdvert) => self.topics.adverts.clone(),
-                    Ok(Kind::Outcome) => self.topics.outcomes.clone(),
+                    Ok(Kind::CapacityAdvert) => None,
+                    Ok(Kind::Outcome) => Some(self.topics.outcomes.clone()),
                     _ => return,
                 };
                 // Our own messages go into our own view as well.
                 accept(&mut self.view, &env, now());
+                let Some(topic) = topic else {
+                    self.relay.publish(&env, crate::factory::now_ms());
+                    return;
+                };
                 if let Err(e) = self
                     .swarm
                     .behaviour_mut()
@@ -924,18 +964,12 @@ impl Node {
                 ))
             })
             .collect();
-        let adverts = self.topics.adverts.hash();
         SpaceSummary {
             space: self.space.clone(),
             peer_id: self.swarm.local_peer_id().to_string(),
             listen: self.listen.iter().map(|a| a.to_string()).collect(),
             connected: self.swarm.connected_peers().count(),
-            mesh_peers: self
-                .swarm
-                .behaviour()
-                .gossipsub
-                .mesh_peers(&adverts)
-                .count(),
+            relay: self.relay.summary(),
             known_peers,
             kad_server: self.swarm.behaviour().kad.mode() == kad::Mode::Server,
             peers,
@@ -1031,27 +1065,60 @@ impl Node {
         if m.topic == self.topics.trust.hash() {
             return self.validate_trust(m, from);
         }
-        let is_advert = m.topic == self.topics.adverts.hash();
-        if !is_advert && m.topic != self.topics.outcomes.hash() {
+        // Adverts come over the relay (`link_event`), not gossipsub.
+        if m.topic != self.topics.outcomes.hash() {
             return Verdict::Reject("unknown topic".into());
         }
-        let want = if is_advert {
-            Kind::CapacityAdvert
-        } else {
-            Kind::Outcome
-        };
         // Size, shape, kind, signer, rate, signature, then the view: see `AdvertGate::check`. A
         // replay's sender is penalised by the caller (softly: see REPLAY_PENALTY).
+        self.gate
+            .check(
+                &m.data,
+                Kind::Outcome,
+                &mut self.view,
+                now(),
+                crate::factory::now_ms(),
+            )
+            .verdict
+    }
+
+    /// A link of the advert relay came, went, or brought a frame.
+    fn link_event(&mut self, ev: LinkEvent) {
+        let out = self.relay.handle(
+            ev,
+            &mut self.gate,
+            &mut self.view,
+            now(),
+            crate::factory::now_ms(),
+        );
+        self.relayed(out);
+    }
+
+    /// The relay's flush: news verified (into the view), frames sent.
+    fn flush_relay(&mut self) {
+        let out = self.relay.flush(
+            &mut self.gate,
+            &mut self.view,
+            now(),
+            crate::factory::now_ms(),
+        );
+        self.relayed(out);
+    }
+
+    /// What the relay took and refused: the machine types its news shows running are wanted,
+    /// junk counts against its sender.
+    fn relayed(&mut self, out: gleaner_space::relay::Outcome) {
         let now = now();
-        let checked = self
-            .gate
-            .check(&m.data, want, &mut self.view, now, crate::factory::now_ms());
-        if let Some((author, running)) = checked.running
-            && !running.is_empty()
-        {
-            self.want(&running, author, now);
+        for (author, running) in out.taken {
+            if !running.is_empty() {
+                self.want(&running, author, now);
+            }
         }
-        checked.verdict
+        for (peer, why) in out.rejected {
+            self.rejected += 1;
+            *self.rejects.entry(peer).or_insert(0.0) += 1.0;
+            tracing::info!("rejected a relayed advert from {peer}: {why}");
+        }
     }
 
     /// A gossiped key rotation or revocation: checked, then handed to the daemon (whose trust
@@ -1420,26 +1487,44 @@ mod tests {
                 .public()
                 .to_peer_id()
         };
-        let (junk_low, slow_low, junk_ok, replayer, banned_junk, gone) =
-            (peer(1), peer(2), peer(3), peer(4), peer(5), peer(6));
-        let rejects = HashMap::from([(junk_low, 1.0), (junk_ok, 3.0), (banned_junk, 1.0)]);
+        let (junk_low, slow_low, junk_ok, replayer, banned_junk, gone, flooder) = (
+            peer(1),
+            peer(2),
+            peer(3),
+            peer(4),
+            peer(5),
+            peer(6),
+            peer(7),
+        );
+        let rejects = HashMap::from([
+            (junk_low, 1.0),
+            (junk_ok, 3.0),
+            (banned_junk, 1.0),
+            (flooder, JUNK_BAN),
+        ]);
         let replays = HashMap::from([(replayer, 2.0), (junk_low, 1.0), (gone, 1.0)]);
         let banned = HashMap::from([(banned_junk, 10_000)]);
         let score = |p: &PeerId| match p {
-            p if *p == junk_ok => Some(BAN_SCORE + 1.0),
+            p if *p == junk_ok || *p == flooder => Some(BAN_SCORE + 1.0),
             p if *p == gone => None,
             // Everyone else scores low, the slow peer included.
             _ => Some(BAN_SCORE - 50.0),
         };
         let mut got: Vec<PeerId> = to_ban(&rejects, &replays, &banned, score)
             .into_iter()
-            .map(|(p, s)| {
-                assert_eq!(s, BAN_SCORE - 50.0);
+            .map(|(p, why)| {
+                let want = if p == flooder {
+                    format!("{JUNK_BAN:.0} rejected messages lately")
+                } else {
+                    format!("gossip score {:.0} after sending junk", BAN_SCORE - 50.0)
+                };
+                assert_eq!(why, want);
                 p
             })
             .collect();
         got.sort();
-        let mut want = vec![junk_low, replayer];
+        // The flooder, too, for its many rejected messages whatever its score.
+        let mut want = vec![junk_low, replayer, flooder];
         want.sort();
         // Not the slow peer (low score, no junk), nor one above the line, nor one already banned
         // or no longer scored; the peer with both rejects and replays once.

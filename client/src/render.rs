@@ -175,6 +175,17 @@ pub fn render(req: &Request, v: &Value) -> String {
                 n("mt_throttled"),
                 v["peer_id"].as_str().unwrap_or("?")
             );
+            let r = |k: &str| v["relay"][k].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "relay {} links opened here, {} by peers; {} copies of adverts heard, {} prunes and {} grafts sent, {} dropped",
+                r("outbound"),
+                r("inbound"),
+                r("duplicates"),
+                r("prunes_sent"),
+                r("grafts_sent"),
+                r("dropped")
+            );
             for p in v["peers"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
                 let running: u64 = p["running"]
                     .as_array()
@@ -269,8 +280,16 @@ mod space_tests {
     #[test]
     fn the_space_line_shows_every_abuse_counter() {
         let v = serde_json::json!({"space": "dept", "connected": 3, "rejected_messages": 2,
-            "replayed": 5, "rate_limited": 7, "mt_throttled": 11, "peer_id": "12D3", "peers": []});
+            "replayed": 5, "rate_limited": 7, "mt_throttled": 11, "peer_id": "12D3", "peers": [],
+            "relay": {"outbound": 3, "inbound": 4, "duplicates": 13, "prunes_sent": 17,
+                "grafts_sent": 19, "dropped": 23}});
         let text = render(&Request::Space, &v);
+        assert!(
+            text.contains(
+                "relay 3 links opened here, 4 by peers; 13 copies of adverts heard, 17 prunes and 19 grafts sent, 23 dropped"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "2 rejected, 5 replayed, 7 over a sender's rate; 11 machine-type requests throttled"

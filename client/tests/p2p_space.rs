@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
 use gleaner::{Digest, Envelope, Id16, OutcomeCode, SecretKey};
 use gleaner_client::p2p::{self, SpaceConfig, SpaceHandle};
-use gleaner_space::tuning::ADVERT_MESH_N_LOW;
+use gleaner_space::tuning::RELAY_OUTBOUND;
 use tokio_util::sync::CancellationToken;
 
 fn now() -> u64 {
@@ -149,7 +149,8 @@ async fn adverts_converge_and_forgeries_are_rejected() {
 /// not — gossipsub keeps a stream open to every peer, which holds the connection — and this guards
 /// that (a libp2p upgrade that exempted those streams from keep-alive would make it fail): a chain
 /// of nodes each first knowing only its predecessor, the idle timeout cut to 3 s, and every node
-/// must hold all but one of the others and a full adverts mesh at every look for 10 s in a row.
+/// must hold all but one of the others and its own [`RELAY_OUTBOUND`] advert relay links at every
+/// look for 10 s in a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_nodes_connects_and_stays_connected_past_the_idle_timeout() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -178,16 +179,16 @@ async fn a_chain_of_nodes_connects_and_stays_connected_past_the_idle_timeout() {
         let mut looks = Vec::new();
         for (_, h) in &nodes {
             let s = h.summary().await.unwrap();
-            looks.push((s.connected, s.mesh_peers));
+            looks.push((s.connected, s.relay.outbound));
         }
         let ok = looks
             .iter()
-            .all(|&(c, m)| c >= N - 2 && m >= ADVERT_MESH_N_LOW);
+            .all(|&(c, m)| c >= N - 2 && m >= RELAY_OUTBOUND);
         held = if ok { held + 1 } else { 0 };
         assert!(
             Instant::now() < deadline,
-            "not every node held {} connections and a mesh of {ADVERT_MESH_N_LOW} for {HELD_S} s; \
-             (connected, adverts mesh) per node at the last look: {looks:?}",
+            "not every node held {} connections and {RELAY_OUTBOUND} relay links for {HELD_S} s; \
+             (connected, own relay links) per node at the last look: {looks:?}",
             N - 2
         );
         tokio::time::sleep(Duration::from_secs(1)).await;

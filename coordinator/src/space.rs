@@ -1,18 +1,20 @@
-//! The coordinator as an observer in a space: a small libp2p node (transport, gossipsub, ids and
-//! discovery from `gleaner-space`, as the client's, so it interoperates) that subscribes only to
-//! the space's capacity adverts, validates each with the client's checks (size, kind, per-author
-//! rate keyed by the envelope's signer, signature, schema, freshness, replay) and keeps the core's
-//! `SpaceView` with expiry. It never publishes. One event loop owns the Swarm and
-//! hands out a [`SpaceSnapshot`] through a `watch` channel (one value, so bounded) every second.
+//! The coordinator as an observer in a space: a small libp2p node (transport, advert relay, ids and
+//! discovery from `gleaner-space`, as the client's, so it interoperates) that takes only the
+//! space's capacity adverts, from the relay links it opens to a few factories, validates each
+//! with the client's checks (size, kind, per-author rate keyed by the envelope's signer,
+//! signature, schema, freshness, replay) and keeps the core's `SpaceView` with expiry. It
+//! publishes nothing of its own (as a relay node it forwards what it took, like any other). One
+//! event loop owns the Swarm and hands out a [`SpaceSnapshot`] through a `watch` channel (one
+//! value, so bounded) every second.
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use gleaner::SecretKey;
 use gleaner::advert::backend_bits;
 use gleaner::space::SpaceView;
-use gleaner::{Kind, SecretKey};
-use gleaner_space::{AdvertGate, SpaceBehaviour, Verdict, discovery, tuning};
-use libp2p::gossipsub::{self, MessageAcceptance};
+use gleaner_space::relay::AdvertRelay;
+use gleaner_space::{AdvertGate, LinkEvent, SpaceBehaviour, discovery, tuning};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{Multiaddr, StreamProtocol, identify, kad, mdns, ping};
@@ -183,7 +185,7 @@ pub fn capacity(view: &SpaceView, ttl_s: u64, now: u64) -> (Vec<PeerCapacity>, S
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    gossipsub: gossipsub::Behaviour,
+    stream: gleaner_space::StreamBehaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
@@ -219,23 +221,16 @@ pub async fn start(
     cfg: SpaceConfig,
     cancel: CancellationToken,
 ) -> Result<Space, SpaceError> {
-    let err = |e: &dyn std::fmt::Display| SpaceError::Setup(e.to_string());
     check_space_name(&cfg.space).map_err(SpaceError::Setup)?;
     let keypair = gleaner_space::keypair(key).map_err(SpaceError::Setup)?;
-    // Only the advert topic: an observer has no use for outcomes, types or trust messages.
-    let topic = gleaner_space::topics(&cfg.space).adverts;
+    // Only adverts (the relay): an observer has no use for outcomes, types or trust messages, so
+    // no gossipsub.
     let kad_protocol = gleaner_space::kad_protocol(&cfg.space).map_err(SpaceError::Setup)?;
     let mdns_on = cfg.mdns;
-    let topic_hash = topic.hash();
     let kad_proto = kad_protocol.clone();
     let mut swarm = gleaner_space::build_swarm(keypair, |k| {
         Ok(Behaviour {
-            // gossipsub's own default duplicate cache, which the observer always had.
-            gossipsub: gleaner_space::gossipsub_behaviour(
-                topic_hash.clone(),
-                [],
-                Duration::from_secs(60),
-            )?,
+            stream: gleaner_space::StreamBehaviour::new(),
             identify: gleaner_space::swarm::identify_behaviour(k),
             ping: ping::Behaviour::default(),
             mdns: gleaner_space::swarm::mdns_behaviour(mdns_on, k)?,
@@ -245,11 +240,11 @@ pub async fn start(
     .map_err(SpaceError::Setup)?;
     // An observer looks peers up but answers no lookups: the factories keep the DHT.
     swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
-    swarm
-        .behaviour_mut()
-        .gossipsub
-        .subscribe(&topic)
-        .map_err(|e| err(&e))?;
+    let relay = AdvertRelay::new(
+        swarm.behaviour().stream.new_control(),
+        *swarm.local_peer_id(),
+    )
+    .map_err(SpaceError::Setup)?;
     let addrs = discovery::listen(&mut swarm, &cfg.listen, |_, _| {})
         .await
         .map_err(SpaceError::Setup)?;
@@ -261,7 +256,7 @@ pub async fn start(
         .collect();
     let node = Node {
         swarm,
-        topic: topic.hash(),
+        relay,
         kad_protocol,
         space: cfg.space,
         listen: addrs.iter().map(|a| a.to_string()).collect(),
@@ -282,7 +277,7 @@ pub async fn start(
 
 struct Node {
     swarm: libp2p::Swarm<Behaviour>,
-    topic: gossipsub::TopicHash,
+    relay: AdvertRelay,
     kad_protocol: StreamProtocol,
     space: String,
     listen: Vec<String>,
@@ -309,18 +304,25 @@ impl Node {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lookup = tokio::time::interval(tuning::LOOKUP_INTERVAL);
         lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(tuning::RELAY_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let queued = self.relay.queued();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = redial.tick() => discovery::redial(&mut self.swarm, &self.bootstrap, |_| false),
                 _ = tick.tick() => {
                     let now = now();
                     self.view.expire(now);
-                    self.gate.rates.forget_idle(now_ms());
+                    let ms = now_ms();
+                    self.gate.rates.forget_idle(ms);
+                    self.relay.maintain(self.swarm.connected_peers().copied(), |_| false, ms);
                     // Nobody reading is no reason to stop observing.
                     tx.send_replace(self.snapshot());
                 }
                 _ = lookup.tick() => discovery::lookup(&mut self.swarm),
+                _ = flush.tick(), if queued => self.flush_relay(),
+                ev = self.relay.next() => self.link_event(ev),
                 ev = self.swarm.select_next_some() => self.event(ev),
             }
         }
@@ -345,33 +347,6 @@ impl Node {
 
     fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
-                propagation_source,
-                message_id,
-                message,
-            })) => {
-                let acceptance = match self.validate(&message) {
-                    Verdict::Accept => MessageAcceptance::Accept,
-                    // A replay may come from an honest relay too; the observer penalises nobody.
-                    Verdict::Ignore(why) | Verdict::Replay(why) => {
-                        tracing::debug!(
-                            "space: ignored an advert from {propagation_source}: {why}"
-                        );
-                        MessageAcceptance::Ignore
-                    }
-                    Verdict::Reject(why) => {
-                        self.rejected += 1;
-                        tracing::info!(
-                            "space: rejected an advert from {propagation_source}: {why}"
-                        );
-                        MessageAcceptance::Reject
-                    }
-                };
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
-            }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(e)) => {
                 discovery::on_mdns(&mut self.swarm, e)
             }
@@ -389,20 +364,29 @@ impl Node {
         }
     }
 
-    /// The client's checks for an advert, cheapest first; good ones go into the view.
-    fn validate(&mut self, m: &gossipsub::Message) -> Verdict {
-        if m.topic != self.topic {
-            return Verdict::Reject("not the advert topic".into());
+    /// A relay link came, went or brought adverts.
+    fn link_event(&mut self, ev: LinkEvent) {
+        let out = self
+            .relay
+            .handle(ev, &mut self.gate, &mut self.view, now(), now_ms());
+        self.relayed(out);
+    }
+
+    /// The relay's flush: the news of every link checked with the client's checks (cheapest
+    /// first, one batch signature check), good ones into the view, frames sent.
+    fn flush_relay(&mut self) {
+        let out = self
+            .relay
+            .flush(&mut self.gate, &mut self.view, now(), now_ms());
+        self.relayed(out);
+    }
+
+    /// The observer bans nobody (a factory's node does): it counts what it rejected.
+    fn relayed(&mut self, out: gleaner_space::relay::Outcome) {
+        for (peer, why) in out.rejected {
+            self.rejected += 1;
+            tracing::info!("space: rejected a relayed advert from {peer}: {why}");
         }
-        self.gate
-            .check(
-                &m.data,
-                Kind::CapacityAdvert,
-                &mut self.view,
-                now(),
-                now_ms(),
-            )
-            .verdict
     }
 }
 

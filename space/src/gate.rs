@@ -176,7 +176,9 @@ impl AdvertGate {
         now_ms: u64,
     ) -> Result<(Envelope, PublicKey), Verdict> {
         if kind != Kind::CapacityAdvert && kind != Kind::Outcome {
-            return Err(Verdict::Reject(format!("{kind:?} is not an advert or outcome")));
+            return Err(Verdict::Reject(format!(
+                "{kind:?} is not an advert or outcome"
+            )));
         }
         if data.len() > MAX_ADVERT {
             return Err(Verdict::Reject(format!(
@@ -311,9 +313,14 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            ["accept", "reject", "reject", "accept", "replay", "accept", "ignore"]
+            [
+                "accept", "reject", "reject", "accept", "replay", "accept", "ignore"
+            ]
         );
-        assert_eq!(out[3].running, Some((keys[2].public(), vec![Digest([3; 32])])));
+        assert_eq!(
+            out[3].running,
+            Some((keys[2].public(), vec![Digest([3; 32])]))
+        );
         assert_eq!(out[4].running, None);
         assert_eq!(v.peers().count(), 3);
     }

@@ -1,19 +1,23 @@
 //! What every node of a Gleaner space shares, so that the client's factories and the
 //! coordinator's observer cannot drift apart: the names on the wire (gossipsub topics, protocol
 //! ids), the size limits, the transport and behaviours (anonymous gossipsub whose message id is the
-//! SHA-256 of the bytes, peer scoring, Kademlia, identify, mDNS), the checks a gossiped advert or
-//! outcome passes, the discovery steps of the event loop, and the stream links adverts are relayed
-//! over ([`links`]). The tunable constants live in [`tuning`]. This crate links the core and
+//! SHA-256 of the bytes, peer scoring, Kademlia, identify, mDNS), the checks an advert or outcome
+//! passes, the discovery steps of the event loop, and the advert relay ([`relay`], over the stream
+//! links of [`links`]). The tunable constants live in [`tuning`]. This crate links the core and
 //! libp2p, never an engine (no bollard, no virt).
 
 pub mod discovery;
 pub mod gate;
 pub mod links;
+pub mod relay;
 pub mod swarm;
 pub mod tuning;
 
 pub use discovery::{SpaceBehaviour, peer_of};
 pub use gate::{AdvertGate, AuthorRates, Checked, Verdict};
+/// The behaviour that carries the relay's streams (add it to a node's behaviour, then hand its
+/// control to [`relay::AdvertRelay::new`]).
+pub use libp2p_stream::Behaviour as StreamBehaviour;
 pub use links::{LinkEvent, Links, RELAY_PROTOCOL};
 pub use swarm::{build_swarm, build_swarm_with, gossipsub_behaviour, keypair, transport_bytes};
 
@@ -42,9 +46,8 @@ pub fn check_space_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The gossipsub topics of one space.
+/// The gossipsub topics of one space (capacity adverts go over the relay, [`relay`]).
 pub struct Topics {
-    pub adverts: IdentTopic,
     pub outcomes: IdentTopic,
     pub types: IdentTopic,
     pub trust: IdentTopic,
@@ -53,7 +56,6 @@ pub struct Topics {
 /// The topics of `space`.
 pub fn topics(space: &str) -> Topics {
     Topics {
-        adverts: IdentTopic::new(format!("gleaner/{space}/adverts")),
         outcomes: IdentTopic::new(format!("gleaner/{space}/outcomes")),
         types: IdentTopic::new(format!("gleaner/{space}/machine-types")),
         trust: IdentTopic::new(format!("gleaner/{space}/trust")),
@@ -83,7 +85,6 @@ mod tests {
     #[test]
     fn wire_names_are_stable() {
         let t = topics("demo");
-        assert_eq!(t.adverts.hash().as_str(), "gleaner/demo/adverts");
         assert_eq!(t.outcomes.hash().as_str(), "gleaner/demo/outcomes");
         assert_eq!(t.types.hash().as_str(), "gleaner/demo/machine-types");
         assert_eq!(t.trust.hash().as_str(), "gleaner/demo/trust");
@@ -93,5 +94,6 @@ mod tests {
         );
         assert_eq!(IDENTIFY_PROTOCOL, "/gleaner/1");
         assert_eq!(MT_PROTOCOL, "/gleaner/mt/1");
+        assert_eq!(RELAY_PROTOCOL.as_ref(), "/gleaner/adverts/1");
     }
 }

@@ -112,30 +112,20 @@ pub fn build_swarm_with<B: NetworkBehaviour>(
         .build())
 }
 
-/// Gossipsub's settings as every node of the space runs them; `adverts` is the adverts topic,
-/// whose mesh is smaller than the others' (see [`tuning::ADVERT_MESH_N`]).
+/// Gossipsub's settings as every node of the space runs them (for outcomes, machine-type
+/// announcements and trust messages; adverts travel on the relay, [`crate::relay`]).
 ///
 /// No gossipsub signatures: each message is an envelope its author signed, checked by hand
 /// before it is accepted; a second signature per message doubled the CPU per advert. Author,
 /// seqno and signature fields a peer may still send are not trusted, only ignored. The message id
 /// is the SHA-256 of the bytes, so that every node names a message alike. Messages stay
 /// unforwarded until the node reports its verdict.
-pub fn gossipsub_config(
-    adverts: gossipsub::TopicHash,
-    duplicate_cache: Duration,
-) -> Result<gossipsub::Config, String> {
+pub fn gossipsub_config(duplicate_cache: Duration) -> Result<gossipsub::Config, String> {
     gossipsub::ConfigBuilder::default()
         .heartbeat_interval(tuning::HEARTBEAT)
         .mesh_n(tuning::MESH_N)
         .mesh_n_low(tuning::MESH_N_LOW)
         .mesh_n_high(tuning::MESH_N_HIGH)
-        .mesh_n_for_topic(tuning::ADVERT_MESH_N, adverts.clone())
-        .mesh_n_low_for_topic(tuning::ADVERT_MESH_N_LOW, adverts.clone())
-        .mesh_n_high_for_topic(tuning::ADVERT_MESH_N_HIGH, adverts.clone())
-        .mesh_outbound_min_for_topic(tuning::ADVERT_MESH_OUTBOUND_MIN, adverts.clone())
-        // The same limit as every topic's; naming the topic here also makes `build` check its
-        // mesh bounds (gossipsub checks those only for topics with a transmit size of their own).
-        .max_transmit_size_for_topic(crate::MAX_MESSAGE, adverts)
         .flood_publish(tuning::FLOOD_PUBLISH)
         .history_gossip(tuning::HISTORY_GOSSIP)
         .gossip_lazy(tuning::GOSSIP_LAZY)
@@ -149,14 +139,13 @@ pub fn gossipsub_config(
         .map_err(|e| format!("gossipsub config: {e}"))
 }
 
-/// Gossipsub as every node of the space runs it ([`gossipsub_config`]), scoring the adverts
-/// topic and the `others` given: invalid messages cost their sender.
+/// Gossipsub as every node of the space runs it ([`gossipsub_config`]), scoring the `topics`
+/// given: invalid messages cost their sender.
 pub fn gossipsub_behaviour(
-    adverts: gossipsub::TopicHash,
-    others: impl IntoIterator<Item = gossipsub::TopicHash>,
+    topics: impl IntoIterator<Item = gossipsub::TopicHash>,
     duplicate_cache: Duration,
 ) -> Result<gossipsub::Behaviour, String> {
-    let gcfg = gossipsub_config(adverts.clone(), duplicate_cache)?;
+    let gcfg = gossipsub_config(duplicate_cache)?;
     let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gcfg)
         .map_err(|e| format!("gossipsub: {e}"))?;
     let mut params = gossipsub::PeerScoreParams {
@@ -164,7 +153,7 @@ pub fn gossipsub_behaviour(
         app_specific_weight: tuning::APP_SPECIFIC_WEIGHT,
         ..Default::default()
     };
-    for h in std::iter::once(adverts).chain(others) {
+    for h in topics {
         params.topics.insert(
             h,
             gossipsub::TopicScoreParams {
@@ -262,24 +251,15 @@ mod tests {
     }
 
     #[test]
-    fn adverts_get_their_own_smaller_mesh_and_the_other_topics_the_full_one() {
+    fn every_topic_gets_the_full_mesh() {
         let t = crate::topics("demo");
-        let c = gossipsub_config(t.adverts.hash(), Duration::from_secs(60)).unwrap();
-        let a = t.adverts.hash();
-        assert_eq!(c.mesh_n_for_topic(&a), tuning::ADVERT_MESH_N);
-        assert_eq!(c.mesh_n_low_for_topic(&a), tuning::ADVERT_MESH_N_LOW);
-        assert_eq!(c.mesh_n_high_for_topic(&a), tuning::ADVERT_MESH_N_HIGH);
-        assert_eq!(
-            c.mesh_outbound_min_for_topic(&a),
-            tuning::ADVERT_MESH_OUTBOUND_MIN
-        );
-        for other in [t.outcomes, t.types, t.trust] {
-            let h = other.hash();
+        let c = gossipsub_config(Duration::from_secs(60)).unwrap();
+        for topic in [t.outcomes, t.types, t.trust] {
+            let h = topic.hash();
             assert_eq!(c.mesh_n_for_topic(&h), tuning::MESH_N, "{h}");
             assert_eq!(c.mesh_n_low_for_topic(&h), tuning::MESH_N_LOW, "{h}");
             assert_eq!(c.mesh_n_high_for_topic(&h), tuning::MESH_N_HIGH, "{h}");
         }
-        const { assert!(tuning::ADVERT_MESH_N < tuning::MESH_N) };
     }
 
     #[tokio::test]
@@ -288,7 +268,6 @@ mod tests {
         let kp = keypair(&SecretKey::from_seed([1; 32])).unwrap();
         let swarm = build_swarm(kp, |_| {
             Ok(gossipsub_behaviour(
-                t.adverts.hash(),
                 [t.outcomes.hash()],
                 Duration::from_secs(60),
             )?)

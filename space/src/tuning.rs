@@ -23,32 +23,13 @@ pub const GOSSIP_FACTOR: f64 = 0.1;
 const _: () = assert!(HISTORY_GOSSIP >= 1 && HISTORY_GOSSIP <= 5);
 
 /// Gossipsub's mesh degree D, and the bounds it keeps a mesh within (grafting up to D below the
-/// low bound, pruning to D above the high one), for every topic but adverts: gossipsub's
-/// defaults, named here so that tests and benchmarks can say what a full mesh is.
+/// low bound, pruning to D above the high one): gossipsub's defaults, named here so that tests
+/// and benchmarks can say what a full mesh is. (Adverts, nearly all of a space's traffic, left
+/// gossipsub for the relay; what is left is sent once and wants the paths of a full mesh.)
 pub const MESH_N: usize = 6;
 pub const MESH_N_LOW: usize = 5;
 pub const MESH_N_HIGH: usize = 12;
 const _: () = assert!(MESH_N_LOW <= MESH_N && MESH_N <= MESH_N_HIGH);
-
-/// The adverts topic's own, smaller mesh. Each node receives a message about D − 1 times, one
-/// frame each, and frames are where a node's CPU goes; adverts are nearly all of the traffic.
-/// A missed advert is replaced by the same host's next one within a second, so adverts need
-/// fewer paths than the messages sent once (outcomes, machine-type announcements, rotations and
-/// revocations), which keep the full mesh above. At 30 nodes D = 4 cut bytes per useful byte from
-/// 8.1× to 5.5× and CPU per node by a quarter (docs/BENCHMARKS.md); with D = 4 on every topic, a
-/// one-shot outcome once failed to reach every node of a 12-node test under load.
-pub const ADVERT_MESH_N: usize = 4;
-pub const ADVERT_MESH_N_LOW: usize = 3;
-pub const ADVERT_MESH_N_HIGH: usize = 8;
-/// Mesh peers of the adverts topic that this node dialled itself (gossipsub's eclipse guard; at
-/// most half of D).
-pub const ADVERT_MESH_OUTBOUND_MIN: usize = 2;
-const _: () = assert!(
-    ADVERT_MESH_OUTBOUND_MIN <= ADVERT_MESH_N_LOW
-        && ADVERT_MESH_N_LOW <= ADVERT_MESH_N
-        && ADVERT_MESH_N <= ADVERT_MESH_N_HIGH
-        && ADVERT_MESH_OUTBOUND_MIN * 2 <= ADVERT_MESH_N
-);
 
 /// A connection with no stream open for this long is closed. Gossipsub keeps a stream open to
 /// every peer that speaks it (libp2p-gossipsub 0.50 does not exempt its streams from keep-alive),
@@ -95,3 +76,20 @@ pub const INVALID_MESSAGE_DELIVERIES_DECAY: f64 = 0.9;
 pub const IP_COLOCATION_FACTOR_WEIGHT: f64 = 0.0;
 /// The client's replay penalty is set as the application score, already weighted.
 pub const APP_SPECIFIC_WEIGHT: f64 = 1.0;
+
+/// Advert relay links each node opens itself (to connected peers picked at random), and inbound
+/// links it keeps at most: a node has about 2 × [`RELAY_OUTBOUND`] neighbours. Each node reads
+/// each advert about once whatever the degree (copies prune their link), so the degree buys
+/// paths around a neighbour that leaves or misbehaves, and short trees.
+pub const RELAY_OUTBOUND: usize = 2;
+pub const RELAY_MAX_INBOUND: usize = 8;
+/// How often each neighbour's queued adverts go out as one frame: the delay each hop adds at
+/// most, and what makes a frame carry many adverts.
+pub const RELAY_FLUSH: Duration = Duration::from_millis(100);
+/// A neighbour's frame is sent before the flush once this many bytes wait.
+pub const RELAY_FLUSH_BYTES: usize = 32 * 1024;
+/// How often a node replaces its oldest relay link by one to a peer picked at random (ms): what
+/// joins the two halves of a space that was split, and mixes the graph as nodes come and go.
+pub const RELAY_ROTATE_MS: u64 = 60_000;
+/// A peer whose relay link could not be opened is not tried again for this long (ms).
+pub const RELAY_RETRY_MS: u64 = 60_000;

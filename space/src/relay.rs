@@ -1,0 +1,305 @@
+//! A space node's advert relay: the core's [`gleaner::relay::Relay`] (batching, prune on copies,
+//! graft on silence) over [`Links`] (long-lived `/gleaner/adverts/1` streams to a few
+//! neighbours), with every piece of news checked by the [`AdvertGate`] in one batch signature
+//! check per frame. The client's factories and the coordinator's observer both run one.
+//!
+//! Adverts left gossipsub for this: gossipsub sends each message to each mesh peer as its own
+//! frame with its own timer, and each node got every advert D − 1 times; at 30 nodes that was
+//! ~220 µs of CPU per advert per node and 5.4× the useful bytes (docs/BENCHMARKS.md). Here a
+//! node reads each advert about once, in frames of many, and checks its signature once.
+
+use std::collections::HashMap;
+
+use gleaner::relay::{Relay, RelayConfig};
+use gleaner::space::SpaceView;
+use gleaner::{Digest, Envelope, PublicKey};
+use libp2p::PeerId;
+
+use crate::gate::{AdvertGate, Verdict};
+use crate::links::{LinkEvent, Links};
+use crate::tuning::{
+    RELAY_FLUSH_BYTES, RELAY_MAX_INBOUND, RELAY_OUTBOUND, RELAY_RETRY_MS, RELAY_ROTATE_MS,
+};
+
+/// What a link event or a flush came to, for the node's own bookkeeping.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Adverts taken into the view: their authors and the machine types they show running.
+    pub taken: Vec<(PublicKey, Vec<Digest>)>,
+    /// Items a peer should not have relayed (junk, forgeries, broken frames), with reasons.
+    pub rejected: Vec<(PeerId, String)>,
+}
+
+/// News waiting for the next flush to be verified, all in one batch.
+struct News {
+    from: PeerId,
+    bytes: Vec<u8>,
+    host: PublicKey,
+    seq: u64,
+}
+
+/// Counters for the space's summary.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelaySummary {
+    /// Neighbours linked now (opened by this node, and by them).
+    pub outbound: usize,
+    pub inbound: usize,
+    /// Copies of adverts this node already had (each cost a read, no signature check).
+    pub duplicates: u64,
+    pub prunes_sent: u64,
+    pub grafts_sent: u64,
+    /// Adverts not queued to a slow neighbour, and frames its link could not take.
+    pub dropped: u64,
+}
+
+/// One node's advert relay.
+pub struct AdvertRelay {
+    links: Links,
+    relay: Relay<PeerId>,
+    /// Peers whose open failed lately (not a relay, or unreachable), and when (ms).
+    failed: HashMap<PeerId, u64>,
+    /// This node's own links and when each came up (ms): the oldest goes when one too many is up.
+    opened: HashMap<PeerId, u64>,
+    /// When this node last opened a link beyond its [`RELAY_OUTBOUND`] (ms).
+    rotated_ms: u64,
+    frames_dropped: u64,
+    /// News from every link since the last flush: a batch of ten signatures costs about 15 µs
+    /// each, one alone 38 µs (docs/BENCHMARKS.md).
+    news: Vec<News>,
+}
+
+/// News waiting at most; more is verified at once.
+const MAX_NEWS: usize = 256;
+
+impl AdvertRelay {
+    /// A relay over `control` (from the swarm's `libp2p_stream::Behaviour`) for node `local`.
+    pub fn new(control: libp2p_stream::Control, local: PeerId) -> Result<AdvertRelay, String> {
+        Ok(AdvertRelay {
+            links: Links::new(control, local, RELAY_MAX_INBOUND)?,
+            relay: Relay::new(RelayConfig::default()),
+            failed: HashMap::new(),
+            opened: HashMap::new(),
+            rotated_ms: 0,
+            frames_dropped: 0,
+            news: Vec::new(),
+        })
+    }
+
+    /// The next link event (cancel-safe), for the node's select loop.
+    pub async fn next(&mut self) -> LinkEvent {
+        self.links.next().await
+    }
+
+    /// Whether anything waits for the flush (the flush timer need not run otherwise: a node
+    /// with nothing queued is not woken for nothing, and the first advert after a quiet spell
+    /// goes out at once).
+    pub fn queued(&self) -> bool {
+        self.relay.queued() > 0 || !self.news.is_empty()
+    }
+
+    /// Handles one link event: links come and go, frames are read (prunes and grafts take effect,
+    /// copies are dropped, news waits for the flush, junk is named). Verifying a frame's news
+    /// with the rest at the flush makes batches of about ten signatures where a frame alone
+    /// brings one to three.
+    pub fn handle(
+        &mut self,
+        ev: LinkEvent,
+        gate: &mut AdvertGate,
+        view: &mut SpaceView,
+        now: u64,
+        now_ms: u64,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        match ev {
+            LinkEvent::Up { peer, outbound } => {
+                self.failed.remove(&peer);
+                if outbound {
+                    self.opened.insert(peer, now_ms);
+                }
+                self.relay.add_link(peer);
+            }
+            LinkEvent::Down { peer } => {
+                self.opened.remove(&peer);
+                self.relay.remove_link(&peer);
+            }
+            LinkEvent::OpenFailed { peer, error } => {
+                tracing::debug!("no advert link to {peer}: {error}");
+                self.failed.insert(peer, now_ms);
+            }
+            LinkEvent::Frame { peer, frame } => {
+                let got = match self.relay.on_frame(peer, &frame, now_ms) {
+                    Ok(got) => got,
+                    Err(e) => {
+                        out.rejected.push((peer, format!("advert frame: {e}")));
+                        self.links.close(&peer);
+                        return out;
+                    }
+                };
+                out.rejected
+                    .extend(got.junk.into_iter().map(|why| (peer, why)));
+                self.news.extend(got.news.into_iter().map(|c| News {
+                    from: peer,
+                    bytes: c.bytes.to_vec(),
+                    host: c.host,
+                    seq: c.seq,
+                }));
+                if self.news.len() >= MAX_NEWS {
+                    self.verify(gate, view, now, now_ms, &mut out);
+                }
+                if self.relay.queued() >= RELAY_FLUSH_BYTES {
+                    self.send_frames();
+                }
+            }
+        }
+        out
+    }
+
+    /// Verifies the news waiting (one batch): good adverts go into `view` and are queued to the
+    /// other neighbours, the rest fall back (see [`Relay::refused`]).
+    fn verify(
+        &mut self,
+        gate: &mut AdvertGate,
+        view: &mut SpaceView,
+        now: u64,
+        now_ms: u64,
+        out: &mut Outcome,
+    ) {
+        if self.news.is_empty() {
+            return;
+        }
+        let news = std::mem::take(&mut self.news);
+        let items: Vec<&[u8]> = news.iter().map(|n| n.bytes.as_slice()).collect();
+        let checked = gate.check_adverts(&items, view, now, now_ms);
+        for (n, checked) in news.iter().zip(checked) {
+            match checked.verdict {
+                Verdict::Accept => {
+                    self.relay
+                        .accepted(Some(n.from), n.host, n.seq, &n.bytes, now_ms);
+                    if let Some(taken) = checked.running {
+                        out.taken.push(taken);
+                    }
+                }
+                Verdict::Reject(why) => {
+                    self.relay.refused(n.host, n.seq);
+                    out.rejected.push((n.from, why));
+                }
+                // Too many from its author, or too old: not forwarded, not the relay's fault.
+                Verdict::Ignore(_) | Verdict::Replay(_) => self.relay.refused(n.host, n.seq),
+            }
+        }
+    }
+
+    /// This node's own advert (already in its view): queued to every neighbour. Sent as it is,
+    /// even if its signature does not hold or it cannot be read: the neighbours judge it.
+    pub fn publish(&mut self, env: &Envelope, now_ms: u64) {
+        let bytes = env.to_bytes();
+        match env.peek::<gleaner::CapacityAdvert>() {
+            Ok(advert) => self
+                .relay
+                .accepted(None, advert.host, advert.seq, &bytes, now_ms),
+            Err(_) => self.relay.send_unread(&bytes),
+        }
+    }
+
+    /// Verifies the news waiting, then sends what was queued for each neighbour, one frame each.
+    pub fn flush(
+        &mut self,
+        gate: &mut AdvertGate,
+        view: &mut SpaceView,
+        now: u64,
+        now_ms: u64,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        self.verify(gate, view, now, now_ms, &mut out);
+        self.send_frames();
+        out
+    }
+
+    fn send_frames(&mut self) {
+        for (peer, frame) in self.relay.flush() {
+            if !self.links.send(&peer, frame) {
+                self.frames_dropped += 1;
+            }
+        }
+    }
+
+    /// Once a second: opens links while fewer than [`RELAY_OUTBOUND`] are this node's own (to
+    /// connected peers picked at random, not `excluded`, not failed lately), and grafts back
+    /// hosts gone silent. Every [`RELAY_ROTATE_MS`] it opens one link more and, once that one is
+    /// up, closes its oldest: links that formed while the space was split (or small) would
+    /// otherwise keep it split for good after it healed, each node's links all on its own side.
+    pub fn maintain(
+        &mut self,
+        connected: impl Iterator<Item = PeerId>,
+        excluded: impl Fn(&PeerId) -> bool,
+        now_ms: u64,
+    ) {
+        if self.rotated_ms == 0 {
+            // The first rotation comes a whole period after start.
+            self.rotated_ms = now_ms;
+        }
+        self.failed
+            .retain(|_, at| now_ms.saturating_sub(*at) < RELAY_RETRY_MS);
+        self.relay.repair(now_ms);
+        let linked: Vec<PeerId> = self.links.linked().map(|(p, _)| p).collect();
+        let connected: Vec<PeerId> = connected.collect();
+        let pending = connected.iter().filter(|p| self.links.pending(p)).count();
+        let mut candidates: Vec<PeerId> = connected
+            .into_iter()
+            .filter(|p| {
+                !linked.contains(p)
+                    && !self.links.pending(p)
+                    && !self.failed.contains_key(p)
+                    && !excluded(p)
+            })
+            .collect();
+        let mut opening = self.links.outbound() + pending;
+        // One too many up (a rotation done): the oldest goes.
+        if self.links.outbound() > RELAY_OUTBOUND
+            && let Some((&oldest, _)) = self.opened.iter().min_by_key(|(_, at)| **at)
+        {
+            self.links.close(&oldest);
+            self.opened.remove(&oldest);
+        }
+        let mut want = RELAY_OUTBOUND;
+        if opening >= RELAY_OUTBOUND
+            && now_ms.saturating_sub(self.rotated_ms) >= RELAY_ROTATE_MS
+            && !candidates.is_empty()
+        {
+            self.rotated_ms = now_ms;
+            want += 1;
+        }
+        while opening < want && !candidates.is_empty() {
+            let i = random_below(candidates.len());
+            let peer = candidates.swap_remove(i);
+            self.links.open(peer);
+            opening += 1;
+        }
+    }
+
+    /// Closes the link to `peer` (a banned one).
+    pub fn close(&mut self, peer: &PeerId) {
+        self.links.close(peer);
+    }
+
+    pub fn summary(&self) -> RelaySummary {
+        let s = &self.relay.stats;
+        RelaySummary {
+            outbound: self.links.outbound(),
+            inbound: self.links.inbound(),
+            duplicates: s.duplicates,
+            prunes_sent: s.prunes_sent,
+            grafts_sent: s.grafts_sent,
+            dropped: s.dropped + self.frames_dropped,
+        }
+    }
+}
+
+/// A random index below `n` (n > 0), from the OS's generator; 0 if it fails.
+fn random_below(n: usize) -> usize {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return 0;
+    }
+    (u64::from_le_bytes(b) % n as u64) as usize
+}
