@@ -2,7 +2,7 @@
 //! advertising once a second, against a 10-node space measured in the same run as the baseline.
 //! Prints time to a converged view, delivery ratio and p50/p99 propagation of probe adverts, bytes
 //! received per node per second and per useful byte, CPU per advert per node and per node per
-//! second, and the graph: connections per node (mean, min, max) and adverts-mesh size. The steady
+//! second, and the graph: connections per node (mean, min, max) and advert relay links per node. The steady
 //! window opens `GLEANER_BENCH_SETTLE_S` (20) after convergence and lasts `GLEANER_BENCH_WINDOW_S`
 //! (10) seconds.
 
@@ -71,7 +71,7 @@ struct Results {
     conns_mean: f64,
     conns_min: f64,
     conns_max: f64,
-    mesh_mean: f64,
+    links_mean: f64,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -180,13 +180,18 @@ async fn run(n: usize) -> Results {
     let useful = adverts * advert_bytes * (n - 1) as f64;
     let bytes = (in1 - in0) as f64;
     eprintln!("{n} nodes: steady window measured");
-    // The graph after the window: connections and adverts-mesh peers per node.
-    let (mut conns, mut mesh) = (Vec::new(), Vec::new());
+    // The graph after the window: connections and advert relay links per node.
+    let (mut conns, mut links) = (Vec::new(), Vec::new());
+    let (mut duplicates, mut dropped, mut prunes, mut grafts) = (0, 0, 0, 0);
     let (mut banned, mut replayed, mut rejected, mut limited) = (0, 0, 0, 0);
     for node in &nodes {
         if let Ok(s) = node.handle.summary().await {
             conns.push(s.connected as f64);
-            mesh.push(s.mesh_peers as f64);
+            links.push((s.relay.outbound + s.relay.inbound) as f64);
+            duplicates += s.relay.duplicates;
+            dropped += s.relay.dropped;
+            prunes += s.relay.prunes_sent;
+            grafts += s.relay.grafts_sent;
             banned += s.banned.len();
             replayed += s.replayed;
             rejected += s.rejected_messages;
@@ -200,11 +205,13 @@ async fn run(n: usize) -> Results {
     );
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     eprintln!(
-        "{n} nodes: {:.1} connections per node (min {}, max {}), adverts mesh {:.1}",
+        "{n} nodes: {:.1} connections per node (min {}, max {}), relay links {:.1}; \
+         {duplicates} duplicate and {dropped} dropped adverts, {prunes} prunes and {grafts} grafts \
+         in all",
         mean(&conns),
         conns.iter().copied().fold(f64::INFINITY, f64::min),
         conns.iter().copied().fold(0.0, f64::max),
-        mean(&mesh)
+        mean(&links)
     );
 
     // Probes: one node's next advert, timed until every other node holds it.
@@ -244,10 +251,14 @@ async fn run(n: usize) -> Results {
     // The same space with nobody advertising: what a node costs with no adverts to carry.
     quiet.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let c0 = cpu_s();
+    let (c0, (b0, _)) = (cpu_s(), p2p::transport_bytes());
     tokio::time::sleep(window).await;
-    let idle_ms_per_node_s = (cpu_s() - c0) * 1e3 / (n as f64 * window.as_secs_f64());
-    eprintln!("{n} nodes: idle {idle_ms_per_node_s:.2} ms/s per node");
+    let per_node_s = n as f64 * window.as_secs_f64();
+    let idle_ms_per_node_s = (cpu_s() - c0) * 1e3 / per_node_s;
+    let idle_bytes = (p2p::transport_bytes().0 - b0) as f64 / per_node_s;
+    eprintln!(
+        "{n} nodes: idle {idle_ms_per_node_s:.2} ms/s and {idle_bytes:.0} B/s received per node"
+    );
     cancel.cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
     Results {
@@ -263,7 +274,7 @@ async fn run(n: usize) -> Results {
         conns_mean: mean(&conns),
         conns_min: conns.iter().copied().fold(f64::INFINITY, f64::min),
         conns_max: conns.iter().copied().fold(0.0, f64::max),
-        mesh_mean: mean(&mesh),
+        links_mean: mean(&links),
     }
 }
 
@@ -367,9 +378,9 @@ fn main() {
         "",
     );
     row(
-        "adverts mesh per node (mean)",
-        big.mesh_mean,
-        base.mesh_mean,
+        "advert relay links per node (mean)",
+        big.links_mean,
+        base.links_mean,
         "",
         "",
     );
