@@ -201,7 +201,10 @@ impl KeyCache {
     }
 
     /// The decompressed key and whether it is weak (of small order).
-    fn get_checked(&mut self, key: PublicKey) -> Result<(ed25519_dalek::VerifyingKey, bool), Error> {
+    fn get_checked(
+        &mut self,
+        key: PublicKey,
+    ) -> Result<(ed25519_dalek::VerifyingKey, bool), Error> {
         if let Some(entry) = self.keys.get(&key) {
             return Ok(*entry);
         }
