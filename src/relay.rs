@@ -166,6 +166,10 @@ pub struct RelayStats {
     pub duplicates: u64,
     pub prunes_sent: u64,
     pub grafts_sent: u64,
+    /// Why hosts were grafted back: silent too long, their link went down, news refused.
+    pub silent: u64,
+    pub orphaned: u64,
+    pub refusals: u64,
     /// Adverts not queued to a neighbour whose queue was full.
     pub dropped: u64,
 }
@@ -249,6 +253,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             })
             .collect();
         for host in orphans {
+            self.stats.orphaned += 1;
             self.graft(host);
         }
     }
@@ -297,17 +302,24 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                         }
                     };
                     let full = self.hosts.len() >= self.cfg.max_hosts;
+                    // A link this node pruned for the host may still bring a frame it sent before
+                    // the prune reached it. Its news is news, but the link does not become the
+                    // host's way in: if it did, the copy from the real way in would prune that
+                    // too, and the host would fall silent here until repaired.
+                    let pruned = self.is_pruned(&from, &advert.host);
                     match self.hosts.get_mut(&advert.host) {
                         Some(h) if advert.seq <= h.seq => {
                             self.stats.duplicates += 1;
-                            if h.from != Some(from) {
+                            if h.from != Some(from) && !pruned {
                                 self.prune(from, advert.host);
                             }
                             continue;
                         }
                         Some(h) => {
                             h.seq = advert.seq;
-                            h.from = Some(from);
+                            if !pruned || h.from.is_none() {
+                                h.from = Some(from);
+                            }
                         }
                         None if !full => {
                             self.hosts.insert(
@@ -353,7 +365,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 }
                 h.confirmed = Some((seq, from));
                 h.at_ms = now_ms;
-                if seq >= h.seq {
+                if seq > h.seq {
                     h.seq = seq;
                     h.from = from;
                 }
@@ -402,6 +414,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 self.hosts.remove(&host);
             }
         }
+        self.stats.refusals += 1;
         self.graft(host);
     }
 
@@ -445,6 +458,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             })
             .collect();
         for host in due {
+            self.stats.silent += 1;
             self.graft(host);
         }
     }
@@ -466,6 +480,12 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// Hosts tracked now.
     pub fn hosts(&self) -> usize {
         self.hosts.len()
+    }
+
+    fn is_pruned(&self, peer: &P, host: &PublicKey) -> bool {
+        self.links
+            .get(peer)
+            .is_some_and(|l| l.pruned.contains(host))
     }
 
     fn prune(&mut self, peer: P, host: PublicKey) {
@@ -652,6 +672,39 @@ mod tests {
         r.accepted(Some(1), k.public(), 4, &a4, 1400);
         r.accepted(Some(1), k.public(), 3, &a3, 1400);
         assert_eq!(sent(&mut r)[&3], vec![Item::Advert(&a4)]);
+    }
+
+    #[test]
+    fn a_late_frame_over_a_pruned_link_does_not_cut_the_host_off() {
+        let k = SecretKey::from_seed([7; 32]);
+        let mut r = relay();
+        let a1 = advert(&k, 1);
+        let f1 = frame(&[Item::Advert(&a1)]);
+        r.on_frame(1, &f1, 0).unwrap();
+        r.accepted(Some(1), k.public(), 1, &a1, 1000);
+        r.on_frame(2, &f1, 0).unwrap();
+        sent(&mut r);
+        // Link 2 sent seq 2 before our prune reached it, and its frame comes first.
+        let a2 = advert(&k, 2);
+        let f2 = frame(&[Item::Advert(&a2)]);
+        assert_eq!(r.on_frame(2, &f2, 1100).unwrap().news.len(), 1);
+        // The copy over link 1, the host's way in, prunes nothing.
+        assert!(r.on_frame(1, &f2, 1100).unwrap().news.is_empty());
+        r.accepted(Some(2), k.public(), 2, &a2, 1100);
+        let out = sent(&mut r);
+        assert!(
+            out.values().flatten().all(|i| !matches!(i, Item::Prune(_))),
+            "{out:?}"
+        );
+        // Link 1 is still the way in: seq 3 over it is news.
+        let a3 = advert(&k, 3);
+        assert_eq!(
+            r.on_frame(1, &frame(&[Item::Advert(&a3)]), 1200)
+                .unwrap()
+                .news
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -183,6 +183,7 @@ async fn run(n: usize) -> Results {
     // The graph after the window: connections and advert relay links per node.
     let (mut conns, mut links) = (Vec::new(), Vec::new());
     let (mut duplicates, mut dropped, mut prunes, mut grafts) = (0, 0, 0, 0);
+    let (mut silent, mut orphaned, mut refusals) = (0, 0, 0);
     let (mut banned, mut replayed, mut rejected, mut limited) = (0, 0, 0, 0);
     for node in &nodes {
         if let Ok(s) = node.handle.summary().await {
@@ -192,6 +193,9 @@ async fn run(n: usize) -> Results {
             dropped += s.relay.dropped;
             prunes += s.relay.prunes_sent;
             grafts += s.relay.grafts_sent;
+            silent += s.relay.silent;
+            orphaned += s.relay.orphaned;
+            refusals += s.relay.refusals;
             banned += s.banned.len();
             replayed += s.replayed;
             rejected += s.rejected_messages;
@@ -207,7 +211,8 @@ async fn run(n: usize) -> Results {
     eprintln!(
         "{n} nodes: {:.1} connections per node (min {}, max {}), relay links {:.1}; \
          {duplicates} duplicate and {dropped} dropped adverts, {prunes} prunes and {grafts} grafts \
-         in all",
+         in all (hosts grafted back: {silent} silent, {orphaned} after a lost link, {refusals} \
+         after a refusal)",
         mean(&conns),
         conns.iter().copied().fold(f64::INFINITY, f64::min),
         conns.iter().copied().fold(0.0, f64::max),

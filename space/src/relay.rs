@@ -48,6 +48,10 @@ pub struct RelaySummary {
     pub duplicates: u64,
     pub prunes_sent: u64,
     pub grafts_sent: u64,
+    /// Hosts grafted back because they fell silent, their link went down, or news was refused.
+    pub silent: u64,
+    pub orphaned: u64,
+    pub refusals: u64,
     /// Adverts not queued to a slow neighbour, and frames its link could not take.
     pub dropped: u64,
 }
@@ -290,6 +294,9 @@ impl AdvertRelay {
             duplicates: s.duplicates,
             prunes_sent: s.prunes_sent,
             grafts_sent: s.grafts_sent,
+            silent: s.silent,
+            orphaned: s.orphaned,
+            refusals: s.refusals,
             dropped: s.dropped + self.frames_dropped,
         }
     }
