@@ -32,8 +32,13 @@ const GRAFT: u8 = 3;
 /// The relay's limits and timings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelayConfig {
-    /// A host not heard for this long is grafted back on the links this node pruned it on.
+    /// A host not heard for this long, plus up to as long again (a spread that differs per node
+    /// and host), is grafted back on the links this node pruned it on. The spread keeps a whole
+    /// subtree from grafting at once when one link upstream breaks: the node just below the break
+    /// usually repairs first, and the next advert reaches the rest before their time comes.
     pub repair_ms: u64,
+    /// Seeds this node's spread (pass a random number).
+    pub spread_seed: u64,
     /// A host not heard for this long is forgotten (its advert has expired from the view).
     pub forget_ms: u64,
     /// Hosts tracked at most; a new host beyond this is still forwarded, but not tracked.
@@ -49,6 +54,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             repair_ms: 3_000,
+            spread_seed: 0,
             forget_ms: crate::space::ADVERT_TTL_S * 1000,
             max_hosts: 65_536,
             max_muted: 65_536,
@@ -76,6 +82,17 @@ pub enum Item<'a> {
     Advert(&'a [u8]),
     Prune(PublicKey),
     Graft(PublicKey),
+}
+
+/// A host's repair spread at one node: below `range`, fixed for the pair (seed, host).
+fn spread(seed: u64, host: &PublicKey, range: u64) -> u64 {
+    let b = host.to_bytes();
+    let x = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) ^ seed;
+    // SplitMix64's finaliser: neighbouring seeds give unrelated spreads.
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) % range.max(1)
 }
 
 /// Reads a frame's items.
@@ -166,6 +183,9 @@ pub struct RelayStats {
     pub duplicates: u64,
     pub prunes_sent: u64,
     pub grafts_sent: u64,
+    /// Frame bytes read, and frames ignored for coming over a link this relay does not hold.
+    pub bytes_in: u64,
+    pub strangers: u64,
     /// Why hosts were grafted back: silent too long, their link went down, news refused.
     pub silent: u64,
     pub orphaned: u64,
@@ -275,8 +295,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         let items = decode(frame)?;
         let mut got = Received::default();
         if !self.links.contains_key(&from) {
+            self.stats.strangers += 1;
             return Ok(got);
         }
+        self.stats.bytes_in += frame.len() as u64;
         for item in items {
             match item {
                 Item::Prune(host) => {
@@ -429,10 +451,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         }
     }
 
-    /// Grafts back hosts not heard for [`RelayConfig::repair_ms`] (at most once per that long
-    /// each), and forgets hosts not heard for [`RelayConfig::forget_ms`].
+    /// Grafts back hosts not heard for [`RelayConfig::repair_ms`] and their spread (at most once
+    /// per that long each), and forgets hosts not heard for [`RelayConfig::forget_ms`].
     pub fn repair(&mut self, now_ms: u64) {
-        let (repair, forget) = (self.cfg.repair_ms, self.cfg.forget_ms);
+        let (base, forget, seed) = (self.cfg.repair_ms, self.cfg.forget_ms, self.cfg.spread_seed);
         let forgotten: Vec<PublicKey> = self
             .hosts
             .iter()
@@ -448,7 +470,8 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         let due: Vec<PublicKey> = self
             .hosts
             .iter_mut()
-            .filter(|(_, h)| {
+            .filter(|(k, h)| {
+                let repair = base + spread(seed, k, base);
                 now_ms.saturating_sub(h.at_ms) >= repair
                     && now_ms.saturating_sub(h.grafted_ms) >= repair
             })
@@ -557,6 +580,20 @@ mod tests {
     }
 
     #[test]
+    fn repair_spreads_differ_by_node_and_host_and_stay_in_range() {
+        let hosts: Vec<PublicKey> = (0..50u8)
+            .map(|i| SecretKey::from_seed([i; 32]).public())
+            .collect();
+        let at = |seed: u64| -> Vec<u64> { hosts.iter().map(|h| spread(seed, h, 3_000)).collect() };
+        let (a, b) = (at(1), at(2));
+        assert!(a.iter().chain(&b).all(|&x| x < 3_000));
+        assert_ne!(a, b, "two nodes spread the same hosts alike");
+        let distinct: HashSet<&u64> = a.iter().collect();
+        assert!(distinct.len() > 40, "{a:?}");
+        assert_eq!(at(1), a, "a node keeps its spread");
+    }
+
+    #[test]
     fn frames_round_trip_and_broken_ones_are_named() {
         let k = SecretKey::from_seed([7; 32]);
         let a = advert(&k, 1);
@@ -631,7 +668,7 @@ mod tests {
         r.add_link(4);
         assert_eq!(sent(&mut r)[&4], vec![Item::Prune(k.public())]);
         // And that pruned link is grafted back when the host falls silent.
-        r.repair(1000 + 3_000);
+        r.repair(1000 + 6_000);
         assert!(sent(&mut r)[&4].contains(&Item::Graft(k.public())));
     }
 
@@ -741,15 +778,16 @@ mod tests {
         r.on_frame(3, &f, 0).unwrap();
         sent(&mut r);
         // Heard lately: nothing to repair.
-        r.repair(1000 + 2_999);
+        let due = 3_000 + spread(0, &k.public(), 3_000);
+        r.repair(1000 + due - 1);
         assert!(sent(&mut r).is_empty());
         // Silent for the repair time: both pruned links grafted back, once per repair time.
-        r.repair(1000 + 3_000);
+        r.repair(1000 + due);
         let out = sent(&mut r);
         assert_eq!(out[&2], vec![Item::Graft(k.public())]);
         assert_eq!(out[&3], vec![Item::Graft(k.public())]);
         assert!(!out.contains_key(&1));
-        r.repair(1000 + 3_500);
+        r.repair(1000 + due + 500);
         assert!(sent(&mut r).is_empty());
         assert_eq!(r.stats.grafts_sent, 2);
         // Pruned again, then its tree link goes: grafted back at once.

@@ -184,6 +184,7 @@ async fn run(n: usize) -> Results {
     let (mut conns, mut links) = (Vec::new(), Vec::new());
     let (mut duplicates, mut dropped, mut prunes, mut grafts) = (0, 0, 0, 0);
     let (mut silent, mut orphaned, mut refusals) = (0, 0, 0);
+    let (mut frame_bytes, mut strangers) = (0, 0);
     let (mut banned, mut replayed, mut rejected, mut limited) = (0, 0, 0, 0);
     for node in &nodes {
         if let Ok(s) = node.handle.summary().await {
@@ -196,6 +197,8 @@ async fn run(n: usize) -> Results {
             silent += s.relay.silent;
             orphaned += s.relay.orphaned;
             refusals += s.relay.refusals;
+            frame_bytes += s.relay.bytes_in;
+            strangers += s.relay.strangers;
             banned += s.banned.len();
             replayed += s.replayed;
             rejected += s.rejected_messages;
@@ -212,7 +215,8 @@ async fn run(n: usize) -> Results {
         "{n} nodes: {:.1} connections per node (min {}, max {}), relay links {:.1}; \
          {duplicates} duplicate and {dropped} dropped adverts, {prunes} prunes and {grafts} grafts \
          in all (hosts grafted back: {silent} silent, {orphaned} after a lost link, {refusals} \
-         after a refusal)",
+         after a refusal); {frame_bytes} bytes in relay frames, {strangers} frames from unknown \
+         links",
         mean(&conns),
         conns.iter().copied().fold(f64::INFINITY, f64::min),
         conns.iter().copied().fold(0.0, f64::max),

@@ -48,6 +48,9 @@ pub struct RelaySummary {
     pub duplicates: u64,
     pub prunes_sent: u64,
     pub grafts_sent: u64,
+    /// Frame bytes read, and frames ignored for coming over a link the relay does not hold.
+    pub bytes_in: u64,
+    pub strangers: u64,
     /// Hosts grafted back because they fell silent, their link went down, or news was refused.
     pub silent: u64,
     pub orphaned: u64,
@@ -80,7 +83,10 @@ impl AdvertRelay {
     pub fn new(control: libp2p_stream::Control, local: PeerId) -> Result<AdvertRelay, String> {
         Ok(AdvertRelay {
             links: Links::new(control, local, RELAY_MAX_INBOUND)?,
-            relay: Relay::new(RelayConfig::default()),
+            relay: Relay::new(RelayConfig {
+                spread_seed: random_below(usize::MAX) as u64,
+                ..RelayConfig::default()
+            }),
             failed: HashMap::new(),
             opened: HashMap::new(),
             rotated_ms: 0,
@@ -294,6 +300,8 @@ impl AdvertRelay {
             duplicates: s.duplicates,
             prunes_sent: s.prunes_sent,
             grafts_sent: s.grafts_sent,
+            bytes_in: s.bytes_in,
+            strangers: s.strangers,
             silent: s.silent,
             orphaned: s.orphaned,
             refusals: s.refusals,
