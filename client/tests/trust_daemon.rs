@@ -482,6 +482,34 @@ async fn rotations_and_revocations_spread_across_the_space() {
         sees(&sock_b, &all[..2]).await
     })
     .await;
+    // `gleaner space` shows that view, as JSON and as text, with the advert relay's links: R is
+    // the only peer A and B know, so each of them holds a link to R.
+    let s = sock_r.to_str().unwrap();
+    let o = gleaner(&["space", "--json", "--socket", s]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut listed: Vec<&str> = v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["host"].as_str())
+        .collect();
+    listed.sort();
+    let mut want = all.clone();
+    want.sort();
+    assert_eq!(listed, want, "{v}");
+    let links = v["relay"]["outbound"].as_u64().unwrap() + v["relay"]["inbound"].as_u64().unwrap();
+    assert!(links >= 2, "R links A and B: {v}");
+    let o = gleaner(&["space", "--socket", s]);
+    assert!(o.status.success(), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        shown.contains("space trust-spread") && shown.contains("relay "),
+        "{shown}"
+    );
+    for h in &all {
+        assert!(shown.contains(h), "{h} missing from:\n{shown}");
+    }
 
     // The publisher rotates to P2 on host A: B, which never saw the file, moves to the new key,
     // and fetches the new key's type from R, which it sees running it.
