@@ -177,7 +177,7 @@ pub struct Received<'a> {
 }
 
 /// Counters, for the space's summary and benchmarks.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RelayStats {
     /// Copies of adverts this node already had.
     pub duplicates: u64,
@@ -190,7 +190,8 @@ pub struct RelayStats {
     pub silent: u64,
     pub orphaned: u64,
     pub refusals: u64,
-    /// Adverts not queued to a neighbour whose queue was full.
+    /// Adverts not queued to a neighbour whose queue was full (and, where the I/O counts them
+    /// too, frames its link could not take).
     pub dropped: u64,
 }
 
@@ -276,11 +277,6 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             self.stats.orphaned += 1;
             self.graft(host);
         }
-    }
-
-    /// The neighbours linked now.
-    pub fn links(&self) -> impl Iterator<Item = &P> {
-        self.links.keys()
     }
 
     /// Reads a frame from `from`: prunes and grafts take effect, copies of adverts this node has
@@ -406,9 +402,17 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             }
             None => {}
         }
+        self.enqueue(bytes, |peer, l| {
+            Some(*peer) != from && !l.muted.contains(&host)
+        });
+    }
+
+    /// Appends an advert to the frame of every neighbour `to` picks, within each one's queue
+    /// bound (counting what does not fit as dropped).
+    fn enqueue(&mut self, bytes: &[u8], to: impl Fn(&P, &Link) -> bool) {
         let max = self.cfg.max_queued;
         for (peer, l) in self.links.iter_mut() {
-            if Some(*peer) == from || l.muted.contains(&host) {
+            if !to(peer, l) {
                 continue;
             }
             if l.out.len() + bytes.len() + 3 > max || !encode(&mut l.out, &Item::Advert(bytes)) {
@@ -443,12 +447,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// Bytes this node sends as an advert of its own although they could not be read as one:
     /// queued to every neighbour as they are, for the neighbours to judge (and refuse).
     pub fn send_unread(&mut self, bytes: &[u8]) {
-        let max = self.cfg.max_queued;
-        for l in self.links.values_mut() {
-            if l.out.len() + bytes.len() + 3 > max || !encode(&mut l.out, &Item::Advert(bytes)) {
-                self.stats.dropped += 1;
-            }
-        }
+        self.enqueue(bytes, |_, _| true);
     }
 
     /// Grafts back hosts not heard for [`RelayConfig::repair_ms`] and their spread (at most once

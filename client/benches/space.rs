@@ -190,15 +190,15 @@ async fn run(n: usize) -> Results {
         if let Ok(s) = node.handle.summary().await {
             conns.push(s.connected as f64);
             links.push((s.relay.outbound + s.relay.inbound) as f64);
-            duplicates += s.relay.duplicates;
-            dropped += s.relay.dropped;
-            prunes += s.relay.prunes_sent;
-            grafts += s.relay.grafts_sent;
-            silent += s.relay.silent;
-            orphaned += s.relay.orphaned;
-            refusals += s.relay.refusals;
-            frame_bytes += s.relay.bytes_in;
-            strangers += s.relay.strangers;
+            duplicates += s.relay.stats.duplicates;
+            dropped += s.relay.stats.dropped;
+            prunes += s.relay.stats.prunes_sent;
+            grafts += s.relay.stats.grafts_sent;
+            silent += s.relay.stats.silent;
+            orphaned += s.relay.stats.orphaned;
+            refusals += s.relay.stats.refusals;
+            frame_bytes += s.relay.stats.bytes_in;
+            strangers += s.relay.stats.strangers;
             banned += s.banned.len();
             replayed += s.replayed;
             rejected += s.rejected_messages;

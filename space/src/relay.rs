@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use gleaner::relay::{Relay, RelayConfig};
+use gleaner::relay::{Relay, RelayConfig, RelayStats};
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, PublicKey};
 use libp2p::PeerId;
@@ -44,19 +44,10 @@ pub struct RelaySummary {
     /// Neighbours linked now (opened by this node, and by them).
     pub outbound: usize,
     pub inbound: usize,
-    /// Copies of adverts this node already had (each cost a read, no signature check).
-    pub duplicates: u64,
-    pub prunes_sent: u64,
-    pub grafts_sent: u64,
-    /// Frame bytes read, and frames ignored for coming over a link the relay does not hold.
-    pub bytes_in: u64,
-    pub strangers: u64,
-    /// Hosts grafted back because they fell silent, their link went down, or news was refused.
-    pub silent: u64,
-    pub orphaned: u64,
-    pub refusals: u64,
-    /// Adverts not queued to a slow neighbour, and frames its link could not take.
-    pub dropped: u64,
+    /// Copies, prunes, grafts and why, frame bytes, drops (frames a link could not take
+    /// included).
+    #[serde(flatten)]
+    pub stats: RelayStats,
 }
 
 /// One node's advert relay.
@@ -69,7 +60,6 @@ pub struct AdvertRelay {
     opened: HashMap<PeerId, u64>,
     /// When this node last opened a link beyond its [`RELAY_OUTBOUND`] (ms).
     rotated_ms: u64,
-    frames_dropped: u64,
     /// News from every link since the last flush: a batch of ten signatures costs about 15 µs
     /// each, one alone 38 µs (docs/BENCHMARKS.md).
     news: Vec<News>,
@@ -90,7 +80,6 @@ impl AdvertRelay {
             failed: HashMap::new(),
             opened: HashMap::new(),
             rotated_ms: 0,
-            frames_dropped: 0,
             news: Vec::new(),
         })
     }
@@ -228,7 +217,7 @@ impl AdvertRelay {
     fn send_frames(&mut self) {
         for (peer, frame) in self.relay.flush() {
             if !self.links.send(&peer, frame) {
-                self.frames_dropped += 1;
+                self.relay.stats.dropped += 1;
             }
         }
     }
@@ -293,19 +282,10 @@ impl AdvertRelay {
     }
 
     pub fn summary(&self) -> RelaySummary {
-        let s = &self.relay.stats;
         RelaySummary {
             outbound: self.links.outbound(),
             inbound: self.links.inbound(),
-            duplicates: s.duplicates,
-            prunes_sent: s.prunes_sent,
-            grafts_sent: s.grafts_sent,
-            bytes_in: s.bytes_in,
-            strangers: s.strangers,
-            silent: s.silent,
-            orphaned: s.orphaned,
-            refusals: s.refusals,
-            dropped: s.dropped + self.frames_dropped,
+            stats: self.relay.stats.clone(),
         }
     }
 }
