@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gleaner::SecretKey;
-use gleaner::advert::CapacityAdvert;
-use gleaner_client::p2p::{self, SpaceConfig};
+use gleaner_client::p2p::SpaceConfig;
+
+mod nsnode;
+use nsnode::{is_root, sh};
 
 /// What the namespaces of this test are called: `<PREFIX><pid>-<case>-<name>`, so that those a
 /// killed run left behind can be told apart from a live run's.
@@ -20,13 +22,6 @@ const SEEDS: [u8; 3] = [121, 122, 123];
 
 /// The two tests share the machine's CPU (and each brings up three nodes): one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// One node, when run by the tests below: listens on every address (as the daemon does), with
 /// mDNS on or off and no bootstrap peer, advertises every second and prints its view
@@ -43,67 +38,14 @@ fn mdns_node() {
         let _ = std::io::stdin().read_to_end(&mut Vec::new());
         std::process::exit(0);
     });
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async move {
-        let key = SecretKey::from_seed([seed; 32]);
-        let mut cfg = SpaceConfig::new("mdns");
-        cfg.listen = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
-            .iter()
-            .map(|a| a.parse().unwrap())
-            .collect();
-        cfg.bootstrap = Vec::new();
-        cfg.mdns = mdns;
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let (h, _, _) = p2p::start(&key, cfg, cancel).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut seq = 0;
-        while Instant::now() < deadline {
-            seq += 1;
-            if seq % 2 == 0 {
-                let a = CapacityAdvert {
-                    v: 1,
-                    host: key.public(),
-                    seq,
-                    at: now(),
-                    free_cores: 1,
-                    free_memory_mib: 1,
-                    free_disk_mib: 0,
-                    backends: 1,
-                    running: vec![],
-                    owner_present: false,
-                    draining: false,
-                    benchmark: 1,
-                };
-                let _ = h.publish(gleaner::Envelope::seal(&a, &key));
-            }
-            if let Ok(s) = h.summary().await {
-                let mut hosts: Vec<String> = s.peers.into_iter().map(|p| p.host).collect();
-                hosts.sort();
-                println!("VIEW {}", hosts.join(" "));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
+    let mut cfg = SpaceConfig::new("mdns");
+    cfg.listen = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    cfg.bootstrap = Vec::new();
+    cfg.mdns = mdns;
+    nsnode::run_view_node(seed, cfg, Duration::from_secs(120));
 }
 
 /// Whether this test may run here: root, or (not root) skipped unless CI is set.

@@ -9,17 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gleaner::SecretKey;
-use gleaner::advert::CapacityAdvert;
-use gleaner_client::p2p::{self, SpaceConfig};
+use gleaner_client::p2p::SpaceConfig;
+
+mod nsnode;
+use nsnode::{is_root, sh};
 
 const TTL_S: u64 = 6;
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// One node, when run by the partition test: advertises every second and prints its view
 /// (`VIEW <host> <host>...`) twice a second until killed.
@@ -36,53 +31,11 @@ fn netns_node() {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().unwrap())
         .collect();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async move {
-        let key = SecretKey::from_seed([seed; 32]);
-        let mut cfg = SpaceConfig::new("netns");
-        cfg.listen = vec![listen];
-        cfg.bootstrap = bootstrap;
-        cfg.advert_ttl_s = TTL_S;
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let (h, _, _) = p2p::start(&key, cfg, cancel).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(180);
-        let mut seq = 0;
-        while Instant::now() < deadline {
-            seq += 1;
-            if seq % 2 == 0 {
-                let a = CapacityAdvert {
-                    v: 1,
-                    host: key.public(),
-                    seq,
-                    at: now(),
-                    free_cores: 1,
-                    free_memory_mib: 1,
-                    free_disk_mib: 0,
-                    backends: 1,
-                    running: vec![],
-                    owner_present: false,
-                    draining: false,
-                    benchmark: 1,
-                };
-                let _ = h.publish(gleaner::Envelope::seal(&a, &key));
-            }
-            if let Ok(s) = h.summary().await {
-                let mut hosts: Vec<String> = s.peers.into_iter().map(|p| p.host).collect();
-                hosts.sort();
-                println!("VIEW {}", hosts.join(" "));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cfg = SpaceConfig::new("netns");
+    cfg.listen = vec![listen];
+    cfg.bootstrap = bootstrap;
+    cfg.advert_ttl_s = TTL_S;
+    nsnode::run_view_node(seed, cfg, Duration::from_secs(180));
 }
 
 /// The namespaces and the nodes; everything is removed on drop, even after a failed assertion.
@@ -101,17 +54,6 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", n]).output();
         }
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 #[test]

@@ -1,0 +1,78 @@
+//! What the network-namespace tests (`p2p_netns`, `p2p_mdns`) share: the node each namespace runs
+//! (this test binary re-run), which advertises every second and prints its view, and running the
+//! `ip` commands that build the namespaces.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gleaner::SecretKey;
+use gleaner::advert::CapacityAdvert;
+use gleaner_client::p2p::{self, SpaceConfig};
+
+/// Runs node `seed` with `cfg` for at most `lifetime`: advertises every second and prints its
+/// view (`VIEW <host> <host>...`) twice a second.
+pub fn run_view_node(seed: u8, cfg: SpaceConfig, lifetime: Duration) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let key = SecretKey::from_seed([seed; 32]);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (h, _, _) = p2p::start(&key, cfg, cancel).await.unwrap();
+        let deadline = Instant::now() + lifetime;
+        let mut seq = 0;
+        while Instant::now() < deadline {
+            seq += 1;
+            if seq % 2 == 0 {
+                let a = CapacityAdvert {
+                    v: 1,
+                    host: key.public(),
+                    seq,
+                    at: now(),
+                    free_cores: 1,
+                    free_memory_mib: 1,
+                    free_disk_mib: 0,
+                    backends: 1,
+                    running: vec![],
+                    owner_present: false,
+                    draining: false,
+                    benchmark: 1,
+                };
+                let _ = h.publish(gleaner::Envelope::seal(&a, &key));
+            }
+            if let Ok(s) = h.summary().await {
+                let mut hosts: Vec<String> = s.peers.into_iter().map(|p| p.host).collect();
+                hosts.sort();
+                println!("VIEW {}", hosts.join(" "));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Runs a command, failing the test with its stderr if it fails.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
