@@ -11,6 +11,7 @@ pub mod gate;
 pub mod links;
 pub mod relay;
 pub mod swarm;
+pub mod trim;
 pub mod tuning;
 
 pub use discovery::{SpaceBehaviour, peer_of};
@@ -20,6 +21,7 @@ pub use gate::{AdvertGate, AuthorRates, Checked, Verdict};
 pub use libp2p_stream::Behaviour as StreamBehaviour;
 pub use links::{LinkEvent, Links, RELAY_PROTOCOL};
 pub use swarm::{build_swarm, build_swarm_with, gossipsub_behaviour, keypair, transport_bytes};
+pub use trim::Trimmer;
 
 use libp2p::StreamProtocol;
 use libp2p::gossipsub::IdentTopic;

@@ -48,6 +48,15 @@ pub const LOOKUP_INTERVAL: Duration = Duration::from_secs(10);
 pub const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 /// Kademlia-discovered peers are dialled while fewer than this are connected.
 pub const TARGET_PEERS: usize = 16;
+/// Past this many connected peers a node closes the connections it dialled that nothing uses
+/// ([`crate::trim`]), down to [`TRIM_LOW`]. Without it a space became a full mesh.
+pub const TRIM_HIGH: usize = 32;
+/// Where trimming stops.
+pub const TRIM_LOW: usize = 24;
+const _: () = assert!(TARGET_PEERS <= TRIM_LOW && TRIM_LOW <= TRIM_HIGH);
+/// A connection younger than this is never trimmed (a DHT walk's answer, a machine-type fetch,
+/// a relay link being opened).
+pub const TRIM_GRACE: Duration = Duration::from_secs(30);
 
 /// Adverts and outcomes one author may have accepted in a burst, and per second after that;
 /// more are ignored (not forwarded, not penalised: the relay may be honest).

@@ -1,0 +1,291 @@
+//! Connection trimming: which connections a node closes once it holds more than it needs.
+//!
+//! Gossipsub keeps a stream open to every peer that speaks it, so no connection of a space ever
+//! goes idle: every peer a Kademlia walk dialled stayed connected, and a space of n nodes became a
+//! full mesh of n − 1 connections per node (99 per node at 100 nodes, each pinged, heartbeated and
+//! polled). A node now closes connections *it dialled*, older than a grace period (a walk's
+//! answer, a machine-type fetch), to peers it need not keep ([`Keep`]: an advert relay link or a
+//! bootstrap peer it must; a gossipsub mesh peer it would rather, as gossipsub then grafts
+//! another):
+//!
+//! - a second connection to a peer already held is closed at once, whatever the count. When two
+//!   peers dialled each other (Kademlia walks often cross), the one with the smaller peer id closes
+//!   its own, so that exactly one connection stays;
+//! - past `high` peers held, whole peers go, those needed least and the oldest first, until `low`
+//!   would remain.
+//!
+//! It never closes a connection a peer dialled: that peer dialled for its own reasons and trims its
+//! own side, so a bootstrap node is not made to drop the clients that would only redial it.
+
+use std::collections::HashMap;
+
+use libp2p::PeerId;
+use libp2p::swarm::ConnectionId;
+
+/// How much a node needs a peer it dialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Keep {
+    /// Nothing uses it: closed first.
+    No,
+    /// Something would miss it (a gossipsub mesh): closed only if still too many.
+    Rather,
+    /// Never closed (an advert relay link, a bootstrap peer).
+    Must,
+}
+
+/// One connection as the swarm reported it.
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    peer: PeerId,
+    dialled: bool,
+    since_ms: u64,
+}
+
+/// The connections a node holds.
+#[derive(Debug)]
+pub struct Trimmer {
+    local: PeerId,
+    conns: HashMap<ConnectionId, Conn>,
+}
+
+/// One peer's connections, gathered.
+#[derive(Default)]
+struct Peer {
+    /// This node's own connections to it past the grace period, oldest first.
+    dialled: Vec<(u64, ConnectionId)>,
+    /// Its connections to this node, and ours still in grace.
+    others: usize,
+    since_ms: u64,
+}
+
+impl Trimmer {
+    /// The trimmer of node `local`.
+    pub fn new(local: PeerId) -> Trimmer {
+        Trimmer {
+            local,
+            conns: HashMap::new(),
+        }
+    }
+
+    /// Connection `id` to `peer` came up; `dialled` when this node dialled it.
+    pub fn established(&mut self, id: ConnectionId, peer: PeerId, dialled: bool, now_ms: u64) {
+        self.conns.insert(
+            id,
+            Conn {
+                peer,
+                dialled,
+                since_ms: now_ms,
+            },
+        );
+    }
+
+    /// Connection `id` closed.
+    pub fn closed(&mut self, id: ConnectionId) {
+        self.conns.remove(&id);
+    }
+
+    /// Peers held now.
+    pub fn held(&self) -> usize {
+        let mut peers: Vec<PeerId> = self.conns.values().map(|c| c.peer).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        peers.len()
+    }
+
+    /// The connections to close now (see the module's rules).
+    pub fn surplus(
+        &self,
+        high: usize,
+        low: usize,
+        grace_ms: u64,
+        now_ms: u64,
+        keep: impl Fn(&PeerId) -> Keep,
+    ) -> Vec<ConnectionId> {
+        let mut peers: HashMap<PeerId, Peer> = HashMap::new();
+        for (id, c) in &self.conns {
+            let p = peers.entry(c.peer).or_insert_with(|| Peer {
+                since_ms: c.since_ms,
+                ..Peer::default()
+            });
+            p.since_ms = p.since_ms.min(c.since_ms);
+            if c.dialled && now_ms.saturating_sub(c.since_ms) >= grace_ms {
+                p.dialled.push((c.since_ms, *id));
+            } else {
+                p.others += 1;
+            }
+        }
+        let held = peers.len();
+        let mut close = Vec::new();
+        // Whole peers this node alone holds, as (keep, since, peer) for the second rule.
+        let mut spare = Vec::new();
+        for (peer, p) in &mut peers {
+            if p.dialled.is_empty() {
+                continue;
+            }
+            let k = keep(peer);
+            if k == Keep::Must {
+                continue;
+            }
+            p.dialled.sort_unstable();
+            if p.others > 0 {
+                // Held both ways: ours go, if ours is the smaller id.
+                if self.local < *peer {
+                    close.extend(p.dialled.iter().map(|(_, id)| *id));
+                }
+            } else {
+                // Only ours: all but the oldest are doubles.
+                close.extend(p.dialled.iter().skip(1).map(|(_, id)| *id));
+                spare.push((k, p.since_ms, *peer, p.dialled[0].1));
+            }
+        }
+        if held > high {
+            spare.sort_unstable();
+            close.extend(
+                spare
+                    .into_iter()
+                    .take(held.saturating_sub(low))
+                    .map(|(_, _, _, id)| id),
+            );
+        }
+        close
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: usize) -> Vec<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    struct Ids(usize);
+    impl Ids {
+        fn next(&mut self) -> ConnectionId {
+            self.0 += 1;
+            ConnectionId::new_unchecked(self.0)
+        }
+    }
+
+    fn sorted(mut v: Vec<ConnectionId>) -> Vec<ConnectionId> {
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn nothing_goes_at_or_under_the_high_mark() {
+        let (mut t, mut ids) = (Trimmer::new(PeerId::random()), Ids(0));
+        for p in peers(8) {
+            t.established(ids.next(), p, true, 0);
+        }
+        assert!(t.surplus(8, 4, 0, 100_000, |_| Keep::No).is_empty());
+        assert_eq!(t.surplus(7, 4, 0, 100_000, |_| Keep::No).len(), 4);
+    }
+
+    #[test]
+    fn the_oldest_dialled_go_first_down_to_the_low_mark() {
+        let (mut t, mut ids) = (Trimmer::new(PeerId::random()), Ids(0));
+        let mut conns = Vec::new();
+        for (i, p) in peers(10).into_iter().enumerate() {
+            let id = ids.next();
+            t.established(id, p, true, i as u64 * 1000);
+            conns.push(id);
+        }
+        let gone = t.surplus(8, 6, 0, 100_000, |_| Keep::No);
+        assert_eq!(sorted(gone), conns[..4].to_vec());
+    }
+
+    #[test]
+    fn inbound_kept_and_young_are_spared() {
+        let (mut t, mut ids) = (Trimmer::new(PeerId::random()), Ids(0));
+        let ps = peers(5);
+        t.established(ids.next(), ps[0], false, 0); // a peer dialled us
+        t.established(ids.next(), ps[1], true, 0); // kept (a relay link, say)
+        t.established(ids.next(), ps[2], true, 95_000); // too young
+        let a = ids.next();
+        t.established(a, ps[3], true, 0);
+        let b = ids.next();
+        t.established(b, ps[4], true, 0);
+        let keep = |p: &PeerId| if *p == ps[1] { Keep::Must } else { Keep::No };
+        assert_eq!(sorted(t.surplus(2, 0, 10_000, 100_000, keep)), vec![a, b]);
+    }
+
+    #[test]
+    fn a_peer_held_both_ways_loses_the_smaller_ids_connection_whatever_the_count() {
+        let ps = peers(2);
+        let (small, big) = (ps[0].min(ps[1]), ps[0].max(ps[1]));
+        let mut ids = Ids(0);
+        let (small_dialled, big_dialled) = (ids.next(), ids.next());
+        let mut at_small = Trimmer::new(small);
+        at_small.established(small_dialled, big, true, 0);
+        at_small.established(big_dialled, big, false, 0);
+        let mut at_big = Trimmer::new(big);
+        at_big.established(small_dialled, small, false, 0);
+        at_big.established(big_dialled, small, true, 0);
+        assert_eq!(
+            at_small.surplus(100, 100, 0, 1, |_| Keep::No),
+            vec![small_dialled]
+        );
+        assert!(at_big.surplus(100, 100, 0, 1, |_| Keep::No).is_empty());
+        // Unless the peer is one to keep: then nothing moves.
+        assert!(at_small.surplus(0, 0, 0, 1, |_| Keep::Must).is_empty());
+    }
+
+    #[test]
+    fn doubles_of_our_own_go_but_the_oldest() {
+        let (mut t, mut ids) = (Trimmer::new(PeerId::random()), Ids(0));
+        let p = PeerId::random();
+        let (a, b, c) = (ids.next(), ids.next(), ids.next());
+        t.established(b, p, true, 5);
+        t.established(a, p, true, 1);
+        t.established(c, p, true, 9);
+        assert_eq!(t.held(), 1);
+        assert_eq!(sorted(t.surplus(10, 10, 0, 100, |_| Keep::No)), vec![b, c]);
+    }
+
+    #[test]
+    fn peers_rather_kept_go_last() {
+        let (mut t, mut ids) = (Trimmer::new(PeerId::random()), Ids(0));
+        let ps = peers(6);
+        let mut conns = Vec::new();
+        for (i, p) in ps.iter().enumerate() {
+            let id = ids.next();
+            t.established(id, *p, true, i as u64);
+            conns.push(id);
+        }
+        // The two oldest are in a mesh: the four others go first, then the older mesh peer.
+        let keep = |p: &PeerId| {
+            if ps[..2].contains(p) {
+                Keep::Rather
+            } else {
+                Keep::No
+            }
+        };
+        let gone = t.surplus(4, 1, 0, 100, keep);
+        assert_eq!(gone.len(), 5);
+        assert_eq!(&gone[..4], &conns[2..6]);
+        assert_eq!(gone[4], conns[0]);
+    }
+
+    #[test]
+    fn closed_connections_are_forgotten() {
+        let (mut t, mut ids) = (Trimmer::new(PeerId::random()), Ids(0));
+        let ps = peers(3);
+        let c: Vec<ConnectionId> = ps
+            .iter()
+            .map(|p| {
+                let id = ids.next();
+                t.established(id, *p, true, 0);
+                id
+            })
+            .collect();
+        assert_eq!(t.held(), 3);
+        t.closed(c[0]);
+        t.closed(c[1]);
+        assert_eq!(t.held(), 1);
+        // A close the trimmer never saw opened changes nothing.
+        t.closed(ids.next());
+        assert_eq!(t.held(), 1);
+        assert_eq!(t.surplus(0, 0, 0, 1, |_| Keep::No), vec![c[2]]);
+    }
+}
