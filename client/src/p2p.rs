@@ -30,8 +30,9 @@ use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
 use gleaner_space::gate::refill;
 use gleaner_space::relay::{AdvertRelay, RelaySummary};
+use gleaner_space::trim::Keep;
 use gleaner_space::{
-    AdvertGate, LinkEvent, SpaceBehaviour, Topics, Verdict, discovery, topics, tuning,
+    AdvertGate, LinkEvent, SpaceBehaviour, Topics, Trimmer, Verdict, discovery, topics, tuning,
 };
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::multiaddr::Protocol;
@@ -116,6 +117,12 @@ pub struct SpaceConfig {
     /// How long a connection with no stream open stays before it is closed (gossipsub keeps one
     /// open to every space peer; tests shorten this to show that those connections stay).
     pub idle_timeout: Duration,
+    /// Past this many connected peers the node closes connections it dialled that nothing uses
+    /// (a relay link or bootstrap peer never, a gossipsub mesh peer last), down to three quarters
+    /// of it.
+    pub max_peers: usize,
+    /// A connection younger than this is never closed as surplus.
+    pub trim_grace: Duration,
 }
 
 impl SpaceConfig {
@@ -131,6 +138,8 @@ impl SpaceConfig {
             advert_ttl_s: gleaner::space::ADVERT_TTL_S,
             duplicate_cache_s: 60,
             idle_timeout: tuning::IDLE_CONNECTION_TIMEOUT,
+            max_peers: tuning::TRIM_HIGH,
+            trim_grace: tuning::TRIM_GRACE,
         }
     }
 }
@@ -194,6 +203,8 @@ pub struct SpaceSummary {
     pub peer_id: String,
     pub listen: Vec<String>,
     pub connected: usize,
+    /// Connections this node closed because it held more than it needed.
+    pub trimmed: u64,
     /// The advert relay: neighbours linked, copies, prunes and grafts.
     pub relay: RelaySummary,
     /// Peers in the Kademlia routing table.
@@ -499,6 +510,7 @@ pub async fn start_space(
         *swarm.local_peer_id(),
     )
     .map_err(SpaceError::Setup)?;
+    let local = *swarm.local_peer_id();
     let (tx, rx) = mpsc::channel(256);
     let (learned_tx, learned) = mpsc::channel(32);
     let (trust_tx, trust_learned) = mpsc::channel(32);
@@ -530,6 +542,10 @@ pub async fn start_space(
         trust: BTreeMap::new(),
         trust_heard: HashMap::new(),
         trust_learned: trust_tx,
+        trimmer: Trimmer::new(local),
+        max_peers: cfg.max_peers,
+        trim_grace: cfg.trim_grace,
+        trimmed: 0,
     };
     let task = tokio::spawn(node.run(rx, cancel));
     Ok(Space {
@@ -598,6 +614,11 @@ struct Node {
     /// Valid rotations and revocations heard from peers lately, and when.
     trust_heard: HashMap<Digest, u64>,
     trust_learned: mpsc::Sender<LearnedTrust>,
+    /// The connections held, to close those not needed past `max_peers`.
+    trimmer: Trimmer,
+    max_peers: usize,
+    trim_grace: Duration,
+    trimmed: u64,
 }
 
 /// Checks a gossiped key rotation or revocation: size, kind, signature (by the key it names),
@@ -692,7 +713,10 @@ impl Node {
                     discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p))
                 }
                 _ = housekeeping.tick(), if !alone => self.housekeeping(),
-                _ = lookup.tick(), if !alone || dialling => discovery::lookup(&mut self.swarm),
+                _ = lookup.tick(), if !alone || dialling => {
+                    let target = self.dial_target();
+                    discovery::lookup(&mut self.swarm, target)
+                }
                 _ = flush.tick(), if queued => self.flush_relay(),
                 ev = self.relay.next() => self.link_event(ev),
                 cmd = rx.recv() => match cmd {
@@ -763,11 +787,48 @@ impl Node {
             |p| banned.contains_key(p),
             ms,
         );
+        self.trim(ms);
         self.gate.rates.forget_idle(ms);
         self.mt_buckets
             .retain(|_, b| ms.saturating_sub(b.last_ms) < 60_000 || b.refused > 1.0);
         self.fetch_wanted(now);
         self.announce_trust_due(now);
+    }
+
+    /// Where trimming stops: three quarters of `max_peers`, as [`tuning::TRIM_LOW`] is of
+    /// [`tuning::TRIM_HIGH`].
+    fn trim_low(&self) -> usize {
+        self.max_peers * tuning::TRIM_LOW / tuning::TRIM_HIGH
+    }
+
+    /// How many peers discovery dials and walks the DHT for: [`tuning::TARGET_PEERS`], or fewer
+    /// when trimming would close some of them again.
+    fn dial_target(&self) -> usize {
+        tuning::TARGET_PEERS.min(self.trim_low())
+    }
+
+    /// Closes the connections this node dialled and no longer needs, once it holds more than
+    /// `max_peers` ([`gleaner_space::trim`]).
+    fn trim(&mut self, now_ms: u64) {
+        let (high, low) = (self.max_peers, self.trim_low());
+        let gossipsub = &self.swarm.behaviour().gossipsub;
+        let mesh: HashSet<PeerId> = gossipsub.all_mesh_peers().copied().collect();
+        let (relay, bootstrap) = (&self.relay, &self.bootstrap);
+        let grace_ms = self.trim_grace.as_millis() as u64;
+        let surplus = self.trimmer.surplus(high, low, grace_ms, now_ms, |p| {
+            if relay.is_linked(p) || bootstrap.iter().any(|b| discovery::peer_of(b) == Some(*p)) {
+                Keep::Must
+            } else if mesh.contains(p) {
+                Keep::Rather
+            } else {
+                Keep::No
+            }
+        });
+        for c in surplus {
+            if self.swarm.close_connection(c) {
+                self.trimmed += 1;
+            }
+        }
     }
 
     /// Publishes the rotations and revocations whose time has come; one no peer could take yet
@@ -969,6 +1030,7 @@ impl Node {
             peer_id: self.swarm.local_peer_id().to_string(),
             listen: self.listen.iter().map(|a| a.to_string()).collect(),
             connected: self.swarm.connected_peers().count(),
+            trimmed: self.trimmed,
             relay: self.relay.summary(),
             known_peers,
             kad_server: self.swarm.behaviour().kad.mode() == kad::Mode::Server,
@@ -1022,11 +1084,23 @@ impl Node {
                 discovery::on_identify(&mut self.swarm, e, &self.kad_protocol)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => {
-                discovery::on_kad(&mut self.swarm, e, |p| self.banned.contains_key(p))
+                let target = self.dial_target();
+                discovery::on_kad(&mut self.swarm, e, target, |p| self.banned.contains_key(p))
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mt(e)) => self.mt_event(e),
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let (dialled, now_ms) = (endpoint.is_dialer(), crate::factory::now_ms());
+                self.trimmer
+                    .established(connection_id, peer_id, dialled, now_ms);
                 discovery::on_connected(&mut self.swarm, peer_id, &self.bootstrap)
+            }
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.trimmer.closed(connection_id)
             }
             SwarmEvent::NewListenAddr { address, .. } if is_public(&address) => {
                 self.swarm.add_external_address(address);

@@ -166,9 +166,10 @@ pub fn render(req: &Request, v: &Value) -> String {
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "space {}  ({} connected; messages: {} rejected, {} replayed, {} over a sender's rate; {} machine-type requests throttled)\nme    {}",
+                "space {}  ({} connected, {} closed as surplus; messages: {} rejected, {} replayed, {} over a sender's rate; {} machine-type requests throttled)\nme    {}",
                 v["space"].as_str().unwrap_or("?"),
                 v["connected"],
+                n("trimmed"),
                 n("rejected_messages"),
                 n("replayed"),
                 n("rate_limited"),
@@ -279,7 +280,7 @@ mod space_tests {
 
     #[test]
     fn the_space_line_shows_every_abuse_counter() {
-        let v = serde_json::json!({"space": "dept", "connected": 3, "rejected_messages": 2,
+        let v = serde_json::json!({"space": "dept", "connected": 3, "trimmed": 29, "rejected_messages": 2,
             "replayed": 5, "rate_limited": 7, "mt_throttled": 11, "peer_id": "12D3", "peers": [],
             "relay": {"outbound": 3, "inbound": 4, "duplicates": 13, "prunes_sent": 17,
                 "grafts_sent": 19, "dropped": 23}});
@@ -290,6 +291,7 @@ mod space_tests {
             ),
             "{text}"
         );
+        assert!(text.contains("3 connected, 29 closed as surplus"), "{text}");
         assert!(
             text.contains(
                 "2 rejected, 5 replayed, 7 over a sender's rate; 11 machine-type requests throttled"

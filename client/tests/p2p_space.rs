@@ -1,7 +1,8 @@
 //! The space over real libp2p on loopback: nodes that only know one bootstrap peer converge on each
 //! other's signed adverts; a forged message is rejected by everyone and counted against its sender;
 //! a chain of nodes each knowing only its predecessor connects everyone to everyone, stays so past
-//! the idle timeout, and fills every mesh.
+//! the idle timeout, and fills every mesh; the same chain with a low peer limit closes the
+//! connections its nodes dialled and do not need, and still carries every advert.
 
 use std::time::{Duration, Instant};
 
@@ -215,6 +216,90 @@ async fn a_chain_of_nodes_connects_and_stays_connected_past_the_idle_timeout() {
             Instant::now() < deadline,
             "{missing} nodes never saw the last node's advert"
         );
+    }
+    cancel.cancel();
+}
+
+/// Gossipsub keeps every connection of a space open, so the chain above ends a full mesh. With a
+/// peer limit of 6, each node closes connections it dialled that no relay link or bootstrap
+/// needs (a gossipsub mesh peer last), down to 4 of its own: the space holds far fewer
+/// connections than the full mesh, every node still holds its relay links, and adverts from every
+/// node still reach every other one. The chain test above is the control: with the default limit
+/// the same chain holds all but one of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_peer_limit_a_node_closes_what_it_dialled_and_adverts_still_flow() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    const N: usize = 16;
+    let cancel = CancellationToken::new();
+    let mut nodes: Vec<(SecretKey, SpaceHandle)> = Vec::new();
+    let mut prev: Option<libp2p::Multiaddr> = None;
+    for i in 0..N {
+        let key = SecretKey::from_seed([0x70 + i as u8; 32]);
+        let mut cfg = SpaceConfig::new("trim");
+        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        cfg.bootstrap = prev.take().into_iter().collect();
+        cfg.kad_server = Some(true);
+        cfg.max_peers = 6;
+        cfg.trim_grace = Duration::from_secs(2);
+        let (h, addrs, _task) = p2p::start(&key, cfg, cancel.clone()).await.unwrap();
+        prev = Some(addrs[0].clone().with(libp2p::multiaddr::Protocol::P2p(
+            key.public().to_string().parse().unwrap(),
+        )));
+        nodes.push((key, h));
+    }
+    // Everyone advertises every second, as factories do, while the space trims itself.
+    let mut seq = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut looks;
+    loop {
+        seq += 1;
+        for (k, h) in &nodes {
+            h.publish(advert(k, seq, 2)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        looks = Vec::new();
+        for (_, h) in &nodes {
+            let s = h.summary().await.unwrap();
+            looks.push((s.connected, s.trimmed, s.relay.outbound, s.peers.len()));
+        }
+        let total: usize = looks.iter().map(|l| l.0).sum();
+        let trimmed: u64 = looks.iter().map(|l| l.1).sum();
+        // Each connection counts at both ends: a full mesh is N − 1 per node.
+        let thin = total <= N * 9 && trimmed > 0;
+        let linked = looks.iter().all(|l| l.2 >= RELAY_OUTBOUND);
+        let seen = looks.iter().all(|l| l.3 == N);
+        if thin && linked && seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the space did not thin out with every view whole; (connected, closed as surplus, own \
+             relay links, view) per node at the last look: {looks:?}"
+        );
+    }
+    // After the trimming, fresh adverts from each end of the chain reach every node.
+    for &src in &[0, N - 1] {
+        let (k, h) = &nodes[src];
+        seq += 1;
+        h.publish(advert(k, seq, 5)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut missing = Vec::new();
+            for (j, (_, other)) in nodes.iter().enumerate() {
+                if j != src && other.seq_of(k.public()).await.unwrap() < Some(seq) {
+                    missing.push(j);
+                }
+            }
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes {missing:?} never saw node {src}'s advert {seq} after trimming \
+                 (connections per node: {looks:?})"
+            );
+        }
     }
     cancel.cancel();
 }

@@ -320,7 +320,7 @@ impl Node {
                     // Nobody reading is no reason to stop observing.
                     tx.send_replace(self.snapshot());
                 }
-                _ = lookup.tick() => discovery::lookup(&mut self.swarm),
+                _ = lookup.tick() => discovery::lookup(&mut self.swarm, tuning::TARGET_PEERS),
                 _ = flush.tick(), if queued => self.flush_relay(),
                 ev = self.relay.next() => self.link_event(ev),
                 ev = self.swarm.select_next_some() => self.event(ev),
@@ -355,7 +355,7 @@ impl Node {
                 discovery::on_identify(&mut self.swarm, e, &self.kad_protocol)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => {
-                discovery::on_kad(&mut self.swarm, e, |_| false)
+                discovery::on_kad(&mut self.swarm, e, tuning::TARGET_PEERS, |_| false)
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 discovery::on_connected(&mut self.swarm, peer_id, &self.bootstrap)

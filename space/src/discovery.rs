@@ -1,14 +1,13 @@
 //! How a space node finds and keeps its peers, as steps of its event loop: listening, dialling and
 //! redialling the bootstrap peers, mDNS, identify feeding Kademlia, and dialling what Kademlia
-//! finds while the node has fewer than [`TARGET_PEERS`](crate::tuning::TARGET_PEERS) connections.
+//! finds while the node has fewer connections than it wants (its target, at most
+//! [`TARGET_PEERS`](crate::tuning::TARGET_PEERS)).
 
 use futures_util::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, mdns};
-
-use crate::tuning::TARGET_PEERS;
 
 /// A node's behaviour: whatever else it runs, it has the space's Kademlia.
 pub trait SpaceBehaviour: NetworkBehaviour {
@@ -82,9 +81,9 @@ pub fn redial<B: SpaceBehaviour>(
     }
 }
 
-/// Walks the DHT while the node knows fewer peers than it would like.
-pub fn lookup<B: SpaceBehaviour>(swarm: &mut Swarm<B>) {
-    if swarm.connected_peers().count() < TARGET_PEERS {
+/// Walks the DHT while the node has fewer than `target` peers connected.
+pub fn lookup<B: SpaceBehaviour>(swarm: &mut Swarm<B>, target: usize) {
+    if swarm.connected_peers().count() < target {
         let _ = swarm.behaviour_mut().kad().bootstrap();
     }
 }
@@ -100,7 +99,10 @@ pub fn on_mdns<B: SpaceBehaviour>(swarm: &mut Swarm<B>, e: mdns::Event) {
     }
 }
 
-/// Peers that speak the space's DHT go into the routing table under their listen addresses.
+/// Peers that speak the space's DHT go into the routing table under their listen addresses: one
+/// already there has its addresses refreshed, a new one goes in only if its bucket has room (a
+/// new peer in a full bucket would make Kademlia dial the bucket's oldest disconnected entry,
+/// see [`crate::swarm`]).
 pub fn on_identify<B: SpaceBehaviour>(
     swarm: &mut Swarm<B>,
     e: identify::Event,
@@ -109,16 +111,24 @@ pub fn on_identify<B: SpaceBehaviour>(
     if let identify::Event::Received { peer_id, info, .. } = e
         && info.protocols.contains(kad_protocol)
     {
-        for a in info.listen_addrs {
-            swarm.behaviour_mut().kad().add_address(&peer_id, a);
+        let kad = swarm.behaviour_mut().kad();
+        let room = kad.kbucket(peer_id).is_none_or(|b| {
+            b.num_entries() < kad::K_VALUE.get()
+                || b.iter().any(|e| *e.node.key.preimage() == peer_id)
+        });
+        if room {
+            for a in info.listen_addrs {
+                kad.add_address(&peer_id, a);
+            }
         }
     }
 }
 
-/// A peer Kademlia found is dialled while the node has room for more (unless `banned`).
+/// A peer Kademlia found is dialled while fewer than `target` are connected (unless `banned`).
 pub fn on_kad<B: SpaceBehaviour>(
     swarm: &mut Swarm<B>,
     e: kad::Event,
+    target: usize,
     banned: impl Fn(&PeerId) -> bool,
 ) {
     if let kad::Event::RoutingUpdated {
@@ -126,7 +136,7 @@ pub fn on_kad<B: SpaceBehaviour>(
     } = e
         && !swarm.is_connected(&peer)
         && !banned(&peer)
-        && swarm.connected_peers().count() < TARGET_PEERS
+        && swarm.connected_peers().count() < target
     {
         let opts = DialOpts::peer_id(peer)
             .addresses(addresses.into_vec())

@@ -276,6 +276,11 @@ impl AdvertRelay {
         }
     }
 
+    /// Whether `peer` is linked (either way) or a link to it is being opened.
+    pub fn is_linked(&self, peer: &PeerId) -> bool {
+        self.links.pending(peer) || self.links.linked().any(|(p, _)| p == *peer)
+    }
+
     /// Closes the link to `peer` (a banned one).
     pub fn close(&mut self, peer: &PeerId) {
         self.links.close(peer);

@@ -188,6 +188,12 @@ pub fn kad_behaviour(
 ) -> kad::Behaviour<kad::store::MemoryStore> {
     let mut kcfg = kad::Config::new(protocol);
     kcfg.set_periodic_bootstrap_interval(Some(tuning::KAD_BOOTSTRAP_INTERVAL));
+    // Peers enter the routing table only through `discovery` (bootstrap addresses, identify),
+    // which skips a new peer whose bucket is full. Left to itself, Kademlia answers a new peer in
+    // a full bucket by dialling the bucket's oldest disconnected entry to see if it lives: with
+    // connections trimmed (`crate::trim`), each peer that came by redialled one that was just
+    // closed, and a 100-node space churned through thousands of connections a minute.
+    kcfg.set_kbucket_inserts(kad::BucketInserts::Manual);
     kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kcfg)
 }
 
