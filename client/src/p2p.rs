@@ -545,6 +545,7 @@ pub async fn start_space(
         trimmer: Trimmer::new(local),
         max_peers: cfg.max_peers,
         trim_grace: cfg.trim_grace,
+        walks: discovery::Walks::default(),
         trimmed: 0,
     };
     let task = tokio::spawn(node.run(rx, cancel));
@@ -619,6 +620,8 @@ struct Node {
     max_peers: usize,
     trim_grace: Duration,
     trimmed: u64,
+    /// When to walk the DHT next.
+    walks: discovery::Walks,
 }
 
 /// Checks a gossiped key rotation or revocation: size, kind, signature (by the key it names),
@@ -715,7 +718,8 @@ impl Node {
                 _ = housekeeping.tick(), if !alone => self.housekeeping(),
                 _ = lookup.tick(), if !alone || dialling => {
                     let target = self.dial_target();
-                    discovery::lookup(&mut self.swarm, target)
+                    let now_ms = crate::factory::now_ms();
+                    discovery::lookup(&mut self.swarm, target, &mut self.walks, now_ms)
                 }
                 _ = flush.tick(), if queued => self.flush_relay(),
                 ev = self.relay.next() => self.link_event(ev),

@@ -265,6 +265,7 @@ pub async fn start(
         view: SpaceView::with_ttl(cfg.advert_ttl_s),
         gate: AdvertGate::default(),
         rejected: 0,
+        walks: discovery::Walks::default(),
     };
     let (tx, snapshots) = watch::channel(node.snapshot());
     let task = tokio::spawn(node.run(tx, cancel));
@@ -287,6 +288,8 @@ struct Node {
     /// The client's checks on adverts, with their per-author rates.
     gate: AdvertGate,
     rejected: u64,
+    /// When to walk the DHT next.
+    walks: discovery::Walks,
 }
 
 fn now_ms() -> u64 {
@@ -320,7 +323,12 @@ impl Node {
                     // Nobody reading is no reason to stop observing.
                     tx.send_replace(self.snapshot());
                 }
-                _ = lookup.tick() => discovery::lookup(&mut self.swarm, tuning::TARGET_PEERS),
+                _ = lookup.tick() => discovery::lookup(
+                    &mut self.swarm,
+                    tuning::TARGET_PEERS,
+                    &mut self.walks,
+                    now_ms(),
+                ),
                 _ = flush.tick(), if queued => self.flush_relay(),
                 ev = self.relay.next() => self.link_event(ev),
                 ev = self.swarm.select_next_some() => self.event(ev),

@@ -9,6 +9,8 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, kad, mdns};
 
+use crate::tuning::{LOOKUP_INTERVAL, LOOKUP_MAX_INTERVAL};
+
 /// A node's behaviour: whatever else it runs, it has the space's Kademlia.
 pub trait SpaceBehaviour: NetworkBehaviour {
     fn kad(&mut self) -> &mut kad::Behaviour<kad::store::MemoryStore>;
@@ -81,10 +83,55 @@ pub fn redial<B: SpaceBehaviour>(
     }
 }
 
-/// Walks the DHT while the node has fewer than `target` peers connected.
-pub fn lookup<B: SpaceBehaviour>(swarm: &mut Swarm<B>, target: usize) {
-    if swarm.connected_peers().count() < target {
+/// Walks the DHT while the node has fewer than `target` peers connected, as often as `walks`
+/// allows.
+pub fn lookup<B: SpaceBehaviour>(
+    swarm: &mut Swarm<B>,
+    target: usize,
+    walks: &mut Walks,
+    now_ms: u64,
+) {
+    let connected = swarm.connected_peers().count();
+    if connected < target && walks.due(connected, now_ms) {
         let _ = swarm.behaviour_mut().kad().bootstrap();
+    }
+}
+
+/// When a node below its target walks the DHT next: every [`LOOKUP_INTERVAL`] while walks bring
+/// it connections, the wait doubling after each that did not, up to [`LOOKUP_MAX_INTERVAL`].
+#[derive(Debug)]
+pub struct Walks {
+    next_ms: u64,
+    wait_ms: u64,
+    /// Peers connected at the last walk.
+    had: usize,
+}
+
+impl Default for Walks {
+    fn default() -> Walks {
+        Walks {
+            next_ms: 0,
+            wait_ms: LOOKUP_INTERVAL.as_millis() as u64,
+            had: 0,
+        }
+    }
+}
+
+impl Walks {
+    /// Whether to walk now, with `connected` peers; if so, the walk is counted.
+    pub fn due(&mut self, connected: usize, now_ms: u64) -> bool {
+        if now_ms < self.next_ms {
+            return false;
+        }
+        let base = LOOKUP_INTERVAL.as_millis() as u64;
+        self.wait_ms = if self.next_ms == 0 || connected > self.had {
+            base
+        } else {
+            (self.wait_ms * 2).min(LOOKUP_MAX_INTERVAL.as_millis() as u64)
+        };
+        self.had = connected;
+        self.next_ms = now_ms + self.wait_ms;
+        true
     }
 }
 
@@ -159,6 +206,31 @@ pub fn on_connected<B: SpaceBehaviour>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn walks_back_off_while_they_bring_no_one_and_resume_when_they_do() {
+        let mut w = Walks::default();
+        let s = 1000;
+        assert!(w.due(3, 0));
+        assert!(!w.due(3, 9 * s));
+        // Nothing new since: 20 s, then 40 s, ... up to the cap.
+        assert!(w.due(3, 10 * s));
+        assert!(!w.due(3, 29 * s));
+        assert!(w.due(3, 30 * s));
+        assert!(!w.due(3, 69 * s));
+        assert!(w.due(3, 70 * s));
+        let mut at = 70 * s;
+        for _ in 0..10 {
+            at += LOOKUP_MAX_INTERVAL.as_millis() as u64;
+            assert!(w.due(3, at));
+        }
+        assert!(!w.due(3, at + LOOKUP_MAX_INTERVAL.as_millis() as u64 - 1));
+        // A peer more since the last walk: back to every 10 s.
+        at += LOOKUP_MAX_INTERVAL.as_millis() as u64;
+        assert!(w.due(4, at));
+        assert!(!w.due(4, at + 10 * s - 1));
+        assert!(w.due(4, at + 10 * s));
+    }
 
     #[test]
     fn peer_of_reads_the_p2p_part() {

@@ -42,8 +42,13 @@ pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// ~11 % of the process's CPU at a 60 s interval. A node with fewer than [`TARGET_PEERS`]
 /// connections walks every [`LOOKUP_INTERVAL`] anyway; one well connected needs no more.
 pub const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(300);
-/// How often a node walks the DHT while it has fewer than [`TARGET_PEERS`] connections.
+/// How often a node walks the DHT while it has fewer than [`TARGET_PEERS`] connections and its
+/// walks bring it more.
 pub const LOOKUP_INTERVAL: Duration = Duration::from_secs(10);
+/// The longest wait between walks that brought no new connection: each such walk doubles the
+/// wait from [`LOOKUP_INTERVAL`] up to this. A space smaller than the target (a department of ten
+/// workstations) otherwise walked every 10 s forever, finding no one it did not hold.
+pub const LOOKUP_MAX_INTERVAL: Duration = Duration::from_secs(320);
 /// How often bootstrap peers that are not connected are dialled again.
 pub const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 /// Kademlia-discovered peers are dialled while fewer than this are connected.
