@@ -505,12 +505,9 @@ pub async fn start_space(
     .await
     .map_err(SpaceError::Setup)?;
     discovery::dial_bootstrap(&mut swarm, &cfg.bootstrap);
-    let relay = AdvertRelay::new(
-        swarm.behaviour().stream.new_control(),
-        *swarm.local_peer_id(),
-    )
-    .map_err(SpaceError::Setup)?;
     let local = *swarm.local_peer_id();
+    let relay = AdvertRelay::new(swarm.behaviour().stream.new_control(), local)
+        .map_err(SpaceError::Setup)?;
     let (tx, rx) = mpsc::channel(256);
     let (learned_tx, learned) = mpsc::channel(32);
     let (trust_tx, trust_learned) = mpsc::channel(32);

@@ -5,7 +5,7 @@
 //! when not root, unless CI is set. Each node is this test binary re-run as `mdns_node`.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use gleaner::SecretKey;
 use gleaner_client::p2p::SpaceConfig;
 
 mod nsnode;
-use nsnode::{is_root, sh};
+use nsnode::{Lab, is_root, sh};
 
 /// What the namespaces of this test are called: `<PREFIX><pid>-<case>-<name>`, so that those a
 /// killed run left behind can be told apart from a live run's.
@@ -88,21 +88,8 @@ fn remove_stale() {
 /// (nodes, namespaces and, with them, the links) is removed on drop, even after a failed
 /// assertion.
 struct Lan {
-    ns: Vec<String>,
-    nodes: Vec<Child>,
+    lab: Lab,
     views: Arc<Mutex<Vec<Option<Vec<String>>>>>,
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for c in &mut self.nodes {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for n in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
 }
 
 impl Lan {
@@ -111,8 +98,10 @@ impl Lan {
         let base = format!("{PREFIX}{}-{case}", std::process::id());
         let hub = format!("{base}-hub");
         let mut lan = Lan {
-            ns: vec![hub.clone()],
-            nodes: Vec::new(),
+            lab: Lab {
+                ns: vec![hub.clone()],
+                nodes: Vec::new(),
+            },
             views: Arc::new(Mutex::new(vec![None; SEEDS.len()])),
         };
         sh(&["ip", "netns", "add", &hub]);
@@ -134,7 +123,7 @@ impl Lan {
         for i in 0..SEEDS.len() {
             let ns = format!("{base}-n{i}");
             sh(&["ip", "netns", "add", &ns]);
-            lan.ns.push(ns.clone());
+            lan.lab.ns.push(ns.clone());
             let port = format!("p{i}");
             // Made straight in the namespaces, so the names cannot clash with the host's.
             sh(&[
@@ -168,7 +157,7 @@ impl Lan {
         let exe = std::env::current_exe().unwrap();
         for (i, seed) in SEEDS.iter().enumerate() {
             let mut c = Command::new("ip")
-                .args(["netns", "exec", &self.ns[i + 1]])
+                .args(["netns", "exec", &self.lab.ns[i + 1]])
                 .arg(&exe)
                 .args(["--exact", "mdns_node", "--nocapture", "--test-threads", "1"])
                 .env("GLEANER_MDNS_NODE", seed.to_string())
@@ -179,7 +168,7 @@ impl Lan {
                 .spawn()
                 .unwrap();
             let out = c.stdout.take().unwrap();
-            self.nodes.push(c);
+            self.lab.nodes.push(c);
             let views = self.views.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {

@@ -4,7 +4,7 @@
 //! root, unless CI is set. Each node is this test binary re-run as `netns_node` inside a namespace.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use gleaner::SecretKey;
 use gleaner_client::p2p::SpaceConfig;
 
 mod nsnode;
-use nsnode::{is_root, sh};
+use nsnode::{Lab, is_root, sh};
 
 const TTL_S: u64 = 6;
 
@@ -38,24 +38,6 @@ fn netns_node() {
     nsnode::run_view_node(seed, cfg, Duration::from_secs(180));
 }
 
-/// The namespaces and the nodes; everything is removed on drop, even after a failed assertion.
-struct Lab {
-    ns: [String; 2],
-    nodes: Vec<Child>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.nodes {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for n in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
 #[test]
 fn partition_and_heal_across_network_namespaces() {
     if std::env::var_os("GLEANER_NETNS_NODE").is_some() {
@@ -73,7 +55,7 @@ fn partition_and_heal_across_network_namespaces() {
     let (na, nb) = (format!("gla{tag}"), format!("glb{tag}"));
     let (va, vb) = (format!("gva{tag}"), format!("gvb{tag}"));
     let mut lab = Lab {
-        ns: [na.clone(), nb.clone()],
+        ns: vec![na.clone(), nb.clone()],
         nodes: Vec::new(),
     };
     sh(&["ip", "netns", "add", &na]);

@@ -85,7 +85,8 @@ impl Trimmer {
     }
 
     /// Peers held now.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         let mut peers: Vec<PeerId> = self.conns.values().map(|c| c.peer).collect();
         peers.sort_unstable();
         peers.dedup();

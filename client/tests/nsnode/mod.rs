@@ -3,7 +3,7 @@
 //! `ip` commands that build the namespaces.
 #![allow(dead_code)]
 
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use gleaner::SecretKey;
@@ -75,4 +75,23 @@ pub fn is_root() -> bool {
                 .map(|l| l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+/// Network namespaces and the nodes running in them; all removed on drop, even after a failed
+/// assertion.
+pub struct Lab {
+    pub ns: Vec<String>,
+    pub nodes: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+    }
 }
