@@ -1,6 +1,7 @@
 //! Target shares in the factory: with the space's counts, a factory starts the types the space as a
 //! whole lacks (issue 5); without them it keeps its local shares; and slots are laid like masonry
 //! (issue 6): a multi-core type is not starved by single-core machines refilling each freed core.
+//! An abort elsewhere in the space backs a type off here too, then lets a probe through (issue 5).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,14 @@ fn offer(name: &str) -> Offer {
 }
 
 fn offer_cores(name: &str, cores: u16) -> Offer {
+    offer_with(
+        name,
+        cores,
+        MachineType::example(SecretKey::from_seed([0x51; 32]).public()).backoff_s,
+    )
+}
+
+fn offer_with(name: &str, cores: u16, backoff_s: u32) -> Offer {
     let publisher = SecretKey::from_seed([0x51; 32]);
     let mut mt = MachineType::example(publisher.public());
     mt.name = name.into();
@@ -30,6 +39,7 @@ fn offer_cores(name: &str, cores: u16) -> Offer {
     mt.cores_min = cores;
     mt.cores_max = cores;
     mt.memory_mib = 64;
+    mt.backoff_s = backoff_s;
     mt.not_after = 4_000_000_000;
     let v = Envelope::seal(&mt, &publisher)
         .open::<MachineType>()
@@ -202,4 +212,48 @@ async fn a_two_core_type_is_not_starved_by_one_core_machines() {
         }
         cancel.cancel();
     }
+}
+
+/// Vac's back-off across the space: another factory's abort of a type (as the daemon hands it on
+/// from the space's view) keeps that type from starting here until the abort's time plus the
+/// type's back-off, although slots are free; then one machine starts first as a probe.
+#[tokio::test]
+async fn an_abort_elsewhere_backs_the_type_off_here_then_lets_a_probe_through() {
+    const BACKOFF_S: u32 = 3;
+    let a = offer_with("alpha", 1, BACKOFF_S);
+    let dir = tempfile::tempdir().unwrap();
+    let (h, cancel) = factory(dir.path()).await;
+    h.offer(a.clone()).await.unwrap();
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Before the allowance opens (300 ms), so that nothing has started yet.
+    h.remote_abort(a.digest, at).await.unwrap();
+    let until = at + u64::from(BACKOFF_S);
+    let s = h.status().await.unwrap();
+    assert_eq!(s.offers[0].backed_off_until, Some(until), "{s:?}");
+    // Free slots, and still nothing starts while the back-off lasts.
+    let quiet_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < quiet_until {
+        let s = h.status().await.unwrap();
+        assert!(s.machines.is_empty(), "started during the back-off: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once it is over, a probe goes first, then the type fills the slots again.
+    assert_eq!(filled(&h).await, vec![("alpha".into(), 4)]);
+    let s = h.status().await.unwrap();
+    let said = |what: &str| s.events.iter().position(|e| e.message.contains(what));
+    let (backed, probed) = (
+        said("alpha aborted elsewhere in the space"),
+        said("probing alpha after its back-off"),
+    );
+    assert!(backed.is_some() && probed.is_some(), "{:?}", s.events);
+    assert!(backed < probed, "{:?}", s.events);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now >= until, "filled before the back-off ended");
+    cancel.cancel();
 }
