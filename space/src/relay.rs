@@ -186,6 +186,10 @@ impl AdvertRelay {
                 Verdict::Ignore(_) | Verdict::Replay(_) => self.relay.refused(n.host, n.seq),
             }
         }
+        // The next flush's news goes into the same allocation, not one grown afresh each time.
+        let mut news = news;
+        news.clear();
+        self.news = news;
     }
 
     /// This node's own advert (already in its view): queued to every neighbour. Sent as it is,
