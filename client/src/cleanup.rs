@@ -25,14 +25,17 @@ pub struct Report {
 
 /// The folders under a state dir that only hold what machines need while they run.
 const DISPOSABLE: [&str; 3] = ["images", "machines", "vms"];
-/// What survives a plain cleanup: the host's identity, its unsent credit, and what the owner chose
-/// (trusted publishers, live limits, pauses) or a site job still claims — so a reinstall carries on.
-const KEPT: [&str; 6] = [
+/// What survives a plain cleanup: the host's identity, its unsent credit, what the owner chose
+/// (trusted publishers, live limits, pauses), the machine-type versions seen, and what a site job
+/// still claims — so a reinstall carries on.
+const KEPT: [&str; 7] = [
     "host.key",
     "ledger.redb",
     "trust.toml",
     "owner.toml",
     "paused.toml",
+    // The newest version seen of each machine type: a reinstall still refuses rollbacks.
+    "versions.toml",
     crate::batch::CLAIMS_FILE,
 ];
 

@@ -204,6 +204,14 @@ pub struct DaemonArgs {
     /// A folder of signed machine types (*.gmt) to offer when their publisher is trusted
     #[arg(long)]
     pub machine_types: Option<PathBuf>,
+    /// Fetch a signed machine type from this https:// URL (repeatable; replaces the file's
+    /// type_urls), admitted like the folder's. Add #fingerprint=SHA256 to pin a server with a
+    /// self-signed certificate, as `gleaner-coordinator serve` prints it
+    #[arg(long = "type-url", value_name = "URL")]
+    pub type_url: Vec<String>,
+    /// How often each type URL is asked for a new version, e.g. 15m [default: 15m]
+    #[arg(long, value_name = "DURATION")]
+    pub type_url_every: Option<String>,
     /// Trust a publisher: ID[=SHARE][,allow-vms][,allow-egress][,max-cores=N] (repeatable; adds
     /// to the file's). Without allow-vms / allow-egress only containers without network run
     #[arg(long = "trust", value_name = "ID[=SHARE][,...]")]
@@ -302,6 +310,8 @@ impl DaemonArgs {
             control_tcp: None,
             space: None,
             machine_types: None,
+            type_url: Vec::new(),
+            type_url_every: None,
             trust: Vec::new(),
             cores: None,
             memory: None,

@@ -111,6 +111,9 @@ pub struct FileConfig {
     pub socket: Option<PathBuf>,
     pub space: Option<Spanned<String>>,
     pub machine_types: Option<PathBuf>,
+    /// Signed machine types fetched from https:// URLs (`crate::type_urls`).
+    pub type_urls: Option<Spanned<Vec<String>>>,
+    pub type_url_every: Option<Spanned<Scalar>>,
     pub trust: Option<Spanned<Vec<String>>>,
     pub coordinator: Option<Spanned<String>>,
     pub coordinator_fingerprint: Option<Spanned<String>>,

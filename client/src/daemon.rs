@@ -28,6 +28,9 @@ pub struct DaemonOptions {
     pub space: String,
     /// Signed machine types (`*.gmt`) in this folder are offered, if their publisher is trusted.
     pub machine_types_dir: Option<PathBuf>,
+    /// Signed machine types fetched from HTTPS URLs, and how often each is asked again.
+    pub type_urls: Vec<crate::type_urls::TypeUrl>,
+    pub type_url_every: Duration,
     /// The department's baseline of trusted publishers and their policies (the settings file's
     /// `trust` and `--trust`); the owner's changes are kept in the trust store in `state_dir`.
     pub trusted: Vec<(PublicKey, gleaner::trust::Policy)>,
@@ -107,6 +110,8 @@ pub enum DaemonError {
     BatchClaims(#[from] crate::batch::ClaimsError),
     #[error("paused machine types: {0}")]
     Paused(String),
+    #[error("machine-type versions seen: {0}")]
+    Versions(String),
 }
 
 /// The owner's manual pause (from `gleaner pause`).
@@ -621,10 +626,10 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
         &crate::trust::store_path(&opts.state_dir),
         opts.trusted.clone(),
     )?;
-    let catalogue = Arc::new(tokio::sync::Mutex::new(crate::trust::Catalogue::new(
-        trust,
-        opts.machine_types_dir.clone(),
-    )));
+    let catalogue = crate::trust::Catalogue::new(trust, opts.machine_types_dir.clone())
+        .remember_versions(&crate::trust::versions_path(&opts.state_dir))
+        .map_err(DaemonError::Versions)?;
+    let catalogue = Arc::new(tokio::sync::Mutex::new(catalogue));
     let ledger = Arc::new(Ledger::open(&ledger_path(&opts.state_dir))?);
     let paused_types = crate::pauses::PausedTypes::open(&crate::pauses::path(&opts.state_dir))
         .map_err(DaemonError::Paused)?;
@@ -944,6 +949,18 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                 }
             }
         });
+    }
+
+    // Machine types from their HTTPS URLs, admitted by the same trust policy as the folder's.
+    if !opts.type_urls.is_empty() {
+        tracker.spawn(crate::type_urls::run(
+            opts.type_urls.clone(),
+            opts.type_url_every,
+            catalogue.clone(),
+            handle.clone(),
+            space.clone(),
+            cancel.clone(),
+        ));
     }
 
     // Housekeeping: new machine types, timed pauses, and a nudge for the outbox.

@@ -115,6 +115,10 @@ impl Settings {
         check(a.control_tcp != b.control_tcp, "control.tcp");
         check(a.space != b.space, "space");
         check(a.machine_types_dir != b.machine_types_dir, "machine_types");
+        check(
+            a.type_urls != b.type_urls || a.type_url_every != b.type_url_every,
+            "type_urls",
+        );
         check(a.trusted != b.trusted, "trust");
         check(a.stop_grace != b.stop_grace, "stop_grace");
         check(a.display != b.display, "display");
@@ -265,6 +269,44 @@ pub fn settings_from(
                     .map_err(|e| o.invalid(key, list.span(), format!("{a:?}: {e}")))
             })
             .collect()
+    };
+    let type_urls = if !args.type_url.is_empty() {
+        args.type_url
+            .iter()
+            .map(|u| {
+                crate::type_urls::TypeUrl::parse(u)
+                    .map_err(|e| config::invalid_option("--type-url", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else if let Some(list) = &f.type_urls {
+        list.get_ref()
+            .iter()
+            .map(|u| {
+                crate::type_urls::TypeUrl::parse(u)
+                    .map_err(|e| o.invalid("type_urls", list.span(), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let at_least = |d: Duration| {
+        if d < crate::type_urls::MIN_EVERY {
+            Err(format!(
+                "{} s is too often; ask at most once a second",
+                d.as_secs_f64()
+            ))
+        } else {
+            Ok(d)
+        }
+    };
+    let type_url_every = match (&args.type_url_every, &f.type_url_every) {
+        (Some(d), _) => config::duration(&Scalar::Text(d.clone()))
+            .and_then(at_least)
+            .map_err(|e| config::invalid_option("--type-url-every", e))?,
+        (None, Some(d)) => config::duration(d.get_ref())
+            .and_then(at_least)
+            .map_err(|e| o.invalid("type_url_every", d.span(), e))?,
+        (None, None) => crate::type_urls::DEFAULT_EVERY,
     };
     let listen = multiaddrs(&args.listen, &f.listen, "listen")?;
     let bootstrap = multiaddrs(&args.bootstrap, &f.bootstrap, "bootstrap")?;
@@ -437,6 +479,8 @@ pub fn settings_from(
             control_tcp,
             space,
             machine_types_dir: args.machine_types.clone().or(f.machine_types.clone()),
+            type_urls,
+            type_url_every,
             trusted,
             cores,
             memory_bytes,

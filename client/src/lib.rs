@@ -27,3 +27,4 @@ pub mod publish;
 pub mod render;
 pub mod runtime;
 pub mod trust;
+pub mod type_urls;

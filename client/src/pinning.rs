@@ -1,5 +1,6 @@
-//! TLS to the coordinator pinned by certificate fingerprint: the embedded coordinator makes a
-//! self-signed certificate and prints its SHA-256; clients trust exactly that certificate.
+//! TLS pinned by certificate fingerprint (to the coordinator, and to machine-type URLs): the
+//! embedded coordinator makes a self-signed certificate and prints its SHA-256; clients trust
+//! exactly that certificate.
 
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ impl ServerCertVerifier for PinnedVerifier {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "the coordinator's certificate has sha256 {got}, but {} is pinned",
+                "the server's certificate has sha256 {got}, but {} is pinned",
                 self.pin
             )))
         }

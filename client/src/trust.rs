@@ -520,6 +520,116 @@ impl TrustStore {
     }
 }
 
+/// Where the newest version admitted of each machine type is remembered.
+pub fn versions_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("versions.toml")
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionsFile {
+    #[serde(default, rename = "type")]
+    types: Vec<VersionEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionEntry {
+    publisher: String,
+    name: String,
+    version: u64,
+    digest: String,
+}
+
+/// The newest version admitted per (publisher, name), and its digest. An older version, or a
+/// second one with the same number, is a rollback: a URL, a peer or a folder serving an old
+/// release (with a known flaw, say) after a newer one was seen. Kept in a file when given one.
+#[derive(Debug, Default)]
+struct Versions {
+    path: Option<PathBuf>,
+    latest: BTreeMap<(PublicKey, String), (u64, Digest)>,
+}
+
+impl Versions {
+    fn open(path: &Path) -> Result<Versions, String> {
+        let mut latest = BTreeMap::new();
+        let forget = "fix it, or remove it to forget which versions were seen";
+        match std::fs::read_to_string(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
+            Ok(text) => {
+                let file: VersionsFile = toml::from_str(&text).map_err(|e| {
+                    format!("{}: {} ({forget})", path.display(), e.message().trim())
+                })?;
+                for t in file.types {
+                    let bad = |what: &str| format!("{}: {what} ({forget})", path.display());
+                    let publisher = t
+                        .publisher
+                        .parse::<PublicKey>()
+                        .map_err(|_| bad(&format!("{:?} is not a publisher id", t.publisher)))?;
+                    let digest = t.digest.parse::<Digest>().map_err(|_| {
+                        bad(&format!("{:?} is not a digest (sha256 in hex)", t.digest))
+                    })?;
+                    latest.insert((publisher, t.name), (t.version, digest));
+                }
+            }
+        }
+        Ok(Versions {
+            path: Some(path.to_owned()),
+            latest,
+        })
+    }
+
+    /// Whether `mt` (with `digest`) may be admitted: not older than the newest seen, and not a
+    /// different type under the same version number.
+    fn check(&self, mt: &MachineType, digest: Digest) -> Result<(), String> {
+        match self.latest.get(&(mt.publisher, mt.name.clone())) {
+            Some(&(version, seen))
+                if version > mt.version || version == mt.version && seen != digest =>
+            {
+                Err(format!(
+                    "v{version} was admitted here before ({seen}); an older version or a second \
+                     v{version} is a rollback"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records an admitted type, and writes the file if it is a new version.
+    fn record(&mut self, mt: &MachineType, digest: Digest) {
+        let key = (mt.publisher, mt.name.clone());
+        if self.latest.get(&key) == Some(&(mt.version, digest)) {
+            return;
+        }
+        self.latest.insert(key, (mt.version, digest));
+        let Some(path) = &self.path else { return };
+        let file = VersionsFile {
+            types: self
+                .latest
+                .iter()
+                .map(|((p, name), (version, digest))| VersionEntry {
+                    publisher: p.to_string(),
+                    name: name.clone(),
+                    version: *version,
+                    digest: digest.to_string(),
+                })
+                .collect(),
+        };
+        let written = toml::to_string(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                crate::image_archive::write_atomic(path, text.as_bytes()).map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            tracing::warn!(
+                "cannot write {}: {e}; rollbacks are still refused until the daemon restarts",
+                path.display()
+            );
+        }
+    }
+}
+
 /// A machine type the catalogue has offered to the factory.
 #[derive(Debug, Clone)]
 struct Offered {
@@ -538,6 +648,8 @@ pub struct Catalogue {
     seen_signed: BTreeSet<Digest>,
     seen_types: BTreeSet<Digest>,
     offered: BTreeMap<Digest, Offered>,
+    /// The newest version admitted per (publisher, name): an older one is a rollback.
+    versions: Versions,
     reconciled: u64,
     /// Signed rotations and revocations newly applied here, for the space to spread.
     fresh_trust: Vec<Vec<u8>>,
@@ -588,9 +700,18 @@ impl Catalogue {
             seen_signed: BTreeSet::new(),
             seen_types: BTreeSet::new(),
             offered: BTreeMap::new(),
+            versions: Versions::default(),
             reconciled: 0,
             fresh_trust: Vec::new(),
         }
+    }
+
+    /// Remembers the newest version admitted of each type in `path` (read now, written on each
+    /// new version), so that a rollback is refused across restarts too. A file that cannot be
+    /// read is an error naming it, rather than rollback protection silently lost.
+    pub fn remember_versions(mut self, path: &Path) -> Result<Catalogue, String> {
+        self.versions = Versions::open(path)?;
+        Ok(self)
     }
 
     /// Signed rotations and revocations applied since the last call, to publish to the space.
@@ -699,9 +820,22 @@ impl Catalogue {
             say(factory, true, format!("refused {origin}: {e}")).await;
             return None;
         }
+        if let Err(why) = self.versions.check(&v.message, v.digest) {
+            say(
+                factory,
+                true,
+                format!(
+                    "refused {origin} ({} v{}): {why}",
+                    v.message.name, v.message.version
+                ),
+            )
+            .await;
+            return None;
+        }
         match self.store.admit(&v.message) {
             Ok(a) => {
                 let digest = v.digest;
+                self.versions.record(&v.message, digest);
                 self.offer(v.message, digest, a, factory).await;
                 Some(digest)
             }
@@ -986,6 +1120,44 @@ mod tests {
             at: 1,
         };
         Envelope::seal(&m, old).to_bytes()
+    }
+
+    #[test]
+    fn versions_refuse_rollbacks_and_are_kept_in_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = versions_path(dir.path());
+        let mut mt = MachineType::example(key(1).public());
+        mt.version = 3;
+        let (d3, other) = (Digest::of(b"v3"), Digest::of(b"another v3"));
+        let mut v = Versions::open(&path).unwrap();
+        assert_eq!(v.check(&mt, d3), Ok(()));
+        v.record(&mt, d3);
+        assert_eq!(v.check(&mt, d3), Ok(()), "the same type again");
+        let e = v.check(&mt, other).unwrap_err();
+        assert!(e.contains("second v3"), "{e}");
+        let mut old = mt.clone();
+        old.version = 2;
+        assert!(v.check(&old, Digest::of(b"v2")).is_err());
+        let mut newer = mt.clone();
+        newer.version = 4;
+        assert_eq!(v.check(&newer, Digest::of(b"v4")), Ok(()));
+        // Another publisher's type of the same name is another type.
+        let mut theirs = old.clone();
+        theirs.publisher = key(2).public();
+        assert_eq!(v.check(&theirs, Digest::of(b"v2")), Ok(()));
+
+        // Read back after a restart.
+        let again = Versions::open(&path).unwrap();
+        assert!(again.check(&old, Digest::of(b"v2")).is_err());
+        assert_eq!(again.check(&mt, d3), Ok(()));
+
+        // A damaged file is an error naming it, not protection silently lost.
+        std::fs::write(&path, "[[type]]\npublisher = \"nobody\"\n").unwrap();
+        let e = Versions::open(&path).unwrap_err();
+        assert!(
+            e.contains("versions.toml") && e.contains("remove it"),
+            "{e}"
+        );
     }
 
     fn revocation(k: &SecretKey) -> Vec<u8> {
