@@ -163,7 +163,7 @@ impl HttpUploader {
 }
 
 /// An error with its causes ("connection refused" is in a source, not the top message).
-fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

@@ -659,7 +659,8 @@ pub struct Catalogue {
 /// store keeps them and the daemon re-announces the store's entries at start).
 const FRESH_TRUST_MAX: usize = 64;
 
-async fn say(factory: &FactoryHandle, warn: bool, message: String) {
+/// Logs `message` (a warning if `warn`) and shows it in `gleaner events`.
+pub(crate) async fn say(factory: &FactoryHandle, warn: bool, message: String) {
     if warn {
         tracing::warn!("{message}");
     } else {

@@ -18,8 +18,9 @@ use reqwest::header::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::coordinator_client::causes;
 use crate::factory::FactoryHandle;
-use crate::trust::Catalogue;
+use crate::trust::{Catalogue, say};
 
 /// A signed machine type fetched from a URL is this large at most (as a file in the folder).
 pub const TYPE_BODY_MAX: usize = 256 * 1024;
@@ -122,21 +123,6 @@ pub enum FetchError {
     TooLarge,
 }
 
-/// The error and its causes on one line (reqwest's own message hides the TLS reason).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let s = cause.to_string();
-        if !msg.contains(&s) {
-            msg.push_str(": ");
-            msg.push_str(&s);
-        }
-        src = cause.source();
-    }
-    msg
-}
-
 /// One conditional GET of `url`, reading at most [`TYPE_BODY_MAX`] bytes of body.
 pub async fn fetch(
     client: &reqwest::Client,
@@ -155,7 +141,7 @@ pub async fn fetch(
         .headers(headers)
         .send()
         .await
-        .map_err(|e| FetchError::Transport(chain(&e)))?;
+        .map_err(|e| FetchError::Transport(causes(&e)))?;
     if resp.status() == reqwest::StatusCode::NOT_MODIFIED {
         return Ok(Fetched::Unchanged);
     }
@@ -176,7 +162,7 @@ pub async fn fetch(
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| FetchError::Transport(chain(&e)))?
+        .map_err(|e| FetchError::Transport(causes(&e)))?
     {
         if bytes.len() + chunk.len() > TYPE_BODY_MAX {
             return Err(FetchError::TooLarge);
@@ -204,15 +190,6 @@ struct Feed {
 pub fn retry_after(failures: u32, every: Duration) -> Duration {
     let doubled = RETRY_FIRST.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     doubled.min(every)
-}
-
-async fn say(factory: &FactoryHandle, warn: bool, message: String) {
-    if warn {
-        tracing::warn!("{message}");
-    } else {
-        tracing::info!("{message}");
-    }
-    let _ = factory.note(message).await;
 }
 
 impl Feed {
