@@ -2,7 +2,8 @@
 //! other's signed adverts; a forged message is rejected by everyone and counted against its sender;
 //! a chain of nodes each knowing only its predecessor connects everyone to everyone, stays so past
 //! the idle timeout, and fills every mesh; the same chain with a low peer limit closes the
-//! connections its nodes dialled and do not need, and still carries every advert.
+//! connections its nodes dialled and do not need, and still carries every advert; and QUIC alone
+//! carries a space.
 
 use std::time::{Duration, Instant};
 
@@ -46,9 +47,19 @@ async fn node(
     bootstrap: Vec<libp2p::Multiaddr>,
     cancel: &CancellationToken,
 ) -> (SecretKey, SpaceHandle, libp2p::Multiaddr) {
+    node_on("/ip4/127.0.0.1/tcp/0", seed, bootstrap, cancel).await
+}
+
+/// As [`node`], listening on `listen` only.
+async fn node_on(
+    listen: &str,
+    seed: u8,
+    bootstrap: Vec<libp2p::Multiaddr>,
+    cancel: &CancellationToken,
+) -> (SecretKey, SpaceHandle, libp2p::Multiaddr) {
     let key = SecretKey::from_seed([seed; 32]);
     let mut cfg = SpaceConfig::new("test");
-    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.listen = vec![listen.parse().unwrap()];
     cfg.bootstrap = bootstrap;
     let (h, addrs, _task) = p2p::start(&key, cfg, cancel.clone()).await.unwrap();
     let addr = addrs[0].clone().with(libp2p::multiaddr::Protocol::P2p(
@@ -140,6 +151,48 @@ async fn adverts_converge_and_forgeries_are_rejected() {
         assert!(
             s.peers.iter().all(|p| p.free_cores != 999),
             "a forged advert got into a view"
+        );
+    }
+    cancel.cancel();
+}
+
+/// QUIC alone carries a space: nodes that listen on QUIC only (no TCP listener anywhere, so every
+/// connection is QUIC) and know one bootstrap node's QUIC address converge on each other's adverts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_space_over_quic_alone_converges() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    const N: u8 = 4;
+    let quic = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let cancel = CancellationToken::new();
+    let (k0, h0, a0) = node_on(quic, 81, vec![], &cancel).await;
+    assert!(
+        a0.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1)),
+        "{a0}"
+    );
+    let mut nodes = vec![(k0, h0)];
+    for i in 1..N {
+        let (k, h, _) = node_on(quic, 81 + i, vec![a0.clone()], &cancel).await;
+        nodes.push((k, h));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seq = 1;
+    loop {
+        for (k, h) in &nodes {
+            h.publish(advert(k, seq, 2)).unwrap();
+        }
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut all = true;
+        for (_, h) in &nodes {
+            all &= h.summary().await.unwrap().peers.len() == usize::from(N);
+        }
+        if all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a space over QUIC alone did not converge"
         );
     }
     cancel.cancel();
