@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use gleaner::{Envelope, SecretKey};
-use gleaner_client::control::{ControlClient, Request};
 use gleaner_client::runtime::Runtime;
 use support::*;
 
@@ -28,11 +27,6 @@ fn start(state: &Path, types: &Path) -> Daemon {
             "always-gently",
         ],
     )
-}
-
-async fn status(sock: &Path) -> Option<serde_json::Value> {
-    let mut c = ControlClient::connect(sock).await.ok()?;
-    c.call(&Request::Status).await.ok()
 }
 
 fn machine_ids(s: &serde_json::Value) -> Vec<String> {

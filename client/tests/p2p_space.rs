@@ -68,6 +68,28 @@ async fn node_on(
     (key, h, addr)
 }
 
+/// Everyone advertises (repeatedly, as factories do) until every view holds every node, or
+/// panics with `what` after 60 s. Returns the next sequence number to use.
+async fn converge(nodes: &[(SecretKey, SpaceHandle)], what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seq = 1;
+    loop {
+        for (k, h) in nodes {
+            h.publish(advert(k, seq, 2)).unwrap();
+        }
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut all = true;
+        for (_, h) in nodes {
+            all &= h.summary().await.unwrap().peers.len() == nodes.len();
+        }
+        if all {
+            return seq;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adverts_converge_and_forgeries_are_rejected() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -79,24 +101,7 @@ async fn adverts_converge_and_forgeries_are_rejected() {
         let (k, h, _) = node(i + 1, vec![a0.clone()], &cancel).await;
         nodes.push((k, h));
     }
-    // Everyone advertises (repeatedly, as factories do) until every view holds every node.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seq = 1;
-    loop {
-        for (k, h) in &nodes {
-            h.publish(advert(k, seq, 2)).unwrap();
-        }
-        seq += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut all = true;
-        for (_, h) in &nodes {
-            all &= h.summary().await.unwrap().peers.len() == usize::from(N);
-        }
-        if all {
-            break;
-        }
-        assert!(Instant::now() < deadline, "views did not converge");
-    }
+    let seq = converge(&nodes, "views did not converge").await;
 
     // An outcome (a fizzle) from one node reaches every view: back-off across the space.
     let (k5, h5) = &nodes[5];
@@ -175,26 +180,7 @@ async fn a_space_over_quic_alone_converges() {
         let (k, h, _) = node_on(quic, 81 + i, vec![a0.clone()], &cancel).await;
         nodes.push((k, h));
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seq = 1;
-    loop {
-        for (k, h) in &nodes {
-            h.publish(advert(k, seq, 2)).unwrap();
-        }
-        seq += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut all = true;
-        for (_, h) in &nodes {
-            all &= h.summary().await.unwrap().peers.len() == usize::from(N);
-        }
-        if all {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a space over QUIC alone did not converge"
-        );
-    }
+    converge(&nodes, "a space over QUIC alone did not converge").await;
     cancel.cancel();
 }
 

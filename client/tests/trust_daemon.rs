@@ -76,11 +76,6 @@ fn stop(mut d: Daemon) {
     let _ = d.0.wait();
 }
 
-async fn status(sock: &Path) -> Option<serde_json::Value> {
-    let mut c = ControlClient::connect(sock).await.ok()?;
-    c.call(&Request::Status).await.ok()
-}
-
 /// Names of the machine types running (or starting to stop) now, each once: how many machines of
 /// a type start depends on whether the owner seems present (a busy terminal on a shared machine).
 async fn running(sock: &Path) -> Option<Vec<String>> {
@@ -104,21 +99,6 @@ async fn offers(sock: &Path) -> Option<Vec<String>> {
         .collect();
     names.sort();
     Some(names)
-}
-
-async fn events_text(sock: &Path) -> String {
-    let Some(s) = status(sock).await else {
-        return String::new();
-    };
-    s["factory"]["events"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| e["message"].as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
 }
 
 fn signed(types: &Path, file: &str, mt: &MachineType, key: &SecretKey) {

@@ -18,7 +18,6 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gleaner::{Digest, Envelope, MachineType, SecretKey};
-use gleaner_client::control::{ControlClient, Request};
 use support::*;
 
 /// What the server serves and what it was asked.
@@ -92,11 +91,6 @@ fn sealed(mt: &MachineType, key: &SecretKey) -> Vec<u8> {
     Envelope::seal(mt, key).to_bytes()
 }
 
-async fn status(sock: &Path) -> Option<serde_json::Value> {
-    let mut c = ControlClient::connect(sock).await.ok()?;
-    c.call(&Request::Status).await.ok()
-}
-
 /// The offers as "name vN".
 async fn offers(sock: &Path) -> Option<Vec<String>> {
     let s = status(sock).await?;
@@ -107,21 +101,6 @@ async fn offers(sock: &Path) -> Option<Vec<String>> {
         .collect();
     v.sort();
     Some(v)
-}
-
-async fn events(sock: &Path) -> String {
-    let Some(s) = status(sock).await else {
-        return String::new();
-    };
-    s["factory"]["events"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| e["message"].as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
 }
 
 struct Cleanup(String);
@@ -223,7 +202,7 @@ async fn machine_types_come_from_their_https_urls() {
         (format!("https://{addr}/worker.gmt"), "is pinned"),
     ];
     let said = eventually(30, "every refusal in the events", async || {
-        let e = events(&sock).await;
+        let e = events_text(&sock).await;
         reasons
             .iter()
             .all(|(u, why)| {
@@ -260,7 +239,7 @@ async fn machine_types_come_from_their_https_urls() {
             .files
             .insert("worker.gmt".into(), worker(version, description));
         eventually(20, "the rollback refused", async || {
-            events(&sock)
+            events_text(&sock)
                 .await
                 .lines()
                 .any(|l| l.contains(&format!("worker v{version})")) && l.contains("rollback"))
@@ -282,12 +261,12 @@ async fn machine_types_come_from_their_https_urls() {
     })
     .await;
     assert!(
-        events(&sock)
+        events_text(&sock)
             .await
             .lines()
             .any(|l| l.contains("late.gmt") && l.contains("answers again")),
         "{}",
-        events(&sock).await
+        events_text(&sock).await
     );
     let o = offers(&sock).await.unwrap();
     assert!(
@@ -315,7 +294,7 @@ async fn machine_types_come_from_their_https_urls() {
     })
     .await;
     eventually(20, "the rollback refused after the restart", async || {
-        events(&sock)
+        events_text(&sock)
             .await
             .lines()
             .any(|l| l.contains("worker v2)") && l.contains("rollback"))

@@ -242,6 +242,30 @@ pub async fn assert_nothing_left(rt: &DockerRuntime, state: &Path) {
     }
 }
 
+/// The daemon's status on `sock` (`gleaner status --json`), or None while it does not answer.
+pub async fn status(sock: &Path) -> Option<serde_json::Value> {
+    let mut c = gleaner_client::control::ControlClient::connect(sock)
+        .await
+        .ok()?;
+    c.call(&gleaner_client::control::Request::Status).await.ok()
+}
+
+/// The messages of the factory's recent events, one per line (empty while the daemon is away).
+pub async fn events_text(sock: &Path) -> String {
+    let Some(s) = status(sock).await else {
+        return String::new();
+    };
+    s["factory"]["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["message"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
 /// A `gleaner daemon` process, killed (SIGKILL) when dropped so no test leaves one behind.
 pub struct Daemon(pub std::process::Child);
 
