@@ -201,14 +201,16 @@ fn nodes_on_a_lan_find_each_other_by_mdns_alone() {
     let mut all: Vec<String> = SEEDS.iter().map(|&s| id(s)).collect();
     all.sort();
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(30);
+    // Usually ~1 s; a node whose start-up probes went unanswered is found at the next periodic
+    // query (tuning::MDNS_QUERY_INTERVAL, 60 s).
+    let deadline = start + Duration::from_secs(90);
     loop {
         let v = lan.views();
         if v.iter().all(|v| v.as_ref() == Some(&all)) {
             eprintln!("converged by mDNS: {:.1} s", start.elapsed().as_secs_f64());
             return;
         }
-        assert!(Instant::now() < deadline, "not converged in 30 s: {v:?}");
+        assert!(Instant::now() < deadline, "not converged in 90 s: {v:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -209,7 +209,10 @@ pub fn identify_behaviour(k: &Keypair) -> identify::Behaviour {
 pub fn mdns_behaviour(on: bool, k: &Keypair) -> std::io::Result<Toggle<mdns::tokio::Behaviour>> {
     let mdns = if on {
         Some(mdns::tokio::Behaviour::new(
-            mdns::Config::default(),
+            mdns::Config {
+                query_interval: crate::tuning::MDNS_QUERY_INTERVAL,
+                ..mdns::Config::default()
+            },
             k.public().to_peer_id(),
         )?)
     } else {

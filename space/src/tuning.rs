@@ -49,6 +49,12 @@ pub const LOOKUP_INTERVAL: Duration = Duration::from_secs(10);
 /// wait from [`LOOKUP_INTERVAL`] up to this. A space smaller than the target (a department of ten
 /// workstations) otherwise walked every 10 s forever, finding no one it did not hold.
 pub const LOOKUP_MAX_INTERVAL: Duration = Duration::from_secs(320);
+/// How often a node asks the LAN by mDNS once its first answer came. libp2p-mdns stops its quick
+/// start-up probes at the first answer and then asks every 5 min by default, so a node whose own
+/// probes went unanswered (it came up a moment before the LAN did) waited minutes to be found,
+/// and a CI run saw one of three namespace nodes stay alone for 30 s. With Kademlia taking over
+/// from any one peer found, a query a minute is plenty.
+pub const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(60);
 /// How often bootstrap peers that are not connected are dialled again.
 pub const REDIAL_INTERVAL: Duration = Duration::from_secs(2);
 /// Kademlia-discovered peers are dialled while fewer than this are connected.
