@@ -46,6 +46,9 @@ pub struct CapacityAdvert {
     pub owner_present: bool,
     pub draining: bool,
     pub benchmark: u32,
+    /// The end x₀ of the hash chain whose links refresh this advert without a new signature
+    /// ([`crate::chain`]); all zeros: no chain, every advert signed.
+    pub chain: Digest,
 }
 }
 

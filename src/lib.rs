@@ -4,6 +4,7 @@
 
 pub mod advert;
 pub mod cbor;
+pub mod chain;
 pub mod control;
 pub mod credit;
 pub mod enrolment;

@@ -13,13 +13,20 @@
 //! host and sequence number read from the envelope *before* its signature is checked, so copies
 //! cost no signature check; news is verified by the caller before [`Relay::accepted`].
 //!
+//! Refreshes ([`crate::chain`]) travel the same trees as signed adverts and are told apart from
+//! news the same way, by host and seq. A neighbour is sent a refresh only after the anchor it
+//! refreshes: a node sends each link a host's signed advert before its first refresh of that
+//! anchor there, so a node that joins (or a link that is new, or a graft) can check what follows.
+//!
 //! Frame layout: a version byte (1), then items: `1, len: u16 BE, envelope bytes` (an advert),
-//! `2, host: 32 bytes` (prune), `3, host: 32 bytes` (graft).
+//! `2, host: 32 bytes` (prune), `3, host: 32 bytes` (graft), `4, refresh` ([`Refresh::encode`]:
+//! host, anchor seq u64 BE, index u16 BE, link).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
 use crate::advert::CapacityAdvert;
+use crate::chain::{REFRESH_LEN, Refresh};
 use crate::envelope::Envelope;
 use crate::ident::PublicKey;
 
@@ -28,6 +35,7 @@ pub const FRAME_VERSION: u8 = 1;
 const ADVERT: u8 = 1;
 const PRUNE: u8 = 2;
 const GRAFT: u8 = 3;
+const REFRESH: u8 = 4;
 
 /// The relay's limits and timings.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +90,7 @@ pub enum Item<'a> {
     Advert(&'a [u8]),
     Prune(PublicKey),
     Graft(PublicKey),
+    Refresh(Refresh),
 }
 
 /// A host's repair spread at one node: below `range`, fixed for the pair (seed, host).
@@ -123,6 +132,11 @@ pub fn decode(frame: &[u8]) -> Result<Vec<Item<'_>>, FrameError> {
                 });
                 rest = body;
             }
+            REFRESH => {
+                let r = Refresh::decode(body).ok_or(short)?;
+                items.push(Item::Refresh(r));
+                rest = &body[REFRESH_LEN..];
+            }
             tag => return Err(FrameError::Tag { index, tag }),
         }
     }
@@ -152,16 +166,27 @@ pub fn encode(out: &mut Vec<u8>, item: &Item<'_>) -> bool {
             out.push(GRAFT);
             out.extend_from_slice(&k.to_bytes());
         }
+        Item::Refresh(r) => {
+            out.push(REFRESH);
+            r.encode(out);
+        }
     }
     true
 }
 
-/// An advert in a frame that is news (newer than anything from its host): to be verified, and
-/// if good, handed back through [`Relay::accepted`].
+/// What a piece of news is: a signed advert's envelope bytes, or a refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Carried<'a> {
+    Signed(&'a [u8]),
+    Refresh(Refresh),
+}
+
+/// An advert or refresh in a frame that is news (newer than anything from its host): to be
+/// verified, and if good, handed back through [`Relay::accepted`] or [`Relay::accepted_refresh`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate<'a> {
-    pub bytes: &'a [u8],
-    /// As the envelope claims (unverified).
+    pub carried: Carried<'a>,
+    /// As the envelope or refresh claims (unverified).
     pub host: PublicKey,
     pub seq: u64,
 }
@@ -181,6 +206,8 @@ pub struct Received<'a> {
 pub struct RelayStats {
     /// Copies of adverts this node already had.
     pub duplicates: u64,
+    /// Refreshes taken from neighbours (checked by their hash chain, no signature).
+    pub refreshes: u64,
     pub prunes_sent: u64,
     pub grafts_sent: u64,
     /// Frame bytes read, and frames ignored for coming over a link this relay does not hold.
@@ -195,6 +222,16 @@ pub struct RelayStats {
     pub dropped: u64,
 }
 
+/// Appends `item` to a neighbour's frame if it fits within `max` bytes.
+fn queue(l: &mut Link, item: &Item<'_>, max: usize) -> bool {
+    let len = match item {
+        Item::Advert(b) => b.len() + 3,
+        Item::Refresh(_) => REFRESH_LEN + 1,
+        Item::Prune(_) | Item::Graft(_) => 33,
+    };
+    l.out.len() + len <= max && encode(&mut l.out, item)
+}
+
 #[derive(Debug, Default)]
 struct Link {
     /// The frame being built for this neighbour.
@@ -203,6 +240,9 @@ struct Link {
     muted: HashSet<PublicKey>,
     /// Hosts this node asked this neighbour not to send.
     pruned: HashSet<PublicKey>,
+    /// The newest signed advert (its seq) of each host that this neighbour sent this node or was
+    /// sent by it: a refresh of that anchor needs no anchor sent first.
+    anchors: HashMap<PublicKey, u64>,
 }
 
 #[derive(Debug)]
@@ -218,6 +258,9 @@ struct Host<P> {
     at_ms: u64,
     /// When this node last grafted it back (ms).
     grafted_ms: u64,
+    /// Its last signed advert taken (seq and envelope bytes): sent ahead of the first refresh of
+    /// it to a neighbour that lacks it.
+    anchor: Option<(u64, Vec<u8>)>,
 }
 
 /// One node's relay state: its neighbours (links) and the hosts it hears.
@@ -281,7 +324,8 @@ impl<P: Copy + Eq + Hash> Relay<P> {
 
     /// Reads a frame from `from`: prunes and grafts take effect, copies of adverts this node has
     /// (or is about to verify) prune their link, and news is handed out to verify; each piece of
-    /// news must come back through [`Relay::accepted`] or [`Relay::refused`].
+    /// news must come back through [`Relay::accepted`], [`Relay::accepted_refresh`] or
+    /// [`Relay::refused`].
     pub fn on_frame<'a>(
         &mut self,
         from: P,
@@ -296,77 +340,92 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         }
         self.stats.bytes_in += frame.len() as u64;
         for item in items {
-            match item {
+            let (carried, host, seq, anchor_seq) = match item {
                 Item::Prune(host) => {
                     if let Some(l) = self.links.get_mut(&from)
                         && l.muted.len() < self.cfg.max_muted
                     {
                         l.muted.insert(host);
                     }
+                    continue;
                 }
                 Item::Graft(host) => {
                     if let Some(l) = self.links.get_mut(&from) {
                         l.muted.remove(&host);
                     }
+                    continue;
                 }
                 Item::Advert(bytes) => {
                     let peeked =
                         Envelope::from_bytes(bytes).and_then(|e| e.peek::<CapacityAdvert>());
-                    let advert = match peeked {
-                        Ok(a) => a,
+                    match peeked {
+                        Ok(a) => (Carried::Signed(bytes), a.host, a.seq, a.seq),
                         Err(e) => {
                             got.junk.push(e.to_string());
                             continue;
                         }
-                    };
-                    let full = self.hosts.len() >= self.cfg.max_hosts;
-                    // A link this node pruned for the host may still bring a frame it sent before
-                    // the prune reached it. Its news is news, but the link does not become the
-                    // host's way in: if it did, the copy from the real way in would prune that
-                    // too, and the host would fall silent here until repaired.
-                    let pruned = self.is_pruned(&from, &advert.host);
-                    match self.hosts.get_mut(&advert.host) {
-                        Some(h) if advert.seq <= h.seq => {
-                            self.stats.duplicates += 1;
-                            if h.from != Some(from) && !pruned {
-                                self.prune(from, advert.host);
-                            }
-                            continue;
-                        }
-                        Some(h) => {
-                            h.seq = advert.seq;
-                            if !pruned || h.from.is_none() {
-                                h.from = Some(from);
-                            }
-                        }
-                        None if !full => {
-                            self.hosts.insert(
-                                advert.host,
-                                Host {
-                                    seq: advert.seq,
-                                    from: Some(from),
-                                    confirmed: None,
-                                    at_ms: now_ms,
-                                    grafted_ms: 0,
-                                },
-                            );
-                        }
-                        None => {}
                     }
-                    got.news.push(Candidate {
-                        bytes,
-                        host: advert.host,
-                        seq: advert.seq,
-                    });
                 }
+                Item::Refresh(r) => (Carried::Refresh(r), r.host, r.seq(), r.anchor_seq),
+            };
+            // The neighbour holds the anchor it sent, or whose refresh it sent (it checked it).
+            if let Some(l) = self.links.get_mut(&from)
+                && (l.anchors.contains_key(&host) || l.anchors.len() < self.cfg.max_hosts)
+            {
+                let a = l.anchors.entry(host).or_insert(anchor_seq);
+                *a = (*a).max(anchor_seq);
+            }
+            if self.is_news(from, host, seq, now_ms) {
+                got.news.push(Candidate { carried, host, seq });
             }
         }
         Ok(got)
     }
 
+    /// Whether an advert or refresh (host, seq) from `from` is news; if not, it is a copy and its
+    /// link is pruned for the host (unless it is the host's way in).
+    fn is_news(&mut self, from: P, host: PublicKey, seq: u64, now_ms: u64) -> bool {
+        let full = self.hosts.len() >= self.cfg.max_hosts;
+        // A link this node pruned for the host may still bring a frame it sent before the prune
+        // reached it. Its news is news, but the link does not become the host's way in: if it
+        // did, the copy from the real way in would prune that too, and the host would fall
+        // silent here until repaired.
+        let pruned = self.is_pruned(&from, &host);
+        match self.hosts.get_mut(&host) {
+            Some(h) if seq <= h.seq => {
+                self.stats.duplicates += 1;
+                if h.from != Some(from) && !pruned {
+                    self.prune(from, host);
+                }
+                return false;
+            }
+            Some(h) => {
+                h.seq = seq;
+                if !pruned || h.from.is_none() {
+                    h.from = Some(from);
+                }
+            }
+            None if !full => {
+                self.hosts.insert(
+                    host,
+                    Host {
+                        seq,
+                        from: Some(from),
+                        confirmed: None,
+                        at_ms: now_ms,
+                        grafted_ms: 0,
+                        anchor: None,
+                    },
+                );
+            }
+            None => {}
+        }
+        true
+    }
+
     /// A verified advert that is news, from neighbour `from` (`None`: this node's own): it is
     /// queued to every other neighbour that has not pruned its host (unless a newer one from the
-    /// same host was taken first).
+    /// same host was taken first), and kept as the anchor its refreshes need.
     pub fn accepted(
         &mut self,
         from: Option<P>,
@@ -375,36 +434,102 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         bytes: &[u8],
         now_ms: u64,
     ) {
-        let full = self.hosts.len() >= self.cfg.max_hosts;
-        match self.hosts.get_mut(&host) {
-            Some(h) => {
-                if h.confirmed.is_some_and(|(c, _)| seq <= c) {
-                    return;
-                }
-                h.confirmed = Some((seq, from));
-                h.at_ms = now_ms;
-                if seq > h.seq {
-                    h.seq = seq;
-                    h.from = from;
-                }
-            }
-            None if !full => {
-                self.hosts.insert(
-                    host,
-                    Host {
-                        seq,
-                        from,
-                        confirmed: Some((seq, from)),
-                        at_ms: now_ms,
-                        grafted_ms: 0,
-                    },
-                );
-            }
-            None => {}
+        let Ok(h) = Self::confirm(&mut self.hosts, self.cfg.max_hosts, from, host, seq, now_ms)
+        else {
+            return;
+        };
+        if let Some(h) = h {
+            let mut anchor = h.anchor.take().map(|(_, b)| b).unwrap_or_default();
+            anchor.clear();
+            anchor.extend_from_slice(bytes);
+            h.anchor = Some((seq, anchor));
         }
-        self.enqueue(bytes, |peer, l| {
-            Some(*peer) != from && !l.muted.contains(&host)
+        let max = self.cfg.max_queued;
+        for (peer, l) in self.links.iter_mut() {
+            if Some(*peer) == from || l.muted.contains(&host) {
+                continue;
+            }
+            if queue(l, &Item::Advert(bytes), max) {
+                l.anchors.insert(host, seq);
+            } else {
+                self.stats.dropped += 1;
+            }
+        }
+    }
+
+    /// A verified refresh that is news, from neighbour `from` (`None`: this node's own): queued
+    /// like an advert, each neighbour that lacks its anchor sent the anchor first.
+    pub fn accepted_refresh(&mut self, from: Option<P>, r: &Refresh, now_ms: u64) {
+        let Ok(h) = Self::confirm(
+            &mut self.hosts,
+            self.cfg.max_hosts,
+            from,
+            r.host,
+            r.seq(),
+            now_ms,
+        ) else {
+            return;
+        };
+        if from.is_some() {
+            self.stats.refreshes += 1;
+        }
+        let anchor = h
+            .and_then(|h| h.anchor.as_ref())
+            .filter(|(seq, _)| *seq == r.anchor_seq)
+            .map(|(_, b)| b.as_slice());
+        let max = self.cfg.max_queued;
+        for (peer, l) in self.links.iter_mut() {
+            if Some(*peer) == from || l.muted.contains(&r.host) {
+                continue;
+            }
+            if let Some(a) = anchor
+                && l.anchors.get(&r.host) != Some(&r.anchor_seq)
+            {
+                if !queue(l, &Item::Advert(a), max) {
+                    self.stats.dropped += 1;
+                    continue;
+                }
+                l.anchors.insert(r.host, r.anchor_seq);
+            }
+            if !queue(l, &Item::Refresh(*r), max) {
+                self.stats.dropped += 1;
+            }
+        }
+    }
+
+    /// Marks (host, seq) taken from `from`: `Err` if a newer one from the host was taken first
+    /// (it is not forwarded), `Ok(None)` for a new host beyond [`RelayConfig::max_hosts`]
+    /// (forwarded, not tracked).
+    fn confirm(
+        hosts: &mut HashMap<PublicKey, Host<P>>,
+        max_hosts: usize,
+        from: Option<P>,
+        host: PublicKey,
+        seq: u64,
+        now_ms: u64,
+    ) -> Result<Option<&mut Host<P>>, ()> {
+        let full = hosts.len() >= max_hosts;
+        if full && !hosts.contains_key(&host) {
+            return Ok(None);
+        }
+        let h = hosts.entry(host).or_insert(Host {
+            seq,
+            from,
+            confirmed: None,
+            at_ms: now_ms,
+            grafted_ms: 0,
+            anchor: None,
         });
+        if h.confirmed.is_some_and(|(c, _)| seq <= c) {
+            return Err(());
+        }
+        h.confirmed = Some((seq, from));
+        h.at_ms = now_ms;
+        if seq > h.seq {
+            h.seq = seq;
+            h.from = from;
+        }
+        Ok(Some(h))
     }
 
     /// Appends an advert to the frame of every neighbour `to` picks, within each one's queue
@@ -412,10 +537,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     fn enqueue(&mut self, bytes: &[u8], to: impl Fn(&P, &Link) -> bool) {
         let max = self.cfg.max_queued;
         for (peer, l) in self.links.iter_mut() {
-            if !to(peer, l) {
-                continue;
-            }
-            if l.out.len() + bytes.len() + 3 > max || !encode(&mut l.out, &Item::Advert(bytes)) {
+            if to(peer, l) && !queue(l, &Item::Advert(bytes), max) {
                 self.stats.dropped += 1;
             }
         }
@@ -464,6 +586,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             self.hosts.remove(k);
             for l in self.links.values_mut() {
                 l.pruned.remove(k);
+                l.anchors.remove(k);
             }
         }
         let due: Vec<PublicKey> = self
@@ -548,6 +671,7 @@ mod tests {
             owner_present: false,
             draining: false,
             benchmark: 1,
+            chain: crate::Digest::default(),
         };
         Envelope::seal(&a, key).to_bytes()
     }
@@ -818,6 +942,84 @@ mod tests {
                 .news
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn refreshes_follow_their_anchor_onto_every_link_and_copies_prune_like_adverts() {
+        use crate::chain::{Advertiser, Outgoing};
+        let k = SecretKey::from_seed([7; 32]);
+        let mut host = Advertiser::new(k.clone());
+        let content = Envelope::from_bytes(&advert(&k, 1))
+            .unwrap()
+            .peek::<CapacityAdvert>()
+            .unwrap();
+        let Outgoing::Signed(env) = host.next(&content, 1_800_000_000, || Some([1; 32])) else {
+            panic!("signed first");
+        };
+        let anchor = env.to_bytes();
+        let seq = env.peek::<CapacityAdvert>().unwrap().seq;
+        let Outgoing::Refresh(r1) = host.next(&content, 1_800_000_001, || Some([2; 32])) else {
+            panic!("then a refresh");
+        };
+        let mut r = relay();
+        // The anchor and a refresh of it come over link 1: both news, in order.
+        let f = frame(&[Item::Advert(&anchor), Item::Refresh(r1)]);
+        assert_eq!(
+            decode(&f).unwrap(),
+            vec![Item::Advert(&anchor), Item::Refresh(r1)]
+        );
+        let got = r.on_frame(1, &f, 0).unwrap();
+        assert_eq!(
+            got.news.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            vec![seq, seq + 1]
+        );
+        assert!(matches!(got.news[1].carried, Carried::Refresh(x) if x == r1));
+        r.accepted(Some(1), k.public(), seq, &anchor, 1000);
+        r.accepted_refresh(Some(1), &r1, 1000);
+        // Links 2 and 3 get the anchor, then the refresh; link 1 neither.
+        let out = sent(&mut r);
+        assert!(!out.contains_key(&1));
+        for p in [2, 3] {
+            assert_eq!(out[&p], vec![Item::Advert(&anchor), Item::Refresh(r1)]);
+        }
+        // The next refresh goes alone: they hold its anchor.
+        let Outgoing::Refresh(r2) = host.next(&content, 1_800_000_002, || Some([3; 32])) else {
+            panic!("a refresh");
+        };
+        assert_eq!(
+            r.on_frame(1, &frame(&[Item::Refresh(r2)]), 0)
+                .unwrap()
+                .news
+                .len(),
+            1
+        );
+        r.accepted_refresh(Some(1), &r2, 2000);
+        assert_eq!(sent(&mut r)[&2], vec![Item::Refresh(r2)]);
+        // A copy of it over link 2 is a duplicate and prunes link 2, like an advert's copy.
+        assert!(
+            r.on_frame(2, &frame(&[Item::Refresh(r2)]), 0)
+                .unwrap()
+                .news
+                .is_empty()
+        );
+        assert_eq!(sent(&mut r)[&2], vec![Item::Prune(k.public())]);
+        // A link that comes up later is sent the anchor before the first refresh it gets.
+        r.add_link(4);
+        r.on_frame(4, &frame(&[Item::Graft(k.public())]), 0)
+            .unwrap();
+        sent(&mut r);
+        let Outgoing::Refresh(r3) = host.next(&content, 1_800_000_003, || Some([4; 32])) else {
+            panic!("a refresh");
+        };
+        r.on_frame(1, &frame(&[Item::Refresh(r3)]), 0).unwrap();
+        r.accepted_refresh(Some(1), &r3, 3000);
+        let out = sent(&mut r);
+        assert_eq!(out[&4], vec![Item::Advert(&anchor), Item::Refresh(r3)]);
+        assert_eq!(out[&3], vec![Item::Refresh(r3)]);
+        // A refresh cut short is a broken frame.
+        let mut cut = frame(&[Item::Refresh(r3)]);
+        cut.pop();
+        assert_eq!(decode(&cut), Err(FrameError::Short { index: 0 }));
     }
 
     #[test]

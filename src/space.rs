@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::advert::{CapacityAdvert, OutcomeReport};
+use crate::chain::{Anchor, ChainError, Refresh};
 use crate::{Digest, Id16, PublicKey};
 
 /// How long an advert counts without a newer one.
@@ -29,6 +30,13 @@ pub enum Refused {
     Stale(String),
     #[error("made at {at}, too far from now ({now})")]
     Clock { at: u64, now: u64 },
+    /// A refresh of an advert this view does not hold (it expired, or a newer one came first):
+    /// honest relays can deliver one.
+    #[error("a refresh of advert {anchor_seq} of {host}, which this view does not hold")]
+    Unanchored { host: PublicKey, anchor_seq: u64 },
+    /// A refresh whose link does not hash to its anchor's chain: made up.
+    #[error("{0}")]
+    Forged(ChainError),
 }
 
 /// One peer as the view keeps it.
@@ -46,6 +54,9 @@ pub struct SpaceView {
     peers: BTreeMap<PublicKey, Peer>,
     /// Highest seq seen per host, kept after expiry so old adverts cannot come back.
     seqs: BTreeMap<PublicKey, u64>,
+    /// The hash chain of each host's advert in `peers`, if it has one: what refreshes verify
+    /// against.
+    chains: BTreeMap<PublicKey, Anchor>,
     /// Last abort (fizzle, lost heartbeat, error) of each machine type anywhere in the space.
     aborts: BTreeMap<Digest, u64>,
     /// Outcomes taken, by (host, machine), and the same ordered by their time for forgetting.
@@ -68,6 +79,7 @@ impl SpaceView {
             ttl_s,
             peers: BTreeMap::new(),
             seqs: BTreeMap::new(),
+            chains: BTreeMap::new(),
             aborts: BTreeMap::new(),
             outcomes: BTreeMap::new(),
             outcomes_by_time: BTreeSet::new(),
@@ -96,6 +108,10 @@ impl SpaceView {
             _ => {}
         }
         self.seqs.insert(advert.host, advert.seq);
+        match Anchor::of(&advert) {
+            Some(a) => self.chains.insert(advert.host, a),
+            None => self.chains.remove(&advert.host),
+        };
         self.peers.insert(
             advert.host,
             Peer {
@@ -103,6 +119,48 @@ impl SpaceView {
                 received_at: now,
             },
         );
+        Ok(())
+    }
+
+    /// Takes a refresh of a host's advert: its link is checked against the chain of the advert
+    /// held (a few SHA-256 calls), and the advert takes the refresh's seq and time.
+    pub fn refresh(&mut self, r: &Refresh, now: u64) -> Result<(), Refused> {
+        let seq = r.seq();
+        match self.seqs.get(&r.host) {
+            Some(&last) if seq == last => {
+                return Err(Refused::Replay(format!("advert {seq} of {}", r.host)));
+            }
+            Some(&last) if seq < last => {
+                return Err(Refused::Stale(format!(
+                    "advert seq {seq} of {} is below {last}",
+                    r.host
+                )));
+            }
+            _ => {}
+        }
+        let unanchored = Refused::Unanchored {
+            host: r.host,
+            anchor_seq: r.anchor_seq,
+        };
+        let (Some(anchor), Some(peer)) =
+            (self.chains.get_mut(&r.host), self.peers.get_mut(&r.host))
+        else {
+            return Err(unanchored);
+        };
+        if anchor.seq != r.anchor_seq {
+            return Err(unanchored);
+        }
+        // The time is checked on a copy: a refresh from too far in the future moves nothing.
+        let mut next = anchor.clone();
+        let at = next.advance(r).map_err(Refused::Forged)?;
+        if at.abs_diff(now) > CLOCK_SKEW_S {
+            return Err(Refused::Clock { at, now });
+        }
+        *anchor = next;
+        self.seqs.insert(r.host, seq);
+        peer.advert.seq = seq;
+        peer.advert.at = at;
+        peer.received_at = now;
         Ok(())
     }
 
@@ -153,6 +211,8 @@ impl SpaceView {
     pub fn expire(&mut self, now: u64) {
         self.peers
             .retain(|_, p| now.saturating_sub(p.received_at) <= self.ttl_s);
+        let peers = &self.peers;
+        self.chains.retain(|k, _| peers.contains_key(k));
         self.forget_outcomes(now);
     }
 
@@ -308,6 +368,7 @@ mod tests {
             owner_present: false,
             draining: false,
             benchmark: 1000,
+            chain: crate::Digest::default(),
         }
     }
 
@@ -332,6 +393,86 @@ mod tests {
         // An expired host's old advert cannot come back.
         assert!(v.insert(advert(2, 5, 1061, 1), 1061).is_err());
         assert_eq!(v.free_cores(), 2);
+    }
+
+    #[test]
+    fn refreshes_move_the_advert_on_and_forged_or_orphan_ones_do_not() {
+        use crate::chain::{Advertiser, Outgoing, Refresh};
+        let key = SecretKey::from_seed([1; 32]);
+        let mut host = Advertiser::new(key.clone());
+        let next = |host: &mut Advertiser, at: u64, cores: u16| {
+            host.next(
+                &CapacityAdvert {
+                    free_cores: cores,
+                    ..advert(1, 0, 0, 1)
+                },
+                at,
+                || Some([at as u8; 32]),
+            )
+        };
+        let Outgoing::Signed(env) = next(&mut host, 1000, 2) else {
+            panic!("the first advert is signed");
+        };
+        let anchor = env.open::<CapacityAdvert>().unwrap().message;
+        let mut v = SpaceView::default();
+        // A refresh before its anchor: not held, nothing moves.
+        let Outgoing::Refresh(r1) = next(&mut host, 1001, 2) else {
+            panic!("same content a second later is a refresh");
+        };
+        assert!(matches!(
+            v.refresh(&r1, 1001),
+            Err(Refused::Unanchored { .. })
+        ));
+        v.insert(anchor.clone(), 1000).unwrap();
+        v.refresh(&r1, 1001).unwrap();
+        let p = v.peers().next().unwrap();
+        assert_eq!(
+            (p.advert.seq, p.advert.at, p.received_at),
+            (anchor.seq + 1, 1001, 1001)
+        );
+        assert_eq!(p.advert.free_cores, 2);
+        assert!(matches!(v.refresh(&r1, 1001), Err(Refused::Replay(_))));
+        // Forged: a link that is not the host's. Nothing moves.
+        let Outgoing::Refresh(r2) = next(&mut host, 1002, 2) else {
+            panic!("a refresh");
+        };
+        let forged = Refresh {
+            link: [0xee; 32],
+            ..r2
+        };
+        assert!(matches!(v.refresh(&forged, 1002), Err(Refused::Forged(_))));
+        // A link that hashes right but claims a time far off: refused by the clock, and the real
+        // one still verifies after it.
+        assert!(matches!(
+            v.refresh(&r2, 1002 + CLOCK_SKEW_S + 10),
+            Err(Refused::Clock { .. })
+        ));
+        v.refresh(&r2, 1002).unwrap();
+        assert_eq!(v.peers().next().unwrap().advert.seq, anchor.seq + 2);
+        // The content changes: a new anchor; refreshes of the old one no longer hold.
+        let Outgoing::Signed(env) = next(&mut host, 1003, 1) else {
+            panic!("new content is signed");
+        };
+        v.insert(env.open::<CapacityAdvert>().unwrap().message, 1003)
+            .unwrap();
+        let stale = Refresh {
+            anchor_seq: anchor.seq,
+            index: 50,
+            ..r2
+        };
+        assert!(matches!(
+            v.refresh(&stale, 1004),
+            Err(Refused::Unanchored { .. })
+        ));
+        // Expired with its advert, the chain goes too.
+        v.expire(1003 + ADVERT_TTL_S + 1);
+        let Outgoing::Refresh(late) = next(&mut host, 1003 + ADVERT_TTL_S + 2, 1) else {
+            panic!("a refresh");
+        };
+        assert!(matches!(
+            v.refresh(&late, 1003 + ADVERT_TTL_S + 2),
+            Err(Refused::Unanchored { .. })
+        ));
     }
 
     #[test]

@@ -69,6 +69,7 @@ proptest! {
             free_disk_mib: 2048, backends: 5,
             running: (0..n).map(|i| Running { machine_type: Digest([i as u8; 32]), count: i as u16 }).collect(),
             owner_present: present, draining: !present, benchmark: 1000,
+            chain: gleaner::Digest::default(),
         };
         let back = Envelope::open_bytes::<CapacityAdvert>(&Envelope::seal(&advert, &key()).to_bytes()).unwrap();
         prop_assert_eq!(back.message, advert);

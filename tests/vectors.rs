@@ -52,6 +52,7 @@ fn advert() -> CapacityAdvert {
         owner_present: false,
         draining: false,
         benchmark: 1500,
+        chain: gleaner::Digest::default(),
     }
 }
 
