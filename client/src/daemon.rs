@@ -1033,8 +1033,8 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
                 if let (Some(space), Ok(status)) = (&space, handle.status().await) {
                     seq += 1;
                     let bench = benchmark.load(std::sync::atomic::Ordering::Relaxed);
-                    let advert = advert(&key, seq, now, &status, bench, backend_bits);
-                    let _ = space.publish(Envelope::seal(&advert, &key));
+                    // Signed when it changed, else a refresh (a hash-chain link) of the last.
+                    let _ = space.advertise(advert(&key, seq, now, &status, bench, backend_bits));
                     if let Ok(view) = space.view().await {
                         // Space-wide target shares: what the rest of the space runs.
                         let counts = crate::factory::SpaceCounts {
@@ -1238,6 +1238,7 @@ fn advert(
         owner_present: s.allowance.reason.contains("owner is using"),
         draining: s.draining,
         benchmark,
+        chain: gleaner::Digest::default(),
     }
 }
 

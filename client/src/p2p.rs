@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
+use gleaner::chain::{Advertiser, Outgoing};
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
 use gleaner_space::gate::refill;
@@ -258,6 +259,9 @@ pub struct LearnedTrust {
 
 enum Command {
     Publish(Envelope),
+    /// This host's capacity: sent as a refresh of its last signed advert when that still says
+    /// it, else signed anew.
+    Advertise(Box<CapacityAdvert>),
     /// The publishers whose machine types this node fetches and forwards, after a trust change.
     SetTrusted(Vec<PublicKey>),
     /// Spread a signed rotation or revocation now and re-announce it from time to time.
@@ -290,6 +294,20 @@ impl SpaceHandle {
     pub fn publish(&self, env: Envelope) -> Result<(), SpaceError> {
         self.tx
             .try_send(Command::Publish(env))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SpaceError::Busy,
+                mpsc::error::TrySendError::Closed(_) => SpaceError::Gone,
+            })
+    }
+
+    /// Advertises this host's capacity. `advert`'s host, seq, time and chain are set by the
+    /// node (its seq is a floor: pass one above anything sent before, as a clock in ms is). While
+    /// the content stays the same the node sends refreshes, links of a hash chain its last signed
+    /// advert committed to, which peers check with a few SHA-256 calls instead of a signature
+    /// (`gleaner::chain`). Dropped with [`SpaceError::Busy`] if the loop is behind.
+    pub fn advertise(&self, advert: CapacityAdvert) -> Result<(), SpaceError> {
+        self.tx
+            .try_send(Command::Advertise(Box::new(advert)))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SpaceError::Busy,
                 mpsc::error::TrySendError::Closed(_) => SpaceError::Gone,
@@ -512,6 +530,7 @@ pub async fn start_space(
     let (learned_tx, learned) = mpsc::channel(32);
     let (trust_tx, trust_learned) = mpsc::channel(32);
     let node = Node {
+        advertiser: Advertiser::new(key.clone()),
         swarm,
         relay,
         topics: t,
@@ -575,6 +594,8 @@ enum TypeVerdict {
 
 struct Node {
     swarm: libp2p::Swarm<Behaviour>,
+    /// This host's adverts: signed anchors and the refreshes between them.
+    advertiser: Advertiser,
     /// Adverts to and from a few neighbours, batched.
     relay: AdvertRelay,
     topics: Topics,
@@ -908,6 +929,25 @@ impl Node {
                     .publish(topic, env.to_bytes())
                 {
                     tracing::debug!("publish: {e}");
+                }
+            }
+            Command::Advertise(content) => {
+                let (now, ms) = (now(), crate::factory::now_ms());
+                let seed = || {
+                    let mut b = [0u8; 32];
+                    getrandom::fill(&mut b).ok().map(|()| b)
+                };
+                match self.advertiser.next(&content, now, seed) {
+                    Outgoing::Signed(env) => {
+                        accept(&mut self.view, &env, now);
+                        self.relay.publish(&env, ms);
+                    }
+                    Outgoing::Refresh(r) => {
+                        if let Err(e) = self.view.refresh(&r, now) {
+                            tracing::debug!("own refresh not taken: {e}");
+                        }
+                        self.relay.publish_refresh(&r, ms);
+                    }
                 }
             }
             Command::SetTrusted(keys) => {

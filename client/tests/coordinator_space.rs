@@ -75,6 +75,7 @@ fn advert(key: &SecretKey, seq: u64, free: u16, running: u16, owner_present: boo
         owner_present,
         draining: false,
         benchmark: 1000,
+        chain: gleaner::Digest::default(),
     };
     Envelope::seal(&a, key)
 }

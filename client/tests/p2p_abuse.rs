@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use gleaner::advert::{CapacityAdvert, OutcomeReport, Running};
+use gleaner::chain::Refresh;
 use gleaner::relay::{FRAME_VERSION, Item, encode};
 use gleaner::{Backend, Blob, Digest, Envelope, Id16, MachineType, OutcomeCode, SecretKey};
 use gleaner_client::p2p::{self, MtRequest, MtResponse, SpaceConfig, SpaceHandle};
@@ -44,6 +45,7 @@ fn advert(key: &SecretKey, seq: u64, free: u16) -> Envelope {
         owner_present: false,
         draining: false,
         benchmark: 1000,
+        chain: gleaner::Digest::default(),
     };
     Envelope::seal(&a, key)
 }
@@ -416,6 +418,181 @@ async fn junk_floods_are_banned_and_honest_adverts_still_arrive() {
     cancel.cancel();
 }
 
+/// A bare relay peer that links to `target`, reads the frames it is sent, and answers every
+/// refresh of `host`'s advert it sees with forgeries of the refreshes to come: the next index with
+/// a made-up link, and the last index the chain allows with the link it just saw (the one lie a
+/// relay could hope to pass off, a seq bump that would make the host's real adverts look old).
+/// Counts the forgeries it sent.
+fn refresh_forger(
+    target: Multiaddr,
+    host: gleaner::PublicKey,
+    cancel: CancellationToken,
+) -> (PeerId, Arc<Attack>) {
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let id = key.public().to_peer_id();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let mut control = swarm.behaviour().new_control();
+    let state = Arc::new(Attack::default());
+    let (st, c) = (state.clone(), cancel.clone());
+    let Some(libp2p::multiaddr::Protocol::P2p(peer)) = target.iter().last() else {
+        panic!("{target} names no peer");
+    };
+    tokio::spawn(async move {
+        swarm.dial(target).unwrap();
+        loop {
+            tokio::select! {
+                _ = c.cancelled() => return,
+                ev = swarm.select_next_some() => {
+                    if let SwarmEvent::ConnectionEstablished { .. } = ev {
+                        st.connected.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+    });
+    let st = state.clone();
+    tokio::spawn(async move {
+        use futures_util::{AsyncReadExt, AsyncWriteExt};
+        let mut link = loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            if let Ok(Ok(s)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                control.open_stream(peer, RELAY_PROTOCOL),
+            )
+            .await
+            {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        loop {
+            let mut len = [0u8; 4];
+            let read = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = link.read_exact(&mut len) => r,
+            };
+            if read.is_err() {
+                return;
+            }
+            let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+            if link.read_exact(&mut frame).await.is_err() {
+                return;
+            }
+            let Ok(items) = gleaner::relay::decode(&frame) else {
+                continue;
+            };
+            let mut out = Vec::new();
+            for item in items {
+                if let Item::Refresh(r) = item
+                    && r.host == host
+                {
+                    let made_up = Refresh {
+                        index: r.index + 1,
+                        link: [0x5a; 32],
+                        ..r
+                    };
+                    let bumped = Refresh {
+                        index: gleaner::chain::CHAIN_LEN,
+                        ..r
+                    };
+                    encode(&mut out, &Item::Refresh(made_up));
+                    encode(&mut out, &Item::Refresh(bumped));
+                }
+            }
+            if out.is_empty() {
+                continue;
+            }
+            let mut f = (out.len() as u32).to_be_bytes().to_vec();
+            f.extend(out);
+            if link.write_all(&f).await.is_err() || link.flush().await.is_err() {
+                return;
+            }
+            st.sent.fetch_add(2, Ordering::SeqCst);
+        }
+    });
+    (id, state)
+}
+
+/// Refreshes cannot be forged: a relay that sends made-up links for an honest host's next
+/// refreshes, or bumps its seq to the end of the chain, is rejected and banned; no view ever holds
+/// a seq the host did not give, and the host's real refreshes keep arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_refreshes_are_rejected_and_the_real_ones_still_arrive() {
+    let cancel = CancellationToken::new();
+    let (k0, h0, a0) = node(31, vec![], &cancel).await;
+    let (k1, h1, _) = node(32, vec![a0.clone()], &cancel).await;
+    let (k2, h2, _) = node(33, vec![a0.clone()], &cancel).await;
+    let honest = [(k0, h0.clone()), (k1, h1.clone()), (k2, h2.clone())];
+    let victim = honest[2].0.public();
+    let (bad, attack) = refresh_forger(a0.clone(), victim, cancel.clone());
+    let content = |k: &SecretKey| advert(k, 0, 2).peek::<CapacityAdvert>().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        for (k, h) in &honest {
+            h.advertise(content(k)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // What node 0 holds of the victim is never past what the victim itself gave.
+        let held = h0.seq_of(victim).await.unwrap();
+        let given = h2.seq_of(victim).await.unwrap();
+        assert!(
+            held <= given,
+            "node 0 holds seq {held:?}, the host gave {given:?}"
+        );
+        let s0 = h0.summary().await.unwrap();
+        if s0.banned.contains(&bad.to_string()) {
+            assert!(s0.rejected_messages > 0, "{s0:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the forger was not banned: it sent {} forgeries; {s0:?}",
+            attack.sent.load(Ordering::SeqCst)
+        );
+    }
+    assert!(attack.sent.load(Ordering::SeqCst) > 0);
+    // The victim's real refreshes still reach node 0 and 1.
+    let want = h2.seq_of(victim).await.unwrap().unwrap() + 3;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for (k, h) in &honest {
+            h.advertise(content(k)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let (s0, s1) = (
+            h0.seq_of(victim).await.unwrap(),
+            h1.seq_of(victim).await.unwrap(),
+        );
+        let given = h2.seq_of(victim).await.unwrap();
+        assert!(s0 <= given && s1 <= given, "{s0:?} {s1:?} past {given:?}");
+        if s0 >= Some(want) && s1 >= Some(want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the victim's refreshes stopped: {s0:?} {s1:?}, want {want}"
+        );
+    }
+    for (_, h) in &honest {
+        let s = h.summary().await.unwrap();
+        assert!(s.relay.stats.refreshes > 0, "{s:?}");
+    }
+    cancel.cancel();
+}
+
 fn outcome(key: &SecretKey, machine: u8, machine_type: Digest) -> Envelope {
     let r = OutcomeReport {
         v: 1,
@@ -726,6 +903,7 @@ async fn a_machine_type_request_flood_is_throttled_and_an_honest_fetch_succeeds(
             owner_present: false,
             draining: false,
             benchmark: 1000,
+            chain: gleaner::Digest::default(),
         };
         Envelope::seal(&a, &key0)
     };

@@ -29,6 +29,7 @@ fn advert(key: &SecretKey, seq: u64) -> Envelope {
         owner_present: false,
         draining: false,
         benchmark: 1000,
+        chain: gleaner::Digest::default(),
     };
     Envelope::seal(&a, key)
 }

@@ -34,6 +34,7 @@ fn advert(key: &SecretKey, seq: u64, free: u16) -> Envelope {
         owner_present: false,
         draining: false,
         benchmark: 1000,
+        chain: gleaner::Digest::default(),
     };
     Envelope::seal(&a, key)
 }
@@ -157,6 +158,115 @@ async fn adverts_converge_and_forgeries_are_rejected() {
             s.peers.iter().all(|p| p.free_cores != 999),
             "a forged advert got into a view"
         );
+    }
+    cancel.cancel();
+}
+
+/// Factories whose capacity does not change send refreshes (hash-chain links, no signature), and
+/// every node takes them: each host's seq moves on in every view while its content stays, every
+/// node counts refreshes taken, and nobody refuses one. A change of content is signed anew and
+/// reaches everyone, and the refreshes that follow it carry the new content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_adverts_travel_as_refreshes_and_a_change_is_signed_again() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    const N: u8 = 8;
+    let cancel = CancellationToken::new();
+    let (k0, h0, a0) = node(41, vec![], &cancel).await;
+    let mut nodes = vec![(k0, h0)];
+    for i in 1..N {
+        let (k, h, _) = node(41 + i, vec![a0.clone()], &cancel).await;
+        nodes.push((k, h));
+    }
+    let content = |k: &SecretKey, free: u16| {
+        let e = advert(k, 0, free);
+        e.peek::<CapacityAdvert>().unwrap()
+    };
+    // Everyone advertises once a second (node 4's capacity is `free4`) until `done` holds.
+    async fn rounds(
+        nodes: &[(SecretKey, SpaceHandle)],
+        content: impl Fn(&SecretKey, u16) -> CapacityAdvert,
+        free4: u16,
+        what: &str,
+        mut done: impl AsyncFnMut() -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for (i, (k, h)) in nodes.iter().enumerate() {
+                h.advertise(content(k, if i == 4 { free4 } else { 2 }))
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            if done().await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+        }
+    }
+    rounds(&nodes, content, 2, "views did not converge", async || {
+        for (_, h) in &nodes {
+            if h.summary().await.unwrap().peers.len() != nodes.len() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    // Each host's own seq now; three seconds of refreshes later, every view is past it.
+    let mut own = Vec::new();
+    for (k, h) in &nodes {
+        own.push(h.seq_of(k.public()).await.unwrap().unwrap());
+    }
+    let past = async |want: &[u64], free4: u16| {
+        for (_, h) in &nodes {
+            let s = h.summary().await.unwrap();
+            for ((k, _), (i, want)) in nodes.iter().zip(want.iter().enumerate()) {
+                let Some(p) = s.peers.iter().find(|p| p.host == k.public().to_string()) else {
+                    return false;
+                };
+                if p.seq < *want {
+                    return false;
+                }
+                let free = if i == 4 { free4 } else { 2 };
+                assert_eq!(p.free_cores, free, "a refresh changed what an advert says");
+            }
+        }
+        true
+    };
+    let want: Vec<u64> = own.iter().map(|s| s + 3).collect();
+    rounds(
+        &nodes,
+        content,
+        2,
+        "refreshes did not reach everyone",
+        async || past(&want, 2).await,
+    )
+    .await;
+    for (_, h) in &nodes {
+        let s = h.summary().await.unwrap();
+        assert!(
+            s.relay.stats.refreshes >= u64::from(N - 1),
+            "a node took {} refreshes: adverts were not refreshed by hash chain",
+            s.relay.stats.refreshes
+        );
+        assert_eq!(s.rejected_messages, 0, "an honest refresh was refused");
+    }
+
+    // Node 4's capacity changes: a new signed advert, then refreshes of it, everywhere.
+    let (k4, h4) = &nodes[4];
+    h4.advertise(content(k4, 1)).unwrap();
+    let mut want = want;
+    want[4] = h4.seq_of(k4.public()).await.unwrap().unwrap() + 3;
+    rounds(
+        &nodes,
+        content,
+        1,
+        "the change did not reach everyone",
+        async || past(&want, 1).await,
+    )
+    .await;
+    for (_, h) in &nodes {
+        assert_eq!(h.summary().await.unwrap().rejected_messages, 0);
     }
     cancel.cancel();
 }

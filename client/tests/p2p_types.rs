@@ -107,6 +107,7 @@ async fn advert(key: &SecretKey, seq: u64, f: &FactoryHandle) -> Envelope {
         owner_present: false,
         draining: false,
         benchmark: 1000,
+        chain: gleaner::Digest::default(),
     };
     Envelope::seal(&a, key)
 }

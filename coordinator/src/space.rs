@@ -421,6 +421,7 @@ mod tests {
             owner_present: owner,
             draining: false,
             benchmark: 1000,
+            chain: gleaner::Digest::default(),
         }
     }
 

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
+use gleaner::chain::Refresh;
 use gleaner::envelope::KeyCache;
-use gleaner::space::SpaceView;
+use gleaner::space::{Refused, SpaceView};
 use gleaner::{Digest, Envelope, Kind, PublicKey};
 
 use crate::MAX_ADVERT;
@@ -167,6 +168,27 @@ impl AdvertGate {
         out
     }
 
+    /// Checks a relayed refresh of a host's advert: that host's rate, then its link against the
+    /// chain of the advert held ([`SpaceView::refresh`]). A link that does not hash to the chain
+    /// is a forgery (rejected); a refresh of an advert not held is ignored (it may have expired
+    /// here, or a newer one came first).
+    pub fn check_refresh(
+        &mut self,
+        r: &Refresh,
+        view: &mut SpaceView,
+        now: u64,
+        now_ms: u64,
+    ) -> Verdict {
+        if !self.rates.ok(r.host, now_ms) {
+            self.rate_limited += 1;
+            return Verdict::Ignore(format!("{} sends too many messages", r.host));
+        }
+        match view.refresh(r, now) {
+            Err(e @ Refused::Forged(_)) => Verdict::Reject(e.to_string()),
+            r2 => self.verdict_of(r.host, r2),
+        }
+    }
+
     /// The checks before a signature (cheapest first): kind, size, shape, kind on the wire, a
     /// well-formed signer, and that signer's rate.
     fn precheck(
@@ -215,13 +237,13 @@ impl AdvertGate {
         self.verdict_of(author, r)
     }
 
-    fn verdict_of(&mut self, author: PublicKey, r: Result<(), gleaner::space::Refused>) -> Verdict {
+    fn verdict_of(&mut self, author: PublicKey, r: Result<(), Refused>) -> Verdict {
         match r {
             Ok(()) => {
                 self.rates.take(author);
                 Verdict::Accept
             }
-            Err(e @ gleaner::space::Refused::Replay(_)) => Verdict::Replay(e.to_string()),
+            Err(e @ Refused::Replay(_)) => Verdict::Replay(e.to_string()),
             Err(e) => Verdict::Ignore(e.to_string()),
         }
     }
@@ -254,6 +276,7 @@ mod tests {
             owner_present: false,
             draining: false,
             benchmark: 1000,
+            chain: gleaner::Digest::default(),
         };
         Envelope::seal(&a, key).to_bytes()
     }

@@ -10,7 +10,8 @@
 
 use std::collections::HashMap;
 
-use gleaner::relay::{Relay, RelayConfig, RelayStats};
+use gleaner::chain::Refresh;
+use gleaner::relay::{Carried, Relay, RelayConfig, RelayStats};
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, PublicKey};
 use libp2p::PeerId;
@@ -33,7 +34,9 @@ pub struct Outcome {
 /// News waiting for the next flush to be verified, all in one batch.
 struct News {
     from: PeerId,
+    /// A signed advert's envelope bytes (empty for a refresh).
     bytes: Vec<u8>,
+    refresh: Option<Refresh>,
     host: PublicKey,
     seq: u64,
 }
@@ -136,11 +139,18 @@ impl AdvertRelay {
                 };
                 out.rejected
                     .extend(got.junk.into_iter().map(|why| (peer, why)));
-                self.news.extend(got.news.into_iter().map(|c| News {
-                    from: peer,
-                    bytes: c.bytes.to_vec(),
-                    host: c.host,
-                    seq: c.seq,
+                self.news.extend(got.news.into_iter().map(|c| {
+                    let (bytes, refresh) = match c.carried {
+                        Carried::Signed(b) => (b.to_vec(), None),
+                        Carried::Refresh(r) => (Vec::new(), Some(r)),
+                    };
+                    News {
+                        from: peer,
+                        bytes,
+                        refresh,
+                        host: c.host,
+                        seq: c.seq,
+                    }
                 }));
                 if self.news.len() >= MAX_NEWS {
                     self.verify(gate, view, now, now_ms, &mut out);
@@ -153,8 +163,10 @@ impl AdvertRelay {
         out
     }
 
-    /// Verifies the news waiting (one batch): good adverts go into `view` and are queued to the
-    /// other neighbours, the rest fall back (see [`Relay::refused`]).
+    /// Verifies the news waiting: signed adverts in one batch first (they may be the anchors of
+    /// refreshes in the same batch), then each refresh against its chain. Good ones go into
+    /// `view` and are queued to the other neighbours, the rest fall back (see
+    /// [`Relay::refused`]).
     fn verify(
         &mut self,
         gate: &mut AdvertGate,
@@ -167,14 +179,36 @@ impl AdvertRelay {
             return;
         }
         let news = std::mem::take(&mut self.news);
-        let items: Vec<&[u8]> = news.iter().map(|n| n.bytes.as_slice()).collect();
-        let checked = gate.check_adverts(&items, view, now, now_ms);
-        for (n, checked) in news.iter().zip(checked) {
-            match checked.verdict {
+        let items: Vec<&[u8]> = news
+            .iter()
+            .filter(|n| n.refresh.is_none())
+            .map(|n| n.bytes.as_slice())
+            .collect();
+        let mut signed = gate.check_adverts(&items, view, now, now_ms).into_iter();
+        let mut refreshed = news
+            .iter()
+            .filter_map(|n| n.refresh.as_ref())
+            .map(|r| gate.check_refresh(r, view, now, now_ms))
+            .collect::<Vec<_>>()
+            .into_iter();
+        for n in &news {
+            let checked = match n.refresh {
+                Some(_) => refreshed.next().map(|v| (v, None)),
+                None => signed.next().map(|c| (c.verdict, c.running)),
+            };
+            // One verdict per item, in order: none is missing.
+            let Some((verdict, running)) = checked else {
+                continue;
+            };
+            match verdict {
                 Verdict::Accept => {
-                    self.relay
-                        .accepted(Some(n.from), n.host, n.seq, &n.bytes, now_ms);
-                    if let Some(taken) = checked.running {
+                    match &n.refresh {
+                        Some(r) => self.relay.accepted_refresh(Some(n.from), r, now_ms),
+                        None => self
+                            .relay
+                            .accepted(Some(n.from), n.host, n.seq, &n.bytes, now_ms),
+                    }
+                    if let Some(taken) = running {
                         out.taken.push(taken);
                     }
                 }
@@ -202,6 +236,12 @@ impl AdvertRelay {
                 .accepted(None, advert.host, advert.seq, &bytes, now_ms),
             Err(_) => self.relay.send_unread(&bytes),
         }
+    }
+
+    /// This node's own refresh (already in its view): queued to every neighbour, after the
+    /// anchor to any that lacks it.
+    pub fn publish_refresh(&mut self, r: &Refresh, now_ms: u64) {
+        self.relay.accepted_refresh(None, r, now_ms);
     }
 
     /// Verifies the news waiting, then sends what was queued for each neighbour, one frame each.

@@ -36,6 +36,7 @@ pub fn run_view_node(seed: u8, cfg: SpaceConfig, lifetime: Duration) {
                     owner_present: false,
                     draining: false,
                     benchmark: 1,
+                    chain: gleaner::Digest::default(),
                 };
                 let _ = h.publish(gleaner::Envelope::seal(&a, &key));
             }
