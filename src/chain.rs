@@ -8,10 +8,10 @@
 //! x_i before it reveals it, and hashing x_i down to the last link a node verified proves it is
 //! the host's. A relay cannot change what a refresh says: seq and time follow from the index,
 //! the content is the anchor's, so a refresh can be withheld or delayed like any message (by at
-//! most the same clock skew as a signed advert) but not bent. Indices are seconds after the
-//! anchor, so a host reveals at most one link a second and a link is never early; a change of
-//! content, a second advert within the same second, or the end of the chain ([`CHAIN_LEN`] s)
-//! makes a new signed anchor. See docs/protocol.md, "Refreshes".
+//! most the same clock skew as a signed advert) but not bent. Indices are the seconds since the
+//! anchor (one more when the last refresh already took this second's), so a link is never more
+//! than a second early; a change of content, a third advert within one second, or the end of
+//! the chain ([`CHAIN_LEN`] s) makes a new signed anchor. See docs/protocol.md, "Refreshes".
 
 use sha2::Digest as _;
 
@@ -198,11 +198,16 @@ impl Advertiser {
     ) -> Outgoing {
         if let Some(c) = &mut self.current
             && same_content(&c.advert, content)
-            && let Some(i) = now.checked_sub(c.advert.at)
-            && i > u64::from(c.index)
-            && i <= u64::from(CHAIN_LEN)
+            && let Some(elapsed) = now.checked_sub(c.advert.at)
+            // The next index is the seconds elapsed, or one past the last if that was this
+            // second's already: a host that advertises once a second on a busy runtime sees two
+            // adverts fall within one second now and then (and none in the next), and would
+            // otherwise sign each of those anew.
+            && let next = elapsed.max(u64::from(c.index) + 1)
+            && next <= elapsed + 1
+            && next <= u64::from(CHAIN_LEN)
         {
-            let index = i as u16;
+            let index = next as u16;
             c.index = index;
             let r = Refresh {
                 host: c.advert.host,
@@ -337,11 +342,28 @@ mod tests {
     fn a_new_anchor_when_content_changes_a_second_repeats_or_the_chain_ends() {
         let mut a = Advertiser::new(SecretKey::from_seed([4; 32]));
         let first = signed(a.next(&content(2), NOW, || Some([1; 32])));
-        // Within the same second: nothing a refresh could say, so a new anchor.
+        // Within the anchor's second: index 1, a second early at most.
+        assert_eq!(
+            refresh(a.next(&content(2), NOW, || unreachable!())).index,
+            1
+        );
+        // Once more within it: that would be two seconds early, so a new anchor.
         let again = signed(a.next(&content(2), NOW, || Some([2; 32])));
-        assert!(again.seq > first.seq);
+        assert!(again.seq > first.seq + 1);
         assert_ne!(again.chain, first.chain);
+        // Two in one second after a second with none (a busy runtime's 1 s ticks): both refresh.
+        assert_eq!(
+            refresh(a.next(&content(2), NOW + 2, || unreachable!())).index,
+            2
+        );
+        assert_eq!(
+            refresh(a.next(&content(2), NOW + 2, || unreachable!())).index,
+            3
+        );
         let r = refresh(a.next(&content(2), NOW + 3, || unreachable!()));
+        assert_eq!(r.index, 4);
+        let r = refresh(a.next(&content(2), NOW + 5, || unreachable!()));
+        assert_eq!(r.index, 5);
         // Other content: signed, with a seq above the refresh's.
         let changed = signed(a.next(&content(1), NOW + 4, || Some([3; 32])));
         assert_eq!(changed.free_cores, 1);

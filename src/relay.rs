@@ -16,7 +16,10 @@
 //! Refreshes ([`crate::chain`]) travel the same trees as signed adverts and are told apart from
 //! news the same way, by host and seq. A neighbour is sent a refresh only after the anchor it
 //! refreshes: a node sends each link a host's signed advert before its first refresh of that
-//! anchor there, so a node that joins (or a link that is new, or a graft) can check what follows.
+//! anchor there, so a node that joins (or a link that is new) can check what follows. A graft
+//! asks for the anchor again, and a node that gets a refresh it cannot check (the frame with the
+//! anchor was lost) answers it with a graft. Only a copy of a host's newest advert prunes its
+//! link: an older one is such an anchor sent ahead.
 //!
 //! Frame layout: a version byte (1), then items: `1, len: u16 BE, envelope bytes` (an advert),
 //! `2, host: 32 bytes` (prune), `3, host: 32 bytes` (graft), `4, refresh` ([`Refresh::encode`]:
@@ -206,8 +209,13 @@ pub struct Received<'a> {
 pub struct RelayStats {
     /// Copies of adverts this node already had.
     pub duplicates: u64,
-    /// Refreshes taken from neighbours (checked by their hash chain, no signature).
+    /// Signed adverts and refreshes (checked by their hash chain, no signature) taken from
+    /// neighbours.
+    pub signed: u64,
     pub refreshes: u64,
+    /// Refreshes this node could not check for want of their anchor, each answered with a graft
+    /// that asks the sender for the anchor.
+    pub anchors_asked: u64,
     pub prunes_sent: u64,
     pub grafts_sent: u64,
     /// Frame bytes read, and frames ignored for coming over a link this relay does not hold.
@@ -350,8 +358,11 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                     continue;
                 }
                 Item::Graft(host) => {
+                    // The neighbour may lack the host's anchor too (it missed it, or its copy
+                    // expired): the next refresh to it goes after the anchor.
                     if let Some(l) = self.links.get_mut(&from) {
                         l.muted.remove(&host);
+                        l.anchors.remove(&host);
                     }
                     continue;
                 }
@@ -394,7 +405,9 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         match self.hosts.get_mut(&host) {
             Some(h) if seq <= h.seq => {
                 self.stats.duplicates += 1;
-                if h.from != Some(from) && !pruned {
+                // Only a copy of the newest prunes: an older one is an anchor sent ahead of a
+                // refresh (or a late copy), and pruning for it would undo the graft it answers.
+                if seq == h.seq && h.from != Some(from) && !pruned {
                     self.prune(from, host);
                 }
                 return false;
@@ -438,6 +451,9 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         else {
             return;
         };
+        if from.is_some() {
+            self.stats.signed += 1;
+        }
         if let Some(h) = h {
             let mut anchor = h.anchor.take().map(|(_, b)| b).unwrap_or_default();
             anchor.clear();
@@ -494,6 +510,17 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             if !queue(l, &Item::Refresh(*r), max) {
                 self.stats.dropped += 1;
             }
+        }
+    }
+
+    /// A refresh from `peer` could not be checked here: this node does not hold the anchor it
+    /// refreshes (a frame that carried it was lost, or the advert expired here). A graft asks
+    /// `peer` to send the anchor ahead of its next refresh.
+    pub fn want_anchor(&mut self, peer: P, host: PublicKey) {
+        if let Some(l) = self.links.get_mut(&peer) {
+            l.pruned.remove(&host);
+            encode(&mut l.out, &Item::Graft(host));
+            self.stats.anchors_asked += 1;
         }
     }
 
@@ -767,7 +794,7 @@ mod tests {
         // A copy from the link it came from is no reason to prune that link.
         assert!(r.on_frame(1, &f, 0).unwrap().news.is_empty());
         assert!(sent(&mut r).is_empty());
-        // An older advert is a copy too.
+        // An older advert is a copy too, but prunes nothing: it may be an anchor sent ahead.
         let a0 = advert(&k, 0);
         assert!(
             r.on_frame(3, &frame(&[Item::Advert(&a0)]), 0)
@@ -775,6 +802,9 @@ mod tests {
                 .news
                 .is_empty()
         );
+        assert!(sent(&mut r).is_empty());
+        // A copy of the newest from link 3 does.
+        assert!(r.on_frame(3, &f, 0).unwrap().news.is_empty());
         assert_eq!(sent(&mut r)[&3], vec![Item::Prune(k.public())]);
     }
 
@@ -1016,6 +1046,44 @@ mod tests {
         let out = sent(&mut r);
         assert_eq!(out[&4], vec![Item::Advert(&anchor), Item::Refresh(r3)]);
         assert_eq!(out[&3], vec![Item::Refresh(r3)]);
+        // A neighbour that grafts the host gets the anchor again ahead of the next refresh, and
+        // the anchor it already had prunes nothing there.
+        r.on_frame(3, &frame(&[Item::Graft(k.public())]), 0)
+            .unwrap();
+        let Outgoing::Refresh(r4) = host.next(&content, 1_800_000_004, || Some([5; 32])) else {
+            panic!("a refresh");
+        };
+        r.on_frame(1, &frame(&[Item::Refresh(r4)]), 0).unwrap();
+        r.accepted_refresh(Some(1), &r4, 4000);
+        assert_eq!(
+            sent(&mut r)[&3],
+            vec![Item::Advert(&anchor), Item::Refresh(r4)]
+        );
+        let mut other: Relay<u8> = relay();
+        other
+            .on_frame(1, &frame(&[Item::Advert(&anchor), Item::Refresh(r3)]), 0)
+            .unwrap();
+        other.accepted(Some(1), k.public(), seq, &anchor, 0);
+        other.accepted_refresh(Some(1), &r3, 0);
+        sent(&mut other);
+        assert!(
+            other
+                .on_frame(2, &frame(&[Item::Advert(&anchor), Item::Refresh(r4)]), 0)
+                .unwrap()
+                .news
+                .len()
+                == 1
+        );
+        assert!(
+            sent(&mut other)
+                .get(&2)
+                .is_none_or(|items| !items.contains(&Item::Prune(k.public()))),
+            "an anchor sent ahead pruned its link"
+        );
+        // A refresh this node cannot check: it asks its sender for the anchor with a graft.
+        r.want_anchor(2, k.public());
+        assert_eq!(sent(&mut r)[&2], vec![Item::Graft(k.public())]);
+        assert_eq!(r.stats.anchors_asked, 1);
         // A refresh cut short is a broken frame.
         let mut cut = frame(&[Item::Refresh(r3)]);
         cut.pop();

@@ -122,6 +122,11 @@ impl SpaceView {
         Ok(())
     }
 
+    /// The seq of the anchor whose refreshes this view can check for `host`, if it holds one.
+    pub fn anchor_seq(&self, host: &PublicKey) -> Option<u64> {
+        self.chains.get(host).map(|a| a.seq)
+    }
+
     /// Takes a refresh of a host's advert: its link is checked against the chain of the advert
     /// held (a few SHA-256 calls), and the advert takes the refresh's seq and time.
     pub fn refresh(&mut self, r: &Refresh, now: u64) -> Result<(), Refused> {

@@ -187,8 +187,15 @@ impl AdvertRelay {
         let mut signed = gate.check_adverts(&items, view, now, now_ms).into_iter();
         let mut refreshed = news
             .iter()
-            .filter_map(|n| n.refresh.as_ref())
-            .map(|r| gate.check_refresh(r, view, now, now_ms))
+            .filter_map(|n| n.refresh.as_ref().map(|r| (n.from, r)))
+            .map(|(from, r)| {
+                // Its anchor is not here (and no newer one is): the sender is asked for it
+                // (with a graft).
+                if view.anchor_seq(&r.host).is_none_or(|a| a < r.anchor_seq) {
+                    self.relay.want_anchor(from, r.host);
+                }
+                gate.check_refresh(r, view, now, now_ms)
+            })
             .collect::<Vec<_>>()
             .into_iter();
         for n in &news {
