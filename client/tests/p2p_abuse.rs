@@ -119,19 +119,12 @@ struct Attack {
     started: AtomicBool,
 }
 
-/// A bare relay peer (no Gleaner validation) that opens advert relay links to its targets and then
-/// either announces one frame far over the limit (`oversize`) or floods frames of junk, adverts
-/// forged with another host's key, and frames that are not frames at all; it opens its links again
-/// whenever they are closed.
-fn attacker(
-    targets: Vec<Multiaddr>,
-    victim_key: SecretKey,
-    oversize: bool,
-    cancel: CancellationToken,
-) -> (PeerId, Arc<Attack>) {
+/// A peer with a fresh key that speaks nothing but libp2p-stream (for raw relay links) over
+/// TCP, noise and yamux.
+fn bare_relay_swarm() -> (libp2p::Swarm<libp2p_stream::Behaviour>, PeerId) {
     let key = libp2p::identity::Keypair::generate_ed25519();
     let id = key.public().to_peer_id();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -143,6 +136,20 @@ fn attacker(
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
+    (swarm, id)
+}
+
+/// A bare relay peer (no Gleaner validation) that opens advert relay links to its targets and then
+/// either announces one frame far over the limit (`oversize`) or floods frames of junk, adverts
+/// forged with another host's key, and frames that are not frames at all; it opens its links again
+/// whenever they are closed.
+fn attacker(
+    targets: Vec<Multiaddr>,
+    victim_key: SecretKey,
+    oversize: bool,
+    cancel: CancellationToken,
+) -> (PeerId, Arc<Attack>) {
+    let (mut swarm, id) = bare_relay_swarm();
     let mut control = swarm.behaviour().new_control();
     let state = Arc::new(Attack::default());
     let st = state.clone();
@@ -428,20 +435,7 @@ fn refresh_forger(
     host: gleaner::PublicKey,
     cancel: CancellationToken,
 ) -> (PeerId, Arc<Attack>) {
-    let key = libp2p::identity::Keypair::generate_ed25519();
-    let id = key.public().to_peer_id();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let (mut swarm, id) = bare_relay_swarm();
     let mut control = swarm.behaviour().new_control();
     let state = Arc::new(Attack::default());
     let (st, c) = (state.clone(), cancel.clone());
