@@ -230,6 +230,14 @@ pub struct RelayStats {
     pub dropped: u64,
 }
 
+/// Notes that neighbour `l` holds `host`'s anchor `seq`; hosts beyond `max_hosts` go unnoted (a
+/// refresh to it then goes after its anchor again).
+fn note_anchor(l: &mut Link, host: PublicKey, seq: u64, max_hosts: usize) {
+    if l.anchors.len() < max_hosts || l.anchors.contains_key(&host) {
+        l.anchors.insert(host, seq);
+    }
+}
+
 /// Appends `item` to a neighbour's frame if it fits within `max` bytes.
 fn queue(l: &mut Link, item: &Item<'_>, max: usize) -> bool {
     let len = match item {
@@ -380,11 +388,12 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 Item::Refresh(r) => (Carried::Refresh(r), r.host, r.seq(), r.anchor_seq),
             };
             // The neighbour holds the anchor it sent, or whose refresh it sent (it checked it).
-            if let Some(l) = self.links.get_mut(&from)
-                && (l.anchors.contains_key(&host) || l.anchors.len() < self.cfg.max_hosts)
-            {
-                let a = l.anchors.entry(host).or_insert(anchor_seq);
-                *a = (*a).max(anchor_seq);
+            if let Some(l) = self.links.get_mut(&from) {
+                let seq = l
+                    .anchors
+                    .get(&host)
+                    .map_or(anchor_seq, |&a| a.max(anchor_seq));
+                note_anchor(l, host, seq, self.cfg.max_hosts);
             }
             if self.is_news(from, host, seq, now_ms) {
                 got.news.push(Candidate { carried, host, seq });
@@ -460,13 +469,13 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             anchor.extend_from_slice(bytes);
             h.anchor = Some((seq, anchor));
         }
-        let max = self.cfg.max_queued;
+        let (max, max_hosts) = (self.cfg.max_queued, self.cfg.max_hosts);
         for (peer, l) in self.links.iter_mut() {
             if Some(*peer) == from || l.muted.contains(&host) {
                 continue;
             }
             if queue(l, &Item::Advert(bytes), max) {
-                l.anchors.insert(host, seq);
+                note_anchor(l, host, seq, max_hosts);
             } else {
                 self.stats.dropped += 1;
             }
@@ -493,7 +502,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             .and_then(|h| h.anchor.as_ref())
             .filter(|(seq, _)| *seq == r.anchor_seq)
             .map(|(_, b)| b.as_slice());
-        let max = self.cfg.max_queued;
+        let (max, max_hosts) = (self.cfg.max_queued, self.cfg.max_hosts);
         for (peer, l) in self.links.iter_mut() {
             if Some(*peer) == from || l.muted.contains(&r.host) {
                 continue;
@@ -505,7 +514,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                     self.stats.dropped += 1;
                     continue;
                 }
-                l.anchors.insert(r.host, r.anchor_seq);
+                note_anchor(l, r.host, r.anchor_seq, max_hosts);
             }
             if !queue(l, &Item::Refresh(*r), max) {
                 self.stats.dropped += 1;
@@ -1088,6 +1097,26 @@ mod tests {
         let mut cut = frame(&[Item::Refresh(r3)]);
         cut.pop();
         assert_eq!(decode(&cut), Err(FrameError::Short { index: 0 }));
+    }
+
+    #[test]
+    fn what_a_neighbour_holds_is_bounded_by_the_hosts_tracked() {
+        let mut r: Relay<u8> = Relay::new(RelayConfig {
+            max_hosts: 2,
+            ..RelayConfig::default()
+        });
+        r.add_link(1);
+        r.add_link(2);
+        for i in 0..5u8 {
+            let k = SecretKey::from_seed([i; 32]);
+            let a = advert(&k, 1);
+            r.on_frame(1, &frame(&[Item::Advert(&a)]), 0).unwrap();
+            r.accepted(Some(1), k.public(), 1, &a, 1000);
+        }
+        // Five hosts forwarded, two tracked and noted per neighbour.
+        assert_eq!(r.hosts(), 2);
+        assert!(r.links.values().all(|l| l.anchors.len() <= 2));
+        assert_eq!(sent(&mut r)[&2].len(), 5);
     }
 
     #[test]
