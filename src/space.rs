@@ -122,6 +122,11 @@ impl SpaceView {
         Ok(())
     }
 
+    /// `host`'s advert as the view holds it, if it does.
+    pub fn peer(&self, host: &PublicKey) -> Option<&Peer> {
+        self.peers.get(host)
+    }
+
     /// The seq of the anchor whose refreshes this view can check for `host`, if it holds one.
     pub fn anchor_seq(&self, host: &PublicKey) -> Option<u64> {
         self.chains.get(host).map(|a| a.seq)

@@ -171,22 +171,32 @@ impl AdvertGate {
     /// Checks a relayed refresh of a host's advert: that host's rate, then its link against the
     /// chain of the advert held ([`SpaceView::refresh`]). A link that does not hash to the chain
     /// is a forgery (rejected); a refresh of an advert not held is ignored (it may have expired
-    /// here, or a newer one came first).
+    /// here, or a newer one came first). A refresh taken reports the machine types its advert
+    /// shows running, as a signed advert does: a node that could not fetch one yet tries again.
     pub fn check_refresh(
         &mut self,
         r: &Refresh,
         view: &mut SpaceView,
         now: u64,
         now_ms: u64,
-    ) -> Verdict {
-        if !self.rates.ok(r.host, now_ms) {
+    ) -> Checked {
+        let verdict = if !self.rates.ok(r.host, now_ms) {
             self.rate_limited += 1;
-            return Verdict::Ignore(format!("{} sends too many messages", r.host));
-        }
-        match view.refresh(r, now) {
-            Err(e @ Refused::Forged(_)) => Verdict::Reject(e.to_string()),
-            r2 => self.verdict_of(r.host, r2),
-        }
+            Verdict::Ignore(format!("{} sends too many messages", r.host))
+        } else {
+            match view.refresh(r, now) {
+                Err(e @ Refused::Forged(_)) => Verdict::Reject(e.to_string()),
+                r2 => self.verdict_of(r.host, r2),
+            }
+        };
+        let running = matches!(verdict, Verdict::Accept)
+            .then(|| view.peer(&r.host))
+            .flatten()
+            .map(|p| {
+                let types = p.advert.running.iter().map(|x| x.machine_type).collect();
+                (r.host, types)
+            });
+        Checked { verdict, running }
     }
 
     /// The checks before a signature (cheapest first): kind, size, shape, kind on the wire, a

@@ -200,9 +200,10 @@ impl AdvertRelay {
             .into_iter();
         for n in &news {
             let checked = match n.refresh {
-                Some(_) => refreshed.next().map(|v| (v, None)),
-                None => signed.next().map(|c| (c.verdict, c.running)),
-            };
+                Some(_) => refreshed.next(),
+                None => signed.next(),
+            }
+            .map(|c| (c.verdict, c.running));
             // One verdict per item, in order: none is missing.
             let Some((verdict, running)) = checked else {
                 continue;
