@@ -232,7 +232,7 @@ pub async fn start(
         Ok(Behaviour {
             stream: gleaner_space::StreamBehaviour::new(),
             identify: gleaner_space::swarm::identify_behaviour(k),
-            ping: ping::Behaviour::default(),
+            ping: gleaner_space::swarm::ping_behaviour(),
             mdns: gleaner_space::swarm::mdns_behaviour(mdns_on, k)?,
             kad: gleaner_space::swarm::kad_behaviour(k.public().to_peer_id(), kad_proto),
         })

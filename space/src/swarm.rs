@@ -13,7 +13,7 @@ use libp2p::futures::io::{AsyncRead, AsyncWrite};
 use libp2p::gossipsub::{self, MessageAuthenticity};
 use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
-use libp2p::{PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, tcp, yamux};
+use libp2p::{PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
 
 use crate::tuning;
 
@@ -195,6 +195,11 @@ pub fn kad_behaviour(
     // closed, and a 100-node space churned through thousands of connections a minute.
     kcfg.set_kbucket_inserts(kad::BucketInserts::Manual);
     kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kcfg)
+}
+
+/// libp2p ping as every node of the space runs it ([`tuning::PING_INTERVAL`]).
+pub fn ping_behaviour() -> ping::Behaviour {
+    ping::Behaviour::new(ping::Config::new().with_interval(tuning::PING_INTERVAL))
 }
 
 /// Identify, announcing [`crate::IDENTIFY_PROTOCOL`].

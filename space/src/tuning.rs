@@ -4,8 +4,15 @@
 
 use std::time::Duration;
 
-/// Gossipsub heartbeat (mesh maintenance and gossip emission).
-pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// Gossipsub heartbeat (mesh maintenance, peer scores and gossip emission): gossipsub's default.
+/// It was 500 ms while adverts rode gossipsub; what is left there (outcomes, announcements,
+/// trust messages) is rare, and each heartbeat scores every peer and resets a timer on
+/// futures-timer's own thread — a quarter of an idle node's CPU at 100 nodes (docs/BENCHMARKS.md).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often libp2p ping checks each connection (its default is 15 s). A node holds ~25
+/// connections, each pinged from both ends; a dead connection is also found by TCP and by the
+/// idle timeout, so a minute is enough.
+pub const PING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Whether a node sends its own messages to every peer of the topic (gossipsub's default) or,
 /// as here, only to its mesh like any message it forwards. Flooding costs the publisher N − 1
@@ -13,7 +20,7 @@ pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// advert is superseded by the next one within seconds, so the mesh and IHAVE gossip carry it.
 pub const FLOOD_PUBLISH: bool = false;
 /// IHAVE gossip (the fallback for messages the mesh missed): ids of the last `HISTORY_GOSSIP`
-/// heartbeats (1 s), sent to `GOSSIP_LAZY` peers outside the mesh per topic and heartbeat, or to
+/// heartbeats (2 s), sent to `GOSSIP_LAZY` peers outside the mesh per topic and heartbeat, or to
 /// `GOSSIP_FACTOR` of them if more. Gossipsub's defaults (3 heartbeats to 6 peers) carried every
 /// message id 1.5 s long to 6 peers twice a second: ~17 kB/s per node at 30 adverts/s, three
 /// times the adverts themselves.
