@@ -213,6 +213,8 @@ pub struct RelayStats {
     /// neighbours.
     pub signed: u64,
     pub refreshes: u64,
+    /// Signatures checked (signed adverts that were news here, taken or not).
+    pub checked: u64,
     /// Refreshes this node could not check for want of their anchor, each answered with a graft
     /// that asks the sender for the anchor.
     pub anchors_asked: u64,
@@ -649,7 +651,12 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         self.links
             .iter_mut()
             .filter(|(_, l)| !l.out.is_empty())
-            .map(|(p, l)| (*p, std::mem::take(&mut l.out)))
+            // The next frame starts at this one's size: grown item by item from empty, it was
+            // reallocated several times a flush (2 % of a node's CPU at 100 nodes).
+            .map(|(p, l)| {
+                let size = l.out.len();
+                (*p, std::mem::replace(&mut l.out, Vec::with_capacity(size)))
+            })
             .collect()
     }
 

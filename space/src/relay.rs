@@ -184,6 +184,7 @@ impl AdvertRelay {
             .filter(|n| n.refresh.is_none())
             .map(|n| n.bytes.as_slice())
             .collect();
+        self.relay.stats.checked += items.len() as u64;
         let mut signed = gate.check_adverts(&items, view, now, now_ms).into_iter();
         let mut refreshed = news
             .iter()
