@@ -4,7 +4,8 @@
 //! received per node per second and per useful byte, CPU per advert per node and per node per
 //! second, and the graph: connections per node (mean, min, max) and advert relay links per node. The steady
 //! window opens `GLEANER_BENCH_SETTLE_S` (150) after convergence and lasts `GLEANER_BENCH_WINDOW_S`
-//! (10) seconds.
+//! (10) seconds. The nodes share a two-worker runtime, as the daemon's; `GLEANER_BENCH_RUNTIME=current`
+//! runs them on one current-thread runtime instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -195,7 +196,7 @@ async fn run(n: usize) -> Results {
     // The graph after the window: connections and advert relay links per node.
     let (mut conns, mut links) = (Vec::new(), Vec::new());
     let (mut duplicates, mut dropped, mut prunes, mut grafts) = (0, 0, 0, 0);
-    let (mut refreshes, mut signed) = (0, 0);
+    let (mut refreshes, mut signed, mut checked) = (0, 0, 0);
     let (mut silent, mut orphaned, mut refusals) = (0, 0, 0);
     let (mut frame_bytes, mut strangers, mut trimmed) = (0, 0, 0);
     let (mut banned, mut replayed, mut rejected, mut limited) = (0, 0, 0, 0);
@@ -206,6 +207,7 @@ async fn run(n: usize) -> Results {
             duplicates += s.relay.stats.duplicates;
             refreshes += s.relay.stats.refreshes;
             signed += s.relay.stats.signed;
+            checked += s.relay.stats.checked;
             dropped += s.relay.stats.dropped;
             prunes += s.relay.stats.prunes_sent;
             grafts += s.relay.stats.grafts_sent;
@@ -230,7 +232,7 @@ async fn run(n: usize) -> Results {
     eprintln!(
         "{n} nodes: {:.1} connections per node (min {}, max {}; {trimmed} closed as surplus in \
          all), relay links {:.1}; \
-         {signed} signed adverts and {refreshes} refreshes taken, {duplicates} duplicate and {dropped} dropped adverts, {prunes} prunes and {grafts} grafts \
+         {signed} signed adverts ({checked} signatures checked) and {refreshes} refreshes taken, {duplicates} duplicate and {dropped} dropped adverts, {prunes} prunes and {grafts} grafts \
          in all (hosts grafted back: {silent} silent, {orphaned} after a lost link, {refusals} \
          after a refusal); {frame_bytes} bytes in relay frames, {strangers} frames from unknown \
          links",
@@ -287,6 +289,7 @@ async fn run(n: usize) -> Results {
     lat.sort_by(f64::total_cmp);
     // The same space with nobody advertising: what a node costs with no adverts to carry.
     quiet.store(true, Ordering::Relaxed);
+    eprintln!("{n} nodes: quiet");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (c0, (b0, _)) = (cpu_s(), p2p::transport_bytes());
     tokio::time::sleep(window).await;
@@ -326,10 +329,17 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn main() {
     let n = env_u64("GLEANER_BENCH_NODES", 100) as usize;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = if std::env::var("GLEANER_BENCH_RUNTIME").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
     let base = rt.block_on(run(10));
     let big = rt.block_on(run(n));
     println!("space benchmark: {n} nodes vs a 10-node baseline, same run, loopback TCP");
