@@ -4,8 +4,8 @@
 //! received per node per second and per useful byte, CPU per advert per node and per node per
 //! second, and the graph: connections per node (mean, min, max) and advert relay links per node. The steady
 //! window opens `GLEANER_BENCH_SETTLE_S` (150) after convergence and lasts `GLEANER_BENCH_WINDOW_S`
-//! (10) seconds. The nodes share a two-worker runtime, as the daemon's; `GLEANER_BENCH_RUNTIME=current`
-//! runs them on one current-thread runtime instead.
+//! (10) seconds. The nodes share one current-thread runtime, as the daemon runs its node on a
+//! current-thread runtime of its own; `GLEANER_BENCH_RUNTIME=multi` shares a two-worker runtime instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -329,7 +329,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn main() {
     let n = env_u64("GLEANER_BENCH_NODES", 100) as usize;
-    let rt = if std::env::var("GLEANER_BENCH_RUNTIME").as_deref() == Ok("current") {
+    let rt = if std::env::var("GLEANER_BENCH_RUNTIME").as_deref() != Ok("multi") {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

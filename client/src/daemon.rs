@@ -703,7 +703,7 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
             // Machine types are fetched from and forwarded for the publishers we trust (kept up to
             // date with the trust store below).
             cfg.trusted = catalogue.lock().await.store.trusted_keys();
-            match crate::p2p::start_space(&key, cfg.clone(), space_cancel.clone()).await {
+            match crate::p2p::start_space_thread(&key, cfg.clone(), space_cancel.clone()).await {
                 Ok(s) => {
                     for a in &s.addrs {
                         tracing::info!(

@@ -452,3 +452,58 @@ async fn past_its_peer_limit_a_node_closes_what_it_dialled_and_adverts_still_flo
     }
     cancel.cancel();
 }
+
+/// Threads of this process named `gleaner-space` (the daemon's space thread).
+fn space_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "gleaner-space")
+        .count()
+}
+
+/// The daemon runs its node on a thread of its own (`start_space_thread`): that node joins a
+/// space of nodes run the other way, its view converges like theirs, and its thread is gone once
+/// the node is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_its_own_thread_joins_the_space_and_its_thread_ends_with_it() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let before = space_threads();
+    let cancel = CancellationToken::new();
+    let (k0, h0, a0) = node(91, vec![], &cancel).await;
+    let key = SecretKey::from_seed([92; 32]);
+    let own = CancellationToken::new();
+    let mut cfg = SpaceConfig::new("test");
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.bootstrap = vec![a0];
+    let space = p2p::start_space_thread(&key, cfg, own.clone())
+        .await
+        .unwrap();
+    assert_eq!(space_threads(), before + 1);
+    let own_addr = space.addrs[0]
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2p(
+            key.public().to_string().parse().unwrap(),
+        ));
+    let (k2, h2, _) = node(93, vec![own_addr], &cancel).await;
+    let nodes = vec![(k0, h0), (key, space.handle.clone()), (k2, h2)];
+    converge(
+        &nodes,
+        "a node on its own thread did not converge with the others",
+    )
+    .await;
+    own.cancel();
+    tokio::time::timeout(Duration::from_secs(10), space.task)
+        .await
+        .expect("the node on its own thread did not end when cancelled")
+        .ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while space_threads() > before {
+        assert!(
+            Instant::now() < deadline,
+            "the space thread outlived its node"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+}
