@@ -294,6 +294,37 @@ fn batch_opens_good_records_and_singles_out_bad_ones() {
     }
 }
 
+/// Batches of one and two are checked signature by signature: good ones open, a forged one is
+/// named, at every size either side of the batch threshold.
+#[test]
+fn small_batches_open_good_records_and_single_out_a_forged_one() {
+    let host = SecretKey::from_seed([4; 32]);
+    for n in 1..=4 {
+        let mut envs: Vec<Envelope> = (0..n)
+            .map(|i| Envelope::seal(&record(&host, i as u8), &host))
+            .collect();
+        assert!(
+            open_batch::<UsageRecord>(&envs).iter().all(Result::is_ok),
+            "{n} good"
+        );
+        envs[n - 1].signature[5] ^= 1;
+        let res = open_batch::<UsageRecord>(&envs);
+        for (i, r) in res.iter().enumerate() {
+            if i == n - 1 {
+                assert!(matches!(r, Err(Error::BadSignature { .. })), "{n}: {r:?}");
+            } else {
+                assert!(r.is_ok(), "{n}, record {i}: {r:?}");
+            }
+        }
+        let mut cache = KeyCache::default();
+        let cached = open_batch_cached::<UsageRecord>(&envs, &mut cache);
+        assert!(
+            matches!(cached[n - 1], Err(Error::BadSignature { .. })),
+            "{n} cached"
+        );
+    }
+}
+
 #[test]
 fn batch_messages_match_batch_without_digests() {
     let host = SecretKey::from_seed([4; 32]);
