@@ -16,6 +16,10 @@ use gleaner::{Envelope, SecretKey};
 use gleaner_client::p2p::{self, SpaceConfig, SpaceHandle};
 use tokio_util::sync::CancellationToken;
 
+/// The daemon's allocator (client/src/main.rs), so that the nodes here cost what the daemon's do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1124,11 +1124,17 @@ pub async fn run_with<R: Runtime + 'static, U: Uploader>(
     Ok(())
 }
 
-/// Caps glibc's malloc arenas at two before any thread starts. glibc gives each thread that
-/// allocates an arena of its own (up to eight per core), and each keeps what was freed in it
-/// resident; a daemon that mostly waits needs no more than two. `MALLOC_ARENA_MAX` in the
-/// environment still wins.
-pub fn limit_malloc_arenas() {
+/// Keeps the daemon's heap small, before any thread starts:
+/// - glibc's malloc arenas are capped at two. glibc gives each thread that allocates an arena of
+///   its own (up to eight per core), and each keeps what was freed in it resident; a daemon that
+///   mostly waits needs no more than two. (The `gleaner` binary's Rust heap is mimalloc's;
+///   glibc's still serves the C code in the process.) `MALLOC_ARENA_MAX` in the environment
+///   still wins.
+/// - Transparent huge pages are turned off for the process. mimalloc reserves its memory in
+///   aligned regions that the kernel backs with 2 MiB pages where THP is on: the idle daemon then
+///   held 26.6 MiB instead of 12 (docs/BENCHMARKS.md). mimalloc is built not to ask for them
+///   (`no_thp`); this covers machines whose THP mode is `always`.
+pub fn keep_heap_small() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
@@ -1136,10 +1142,22 @@ pub fn limit_malloc_arenas() {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process's memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
 }
 
-/// Returns the allocator's free pages to the system (glibc keeps them otherwise).
+/// Returns the allocators' free pages to the system: mimalloc's (the Rust heap, in the `gleaner`
+/// binary) and glibc's (what C code in the process allocates, and the Rust heap where the library
+/// runs in a binary that keeps the system allocator).
 fn release_free_memory() {
+    // SAFETY: mi_collect only frees what mimalloc holds unused; it is safe in any thread and
+    // whichever allocator is global.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases memory the allocator holds free.
     unsafe {

@@ -609,7 +609,7 @@ pub fn run(args: DaemonArgs) -> Result<()> {
         host,
         running: std::sync::Mutex::new(first),
     });
-    crate::daemon::limit_malloc_arenas();
+    crate::daemon::keep_heap_small();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
