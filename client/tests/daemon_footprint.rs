@@ -1,7 +1,8 @@
 //! The idle daemon lets go of its executable's start-up pages: a real `gleaner daemon` process,
 //! its resident pages of the `gleaner` binary read from `/proc/PID/smaps` before and after the
-//! idle release point (`--idle-release-after`), while it keeps answering status; and it runs with transparent huge pages off
-//! (docs/BENCHMARKS.md, idle footprint; the goal itself is measured by `benches/footprint.rs`).
+//! idle release point (`--idle-release-after`), while it keeps answering status; and it runs with
+//! transparent huge pages off (docs/BENCHMARKS.md, idle footprint; the goal itself is measured by
+//! `benches/footprint.rs`).
 
 mod support;
 
