@@ -28,6 +28,13 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
+/// The relay's maps and sets: foldhash, seeded at random per process, not SipHash. A node looks
+/// a host and a neighbour up several times per item it reads or sends (~100 items a second),
+/// and SipHash over 32-byte keys and peer ids was ~2 % of a node's CPU at 100 nodes. The random
+/// seed keeps hosts' keys (which anyone can pick) from being ground into collisions.
+type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+type Set<K> = HashSet<K, foldhash::quality::RandomState>;
+
 use crate::advert::CapacityAdvert;
 use crate::chain::{REFRESH_LEN, Refresh};
 use crate::envelope::Envelope;
@@ -250,17 +257,72 @@ fn queue(l: &mut Link, item: &Item<'_>, max: usize) -> bool {
     l.out.len() + len <= max && encode(&mut l.out, item)
 }
 
+/// Whether an advert or refresh (host, seq) that came over link `l` from `from` is news; if not,
+/// it is a copy and the link is pruned for the host (unless it is the host's way in).
+#[allow(clippy::too_many_arguments)]
+fn is_news<P: Copy + Eq>(
+    cfg: &RelayConfig,
+    hosts: &mut Map<PublicKey, Host<P>>,
+    stats: &mut RelayStats,
+    l: &mut Link,
+    from: P,
+    host: PublicKey,
+    seq: u64,
+    now_ms: u64,
+) -> bool {
+    let full = hosts.len() >= cfg.max_hosts;
+    // A link this node pruned for the host may still bring a frame it sent before the prune
+    // reached it. Its news is news, but the link does not become the host's way in: if it did,
+    // the copy from the real way in would prune that too, and the host would fall silent here
+    // until repaired.
+    let pruned = l.pruned.contains(&host);
+    match hosts.get_mut(&host) {
+        Some(h) if seq <= h.seq => {
+            stats.duplicates += 1;
+            // Only a copy of the newest prunes: an older one is an anchor sent ahead of a
+            // refresh (or a late copy), and pruning for it would undo the graft it answers.
+            if seq == h.seq && h.from != Some(from) && !pruned {
+                l.pruned.insert(host);
+                encode(&mut l.out, &Item::Prune(host));
+                stats.prunes_sent += 1;
+            }
+            return false;
+        }
+        Some(h) => {
+            h.seq = seq;
+            if !pruned || h.from.is_none() {
+                h.from = Some(from);
+            }
+        }
+        None if !full => {
+            hosts.insert(
+                host,
+                Host {
+                    seq,
+                    from: Some(from),
+                    confirmed: None,
+                    at_ms: now_ms,
+                    grafted_ms: 0,
+                    anchor: None,
+                },
+            );
+        }
+        None => {}
+    }
+    true
+}
+
 #[derive(Debug, Default)]
 struct Link {
     /// The frame being built for this neighbour.
     out: Vec<u8>,
     /// Hosts this neighbour asked not to be sent.
-    muted: HashSet<PublicKey>,
+    muted: Set<PublicKey>,
     /// Hosts this node asked this neighbour not to send.
-    pruned: HashSet<PublicKey>,
+    pruned: Set<PublicKey>,
     /// The newest signed advert (its seq) of each host that this neighbour sent this node or was
     /// sent by it: a refresh of that anchor needs no anchor sent first.
-    anchors: HashMap<PublicKey, u64>,
+    anchors: Map<PublicKey, u64>,
 }
 
 #[derive(Debug)]
@@ -285,8 +347,8 @@ struct Host<P> {
 #[derive(Debug)]
 pub struct Relay<P> {
     cfg: RelayConfig,
-    links: HashMap<P, Link>,
-    hosts: HashMap<PublicKey, Host<P>>,
+    links: Map<P, Link>,
+    hosts: Map<PublicKey, Host<P>>,
     pub stats: RelayStats,
 }
 
@@ -294,8 +356,8 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     pub fn new(cfg: RelayConfig) -> Relay<P> {
         Relay {
             cfg,
-            links: HashMap::new(),
-            hosts: HashMap::new(),
+            links: Map::default(),
+            hosts: Map::default(),
             stats: RelayStats::default(),
         }
     }
@@ -352,17 +414,22 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     ) -> Result<Received<'a>, FrameError> {
         let items = decode(frame)?;
         let mut got = Received::default();
-        if !self.links.contains_key(&from) {
-            self.stats.strangers += 1;
+        // The link is looked up once per frame, not once or more per item.
+        let Relay {
+            cfg,
+            links,
+            hosts,
+            stats,
+        } = self;
+        let Some(l) = links.get_mut(&from) else {
+            stats.strangers += 1;
             return Ok(got);
-        }
-        self.stats.bytes_in += frame.len() as u64;
+        };
+        stats.bytes_in += frame.len() as u64;
         for item in items {
             let (carried, host, seq, anchor_seq) = match item {
                 Item::Prune(host) => {
-                    if let Some(l) = self.links.get_mut(&from)
-                        && l.muted.len() < self.cfg.max_muted
-                    {
+                    if l.muted.len() < cfg.max_muted {
                         l.muted.insert(host);
                     }
                     continue;
@@ -370,10 +437,8 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 Item::Graft(host) => {
                     // The neighbour may lack the host's anchor too (it missed it, or its copy
                     // expired): the next refresh to it goes after the anchor.
-                    if let Some(l) = self.links.get_mut(&from) {
-                        l.muted.remove(&host);
-                        l.anchors.remove(&host);
-                    }
+                    l.muted.remove(&host);
+                    l.anchors.remove(&host);
                     continue;
                 }
                 Item::Advert(bytes) => {
@@ -390,61 +455,16 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 Item::Refresh(r) => (Carried::Refresh(r), r.host, r.seq(), r.anchor_seq),
             };
             // The neighbour holds the anchor it sent, or whose refresh it sent (it checked it).
-            if let Some(l) = self.links.get_mut(&from) {
-                let seq = l
-                    .anchors
-                    .get(&host)
-                    .map_or(anchor_seq, |&a| a.max(anchor_seq));
-                note_anchor(l, host, seq, self.cfg.max_hosts);
-            }
-            if self.is_news(from, host, seq, now_ms) {
+            let held = l
+                .anchors
+                .get(&host)
+                .map_or(anchor_seq, |&a| a.max(anchor_seq));
+            note_anchor(l, host, held, cfg.max_hosts);
+            if is_news(cfg, hosts, stats, l, from, host, seq, now_ms) {
                 got.news.push(Candidate { carried, host, seq });
             }
         }
         Ok(got)
-    }
-
-    /// Whether an advert or refresh (host, seq) from `from` is news; if not, it is a copy and its
-    /// link is pruned for the host (unless it is the host's way in).
-    fn is_news(&mut self, from: P, host: PublicKey, seq: u64, now_ms: u64) -> bool {
-        let full = self.hosts.len() >= self.cfg.max_hosts;
-        // A link this node pruned for the host may still bring a frame it sent before the prune
-        // reached it. Its news is news, but the link does not become the host's way in: if it
-        // did, the copy from the real way in would prune that too, and the host would fall
-        // silent here until repaired.
-        let pruned = self.is_pruned(&from, &host);
-        match self.hosts.get_mut(&host) {
-            Some(h) if seq <= h.seq => {
-                self.stats.duplicates += 1;
-                // Only a copy of the newest prunes: an older one is an anchor sent ahead of a
-                // refresh (or a late copy), and pruning for it would undo the graft it answers.
-                if seq == h.seq && h.from != Some(from) && !pruned {
-                    self.prune(from, host);
-                }
-                return false;
-            }
-            Some(h) => {
-                h.seq = seq;
-                if !pruned || h.from.is_none() {
-                    h.from = Some(from);
-                }
-            }
-            None if !full => {
-                self.hosts.insert(
-                    host,
-                    Host {
-                        seq,
-                        from: Some(from),
-                        confirmed: None,
-                        at_ms: now_ms,
-                        grafted_ms: 0,
-                        anchor: None,
-                    },
-                );
-            }
-            None => {}
-        }
-        true
     }
 
     /// A verified advert that is news, from neighbour `from` (`None`: this node's own): it is
@@ -539,7 +559,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// (it is not forwarded), `Ok(None)` for a new host beyond [`RelayConfig::max_hosts`]
     /// (forwarded, not tracked).
     fn confirm(
-        hosts: &mut HashMap<PublicKey, Host<P>>,
+        hosts: &mut Map<PublicKey, Host<P>>,
         max_hosts: usize,
         from: Option<P>,
         host: PublicKey,
@@ -668,21 +688,6 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// Hosts tracked now.
     pub fn hosts(&self) -> usize {
         self.hosts.len()
-    }
-
-    fn is_pruned(&self, peer: &P, host: &PublicKey) -> bool {
-        self.links
-            .get(peer)
-            .is_some_and(|l| l.pruned.contains(host))
-    }
-
-    fn prune(&mut self, peer: P, host: PublicKey) {
-        if let Some(l) = self.links.get_mut(&peer)
-            && l.pruned.insert(host)
-        {
-            encode(&mut l.out, &Item::Prune(host));
-            self.stats.prunes_sent += 1;
-        }
     }
 
     fn graft(&mut self, host: PublicKey) {
