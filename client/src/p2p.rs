@@ -438,8 +438,8 @@ pub async fn start(
 /// As [`start_space`], on a thread of its own that runs a current-thread runtime: how the daemon
 /// runs its node. The node's tasks (its loop, each connection's) then wake one another without
 /// crossing threads, and the factory's work never delays them: in the space benchmark a
-/// current-thread runtime cost ~20 % less CPU per advert than a two-worker one
-/// (docs/BENCHMARKS.md). The returned `task` ends when the node's loop does (`cancel`, or every
+/// current-thread runtime cost 18–23 % less CPU per advert than a two-worker one, in runs made
+/// one after the other, which drift (docs/BENCHMARKS.md). The returned `task` ends when the node's loop does (`cancel`, or every
 /// handle dropped), and the thread with it; the caller's runtime shutting down ends the thread
 /// too, its node cancelled.
 pub async fn start_space_thread(
@@ -480,17 +480,19 @@ pub async fn start_space_thread(
             });
         })
         .map_err(|e| SpaceError::Setup(format!("space thread: {e}")))?;
-    let (mut space, ended) = rx.await.map_err(|_| {
+    let (space, ended) = rx.await.map_err(|_| {
         SpaceError::Setup("the space thread ended before its node started".into())
     })??;
     // A task's handle may be awaited from any runtime: this one, on the caller's, waits for the
     // node's loop and then lets the thread end.
-    let node = std::mem::replace(&mut space.task, tokio::spawn(async {}));
-    space.task = tokio::spawn(async move {
-        let _ = node.await;
-        drop(ended);
-    });
-    Ok(space)
+    let node = space.task;
+    Ok(Space {
+        task: tokio::spawn(async move {
+            let _ = node.await;
+            drop(ended);
+        }),
+        ..space
+    })
 }
 
 /// Whether `a` is an address other hosts on the internet could reach.
