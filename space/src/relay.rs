@@ -287,8 +287,14 @@ impl AdvertRelay {
         now_ms: u64,
     ) {
         if self.rotated_ms == 0 {
-            // The first rotation comes a whole period after start.
-            self.rotated_ms = now_ms;
+            // The first rotation comes between half a period and one and a half after start, at
+            // random, so that nodes started together (a department's machines booted at nine, a
+            // benchmark's space) do not all rotate in the same second ever after: each rotation
+            // re-forms part of the trees (prunes on the new link, grafts for the hosts that came
+            // over the old one), and a whole space doing that at once is a burst every period.
+            let period = RELAY_ROTATE_MS as usize;
+            self.rotated_ms =
+                (now_ms + random_below(period) as u64).saturating_sub(period as u64 / 2);
         }
         self.failed
             .retain(|_, at| now_ms.saturating_sub(*at) < RELAY_RETRY_MS);
