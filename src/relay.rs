@@ -9,7 +9,9 @@
 //! adverts"), so after the first few seconds each host's adverts reach each node once, along a
 //! tree rooted at the host (Plumtree's eager/lazy split, with the stream itself as the lazy push:
 //! a host silent longer than [`RelayConfig::repair_ms`] is `Graft`ed back on every link this node
-//! pruned, and so is every host whose tree link goes down). Duplicates are told from news by the
+//! pruned, and so is every host whose tree link goes down or whose neighbour up the tree says with
+//! a graft that it lost the host; a node with no pruned link for such a host grafts every other
+//! link, so that the subtree below looks for another way at once). Duplicates are told from news by the
 //! host and sequence number read from the envelope *before* its signature is checked, so copies
 //! cost no signature check; news is verified by the caller before [`Relay::accepted`].
 //!
@@ -230,7 +232,8 @@ pub struct RelayStats {
     /// Frame bytes read, and frames ignored for coming over a link this relay does not hold.
     pub bytes_in: u64,
     pub strangers: u64,
-    /// Why hosts were grafted back: silent too long, their link went down, news refused.
+    /// Why hosts were grafted back: silent too long, their way in lost (the link went down, or
+    /// the neighbour it came from lost it), news refused.
     pub silent: u64,
     pub orphaned: u64,
     pub refusals: u64,
@@ -398,7 +401,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             .collect();
         for host in orphans {
             self.stats.orphaned += 1;
-            self.graft(host);
+            self.orphan(host, None);
         }
     }
 
@@ -414,6 +417,8 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     ) -> Result<Received<'a>, FrameError> {
         let items = decode(frame)?;
         let mut got = Received::default();
+        // Hosts the neighbour said it lost while it was this node's way in for them.
+        let mut lost = Vec::new();
         // The link is looked up once per frame, not once or more per item.
         let Relay {
             cfg,
@@ -439,6 +444,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                     // expired): the next refresh to it goes after the anchor.
                     l.muted.remove(&host);
                     l.anchors.remove(&host);
+                    // From this node's way in for the host: that neighbour lost it.
+                    if hosts.get(&host).is_some_and(|h| h.from == Some(from)) {
+                        lost.push(host);
+                    }
                     continue;
                 }
                 Item::Advert(bytes) => {
@@ -463,6 +472,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             if is_news(cfg, hosts, stats, l, from, host, seq, now_ms) {
                 got.news.push(Candidate { carried, host, seq });
             }
+        }
+        for host in lost {
+            self.stats.orphaned += 1;
+            self.orphan(host, Some(from));
         }
         Ok(got)
     }
@@ -688,6 +701,30 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// Hosts tracked now.
     pub fn hosts(&self) -> usize {
         self.hosts.len()
+    }
+
+    /// This node lost its way in for `host` (the link went, or the neighbour it came from lost
+    /// it too and said so with a graft, `from`): the links pruned for the host are grafted back,
+    /// the other ways its adverts reach this node. With none, every link but `from` is grafted:
+    /// a neighbour that took the host from this node (its way in) learns that this node lost it,
+    /// and looks for another way itself, and so on down the tree. Before, such a subtree waited
+    /// in silence for [`RelayConfig::repair_ms`] and its spread (3–6 s), and a space whose links
+    /// rotate lost adverts for that long somewhere every few seconds.
+    fn orphan(&mut self, host: PublicKey, from: Option<P>) {
+        if let Some(h) = self.hosts.get_mut(&host) {
+            h.from = None;
+        }
+        let other = |p: &P| Some(*p) != from;
+        let alternative = self
+            .links
+            .iter()
+            .any(|(p, l)| other(p) && l.pruned.contains(&host));
+        for (p, l) in self.links.iter_mut() {
+            if other(p) && (l.pruned.remove(&host) || !alternative) {
+                encode(&mut l.out, &Item::Graft(host));
+                self.stats.grafts_sent += 1;
+            }
+        }
     }
 
     fn graft(&mut self, host: PublicKey) {
@@ -976,6 +1013,69 @@ mod tests {
         // Forgotten once its advert would have expired.
         r.repair(5000 + RelayConfig::default().forget_ms);
         assert_eq!(r.hosts(), 0);
+    }
+
+    #[test]
+    fn a_lost_way_in_with_no_other_grafts_every_link_and_the_neighbours_below_look_themselves() {
+        let k = SecretKey::from_seed([7; 32]);
+        let h = k.public();
+        // Node r takes the host's adverts from 1 and forwards them to 2 and 3, none of which
+        // sends a copy back: they are below r in the host's tree, and r has no other way in.
+        let mut r = relay();
+        let a1 = advert(&k, 1);
+        r.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        r.accepted(Some(1), h, 1, &a1, 1000);
+        sent(&mut r);
+        r.remove_link(&1);
+        let out = sent(&mut r);
+        assert_eq!(out[&2], vec![Item::Graft(h)]);
+        assert_eq!(out[&3], vec![Item::Graft(h)]);
+        assert_eq!(r.stats.orphaned, 1);
+
+        // With a pruned link to fall back on, only that one is grafted, as before.
+        let mut r = relay();
+        r.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        r.accepted(Some(1), h, 1, &a1, 1000);
+        r.on_frame(2, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        sent(&mut r);
+        r.remove_link(&1);
+        let out = sent(&mut r);
+        assert_eq!(out[&2], vec![Item::Graft(h)]);
+        assert!(!out.contains_key(&3), "{out:?}");
+
+        // A node below: its way in (1) sends a graft for the host, i.e. lost it. It grafts its
+        // pruned link (2) at once; with none, every other link. A graft from a link that is not
+        // its way in only asks to be sent the host again.
+        let mut below = relay();
+        below.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        below.accepted(Some(1), h, 1, &a1, 1000);
+        below.on_frame(2, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        sent(&mut below);
+        below.on_frame(3, &frame(&[Item::Graft(h)]), 0).unwrap();
+        assert!(sent(&mut below).is_empty());
+        below.on_frame(1, &frame(&[Item::Graft(h)]), 0).unwrap();
+        let out = sent(&mut below);
+        assert_eq!(out[&2], vec![Item::Graft(h)]);
+        assert!(!out.contains_key(&1) && !out.contains_key(&3), "{out:?}");
+        // The next advert is news from whichever link brings it first, and goes on to the
+        // others (1 included: it lost the host).
+        let a2 = advert(&k, 2);
+        let f2 = frame(&[Item::Advert(&a2)]);
+        assert_eq!(below.on_frame(2, &f2, 0).unwrap().news.len(), 1);
+        below.accepted(Some(2), h, 2, &a2, 2000);
+        let out = sent(&mut below);
+        assert_eq!(out[&1], vec![Item::Advert(&a2)]);
+        assert_eq!(out[&3], vec![Item::Advert(&a2)]);
+
+        let mut leaf = relay();
+        leaf.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        leaf.accepted(Some(1), h, 1, &a1, 1000);
+        sent(&mut leaf);
+        leaf.on_frame(1, &frame(&[Item::Graft(h)]), 0).unwrap();
+        let out = sent(&mut leaf);
+        assert_eq!(out[&2], vec![Item::Graft(h)]);
+        assert_eq!(out[&3], vec![Item::Graft(h)]);
+        assert!(!out.contains_key(&1), "{out:?}");
     }
 
     #[test]
