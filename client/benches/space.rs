@@ -250,6 +250,7 @@ async fn run(n: usize) -> Results {
     let mut lat = Vec::new();
     let mut missed = 0usize;
     let probes = 10;
+    let mut late: Vec<(usize, u64)> = Vec::new();
     for p in 0..probes {
         let src = &nodes[(p * 7919) % n];
         let t0 = Instant::now();
@@ -280,7 +281,12 @@ async fn run(n: usize) -> Results {
             let mut still = Vec::new();
             for (&j, a) in waiting.iter().zip(answers) {
                 match a {
-                    Ok(Some(got)) if got >= s => lat.push(at),
+                    Ok(Some(got)) if got >= s => {
+                        lat.push(at);
+                        if at > 1000.0 {
+                            late.push((j, at as u64));
+                        }
+                    }
                     _ => still.push(j),
                 }
             }
@@ -288,6 +294,14 @@ async fn run(n: usize) -> Results {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         missed += waiting.len();
+        if !late.is_empty() || !waiting.is_empty() {
+            eprintln!(
+                "{n} nodes: probe {p} from node {}: late (> 1 s) at nodes {:?}; missed by {:?}",
+                (p * 7919) % n,
+                std::mem::take(&mut late),
+                waiting
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     lat.sort_by(f64::total_cmp);
