@@ -11,7 +11,10 @@
 //! a host silent longer than [`RelayConfig::repair_ms`] is `Graft`ed back on every link this node
 //! pruned, and so is every host whose tree link goes down or whose neighbour up the tree says with
 //! a graft that it lost the host; a node with no pruned link for such a host grafts every other
-//! link, so that the subtree below looks for another way at once). Duplicates are told from news by the
+//! link, so that the subtree below looks for another way at once). A graft is answered at once
+//! with the newest advert the neighbour holds (what was in flight on a link that closed), and a
+//! node that lost its way in prunes no copy, so the answers do not undo its grafts; only news
+//! makes a way in, so no loop forms. Duplicates are told from news by the
 //! host and sequence number read from the envelope *before* its signature is checked, so copies
 //! cost no signature check; news is verified by the caller before [`Relay::accepted`].
 //!
@@ -19,7 +22,7 @@
 //! news the same way, by host and seq. A neighbour is sent a refresh only after the anchor it
 //! refreshes: a node sends each link a host's signed advert before its first refresh of that
 //! anchor there, so a node that joins (or a link that is new) can check what follows. A graft
-//! asks for the anchor again, and a node that gets a refresh it cannot check (the frame with the
+//! is answered with the anchor (and its last refresh), and a node that gets a refresh it cannot check (the frame with the
 //! anchor was lost) answers it with a graft. Only a copy of a host's newest advert prunes its
 //! link: an older one is such an anchor sent ahead.
 //!
@@ -229,6 +232,8 @@ pub struct RelayStats {
     pub anchors_asked: u64,
     pub prunes_sent: u64,
     pub grafts_sent: u64,
+    /// Grafts from neighbours answered at once with the host's newest advert held here.
+    pub grafts_answered: u64,
     /// Frame bytes read, and frames ignored for coming over a link this relay does not hold.
     pub bytes_in: u64,
     pub strangers: u64,
@@ -260,6 +265,23 @@ fn queue(l: &mut Link, item: &Item<'_>, max: usize) -> bool {
     l.out.len() + len <= max && encode(&mut l.out, item)
 }
 
+/// Answers a graft on link `l` for `host`: its anchor and, if newer, its last refresh, queued
+/// to the neighbour at once (counted as sent ahead, so the next refresh does not repeat it).
+/// False if there was nothing to answer with, or no room in the neighbour's queue.
+fn answer<P>(l: &mut Link, h: &Host<P>, host: PublicKey, cfg: &RelayConfig) -> bool {
+    let Some((seq, bytes)) = &h.anchor else {
+        return false;
+    };
+    if !queue(l, &Item::Advert(bytes), cfg.max_queued) {
+        return false;
+    }
+    note_anchor(l, host, *seq, cfg.max_hosts);
+    if let Some(r) = h.refresh.filter(|r| r.anchor_seq == *seq) {
+        queue(l, &Item::Refresh(r), cfg.max_queued);
+    }
+    true
+}
+
 /// Whether an advert or refresh (host, seq) that came over link `l` from `from` is news; if not,
 /// it is a copy and the link is pruned for the host (unless it is the host's way in).
 #[allow(clippy::too_many_arguments)]
@@ -284,7 +306,10 @@ fn is_news<P: Copy + Eq>(
             stats.duplicates += 1;
             // Only a copy of the newest prunes: an older one is an anchor sent ahead of a
             // refresh (or a late copy), and pruning for it would undo the graft it answers.
-            if seq == h.seq && h.from != Some(from) && !pruned {
+            // A node that lost its way in prunes no copy: the links it grafted answer with the
+            // newest they hold, the same as its own more often than not, and pruning for that
+            // would undo the graft. The next news picks the way in.
+            if seq == h.seq && h.from != Some(from) && !pruned && !h.lost() {
                 l.pruned.insert(host);
                 encode(&mut l.out, &Item::Prune(host));
                 stats.prunes_sent += 1;
@@ -307,6 +332,7 @@ fn is_news<P: Copy + Eq>(
                     at_ms: now_ms,
                     grafted_ms: 0,
                     anchor: None,
+                    refresh: None,
                 },
             );
         }
@@ -344,6 +370,17 @@ struct Host<P> {
     /// Its last signed advert taken (seq and envelope bytes): sent ahead of the first refresh of
     /// it to a neighbour that lacks it.
     anchor: Option<(u64, Vec<u8>)>,
+    /// Its last refresh taken, if newer than the anchor: with the anchor, what a graft is
+    /// answered with.
+    refresh: Option<Refresh>,
+}
+
+impl<P> Host<P> {
+    /// Whether this node lost its way in for the host (the link went, the neighbour up the tree
+    /// lost it, or it fell silent): not this node's own host, and no neighbour to hear it from.
+    fn lost(&self) -> bool {
+        self.from.is_none() && matches!(self.confirmed, Some((_, Some(_))))
+    }
 }
 
 /// One node's relay state: its neighbours (links) and the hosts it hears.
@@ -444,9 +481,16 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                     // expired): the next refresh to it goes after the anchor.
                     l.muted.remove(&host);
                     l.anchors.remove(&host);
-                    // From this node's way in for the host: that neighbour lost it.
-                    if hosts.get(&host).is_some_and(|h| h.from == Some(from)) {
-                        lost.push(host);
+                    match hosts.get(&host) {
+                        // From this node's way in for the host: that neighbour lost it.
+                        Some(h) if h.from == Some(from) => lost.push(host),
+                        // Answered at once with the newest this node holds: the advert the
+                        // neighbour missed while it had no way in (a link closed with it in
+                        // flight) reaches it now, not a second later with the next one.
+                        Some(h) if !h.lost() && answer(l, h, host, cfg) => {
+                            stats.grafts_answered += 1;
+                        }
+                        _ => {}
                     }
                     continue;
                 }
@@ -503,6 +547,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             anchor.clear();
             anchor.extend_from_slice(bytes);
             h.anchor = Some((seq, anchor));
+            h.refresh = None;
         }
         let (max, max_hosts) = (self.cfg.max_queued, self.cfg.max_hosts);
         for (peer, l) in self.links.iter_mut() {
@@ -534,6 +579,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             self.stats.refreshes += 1;
         }
         let anchor = h
+            .map(|h| {
+                h.refresh = Some(*r);
+                &*h
+            })
             .and_then(|h| h.anchor.as_ref())
             .filter(|(seq, _)| *seq == r.anchor_seq)
             .map(|(_, b)| b.as_slice());
@@ -559,7 +608,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
 
     /// A refresh from `peer` could not be checked here: this node does not hold the anchor it
     /// refreshes (a frame that carried it was lost, or the advert expired here). A graft asks
-    /// `peer` to send the anchor ahead of its next refresh.
+    /// `peer` for the anchor: it answers with the anchor and its last refresh at once.
     pub fn want_anchor(&mut self, peer: P, host: PublicKey) {
         if let Some(l) = self.links.get_mut(&peer) {
             l.pruned.remove(&host);
@@ -590,6 +639,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             at_ms: now_ms,
             grafted_ms: 0,
             anchor: None,
+            refresh: None,
         });
         if h.confirmed.is_some_and(|(c, _)| seq <= c) {
             return Err(());
@@ -670,6 +720,11 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             })
             .map(|(k, h)| {
                 h.grafted_ms = now_ms;
+                // Its way in is presumed lost: the first news picks the next, and copies the
+                // grafted links answer with do not prune them again.
+                if h.from.is_some() && h.confirmed.is_some_and(|(_, f)| f.is_some()) {
+                    h.from = None;
+                }
                 *k
             })
             .collect();
@@ -1052,7 +1107,7 @@ mod tests {
         below.on_frame(2, &frame(&[Item::Advert(&a1)]), 0).unwrap();
         sent(&mut below);
         below.on_frame(3, &frame(&[Item::Graft(h)]), 0).unwrap();
-        assert!(sent(&mut below).is_empty());
+        assert_eq!(sent(&mut below)[&3], vec![Item::Advert(&a1)]);
         below.on_frame(1, &frame(&[Item::Graft(h)]), 0).unwrap();
         let out = sent(&mut below);
         assert_eq!(out[&2], vec![Item::Graft(h)]);
@@ -1076,6 +1131,111 @@ mod tests {
         assert_eq!(out[&2], vec![Item::Graft(h)]);
         assert_eq!(out[&3], vec![Item::Graft(h)]);
         assert!(!out.contains_key(&1), "{out:?}");
+    }
+
+    #[test]
+    fn a_graft_is_answered_with_the_newest_held_and_a_node_without_a_way_in_prunes_no_copy() {
+        let k = SecretKey::from_seed([7; 32]);
+        let h = k.public();
+        let (a1, a2) = (advert(&k, 1), advert(&k, 2));
+        // Node b hears the host over link 1, and a copy over link 2 prunes that link.
+        let mut b = relay();
+        b.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        b.accepted(Some(1), h, 1, &a1, 1000);
+        b.on_frame(2, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        assert_eq!(sent(&mut b)[&2], vec![Item::Advert(&a1), Item::Prune(h)]);
+        // Link 1 closes while advert 2 is on it: b grafts link 2 back.
+        b.remove_link(&1);
+        assert_eq!(sent(&mut b)[&2], vec![Item::Graft(h)]);
+
+        // Node c (b's neighbour 2, where b is its link 9) took advert 2 from its own way in (1):
+        // b's graft is answered at once with it, not with the next advert a second later.
+        let mut c = relay();
+        c.add_link(9);
+        c.on_frame(1, &frame(&[Item::Advert(&a2)]), 0).unwrap();
+        c.accepted(Some(1), h, 2, &a2, 1000);
+        sent(&mut c);
+        c.on_frame(9, &frame(&[Item::Graft(h)]), 0).unwrap();
+        assert_eq!(sent(&mut c)[&9], vec![Item::Advert(&a2)]);
+        assert_eq!(c.stats.grafts_answered, 1);
+        // b takes it as news over link 2, its way in from now on, and passes it down.
+        assert_eq!(
+            b.on_frame(2, &frame(&[Item::Advert(&a2)]), 0)
+                .unwrap()
+                .news
+                .len(),
+            1
+        );
+        b.accepted(Some(2), h, 2, &a2, 2000);
+        assert_eq!(sent(&mut b)[&3], vec![Item::Advert(&a2)]);
+
+        // Without a way in, a copy of the newest (a grafted link answering with what b holds
+        // already) prunes nothing, and becomes no way in: only news does, so no loop forms.
+        let mut b = relay();
+        b.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        b.accepted(Some(1), h, 1, &a1, 1000);
+        b.on_frame(2, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        sent(&mut b);
+        b.remove_link(&1);
+        sent(&mut b);
+        assert!(
+            b.on_frame(2, &frame(&[Item::Advert(&a1)]), 0)
+                .unwrap()
+                .news
+                .is_empty()
+        );
+        assert!(
+            b.on_frame(3, &frame(&[Item::Advert(&a1)]), 0)
+                .unwrap()
+                .news
+                .is_empty()
+        );
+        assert!(
+            sent(&mut b).is_empty(),
+            "a copy pruned a link of a node without a way in"
+        );
+        // The next news picks the way in; copies prune again after it.
+        assert_eq!(
+            b.on_frame(3, &frame(&[Item::Advert(&a2)]), 0)
+                .unwrap()
+                .news
+                .len(),
+            1
+        );
+        b.accepted(Some(3), h, 2, &a2, 2000);
+        sent(&mut b);
+        b.on_frame(2, &frame(&[Item::Advert(&a2)]), 0).unwrap();
+        assert_eq!(sent(&mut b)[&2], vec![Item::Prune(h)]);
+
+        // A node that fell silent (no advert for the repair time) likewise: its grafted link
+        // answers with the same advert, and the graft stands.
+        let mut s = relay();
+        s.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        s.accepted(Some(1), h, 1, &a1, 1000);
+        s.on_frame(2, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        sent(&mut s);
+        s.repair(1000 + 2 * RelayConfig::default().repair_ms);
+        assert_eq!(sent(&mut s)[&2], vec![Item::Graft(h)]);
+        s.on_frame(2, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        assert!(
+            sent(&mut s).is_empty(),
+            "the answer to a silent graft undid it"
+        );
+
+        // A graft is not answered by a node whose way in for the host is the grafting neighbour
+        // (that neighbour lost it: it is sent nothing it has), nor by one that lost it too.
+        let mut d = relay();
+        d.on_frame(1, &frame(&[Item::Advert(&a1)]), 0).unwrap();
+        d.accepted(Some(1), h, 1, &a1, 1000);
+        sent(&mut d);
+        d.on_frame(1, &frame(&[Item::Graft(h)]), 0).unwrap();
+        assert!(!sent(&mut d).contains_key(&1));
+        d.on_frame(2, &frame(&[Item::Graft(h)]), 0).unwrap();
+        assert!(!sent(&mut d).contains_key(&2));
+        // An unknown host's graft is not answered either.
+        let other = SecretKey::from_seed([8; 32]).public();
+        d.on_frame(3, &frame(&[Item::Graft(other)]), 0).unwrap();
+        assert!(sent(&mut d).is_empty());
     }
 
     #[test]
@@ -1156,8 +1316,6 @@ mod tests {
         assert_eq!(sent(&mut r)[&2], vec![Item::Prune(k.public())]);
         // A link that comes up later is sent the anchor before the first refresh it gets.
         r.add_link(4);
-        r.on_frame(4, &frame(&[Item::Graft(k.public())]), 0)
-            .unwrap();
         sent(&mut r);
         let Outgoing::Refresh(r3) = host.next(&content, 1_800_000_003, || Some([4; 32])) else {
             panic!("a refresh");
@@ -1167,19 +1325,21 @@ mod tests {
         let out = sent(&mut r);
         assert_eq!(out[&4], vec![Item::Advert(&anchor), Item::Refresh(r3)]);
         assert_eq!(out[&3], vec![Item::Refresh(r3)]);
-        // A neighbour that grafts the host gets the anchor again ahead of the next refresh, and
-        // the anchor it already had prunes nothing there.
+        // A neighbour that grafts the host is answered at once with the anchor and the last
+        // refresh (what it may have missed), and the next refresh goes alone; the anchor it
+        // already had prunes nothing there.
         r.on_frame(3, &frame(&[Item::Graft(k.public())]), 0)
             .unwrap();
+        assert_eq!(
+            sent(&mut r)[&3],
+            vec![Item::Advert(&anchor), Item::Refresh(r3)]
+        );
         let Outgoing::Refresh(r4) = host.next(&content, 1_800_000_004, || Some([5; 32])) else {
             panic!("a refresh");
         };
         r.on_frame(1, &frame(&[Item::Refresh(r4)]), 0).unwrap();
         r.accepted_refresh(Some(1), &r4, 4000);
-        assert_eq!(
-            sent(&mut r)[&3],
-            vec![Item::Advert(&anchor), Item::Refresh(r4)]
-        );
+        assert_eq!(sent(&mut r)[&3], vec![Item::Refresh(r4)]);
         let mut other: Relay<u8> = relay();
         other
             .on_frame(1, &frame(&[Item::Advert(&anchor), Item::Refresh(r3)]), 0)

@@ -199,7 +199,7 @@ async fn run(n: usize) -> Results {
     eprintln!("{n} nodes: steady window measured");
     // The graph after the window: connections and advert relay links per node.
     let (mut conns, mut links) = (Vec::new(), Vec::new());
-    let (mut duplicates, mut dropped, mut prunes, mut grafts) = (0, 0, 0, 0);
+    let (mut duplicates, mut dropped, mut prunes, mut grafts, mut answered) = (0, 0, 0, 0, 0);
     let (mut refreshes, mut signed, mut checked) = (0, 0, 0);
     let (mut silent, mut orphaned, mut refusals) = (0, 0, 0);
     let (mut frame_bytes, mut strangers, mut trimmed) = (0, 0, 0);
@@ -215,6 +215,7 @@ async fn run(n: usize) -> Results {
             dropped += s.relay.stats.dropped;
             prunes += s.relay.stats.prunes_sent;
             grafts += s.relay.stats.grafts_sent;
+            answered += s.relay.stats.grafts_answered;
             silent += s.relay.stats.silent;
             orphaned += s.relay.stats.orphaned;
             refusals += s.relay.stats.refusals;
@@ -237,7 +238,7 @@ async fn run(n: usize) -> Results {
         "{n} nodes: {:.1} connections per node (min {}, max {}; {trimmed} closed as surplus in \
          all), relay links {:.1}; \
          {signed} signed adverts ({checked} signatures checked) and {refreshes} refreshes taken, {duplicates} duplicate and {dropped} dropped adverts, {prunes} prunes and {grafts} grafts \
-         in all (hosts grafted back: {silent} silent, {orphaned} after a lost link, {refusals} \
+         ({answered} answered) in all (hosts grafted back: {silent} silent, {orphaned} after a lost link, {refusals} \
          after a refusal); {frame_bytes} bytes in relay frames, {strangers} frames from unknown \
          links",
         mean(&conns),
