@@ -33,17 +33,17 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
+use crate::advert::CapacityAdvert;
+use crate::chain::{REFRESH_LEN, Refresh};
+use crate::envelope::Envelope;
+use crate::ident::PublicKey;
+
 /// The relay's maps and sets: foldhash, seeded at random per process, not SipHash. A node looks
 /// a host and a neighbour up several times per item it reads or sends (~100 items a second),
 /// and SipHash over 32-byte keys and peer ids was ~2 % of a node's CPU at 100 nodes. The random
 /// seed keeps hosts' keys (which anyone can pick) from being ground into collisions.
 type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 type Set<K> = HashSet<K, foldhash::quality::RandomState>;
-
-use crate::advert::CapacityAdvert;
-use crate::chain::{REFRESH_LEN, Refresh};
-use crate::envelope::Envelope;
-use crate::ident::PublicKey;
 
 /// The frame format this build writes and reads.
 pub const FRAME_VERSION: u8 = 1;
@@ -323,18 +323,7 @@ fn is_news<P: Copy + Eq>(
             }
         }
         None if !full => {
-            hosts.insert(
-                host,
-                Host {
-                    seq,
-                    from: Some(from),
-                    confirmed: None,
-                    at_ms: now_ms,
-                    grafted_ms: 0,
-                    anchor: None,
-                    refresh: None,
-                },
-            );
+            hosts.insert(host, Host::new(seq, Some(from), now_ms));
         }
         None => {}
     }
@@ -376,6 +365,19 @@ struct Host<P> {
 }
 
 impl<P> Host<P> {
+    /// A host first heard (seq, from `from`) at `now_ms`, nothing of it taken yet.
+    fn new(seq: u64, from: Option<P>, now_ms: u64) -> Host<P> {
+        Host {
+            seq,
+            from,
+            confirmed: None,
+            at_ms: now_ms,
+            grafted_ms: 0,
+            anchor: None,
+            refresh: None,
+        }
+    }
+
     /// Whether this node lost its way in for the host (the link went, the neighbour up the tree
     /// lost it, or it fell silent): not this node's own host, and no neighbour to hear it from.
     fn lost(&self) -> bool {
@@ -632,15 +634,9 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         if full && !hosts.contains_key(&host) {
             return Ok(None);
         }
-        let h = hosts.entry(host).or_insert(Host {
-            seq,
-            from,
-            confirmed: None,
-            at_ms: now_ms,
-            grafted_ms: 0,
-            anchor: None,
-            refresh: None,
-        });
+        let h = hosts
+            .entry(host)
+            .or_insert_with(|| Host::new(seq, from, now_ms));
         if h.confirmed.is_some_and(|(c, _)| seq <= c) {
             return Err(());
         }

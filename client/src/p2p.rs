@@ -439,9 +439,9 @@ pub async fn start(
 /// runs its node. The node's tasks (its loop, each connection's) then wake one another without
 /// crossing threads, and the factory's work never delays them: in the space benchmark a
 /// current-thread runtime cost 18–23 % less CPU per advert than a two-worker one, in runs made
-/// one after the other, which drift (docs/BENCHMARKS.md). The returned `task` ends when the node's loop does (`cancel`, or every
-/// handle dropped), and the thread with it; the caller's runtime shutting down ends the thread
-/// too, its node cancelled.
+/// one after the other, which drift (docs/BENCHMARKS.md). The returned `task` ends when the
+/// node's loop does (`cancel`, or every handle dropped), and the thread with it; the caller's
+/// runtime shutting down ends the thread too, its node cancelled.
 pub async fn start_space_thread(
     key: &SecretKey,
     cfg: SpaceConfig,
