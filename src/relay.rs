@@ -22,8 +22,8 @@
 //! news the same way, by host and seq. A neighbour is sent a refresh only after the anchor it
 //! refreshes: a node sends each link a host's signed advert before its first refresh of that
 //! anchor there, so a node that joins (or a link that is new) can check what follows. A graft
-//! is answered with the anchor (and its last refresh), and a node that gets a refresh it cannot check (the frame with the
-//! anchor was lost) answers it with a graft. Only a copy of a host's newest advert prunes its
+//! is answered with the anchor (and its last refresh), and a node that gets a refresh it cannot
+//! check (the frame with the anchor was lost) answers it with a graft. Only a copy of a host's newest advert prunes its
 //! link: an older one is such an anchor sent ahead.
 //!
 //! Frame layout: a version byte (1), then items: `1, len: u16 BE, envelope bytes` (an advert),
@@ -378,10 +378,15 @@ impl<P> Host<P> {
         }
     }
 
+    /// Whether what was last taken of the host came from a neighbour (not this node's own).
+    fn relayed(&self) -> bool {
+        matches!(self.confirmed, Some((_, Some(_))))
+    }
+
     /// Whether this node lost its way in for the host (the link went, the neighbour up the tree
     /// lost it, or it fell silent): not this node's own host, and no neighbour to hear it from.
     fn lost(&self) -> bool {
-        self.from.is_none() && matches!(self.confirmed, Some((_, Some(_))))
+        self.from.is_none() && self.relayed()
     }
 }
 
@@ -489,8 +494,8 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                         // Answered at once with the newest this node holds: the advert the
                         // neighbour missed while it had no way in (a link closed with it in
                         // flight) reaches it now, not a second later with the next one.
-                        Some(h) if !h.lost() && answer(l, h, host, cfg) => {
-                            stats.grafts_answered += 1;
+                        Some(h) if !h.lost() => {
+                            stats.grafts_answered += u64::from(answer(l, h, host, cfg));
                         }
                         _ => {}
                     }
@@ -567,7 +572,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// A verified refresh that is news, from neighbour `from` (`None`: this node's own): queued
     /// like an advert, each neighbour that lacks its anchor sent the anchor first.
     pub fn accepted_refresh(&mut self, from: Option<P>, r: &Refresh, now_ms: u64) {
-        let Ok(h) = Self::confirm(
+        let Ok(mut h) = Self::confirm(
             &mut self.hosts,
             self.cfg.max_hosts,
             from,
@@ -580,11 +585,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         if from.is_some() {
             self.stats.refreshes += 1;
         }
+        if let Some(h) = &mut h {
+            h.refresh = Some(*r);
+        }
         let anchor = h
-            .map(|h| {
-                h.refresh = Some(*r);
-                &*h
-            })
             .and_then(|h| h.anchor.as_ref())
             .filter(|(seq, _)| *seq == r.anchor_seq)
             .map(|(_, b)| b.as_slice());
@@ -718,7 +722,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 h.grafted_ms = now_ms;
                 // Its way in is presumed lost: the first news picks the next, and copies the
                 // grafted links answer with do not prune them again.
-                if h.from.is_some() && h.confirmed.is_some_and(|(_, f)| f.is_some()) {
+                if h.relayed() {
                     h.from = None;
                 }
                 *k

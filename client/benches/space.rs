@@ -251,7 +251,6 @@ async fn run(n: usize) -> Results {
     let mut lat = Vec::new();
     let mut missed = 0usize;
     let probes = 10;
-    let mut late: Vec<(usize, u64)> = Vec::new();
     for p in 0..probes {
         let src = &nodes[(p * 7919) % n];
         let t0 = Instant::now();
@@ -269,6 +268,8 @@ async fn run(n: usize) -> Results {
             .unwrap()
             .unwrap_or(u64::MAX);
         let mut waiting: Vec<usize> = (0..n).filter(|&j| j != (p * 7919) % n).collect();
+        // The nodes it reached after more than a second, and when (ms).
+        let mut late: Vec<(usize, u64)> = Vec::new();
         while !waiting.is_empty() && t0.elapsed() < Duration::from_secs(5) {
             // Ask every waiting node at once: asked one after another, a sweep took as long as
             // all the busy nodes' answers together, and that time was counted as propagation.
@@ -299,7 +300,7 @@ async fn run(n: usize) -> Results {
             eprintln!(
                 "{n} nodes: probe {p} from node {}: late (> 1 s) at nodes {:?}; missed by {:?}",
                 (p * 7919) % n,
-                std::mem::take(&mut late),
+                late,
                 waiting
             );
         }
