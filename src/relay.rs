@@ -2,29 +2,28 @@
 //! adverts to its few relay neighbours in batches, and keeps each advert's path a tree.
 //!
 //! Every host advertises about once a second, so an advert is a stream per host, and a missed one
-//! is replaced by the next. A node forwards an advert it took (verified, newer than any it has
-//! from that host) to every neighbour but the one it came from, batched into one frame per
-//! neighbour per flush. The first copy of a host's advert wins; a copy that arrives again over
-//! another link makes this node send that neighbour a `Prune(host)` ("do not send me this host's
-//! adverts"), so after the first few seconds each host's adverts reach each node once, along a
-//! tree rooted at the host (Plumtree's eager/lazy split, with the stream itself as the lazy push:
-//! a host silent longer than [`RelayConfig::repair_ms`] is `Graft`ed back on every link this node
-//! pruned; a host whose tree link goes down, or whose neighbour up the tree says with a graft that
-//! it lost the host, is grafted on every other link, so that the subtree below looks for another
-//! way at once). A graft is answered at once
-//! with the newest advert the neighbour holds (what was in flight on a link that closed), and a
-//! node that lost its way in prunes no copy, so the answers do not undo its grafts; only news
-//! makes a way in, so no loop forms. Duplicates are told from news by the
-//! host and sequence number read from the envelope *before* its signature is checked, so copies
-//! cost no signature check; news is verified by the caller before [`Relay::accepted`].
+//! is replaced by the next. A node forwards an advert it took (verified, newer than any it has from
+//! that host) to every neighbour but the one it came from, batched into one frame per neighbour per
+//! flush. The first copy of a host's advert wins; a copy that arrives again over another link makes
+//! this node send that neighbour a `Prune(host)` ("do not send me this host's adverts"), so after
+//! the first few seconds each host's adverts reach each node once, along a tree rooted at the host
+//! (Plumtree's eager/lazy split, with the stream itself as the lazy push: a host silent longer than
+//! [`RelayConfig::repair_ms`] is `Graft`ed back on every link this node pruned; a host whose tree
+//! link goes down, or whose neighbour up the tree says with a graft that it lost the host, is
+//! grafted on every other link, so that the subtree below looks for another way at once). A graft
+//! is answered at once with the newest advert the neighbour holds (what was in flight on a link
+//! that closed), and a node that lost its way in prunes no copy, so the answers do not undo its
+//! grafts; only news makes a way in, so no loop forms. Duplicates are told from news by the host
+//! and sequence number read from the envelope *before* its signature is checked, so copies cost no
+//! signature check; news is verified by the caller before [`Relay::accepted`].
 //!
 //! Refreshes ([`crate::chain`]) travel the same trees as signed adverts and are told apart from
 //! news the same way, by host and seq. A neighbour is sent a refresh only after the anchor it
-//! refreshes: a node sends each link a host's signed advert before its first refresh of that
-//! anchor there, so a node that joins (or a link that is new) can check what follows. A graft
-//! is answered with the anchor (and its last refresh), and a node that gets a refresh it cannot
-//! check (the frame with the anchor was lost) answers it with a graft. Only a copy of a host's newest advert prunes its
-//! link: an older one is such an anchor sent ahead.
+//! refreshes: a node sends each link a host's signed advert before its first refresh of that anchor
+//! there, so a node that joins (or a link that is new) can check what follows. A graft is answered
+//! with the anchor (and its last refresh), and a node that gets a refresh it cannot check (the
+//! frame with the anchor was lost) answers it with a graft. Only a copy of a host's newest advert
+//! prunes its link: an older one is such an anchor sent ahead.
 //!
 //! Frame layout: a version byte (1), then items: `1, len: u16 BE, envelope bytes` (an advert),
 //! `2, host: 32 bytes` (prune), `3, host: 32 bytes` (graft), `4, refresh` ([`Refresh::encode`]:
