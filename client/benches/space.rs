@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gleaner::advert::CapacityAdvert;
+use gleaner::relay::RelayStats;
 use gleaner::{Envelope, SecretKey};
 use gleaner_client::p2p::{self, SpaceConfig, SpaceHandle};
 use tokio_util::sync::CancellationToken;
@@ -186,6 +187,7 @@ async fn run(n: usize) -> Results {
     // under way (93 connections per node, ~800 dials in the window), 150 s after it was done (26
     // per node, no dial in the window), and the two windows differ twofold in CPU.
     tokio::time::sleep(Duration::from_secs(env_u64("GLEANER_BENCH_SETTLE_S", 150))).await;
+    let relay0 = relay_totals(&nodes).await;
     let (in0, _) = p2p::transport_bytes();
     let (cpu0, pub0) = (cpu_s(), published.load(Ordering::Relaxed));
     let window = Duration::from_secs(env_u64("GLEANER_BENCH_WINDOW_S", 10).max(1));
@@ -196,7 +198,26 @@ async fn run(n: usize) -> Results {
     let advert_bytes = advert(&nodes[0].key, 1).to_bytes().len() as f64;
     let useful = adverts * advert_bytes * (n - 1) as f64;
     let bytes = (in1 - in0) as f64;
+    let relay1 = relay_totals(&nodes).await;
     eprintln!("{n} nodes: steady window measured");
+    // What the relay did in the window, per node per second: what the CPU above was spent on.
+    let rate = |f: fn(&RelayStats) -> u64| {
+        f(&relay1).saturating_sub(f(&relay0)) as f64 / (n as f64 * window.as_secs_f64())
+    };
+    eprintln!(
+        "{n} nodes: in the window, per node per second: {:.1} frames sent ({:.1} with only \
+         prunes and grafts), {:.1} refreshes and {:.1} signed adverts taken, {:.1} duplicates, \
+         {:.1} prunes, {:.1} grafts ({:.1} answered), {:.0} frame bytes read",
+        rate(|s| s.frames_sent),
+        rate(|s| s.frames_control),
+        rate(|s| s.refreshes),
+        rate(|s| s.signed),
+        rate(|s| s.duplicates),
+        rate(|s| s.prunes_sent),
+        rate(|s| s.grafts_sent),
+        rate(|s| s.grafts_answered),
+        rate(|s| s.bytes_in),
+    );
     // The graph after the window: connections and advert relay links per node.
     let (mut conns, mut links) = (Vec::new(), Vec::new());
     let (mut duplicates, mut dropped, mut prunes, mut grafts, mut answered) = (0, 0, 0, 0, 0);
@@ -337,6 +358,26 @@ async fn run(n: usize) -> Results {
         conns_max: conns.iter().copied().fold(0.0, f64::max),
         links_mean: mean(&links),
     }
+}
+
+/// The relay counters of every node, summed.
+async fn relay_totals(nodes: &[Node]) -> RelayStats {
+    let mut t = RelayStats::default();
+    for node in nodes {
+        if let Ok(s) = node.handle.summary().await {
+            let s = s.relay.stats;
+            t.frames_sent += s.frames_sent;
+            t.frames_control += s.frames_control;
+            t.refreshes += s.refreshes;
+            t.signed += s.signed;
+            t.duplicates += s.duplicates;
+            t.prunes_sent += s.prunes_sent;
+            t.grafts_sent += s.grafts_sent;
+            t.grafts_answered += s.grafts_answered;
+            t.bytes_in += s.bytes_in;
+        }
+    }
+    t
 }
 
 /// A whole number from the environment, or `default` when unset or not a number.
