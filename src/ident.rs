@@ -108,6 +108,15 @@ impl PublicKey {
         })
     }
 
+    /// The key a libp2p PeerId's bytes name, if they name an ed25519 key (validity is checked
+    /// when verifying, as for [`PublicKey::from_wire`]).
+    pub fn from_peer_id_bytes(raw: &[u8]) -> Option<PublicKey> {
+        match raw.split_at_checked(6) {
+            Some((prefix, key)) if prefix == PEER_ID_PREFIX => PublicKey::from_wire(key).ok(),
+            _ => None,
+        }
+    }
+
     /// The id bytes: the identity multihash of the protobuf-encoded key (a libp2p PeerId).
     pub fn peer_id_bytes(&self) -> [u8; 38] {
         let mut out = [0u8; 38];
@@ -142,12 +151,10 @@ impl FromStr for PublicKey {
         let raw = bs58::decode(s)
             .into_vec()
             .map_err(|e| Error::KeyFormat(format!("{s:?} is neither an id nor hex: {e}")))?;
-        if raw.len() != 38 || raw[..6] != PEER_ID_PREFIX {
-            return Err(Error::KeyFormat(format!(
-                "{s:?} is not the id of an ed25519 key"
-            )));
-        }
-        PublicKey::from_bytes(&raw[6..])
+        let key = PublicKey::from_peer_id_bytes(&raw)
+            .ok_or_else(|| Error::KeyFormat(format!("{s:?} is not the id of an ed25519 key")))?;
+        key.verifying_key()?;
+        Ok(key)
     }
 }
 
@@ -176,6 +183,9 @@ mod tests {
         assert_eq!(id.parse::<PublicKey>().unwrap(), k);
         assert_eq!(hex::encode(k.to_bytes()).parse::<PublicKey>().unwrap(), k);
         assert!("12D3KooWnotakey".parse::<PublicKey>().is_err());
+        assert_eq!(PublicKey::from_peer_id_bytes(&k.peer_id_bytes()), Some(k));
+        assert_eq!(PublicKey::from_peer_id_bytes(&k.peer_id_bytes()[1..]), None);
+        assert_eq!(PublicKey::from_peer_id_bytes(&k.to_bytes()), None);
     }
 
     #[test]

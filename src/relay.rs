@@ -769,6 +769,12 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         self.hosts.len()
     }
 
+    /// Whether `host`'s adverts reach this node (it is tracked: heard within
+    /// [`RelayConfig::forget_ms`]).
+    pub fn hears(&self, host: &PublicKey) -> bool {
+        self.hosts.contains_key(host)
+    }
+
     /// This node lost its way in for `host` (the link went, or the neighbour it came from lost
     /// it too and said so with a graft, `from`): every link but `from` is grafted. A link pruned
     /// for the host is another way its adverts reach this node; a neighbour that took the host

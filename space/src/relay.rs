@@ -19,7 +19,8 @@ use libp2p::PeerId;
 use crate::gate::{AdvertGate, Verdict};
 use crate::links::{LinkEvent, Links};
 use crate::tuning::{
-    RELAY_FLUSH_BYTES, RELAY_MAX_INBOUND, RELAY_OUTBOUND, RELAY_RETRY_MS, RELAY_ROTATE_MS,
+    RELAY_FLUSH_BYTES, RELAY_MAX_INBOUND, RELAY_MIX_MS, RELAY_OUTBOUND, RELAY_RETRY_MS,
+    RELAY_ROTATE_MS,
 };
 
 /// What a link event or a flush came to, for the node's own bookkeeping.
@@ -63,6 +64,9 @@ pub struct AdvertRelay {
     opened: HashMap<PeerId, u64>,
     /// When this node last opened a link beyond its [`RELAY_OUTBOUND`] (ms).
     rotated_ms: u64,
+    /// How long after that it rotates to mix the graph: drawn anew each time, in [½, 1½)
+    /// [`RELAY_MIX_MS`], so that nodes started together rotate at different times.
+    mix_wait_ms: u64,
     /// News from every link since the last flush: a batch of ten signatures costs about 15 µs
     /// each, one alone 38 µs (docs/BENCHMARKS.md).
     news: Vec<News>,
@@ -83,6 +87,7 @@ impl AdvertRelay {
             failed: HashMap::new(),
             opened: HashMap::new(),
             rotated_ms: 0,
+            mix_wait_ms: mix_wait(),
             news: Vec::new(),
         })
     }
@@ -320,12 +325,18 @@ impl AdvertRelay {
             self.opened.remove(&oldest);
         }
         let mut want = RELAY_OUTBOUND;
+        let relay = &self.relay;
+        let hears = |p: &PeerId| {
+            PublicKey::from_peer_id_bytes(&p.to_bytes()).is_some_and(|h| relay.hears(&h))
+        };
+        let since_ms = now_ms.saturating_sub(self.rotated_ms);
         if opening >= RELAY_OUTBOUND
-            && now_ms.saturating_sub(self.rotated_ms) >= RELAY_ROTATE_MS
-            && !candidates.is_empty()
+            && let Some(pick) = rotation(&candidates, hears, since_ms, self.mix_wait_ms)
         {
             self.rotated_ms = now_ms;
+            self.mix_wait_ms = mix_wait();
             want += 1;
+            candidates = pick;
         }
         while opening < want && !candidates.is_empty() {
             let i = random_below(candidates.len());
@@ -355,10 +366,79 @@ impl AdvertRelay {
 }
 
 /// A random index below `n` (n > 0), from the OS's generator; 0 if it fails.
+/// The peers a rotation picks from, if one is due `since_ms` after the last. A connected peer
+/// whose adverts do not reach this node (`hears` says no) is a sign that the space is split with
+/// this node's links all on its own side (or that the peer advertises nothing: an observer), so
+/// after [`RELAY_ROTATE_MS`] the rotation links to one of those. While every candidate is heard,
+/// links rotate only to mix the graph, after `mix_wait_ms`, to any candidate.
+fn rotation(
+    candidates: &[PeerId],
+    hears: impl Fn(&PeerId) -> bool,
+    since_ms: u64,
+    mix_wait_ms: u64,
+) -> Option<Vec<PeerId>> {
+    if since_ms < RELAY_ROTATE_MS || candidates.is_empty() {
+        return None;
+    }
+    let unheard: Vec<PeerId> = candidates.iter().filter(|p| !hears(p)).copied().collect();
+    if !unheard.is_empty() {
+        return Some(unheard);
+    }
+    (since_ms >= mix_wait_ms).then(|| candidates.to_vec())
+}
+
+/// A wait before the next rotation that only mixes the graph: in [½, 1½) [`RELAY_MIX_MS`].
+fn mix_wait() -> u64 {
+    RELAY_MIX_MS / 2 + random_below(RELAY_MIX_MS as usize) as u64
+}
+
 fn random_below(n: usize) -> usize {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         return 0;
     }
     (u64::from_le_bytes(b) % n as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gleaner::SecretKey;
+
+    #[test]
+    fn a_rotation_links_an_unheard_peer_each_period_and_only_mixes_when_all_are_heard() {
+        let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        let unheard = peers[3];
+        let all_heard = |_: &PeerId| true;
+        let but_one = |p: &PeerId| *p != unheard;
+        let mix = RELAY_MIX_MS;
+        assert_eq!(rotation(&peers, but_one, RELAY_ROTATE_MS - 1, mix), None);
+        assert_eq!(
+            rotation(&peers, but_one, RELAY_ROTATE_MS, mix),
+            Some(vec![unheard])
+        );
+        assert_eq!(rotation(&peers, all_heard, RELAY_ROTATE_MS, mix), None);
+        assert_eq!(rotation(&peers, all_heard, mix - 1, mix), None);
+        assert_eq!(rotation(&peers, all_heard, mix, mix), Some(peers.clone()));
+        assert_eq!(rotation(&[], but_one, mix, mix), None);
+        // Mixing rotations spread over a whole period, so a space started at once does not
+        // rotate in one burst.
+        let waits: Vec<u64> = (0..2000).map(|_| mix_wait()).collect();
+        assert!(waits.iter().all(|w| (mix / 2..mix * 3 / 2).contains(w)));
+        assert!(waits.iter().any(|w| *w < mix * 3 / 4) && waits.iter().any(|w| *w > mix * 5 / 4));
+    }
+
+    #[test]
+    fn a_peer_id_names_its_host_key() {
+        let key = SecretKey::from_seed([3; 32]);
+        let peer = PeerId::from(crate::keypair(&key).unwrap().public());
+        assert_eq!(
+            PublicKey::from_peer_id_bytes(&peer.to_bytes()),
+            Some(key.public())
+        );
+        assert_eq!(
+            PublicKey::from_peer_id_bytes(&PeerId::random().to_bytes()),
+            None
+        );
+    }
 }

@@ -115,8 +115,17 @@ pub const RELAY_MAX_INBOUND: usize = 8;
 pub const RELAY_FLUSH: Duration = Duration::from_millis(100);
 /// A neighbour's frame is sent before the flush once this many bytes wait.
 pub const RELAY_FLUSH_BYTES: usize = 32 * 1024;
-/// How often a node replaces its oldest relay link by one to a peer picked at random (ms): what
-/// joins the two halves of a space that was split, and mixes the graph as nodes come and go.
+/// How often a node replaces its oldest relay link by one to a connected peer whose adverts do
+/// not reach it (ms): what joins the two halves of a space that was split, each node's links all
+/// on its own side.
 pub const RELAY_ROTATE_MS: u64 = 60_000;
+/// How often, on average, a node that hears every connected peer still replaces its oldest link,
+/// by one to a peer picked at random (ms; each wait is drawn in [½, 1½) of it): what mixes the
+/// graph as nodes come and go, and re-forms trees that formed badly (a space started at once
+/// forms its first trees under load). Each rotation re-forms the trees of the hosts that came over
+/// the old link (grafts, answers, copies, prunes): at 100 nodes, rotating every minute rather than
+/// every two cost about a fifth of a node's CPU, and rotating every ten minutes left the trees
+/// formed at start and p99 half again as long (docs/BENCHMARKS.md).
+pub const RELAY_MIX_MS: u64 = 120_000;
 /// A peer whose relay link could not be opened is not tried again for this long (ms).
 pub const RELAY_RETRY_MS: u64 = 60_000;
