@@ -1048,6 +1048,28 @@ mod tests {
     }
 
     #[test]
+    fn frames_are_counted_those_with_only_prunes_and_grafts_apart_and_hosts_heard_known() {
+        let (k, other) = (SecretKey::from_seed([7; 32]), SecretKey::from_seed([8; 32]));
+        let mut r = relay();
+        assert!(!r.hears(&k.public()));
+        r.accepted(Some(1), k.public(), 1, &advert(&k, 1), 1000);
+        assert!(r.hears(&k.public()) && !r.hears(&other.public()));
+        assert_eq!(r.flush().len(), 2, "news goes to the two other links");
+        assert_eq!((r.stats.frames_sent, r.stats.frames_control), (2, 0));
+        r.want_anchor(3, other.public());
+        assert_eq!(r.flush().len(), 1, "a graft alone makes a frame");
+        assert_eq!((r.stats.frames_sent, r.stats.frames_control), (3, 1));
+        r.accepted(Some(1), k.public(), 2, &advert(&k, 2), 2000);
+        r.want_anchor(3, other.public());
+        assert_eq!(r.flush().len(), 2);
+        assert_eq!(
+            (r.stats.frames_sent, r.stats.frames_control),
+            (5, 1),
+            "a graft beside news is not a frame of its own"
+        );
+    }
+
+    #[test]
     fn a_silent_host_and_a_lost_link_graft_the_pruned_links_back() {
         let k = SecretKey::from_seed([7; 32]);
         let mut r = relay();

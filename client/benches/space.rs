@@ -187,6 +187,7 @@ async fn run(n: usize) -> Results {
     // under way (93 connections per node, ~800 dials in the window), 150 s after it was done (26
     // per node, no dial in the window), and the two windows differ twofold in CPU.
     tokio::time::sleep(Duration::from_secs(env_u64("GLEANER_BENCH_SETTLE_S", 150))).await;
+    let counted = Instant::now();
     let relay0 = relay_totals(&nodes).await;
     let (in0, _) = p2p::transport_bytes();
     let (cpu0, pub0) = (cpu_s(), published.load(Ordering::Relaxed));
@@ -199,10 +200,13 @@ async fn run(n: usize) -> Results {
     let useful = adverts * advert_bytes * (n - 1) as f64;
     let bytes = (in1 - in0) as f64;
     let relay1 = relay_totals(&nodes).await;
+    let counted = counted.elapsed().as_secs_f64();
     eprintln!("{n} nodes: steady window measured");
-    // What the relay did in the window, per node per second: what the CPU above was spent on.
+    // What the relay did in the window, per node per second: what the CPU above was spent on
+    // (counted from before the first node's counters were read to after the last's: summaries
+    // take a while when the machine is busy).
     let rate = |f: fn(&RelayStats) -> u64| {
-        f(&relay1).saturating_sub(f(&relay0)) as f64 / (n as f64 * window.as_secs_f64())
+        f(&relay1).saturating_sub(f(&relay0)) as f64 / (n as f64 * counted)
     };
     eprintln!(
         "{n} nodes: in the window, per node per second: {:.1} frames sent ({:.1} with only \

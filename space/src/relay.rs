@@ -365,7 +365,6 @@ impl AdvertRelay {
     }
 }
 
-/// A random index below `n` (n > 0), from the OS's generator; 0 if it fails.
 /// The peers a rotation picks from, if one is due `since_ms` after the last. A connected peer
 /// whose adverts do not reach this node (`hears` says no) is a sign that the space is split with
 /// this node's links all on its own side (or that the peer advertises nothing: an observer), so
@@ -392,6 +391,7 @@ fn mix_wait() -> u64 {
     RELAY_MIX_MS / 2 + random_below(RELAY_MIX_MS as usize) as u64
 }
 
+/// A random index below `n` (n > 0), from the OS's generator; 0 if it fails.
 fn random_below(n: usize) -> usize {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
