@@ -224,28 +224,13 @@ async fn run(n: usize) -> Results {
     );
     // The graph after the window: connections and advert relay links per node.
     let (mut conns, mut links) = (Vec::new(), Vec::new());
-    let (mut duplicates, mut dropped, mut prunes, mut grafts, mut answered) = (0, 0, 0, 0, 0);
-    let (mut refreshes, mut signed, mut checked) = (0, 0, 0);
-    let (mut silent, mut orphaned, mut refusals) = (0, 0, 0);
-    let (mut frame_bytes, mut strangers, mut trimmed) = (0, 0, 0);
-    let (mut banned, mut replayed, mut rejected, mut limited) = (0, 0, 0, 0);
+    let mut relay = RelayStats::default();
+    let (mut trimmed, mut banned, mut replayed, mut rejected, mut limited) = (0, 0, 0, 0, 0);
     for node in &nodes {
         if let Ok(s) = node.handle.summary().await {
             conns.push(s.connected as f64);
             links.push((s.relay.outbound + s.relay.inbound) as f64);
-            duplicates += s.relay.stats.duplicates;
-            refreshes += s.relay.stats.refreshes;
-            signed += s.relay.stats.signed;
-            checked += s.relay.stats.checked;
-            dropped += s.relay.stats.dropped;
-            prunes += s.relay.stats.prunes_sent;
-            grafts += s.relay.stats.grafts_sent;
-            answered += s.relay.stats.grafts_answered;
-            silent += s.relay.stats.silent;
-            orphaned += s.relay.stats.orphaned;
-            refusals += s.relay.stats.refusals;
-            frame_bytes += s.relay.stats.bytes_in;
-            strangers += s.relay.stats.strangers;
+            add_to(&mut relay, &s.relay.stats);
             trimmed += s.trimmed;
             banned += s.banned.len();
             replayed += s.replayed;
@@ -253,6 +238,22 @@ async fn run(n: usize) -> Results {
             limited += s.rate_limited;
         }
     }
+    let RelayStats {
+        duplicates,
+        refreshes,
+        signed,
+        checked,
+        dropped,
+        prunes_sent: prunes,
+        grafts_sent: grafts,
+        grafts_answered: answered,
+        silent,
+        orphaned,
+        refusals,
+        bytes_in: frame_bytes,
+        strangers,
+        ..
+    } = relay;
     // An honest space bans nobody and refuses nothing; a node that does is overloaded or wrong.
     eprintln!(
         "{n} nodes: {banned} bans in force, {replayed} replays, {rejected} rejected and \
@@ -369,19 +370,30 @@ async fn relay_totals(nodes: &[Node]) -> RelayStats {
     let mut t = RelayStats::default();
     for node in nodes {
         if let Ok(s) = node.handle.summary().await {
-            let s = s.relay.stats;
-            t.frames_sent += s.frames_sent;
-            t.frames_control += s.frames_control;
-            t.refreshes += s.refreshes;
-            t.signed += s.signed;
-            t.duplicates += s.duplicates;
-            t.prunes_sent += s.prunes_sent;
-            t.grafts_sent += s.grafts_sent;
-            t.grafts_answered += s.grafts_answered;
-            t.bytes_in += s.bytes_in;
+            add_to(&mut t, &s.relay.stats);
         }
     }
     t
+}
+
+/// Adds one node's relay counters to a sum.
+fn add_to(t: &mut RelayStats, s: &RelayStats) {
+    t.duplicates += s.duplicates;
+    t.signed += s.signed;
+    t.refreshes += s.refreshes;
+    t.checked += s.checked;
+    t.anchors_asked += s.anchors_asked;
+    t.prunes_sent += s.prunes_sent;
+    t.grafts_sent += s.grafts_sent;
+    t.grafts_answered += s.grafts_answered;
+    t.bytes_in += s.bytes_in;
+    t.strangers += s.strangers;
+    t.silent += s.silent;
+    t.orphaned += s.orphaned;
+    t.refusals += s.refusals;
+    t.dropped += s.dropped;
+    t.frames_sent += s.frames_sent;
+    t.frames_control += s.frames_control;
 }
 
 /// A whole number from the environment, or `default` when unset or not a number.
