@@ -37,7 +37,9 @@ pub fn refill(tokens: &mut f64, last_ms: &mut u64, now_ms: u64, burst: f64, per_
 #[derive(Debug, Default)]
 pub struct AuthorRates {
     /// (tokens, last refill in ms).
-    buckets: HashMap<PublicKey, (f64, u64)>,
+    /// foldhash, seeded at random, as the view's host maps (a lookup for every advert and
+    /// refresh).
+    buckets: HashMap<PublicKey, (f64, u64), foldhash::quality::RandomState>,
 }
 
 impl AuthorRates {
@@ -180,23 +182,30 @@ impl AdvertGate {
         now: u64,
         now_ms: u64,
     ) -> Checked {
-        let verdict = if !self.rates.ok(r.host, now_ms) {
+        if !self.rates.ok(r.host, now_ms) {
             self.rate_limited += 1;
-            Verdict::Ignore(format!("{} sends too many messages", r.host))
-        } else {
-            match view.refresh(r, now) {
-                Err(e @ Refused::Forged(_)) => Verdict::Reject(e.to_string()),
-                r2 => self.verdict_of(r.host, r2),
-            }
-        };
-        let running = matches!(verdict, Verdict::Accept)
-            .then(|| view.peer(&r.host))
-            .flatten()
-            .map(|p| {
+            return Checked {
+                verdict: Verdict::Ignore(format!("{} sends too many messages", r.host)),
+                running: None,
+            };
+        }
+        match view.refresh(r, now) {
+            Ok(p) => {
                 let types = p.advert.running.iter().map(|x| x.machine_type).collect();
-                (r.host, types)
-            });
-        Checked { verdict, running }
+                Checked {
+                    verdict: self.verdict_of(r.host, Ok(())),
+                    running: Some((r.host, types)),
+                }
+            }
+            Err(e @ Refused::Forged(_)) => Checked {
+                verdict: Verdict::Reject(e.to_string()),
+                running: None,
+            },
+            Err(e) => Checked {
+                verdict: self.verdict_of(r.host, Err(e)),
+                running: None,
+            },
+        }
     }
 
     /// The checks before a signature (cheapest first): kind, size, shape, kind on the wire, a
@@ -318,6 +327,49 @@ mod tests {
         // An older one may come from an honest relay: ignored, not a replay.
         let c = check(&mut g, &mut v, &advert(&key, 4), 0);
         assert!(matches!(c.verdict, Verdict::Ignore(_)), "{c:?}");
+    }
+
+    #[test]
+    fn a_refresh_taken_reports_its_running_types_and_one_not_taken_reports_none() {
+        use gleaner::chain::{Advertiser, Outgoing};
+        let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
+        let key = SecretKey::from_seed([1; 32]);
+        let content = Envelope::from_bytes(&advert(&key, 0))
+            .unwrap()
+            .open::<CapacityAdvert>()
+            .unwrap()
+            .message;
+        let mut host = Advertiser::new(key.clone());
+        let mut next = |at: u64| host.next(&content, at, || Some([9; 32]));
+        let (Outgoing::Signed(anchor), Outgoing::Refresh(r), Outgoing::Refresh(r2)) =
+            (next(NOW), next(NOW + 1), next(NOW + 2))
+        else {
+            panic!("the same content is signed once, then refreshed");
+        };
+        // Before its anchor: not taken, nothing reported.
+        let c = g.check_refresh(&r, &mut v, NOW + 1, 1000);
+        assert!(matches!(c.verdict, Verdict::Ignore(_)), "{c:?}");
+        assert_eq!(c.running, None);
+        let c = check(&mut g, &mut v, &anchor.to_bytes(), 1000);
+        assert!(matches!(c.verdict, Verdict::Accept), "{c:?}");
+        // Taken: the types its advert shows running, so a type not fetched yet is asked for.
+        let c = g.check_refresh(&r, &mut v, NOW + 1, 2000);
+        assert!(matches!(c.verdict, Verdict::Accept), "{c:?}");
+        assert_eq!(c.running, Some((key.public(), vec![Digest([3; 32])])));
+        assert_eq!(v.peer(&key.public()).unwrap().advert.seq, r.seq());
+        // Again: a replay, nothing reported.
+        let c = g.check_refresh(&r, &mut v, NOW + 1, 3000);
+        assert!(matches!(c.verdict, Verdict::Replay(_)), "{c:?}");
+        assert_eq!(c.running, None);
+        // A link that is not the host's: rejected, nothing reported, nothing moved.
+        let forged = Refresh {
+            link: [0xee; 32],
+            ..r2
+        };
+        let c = g.check_refresh(&forged, &mut v, NOW + 2, 4000);
+        assert!(matches!(c.verdict, Verdict::Reject(_)), "{c:?}");
+        assert_eq!(c.running, None);
+        assert_eq!(v.peer(&key.public()).unwrap().advert.seq, r.seq());
     }
 
     #[test]
