@@ -205,14 +205,14 @@ async fn run(n: usize) -> Results {
     // What the relay did in the window, per node per second: what the CPU above was spent on
     // (counted from before the first node's counters were read to after the last's: summaries
     // take a while when the machine is busy).
-    let rate = |f: fn(&RelayStats) -> u64| {
-        f(&relay1).saturating_sub(f(&relay0)) as f64 / (n as f64 * counted)
-    };
+    let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / (n as f64 * counted);
+    let rate = |f: fn(&RelayStats) -> u64| per(f(&relay0.0), f(&relay1.0));
     eprintln!(
         "{n} nodes: in the window, per node per second: {:.1} frames sent ({:.1} with only \
          prunes and grafts), {:.1} refreshes and {:.1} signed adverts taken, {:.1} duplicates, \
          {:.1} prunes, {:.1} grafts ({:.1} answered), {:.0} frame bytes read; hosts grafted \
-         back {:.2} silent, {:.2} lost, {:.2} refused; {:.2} adverts dropped",
+         back {:.2} silent, {:.2} lost, {:.2} refused; {:.2} adverts dropped; {:.3} connections \
+         opened and {:.3} closed as surplus",
         rate(|s| s.frames_sent),
         rate(|s| s.frames_control),
         rate(|s| s.refreshes),
@@ -226,6 +226,8 @@ async fn run(n: usize) -> Results {
         rate(|s| s.orphaned),
         rate(|s| s.refusals),
         rate(|s| s.dropped),
+        per(relay0.1, relay1.1),
+        per(relay0.2, relay1.2),
     );
     // The graph after the window: connections and advert relay links per node.
     let (mut conns, mut links) = (Vec::new(), Vec::new());
@@ -375,14 +377,18 @@ async fn run(n: usize) -> Results {
 }
 
 /// The relay counters of every node, summed.
-async fn relay_totals(nodes: &[Node]) -> RelayStats {
-    let mut t = RelayStats::default();
+/// The relay's counters summed over every node, with the connections opened and those closed as
+/// surplus.
+async fn relay_totals(nodes: &[Node]) -> (RelayStats, u64, u64) {
+    let (mut t, mut opened, mut trimmed) = (RelayStats::default(), 0, 0);
     for node in nodes {
         if let Ok(s) = node.handle.summary().await {
             add_to(&mut t, &s.relay.stats);
+            opened += s.opened;
+            trimmed += s.trimmed;
         }
     }
-    t
+    (t, opened, trimmed)
 }
 
 /// Adds one node's relay counters to a sum.

@@ -206,6 +206,9 @@ pub struct SpaceSummary {
     pub connected: usize,
     /// Connections this node closed because it held more than it needed.
     pub trimmed: u64,
+    /// Connections that came up, dialled by either side (their churn is what costs: a handshake,
+    /// identify, Kademlia and gossipsub's subscriptions each time).
+    pub opened: u64,
     /// The advert relay: neighbours linked, copies, prunes and grafts.
     pub relay: RelaySummary,
     /// Peers in the Kademlia routing table.
@@ -623,6 +626,7 @@ pub async fn start_space(
         trim_grace: cfg.trim_grace,
         walks: discovery::Walks::default(),
         trimmed: 0,
+        opened: 0,
     };
     let task = tokio::spawn(node.run(rx, cancel));
     Ok(Space {
@@ -698,6 +702,7 @@ struct Node {
     max_peers: usize,
     trim_grace: Duration,
     trimmed: u64,
+    opened: u64,
     /// When to walk the DHT next.
     walks: discovery::Walks,
 }
@@ -1132,6 +1137,7 @@ impl Node {
             listen: self.listen.iter().map(|a| a.to_string()).collect(),
             connected: self.swarm.connected_peers().count(),
             trimmed: self.trimmed,
+            opened: self.opened,
             relay: self.relay.summary(),
             known_peers,
             kad_server: self.swarm.behaviour().kad.mode() == kad::Mode::Server,
@@ -1196,6 +1202,7 @@ impl Node {
                 ..
             } => {
                 let (dialled, now_ms) = (endpoint.is_dialer(), crate::factory::now_ms());
+                self.opened += 1;
                 self.trimmer
                     .established(connection_id, peer_id, dialled, now_ms);
                 discovery::on_connected(&mut self.swarm, peer_id, &self.bootstrap)

@@ -166,9 +166,10 @@ pub fn render(req: &Request, v: &Value) -> String {
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "space {}  ({} connected, {} closed as surplus; messages: {} rejected, {} replayed, {} over a sender's rate; {} machine-type requests throttled)\nme    {}",
+                "space {}  ({} connected, {} opened and {} closed as surplus in all; messages: {} rejected, {} replayed, {} over a sender's rate; {} machine-type requests throttled)\nme    {}",
                 v["space"].as_str().unwrap_or("?"),
                 v["connected"],
+                n("opened"),
                 n("trimmed"),
                 n("rejected_messages"),
                 n("replayed"),
@@ -281,7 +282,7 @@ mod space_tests {
 
     #[test]
     fn the_space_line_shows_every_abuse_counter() {
-        let v = serde_json::json!({"space": "dept", "connected": 3, "trimmed": 29, "rejected_messages": 2,
+        let v = serde_json::json!({"space": "dept", "connected": 3, "opened": 37, "trimmed": 29, "rejected_messages": 2,
             "replayed": 5, "rate_limited": 7, "mt_throttled": 11, "peer_id": "12D3", "peers": [],
             "relay": {"outbound": 3, "inbound": 4, "refreshes": 31, "duplicates": 13, "prunes_sent": 17,
                 "grafts_sent": 19, "dropped": 23}});
@@ -292,7 +293,10 @@ mod space_tests {
             ),
             "{text}"
         );
-        assert!(text.contains("3 connected, 29 closed as surplus"), "{text}");
+        assert!(
+            text.contains("3 connected, 37 opened and 29 closed as surplus in all"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "2 rejected, 5 replayed, 7 over a sender's rate; 11 machine-type requests throttled"
