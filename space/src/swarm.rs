@@ -1,6 +1,6 @@
 //! The transport and behaviours of a space node: the host key as the libp2p identity, QUIC and
-//! TCP (noise, yamux; TCP bytes counted for the benchmark), anonymous gossipsub with the space's
-//! peer scoring, Kademlia, identify and mDNS.
+//! TCP (noise, yamux; kernel keepalive; TCP bytes counted for the benchmark), anonymous gossipsub
+//! with the space's peer scoring, Kademlia, identify and mDNS.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +75,28 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
+// ---- liveness ----
+
+/// Has the kernel find a TCP peer that vanished without closing (switched off, suspended,
+/// unplugged): keepalive probes after [`tuning::TCP_KEEPALIVE_IDLE`] of silence, and the
+/// connection aborted once sent data or probes go unacknowledged for
+/// [`tuning::TCP_USER_TIMEOUT`]. The swarm then reports it closed, and the relay link on it goes
+/// down. libp2p ping only reports a failed ping (libp2p-ping 0.48 leaves closing to its user);
+/// QUIC has its own keep-alive and idle timeout. A socket that refuses the options keeps its
+/// connection, without them.
+fn keep_alive(s: &tokio::net::TcpStream) {
+    let sock = socket2::SockRef::from(s);
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(tuning::TCP_KEEPALIVE_IDLE)
+        .with_interval(tuning::TCP_KEEPALIVE_INTERVAL);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&probes)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(tuning::TCP_USER_TIMEOUT)))
+    {
+        tracing::debug!("TCP keepalive not set: {e}");
+    }
+}
+
 // ---- swarm ----
 
 /// A swarm on QUIC and metered TCP (noise, yamux) with the node's own behaviour, made by
@@ -100,7 +122,10 @@ pub fn build_swarm_with<B: NetworkBehaviour>(
             let noise = noise::Config::new(k)
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
             Ok(tcp::tokio::Transport::new(tcp::Config::default())
-                .map(|s, _| Metered(s))
+                .map(|s, _| {
+                    keep_alive(&s.0);
+                    Metered(s)
+                })
                 .upgrade(Version::V1)
                 .authenticate(noise)
                 .multiplex(yamux::Config::default()))
@@ -197,7 +222,9 @@ pub fn kad_behaviour(
     kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), kcfg)
 }
 
-/// libp2p ping as every node of the space runs it ([`tuning::PING_INTERVAL`]).
+/// libp2p ping as every node of the space runs it ([`tuning::PING_INTERVAL`]). It answers its
+/// peers and measures round trips; it does not close a connection whose pings fail (libp2p-ping
+/// 0.48 leaves that to its user): [`keep_alive`] and QUIC's own keep-alive find dead peers.
 pub fn ping_behaviour() -> ping::Behaviour {
     ping::Behaviour::new(ping::Config::new().with_interval(tuning::PING_INTERVAL))
 }

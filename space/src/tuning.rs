@@ -9,10 +9,18 @@ use std::time::Duration;
 /// trust messages) is rare, and each heartbeat scores every peer and resets a timer on
 /// futures-timer's own thread — a quarter of an idle node's CPU at 100 nodes (docs/BENCHMARKS.md).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// How often libp2p ping checks each connection (its default is 15 s). A node holds ~25
-/// connections, each pinged from both ends; a dead connection is also found by TCP and by the
-/// idle timeout, so a minute is enough.
+/// How often libp2p ping measures each connection (its default is 15 s). A node holds ~25
+/// connections, each pinged from both ends; dead peers are found by the transports
+/// ([`TCP_KEEPALIVE_IDLE`], QUIC's keep-alive), so a minute is enough.
 pub const PING_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a TCP connection may be silent before the kernel probes its peer, and how often it
+/// probes again ([`crate::swarm`]): a peer switched off without closing is found in about
+/// [`TCP_USER_TIMEOUT`], by the kernel, at no cost to the node while its connections carry data.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// A TCP connection whose data or keepalive probes go unacknowledged this long is aborted.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+const _: () = assert!(TCP_KEEPALIVE_IDLE.as_secs() < TCP_USER_TIMEOUT.as_secs());
 
 /// Whether a node sends its own messages to every peer of the topic (gossipsub's default) or,
 /// as here, only to its mesh like any message it forwards. Flooding costs the publisher N − 1

@@ -11,7 +11,8 @@ use gleaner::advert::CapacityAdvert;
 use gleaner_client::p2p::{self, SpaceConfig};
 
 /// Runs node `seed` with `cfg` for at most `lifetime`: advertises every second and prints its
-/// view (`VIEW <host> <host>...`) twice a second.
+/// view (`VIEW <host> <host>...`) and how many peers it holds connections to (`PEERS <n>`) twice
+/// a second.
 pub fn run_view_node(seed: u8, cfg: SpaceConfig, lifetime: Duration) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
@@ -44,6 +45,7 @@ pub fn run_view_node(seed: u8, cfg: SpaceConfig, lifetime: Duration) {
                 let mut hosts: Vec<String> = s.peers.into_iter().map(|p| p.host).collect();
                 hosts.sort();
                 println!("VIEW {}", hosts.join(" "));
+                println!("PEERS {}", s.connected);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
