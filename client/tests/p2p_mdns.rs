@@ -13,7 +13,7 @@ use gleaner::SecretKey;
 use gleaner_client::p2p::SpaceConfig;
 
 mod nsnode;
-use nsnode::{Lab, is_root, sh};
+use nsnode::{Lab, sh};
 
 /// What the namespaces of this test are called: `<PREFIX><pid>-<case>-<name>`, so that those a
 /// killed run left behind can be told apart from a live run's.
@@ -50,18 +50,7 @@ fn mdns_node() {
 
 /// Whether this test may run here: root, or (not root) skipped unless CI is set.
 fn may_run() -> bool {
-    if std::env::var_os("GLEANER_MDNS_NODE").is_some() {
-        return false;
-    }
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: the mDNS test must run"
-        );
-        eprintln!("skipped: the mDNS test needs root (network namespaces)");
-        return false;
-    }
-    true
+    nsnode::may_run("GLEANER_MDNS_NODE", "the mDNS test")
 }
 
 /// Deletes the namespaces a run of this test left behind when it was killed (its pid is gone);

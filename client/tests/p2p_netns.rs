@@ -13,7 +13,7 @@ use gleaner::SecretKey;
 use gleaner_client::p2p::SpaceConfig;
 
 mod nsnode;
-use nsnode::{Lab, is_root, sh};
+use nsnode::{Lab, may_run, sh};
 
 const TTL_S: u64 = 6;
 
@@ -41,15 +41,7 @@ fn netns_node() {
 
 #[test]
 fn partition_and_heal_across_network_namespaces() {
-    if std::env::var_os("GLEANER_NETNS_NODE").is_some() {
-        return;
-    }
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: the netns partition test must run"
-        );
-        eprintln!("skipped: the network-namespace partition test needs root");
+    if !may_run("GLEANER_NETNS_NODE", "the netns partition test") {
         return;
     }
     let tag = std::process::id() % 100_000;
@@ -189,15 +181,7 @@ fn two_namespaces(tag: u32, name: &str, net: &str) -> (Lab, [String; 2]) {
 /// `gleaner_space::tuning::TCP_USER_TIMEOUT`.
 #[test]
 fn a_tcp_peer_that_vanishes_without_closing_is_dropped() {
-    if std::env::var_os("GLEANER_NETNS_NODE").is_some() {
-        return;
-    }
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: the netns keepalive test must run"
-        );
-        eprintln!("skipped: the network-namespace keepalive test needs root");
+    if !may_run("GLEANER_NETNS_NODE", "the netns keepalive test") {
         return;
     }
     let tag = std::process::id() % 100_000;

@@ -69,6 +69,24 @@ pub fn sh(args: &[&str]) {
     );
 }
 
+/// Whether a namespace test may run here: not when this process is one of its nodes (`node_var`
+/// set), and only as root; not root, it is skipped with a message, unless CI is set (CI runs as
+/// root, so there the test must run).
+pub fn may_run(node_var: &str, what: &str) -> bool {
+    if std::env::var_os(node_var).is_some() {
+        return false;
+    }
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root: {what} must run"
+        );
+        eprintln!("skipped: {what} needs root (network namespaces)");
+        return false;
+    }
+    true
+}
+
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
