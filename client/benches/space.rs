@@ -376,7 +376,6 @@ async fn run(n: usize) -> Results {
     }
 }
 
-/// The relay counters of every node, summed.
 /// The relay's counters summed over every node, with the connections opened and those closed as
 /// surplus.
 async fn relay_totals(nodes: &[Node]) -> (RelayStats, u64, u64) {
