@@ -24,11 +24,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use gleaner::advert::{CapacityAdvert, OutcomeReport};
 use gleaner::chain::{Advertiser, Outgoing};
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
+use gleaner_space::WhenWoken;
 use gleaner_space::gate::refill;
 use gleaner_space::relay::{AdvertRelay, RelaySummary};
 use gleaner_space::trim::Keep;
@@ -595,6 +595,7 @@ pub async fn start_space(
     let node = Node {
         advertiser: Advertiser::new(key.clone()),
         swarm,
+        swarm_due: WhenWoken::new(),
         relay,
         topics: t,
         space: cfg.space,
@@ -658,6 +659,9 @@ enum TypeVerdict {
 
 struct Node {
     swarm: libp2p::Swarm<Behaviour>,
+    /// Whether the swarm is due a poll: the loop polls it only when it woke the task or was
+    /// changed by the loop ([`WhenWoken`]), not on every relay frame and timer.
+    swarm_due: WhenWoken,
     /// This host's adverts: signed anchors and the refreshes between them.
     advertiser: Advertiser,
     /// Adverts to and from a few neighbours, batched.
@@ -793,24 +797,48 @@ impl Node {
             let alone = self.swarm.connected_peers().next().is_none() && self.banned.is_empty();
             let dialling = !self.bootstrap.is_empty();
             let queued = self.relay.queued();
-            tokio::select! {
+            // Each branch says whether it may have changed the swarm (queued a dial, a publish, a
+            // request): work queued so wakes no one, so the swarm is then marked due.
+            let touched = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = redial.tick(), if dialling => {
-                    discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p))
+                    discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p));
+                    true
                 }
-                _ = housekeeping.tick(), if !alone => self.housekeeping(),
+                _ = housekeeping.tick(), if !alone => {
+                    self.housekeeping();
+                    true
+                }
                 _ = lookup.tick(), if !alone || dialling => {
                     let target = self.dial_target();
                     let now_ms = crate::factory::now_ms();
-                    discovery::lookup(&mut self.swarm, target, &mut self.walks, now_ms)
+                    discovery::lookup(&mut self.swarm, target, &mut self.walks, now_ms);
+                    true
                 }
-                _ = flush.tick(), if queued => self.flush_relay(),
-                ev = self.relay.next() => self.link_event(ev),
+                // The relay touches the swarm only to fetch a machine type (`want`, which marks
+                // it due itself).
+                _ = flush.tick(), if queued => {
+                    self.flush_relay();
+                    false
+                }
+                ev = self.relay.next() => {
+                    self.link_event(ev);
+                    false
+                }
                 cmd = rx.recv() => match cmd {
                     None => return,
-                    Some(c) => self.command(c),
+                    Some(c) => {
+                        self.command(c);
+                        true
+                    }
                 },
-                ev = self.swarm.select_next_some() => self.event(ev),
+                Some(ev) = self.swarm_due.next(&mut self.swarm) => {
+                    self.event(ev);
+                    true
+                }
+            };
+            if touched {
+                self.swarm_due.touch();
             }
         }
     }
@@ -1453,6 +1481,7 @@ impl Node {
                         digest: serde_bytes::ByteBuf::from(d.0.to_vec()),
                     },
                 );
+                self.swarm_due.touch();
                 self.fetching.insert(id, (*d, host));
                 self.wanted.insert(*d, now + FETCH_RETRY_S);
             }

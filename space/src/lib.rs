@@ -13,6 +13,7 @@ pub mod relay;
 pub mod swarm;
 pub mod trim;
 pub mod tuning;
+pub mod woken;
 
 pub use discovery::{SpaceBehaviour, peer_of};
 pub use gate::{AdvertGate, AuthorRates, Checked, Verdict};
@@ -22,6 +23,7 @@ pub use libp2p_stream::Behaviour as StreamBehaviour;
 pub use links::{LinkEvent, Links, RELAY_PROTOCOL};
 pub use swarm::{build_swarm, build_swarm_with, gossipsub_behaviour, keypair, transport_bytes};
 pub use trim::Trimmer;
+pub use woken::WhenWoken;
 
 use libp2p::StreamProtocol;
 use libp2p::gossipsub::IdentTopic;
