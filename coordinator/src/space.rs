@@ -9,12 +9,11 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use gleaner::SecretKey;
 use gleaner::advert::backend_bits;
 use gleaner::space::SpaceView;
 use gleaner_space::relay::AdvertRelay;
-use gleaner_space::{AdvertGate, LinkEvent, SpaceBehaviour, discovery, tuning};
+use gleaner_space::{AdvertGate, LinkEvent, SpaceBehaviour, WhenWoken, discovery, tuning};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{Multiaddr, StreamProtocol, identify, kad, mdns, ping};
@@ -256,6 +255,7 @@ pub async fn start(
         .collect();
     let node = Node {
         swarm,
+        swarm_due: WhenWoken::new(),
         relay,
         kad_protocol,
         space: cfg.space,
@@ -278,6 +278,8 @@ pub async fn start(
 
 struct Node {
     swarm: libp2p::Swarm<Behaviour>,
+    /// Polled only when it woke the loop or the loop changed it ([`WhenWoken`]).
+    swarm_due: WhenWoken,
     relay: AdvertRelay,
     kad_protocol: StreamProtocol,
     space: String,
@@ -311,9 +313,15 @@ impl Node {
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let queued = self.relay.queued();
-            tokio::select! {
+            // Each branch says whether it may have queued swarm work (a dial, a walk, a relay
+            // link opened): such work wakes no one, so the swarm is then marked due. The relay's
+            // frames and flushes do not touch the swarm.
+            let touched = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = redial.tick() => discovery::redial(&mut self.swarm, &self.bootstrap, |_| false),
+                _ = redial.tick() => {
+                    discovery::redial(&mut self.swarm, &self.bootstrap, |_| false);
+                    true
+                }
                 _ = tick.tick() => {
                     let now = now();
                     self.view.expire(now);
@@ -322,16 +330,32 @@ impl Node {
                     self.relay.maintain(self.swarm.connected_peers().copied(), |_| false, ms);
                     // Nobody reading is no reason to stop observing.
                     tx.send_replace(self.snapshot());
+                    true
                 }
-                _ = lookup.tick() => discovery::lookup(
-                    &mut self.swarm,
-                    tuning::TARGET_PEERS,
-                    &mut self.walks,
-                    now_ms(),
-                ),
-                _ = flush.tick(), if queued => self.flush_relay(),
-                ev = self.relay.next() => self.link_event(ev),
-                ev = self.swarm.select_next_some() => self.event(ev),
+                _ = lookup.tick() => {
+                    discovery::lookup(
+                        &mut self.swarm,
+                        tuning::TARGET_PEERS,
+                        &mut self.walks,
+                        now_ms(),
+                    );
+                    true
+                }
+                _ = flush.tick(), if queued => {
+                    self.flush_relay();
+                    false
+                }
+                ev = self.relay.next() => {
+                    self.link_event(ev);
+                    false
+                }
+                Some(ev) = self.swarm_due.next(&mut self.swarm) => {
+                    self.event(ev);
+                    true
+                }
+            };
+            if touched {
+                self.swarm_due.touch();
             }
         }
     }
