@@ -13,7 +13,7 @@ use gleaner::SecretKey;
 use gleaner_client::p2p::SpaceConfig;
 
 mod nsnode;
-use nsnode::{Lab, sh};
+use nsnode::{Lab, sh, wait_for};
 
 /// What the namespaces of this test are called: `<PREFIX><pid>-<case>-<name>`, so that those a
 /// killed run left behind can be told apart from a live run's.
@@ -189,19 +189,14 @@ fn nodes_on_a_lan_find_each_other_by_mdns_alone() {
     lan.start(true);
     let mut all: Vec<String> = SEEDS.iter().map(|&s| id(s)).collect();
     all.sort();
-    let start = Instant::now();
     // Usually ~1 s; a node whose start-up probes went unanswered is found at the next periodic
     // query (tuning::MDNS_QUERY_INTERVAL, 60 s).
-    let deadline = start + Duration::from_secs(90);
-    loop {
-        let v = lan.views();
-        if v.iter().all(|v| v.as_ref() == Some(&all)) {
-            eprintln!("converged by mDNS: {:.1} s", start.elapsed().as_secs_f64());
-            return;
-        }
-        assert!(Instant::now() < deadline, "not converged in 90 s: {v:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        "converged by mDNS",
+        90,
+        || lan.views(),
+        |v| v.iter().all(|v| v.as_ref() == Some(&all)),
+    );
 }
 
 /// The control: the same LAN and nodes with mDNS off have no way to meet, so each view stays

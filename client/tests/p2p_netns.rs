@@ -7,13 +7,13 @@
 use std::io::{BufRead, BufReader};
 use std::process::{ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gleaner::SecretKey;
 use gleaner_client::p2p::SpaceConfig;
 
 mod nsnode;
-use nsnode::{Lab, may_run, sh};
+use nsnode::{Lab, may_run, sh, wait_for};
 
 const TTL_S: u64 = 6;
 
@@ -95,18 +95,11 @@ fn partition_and_heal_across_network_namespaces() {
         v.sort();
         v
     };
+    let read = || views.lock().unwrap().clone();
     let wait = |what: &str, secs: u64, want: &dyn Fn(usize) -> Vec<String>| {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let start = Instant::now();
-        loop {
-            let v = views.lock().unwrap().clone();
-            if (0..4).all(|i| v[i] == sorted(want(i))) {
-                eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}: views are {v:?}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for(what, secs, read, |v| {
+            (0..4).all(|i| v[i] == sorted(want(i)))
+        });
     };
     wait("converged", 60, &|_| all.clone());
 
@@ -210,26 +203,12 @@ fn a_tcp_peer_that_vanishes_without_closing_is_dropped() {
             }
         });
     }
-    let wait = |what: &str, secs: u64, want: &dyn Fn(&[Option<usize>]) -> bool| {
-        let start = Instant::now();
-        loop {
-            let p = peers.lock().unwrap().clone();
-            if want(&p) {
-                eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
-                return start.elapsed();
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "{what}: peers held are {p:?} after {secs} s"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    wait("connected", 60, &|p| p == [Some(1), Some(1)]);
+    let read = || peers.lock().unwrap().clone();
+    wait_for("connected", 60, read, |p| p == &[Some(1), Some(1)]);
     // Let the connection go quiet of start-up traffic, then take b's address away: b's kernel
     // drops what a sends, unanswered, and a's neighbour entry for b fails.
     std::thread::sleep(Duration::from_secs(3));
     sh(&["ip", "-n", &nb, "addr", "flush", "dev", &vb]);
     let limit = gleaner_space::tuning::TCP_USER_TIMEOUT.as_secs() + 20;
-    wait("a dropped b", limit, &|p| p[0] == Some(0));
+    wait_for("a dropped b", limit, read, |p| p[0] == Some(0));
 }

@@ -69,6 +69,30 @@ pub fn sh(args: &[&str]) {
     );
 }
 
+/// Waits up to `secs` for `want` to hold of what `read` returns (what the nodes last printed),
+/// looking five times a second, and prints how long it took; fails the test with the last
+/// reading if the time runs out.
+pub fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    secs: u64,
+    read: impl Fn() -> T,
+    want: impl Fn(&T) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let now = read();
+        if want(&now) {
+            eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: still {now:?} after {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Whether a namespace test may run here: not when this process is one of its nodes (`node_var`
 /// set), and only as root; not root, it is skipped with a message, unless CI is set (CI runs as
 /// root, so there the test must run).
