@@ -1,5 +1,5 @@
 //! The tunable constants of a space node, in one place: gossipsub heartbeat, publishing, IHAVE
-//! gossip, mesh degrees and peer scoring, Kademlia and redial intervals, connection and per-author rate limits. Both the client and the
+//! gossip, mesh degrees and peer scoring, DHT walk and redial intervals, connection and per-author rate limits. Both the client and the
 //! coordinator's observer take them from here, so that they cannot drift apart.
 
 use std::time::Duration;
@@ -51,14 +51,9 @@ const _: () = assert!(MESH_N_LOW <= MESH_N && MESH_N <= MESH_N_HIGH);
 /// so in practice this closes only connections to peers outside the space's gossip.
 pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Kademlia's own periodic bootstrap (its default). A walk is not cheap for the peers it asks:
-/// libp2p-kad 0.49 answers each FIND_NODE by visiting k-buckets one by one and copying a 20-entry
-/// buffer per bucket, most of them empty — in a profile of a 30-node space that copying was
-/// ~11 % of the process's CPU at a 60 s interval. A node with fewer than [`TARGET_PEERS`]
-/// connections walks every [`LOOKUP_INTERVAL`] anyway; one well connected needs no more.
-pub const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(300);
 /// How often a node walks the DHT while it has fewer than [`TARGET_PEERS`] connections and its
-/// walks bring it more.
+/// walks bring it more. These are the only walks: Kademlia's own periodic bootstrap is off
+/// ([`crate::swarm::kad_behaviour`]), as a node well connected needs none.
 pub const LOOKUP_INTERVAL: Duration = Duration::from_secs(10);
 /// The longest wait between walks that brought no new connection: each such walk doubles the
 /// wait from [`LOOKUP_INTERVAL`] up to this. A space smaller than the target (a department of ten
