@@ -798,7 +798,7 @@ impl Node {
             let dialling = !self.bootstrap.is_empty();
             let queued = self.relay.queued();
             // Each branch says whether it may have changed the swarm (queued a dial, a publish, a
-            // request): work queued so wakes no one, so the swarm is then marked due.
+            // request): such work wakes no one, so the swarm is then marked due.
             let touched = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = redial.tick(), if dialling => {
