@@ -458,63 +458,68 @@ fn refresh_forger(
     let st = state.clone();
     tokio::spawn(async move {
         use futures_util::{AsyncReadExt, AsyncWriteExt};
-        let mut link = loop {
-            if cancel.is_cancelled() {
-                return;
-            }
-            if let Ok(Ok(s)) = tokio::time::timeout(
-                Duration::from_secs(2),
-                control.open_stream(peer, RELAY_PROTOCOL),
-            )
-            .await
-            {
-                break s;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        loop {
-            let mut len = [0u8; 4];
-            let read = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = link.read_exact(&mut len) => r,
-            };
-            if read.is_err() {
-                return;
-            }
-            let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
-            if link.read_exact(&mut frame).await.is_err() {
-                return;
-            }
-            let Ok(items) = gleaner::relay::decode(&frame) else {
-                continue;
-            };
-            let mut out = Vec::new();
-            for item in items {
-                if let Item::Refresh(r) = item
-                    && r.host == host
-                {
-                    let made_up = Refresh {
-                        index: r.index + 1,
-                        link: [0x5a; 32],
-                        ..r
-                    };
-                    let bumped = Refresh {
-                        index: gleaner::chain::CHAIN_LEN,
-                        ..r
-                    };
-                    encode(&mut out, &Item::Refresh(made_up));
-                    encode(&mut out, &Item::Refresh(bumped));
+        // A link the target closes (crossed opens settled by peer id, a rotation) is opened
+        // again, as a real forger would: giving up after the first left the test waiting for
+        // forgeries that never came.
+        'link: loop {
+            let mut link = loop {
+                if cancel.is_cancelled() {
+                    return;
                 }
+                if let Ok(Ok(s)) = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    control.open_stream(peer, RELAY_PROTOCOL),
+                )
+                .await
+                {
+                    break s;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            loop {
+                let mut len = [0u8; 4];
+                let read = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = link.read_exact(&mut len) => r,
+                };
+                if read.is_err() {
+                    continue 'link;
+                }
+                let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+                if link.read_exact(&mut frame).await.is_err() {
+                    continue 'link;
+                }
+                let Ok(items) = gleaner::relay::decode(&frame) else {
+                    continue;
+                };
+                let mut out = Vec::new();
+                for item in items {
+                    if let Item::Refresh(r) = item
+                        && r.host == host
+                    {
+                        let made_up = Refresh {
+                            index: r.index + 1,
+                            link: [0x5a; 32],
+                            ..r
+                        };
+                        let bumped = Refresh {
+                            index: gleaner::chain::CHAIN_LEN,
+                            ..r
+                        };
+                        encode(&mut out, &Item::Refresh(made_up));
+                        encode(&mut out, &Item::Refresh(bumped));
+                    }
+                }
+                if out.is_empty() {
+                    continue;
+                }
+                let mut f = (out.len() as u32).to_be_bytes().to_vec();
+                f.extend(out);
+                if link.write_all(&f).await.is_err() || link.flush().await.is_err() {
+                    continue 'link;
+                }
+                st.sent.fetch_add(2, Ordering::SeqCst);
             }
-            if out.is_empty() {
-                continue;
-            }
-            let mut f = (out.len() as u32).to_be_bytes().to_vec();
-            f.extend(out);
-            if link.write_all(&f).await.is_err() || link.flush().await.is_err() {
-                return;
-            }
-            st.sent.fetch_add(2, Ordering::SeqCst);
         }
     });
     (id, state)
