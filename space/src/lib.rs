@@ -39,6 +39,8 @@ pub const SPACE_NAME_MAX: usize = 64;
 pub const IDENTIFY_PROTOCOL: &str = "/gleaner/1";
 /// The request-response protocol for machine types.
 pub const MT_PROTOCOL: &str = "/gleaner/mt/1";
+/// The one gossipsub protocol a node speaks ([`swarm::gossipsub_config`]).
+pub const GOSSIPSUB_PROTOCOL: &str = "/meshsub/1.1.0";
 
 /// Why a space name is refused, if it is.
 pub fn check_space_name(name: &str) -> Result<(), String> {
@@ -98,6 +100,7 @@ mod tests {
         );
         assert_eq!(IDENTIFY_PROTOCOL, "/gleaner/1");
         assert_eq!(MT_PROTOCOL, "/gleaner/mt/1");
+        assert_eq!(GOSSIPSUB_PROTOCOL, "/meshsub/1.1.0");
         assert_eq!(RELAY_PROTOCOL.as_ref(), "/gleaner/adverts/1");
     }
 }

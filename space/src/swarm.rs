@@ -145,8 +145,16 @@ pub fn build_swarm_with<B: NetworkBehaviour>(
 /// seqno and signature fields a peer may still send are not trusted, only ignored. The message id
 /// is the SHA-256 of the bytes, so that every node names a message alike. Messages stay
 /// unforwarded until the node reports its verdict.
+///
+/// One protocol id, meshsub 1.1, which every gossipsub since 2020 speaks. libp2p-gossipsub offers
+/// four by default (1.3, 1.2, 1.1, 1.0), and libp2p-swarm rebuilds each connection's set of local
+/// protocols on every poll (rust-libp2p#4284): at 100 nodes, polled once per relay frame on each
+/// side, the three ids more were about a third of that set and ~2 % of a node's CPU. What 1.2 adds,
+/// IDONTWANT, acts only on messages over 1 kB that a node already holds; the space's gossip is a few
+/// small, rare messages (docs/BENCHMARKS.md).
 pub fn gossipsub_config(duplicate_cache: Duration) -> Result<gossipsub::Config, String> {
     gossipsub::ConfigBuilder::default()
+        .protocol_id(crate::GOSSIPSUB_PROTOCOL, gossipsub::Version::V1_1)
         .heartbeat_interval(tuning::HEARTBEAT)
         .mesh_n(tuning::MESH_N)
         .mesh_n_low(tuning::MESH_N_LOW)
@@ -266,6 +274,36 @@ pub fn mdns_behaviour(on: bool, k: &Keypair) -> std::io::Result<Toggle<mdns::tok
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gossipsub connection handler listens on the one protocol id, so that the protocol set
+    /// libp2p-swarm rebuilds on every poll stays short.
+    #[test]
+    fn gossipsub_listens_on_one_protocol() {
+        use libp2p::core::upgrade::UpgradeInfo;
+        use libp2p::swarm::{ConnectionHandler, ConnectionId};
+        let mut gs = gossipsub_behaviour([], Duration::from_secs(60)).unwrap();
+        let peer = keypair(&SecretKey::from_seed([3; 32]))
+            .unwrap()
+            .public()
+            .to_peer_id();
+        let addr: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let handler = gs
+            .handle_established_inbound_connection(
+                ConnectionId::new_unchecked(0),
+                peer,
+                &addr,
+                &addr,
+            )
+            .unwrap();
+        let ids: Vec<String> = handler
+            .listen_protocol()
+            .upgrade()
+            .protocol_info()
+            .into_iter()
+            .map(|p| p.either(|id| id.as_ref().to_owned(), str::to_owned))
+            .collect();
+        assert_eq!(ids, [crate::GOSSIPSUB_PROTOCOL]);
+    }
 
     #[test]
     fn host_key_is_the_libp2p_identity() {
