@@ -148,10 +148,10 @@ pub fn build_swarm_with<B: NetworkBehaviour>(
 ///
 /// One protocol id, meshsub 1.1, which every gossipsub since 2020 speaks. libp2p-gossipsub offers
 /// four by default (1.3, 1.2, 1.1, 1.0), and libp2p-swarm rebuilds each connection's set of local
-/// protocols on every poll (rust-libp2p#4284): at 100 nodes, polled once per relay frame on each
-/// side, the three ids more were about a third of that set and ~2 % of a node's CPU. What 1.2 adds,
-/// IDONTWANT, acts only on messages over 1 kB that a node already holds; the space's gossip is a few
-/// small, rare messages (docs/BENCHMARKS.md).
+/// protocols on every poll (rust-libp2p#4284), once per relay frame on each side: at 100 nodes
+/// that work was 6.3 % of a node's CPU with the four, 5.6 % with one (within the profile's
+/// noise; docs/BENCHMARKS.md). What 1.2 adds, IDONTWANT, acts only on messages over 1 kB that a
+/// node already holds; the space's gossip is a few small, rare messages.
 pub fn gossipsub_config(duplicate_cache: Duration) -> Result<gossipsub::Config, String> {
     gossipsub::ConfigBuilder::default()
         .protocol_id(crate::GOSSIPSUB_PROTOCOL, gossipsub::Version::V1_1)
