@@ -202,17 +202,12 @@ fn attacker(
             phase += 1;
             for (peer, link) in links.iter_mut() {
                 if link.is_none() {
-                    match tokio::time::timeout(
-                        Duration::from_secs(2),
-                        control.open_stream(*peer, RELAY_PROTOCOL),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => {
+                    match open_link(&mut control, *peer).await {
+                        Some(s) => {
                             st.started.store(true, Ordering::SeqCst);
                             *link = Some(s);
                         }
-                        _ => continue,
+                        None => continue,
                     }
                 }
                 let Some(s) = link.as_mut() else { continue };
@@ -457,72 +452,87 @@ fn refresh_forger(
     });
     let st = state.clone();
     tokio::spawn(async move {
-        use futures_util::{AsyncReadExt, AsyncWriteExt};
         // A link the target closes (crossed opens settled by peer id, a rotation) is opened
         // again, as a real forger would: giving up after the first left the test waiting for
         // forgeries that never came.
-        'link: loop {
-            let mut link = loop {
-                if cancel.is_cancelled() {
-                    return;
-                }
-                if let Ok(Ok(s)) = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    control.open_stream(peer, RELAY_PROTOCOL),
-                )
-                .await
-                {
-                    break s;
-                }
+        while !cancel.is_cancelled() {
+            let Some(mut link) = open_link(&mut control, peer).await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             };
-            loop {
-                let mut len = [0u8; 4];
-                let read = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    r = link.read_exact(&mut len) => r,
-                };
-                if read.is_err() {
-                    continue 'link;
-                }
-                let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
-                if link.read_exact(&mut frame).await.is_err() {
-                    continue 'link;
-                }
-                let Ok(items) = gleaner::relay::decode(&frame) else {
-                    continue;
-                };
-                let mut out = Vec::new();
-                for item in items {
-                    if let Item::Refresh(r) = item
-                        && r.host == host
-                    {
-                        let made_up = Refresh {
-                            index: r.index + 1,
-                            link: [0x5a; 32],
-                            ..r
-                        };
-                        let bumped = Refresh {
-                            index: gleaner::chain::CHAIN_LEN,
-                            ..r
-                        };
-                        encode(&mut out, &Item::Refresh(made_up));
-                        encode(&mut out, &Item::Refresh(bumped));
-                    }
-                }
-                if out.is_empty() {
-                    continue;
-                }
-                let mut f = (out.len() as u32).to_be_bytes().to_vec();
-                f.extend(out);
-                if link.write_all(&f).await.is_err() || link.flush().await.is_err() {
-                    continue 'link;
-                }
-                st.sent.fetch_add(2, Ordering::SeqCst);
+            if forge_refreshes(&mut link, host, &st, &cancel).await {
+                return;
             }
         }
     });
     (id, state)
+}
+
+/// A relay link from a bare relay peer to `peer`, or `None` if it is not open within 2 s.
+async fn open_link(control: &mut libp2p_stream::Control, peer: PeerId) -> Option<libp2p::Stream> {
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        control.open_stream(peer, RELAY_PROTOCOL),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+/// Reads the frames `link` brings and answers each refresh of `host`'s advert with two
+/// forgeries ([`refresh_forger`]), counted in `st`; true when `cancel` fired, false when the link
+/// failed (open another).
+async fn forge_refreshes(
+    link: &mut libp2p::Stream,
+    host: gleaner::PublicKey,
+    st: &Attack,
+    cancel: &CancellationToken,
+) -> bool {
+    use futures_util::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut len = [0u8; 4];
+        let read = tokio::select! {
+            _ = cancel.cancelled() => return true,
+            r = link.read_exact(&mut len) => r,
+        };
+        if read.is_err() {
+            return false;
+        }
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        if link.read_exact(&mut frame).await.is_err() {
+            return false;
+        }
+        let Ok(items) = gleaner::relay::decode(&frame) else {
+            continue;
+        };
+        let mut out = Vec::new();
+        for item in items {
+            if let Item::Refresh(r) = item
+                && r.host == host
+            {
+                let made_up = Refresh {
+                    index: r.index + 1,
+                    link: [0x5a; 32],
+                    ..r
+                };
+                let bumped = Refresh {
+                    index: gleaner::chain::CHAIN_LEN,
+                    ..r
+                };
+                encode(&mut out, &Item::Refresh(made_up));
+                encode(&mut out, &Item::Refresh(bumped));
+            }
+        }
+        if out.is_empty() {
+            continue;
+        }
+        let mut f = (out.len() as u32).to_be_bytes().to_vec();
+        f.extend(out);
+        if link.write_all(&f).await.is_err() || link.flush().await.is_err() {
+            return false;
+        }
+        st.sent.fetch_add(2, Ordering::SeqCst);
+    }
 }
 
 /// Refreshes cannot be forged: a relay that sends made-up links for an honest host's next

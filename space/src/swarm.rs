@@ -214,17 +214,16 @@ pub fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
     gossipsub::MessageId::from(gleaner::Digest::of(&m.data).0.to_vec())
 }
 
-/// Kademlia on the space's own protocol, walking only when the node asks ([`crate::discovery::lookup`]:
-/// while it has fewer than [`tuning::TARGET_PEERS`] connections).
+/// Kademlia on the space's own protocol, walking only when the node asks
+/// ([`crate::discovery::lookup`]: while it has fewer than [`tuning::TARGET_PEERS`] connections).
 ///
 /// Kademlia's own periodic bootstrap is off. It walked every 5 min from each node's last walk, so
 /// a space started together walked together: in a 100-node space each node then opened ~90
 /// connections in a minute for its queries (noise handshakes, identify; trimmed as surplus later),
 /// an idle space spent 2.5 ms/s per node instead of 0.3–0.6, and probes came 1.5–1.7 s late
-/// (docs/BENCHMARKS.md). A walk is not
-/// cheap for the peers asked either: libp2p-kad 0.49 answers each FIND_NODE by visiting k-buckets
-/// one by one, copying a 20-entry buffer per bucket. The routing table is still fed by identify on
-/// every connection ([`crate::discovery::on_identify`]).
+/// (docs/BENCHMARKS.md). A walk is not cheap for the peers asked either: libp2p-kad 0.49 answers
+/// each FIND_NODE by visiting k-buckets one by one, copying a 20-entry buffer per bucket. The
+/// routing table is still fed by identify on every connection ([`crate::discovery::on_identify`]).
 pub fn kad_behaviour(
     id: PeerId,
     protocol: StreamProtocol,

@@ -1,6 +1,7 @@
 //! The tunable constants of a space node, in one place: gossipsub heartbeat, publishing, IHAVE
-//! gossip, mesh degrees and peer scoring, DHT walk and redial intervals, connection and per-author rate limits. Both the client and the
-//! coordinator's observer take them from here, so that they cannot drift apart.
+//! gossip, mesh degrees and peer scoring, DHT walk and redial intervals, connection and
+//! per-author rate limits. Both the client and the coordinator's observer take them from here,
+//! so that they cannot drift apart.
 
 use std::time::Duration;
 
