@@ -926,6 +926,10 @@ impl Node {
     /// `max_peers` ([`gleaner_space::trim`]).
     fn trim(&mut self, now_ms: u64) {
         let (high, low) = (self.max_peers, self.trim_low());
+        // Most seconds there is nothing to trim: the mesh is not gathered for nothing.
+        if !self.trimmer.may_trim(high) {
+            return;
+        }
         let gossipsub = &self.swarm.behaviour().gossipsub;
         let mesh: HashSet<PeerId> = gossipsub.all_mesh_peers().copied().collect();
         let (relay, bootstrap) = (&self.relay, &self.bootstrap);
@@ -941,6 +945,7 @@ impl Node {
         });
         for c in surplus {
             if self.swarm.close_connection(c) {
+                self.trimmer.closing(c);
                 self.trimmed += 1;
             }
         }
