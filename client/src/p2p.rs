@@ -28,13 +28,13 @@ use gleaner::advert::{CapacityAdvert, OutcomeReport};
 use gleaner::chain::{Advertiser, Outgoing};
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
-use gleaner_space::WhenWoken;
 use gleaner_space::gate::refill;
 use gleaner_space::relay::{AdvertRelay, RelaySummary};
 use gleaner_space::trim::Keep;
 use gleaner_space::{
     AdvertGate, LinkEvent, SpaceBehaviour, Topics, Trimmer, Verdict, discovery, topics, tuning,
 };
+use gleaner_space::{Quiet, WhenWoken};
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
@@ -658,7 +658,7 @@ enum TypeVerdict {
 }
 
 struct Node {
-    swarm: libp2p::Swarm<Behaviour>,
+    swarm: libp2p::Swarm<Quiet<Behaviour>>,
     /// Whether the swarm is due a poll: the loop polls it only when it woke the task or was
     /// changed by the loop ([`WhenWoken`]), not on every relay frame and timer.
     swarm_due: WhenWoken,

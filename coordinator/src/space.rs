@@ -13,7 +13,7 @@ use gleaner::SecretKey;
 use gleaner::advert::backend_bits;
 use gleaner::space::SpaceView;
 use gleaner_space::relay::AdvertRelay;
-use gleaner_space::{AdvertGate, LinkEvent, SpaceBehaviour, WhenWoken, discovery, tuning};
+use gleaner_space::{AdvertGate, LinkEvent, Quiet, SpaceBehaviour, WhenWoken, discovery, tuning};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{Multiaddr, StreamProtocol, identify, kad, mdns, ping};
@@ -277,7 +277,7 @@ pub async fn start(
 }
 
 struct Node {
-    swarm: libp2p::Swarm<Behaviour>,
+    swarm: libp2p::Swarm<Quiet<Behaviour>>,
     /// Polled only when it woke the loop or the loop changed it ([`WhenWoken`]).
     swarm_due: WhenWoken,
     relay: AdvertRelay,

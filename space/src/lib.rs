@@ -9,6 +9,7 @@
 pub mod discovery;
 pub mod gate;
 pub mod links;
+pub mod quiet;
 pub mod relay;
 pub mod swarm;
 pub mod trim;
@@ -21,6 +22,7 @@ pub use gate::{AdvertGate, AuthorRates, Checked, Verdict};
 /// control to [`relay::AdvertRelay::new`]).
 pub use libp2p_stream::Behaviour as StreamBehaviour;
 pub use links::{LinkEvent, Links, RELAY_PROTOCOL};
+pub use quiet::Quiet;
 pub use swarm::{build_swarm, build_swarm_with, gossipsub_behaviour, keypair, transport_bytes};
 pub use trim::Trimmer;
 pub use woken::WhenWoken;

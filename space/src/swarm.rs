@@ -13,6 +13,8 @@ use libp2p::futures::io::{AsyncRead, AsyncWrite};
 use libp2p::gossipsub::{self, MessageAuthenticity};
 use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
+
+use crate::quiet::Quiet;
 use libp2p::{PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
 
 use crate::tuning;
@@ -100,11 +102,12 @@ fn keep_alive(s: &tokio::net::TcpStream) {
 // ---- swarm ----
 
 /// A swarm on QUIC and metered TCP (noise, yamux) with the node's own behaviour, made by
-/// `behaviour` from the identity.
+/// `behaviour` from the identity; its connections poll the behaviour's handlers only when they
+/// have work ([`Quiet`]).
 pub fn build_swarm<B: NetworkBehaviour>(
     keypair: Keypair,
     behaviour: impl FnOnce(&Keypair) -> Result<B, Box<dyn std::error::Error + Send + Sync>>,
-) -> Result<Swarm<B>, String> {
+) -> Result<Swarm<Quiet<B>>, String> {
     build_swarm_with(keypair, tuning::IDLE_CONNECTION_TIMEOUT, behaviour)
 }
 
@@ -114,7 +117,7 @@ pub fn build_swarm_with<B: NetworkBehaviour>(
     keypair: Keypair,
     idle: Duration,
     behaviour: impl FnOnce(&Keypair) -> Result<B, Box<dyn std::error::Error + Send + Sync>>,
-) -> Result<Swarm<B>, String> {
+) -> Result<Swarm<Quiet<B>>, String> {
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic()
@@ -131,7 +134,7 @@ pub fn build_swarm_with<B: NetworkBehaviour>(
                 .multiplex(yamux::Config::default()))
         })
         .map_err(|e| format!("tcp transport: {e}"))?
-        .with_behaviour(behaviour)
+        .with_behaviour(|k| behaviour(k).map(Quiet::new))
         .map_err(|e| format!("behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build())

@@ -64,12 +64,22 @@ impl WhenWoken {
         stream: &mut S,
         cx: &mut Context<'_>,
     ) -> Poll<Option<S::Item>> {
+        self.poll(cx, |cx| stream.poll_next_unpin(cx))
+    }
+
+    /// Runs `poll` (a poll of whatever this gate guards) only while it is due, with the gate's
+    /// own waker; a ready result leaves it due (there may be more).
+    pub fn poll<T>(
+        &self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
         self.due.task.register(cx.waker());
         if !self.due.due.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
         let waker = waker_ref(&self.due);
-        match stream.poll_next_unpin(&mut Context::from_waker(&waker)) {
+        match poll(&mut Context::from_waker(&waker)) {
             Poll::Ready(item) => {
                 self.touch();
                 Poll::Ready(item)
