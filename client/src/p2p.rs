@@ -32,9 +32,9 @@ use gleaner_space::gate::refill;
 use gleaner_space::relay::{AdvertRelay, RelaySummary};
 use gleaner_space::trim::Keep;
 use gleaner_space::{
-    AdvertGate, LinkEvent, SpaceBehaviour, Topics, Trimmer, Verdict, discovery, topics, tuning,
+    AdvertGate, LinkEvent, Quiet, SpaceBehaviour, Topics, Trimmer, Verdict, WhenWoken, discovery,
+    topics, tuning,
 };
-use gleaner_space::{Quiet, WhenWoken};
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};

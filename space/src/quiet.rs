@@ -42,6 +42,7 @@ pub const SWEEP: u32 = 16;
 pub struct Quiet<B>(B);
 
 impl<B> Quiet<B> {
+    /// `behaviour`, its handlers polled only when they have work.
     pub fn new(behaviour: B) -> Self {
         Quiet(behaviour)
     }

@@ -13,10 +13,9 @@ use libp2p::futures::io::{AsyncRead, AsyncWrite};
 use libp2p::gossipsub::{self, MessageAuthenticity};
 use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
-
-use crate::quiet::Quiet;
 use libp2p::{PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
 
+use crate::quiet::Quiet;
 use crate::tuning;
 
 /// The libp2p identity of a host key (the same ed25519 key, so its peer id is the host's id).
