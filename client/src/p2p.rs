@@ -927,7 +927,7 @@ impl Node {
     fn trim(&mut self, now_ms: u64) {
         let (high, low) = (self.max_peers, self.trim_low());
         // Most seconds there is nothing to trim: the mesh is not gathered for nothing.
-        if !self.trimmer.may_trim(high) {
+        if !self.trimmer.may_trim(high, now_ms) {
             return;
         }
         let gossipsub = &self.swarm.behaviour().gossipsub;
@@ -943,6 +943,9 @@ impl Node {
                 Keep::No
             }
         });
+        if surplus.is_empty() {
+            self.trimmer.found_nothing(grace_ms, now_ms);
+        }
         for c in surplus {
             if self.swarm.close_connection(c) {
                 self.trimmer.closing(c);

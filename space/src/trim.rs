@@ -22,6 +22,8 @@ use std::collections::HashMap;
 use libp2p::PeerId;
 use libp2p::swarm::ConnectionId;
 
+use crate::tuning::TRIM_RECHECK;
+
 /// How much a node needs a peer it dialled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Keep {
@@ -50,6 +52,9 @@ pub struct Trimmer {
     /// Connections per peer in `conns`, kept as they come and go: a node with nothing to trim
     /// (no peer held twice, no more peers than its mark) learns so without a pass over them.
     peers: HashMap<PeerId, usize>,
+    /// Until when a look that found nothing stands ([`Trimmer::found_nothing`]); 0 once a
+    /// connection came or went.
+    rest_until_ms: u64,
 }
 
 /// One peer's connections, gathered.
@@ -69,6 +74,7 @@ impl Trimmer {
             local,
             conns: HashMap::new(),
             peers: HashMap::new(),
+            rest_until_ms: 0,
         }
     }
 
@@ -83,12 +89,14 @@ impl Trimmer {
             self.forget(was.peer);
         }
         *self.peers.entry(peer).or_insert(0) += 1;
+        self.rest_until_ms = 0;
     }
 
     /// Connection `id` closed.
     pub fn closed(&mut self, id: ConnectionId) {
         if let Some(c) = self.conns.remove(&id) {
             self.forget(c.peer);
+            self.rest_until_ms = 0;
         }
     }
 
@@ -113,11 +121,30 @@ impl Trimmer {
         self.peers.len()
     }
 
-    /// Whether [`Trimmer::surplus`] with this `high` mark could close anything: only a peer
-    /// held by two connections or more, or more peers than `high`, can be trimmed. Cheap, so
-    /// that a node asks for the surplus (and gathers what it needs to judge it) only then.
-    pub fn may_trim(&self, high: usize) -> bool {
-        self.peers.len() > high || self.conns.len() > self.peers.len()
+    /// Whether [`Trimmer::surplus`] with this `high` mark could close anything at `now_ms`: only
+    /// a peer held by two connections or more, or more peers than `high`, can be trimmed, and not
+    /// while a look that found nothing stands ([`Trimmer::found_nothing`]). Cheap, so that a node
+    /// asks for the surplus (and gathers what it needs to judge it) only then.
+    pub fn may_trim(&self, high: usize, now_ms: u64) -> bool {
+        now_ms >= self.rest_until_ms
+            && (self.peers.len() > high || self.conns.len() > self.peers.len())
+    }
+
+    /// A look at `now_ms` (with grace period `grace_ms`) found nothing to close: [`may_trim`]
+    /// says no until [`TRIM_RECHECK`] has passed, a connection comes or goes, or one this node
+    /// dialled leaves its grace, whichever is first. Only what decides besides the connections
+    /// (relay links, the mesh) may have changed unseen, for at most [`TRIM_RECHECK`].
+    ///
+    /// [`may_trim`]: Trimmer::may_trim
+    pub fn found_nothing(&mut self, grace_ms: u64, now_ms: u64) {
+        let recheck = now_ms.saturating_add(TRIM_RECHECK.as_millis() as u64);
+        self.rest_until_ms = self
+            .conns
+            .values()
+            .filter(|c| c.dialled)
+            .map(|c| c.since_ms.saturating_add(grace_ms))
+            .filter(|&out| out > now_ms)
+            .fold(recheck, u64::min);
     }
 
     /// The connections to close now (see the module's rules): a pass over every connection, which
@@ -303,16 +330,16 @@ mod tests {
         for p in &ps[..3] {
             t.established(ids.next(), *p, true, 0);
         }
-        assert!(!t.may_trim(3));
-        assert!(t.may_trim(2));
+        assert!(!t.may_trim(3, 0));
+        assert!(t.may_trim(2, 0));
         // A second connection to a peer held: something may go whatever the count.
         let double = ids.next();
         t.established(double, ps[0], false, 0);
-        assert!(t.may_trim(10));
+        assert!(t.may_trim(10, 0));
         t.closed(double);
-        assert!(!t.may_trim(3));
+        assert!(!t.may_trim(3, 0));
         t.established(ids.next(), ps[3], true, 0);
-        assert!(t.may_trim(3));
+        assert!(t.may_trim(3, 0));
     }
 
     #[test]
@@ -357,12 +384,63 @@ mod tests {
                 let all = t.surplus(high, 0, grace, 100, keep);
                 if !all.is_empty() {
                     found += 1;
-                    assert!(t.may_trim(high), "{all:?} to close, and may_trim said no");
+                    assert!(
+                        t.may_trim(high, 100),
+                        "{all:?} to close, and may_trim said no"
+                    );
                 }
             }
         }
         // The spaces above did have something to trim, often.
         assert!(found > 300, "only {found} cases with a surplus");
+    }
+
+    #[test]
+    fn a_look_that_found_nothing_stands_until_something_changes() {
+        let (mut t, mut ids) = (Trimmer::new(PeerId::random()), Ids(0));
+        let ps = peers(3);
+        // A peer held twice for a relay link: never trimmed, and may_trim cannot tell.
+        for _ in 0..2 {
+            t.established(ids.next(), ps[0], true, 0);
+        }
+        t.established(ids.next(), ps[1], false, 0);
+        let must = |p: &PeerId| if *p == ps[0] { Keep::Must } else { Keep::No };
+        let recheck = TRIM_RECHECK.as_millis() as u64;
+        let now = 100_000;
+        assert!(t.may_trim(8, now));
+        assert!(t.surplus(8, 4, 0, now, must).is_empty());
+        t.found_nothing(0, now);
+        assert!(!t.may_trim(8, now));
+        assert!(!t.may_trim(8, now + recheck - 1));
+        assert!(t.may_trim(8, now + recheck));
+
+        // A connection that comes, or goes, is looked at at once.
+        t.found_nothing(0, now);
+        let new = ids.next();
+        t.established(new, ps[2], true, now);
+        assert!(t.may_trim(8, now));
+        t.found_nothing(0, now);
+        t.closed(new);
+        assert!(t.may_trim(8, now));
+        // A connection closed that was not held changes nothing.
+        t.found_nothing(0, now);
+        t.closed(new);
+        assert!(!t.may_trim(8, now));
+
+        // Two dialled to one peer, still in their grace: looked at again as the first leaves it,
+        // not a recheck later, and the younger goes once both have.
+        let (first, second) = (ids.next(), ids.next());
+        t.established(first, ps[2], true, now);
+        t.established(second, ps[2], true, now + 500);
+        let grace = 3_000;
+        assert!(t.surplus(8, 4, grace, now + 1_000, must).is_empty());
+        t.found_nothing(grace, now + 1_000);
+        assert!(!t.may_trim(8, now + grace - 1));
+        assert!(t.may_trim(8, now + grace));
+        assert_eq!(
+            t.surplus(8, 4, grace, now + grace + 500, must),
+            vec![second]
+        );
     }
 
     #[test]
@@ -382,7 +460,7 @@ mod tests {
         assert_eq!(first, vec![c[0]]);
         t.closing(c[0]);
         assert_eq!(t.held(), 2);
-        assert!(!t.may_trim(2));
+        assert!(!t.may_trim(2, 0));
         assert!(t.surplus(2, 2, 0, 100, |_| Keep::No).is_empty());
         // Its close completing changes nothing more.
         t.closed(c[0]);
