@@ -19,8 +19,8 @@ use libp2p::PeerId;
 use crate::gate::{AdvertGate, Verdict};
 use crate::links::{LinkEvent, Links};
 use crate::tuning::{
-    RELAY_FLUSH_BYTES, RELAY_MAX_INBOUND, RELAY_MIX_MS, RELAY_OUTBOUND, RELAY_RETRY_MS,
-    RELAY_ROTATE_MS,
+    RELAY_FLUSH_BYTES, RELAY_MAX_INBOUND, RELAY_MIX_MAX_MS, RELAY_MIX_MS, RELAY_OUTBOUND,
+    RELAY_RETRY_MS, RELAY_ROTATE_MS,
 };
 
 /// What a link event or a flush came to, for the node's own bookkeeping.
@@ -62,11 +62,8 @@ pub struct AdvertRelay {
     failed: HashMap<PeerId, u64>,
     /// This node's own links and when each came up (ms): the oldest goes when one too many is up.
     opened: HashMap<PeerId, u64>,
-    /// When this node last opened a link beyond its [`RELAY_OUTBOUND`] (ms).
-    rotated_ms: u64,
-    /// How long after that it rotates to mix the graph: drawn anew each time, in [½, 1½)
-    /// [`RELAY_MIX_MS`], so that nodes started together rotate at different times.
-    mix_wait_ms: u64,
+    /// When it opens a link beyond its [`RELAY_OUTBOUND`] next.
+    rotations: Rotations,
     /// News from every link since the last flush: a batch of ten signatures costs about 15 µs
     /// each, one alone 38 µs (docs/BENCHMARKS.md).
     news: Vec<News>,
@@ -86,8 +83,7 @@ impl AdvertRelay {
             }),
             failed: HashMap::new(),
             opened: HashMap::new(),
-            rotated_ms: 0,
-            mix_wait_ms: mix_wait(),
+            rotations: Rotations::default(),
             news: Vec::new(),
         })
     }
@@ -291,16 +287,7 @@ impl AdvertRelay {
         excluded: impl Fn(&PeerId) -> bool,
         now_ms: u64,
     ) {
-        if self.rotated_ms == 0 {
-            // The first rotation comes between half a period and one and a half after start, at
-            // random, so that nodes started together (a department's machines booted at nine, a
-            // benchmark's space) do not all rotate in the same second ever after: each rotation
-            // re-forms part of the trees (prunes on the new link, grafts for the hosts that came
-            // over the old one), and a whole space doing that at once is a burst every period.
-            let period = RELAY_ROTATE_MS as usize;
-            self.rotated_ms =
-                (now_ms + random_below(period) as u64).saturating_sub(period as u64 / 2);
-        }
+        self.rotations.start(now_ms);
         self.failed
             .retain(|_, at| now_ms.saturating_sub(*at) < RELAY_RETRY_MS);
         self.relay.repair(now_ms);
@@ -329,12 +316,9 @@ impl AdvertRelay {
         let hears = |p: &PeerId| {
             PublicKey::from_peer_id_bytes(&p.to_bytes()).is_some_and(|h| relay.hears(&h))
         };
-        let since_ms = now_ms.saturating_sub(self.rotated_ms);
         if opening >= RELAY_OUTBOUND
-            && let Some(pick) = rotation(&candidates, hears, since_ms, self.mix_wait_ms)
+            && let Some(pick) = self.rotations.due(&candidates, hears, now_ms)
         {
-            self.rotated_ms = now_ms;
-            self.mix_wait_ms = mix_wait();
             want += 1;
             candidates = pick;
         }
@@ -365,6 +349,48 @@ impl AdvertRelay {
     }
 }
 
+/// When a node rotates its links: the first time between half a [`RELAY_ROTATE_MS`] and one and a
+/// half after it started, then as [`rotation`] says, each mixing wait drawn by [`mix_wait`].
+#[derive(Debug, Default)]
+struct Rotations {
+    /// When the node last rotated (ms; 0: not started).
+    last_ms: u64,
+    /// How long after that it rotates to mix the graph.
+    mix_wait_ms: u64,
+    /// Rotations done.
+    done: u32,
+}
+
+impl Rotations {
+    /// Sets the first rotation's time, once. It comes at random, so that nodes started together
+    /// (a department's machines booted at nine, a benchmark's space) do not all rotate in the
+    /// same second ever after: each rotation re-forms part of the trees (prunes on the new link,
+    /// grafts for the hosts that came over the old one), and a whole space doing that at once is
+    /// a burst every period.
+    fn start(&mut self, now_ms: u64) {
+        if self.last_ms == 0 {
+            let period = RELAY_ROTATE_MS as usize;
+            self.last_ms = (now_ms + random_below(period) as u64).saturating_sub(period as u64 / 2);
+            self.mix_wait_ms = mix_wait(0);
+        }
+    }
+
+    /// The peers to rotate to if a rotation is due at `now_ms` ([`rotation`]), counted as done.
+    fn due(
+        &mut self,
+        candidates: &[PeerId],
+        hears: impl Fn(&PeerId) -> bool,
+        now_ms: u64,
+    ) -> Option<Vec<PeerId>> {
+        let since_ms = now_ms.saturating_sub(self.last_ms);
+        let pick = rotation(candidates, hears, since_ms, self.mix_wait_ms)?;
+        self.last_ms = now_ms;
+        self.done = self.done.saturating_add(1);
+        self.mix_wait_ms = mix_wait(self.done);
+        Some(pick)
+    }
+}
+
 /// The peers a rotation picks from, if one is due `since_ms` after the last. A connected peer
 /// whose adverts do not reach this node (`hears` says no) is a sign that the space is split with
 /// this node's links all on its own side (or that the peer advertises nothing: an observer), so
@@ -386,9 +412,14 @@ fn rotation(
     (since_ms >= mix_wait_ms).then(|| candidates.to_vec())
 }
 
-/// A wait before the next rotation that only mixes the graph: in [½, 1½) [`RELAY_MIX_MS`].
-fn mix_wait() -> u64 {
-    RELAY_MIX_MS / 2 + random_below(RELAY_MIX_MS as usize) as u64
+/// A wait before the next rotation that only mixes the graph, after `rotations` done: in [½, 1½)
+/// of [`RELAY_MIX_MS`] doubled for each, up to [`RELAY_MIX_MAX_MS`]. The first rotations re-form
+/// the trees a space formed as it started (under load); later ones only keep the graph mixed.
+fn mix_wait(rotations: u32) -> u64 {
+    let period = RELAY_MIX_MS
+        .saturating_mul(1 << rotations.min(16))
+        .min(RELAY_MIX_MAX_MS);
+    period / 2 + random_below(period as usize) as u64
 }
 
 /// A random index below `n` (n > 0), from the OS's generator; 0 if it fails.
@@ -422,10 +453,62 @@ mod tests {
         assert_eq!(rotation(&peers, all_heard, mix, mix), Some(peers.clone()));
         assert_eq!(rotation(&[], but_one, mix, mix), None);
         // Mixing rotations spread over a whole period, so a space started at once does not
-        // rotate in one burst.
-        let waits: Vec<u64> = (0..2000).map(|_| mix_wait()).collect();
-        assert!(waits.iter().all(|w| (mix / 2..mix * 3 / 2).contains(w)));
-        assert!(waits.iter().any(|w| *w < mix * 3 / 4) && waits.iter().any(|w| *w > mix * 5 / 4));
+        // rotate in one burst; each rotation done doubles the period, up to its ceiling.
+        assert!(2 * mix < RELAY_MIX_MAX_MS);
+        for (done, period) in [(0, mix), (1, 2 * mix), (40, RELAY_MIX_MAX_MS)] {
+            let waits: Vec<u64> = (0..2000).map(|_| mix_wait(done)).collect();
+            assert!(
+                waits
+                    .iter()
+                    .all(|w| (period / 2..period * 3 / 2).contains(w)),
+                "after {done} rotations"
+            );
+            assert!(
+                waits.iter().any(|w| *w < period * 3 / 4)
+                    && waits.iter().any(|w| *w > period * 5 / 4),
+                "after {done} rotations"
+            );
+        }
+    }
+
+    #[test]
+    fn each_rotation_makes_the_next_mixing_one_wait_longer_but_not_one_to_an_unheard_peer() {
+        let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        let start = 10_000_000;
+        let mut r = Rotations::default();
+        r.start(start);
+        let first = r.last_ms;
+        r.start(start + 5_000);
+        assert_eq!(r.last_ms, first, "the first rotation's time is set once");
+        let half = RELAY_ROTATE_MS / 2;
+        assert!((start - half..start + half).contains(&first));
+        // Every peer heard: mixing rotations only, each period double the last, up to the ceiling.
+        let (mut at, mut now) = (vec![], start);
+        while at.len() < 7 {
+            now += 1_000;
+            if let Some(pick) = r.due(&peers, |_| true, now) {
+                assert_eq!(pick, peers);
+                at.push(now);
+            }
+        }
+        for (k, w) in at.windows(2).enumerate() {
+            let period = (RELAY_MIX_MS << (k + 1)).min(RELAY_MIX_MAX_MS);
+            let gap = w[1] - w[0];
+            assert!(
+                gap >= RELAY_ROTATE_MS && (period / 2..period * 3 / 2 + 1_000).contains(&gap),
+                "rotation {}: {gap} ms after the last, where the period is {period} ms",
+                k + 2
+            );
+        }
+        assert_eq!(r.done, 7);
+        // A peer not heard is rotated to a period after the last rotation, however many were done.
+        let last = *at.last().unwrap_or(&now);
+        let but_one = |p: &PeerId| *p != peers[2];
+        assert_eq!(r.due(&peers, but_one, last + RELAY_ROTATE_MS - 1), None);
+        assert_eq!(
+            r.due(&peers, but_one, last + RELAY_ROTATE_MS),
+            Some(vec![peers[2]])
+        );
     }
 
     #[test]
