@@ -486,6 +486,10 @@ mod tests {
         let (mut at, mut now) = (vec![], start);
         while at.len() < 7 {
             now += 1_000;
+            assert!(
+                now < start + 4 * 3_600_000,
+                "rotations stopped after {at:?}"
+            );
             if let Some(pick) = r.due(&peers, |_| true, now) {
                 assert_eq!(pick, peers);
                 at.push(now);
