@@ -17,14 +17,27 @@
 //! handler that queues work without waking anyone and counts on the next poll, whatever caused it
 //! (gossipsub's, with no outbound stream open, reads its queue without registering a waker), waits
 //! at most [`SWEEP`] relay frames longer than it did.
+//!
+//! The same wakes also asked the handlers for their inbound protocols: libp2p-swarm ends every
+//! poll of a connection by calling `listen_protocol` and comparing the protocols it lists with the
+//! last set (libp2p/rust-libp2p#4284), which built every handler's upgrade and walked their nested
+//! lists each time (8 % of the process). A [`QuietHandler`] keeps the upgrade its handlers built,
+//! with the protocols it lists, until they are polled or handed an event ([`QuietUpgrade`]).
 
 use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use libp2p::PeerId;
+use libp2p::Stream;
 use libp2p::core::transport::PortUse;
+use libp2p::core::upgrade::{InboundUpgrade, UpgradeInfo};
 use libp2p::core::{Endpoint, Multiaddr};
-use libp2p::swarm::handler::ConnectionEvent;
+use libp2p::swarm::handler::{
+    ConnectionEvent, FullyNegotiatedInbound, InboundUpgradeSend, ListenUpgradeError,
+    UpgradeInfoSend,
+};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
     NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
@@ -61,13 +74,21 @@ impl<B> DerefMut for Quiet<B> {
     }
 }
 
-impl<B: crate::SpaceBehaviour> crate::SpaceBehaviour for Quiet<B> {
+impl<B> crate::SpaceBehaviour for Quiet<B>
+where
+    B: crate::SpaceBehaviour,
+    <THandler<B> as ConnectionHandler>::InboundOpenInfo: Clone,
+{
     fn kad(&mut self) -> &mut libp2p::kad::Behaviour<libp2p::kad::store::MemoryStore> {
         self.0.kad()
     }
 }
 
-impl<B: NetworkBehaviour> NetworkBehaviour for Quiet<B> {
+impl<B> NetworkBehaviour for Quiet<B>
+where
+    B: NetworkBehaviour,
+    <THandler<B> as ConnectionHandler>::InboundOpenInfo: Clone,
+{
     type ConnectionHandler = QuietHandler<THandler<B>>;
     type ToSwarm = B::ToSwarm;
 
@@ -138,35 +159,156 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Quiet<B> {
 }
 
 /// A connection handler polled only when it is due: its waker fired, an event reached it, its
-/// last poll was ready, or its connection woke [`SWEEP`] times since.
-pub struct QuietHandler<H> {
+/// last poll was ready, or its connection woke [`SWEEP`] times since. Its inbound upgrade is kept
+/// between those polls ([`QuietUpgrade`]).
+pub struct QuietHandler<H: ConnectionHandler> {
     inner: H,
     gate: WhenWoken,
     /// Polls of the connection that skipped this handler, since it was last polled.
     skipped: u32,
+    /// What `inner.listen_protocol()` gave, kept until `inner` is polled or handed an event.
+    listen: Arc<Mutex<Listen<H::InboundProtocol, H::InboundOpenInfo>>>,
 }
 
-impl<H> QuietHandler<H> {
+/// A handler's inbound upgrade as it last built it, with the protocols it lists. `era` counts
+/// the times it was dropped as stale: an upgrade handed out before that is not taken back.
+struct Listen<U: UpgradeInfoSend, I> {
+    era: u64,
+    upgrade: Option<U>,
+    infos: Vec<U::Info>,
+    info: Option<I>,
+    timeout: Duration,
+}
+
+impl<U: UpgradeInfoSend, I> Listen<U, I> {
+    fn stale(&mut self) {
+        self.era += 1;
+        self.upgrade = None;
+        self.info = None;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing that holds this lock panics; if something did, what it guards is still whole.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<H: ConnectionHandler> QuietHandler<H> {
     /// Due at once: a new handler may have work from its start.
     pub fn new(inner: H) -> Self {
         QuietHandler {
             inner,
             gate: WhenWoken::new(),
             skipped: 0,
+            listen: Arc::new(Mutex::new(Listen {
+                era: 0,
+                upgrade: None,
+                infos: Vec::new(),
+                info: None,
+                timeout: Duration::ZERO,
+            })),
+        }
+    }
+
+    /// The inner handler may list other protocols from now on (it was polled or handed an
+    /// event): its upgrade is built again when next asked for.
+    fn stale(&self) {
+        lock(&self.listen).stale();
+    }
+}
+
+/// The inbound upgrade of a [`QuietHandler`]: the inner handler's, and the protocols it lists,
+/// both kept by the handler. libp2p-swarm asks for one at the end of every poll of the connection
+/// only to read its protocols, and drops it: it then goes back to the handler for the next ask,
+/// unless the inner handler has moved on since. One a peer's stream is negotiated with is
+/// consumed, and the handler builds the next.
+pub struct QuietUpgrade<U: UpgradeInfoSend, I> {
+    /// Always `Some` until the upgrade is applied or dropped.
+    upgrade: Option<U>,
+    era: u64,
+    listen: Arc<Mutex<Listen<U, I>>>,
+}
+
+impl<U: UpgradeInfoSend, I> UpgradeInfo for QuietUpgrade<U, I> {
+    type Info = U::Info;
+    type InfoIter = std::vec::IntoIter<U::Info>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        let listen = lock(&self.listen);
+        if listen.era == self.era {
+            return listen.infos.clone().into_iter();
+        }
+        drop(listen);
+        // The handler moved on since this upgrade was handed out: what it lists itself.
+        let infos: Vec<U::Info> = self
+            .upgrade
+            .iter()
+            .flat_map(UpgradeInfoSend::protocol_info)
+            .collect();
+        infos.into_iter()
+    }
+}
+
+impl<U: InboundUpgradeSend, I: Send + 'static> InboundUpgrade<Stream> for QuietUpgrade<U, I> {
+    type Output = U::Output;
+    type Error = U::Error;
+    type Future = U::Future;
+
+    fn upgrade_inbound(mut self, socket: Stream, info: U::Info) -> U::Future {
+        // Built with the inner upgrade, which only this or `drop` takes, each consuming `self`.
+        let upgrade = self
+            .upgrade
+            .take()
+            .expect("a QuietUpgrade holds its upgrade until it is applied");
+        upgrade.upgrade_inbound(socket, info)
+    }
+}
+
+impl<U: UpgradeInfoSend, I> Drop for QuietUpgrade<U, I> {
+    fn drop(&mut self) {
+        if let Some(upgrade) = self.upgrade.take() {
+            let mut listen = lock(&self.listen);
+            if listen.era == self.era && listen.upgrade.is_none() {
+                listen.upgrade = Some(upgrade);
+            }
         }
     }
 }
 
-impl<H: ConnectionHandler> ConnectionHandler for QuietHandler<H> {
+impl<H> ConnectionHandler for QuietHandler<H>
+where
+    H: ConnectionHandler,
+    H::InboundOpenInfo: Clone,
+{
     type FromBehaviour = H::FromBehaviour;
     type ToBehaviour = H::ToBehaviour;
-    type InboundProtocol = H::InboundProtocol;
+    type InboundProtocol = QuietUpgrade<H::InboundProtocol, H::InboundOpenInfo>;
     type OutboundProtocol = H::OutboundProtocol;
     type InboundOpenInfo = H::InboundOpenInfo;
     type OutboundOpenInfo = H::OutboundOpenInfo;
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
-        self.inner.listen_protocol()
+        let mut listen = lock(&self.listen);
+        let kept = match (listen.upgrade.take(), listen.info.clone()) {
+            (Some(upgrade), Some(info)) => Some((upgrade, info)),
+            _ => None,
+        };
+        let (upgrade, info) = kept.unwrap_or_else(|| {
+            let fresh = self.inner.listen_protocol();
+            listen.timeout = *fresh.timeout();
+            let (upgrade, info) = fresh.into_upgrade();
+            listen.infos = UpgradeInfoSend::protocol_info(&upgrade).collect();
+            listen.info = Some(info.clone());
+            (upgrade, info)
+        });
+        let (era, timeout) = (listen.era, listen.timeout);
+        drop(listen);
+        let upgrade = QuietUpgrade {
+            upgrade: Some(upgrade),
+            era,
+            listen: Arc::clone(&self.listen),
+        };
+        SubstreamProtocol::new(upgrade, info).with_timeout(timeout)
     }
 
     fn connection_keep_alive(&self) -> bool {
@@ -183,19 +325,22 @@ impl<H: ConnectionHandler> ConnectionHandler for QuietHandler<H> {
         if self.skipped >= SWEEP {
             self.gate.touch();
         }
-        let (inner, skipped) = (&mut self.inner, &mut self.skipped);
+        let (inner, skipped, listen) = (&mut self.inner, &mut self.skipped, &self.listen);
         self.gate.poll(cx, |cx| {
             *skipped = 0;
+            lock(listen).stale();
             inner.poll(cx)
         })
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
+        self.stale();
         self.inner.poll_close(cx)
     }
 
     fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
         self.gate.touch();
+        self.stale();
         self.inner.on_behaviour_event(event)
     }
 
@@ -209,6 +354,29 @@ impl<H: ConnectionHandler> ConnectionHandler for QuietHandler<H> {
         >,
     ) {
         self.gate.touch();
+        self.stale();
+        // The same event, for the inner handler's own upgrade type (its output and error are
+        // the inner upgrade's).
+        let event = match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol, info }) => {
+                ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol, info })
+            }
+            ConnectionEvent::ListenUpgradeError(ListenUpgradeError { info, error }) => {
+                ConnectionEvent::ListenUpgradeError(ListenUpgradeError { info, error })
+            }
+            ConnectionEvent::FullyNegotiatedOutbound(e) => {
+                ConnectionEvent::FullyNegotiatedOutbound(e)
+            }
+            ConnectionEvent::DialUpgradeError(e) => ConnectionEvent::DialUpgradeError(e),
+            ConnectionEvent::AddressChange(e) => ConnectionEvent::AddressChange(e),
+            ConnectionEvent::LocalProtocolsChange(e) => ConnectionEvent::LocalProtocolsChange(e),
+            ConnectionEvent::RemoteProtocolsChange(e) => ConnectionEvent::RemoteProtocolsChange(e),
+            // A kind of event this libp2p-swarm does not have yet: nothing to pass on.
+            _ => {
+                tracing::debug!("a connection event of an unknown kind was not passed on");
+                return;
+            }
+        };
         self.inner.on_connection_event(event)
     }
 }
@@ -221,6 +389,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Waker;
+    use std::time::Duration;
 
     /// A handler that counts its polls, yields what it was handed, and keeps the last waker.
     #[derive(Default)]
@@ -333,5 +502,147 @@ mod tests {
         ));
         assert!(h.poll(&mut cx).is_pending());
         assert_eq!(h.inner.polls, 2);
+    }
+
+    /// An upgrade listing the protocols its handler held when it built it.
+    struct Offer(Vec<&'static str>);
+
+    impl UpgradeInfo for Offer {
+        type Info = &'static str;
+        type InfoIter = std::vec::IntoIter<&'static str>;
+        fn protocol_info(&self) -> Self::InfoIter {
+            self.0.clone().into_iter()
+        }
+    }
+
+    impl InboundUpgrade<Stream> for Offer {
+        type Output = ();
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<(), std::convert::Infallible>>;
+        fn upgrade_inbound(self, _: Stream, _: &'static str) -> Self::Future {
+            std::future::ready(Ok(()))
+        }
+    }
+
+    /// A handler whose inbound protocols can change, counting the upgrades it builds.
+    #[derive(Default)]
+    struct Listed {
+        protocols: Vec<&'static str>,
+        built: std::sync::atomic::AtomicUsize,
+        waker: Option<Waker>,
+    }
+
+    impl Listed {
+        fn built(&self) -> usize {
+            self.built.load(Ordering::SeqCst)
+        }
+    }
+
+    impl ConnectionHandler for Listed {
+        type FromBehaviour = &'static str;
+        type ToBehaviour = ();
+        type InboundProtocol = Offer;
+        type OutboundProtocol = DeniedUpgrade;
+        type InboundOpenInfo = ();
+        type OutboundOpenInfo = ();
+
+        fn listen_protocol(&self) -> SubstreamProtocol<Offer, ()> {
+            self.built.fetch_add(1, Ordering::SeqCst);
+            SubstreamProtocol::new(Offer(self.protocols.clone()), ())
+                .with_timeout(Duration::from_secs(7))
+        }
+
+        fn poll(
+            &mut self,
+            cx: &mut Context<'_>,
+        ) -> Poll<ConnectionHandlerEvent<DeniedUpgrade, (), ()>> {
+            self.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+
+        fn on_behaviour_event(&mut self, added: &'static str) {
+            self.protocols.push(added);
+        }
+
+        fn on_connection_event(&mut self, _: ConnectionEvent<Offer, DeniedUpgrade>) {}
+    }
+
+    /// What libp2p-swarm does at the end of each poll of a connection: asks for the inbound
+    /// upgrade, reads its protocols, drops it.
+    fn listed(h: &QuietHandler<Listed>) -> Vec<&'static str> {
+        let p = h.listen_protocol();
+        assert_eq!(
+            *p.timeout(),
+            Duration::from_secs(7),
+            "the inner handler's timeout"
+        );
+        UpgradeInfo::protocol_info(p.upgrade()).collect()
+    }
+
+    #[test]
+    fn the_inbound_upgrade_is_built_once_until_the_handler_moves_on() {
+        let mut h = QuietHandler::new(Listed {
+            protocols: vec!["/a/1", "/b/1"],
+            ..Listed::default()
+        });
+        let task = Arc::new(Task(AtomicUsize::new(0)));
+        let w = waker_ref(&task);
+        let mut cx = Context::from_waker(&w);
+        assert!(h.poll(&mut cx).is_pending());
+
+        // The connection's polls (a relay frame each) ask again and again: built once.
+        for _ in 0..10 {
+            assert_eq!(listed(&h), ["/a/1", "/b/1"]);
+            assert!(h.poll(&mut cx).is_pending());
+        }
+        assert_eq!(h.inner.built(), 1);
+
+        // An event can change what the handler lists: built again, and then kept again.
+        h.on_behaviour_event("/c/1");
+        assert_eq!(listed(&h), ["/a/1", "/b/1", "/c/1"]);
+        assert_eq!(listed(&h), ["/a/1", "/b/1", "/c/1"]);
+        assert_eq!(h.inner.built(), 2);
+
+        // So can a poll of the handler (its waker fired).
+        h.inner.protocols.push("/d/1");
+        h.inner
+            .waker
+            .take()
+            .expect("the handler kept a waker")
+            .wake();
+        assert!(h.poll(&mut cx).is_pending());
+        assert_eq!(listed(&h), ["/a/1", "/b/1", "/c/1", "/d/1"]);
+        assert_eq!(h.inner.built(), 3);
+    }
+
+    #[test]
+    fn an_upgrade_out_when_the_handler_moves_on_lists_its_own_and_is_not_taken_back() {
+        let mut h = QuietHandler::new(Listed {
+            protocols: vec!["/a/1"],
+            ..Listed::default()
+        });
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        assert!(h.poll(&mut cx).is_pending());
+
+        // Handed out and held (a peer's stream being negotiated with it): the next ask builds
+        // another; the first back is kept, the second dropped.
+        let held = h.listen_protocol();
+        assert_eq!(listed(&h), ["/a/1"]);
+        assert_eq!(h.inner.built(), 2);
+        drop(held);
+        assert_eq!(listed(&h), ["/a/1"]);
+        assert_eq!(h.inner.built(), 2);
+
+        // The handler moves on while one is out: that one still lists what it was built with,
+        // and is not taken back when dropped.
+        let held = h.listen_protocol();
+        h.on_behaviour_event("/b/1");
+        assert_eq!(
+            UpgradeInfo::protocol_info(held.upgrade()).collect::<Vec<_>>(),
+            ["/a/1"]
+        );
+        drop(held);
+        assert_eq!(listed(&h), ["/a/1", "/b/1"]);
+        assert_eq!(h.inner.built(), 3);
     }
 }

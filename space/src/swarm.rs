@@ -12,7 +12,7 @@ use libp2p::core::{Transport, upgrade::Version};
 use libp2p::futures::io::{AsyncRead, AsyncWrite};
 use libp2p::gossipsub::{self, MessageAuthenticity};
 use libp2p::identity::Keypair;
-use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
+use libp2p::swarm::{ConnectionHandler, NetworkBehaviour, THandler, behaviour::toggle::Toggle};
 use libp2p::{PeerId, StreamProtocol, Swarm, identify, kad, mdns, noise, ping, tcp, yamux};
 
 use crate::quiet::Quiet;
@@ -103,20 +103,28 @@ fn keep_alive(s: &tokio::net::TcpStream) {
 /// A swarm on QUIC and metered TCP (noise, yamux) with the node's own behaviour, made by
 /// `behaviour` from the identity; its connections poll the behaviour's handlers only when they
 /// have work ([`Quiet`]).
-pub fn build_swarm<B: NetworkBehaviour>(
+pub fn build_swarm<B>(
     keypair: Keypair,
     behaviour: impl FnOnce(&Keypair) -> Result<B, Box<dyn std::error::Error + Send + Sync>>,
-) -> Result<Swarm<Quiet<B>>, String> {
+) -> Result<Swarm<Quiet<B>>, String>
+where
+    B: NetworkBehaviour,
+    <THandler<B> as ConnectionHandler>::InboundOpenInfo: Clone,
+{
     build_swarm_with(keypair, tuning::IDLE_CONNECTION_TIMEOUT, behaviour)
 }
 
 /// As [`build_swarm`], closing connections nobody needs after `idle` instead of
 /// [`tuning::IDLE_CONNECTION_TIMEOUT`] (tests shorten it to see what stays).
-pub fn build_swarm_with<B: NetworkBehaviour>(
+pub fn build_swarm_with<B>(
     keypair: Keypair,
     idle: Duration,
     behaviour: impl FnOnce(&Keypair) -> Result<B, Box<dyn std::error::Error + Send + Sync>>,
-) -> Result<Swarm<Quiet<B>>, String> {
+) -> Result<Swarm<Quiet<B>>, String>
+where
+    B: NetworkBehaviour,
+    <THandler<B> as ConnectionHandler>::InboundOpenInfo: Clone,
+{
     Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic()
