@@ -7,8 +7,9 @@ use std::time::Duration;
 
 /// Gossipsub heartbeat (mesh maintenance, peer scores and gossip emission): gossipsub's default.
 /// It was 500 ms while adverts rode gossipsub; what is left there (outcomes, announcements,
-/// trust messages) is rare, and each heartbeat scores every peer and resets a timer on
-/// futures-timer's own thread — a quarter of an idle node's CPU at 100 nodes (docs/BENCHMARKS.md).
+/// trust messages) is rare, and each heartbeat scores every peer: with the score refresh, an
+/// eighth of an idle node's CPU at 100 nodes (docs/BENCHMARKS.md). Its timer, like every libp2p
+/// timer here, runs on the node's runtime (patches/futures-timer).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often libp2p ping measures each connection (its default is 15 s). A node holds ~25
 /// connections, each pinged from both ends; dead peers are found by the transports
