@@ -11,10 +11,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::futures::StreamExt;
 use libp2p::futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use libp2p::futures::task::AtomicWaker;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -29,8 +31,8 @@ pub const LINK_QUEUE: usize = 16;
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reports from the link tasks waiting for [`Links::next`]; readers wait when it is full.
 const EVENT_QUEUE: usize = 256;
-/// How often a link's pending read is polled again unprompted (see `read_frames`): the longest a
-/// link outlives a connection this side closed.
+/// How often every link's pending read is polled again unprompted (see `read_frames`): the
+/// longest a link outlives a connection this side closed.
 const REPOLL: Duration = Duration::from_secs(1);
 /// Bytes the writer gathers from queued frames before it writes and flushes them.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -104,6 +106,8 @@ struct Link {
     frames: mpsc::Sender<Vec<u8>>,
     reader: AbortHandle,
     writer: AbortHandle,
+    /// The reader's waker, to poll its pending read again ([`Links::next`] every [`REPOLL`]).
+    repoll: Arc<AtomicWaker>,
 }
 
 impl Link {
@@ -135,6 +139,9 @@ pub struct Links {
     ready: VecDeque<LinkEvent>,
     next_id: u64,
     accept: AbortHandle,
+    /// Ticks every [`REPOLL`] while links are up: one timer for all of them (a timer per reader
+    /// woke an idle 100-node space 400 times a second).
+    repoll: tokio::time::Interval,
 }
 
 impl Links {
@@ -174,6 +181,11 @@ impl Links {
             ready: VecDeque::new(),
             next_id: 0,
             accept,
+            repoll: {
+                let mut every = tokio::time::interval(REPOLL);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                every
+            },
         })
     }
 
@@ -223,11 +235,18 @@ impl Links {
             if let Some(event) = self.ready.pop_front() {
                 return event;
             }
-            // Cancel-safe: a report is handled without awaiting once received. `reports_tx` is
-            // held here, so the channel never closes.
-            match self.reports.recv().await {
-                Some(report) => self.handle(report),
-                None => std::future::pending::<()>().await,
+            // Cancel-safe: a report is handled without awaiting once received, and a tick
+            // only wakes the readers. `reports_tx` is held here, so the channel never closes.
+            tokio::select! {
+                report = self.reports.recv() => match report {
+                    Some(report) => self.handle(report),
+                    None => std::future::pending::<()>().await,
+                },
+                _ = self.repoll.tick(), if !self.links.is_empty() => {
+                    for link in self.links.values() {
+                        link.repoll.wake();
+                    }
+                }
             }
         }
     }
@@ -375,6 +394,7 @@ impl Links {
         let id = self.id();
         let (read, write) = stream.split();
         let (frames, queue) = mpsc::channel(LINK_QUEUE);
+        let repoll = Arc::new(AtomicWaker::new());
         let tx = self.reports_tx.clone();
         let ended = move |tx: mpsc::Sender<Report>, reason: String| async move {
             let _ = tx
@@ -385,8 +405,9 @@ impl Links {
                 })
                 .await;
         };
+        let waker = Arc::clone(&repoll);
         let reader = tokio::spawn(async move {
-            let reason = read_frames(read, peer, id, &tx).await;
+            let reason = read_frames(read, peer, id, &tx, &waker).await;
             ended(tx, reason).await;
         })
         .abort_handle();
@@ -404,6 +425,7 @@ impl Links {
                 frames,
                 reader,
                 writer,
+                repoll,
             },
         );
         self.ready.push_back(LinkEvent::Up { peer, outbound });
@@ -437,28 +459,27 @@ impl Drop for Links {
 
 /// Reads frames off a link until it ends; why it ended.
 ///
-/// A pending read is polled again every [`REPOLL`] even when nothing woke it: when this side
-/// closes the connection (`Swarm::disconnect_peer_id`), yamux's graceful close marks the streams
-/// closed without waking their readers (libp2p/rust-yamux#216), so a read that only waits for
-/// its waker would never see the end and the link would stay up on a dead connection.
+/// A pending read is polled again whenever `repoll` is woken ([`Links::next`] does every
+/// [`REPOLL`]), even when nothing else woke it: when this side closes the connection
+/// (`Swarm::disconnect_peer_id`), yamux's graceful close marks the streams closed without waking
+/// their readers (libp2p/rust-yamux#216), so a read that only waits for its waker would never see
+/// the end and the link would stay up on a dead connection.
 async fn read_frames(
     mut read: ReadHalf<Stream>,
     peer: PeerId,
     link: u64,
     tx: &mpsc::Sender<Report>,
+    repoll: &AtomicWaker,
 ) -> String {
-    let mut repoll = tokio::time::interval_at(tokio::time::Instant::now() + REPOLL, REPOLL);
-    repoll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = {
             let frame = read_frame(&mut read);
             tokio::pin!(frame);
-            loop {
-                tokio::select! {
-                    r = &mut frame => break r,
-                    _ = repoll.tick() => {}
-                }
-            }
+            std::future::poll_fn(|cx| {
+                repoll.register(cx.waker());
+                frame.as_mut().poll(cx)
+            })
+            .await
         };
         match next {
             Ok(frame) => {
