@@ -29,7 +29,7 @@
 //! `2, host: 32 bytes` (prune), `3, host: 32 bytes` (graft), `4, refresh` ([`Refresh::encode`]:
 //! host, anchor seq u64 BE, index u16 BE, link).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::Hash;
 
 use crate::advert::CapacityAdvert;
@@ -37,12 +37,11 @@ use crate::chain::{REFRESH_LEN, Refresh};
 use crate::envelope::Envelope;
 use crate::ident::PublicKey;
 
-/// The relay's maps and sets: foldhash, seeded at random per process, not SipHash. A node looks
-/// a host and a neighbour up several times per item it reads or sends (~100 items a second),
+/// The relay's maps: foldhash, seeded at random per process, not SipHash. A node looks a host
+/// and a neighbour up several times per item it reads or sends (~100 items a second),
 /// and SipHash over 32-byte keys and peer ids was ~2 % of a node's CPU at 100 nodes. The random
 /// seed keeps hosts' keys (which anyone can pick) from being ground into collisions.
 type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
-type Set<K> = HashSet<K, foldhash::quality::RandomState>;
 
 /// The frame format this build writes and reads.
 pub const FRAME_VERSION: u8 = 1;
@@ -250,12 +249,10 @@ pub struct RelayStats {
     pub frames_control: u64,
 }
 
-/// Notes that neighbour `l` holds `host`'s anchor `seq`; hosts beyond `max_hosts` go unnoted (a
-/// refresh to it then goes after its anchor again).
-fn note_anchor(l: &mut Link, host: PublicKey, seq: u64, max_hosts: usize) {
-    if l.anchors.len() < max_hosts || l.anchors.contains_key(&host) {
-        l.anchors.insert(host, seq);
-    }
+/// Notes that neighbour `l` holds `host`'s anchor `seq`; hosts beyond
+/// [`RelayConfig::max_hosts`] go unnoted (a refresh to it then goes after its anchor again).
+fn note_anchor(l: &mut Link, host: PublicKey, seq: u64) {
+    l.update(host, |s| s.anchor = Some(seq));
 }
 
 /// Appends `item` to a neighbour's frame if it fits within `max` bytes.
@@ -280,7 +277,7 @@ fn answer<P>(l: &mut Link, h: &Host<P>, host: PublicKey, cfg: &RelayConfig) -> b
     if !queue(l, &Item::Advert(bytes), cfg.max_queued) {
         return false;
     }
-    note_anchor(l, host, *seq, cfg.max_hosts);
+    note_anchor(l, host, *seq);
     if let Some(r) = h.refresh.filter(|r| r.anchor_seq == *seq) {
         queue(l, &Item::Refresh(r), cfg.max_queued);
     }
@@ -289,12 +286,14 @@ fn answer<P>(l: &mut Link, h: &Host<P>, host: PublicKey, cfg: &RelayConfig) -> b
 
 /// Whether an advert or refresh (host, seq) that came over link `l` from `from` is news; if not,
 /// it is a copy and the link is pruned for the host (unless it is the host's way in).
+/// `pruned`: whether this node pruned the link for the host.
 #[allow(clippy::too_many_arguments)]
 fn is_news<P: Copy + Eq>(
     cfg: &RelayConfig,
     hosts: &mut Map<PublicKey, Host<P>>,
     stats: &mut RelayStats,
     l: &mut Link,
+    pruned: bool,
     from: P,
     host: PublicKey,
     seq: u64,
@@ -305,7 +304,6 @@ fn is_news<P: Copy + Eq>(
     // reached it. Its news is news, but the link does not become the host's way in: if it did,
     // the copy from the real way in would prune that too, and the host would fall silent here
     // until repaired.
-    let pruned = l.pruned.contains(&host);
     match hosts.get_mut(&host) {
         Some(h) if seq <= h.seq => {
             stats.duplicates += 1;
@@ -315,7 +313,7 @@ fn is_news<P: Copy + Eq>(
             // newest they hold, the same as its own more often than not, and pruning for that
             // would undo the graft. The next news picks the way in.
             if seq == h.seq && h.from != Some(from) && !pruned && !h.lost() {
-                l.pruned.insert(host);
+                l.update(host, |s| s.pruned = true);
                 encode(&mut l.out, &Item::Prune(host));
                 stats.prunes_sent += 1;
             }
@@ -335,19 +333,95 @@ fn is_news<P: Copy + Eq>(
     true
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Link {
     /// The frame being built for this neighbour.
     out: Vec<u8>,
     /// Whether that frame carries an advert or refresh (not only prunes and grafts).
     news: bool,
-    /// Hosts this neighbour asked not to be sent.
-    muted: Set<PublicKey>,
-    /// Hosts this node asked this neighbour not to send.
-    pruned: Set<PublicKey>,
-    /// The newest signed advert (its seq) of each host that this neighbour sent this node or was
+    /// What this neighbour and this node told each other of each host, one entry per host: an
+    /// item read or sent looks its host up once, where a set of muted hosts, a set of pruned
+    /// ones and a map of anchors took up to three lookups per item, and per neighbour for each
+    /// item sent (~5 % of a node's CPU at 100 nodes, docs/BENCHMARKS.md).
+    seen: Map<PublicKey, Seen>,
+    /// Entries with `muted` set, at most [`RelayConfig::max_muted`] (more prunes are ignored).
+    muted: usize,
+    /// Entries with an anchor, at most [`RelayConfig::max_hosts`] (more go unnoted).
+    anchors: usize,
+    max_muted: usize,
+    max_anchors: usize,
+}
+
+/// What a neighbour and this node told each other of one host. A link keeps an entry only
+/// while something is set.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    /// The neighbour asked not to be sent the host's adverts.
+    muted: bool,
+    /// This node asked the neighbour not to send them.
+    pruned: bool,
+    /// The newest signed advert (its seq) of the host that the neighbour sent this node or was
     /// sent by it: a refresh of that anchor needs no anchor sent first.
-    anchors: Map<PublicKey, u64>,
+    anchor: Option<u64>,
+}
+
+impl Link {
+    fn new(cfg: &RelayConfig) -> Link {
+        Link {
+            out: Vec::new(),
+            news: false,
+            seen: Map::default(),
+            muted: 0,
+            anchors: 0,
+            max_muted: cfg.max_muted,
+            max_anchors: cfg.max_hosts,
+        }
+    }
+
+    /// What this link holds of `host` (all unset if nothing).
+    fn seen(&self, host: &PublicKey) -> Seen {
+        self.seen.get(host).copied().unwrap_or_default()
+    }
+
+    /// Changes what this link holds of `host` with `change`, within the bounds (a mute or an
+    /// anchor beyond them is not kept); what it held before.
+    fn update(&mut self, host: PublicKey, change: impl FnOnce(&mut Seen)) -> Seen {
+        use std::collections::hash_map::Entry;
+        let (muted, anchors) = (&mut self.muted, &mut self.anchors);
+        let (max_muted, max_anchors) = (self.max_muted, self.max_anchors);
+        let mut bounded = |before: Seen, after: &mut Seen| {
+            if after.muted && !before.muted && *muted >= max_muted {
+                after.muted = false;
+            }
+            if after.anchor.is_some() && before.anchor.is_none() && *anchors >= max_anchors {
+                after.anchor = None;
+            }
+            *muted = *muted + usize::from(after.muted) - usize::from(before.muted);
+            *anchors = *anchors + usize::from(after.anchor.is_some())
+                - usize::from(before.anchor.is_some());
+        };
+        match self.seen.entry(host) {
+            Entry::Occupied(mut e) => {
+                let before = *e.get();
+                let s = e.get_mut();
+                change(s);
+                bounded(before, s);
+                if *s == Seen::default() {
+                    e.remove();
+                }
+                before
+            }
+            Entry::Vacant(e) => {
+                let mut after = Seen::default();
+                change(&mut after);
+                bounded(Seen::default(), &mut after);
+                if after != Seen::default() {
+                    e.insert(after);
+                }
+                Seen::default()
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -424,10 +498,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         if self.links.contains_key(&peer) {
             return;
         }
-        let mut l = Link::default();
+        let mut l = Link::new(&self.cfg);
         for (host, h) in &self.hosts {
             if h.from.is_some_and(|f| f != peer) {
-                l.pruned.insert(*host);
+                l.update(*host, |s| s.pruned = true);
                 encode(&mut l.out, &Item::Prune(*host));
                 self.stats.prunes_sent += 1;
             }
@@ -485,16 +559,16 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         for item in items {
             let (carried, host, seq, anchor_seq) = match item {
                 Item::Prune(host) => {
-                    if l.muted.len() < cfg.max_muted {
-                        l.muted.insert(host);
-                    }
+                    l.update(host, |s| s.muted = true);
                     continue;
                 }
                 Item::Graft(host) => {
                     // The neighbour may lack the host's anchor too (it missed it, or its copy
                     // expired): the next refresh to it goes after the anchor.
-                    l.muted.remove(&host);
-                    l.anchors.remove(&host);
+                    l.update(host, |s| {
+                        s.muted = false;
+                        s.anchor = None;
+                    });
                     match hosts.get(&host) {
                         // From this node's way in for the host: that neighbour lost it.
                         Some(h) if h.from == Some(from) => lost.push(host),
@@ -522,12 +596,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 Item::Refresh(r) => (Carried::Refresh(r), r.host, r.seq(), r.anchor_seq),
             };
             // The neighbour holds the anchor it sent, or whose refresh it sent (it checked it).
-            let held = l
-                .anchors
-                .get(&host)
-                .map_or(anchor_seq, |&a| a.max(anchor_seq));
-            note_anchor(l, host, held, cfg.max_hosts);
-            if is_news(cfg, hosts, stats, l, from, host, seq, now_ms) {
+            let seen = l.update(host, |s| {
+                s.anchor = Some(s.anchor.map_or(anchor_seq, |a| a.max(anchor_seq)));
+            });
+            if is_news(cfg, hosts, stats, l, seen.pruned, from, host, seq, now_ms) {
                 got.news.push(Candidate { carried, host, seq });
             }
         }
@@ -563,13 +635,13 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             h.anchor = Some((seq, anchor));
             h.refresh = None;
         }
-        let (max, max_hosts) = (self.cfg.max_queued, self.cfg.max_hosts);
+        let max = self.cfg.max_queued;
         for (peer, l) in self.links.iter_mut() {
-            if Some(*peer) == from || l.muted.contains(&host) {
+            if Some(*peer) == from || l.seen(&host).muted {
                 continue;
             }
             if queue(l, &Item::Advert(bytes), max) {
-                note_anchor(l, host, seq, max_hosts);
+                note_anchor(l, host, seq);
             } else {
                 self.stats.dropped += 1;
             }
@@ -599,19 +671,23 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             .and_then(|h| h.anchor.as_ref())
             .filter(|(seq, _)| *seq == r.anchor_seq)
             .map(|(_, b)| b.as_slice());
-        let (max, max_hosts) = (self.cfg.max_queued, self.cfg.max_hosts);
+        let max = self.cfg.max_queued;
         for (peer, l) in self.links.iter_mut() {
-            if Some(*peer) == from || l.muted.contains(&r.host) {
+            if Some(*peer) == from {
+                continue;
+            }
+            let seen = l.seen(&r.host);
+            if seen.muted {
                 continue;
             }
             if let Some(a) = anchor
-                && l.anchors.get(&r.host) != Some(&r.anchor_seq)
+                && seen.anchor != Some(r.anchor_seq)
             {
                 if !queue(l, &Item::Advert(a), max) {
                     self.stats.dropped += 1;
                     continue;
                 }
-                note_anchor(l, r.host, r.anchor_seq, max_hosts);
+                note_anchor(l, r.host, r.anchor_seq);
             }
             if !queue(l, &Item::Refresh(*r), max) {
                 self.stats.dropped += 1;
@@ -624,7 +700,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// `peer` for the anchor: it answers with the anchor and its last refresh at once.
     pub fn want_anchor(&mut self, peer: P, host: PublicKey) {
         if let Some(l) = self.links.get_mut(&peer) {
-            l.pruned.remove(&host);
+            l.update(host, |s| s.pruned = false);
             encode(&mut l.out, &Item::Graft(host));
             self.stats.anchors_asked += 1;
         }
@@ -713,8 +789,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         for k in &forgotten {
             self.hosts.remove(k);
             for l in self.links.values_mut() {
-                l.pruned.remove(k);
-                l.anchors.remove(k);
+                l.update(*k, |s| {
+                    s.pruned = false;
+                    s.anchor = None;
+                });
             }
         }
         let due: Vec<PublicKey> = self
@@ -790,7 +868,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         }
         for (p, l) in self.links.iter_mut() {
             if Some(*p) != from {
-                l.pruned.remove(&host);
+                l.update(host, |s| s.pruned = false);
                 encode(&mut l.out, &Item::Graft(host));
                 self.stats.grafts_sent += 1;
             }
@@ -799,7 +877,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
 
     fn graft(&mut self, host: PublicKey) {
         for l in self.links.values_mut() {
-            if l.pruned.remove(&host) {
+            if l.update(host, |s| s.pruned = false).pruned {
                 encode(&mut l.out, &Item::Graft(host));
                 self.stats.grafts_sent += 1;
             }
@@ -811,6 +889,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
 mod tests {
     use super::*;
     use crate::SecretKey;
+    use std::collections::HashSet;
 
     fn advert(key: &SecretKey, seq: u64) -> Vec<u8> {
         let a = CapacityAdvert {
@@ -1426,8 +1505,44 @@ mod tests {
         }
         // Five hosts forwarded, two tracked and noted per neighbour.
         assert_eq!(r.hosts(), 2);
-        assert!(r.links.values().all(|l| l.anchors.len() <= 2));
+        assert!(r.links.values().all(|l| l.anchors <= 2));
         assert_eq!(sent(&mut r)[&2].len(), 5);
+    }
+
+    #[test]
+    fn a_links_entries_keep_their_bounds_and_go_once_empty() {
+        let cfg = RelayConfig {
+            max_muted: 2,
+            max_hosts: 3,
+            ..RelayConfig::default()
+        };
+        let mut l = Link::new(&cfg);
+        let hosts: Vec<PublicKey> = (0..5u8)
+            .map(|i| SecretKey::from_seed([i; 32]).public())
+            .collect();
+        for h in &hosts {
+            l.update(*h, |s| s.muted = true);
+            l.update(*h, |s| s.anchor = Some(7));
+            l.update(*h, |s| s.pruned = true);
+        }
+        let count = |l: &Link, f: fn(Seen) -> bool| hosts.iter().filter(|h| f(l.seen(h))).count();
+        assert_eq!((count(&l, |s| s.muted), l.muted), (2, 2));
+        assert_eq!((count(&l, |s| s.anchor.is_some()), l.anchors), (3, 3));
+        // Prunes this node sent are bounded by the hosts it tracks, not here.
+        assert_eq!(count(&l, |s| s.pruned), 5);
+        // What was there before is given back; a change within the bounds is kept.
+        assert_eq!(l.update(hosts[0], |s| s.anchor = Some(9)).anchor, Some(7));
+        assert_eq!(l.seen(&hosts[0]).anchor, Some(9));
+        assert_eq!(l.anchors, 3);
+        // Emptied entries go, and their room takes the next mute.
+        for h in &hosts {
+            l.update(*h, |s| *s = Seen::default());
+        }
+        assert!(l.seen.is_empty());
+        assert_eq!((l.muted, l.anchors), (0, 0));
+        assert!(!l.update(hosts[4], |s| s.muted = true).muted);
+        assert!(l.seen(&hosts[4]).muted);
+        assert_eq!(l.muted, 1);
     }
 
     #[test]
