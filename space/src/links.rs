@@ -1,21 +1,28 @@
 //! Long-lived relay links: at most one libp2p stream per peer on [`RELAY_PROTOCOL`], carrying
-//! length-prefixed frames, each link served by a reader task and a writer task.
+//! length-prefixed frames, read and written by the task that owns [`Links`].
 //!
-//! [`Links`] owns the state; the tasks only report to it through one bounded channel, and every
-//! change of state happens in [`Links::next`] (or in the synchronous calls), so the event loop
-//! that owns it needs no locks. Each link carries an id: whatever a torn-down link's tasks still
-//! report is recognised as stale and ignored, so it never touches a newer link to the same peer.
+//! [`Links`] owns the state and the streams. [`Links::send`] writes a frame into its stream at
+//! once; what the stream cannot take yet (no credit, its queue to the connection full) waits in
+//! the link's backlog. [`Links::next`] reads frames and writes backlogs, polling only the links
+//! whose wakers fired: a frame costs no task of its own and no channel on its way in or out.
+//! Opening and accepting streams are the only work done in tasks, which report through one
+//! bounded channel. Each link carries an id, so a torn-down link's late wake is recognised as
+//! stale and ignored, and never touches a newer link to the same peer.
 //!
 //! Two peers that open to each other at once both end with the link opened by the peer with the
 //! smaller [`PeerId`]; each side applies that rule alone and they agree.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::Arc;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use libp2p::futures::StreamExt;
-use libp2p::futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use libp2p::futures::io::{AsyncRead, AsyncWrite};
 use libp2p::futures::task::AtomicWaker;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tokio::sync::mpsc;
@@ -25,17 +32,25 @@ use tokio::task::AbortHandle;
 pub const RELAY_PROTOCOL: StreamProtocol = StreamProtocol::new("/gleaner/adverts/1");
 /// Largest frame on a link; a bigger length prefix closes the link.
 pub const MAX_FRAME: usize = 256 * 1024;
-/// Frames queued to one link's writer; when full, `send` drops the frame and returns false.
-pub const LINK_QUEUE: usize = 16;
+/// Bytes (frames with their prefixes) a link holds that its stream has not taken yet; `send`
+/// refuses a frame that would take the backlog past it. Room for a few frames of the largest
+/// size: a link whose peer stops reading refuses frames once yamux's window and this are full.
+pub const LINK_BACKLOG: usize = 4 * (MAX_FRAME + 4);
 /// How long an outbound open may take before it is reported failed.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reports from the link tasks waiting for [`Links::next`]; readers wait when it is full.
+/// Reports from the open and accept tasks waiting for [`Links::next`].
 const EVENT_QUEUE: usize = 256;
-/// How often every link's pending read is polled again unprompted (see `read_frames`): the
-/// longest a link outlives a connection this side closed.
+/// How often every link's pending read is polled again unprompted: the longest a link outlives
+/// a connection this side closed (yamux's graceful close marks the streams closed without waking
+/// their readers, libp2p/rust-yamux#216, so a read that only waits for its waker would never see
+/// the end and the link would stay up on a dead connection).
 const REPOLL: Duration = Duration::from_secs(1);
-/// Bytes the writer gathers from queued frames before it writes and flushes them.
-const WRITE_BATCH: usize = 64 * 1024;
+/// Bytes a link reads from its stream at a time (more when a frame needs them): a read usually
+/// takes all the frames that came since the last.
+const READ_CHUNK: usize = 8 * 1024;
+/// A link's read buffer or backlog past this size is let go once it is empty, so that one large
+/// frame does not keep its memory for the link's life.
+const KEEP_BUFFER: usize = 64 * 1024;
 
 /// What happened to the links.
 #[derive(Clone, PartialEq, Eq)]
@@ -75,7 +90,7 @@ impl fmt::Debug for LinkEvent {
     }
 }
 
-/// What the tasks report to [`Links::next`].
+/// What the open and accept tasks report to [`Links::next`].
 enum Report {
     /// A peer opened a stream to us.
     Inbound { peer: PeerId, stream: Stream },
@@ -85,35 +100,185 @@ enum Report {
         attempt: u64,
         result: Result<Stream, String>,
     },
-    /// Link `link` read a frame.
-    Frame {
-        peer: PeerId,
-        link: u64,
-        frame: Vec<u8>,
-    },
-    /// Link `link`'s reader or writer stopped.
-    Ended {
-        peer: PeerId,
-        link: u64,
-        reason: String,
-    },
+}
+
+/// The links whose wakers fired since [`Links::next`] last looked, and the task to wake.
+#[derive(Default)]
+struct Due {
+    links: Mutex<Vec<(PeerId, u64)>>,
+    task: AtomicWaker,
+}
+
+impl Due {
+    fn push(&self, peer: PeerId, id: u64) {
+        // A poisoned lock still holds a valid list: a push cannot panic half way.
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((peer, id));
+    }
+}
+
+/// One link's waker: what the stream registers for its reads and writes. Waking it marks the
+/// link due (once until it is polled) and wakes the task that polls [`Links::next`].
+struct LinkWake {
+    peer: PeerId,
+    id: u64,
+    queued: AtomicBool,
+    due: Arc<Due>,
+}
+
+impl LinkWake {
+    /// Marks the link due; whether it was not already.
+    fn mark(&self) -> bool {
+        let fresh = !self.queued.swap(true, Ordering::AcqRel);
+        if fresh {
+            self.due.push(self.peer, self.id);
+        }
+        fresh
+    }
+}
+
+impl Wake for LinkWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.mark() {
+            self.due.task.wake();
+        }
+    }
 }
 
 /// One link that is up.
 struct Link {
     id: u64,
     outbound: bool,
-    frames: mpsc::Sender<Vec<u8>>,
-    reader: AbortHandle,
-    writer: AbortHandle,
-    /// The reader's waker, to poll its pending read again ([`Links::next`] every [`REPOLL`]).
-    repoll: Arc<AtomicWaker>,
+    io: LinkIo,
+    wake: Arc<LinkWake>,
+    /// `wake` as a [`Waker`], made once.
+    waker: Waker,
 }
 
-impl Link {
-    fn stop(&self) {
-        self.reader.abort();
-        self.writer.abort();
+/// A link's stream with what was read from it and not yet taken as frames, and what was sent to
+/// it and not yet taken by it.
+struct LinkIo {
+    stream: Stream,
+    /// Read bytes; `inbuf[read_at..read_end]` are not yet taken as frames.
+    inbuf: Vec<u8>,
+    read_at: usize,
+    read_end: usize,
+    /// Frames with their prefixes; `out[out_at..]` are not yet taken by the stream.
+    out: Vec<u8>,
+    out_at: usize,
+    /// Whether the stream took bytes since it was last flushed.
+    unflushed: bool,
+}
+
+impl LinkIo {
+    fn new(stream: Stream) -> LinkIo {
+        LinkIo {
+            stream,
+            inbuf: Vec::new(),
+            read_at: 0,
+            read_end: 0,
+            out: Vec::new(),
+            out_at: 0,
+            unflushed: false,
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.out.len() - self.out_at
+    }
+
+    /// Writes the backlog into the stream, then flushes it; Ready once both are done.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+        while self.out_at < self.out.len() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.out[self.out_at..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err("write: the stream took 0 bytes".into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.out_at += n;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("write: {e}"))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.out.capacity() > KEEP_BUFFER {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        self.out_at = 0;
+        if self.unflushed {
+            match Pin::new(&mut self.stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("flush: {e}"))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next frame: the bytes after its 4-byte big-endian length prefix. An error says why
+    /// the link ends (closed by the peer, an I/O error, a prefix over [`MAX_FRAME`]).
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Vec<u8>, String>> {
+        loop {
+            let have = &self.inbuf[self.read_at..self.read_end];
+            let need = match have.first_chunk::<4>() {
+                Some(prefix) => {
+                    let len = u32::from_be_bytes(*prefix) as usize;
+                    if len > MAX_FRAME {
+                        return Poll::Ready(Err(format!(
+                            "peer sent a {len}-byte frame, over the {MAX_FRAME}-byte limit"
+                        )));
+                    }
+                    if let Some(frame) = have.get(4..4 + len) {
+                        let frame = frame.to_vec();
+                        self.read_at += 4 + len;
+                        if self.read_at == self.read_end {
+                            self.read_at = 0;
+                            self.read_end = 0;
+                            if self.inbuf.len() > KEEP_BUFFER {
+                                self.inbuf = Vec::new();
+                            }
+                        }
+                        return Poll::Ready(Ok(frame));
+                    }
+                    4 + len
+                }
+                None => 4,
+            };
+            // Room for the rest of this frame, and for a chunk at least.
+            if self.read_at > 0 && self.read_at + need > self.inbuf.len() {
+                self.inbuf.copy_within(self.read_at..self.read_end, 0);
+                self.read_end -= self.read_at;
+                self.read_at = 0;
+            }
+            let room = (self.read_at + need).max(self.read_end + READ_CHUNK);
+            if self.inbuf.len() < room {
+                self.inbuf.resize(room, 0);
+            }
+            let read = Pin::new(&mut self.stream).poll_read(cx, &mut self.inbuf[self.read_end..]);
+            match read {
+                Poll::Ready(Ok(0)) if self.read_end == self.read_at => {
+                    return Poll::Ready(Err("closed by the peer".into()));
+                }
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(format!(
+                        "closed by the peer inside a frame ({} of {need} bytes read)",
+                        self.read_end - self.read_at
+                    )));
+                }
+                Poll::Ready(Ok(n)) => self.read_end += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("read: {e}"))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -135,12 +300,15 @@ pub struct Links {
     reports: mpsc::Receiver<Report>,
     links: HashMap<PeerId, Link>,
     pending: HashMap<PeerId, Pending>,
-    /// Events decided but not yet returned by `next` (at most two per report or one per `close`).
+    /// The links whose wakers fired, and the task polling `next`.
+    due: Arc<Due>,
+    /// The due list as last taken, kept for its allocation.
+    taken: Vec<(PeerId, u64)>,
+    /// Events decided but not yet returned by `next`.
     ready: VecDeque<LinkEvent>,
     next_id: u64,
     accept: AbortHandle,
-    /// Ticks every [`REPOLL`] while links are up: one timer for all of them (a timer per reader
-    /// woke an idle 100-node space 400 times a second).
+    /// Ticks every [`REPOLL`] while links are up: every link is polled again.
     repoll: tokio::time::Interval,
 }
 
@@ -178,6 +346,8 @@ impl Links {
             reports,
             links: HashMap::new(),
             pending: HashMap::new(),
+            due: Arc::new(Due::default()),
+            taken: Vec::new(),
             ready: VecDeque::new(),
             next_id: 0,
             accept,
@@ -229,40 +399,95 @@ impl Links {
         );
     }
 
-    /// The next event; cancel-safe, for use in a `tokio::select!` loop beside the swarm.
+    /// The next event; cancel-safe, for use in a `tokio::select!` loop beside the swarm. Frames
+    /// are read, and backlogs written, only while this is polled.
     pub async fn next(&mut self) -> LinkEvent {
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Every change of state happens here or in the synchronous calls, and an event is returned
+    /// only once decided, so a poll dropped half way loses nothing.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<LinkEvent> {
         loop {
             if let Some(event) = self.ready.pop_front() {
-                return event;
+                return Poll::Ready(event);
             }
-            // Cancel-safe: a report is handled without awaiting once received, and a tick
-            // only wakes the readers. `reports_tx` is held here, so the channel never closes.
-            tokio::select! {
-                report = self.reports.recv() => match report {
-                    Some(report) => self.handle(report),
-                    None => std::future::pending::<()>().await,
-                },
-                _ = self.repoll.tick(), if !self.links.is_empty() => {
-                    for link in self.links.values() {
-                        link.repoll.wake();
-                    }
+            self.due.task.register(cx.waker());
+            // `reports_tx` is held here, so the channel never closes.
+            if let Poll::Ready(Some(report)) = self.reports.poll_recv(cx) {
+                self.handle(report);
+                continue;
+            }
+            if !self.links.is_empty() && self.repoll.poll_tick(cx).is_ready() {
+                for link in self.links.values() {
+                    link.wake.mark();
                 }
             }
+            std::mem::swap(
+                &mut self.taken,
+                &mut self.due.links.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            if self.taken.is_empty() {
+                return Poll::Pending;
+            }
+            let mut taken = std::mem::take(&mut self.taken);
+            for (peer, id) in taken.drain(..) {
+                self.poll_link(peer, id);
+            }
+            self.taken = taken;
         }
     }
 
-    /// Queues one frame to `peer`'s writer (which writes the u32 big-endian length prefix then
-    /// the bytes, and flushes). False if there is no link, its queue is full, or the frame is
-    /// over [`MAX_FRAME`] (the peer would close the link on it); the frame is then dropped.
+    /// Polls a due link: writes its backlog, reads one frame (and marks it due again, as more
+    /// may wait). A link that fails is torn down.
+    fn poll_link(&mut self, peer: PeerId, id: u64) {
+        let Some(link) = self.links.get_mut(&peer).filter(|l| l.id == id) else {
+            return;
+        };
+        // Cleared before the poll, so that a wake during it marks the link due again.
+        link.wake.queued.store(false, Ordering::Release);
+        let mut cx = Context::from_waker(&link.waker);
+        let ended = if let Poll::Ready(Err(reason)) = link.io.poll_write(&mut cx) {
+            Some(reason)
+        } else {
+            match link.io.poll_frame(&mut cx) {
+                Poll::Ready(Ok(frame)) => {
+                    link.wake.mark();
+                    self.ready.push_back(LinkEvent::Frame { peer, frame });
+                    None
+                }
+                Poll::Ready(Err(reason)) => Some(reason),
+                Poll::Pending => None,
+            }
+        };
+        if let Some(reason) = ended {
+            self.teardown(peer, &reason);
+        }
+    }
+
+    /// Writes one frame to `peer`'s link (the u32 big-endian length prefix, then the bytes) and
+    /// flushes it; what the stream cannot take at once waits in the link's backlog for
+    /// [`Links::next`]. False if there is no link, the frame would take the backlog past
+    /// [`LINK_BACKLOG`], the frame is over [`MAX_FRAME`] (the peer would close the link on it),
+    /// or the link failed (a `Down` follows); the frame is then dropped.
     pub fn send(&mut self, peer: &PeerId, frame: Vec<u8>) -> bool {
         if frame.len() > MAX_FRAME {
             tracing::debug!(%peer, len = frame.len(), "relay frame over MAX_FRAME not sent");
             return false;
         }
-        match self.links.get(peer) {
-            Some(link) => link.frames.try_send(frame).is_ok(),
-            None => false,
+        let Some(link) = self.links.get_mut(peer) else {
+            return false;
+        };
+        if link.io.backlog() + 4 + frame.len() > LINK_BACKLOG {
+            return false;
         }
+        push_frame(&mut link.io.out, &frame);
+        let mut cx = Context::from_waker(&link.waker);
+        if let Poll::Ready(Err(reason)) = link.io.poll_write(&mut cx) {
+            self.teardown(*peer, &reason);
+            return false;
+        }
+        true
     }
 
     /// Closes the link to `peer` (a `Down` event follows). An open in flight to `peer` is
@@ -348,16 +573,6 @@ impl Links {
                     }
                 }
             }
-            Report::Frame { peer, link, frame } => {
-                if self.links.get(&peer).is_some_and(|l| l.id == link) {
-                    self.ready.push_back(LinkEvent::Frame { peer, frame });
-                }
-            }
-            Report::Ended { peer, link, reason } => {
-                if self.links.get(&peer).is_some_and(|l| l.id == link) {
-                    self.teardown(peer, &reason);
-                }
-            }
         }
     }
 
@@ -389,43 +604,25 @@ impl Links {
         self.start(peer, stream, outbound);
     }
 
-    /// Starts `stream`'s reader and writer and reports it `Up`.
+    /// Takes `stream` as the link to `peer` (due at once: the peer may have written already)
+    /// and reports it `Up`.
     fn start(&mut self, peer: PeerId, stream: Stream, outbound: bool) {
         let id = self.id();
-        let (read, write) = stream.split();
-        let (frames, queue) = mpsc::channel(LINK_QUEUE);
-        let repoll = Arc::new(AtomicWaker::new());
-        let tx = self.reports_tx.clone();
-        let ended = move |tx: mpsc::Sender<Report>, reason: String| async move {
-            let _ = tx
-                .send(Report::Ended {
-                    peer,
-                    link: id,
-                    reason,
-                })
-                .await;
-        };
-        let waker = Arc::clone(&repoll);
-        let reader = tokio::spawn(async move {
-            let reason = read_frames(read, peer, id, &tx, &waker).await;
-            ended(tx, reason).await;
-        })
-        .abort_handle();
-        let tx = self.reports_tx.clone();
-        let writer = tokio::spawn(async move {
-            let reason = write_frames(write, queue).await;
-            ended(tx, reason).await;
-        })
-        .abort_handle();
+        let wake = Arc::new(LinkWake {
+            peer,
+            id,
+            queued: AtomicBool::new(false),
+            due: Arc::clone(&self.due),
+        });
+        wake.mark();
         self.links.insert(
             peer,
             Link {
                 id,
                 outbound,
-                frames,
-                reader,
-                writer,
-                repoll,
+                io: LinkIo::new(stream),
+                waker: Waker::from(Arc::clone(&wake)),
+                wake,
             },
         );
         self.ready.push_back(LinkEvent::Up { peer, outbound });
@@ -435,8 +632,8 @@ impl Links {
     fn teardown(&mut self, peer: PeerId, reason: &str) -> bool {
         match self.links.remove(&peer) {
             Some(link) => {
+                // Dropping the stream ends it.
                 tracing::debug!(%peer, outbound = link.outbound, reason, "relay link down");
-                link.stop();
                 self.ready.push_back(LinkEvent::Down { peer });
                 true
             }
@@ -448,94 +645,10 @@ impl Links {
 impl Drop for Links {
     fn drop(&mut self) {
         self.accept.abort();
-        for link in self.links.values() {
-            link.stop();
-        }
         for p in self.pending.values() {
             p.task.abort();
         }
     }
-}
-
-/// Reads frames off a link until it ends; why it ended.
-///
-/// A pending read is polled again whenever `repoll` is woken ([`Links::next`] does every
-/// [`REPOLL`]), even when nothing else woke it: when this side closes the connection
-/// (`Swarm::disconnect_peer_id`), yamux's graceful close marks the streams closed without waking
-/// their readers (libp2p/rust-yamux#216), so a read that only waits for its waker would never see
-/// the end and the link would stay up on a dead connection.
-async fn read_frames(
-    mut read: ReadHalf<Stream>,
-    peer: PeerId,
-    link: u64,
-    tx: &mpsc::Sender<Report>,
-    repoll: &AtomicWaker,
-) -> String {
-    loop {
-        let next = {
-            let frame = read_frame(&mut read);
-            tokio::pin!(frame);
-            std::future::poll_fn(|cx| {
-                repoll.register(cx.waker());
-                frame.as_mut().poll(cx)
-            })
-            .await
-        };
-        match next {
-            Ok(frame) => {
-                if tx.send(Report::Frame { peer, link, frame }).await.is_err() {
-                    return "links dropped".into();
-                }
-            }
-            Err(reason) => return reason,
-        }
-    }
-}
-
-/// One frame: its length prefix, then that many bytes.
-async fn read_frame(read: &mut ReadHalf<Stream>) -> Result<Vec<u8>, String> {
-    let mut prefix = [0u8; 4];
-    if let Err(e) = read.read_exact(&mut prefix).await {
-        return Err(match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => "closed by the peer".into(),
-            _ => format!("read: {e}"),
-        });
-    }
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(format!(
-            "peer sent a {len}-byte frame, over the {MAX_FRAME}-byte limit"
-        ));
-    }
-    let mut frame = vec![0; len];
-    if let Err(e) = read.read_exact(&mut frame).await {
-        return Err(format!("read inside a {len}-byte frame: {e}"));
-    }
-    Ok(frame)
-}
-
-/// Writes queued frames, each after its length prefix, flushing once the queue is drained (or a
-/// batch is large); why it ended.
-async fn write_frames(mut write: WriteHalf<Stream>, mut queue: mpsc::Receiver<Vec<u8>>) -> String {
-    let mut buf = Vec::new();
-    while let Some(frame) = queue.recv().await {
-        buf.clear();
-        push_frame(&mut buf, &frame);
-        while buf.len() < WRITE_BATCH {
-            match queue.try_recv() {
-                Ok(frame) => push_frame(&mut buf, &frame),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = write.write_all(&buf).await {
-            return format!("write: {e}");
-        }
-        if let Err(e) = write.flush().await {
-            return format!("flush: {e}");
-        }
-    }
-    let _ = write.close().await;
-    "writer queue closed".into()
 }
 
 fn push_frame(buf: &mut Vec<u8>, frame: &[u8]) {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use gleaner::SecretKey;
-use gleaner_space::links::{LINK_QUEUE, MAX_FRAME, OPEN_TIMEOUT};
+use gleaner_space::links::{LINK_BACKLOG, MAX_FRAME, OPEN_TIMEOUT};
 use gleaner_space::{LinkEvent, Links, RELAY_PROTOCOL};
 use libp2p::futures::future::select_all;
 use libp2p::futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -166,6 +166,24 @@ async fn settle(nodes: &mut [&mut Node]) -> Vec<Vec<LinkEvent>> {
     }
 }
 
+/// The events of every node in `nodes`, polled together (each writes its links' backlogs only
+/// while polled), until node `i` has `counts[i]` of them.
+async fn events(nodes: &mut [&mut Node], counts: &[usize]) -> Vec<Vec<LinkEvent>> {
+    let mut out = vec![Vec::new(); nodes.len()];
+    let deadline = Instant::now() + WAIT;
+    while out.iter().zip(counts).any(|(o, &c)| o.len() < c) {
+        let futs = nodes
+            .iter_mut()
+            .enumerate()
+            .map(|(i, n)| Box::pin(async move { (i, n.links().next().await) }));
+        let ((i, e), _, _) = tokio::time::timeout_at(deadline, select_all(futs))
+            .await
+            .unwrap_or_else(|_| panic!("{counts:?} events never came: {out:?}"));
+        out[i].push(e);
+    }
+    out
+}
+
 /// A frame of `len` bytes that differs with `tag`.
 fn frame(tag: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| (j * 7 + tag * 13) as u8).collect()
@@ -200,8 +218,8 @@ async fn a_link_opens_and_frames_flow_both_ways_in_order() {
     assert_eq!((a.links().outbound(), a.links().inbound()), (1, 0));
     assert_eq!((b.links().outbound(), b.links().inbound()), (0, 1));
 
-    // Sizes around the prefix, yamux's frame and window sizes, 100 KiB and the limit itself,
-    // fewer than LINK_QUEUE per batch so that none is dropped.
+    // Sizes around the prefix, yamux's frame and window sizes, 100 KiB and the limit itself:
+    // less than LINK_BACKLOG beyond what the stream takes at once, so that none is refused.
     let sizes = [
         0,
         1,
@@ -219,72 +237,76 @@ async fn a_link_opens_and_frames_flow_both_ways_in_order() {
         100 * 1024,
         MAX_FRAME,
     ];
-    const { assert!(15 < LINK_QUEUE) };
+    const { assert!(4 * 15 + 100 * 1024 + 3 * 65536 + 2 * MAX_FRAME < LINK_BACKLOG) };
     for round in 0..3 {
         for (i, &len) in sizes.iter().enumerate() {
             assert!(a.links().send(&b.id, frame(round * 100 + i, len)));
             assert!(b.links().send(&a.id, frame(round * 100 + 50 + i, len)));
         }
-        for (i, &len) in sizes.iter().enumerate() {
-            assert_eq!(
-                b.event().await,
-                LinkEvent::Frame {
-                    peer: a.id,
-                    frame: frame(round * 100 + i, len)
-                },
-                "round {round}, frame {i} a->b"
-            );
-        }
-        for (i, &len) in sizes.iter().enumerate() {
-            assert_eq!(
-                a.event().await,
-                LinkEvent::Frame {
-                    peer: b.id,
-                    frame: frame(round * 100 + 50 + i, len)
-                },
-                "round {round}, frame {i} b->a"
-            );
-        }
+        let got = events(&mut [&mut a, &mut b], &[sizes.len(), sizes.len()]).await;
+        let sent = |from: PeerId, tag: usize| -> Vec<LinkEvent> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| LinkEvent::Frame {
+                    peer: from,
+                    frame: frame(round * 100 + tag + i, len),
+                })
+                .collect()
+        };
+        assert!(got[1] == sent(a.id, 0), "round {round}: a->b {:?}", got[1]);
+        assert!(got[0] == sent(b.id, 50), "round {round}: b->a {:?}", got[0]);
     }
     // Nothing else happened on either side.
     let rest = settle(&mut [&mut a, &mut b]).await;
     assert_eq!(rest, vec![vec![], vec![]]);
 }
 
-/// The current-thread runtime does not run the writer between two `send` calls, so exactly
-/// LINK_QUEUE frames fit; the rest are refused, as are frames to no link and oversize frames.
+/// A peer that does not read stops taking a link's frames once yamux's window is spent; the
+/// link then holds up to LINK_BACKLOG bytes and refuses the frames beyond. Everything it took
+/// arrives, in order, once the peer reads, and it takes frames again. Frames to no link and
+/// oversize frames are refused.
 #[tokio::test]
-async fn send_refuses_a_full_queue_an_unlinked_peer_and_an_oversize_frame() {
+async fn send_refuses_frames_past_the_backlog_an_unlinked_peer_and_an_oversize_frame() {
     let (mut a, mut b) = linked_pair(1, 2).await;
-    let accepted: Vec<bool> = (0..LINK_QUEUE + 4)
-        .map(|i| a.links().send(&b.id, frame(i, 1000)))
-        .collect();
-    assert_eq!(
-        accepted,
-        (0..LINK_QUEUE + 4)
-            .map(|i| i < LINK_QUEUE)
-            .collect::<Vec<_>>()
-    );
-    for i in 0..LINK_QUEUE {
-        assert_eq!(
-            b.event().await,
-            LinkEvent::Frame {
-                peer: a.id,
-                frame: frame(i, 1000)
-            }
-        );
+    // `b` is not polled: its links read nothing. `a` sends until a frame is refused, yielding
+    // between frames so that its connection takes what its stream queued.
+    let mut accepted = 0;
+    while a.links().send(&b.id, frame(accepted, 64 * 1024)) {
+        accepted += 1;
+        assert!(accepted < 256, "16 MiB taken by a peer that reads nothing");
+        tokio::task::yield_now().await;
     }
+    // The refusal came with the backlog full: at least its worth less one frame was taken.
+    assert!(
+        accepted * (64 * 1024 + 4) >= LINK_BACKLOG - 64 * 1024,
+        "{accepted} frames taken"
+    );
+    let got = events(&mut [&mut a, &mut b], &[0, accepted]).await;
+    assert_eq!(got[0], vec![]);
+    assert!(
+        got[1]
+            == (0..accepted)
+                .map(|i| LinkEvent::Frame {
+                    peer: a.id,
+                    frame: frame(i, 64 * 1024)
+                })
+                .collect::<Vec<_>>(),
+        "{} frames, not the {accepted} taken in order",
+        got[1].len()
+    );
     let stranger = peer_of_seed(9);
     assert!(!a.links().send(&stranger, vec![1]));
     assert!(!a.links().send(&b.id, vec![0; MAX_FRAME + 1]));
     // The oversize frame was not sent: the link is still up and carries the next frame.
     assert!(a.links().send(&b.id, vec![5; MAX_FRAME]));
+    let got = events(&mut [&mut a, &mut b], &[0, 1]).await;
     assert_eq!(
-        b.event().await,
-        LinkEvent::Frame {
+        got[1],
+        vec![LinkEvent::Frame {
             peer: a.id,
             frame: vec![5; MAX_FRAME]
-        }
+        }]
     );
     let rest = settle(&mut [&mut a, &mut b]).await;
     assert_eq!(rest, vec![vec![], vec![]]);
@@ -303,10 +325,12 @@ async fn an_oversize_frame_closes_the_link() {
         .unwrap()
         .unwrap();
     a.expect_up(b.id, false).await;
-    // A frame of exactly MAX_FRAME is fine.
-    write_raw(&mut raw, &frame(1, MAX_FRAME)).await;
+    // A frame of exactly MAX_FRAME is fine. It is more than yamux's window: `a` reads while `b`
+    // writes.
+    let big = frame(1, MAX_FRAME);
+    let (_, got) = tokio::join!(write_raw(&mut raw, &big), a.event());
     assert_eq!(
-        a.event().await,
+        got,
         LinkEvent::Frame {
             peer: b.id,
             frame: frame(1, MAX_FRAME)
