@@ -21,12 +21,21 @@
 
 //! Async functions driving pending and established connections in the form of a task.
 
-use std::{convert::Infallible, pin::Pin};
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+};
 
 use futures::{
     SinkExt, StreamExt,
     channel::{mpsc, oneshot},
     future::{Either, Future, poll_fn},
+    task::{ArcWake, AtomicWaker, waker_ref},
 };
 use libp2p_core::muxing::StreamMuxerBox;
 
@@ -39,6 +48,20 @@ use crate::{
     },
     transport::TransportError,
 };
+
+/// Gleaner's patch (PATCHED.md): whether the command channel of an established connection's
+/// task is due a poll. Its waker (the one the channel holds) marks it due and wakes the task.
+struct CommandsDue {
+    due: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for CommandsDue {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.due.store(true, Ordering::Release);
+        arc_self.task.wake();
+    }
+}
 
 /// Commands that can be sent to a task driving an established connection.
 #[derive(Debug)]
@@ -176,9 +199,27 @@ pub(crate) async fn new_for_established_connection<THandler>(
 ) where
     THandler: ConnectionHandler,
 {
+    // Gleaner's patch (PATCHED.md): the task wakes for every frame its connection sends or
+    // receives, and commands are rare, so the command channel is polled only when its own waker
+    // fired or it yielded a command last time (it may hold more), not on every wake.
+    let commands = Arc::new(CommandsDue {
+        due: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
     loop {
         match futures::future::select(
-            command_receiver.next(),
+            poll_fn(|cx| {
+                commands.task.register(cx.waker());
+                if !commands.due.swap(false, Ordering::AcqRel) {
+                    return Poll::Pending;
+                }
+                let waker = waker_ref(&commands);
+                let next = command_receiver.poll_next_unpin(&mut Context::from_waker(&waker));
+                if next.is_ready() {
+                    commands.due.store(true, Ordering::Release);
+                }
+                next
+            }),
             poll_fn(|cx| Pin::new(&mut connection).poll(cx)),
         )
         .await
