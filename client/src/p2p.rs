@@ -821,8 +821,12 @@ impl Node {
                     self.flush_relay();
                     false
                 }
-                ev = self.relay.next() => {
-                    self.link_event(ev);
+                // With nothing queued, a frame arriving starts the flush timer (the loop goes
+                // round); otherwise frames wait for the flush.
+                ev = self.relay.next(!queued) => {
+                    if let Some(ev) = ev {
+                        self.link_event(ev);
+                    }
                     false
                 }
                 cmd = rx.recv() => match cmd {

@@ -345,8 +345,12 @@ impl Node {
                     self.flush_relay();
                     false
                 }
-                ev = self.relay.next() => {
-                    self.link_event(ev);
+                // With nothing queued, a frame arriving starts the flush timer (the loop goes
+                // round); otherwise frames wait for the flush.
+                ev = self.relay.next(!queued) => {
+                    if let Some(ev) = ev {
+                        self.link_event(ev);
+                    }
                     false
                 }
                 Some(ev) = self.swarm_due.next(&mut self.swarm) => {

@@ -102,20 +102,29 @@ enum Report {
     },
 }
 
-/// The links whose wakers fired since [`Links::next`] last looked, and the task to wake.
-#[derive(Default)]
+/// The links whose wakers fired since they were last polled, and the task to wake.
 struct Due {
     links: Mutex<Vec<(PeerId, u64)>>,
     task: AtomicWaker,
+    /// Whether a link newly due wakes the task: always, unless frames are deferred
+    /// ([`Links::defer_frames`]); then only while the owner waits in [`Links::frames_arrive`].
+    wake: AtomicBool,
+}
+
+impl Default for Due {
+    fn default() -> Self {
+        Due {
+            links: Mutex::new(Vec::new()),
+            task: AtomicWaker::new(),
+            wake: AtomicBool::new(true),
+        }
+    }
 }
 
 impl Due {
-    fn push(&self, peer: PeerId, id: u64) {
-        // A poisoned lock still holds a valid list: a push cannot panic half way.
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((peer, id));
+    /// The list; a poisoned lock still holds a valid one (a push cannot panic half way).
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<(PeerId, u64)>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -133,7 +142,7 @@ impl LinkWake {
     fn mark(&self) -> bool {
         let fresh = !self.queued.swap(true, Ordering::AcqRel);
         if fresh {
-            self.due.push(self.peer, self.id);
+            self.due.list().push((self.peer, self.id));
         }
         fresh
     }
@@ -145,7 +154,7 @@ impl Wake for LinkWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.mark() {
+        if self.mark() && self.due.wake.load(Ordering::Acquire) {
             self.due.task.wake();
         }
     }
@@ -310,6 +319,8 @@ pub struct Links {
     accept: AbortHandle,
     /// Ticks every [`REPOLL`] while links are up: every link is polled again.
     repoll: tokio::time::Interval,
+    /// Frames wait for [`Links::read_frames`] ([`Links::defer_frames`]).
+    deferred: bool,
 }
 
 impl Links {
@@ -348,6 +359,7 @@ impl Links {
             pending: HashMap::new(),
             due: Arc::new(Due::default()),
             taken: Vec::new(),
+            deferred: false,
             ready: VecDeque::new(),
             next_id: 0,
             accept,
@@ -402,15 +414,26 @@ impl Links {
     /// The next event; cancel-safe, for use in a `tokio::select!` loop beside the swarm. Frames
     /// are read, and backlogs written, only while this is polled.
     pub async fn next(&mut self) -> LinkEvent {
-        poll_fn(|cx| self.poll_next(cx)).await
+        loop {
+            if let Some(event) = poll_fn(|cx| self.poll_next(cx, false)).await {
+                return event;
+            }
+        }
+    }
+
+    /// The next event, or `None` once a link has something to read or write while frames are
+    /// deferred ([`Links::defer_frames`]) and `arrive` is set: a deferred owner sets it while it
+    /// has no flush coming, and starts one on `None`. Cancel-safe.
+    pub async fn next_or_frames(&mut self, arrive: bool) -> Option<LinkEvent> {
+        poll_fn(|cx| self.poll_next(cx, arrive)).await
     }
 
     /// Every change of state happens here or in the synchronous calls, and an event is returned
     /// only once decided, so a poll dropped half way loses nothing.
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<LinkEvent> {
+    fn poll_next(&mut self, cx: &mut Context<'_>, arrive: bool) -> Poll<Option<LinkEvent>> {
         loop {
             if let Some(event) = self.ready.pop_front() {
-                return Poll::Ready(event);
+                return Poll::Ready(Some(event));
             }
             self.due.task.register(cx.waker());
             // `reports_tx` is held here, so the channel never closes.
@@ -423,10 +446,20 @@ impl Links {
                     link.wake.mark();
                 }
             }
-            std::mem::swap(
-                &mut self.taken,
-                &mut self.due.links.lock().unwrap_or_else(|e| e.into_inner()),
-            );
+            if self.deferred {
+                if !arrive {
+                    return Poll::Pending;
+                }
+                // Set before the list is looked at: a link marked after the look sees it and
+                // wakes the task.
+                self.due.wake.store(true, Ordering::Release);
+                if !self.frames_waiting() {
+                    return Poll::Pending;
+                }
+                self.due.wake.store(false, Ordering::Release);
+                return Poll::Ready(None);
+            }
+            std::mem::swap(&mut self.taken, &mut self.due.list());
             if self.taken.is_empty() {
                 return Poll::Pending;
             }
@@ -463,6 +496,53 @@ impl Links {
         if let Some(reason) = ended {
             self.teardown(peer, &reason);
         }
+    }
+
+    /// From now on [`Links::next`] reads no frames: they wait in their streams until
+    /// [`Links::read_frames`], and a link that has some wakes the task only while it waits in
+    /// [`Links::next_or_frames`] with `arrive` set. For an owner that handles frames on a timer anyway (the relay
+    /// verifies news and sends frames at its flush): it is then woken once per flush, not once per
+    /// frame. Backlogs are written at `read_frames` too.
+    pub fn defer_frames(&mut self) {
+        self.deferred = true;
+        self.due.wake.store(false, Ordering::Release);
+    }
+
+    /// Whether a link has something to read or write (a deferred owner's cue to call
+    /// [`Links::read_frames`] soon).
+    pub fn frames_waiting(&self) -> bool {
+        !self.due.list().is_empty()
+    }
+
+    /// Reads every frame waiting on the links that have some, into `frames` (with the peer each
+    /// came from, in order per link), and writes their backlogs. A link that fails is torn down
+    /// (its `Down` comes from [`Links::next`]).
+    pub fn read_frames(&mut self, frames: &mut Vec<(PeerId, Vec<u8>)>) {
+        self.due.wake.store(false, Ordering::Release);
+        std::mem::swap(&mut self.taken, &mut self.due.list());
+        let mut taken = std::mem::take(&mut self.taken);
+        for (peer, id) in taken.drain(..) {
+            let Some(link) = self.links.get_mut(&peer).filter(|l| l.id == id) else {
+                continue;
+            };
+            link.wake.queued.store(false, Ordering::Release);
+            let mut cx = Context::from_waker(&link.waker);
+            let mut ended = match link.io.poll_write(&mut cx) {
+                Poll::Ready(Err(reason)) => Some(reason),
+                _ => None,
+            };
+            while ended.is_none() {
+                match link.io.poll_frame(&mut cx) {
+                    Poll::Ready(Ok(frame)) => frames.push((peer, frame)),
+                    Poll::Ready(Err(reason)) => ended = Some(reason),
+                    Poll::Pending => break,
+                }
+            }
+            if let Some(reason) = ended {
+                self.teardown(peer, &reason);
+            }
+        }
+        self.taken = taken;
     }
 
     /// Writes one frame to `peer`'s link (the u32 big-endian length prefix, then the bytes) and
@@ -508,6 +588,11 @@ impl Links {
     /// Links up now, with whether we opened them.
     pub fn linked(&self) -> impl Iterator<Item = (PeerId, bool)> + '_ {
         self.links.iter().map(|(p, l)| (*p, l.outbound))
+    }
+
+    /// Whether a link to `peer` is up.
+    pub fn is_linked(&self, peer: &PeerId) -> bool {
+        self.links.contains_key(peer)
     }
 
     /// Links up now that we opened.

@@ -67,6 +67,8 @@ pub struct AdvertRelay {
     /// News from every link since the last flush: a batch of ten signatures costs about 15 µs
     /// each, one alone 38 µs (docs/BENCHMARKS.md).
     news: Vec<News>,
+    /// The frames read at a flush, kept for the allocation.
+    inbox: Vec<(PeerId, Vec<u8>)>,
 }
 
 /// News waiting at most; more is verified at once.
@@ -75,8 +77,10 @@ const MAX_NEWS: usize = 256;
 impl AdvertRelay {
     /// A relay over `control` (from the swarm's `libp2p_stream::Behaviour`) for node `local`.
     pub fn new(control: libp2p_stream::Control, local: PeerId) -> Result<AdvertRelay, String> {
+        let mut links = Links::new(control, local, RELAY_MAX_INBOUND)?;
+        links.defer_frames();
         Ok(AdvertRelay {
-            links: Links::new(control, local, RELAY_MAX_INBOUND)?,
+            links,
             relay: Relay::new(RelayConfig {
                 spread_seed: random_below(usize::MAX) as u64,
                 ..RelayConfig::default()
@@ -85,19 +89,25 @@ impl AdvertRelay {
             opened: HashMap::new(),
             rotations: Rotations::default(),
             news: Vec::new(),
+            inbox: Vec::new(),
         })
     }
 
-    /// The next link event (cancel-safe), for the node's select loop.
-    pub async fn next(&mut self) -> LinkEvent {
-        self.links.next().await
+    /// The next link event (cancel-safe), for the node's select loop: links up, down, or not
+    /// opened. Frames are read at the flush. While `arrive` is set (the node has nothing
+    /// [`queued`](AdvertRelay::queued), so no flush coming), `None` once a link has a frame: the
+    /// flush timer is then started. The frames of a node whose flush is coming wake it no
+    /// sooner: they are read at the flush, which verifies their news and sends it on, as it would
+    /// have had each been read as it came.
+    pub async fn next(&mut self, arrive: bool) -> Option<LinkEvent> {
+        self.links.next_or_frames(arrive).await
     }
 
-    /// Whether anything waits for the flush (the flush timer need not run otherwise: a node
-    /// with nothing queued is not woken for nothing, and the first advert after a quiet spell
-    /// goes out at once).
+    /// Whether anything waits for the flush: frames on the links, news, frames to send (the
+    /// flush timer need not run otherwise: a node with nothing queued is not woken for nothing,
+    /// and the first advert after a quiet spell goes out at once).
     pub fn queued(&self) -> bool {
-        self.relay.queued() > 0 || !self.news.is_empty()
+        self.relay.queued() > 0 || !self.news.is_empty() || self.links.frames_waiting()
     }
 
     /// Handles one link event: links come and go, frames are read (prunes and grafts take effect,
@@ -130,38 +140,54 @@ impl AdvertRelay {
                 self.failed.insert(peer, now_ms);
             }
             LinkEvent::Frame { peer, frame } => {
-                let got = match self.relay.on_frame(peer, &frame, now_ms) {
-                    Ok(got) => got,
-                    Err(e) => {
-                        out.rejected.push((peer, format!("advert frame: {e}")));
-                        self.links.close(&peer);
-                        return out;
-                    }
-                };
-                out.rejected
-                    .extend(got.junk.into_iter().map(|why| (peer, why)));
-                self.news.extend(got.news.into_iter().map(|c| {
-                    let (bytes, refresh) = match c.carried {
-                        Carried::Signed(b) => (b.to_vec(), None),
-                        Carried::Refresh(r) => (Vec::new(), Some(r)),
-                    };
-                    News {
-                        from: peer,
-                        bytes,
-                        refresh,
-                        host: c.host,
-                        seq: c.seq,
-                    }
-                }));
-                if self.news.len() >= MAX_NEWS {
-                    self.verify(gate, view, now, now_ms, &mut out);
-                }
-                if self.relay.queued() >= RELAY_FLUSH_BYTES {
-                    self.send_frames();
-                }
+                self.frame(peer, &frame, gate, view, now, now_ms, &mut out);
             }
         }
         out
+    }
+
+    /// One frame read from `peer`'s link: prunes and grafts take effect, copies are dropped,
+    /// news waits for the flush, junk is named; a frame that cannot be read closes the link.
+    #[allow(clippy::too_many_arguments)]
+    fn frame(
+        &mut self,
+        peer: PeerId,
+        frame: &[u8],
+        gate: &mut AdvertGate,
+        view: &mut SpaceView,
+        now: u64,
+        now_ms: u64,
+        out: &mut Outcome,
+    ) {
+        let got = match self.relay.on_frame(peer, frame, now_ms) {
+            Ok(got) => got,
+            Err(e) => {
+                out.rejected.push((peer, format!("advert frame: {e}")));
+                self.links.close(&peer);
+                return;
+            }
+        };
+        out.rejected
+            .extend(got.junk.into_iter().map(|why| (peer, why)));
+        self.news.extend(got.news.into_iter().map(|c| {
+            let (bytes, refresh) = match c.carried {
+                Carried::Signed(b) => (b.to_vec(), None),
+                Carried::Refresh(r) => (Vec::new(), Some(r)),
+            };
+            News {
+                from: peer,
+                bytes,
+                refresh,
+                host: c.host,
+                seq: c.seq,
+            }
+        }));
+        if self.news.len() >= MAX_NEWS {
+            self.verify(gate, view, now, now_ms, out);
+        }
+        if self.relay.queued() >= RELAY_FLUSH_BYTES {
+            self.send_frames();
+        }
     }
 
     /// Verifies the news waiting: signed adverts in one batch first (they may be the anchors of
@@ -263,6 +289,15 @@ impl AdvertRelay {
         now_ms: u64,
     ) -> Outcome {
         let mut out = Outcome::default();
+        let mut inbox = std::mem::take(&mut self.inbox);
+        self.links.read_frames(&mut inbox);
+        for (peer, frame) in inbox.drain(..) {
+            // A link closed for an earlier frame of this batch: the rest of its frames go too.
+            if self.links.is_linked(&peer) {
+                self.frame(peer, &frame, gate, view, now, now_ms, &mut out);
+            }
+        }
+        self.inbox = inbox;
         self.verify(gate, view, now, now_ms, &mut out);
         self.send_frames();
         out

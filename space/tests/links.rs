@@ -795,3 +795,59 @@ async fn a_closed_connection_takes_the_link_down() {
     a.wait_connected(b.id, false).await;
     assert!(a.linked().is_empty() && b.linked().is_empty());
 }
+
+/// Deferred frames (the relay's way): `next` reads none; with `arrive` set, it says once a link
+/// has some; `read_frames` takes all of them, in order, and a failed link's `Down` follows from
+/// `next`. A deferred owner is not woken by frames while it does not wait for them.
+#[tokio::test]
+async fn deferred_frames_wait_for_read_frames() {
+    let (mut a, mut b) = linked_pair(1, 2).await;
+    b.links().defer_frames();
+    for i in 0..5 {
+        assert!(a.links().send(&b.id, frame(i, 100 + i)));
+    }
+    // Not waiting for frames: nothing comes, though five wait.
+    let quiet = timeout(QUIET, b.links().next_or_frames(false)).await;
+    assert!(quiet.is_err(), "{quiet:?}");
+    assert!(b.links().frames_waiting());
+    // Waiting for them: told at once.
+    let told = timeout(WAIT, b.links().next_or_frames(true)).await;
+    assert_eq!(told.ok(), Some(None));
+    let mut got = Vec::new();
+    // All five may not have been read by b's connection yet: read until they are in.
+    let deadline = Instant::now() + WAIT;
+    while got.len() < 5 {
+        assert!(Instant::now() < deadline, "{} of 5 frames read", got.len());
+        b.links().read_frames(&mut got);
+        if got.len() < 5 {
+            timeout(WAIT, b.links().next_or_frames(true))
+                .await
+                .expect("no word of the frames left");
+        }
+    }
+    assert_eq!(
+        got,
+        (0..5)
+            .map(|i| (a.id, frame(i, 100 + i)))
+            .collect::<Vec<_>>()
+    );
+    assert!(!b.links().frames_waiting());
+    // Sending still works from the deferred side.
+    assert!(b.links().send(&a.id, vec![9]));
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Frame {
+            peer: b.id,
+            frame: vec![9]
+        }
+    );
+    // A link that ends is found at the next read, and its Down comes from `next`.
+    a.links().close(&b.id);
+    a.expect_down(b.id).await;
+    timeout(WAIT, b.links().next_or_frames(true))
+        .await
+        .expect("no word of the closed link");
+    b.links().read_frames(&mut got);
+    assert_eq!(got.len(), 5);
+    b.expect_down(a.id).await;
+}
