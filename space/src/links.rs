@@ -590,11 +590,6 @@ impl Links {
         self.links.iter().map(|(p, l)| (*p, l.outbound))
     }
 
-    /// Whether a link to `peer` is up.
-    pub fn is_linked(&self, peer: &PeerId) -> bool {
-        self.links.contains_key(peer)
-    }
-
     /// Links up now that we opened.
     pub fn outbound(&self) -> usize {
         self.links.values().filter(|l| l.outbound).count()

@@ -147,7 +147,8 @@ impl AdvertRelay {
     }
 
     /// One frame read from `peer`'s link: prunes and grafts take effect, copies are dropped,
-    /// news waits for the flush, junk is named; a frame that cannot be read closes the link.
+    /// news waits for the flush, junk is named; a frame that cannot be read closes the link (and
+    /// false is returned).
     #[allow(clippy::too_many_arguments)]
     fn frame(
         &mut self,
@@ -158,13 +159,13 @@ impl AdvertRelay {
         now: u64,
         now_ms: u64,
         out: &mut Outcome,
-    ) {
+    ) -> bool {
         let got = match self.relay.on_frame(peer, frame, now_ms) {
             Ok(got) => got,
             Err(e) => {
                 out.rejected.push((peer, format!("advert frame: {e}")));
                 self.links.close(&peer);
-                return;
+                return false;
             }
         };
         out.rejected
@@ -188,6 +189,7 @@ impl AdvertRelay {
         if self.relay.queued() >= RELAY_FLUSH_BYTES {
             self.send_frames();
         }
+        true
     }
 
     /// Verifies the news waiting: signed adverts in one batch first (they may be the anchors of
@@ -291,10 +293,14 @@ impl AdvertRelay {
         let mut out = Outcome::default();
         let mut inbox = std::mem::take(&mut self.inbox);
         self.links.read_frames(&mut inbox);
+        // The frames of a link closed for an earlier frame of this batch go with it; those of a
+        // link the peer closed after sending them are read like any (its Down comes after).
+        let mut broken: Vec<PeerId> = Vec::new();
         for (peer, frame) in inbox.drain(..) {
-            // A link closed for an earlier frame of this batch: the rest of its frames go too.
-            if self.links.is_linked(&peer) {
-                self.frame(peer, &frame, gate, view, now, now_ms, &mut out);
+            if !broken.contains(&peer)
+                && !self.frame(peer, &frame, gate, view, now, now_ms, &mut out)
+            {
+                broken.push(peer);
             }
         }
         self.inbox = inbox;

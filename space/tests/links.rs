@@ -841,13 +841,21 @@ async fn deferred_frames_wait_for_read_frames() {
             frame: vec![9]
         }
     );
-    // A link that ends is found at the next read, and its Down comes from `next`.
+    // A link that ends is found at the next read, after the frames sent before its end, and
+    // its Down comes from `next`.
+    assert!(a.links().send(&b.id, vec![7; 3]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     a.links().close(&b.id);
     a.expect_down(b.id).await;
-    timeout(WAIT, b.links().next_or_frames(true))
-        .await
-        .expect("no word of the closed link");
-    b.links().read_frames(&mut got);
-    assert_eq!(got.len(), 5);
+    let deadline = Instant::now() + WAIT;
+    while b.links().linked().next().is_some() {
+        assert!(Instant::now() < deadline, "the closed link is still up");
+        timeout(WAIT, b.links().next_or_frames(true))
+            .await
+            .expect("no word of the closed link");
+        b.links().read_frames(&mut got);
+    }
+    assert_eq!(got.len(), 6);
+    assert_eq!(got[5], (a.id, vec![7; 3]));
     b.expect_down(a.id).await;
 }
