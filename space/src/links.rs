@@ -40,11 +40,11 @@ pub const LINK_BACKLOG: usize = 4 * (MAX_FRAME + 4);
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reports from the open and accept tasks waiting for [`Links::next`].
 const EVENT_QUEUE: usize = 256;
-/// How often every link's pending read is polled again unprompted: the longest a link outlives
-/// a connection this side closed (yamux's graceful close marks the streams closed without waking
-/// their readers, libp2p/rust-yamux#216, so a read that only waits for its waker would never see
-/// the end and the link would stay up on a dead connection).
-const REPOLL: Duration = Duration::from_secs(1);
+/// How often every link's pending read is polled again unprompted, in case a wake was lost: the
+/// longest a link could outlive its stream's end if one were. yamux's graceful close did not wake
+/// its streams' readers (libp2p/rust-yamux#216), and this was 1 s; the patched yamux
+/// (patches/yamux) wakes them, and the repoll is only a net.
+const REPOLL: Duration = Duration::from_secs(30);
 /// Bytes a link reads from its stream at a time (more when a frame needs them): a read usually
 /// takes all the frames that came since the last.
 const READ_CHUNK: usize = 8 * 1024;
