@@ -52,17 +52,27 @@ pub struct Peer {
 /// random seed keeps keys, which anyone can pick, from being ground into collisions.
 type HostMap<V> = HashMap<PublicKey, V, foldhash::quality::RandomState>;
 
+/// What the view holds of one host, in one entry: a refresh (about a hundred a second at 100
+/// hosts) looks its host up once. Its seq, its live advert and that advert's chain had a map each
+/// (the adverts an ordered one): three lookups and a walk of 32-byte key comparisons per refresh,
+/// ~2.5 % of a node's CPU at 100 nodes (docs/BENCHMARKS.md).
+#[derive(Debug, Clone, PartialEq)]
+struct Held {
+    /// The highest seq taken, kept after the advert expires so that old adverts cannot come back.
+    seq: u64,
+    /// The live advert (none once expired).
+    peer: Option<Peer>,
+    /// The hash chain of the live advert, if it has one: what refreshes verify against.
+    chain: Option<Anchor>,
+}
+
 /// The space as this factory sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpaceView {
     /// Seconds an advert counts without a newer one ([`ADVERT_TTL_S`] unless set).
     ttl_s: u64,
-    peers: BTreeMap<PublicKey, Peer>,
-    /// Highest seq seen per host, kept after expiry so old adverts cannot come back.
-    seqs: HostMap<u64>,
-    /// The hash chain of each host's advert in `peers`, if it has one: what refreshes verify
-    /// against.
-    chains: HostMap<Anchor>,
+    /// Every host heard, live or expired.
+    hosts: HostMap<Held>,
     /// Last abort (fizzle, lost heartbeat, error) of each machine type anywhere in the space.
     aborts: BTreeMap<Digest, u64>,
     /// Outcomes taken, by (host, machine), and the same ordered by their time for forgetting.
@@ -83,9 +93,7 @@ impl SpaceView {
     pub fn with_ttl(ttl_s: u64) -> Self {
         SpaceView {
             ttl_s,
-            peers: BTreeMap::new(),
-            seqs: HostMap::default(),
-            chains: HostMap::default(),
+            hosts: HostMap::default(),
             aborts: BTreeMap::new(),
             outcomes: BTreeMap::new(),
             outcomes_by_time: BTreeSet::new(),
@@ -98,31 +106,29 @@ impl SpaceView {
         if advert.at.abs_diff(now) > CLOCK_SKEW_S {
             return Err(Refused::Clock { at: advert.at, now });
         }
-        match self.seqs.get(&advert.host) {
-            Some(&last) if advert.seq == last => {
+        if let Some(h) = self.hosts.get(&advert.host) {
+            if advert.seq == h.seq {
                 return Err(Refused::Replay(format!(
                     "advert {} of {}",
                     advert.seq, advert.host
                 )));
             }
-            Some(&last) if advert.seq < last => {
+            if advert.seq < h.seq {
                 return Err(Refused::Stale(format!(
-                    "advert seq {} of {} is below {last}",
-                    advert.seq, advert.host
+                    "advert seq {} of {} is below {}",
+                    advert.seq, advert.host, h.seq
                 )));
             }
-            _ => {}
         }
-        self.seqs.insert(advert.host, advert.seq);
-        match Anchor::of(&advert) {
-            Some(a) => self.chains.insert(advert.host, a),
-            None => self.chains.remove(&advert.host),
-        };
-        self.peers.insert(
+        self.hosts.insert(
             advert.host,
-            Peer {
-                advert,
-                received_at: now,
+            Held {
+                seq: advert.seq,
+                chain: Anchor::of(&advert),
+                peer: Some(Peer {
+                    advert,
+                    received_at: now,
+                }),
             },
         );
         Ok(())
@@ -130,12 +136,15 @@ impl SpaceView {
 
     /// `host`'s advert as the view holds it, if it does.
     pub fn peer(&self, host: &PublicKey) -> Option<&Peer> {
-        self.peers.get(host)
+        self.hosts.get(host).and_then(|h| h.peer.as_ref())
     }
 
     /// The seq of the anchor whose refreshes this view can check for `host`, if it holds one.
     pub fn anchor_seq(&self, host: &PublicKey) -> Option<u64> {
-        self.chains.get(host).map(|a| a.seq)
+        self.hosts
+            .get(host)
+            .and_then(|h| h.chain.as_ref())
+            .map(|a| a.seq)
     }
 
     /// Takes a refresh of a host's advert: its link is checked against the chain of the advert
@@ -143,25 +152,23 @@ impl SpaceView {
     /// advert as it now is.
     pub fn refresh(&mut self, r: &Refresh, now: u64) -> Result<&Peer, Refused> {
         let seq = r.seq();
-        match self.seqs.get(&r.host) {
-            Some(&last) if seq == last => {
-                return Err(Refused::Replay(format!("advert {seq} of {}", r.host)));
-            }
-            Some(&last) if seq < last => {
-                return Err(Refused::Stale(format!(
-                    "advert seq {seq} of {} is below {last}",
-                    r.host
-                )));
-            }
-            _ => {}
-        }
         let unanchored = Refused::Unanchored {
             host: r.host,
             anchor_seq: r.anchor_seq,
         };
-        let (Some(anchor), Some(peer)) =
-            (self.chains.get_mut(&r.host), self.peers.get_mut(&r.host))
-        else {
+        let Some(h) = self.hosts.get_mut(&r.host) else {
+            return Err(unanchored);
+        };
+        if seq == h.seq {
+            return Err(Refused::Replay(format!("advert {seq} of {}", r.host)));
+        }
+        if seq < h.seq {
+            return Err(Refused::Stale(format!(
+                "advert seq {seq} of {} is below {}",
+                r.host, h.seq
+            )));
+        }
+        let (Some(anchor), Some(peer)) = (h.chain.as_mut(), h.peer.as_mut()) else {
             return Err(unanchored);
         };
         if anchor.seq != r.anchor_seq {
@@ -174,7 +181,7 @@ impl SpaceView {
             return Err(Refused::Clock { at, now });
         }
         *anchor = next;
-        self.seqs.insert(r.host, seq);
+        h.seq = seq;
         peer.advert.seq = seq;
         peer.advert.at = at;
         peer.received_at = now;
@@ -226,10 +233,15 @@ impl SpaceView {
 
     /// Forgets adverts older than the TTL, and outcomes too old to pass the clock check.
     pub fn expire(&mut self, now: u64) {
-        self.peers
-            .retain(|_, p| now.saturating_sub(p.received_at) <= self.ttl_s);
-        let peers = &self.peers;
-        self.chains.retain(|k, _| peers.contains_key(k));
+        for h in self.hosts.values_mut() {
+            if h.peer
+                .as_ref()
+                .is_some_and(|p| now.saturating_sub(p.received_at) > self.ttl_s)
+            {
+                h.peer = None;
+                h.chain = None;
+            }
+        }
         self.forget_outcomes(now);
     }
 
@@ -251,15 +263,21 @@ impl SpaceView {
         self.outcomes.len()
     }
 
-    /// Live peers (after [`SpaceView::expire`]).
+    /// Live peers (after [`SpaceView::expire`]), ordered by host.
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
-        self.peers.values()
+        let mut peers: Vec<&Peer> = self.live().collect();
+        peers.sort_unstable_by_key(|p| p.advert.host);
+        peers.into_iter()
+    }
+
+    /// Live peers in no order, for sums.
+    fn live(&self) -> impl Iterator<Item = &Peer> {
+        self.hosts.values().filter_map(|h| h.peer.as_ref())
     }
 
     /// Machines of `machine_type` running across the space.
     pub fn running(&self, machine_type: &Digest) -> u64 {
-        self.peers
-            .values()
+        self.live()
             .flat_map(|p| p.advert.running.iter())
             .filter(|r| &r.machine_type == machine_type)
             .map(|r| u64::from(r.count))
@@ -270,7 +288,7 @@ impl SpaceView {
     /// its own machines from its own state, which is fresher than its last advert.
     pub fn running_elsewhere(&self, me: &PublicKey) -> BTreeMap<Digest, u64> {
         let mut out = BTreeMap::new();
-        for p in self.peers.values().filter(|p| &p.advert.host != me) {
+        for p in self.live().filter(|p| &p.advert.host != me) {
             for r in &p.advert.running {
                 *out.entry(r.machine_type).or_insert(0) += u64::from(r.count);
             }
@@ -282,8 +300,7 @@ impl SpaceView {
     /// other live peer with a free core that is neither draining nor in use by its owner.
     pub fn deciders(&self, me: &PublicKey) -> u64 {
         1 + self
-            .peers
-            .values()
+            .live()
             .filter(|p| &p.advert.host != me)
             .filter(|p| p.advert.free_cores > 0 && !p.advert.draining && !p.advert.owner_present)
             .count() as u64
@@ -296,10 +313,7 @@ impl SpaceView {
 
     /// Free cores across the live space.
     pub fn free_cores(&self) -> u64 {
-        self.peers
-            .values()
-            .map(|p| u64::from(p.advert.free_cores))
-            .sum()
+        self.live().map(|p| u64::from(p.advert.free_cores)).sum()
     }
 }
 
