@@ -37,6 +37,8 @@ use crate::chain::{REFRESH_LEN, Refresh};
 use crate::envelope::Envelope;
 use crate::ident::PublicKey;
 
+use smallvec::SmallVec;
+
 /// The relay's maps: foldhash, seeded at random per process, not SipHash. A node looks a host
 /// and a neighbour up several times per item it reads or sends (~100 items a second),
 /// and SipHash over 32-byte keys and peer ids was ~2 % of a node's CPU at 100 nodes. The random
@@ -249,10 +251,11 @@ pub struct RelayStats {
     pub frames_control: u64,
 }
 
-/// Notes that neighbour `l` holds `host`'s anchor `seq`; hosts beyond
-/// [`RelayConfig::max_hosts`] go unnoted (a refresh to it then goes after its anchor again).
-fn note_anchor(l: &mut Link, host: PublicKey, seq: u64) {
-    l.update(host, |s| s.anchor = Some(seq));
+/// Notes that neighbour `l` holds a host's anchor `seq` (`seen`: the host's entries); beyond
+/// [`RelayConfig::max_hosts`] anchors on the link it goes unnoted (a refresh to it then goes after
+/// its anchor again).
+fn note_anchor(l: &mut Link, seen: &mut Row, seq: u64) {
+    update(l, seen, |s| s.anchor = Some(seq));
 }
 
 /// Appends `item` to a neighbour's frame if it fits within `max` bytes.
@@ -267,17 +270,17 @@ fn queue(l: &mut Link, item: &Item<'_>, max: usize) -> bool {
     ok
 }
 
-/// Answers a graft on link `l` for `host`: its anchor and, if newer, its last refresh, queued
-/// to the neighbour at once (counted as sent ahead, so the next refresh does not repeat it).
-/// False if there was nothing to answer with, or no room in the neighbour's queue.
-fn answer<P>(l: &mut Link, h: &Host<P>, host: PublicKey, cfg: &RelayConfig) -> bool {
+/// Answers a graft on link `l` for a host (`h`, its entries `seen`): its anchor and, if newer, its
+/// last refresh, queued to the neighbour at once (counted as sent ahead, so the next refresh does
+/// not repeat it). False if there was nothing to answer with, or no room in the neighbour's queue.
+fn answer<P>(l: &mut Link, h: &Host<P>, seen: &mut Row, cfg: &RelayConfig) -> bool {
     let Some((seq, bytes)) = &h.anchor else {
         return false;
     };
     if !queue(l, &Item::Advert(bytes), cfg.max_queued) {
         return false;
     }
-    note_anchor(l, host, *seq);
+    note_anchor(l, seen, *seq);
     if let Some(r) = h.refresh.filter(|r| r.anchor_seq == *seq) {
         queue(l, &Item::Refresh(r), cfg.max_queued);
     }
@@ -286,11 +289,12 @@ fn answer<P>(l: &mut Link, h: &Host<P>, host: PublicKey, cfg: &RelayConfig) -> b
 
 /// Whether an advert or refresh (host, seq) that came over link `l` from `from` is news; if not,
 /// it is a copy and the link is pruned for the host (unless it is the host's way in).
-/// `pruned`: whether this node pruned the link for the host.
+/// `pruned`: whether this node pruned the link for the host; `full`: whether this node tracks
+/// [`RelayConfig::max_hosts`] hosts already.
 #[allow(clippy::too_many_arguments)]
 fn is_news<P: Copy + Eq>(
-    cfg: &RelayConfig,
-    hosts: &mut Map<PublicKey, Host<P>>,
+    full: bool,
+    e: &mut Entry<P>,
     stats: &mut RelayStats,
     l: &mut Link,
     pruned: bool,
@@ -299,12 +303,11 @@ fn is_news<P: Copy + Eq>(
     seq: u64,
     now_ms: u64,
 ) -> bool {
-    let full = hosts.len() >= cfg.max_hosts;
     // A link this node pruned for the host may still bring a frame it sent before the prune
     // reached it. Its news is news, but the link does not become the host's way in: if it did,
     // the copy from the real way in would prune that too, and the host would fall silent here
     // until repaired.
-    match hosts.get_mut(&host) {
+    match &mut e.host {
         Some(h) if seq <= h.seq => {
             stats.duplicates += 1;
             // Only a copy of the newest prunes: an older one is an anchor sent ahead of a
@@ -313,7 +316,7 @@ fn is_news<P: Copy + Eq>(
             // newest they hold, the same as its own more often than not, and pruning for that
             // would undo the graft. The next news picks the way in.
             if seq == h.seq && h.from != Some(from) && !pruned && !h.lost() {
-                l.update(host, |s| s.pruned = true);
+                update(l, &mut e.seen, |s| s.pruned = true);
                 encode(&mut l.out, &Item::Prune(host));
                 stats.prunes_sent += 1;
             }
@@ -325,29 +328,85 @@ fn is_news<P: Copy + Eq>(
                 h.from = Some(from);
             }
         }
-        None if !full => {
-            hosts.insert(host, Host::new(seq, Some(from), now_ms));
-        }
+        None if !full => e.host = Some(Host::new(seq, Some(from), now_ms)),
         None => {}
     }
     true
 }
 
+/// Marks (seq, from `from`) taken for a host (its entry `e`): `Err` if a newer one from the host
+/// was taken first (it is not forwarded), `Ok(false)` for a new host while this node tracks
+/// [`RelayConfig::max_hosts`] already (`full`: forwarded, not tracked).
+fn confirm<P: Copy>(
+    e: &mut Entry<P>,
+    full: bool,
+    from: Option<P>,
+    seq: u64,
+    now_ms: u64,
+) -> Result<bool, ()> {
+    if full && e.host.is_none() {
+        return Ok(false);
+    }
+    let h = e.host.get_or_insert_with(|| Host::new(seq, from, now_ms));
+    if h.confirmed.is_some_and(|(c, _)| seq <= c) {
+        return Err(());
+    }
+    h.confirmed = Some((seq, from));
+    h.at_ms = now_ms;
+    if seq > h.seq {
+        h.seq = seq;
+        h.from = from;
+    }
+    Ok(true)
+}
+
+/// Runs `f` on `host`'s entry, made if there is none, and forgets the entry if `f` leaves it
+/// empty; `tracked` follows the entries that hold a [`Host`].
+fn with_entry<P, R>(
+    hosts: &mut Map<PublicKey, Entry<P>>,
+    tracked: &mut usize,
+    host: PublicKey,
+    f: impl FnOnce(&mut Entry<P>) -> R,
+) -> R {
+    use std::collections::hash_map::Entry as Slot;
+    let mut follow = |before: bool, after: bool| {
+        *tracked = *tracked + usize::from(after) - usize::from(before);
+    };
+    match hosts.entry(host) {
+        Slot::Occupied(mut o) => {
+            let before = o.get().host.is_some();
+            let r = f(o.get_mut());
+            follow(before, o.get().host.is_some());
+            if o.get().is_empty() {
+                o.remove();
+            }
+            r
+        }
+        Slot::Vacant(v) => {
+            let mut e = Entry::default();
+            let r = f(&mut e);
+            follow(false, e.host.is_some());
+            if !e.is_empty() {
+                v.insert(e);
+            }
+            r
+        }
+    }
+}
+
+/// One neighbour, as this node's relay keeps it.
 #[derive(Debug)]
 struct Link {
     /// The frame being built for this neighbour.
     out: Vec<u8>,
     /// Whether that frame carries an advert or refresh (not only prunes and grafts).
     news: bool,
-    /// What this neighbour and this node told each other of each host, one entry per host: an
-    /// item read or sent looks its host up once per link, where a set of muted hosts, a set of
-    /// pruned ones and a map of anchors took up to three lookups (reading frames and forwarding
-    /// refreshes, where they were, were 4.7 % and 4.4 % of a node's CPU at 100 nodes,
-    /// docs/BENCHMARKS.md).
-    seen: Map<PublicKey, Seen>,
-    /// Entries with `muted` set, at most [`RelayConfig::max_muted`] (more prunes are ignored).
+    /// The link's place in every host's [`Row`]: no two links held at once share one.
+    slot: u16,
+    /// Hosts this link has muted (its entries in the rows with `muted` set), at most
+    /// [`RelayConfig::max_muted`] (more prunes are ignored).
     muted: usize,
-    /// Entries with an anchor, at most [`RelayConfig::max_hosts`] (more go unnoted).
+    /// Hosts this link holds an anchor of, at most [`RelayConfig::max_hosts`] (more go unnoted).
     anchors: usize,
     max_muted: usize,
     max_anchors: usize,
@@ -366,61 +425,81 @@ struct Seen {
     anchor: Option<u64>,
 }
 
+/// What the links hold of one host, one [`Seen`] per link that holds something, by the link's
+/// slot. A node has a few links (about four): they fit in the entry itself.
+type Row = SmallVec<[(u16, Seen); 4]>;
+
+/// All this node knows of one host, in one map entry: what it heard of the host (if it tracks
+/// it), and what each neighbour and this node told each other of it. An item read or sent looks
+/// its host up once, where a map of hosts and a map per link took two lookups per item read and
+/// one plus one per link per refresh forwarded (~4.5 % of a node's CPU at 100 nodes,
+/// docs/BENCHMARKS.md).
+#[derive(Debug)]
+struct Entry<P> {
+    host: Option<Host<P>>,
+    seen: Row,
+}
+
+impl<P> Default for Entry<P> {
+    fn default() -> Self {
+        Entry {
+            host: None,
+            seen: Row::new(),
+        }
+    }
+}
+
+impl<P> Entry<P> {
+    fn is_empty(&self) -> bool {
+        self.host.is_none() && self.seen.is_empty()
+    }
+}
+
+/// What link `l` holds of a host (all unset if nothing), from the host's row.
+fn seen(l: &Link, row: &Row) -> Seen {
+    row.iter()
+        .find(|(s, _)| *s == l.slot)
+        .map(|(_, x)| *x)
+        .unwrap_or_default()
+}
+
+/// Changes what link `l` holds of a host (in the host's row) with `change`, within the link's
+/// bounds (a mute or an anchor beyond them is not kept); what it held before.
+fn update(l: &mut Link, row: &mut Row, change: impl FnOnce(&mut Seen)) -> Seen {
+    let at = row.iter().position(|(s, _)| *s == l.slot);
+    let before = at.map(|i| row[i].1).unwrap_or_default();
+    let mut after = before;
+    change(&mut after);
+    if after.muted && !before.muted && l.muted >= l.max_muted {
+        after.muted = false;
+    }
+    if after.anchor.is_some() && before.anchor.is_none() && l.anchors >= l.max_anchors {
+        after.anchor = None;
+    }
+    l.muted = l.muted + usize::from(after.muted) - usize::from(before.muted);
+    l.anchors =
+        l.anchors + usize::from(after.anchor.is_some()) - usize::from(before.anchor.is_some());
+    match (at, after == Seen::default()) {
+        (Some(i), true) => {
+            row.swap_remove(i);
+        }
+        (Some(i), false) => row[i].1 = after,
+        (None, false) => row.push((l.slot, after)),
+        (None, true) => {}
+    }
+    before
+}
+
 impl Link {
-    fn new(cfg: &RelayConfig) -> Link {
+    fn new(cfg: &RelayConfig, slot: u16) -> Link {
         Link {
             out: Vec::new(),
             news: false,
-            seen: Map::default(),
+            slot,
             muted: 0,
             anchors: 0,
             max_muted: cfg.max_muted,
             max_anchors: cfg.max_hosts,
-        }
-    }
-
-    /// What this link holds of `host` (all unset if nothing).
-    fn seen(&self, host: &PublicKey) -> Seen {
-        self.seen.get(host).copied().unwrap_or_default()
-    }
-
-    /// Changes what this link holds of `host` with `change`, within the bounds (a mute or an
-    /// anchor beyond them is not kept); what it held before.
-    fn update(&mut self, host: PublicKey, change: impl FnOnce(&mut Seen)) -> Seen {
-        use std::collections::hash_map::Entry;
-        let (muted, anchors) = (&mut self.muted, &mut self.anchors);
-        let (max_muted, max_anchors) = (self.max_muted, self.max_anchors);
-        let mut bounded = |before: Seen, after: &mut Seen| {
-            if after.muted && !before.muted && *muted >= max_muted {
-                after.muted = false;
-            }
-            if after.anchor.is_some() && before.anchor.is_none() && *anchors >= max_anchors {
-                after.anchor = None;
-            }
-            *muted = *muted + usize::from(after.muted) - usize::from(before.muted);
-            *anchors = *anchors + usize::from(after.anchor.is_some())
-                - usize::from(before.anchor.is_some());
-        };
-        match self.seen.entry(host) {
-            Entry::Occupied(mut e) => {
-                let before = *e.get();
-                let s = e.get_mut();
-                change(s);
-                bounded(before, s);
-                if *s == Seen::default() {
-                    e.remove();
-                }
-                before
-            }
-            Entry::Vacant(e) => {
-                let mut after = Seen::default();
-                change(&mut after);
-                bounded(Seen::default(), &mut after);
-                if after != Seen::default() {
-                    e.insert(after);
-                }
-                Seen::default()
-            }
         }
     }
 }
@@ -477,7 +556,10 @@ impl<P> Host<P> {
 pub struct Relay<P> {
     cfg: RelayConfig,
     links: Map<P, Link>,
-    hosts: Map<PublicKey, Host<P>>,
+    /// Every host this node tracks or a link holds something of.
+    hosts: Map<PublicKey, Entry<P>>,
+    /// Entries that track their host (hold a [`Host`]): at most [`RelayConfig::max_hosts`].
+    tracked: usize,
     pub stats: RelayStats,
 }
 
@@ -487,6 +569,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             cfg,
             links: Map::default(),
             hosts: Map::default(),
+            tracked: 0,
             stats: RelayStats::default(),
         }
     }
@@ -499,10 +582,17 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         if self.links.contains_key(&peer) {
             return;
         }
-        let mut l = Link::new(&self.cfg);
-        for (host, h) in &self.hosts {
-            if h.from.is_some_and(|f| f != peer) {
-                l.update(*host, |s| s.pruned = true);
+        // The lowest slot no link holds: a link gone left nothing in the rows (remove_link).
+        let slot = (0..=u16::MAX)
+            .find(|s| self.links.values().all(|l| l.slot != *s))
+            .unwrap_or(u16::MAX);
+        let mut l = Link::new(&self.cfg, slot);
+        for (host, e) in self.hosts.iter_mut() {
+            if e.host
+                .as_ref()
+                .is_some_and(|h| h.from.is_some_and(|f| f != peer))
+            {
+                update(&mut l, &mut e.seen, |s| s.pruned = true);
                 encode(&mut l.out, &Item::Prune(*host));
                 self.stats.prunes_sent += 1;
             }
@@ -513,18 +603,18 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// A neighbour gone: every host whose adverts came through it is grafted back on the links
     /// this node pruned it on, so the next advert finds another way.
     pub fn remove_link(&mut self, peer: &P) {
-        if self.links.remove(peer).is_none() {
+        let Some(gone) = self.links.remove(peer) else {
             return;
-        }
-        let orphans: Vec<PublicKey> = self
-            .hosts
-            .iter_mut()
-            .filter(|(_, h)| h.from.as_ref() == Some(peer))
-            .map(|(k, h)| {
+        };
+        let mut orphans: Vec<PublicKey> = Vec::new();
+        self.hosts.retain(|k, e| {
+            e.seen.retain(|(s, _)| *s != gone.slot);
+            if let Some(h) = e.host.as_mut().filter(|h| h.from.as_ref() == Some(peer)) {
                 h.from = None;
-                *k
-            })
-            .collect();
+                orphans.push(*k);
+            }
+            !e.is_empty()
+        });
         for host in orphans {
             self.stats.orphaned += 1;
             self.orphan(host, None);
@@ -550,6 +640,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             cfg,
             links,
             hosts,
+            tracked,
             stats,
         } = self;
         let Some(l) = links.get_mut(&from) else {
@@ -560,27 +651,31 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         for item in items {
             let (carried, host, seq, anchor_seq) = match item {
                 Item::Prune(host) => {
-                    l.update(host, |s| s.muted = true);
+                    with_entry(hosts, tracked, host, |e| {
+                        update(l, &mut e.seen, |s| s.muted = true)
+                    });
                     continue;
                 }
                 Item::Graft(host) => {
-                    // The neighbour may lack the host's anchor too (it missed it, or its copy
-                    // expired): the next refresh to it goes after the anchor.
-                    l.update(host, |s| {
-                        s.muted = false;
-                        s.anchor = None;
-                    });
-                    match hosts.get(&host) {
-                        // From this node's way in for the host: that neighbour lost it.
-                        Some(h) if h.from == Some(from) => lost.push(host),
-                        // Answered at once with the newest this node holds: the advert the
-                        // neighbour missed while it had no way in (a link closed with it in
-                        // flight) reaches it now, not a second later with the next one.
-                        Some(h) if !h.lost() => {
-                            stats.grafts_answered += u64::from(answer(l, h, host, cfg));
+                    with_entry(hosts, tracked, host, |e| {
+                        // The neighbour may lack the host's anchor too (it missed it, or its
+                        // copy expired): the next refresh to it goes after the anchor.
+                        update(l, &mut e.seen, |s| {
+                            s.muted = false;
+                            s.anchor = None;
+                        });
+                        match &e.host {
+                            // From this node's way in for the host: that neighbour lost it.
+                            Some(h) if h.from == Some(from) => lost.push(host),
+                            // Answered at once with the newest this node holds: the advert the
+                            // neighbour missed while it had no way in (a link closed with it in
+                            // flight) reaches it now, not a second later with the next one.
+                            Some(h) if !h.lost() => {
+                                stats.grafts_answered += u64::from(answer(l, h, &mut e.seen, cfg));
+                            }
+                            _ => {}
                         }
-                        _ => {}
-                    }
+                    });
                     continue;
                 }
                 Item::Advert(bytes) => {
@@ -596,11 +691,16 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 }
                 Item::Refresh(r) => (Carried::Refresh(r), r.host, r.seq(), r.anchor_seq),
             };
-            // The neighbour holds the anchor it sent, or whose refresh it sent (it checked it).
-            let seen = l.update(host, |s| {
-                s.anchor = Some(s.anchor.map_or(anchor_seq, |a| a.max(anchor_seq)));
+            let full = *tracked >= cfg.max_hosts;
+            let news = with_entry(hosts, tracked, host, |e| {
+                // The neighbour holds the anchor it sent, or whose refresh it sent (it checked
+                // it).
+                let seen = update(l, &mut e.seen, |s| {
+                    s.anchor = Some(s.anchor.map_or(anchor_seq, |a| a.max(anchor_seq)));
+                });
+                is_news(full, e, stats, l, seen.pruned, from, host, seq, now_ms)
             });
-            if is_news(cfg, hosts, stats, l, seen.pruned, from, host, seq, now_ms) {
+            if news {
                 got.news.push(Candidate { carried, host, seq });
             }
         }
@@ -622,78 +722,92 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         bytes: &[u8],
         now_ms: u64,
     ) {
-        let Ok(h) = Self::confirm(&mut self.hosts, self.cfg.max_hosts, from, host, seq, now_ms)
-        else {
-            return;
-        };
-        if from.is_some() {
-            self.stats.signed += 1;
-        }
-        if let Some(h) = h {
-            let mut anchor = h.anchor.take().map(|(_, b)| b).unwrap_or_default();
-            anchor.clear();
-            anchor.extend_from_slice(bytes);
-            h.anchor = Some((seq, anchor));
-            h.refresh = None;
-        }
-        let max = self.cfg.max_queued;
-        for (peer, l) in self.links.iter_mut() {
-            if Some(*peer) == from || l.seen(&host).muted {
-                continue;
+        let Relay {
+            cfg,
+            links,
+            hosts,
+            tracked,
+            stats,
+        } = self;
+        let full = *tracked >= cfg.max_hosts;
+        let max = cfg.max_queued;
+        with_entry(hosts, tracked, host, |e| {
+            if confirm(e, full, from, seq, now_ms).is_err() {
+                return;
             }
-            if queue(l, &Item::Advert(bytes), max) {
-                note_anchor(l, host, seq);
-            } else {
-                self.stats.dropped += 1;
+            if from.is_some() {
+                stats.signed += 1;
             }
-        }
+            if let Some(h) = &mut e.host {
+                let mut anchor = h.anchor.take().map(|(_, b)| b).unwrap_or_default();
+                anchor.clear();
+                anchor.extend_from_slice(bytes);
+                h.anchor = Some((seq, anchor));
+                h.refresh = None;
+            }
+            for (peer, l) in links.iter_mut() {
+                if Some(*peer) == from || seen(l, &e.seen).muted {
+                    continue;
+                }
+                if queue(l, &Item::Advert(bytes), max) {
+                    note_anchor(l, &mut e.seen, seq);
+                } else {
+                    stats.dropped += 1;
+                }
+            }
+        });
     }
 
     /// A verified refresh that is news, from neighbour `from` (`None`: this node's own): queued
     /// like an advert, each neighbour that lacks its anchor sent the anchor first.
     pub fn accepted_refresh(&mut self, from: Option<P>, r: &Refresh, now_ms: u64) {
-        let Ok(mut h) = Self::confirm(
-            &mut self.hosts,
-            self.cfg.max_hosts,
-            from,
-            r.host,
-            r.seq(),
-            now_ms,
-        ) else {
-            return;
-        };
-        if from.is_some() {
-            self.stats.refreshes += 1;
-        }
-        if let Some(h) = &mut h {
-            h.refresh = Some(*r);
-        }
-        let anchor = h
-            .and_then(|h| h.anchor.as_ref())
-            .filter(|(seq, _)| *seq == r.anchor_seq)
-            .map(|(_, b)| b.as_slice());
-        let max = self.cfg.max_queued;
-        for (peer, l) in self.links.iter_mut() {
-            if Some(*peer) == from {
-                continue;
+        let Relay {
+            cfg,
+            links,
+            hosts,
+            tracked,
+            stats,
+        } = self;
+        let full = *tracked >= cfg.max_hosts;
+        let max = cfg.max_queued;
+        with_entry(hosts, tracked, r.host, |e| {
+            if confirm(e, full, from, r.seq(), now_ms).is_err() {
+                return;
             }
-            let seen = l.seen(&r.host);
-            if seen.muted {
-                continue;
+            if from.is_some() {
+                stats.refreshes += 1;
             }
-            if let Some(a) = anchor
-                && seen.anchor != Some(r.anchor_seq)
-            {
-                if !queue(l, &Item::Advert(a), max) {
-                    self.stats.dropped += 1;
+            let Entry { host: h, seen: row } = e;
+            if let Some(h) = h.as_mut() {
+                h.refresh = Some(*r);
+            }
+            let anchor = h
+                .as_ref()
+                .and_then(|h| h.anchor.as_ref())
+                .filter(|(seq, _)| *seq == r.anchor_seq)
+                .map(|(_, b)| b.as_slice());
+            for (peer, l) in links.iter_mut() {
+                if Some(*peer) == from {
                     continue;
                 }
-                note_anchor(l, r.host, r.anchor_seq);
+                let s = seen(l, row);
+                if s.muted {
+                    continue;
+                }
+                if let Some(a) = anchor
+                    && s.anchor != Some(r.anchor_seq)
+                {
+                    if !queue(l, &Item::Advert(a), max) {
+                        stats.dropped += 1;
+                        continue;
+                    }
+                    note_anchor(l, row, r.anchor_seq);
+                }
+                if !queue(l, &Item::Refresh(*r), max) {
+                    stats.dropped += 1;
+                }
             }
-            if !queue(l, &Item::Refresh(*r), max) {
-                self.stats.dropped += 1;
-            }
-        }
+        });
     }
 
     /// A refresh from `peer` could not be checked here: this node does not hold the anchor it
@@ -701,40 +815,12 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// `peer` for the anchor: it answers with the anchor and its last refresh at once.
     pub fn want_anchor(&mut self, peer: P, host: PublicKey) {
         if let Some(l) = self.links.get_mut(&peer) {
-            l.update(host, |s| s.pruned = false);
+            with_entry(&mut self.hosts, &mut self.tracked, host, |e| {
+                update(l, &mut e.seen, |s| s.pruned = false)
+            });
             encode(&mut l.out, &Item::Graft(host));
             self.stats.anchors_asked += 1;
         }
-    }
-
-    /// Marks (host, seq) taken from `from`: `Err` if a newer one from the host was taken first
-    /// (it is not forwarded), `Ok(None)` for a new host beyond [`RelayConfig::max_hosts`]
-    /// (forwarded, not tracked).
-    fn confirm(
-        hosts: &mut Map<PublicKey, Host<P>>,
-        max_hosts: usize,
-        from: Option<P>,
-        host: PublicKey,
-        seq: u64,
-        now_ms: u64,
-    ) -> Result<Option<&mut Host<P>>, ()> {
-        let full = hosts.len() >= max_hosts;
-        if full && !hosts.contains_key(&host) {
-            return Ok(None);
-        }
-        let h = hosts
-            .entry(host)
-            .or_insert_with(|| Host::new(seq, from, now_ms));
-        if h.confirmed.is_some_and(|(c, _)| seq <= c) {
-            return Err(());
-        }
-        h.confirmed = Some((seq, from));
-        h.at_ms = now_ms;
-        if seq > h.seq {
-            h.seq = seq;
-            h.from = from;
-        }
-        Ok(Some(h))
     }
 
     /// Appends an advert to the frame of every neighbour `to` picks, within each one's queue
@@ -752,7 +838,10 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// from it, and every link pruned for it meanwhile is grafted back, so that a forgery that
     /// came first cannot cut the host's real adverts off.
     pub fn refused(&mut self, host: PublicKey, seq: u64) {
-        let Some(h) = self.hosts.get_mut(&host) else {
+        let Some(e) = self.hosts.get_mut(&host) else {
+            return;
+        };
+        let Some(h) = e.host.as_mut() else {
             return;
         };
         if h.seq != seq {
@@ -764,7 +853,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 h.from = from;
             }
             None => {
-                self.hosts.remove(&host);
+                with_entry(&mut self.hosts, &mut self.tracked, host, |e| e.host = None);
             }
         }
         self.stats.refusals += 1;
@@ -784,21 +873,29 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         let forgotten: Vec<PublicKey> = self
             .hosts
             .iter()
-            .filter(|(_, h)| now_ms.saturating_sub(h.at_ms) >= forget)
+            .filter(|(_, e)| {
+                e.host
+                    .as_ref()
+                    .is_some_and(|h| now_ms.saturating_sub(h.at_ms) >= forget)
+            })
             .map(|(k, _)| *k)
             .collect();
-        for k in &forgotten {
-            self.hosts.remove(k);
-            for l in self.links.values_mut() {
-                l.update(*k, |s| {
-                    s.pruned = false;
-                    s.anchor = None;
-                });
-            }
+        for k in forgotten {
+            let links = &mut self.links;
+            with_entry(&mut self.hosts, &mut self.tracked, k, |e| {
+                e.host = None;
+                for l in links.values_mut() {
+                    update(l, &mut e.seen, |s| {
+                        s.pruned = false;
+                        s.anchor = None;
+                    });
+                }
+            });
         }
         let due: Vec<PublicKey> = self
             .hosts
             .iter_mut()
+            .filter_map(|(k, e)| e.host.as_mut().map(|h| (k, h)))
             .filter(|(k, h)| {
                 let repair = base + spread(seed, k, base);
                 now_ms.saturating_sub(h.at_ms) >= repair
@@ -845,13 +942,13 @@ impl<P: Copy + Eq + Hash> Relay<P> {
 
     /// Hosts tracked now.
     pub fn hosts(&self) -> usize {
-        self.hosts.len()
+        self.tracked
     }
 
     /// Whether `host`'s adverts reach this node (it is tracked: heard within
     /// [`RelayConfig::forget_ms`]).
     pub fn hears(&self, host: &PublicKey) -> bool {
-        self.hosts.contains_key(host)
+        self.hosts.get(host).is_some_and(|e| e.host.is_some())
     }
 
     /// This node lost its way in for `host` (the link went, or the neighbour it came from lost
@@ -864,25 +961,43 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// 388 ms in a same-time pair at 100 nodes, docs/BENCHMARKS.md); with none, such a subtree
     /// waited in silence for [`RelayConfig::repair_ms`] and its spread (3–6 s).
     fn orphan(&mut self, host: PublicKey, from: Option<P>) {
-        if let Some(h) = self.hosts.get_mut(&host) {
-            h.from = None;
-        }
-        for (p, l) in self.links.iter_mut() {
-            if Some(*p) != from {
-                l.update(host, |s| s.pruned = false);
-                encode(&mut l.out, &Item::Graft(host));
-                self.stats.grafts_sent += 1;
+        let Relay {
+            links,
+            hosts,
+            tracked,
+            stats,
+            ..
+        } = self;
+        with_entry(hosts, tracked, host, |e| {
+            if let Some(h) = &mut e.host {
+                h.from = None;
             }
-        }
+            for (p, l) in links.iter_mut() {
+                if Some(*p) != from {
+                    update(l, &mut e.seen, |s| s.pruned = false);
+                    encode(&mut l.out, &Item::Graft(host));
+                    stats.grafts_sent += 1;
+                }
+            }
+        });
     }
 
     fn graft(&mut self, host: PublicKey) {
-        for l in self.links.values_mut() {
-            if l.update(host, |s| s.pruned = false).pruned {
-                encode(&mut l.out, &Item::Graft(host));
-                self.stats.grafts_sent += 1;
+        let Relay {
+            links,
+            hosts,
+            tracked,
+            stats,
+            ..
+        } = self;
+        with_entry(hosts, tracked, host, |e| {
+            for l in links.values_mut() {
+                if update(l, &mut e.seen, |s| s.pruned = false).pruned {
+                    encode(&mut l.out, &Item::Graft(host));
+                    stats.grafts_sent += 1;
+                }
             }
-        }
+        });
     }
 }
 
@@ -928,6 +1043,7 @@ mod tests {
     }
 
     fn sent(r: &mut Relay<u8>) -> HashMap<u8, Vec<Item<'static>>> {
+        consistent(r);
         r.flush()
             .into_iter()
             .map(|(p, f)| {
@@ -1517,33 +1633,109 @@ mod tests {
             max_hosts: 3,
             ..RelayConfig::default()
         };
-        let mut l = Link::new(&cfg);
-        let hosts: Vec<PublicKey> = (0..5u8)
-            .map(|i| SecretKey::from_seed([i; 32]).public())
-            .collect();
-        for h in &hosts {
-            l.update(*h, |s| s.muted = true);
-            l.update(*h, |s| s.anchor = Some(7));
-            l.update(*h, |s| s.pruned = true);
+        let mut l = Link::new(&cfg, 1);
+        // Another link's entries in the same rows, untouched by this one's.
+        let mut other = Link::new(&cfg, 0);
+        let mut rows: Vec<Row> = (0..5).map(|_| Row::new()).collect();
+        for row in &mut rows {
+            update(&mut other, row, |s| s.muted = true);
+            update(&mut l, row, |s| s.muted = true);
+            update(&mut l, row, |s| s.anchor = Some(7));
+            update(&mut l, row, |s| s.pruned = true);
         }
-        let count = |l: &Link, f: fn(Seen) -> bool| hosts.iter().filter(|h| f(l.seen(h))).count();
-        assert_eq!((count(&l, |s| s.muted), l.muted), (2, 2));
-        assert_eq!((count(&l, |s| s.anchor.is_some()), l.anchors), (3, 3));
+        let count = |l: &Link, rows: &[Row], f: fn(Seen) -> bool| {
+            rows.iter().filter(|r| f(seen(l, r))).count()
+        };
+        assert_eq!((count(&l, &rows, |s| s.muted), l.muted), (2, 2));
+        assert_eq!(
+            (count(&l, &rows, |s| s.anchor.is_some()), l.anchors),
+            (3, 3)
+        );
         // Prunes this node sent are bounded by the hosts it tracks, not here.
-        assert_eq!(count(&l, |s| s.pruned), 5);
+        assert_eq!(count(&l, &rows, |s| s.pruned), 5);
         // What was there before is given back; a change within the bounds is kept.
-        assert_eq!(l.update(hosts[0], |s| s.anchor = Some(9)).anchor, Some(7));
-        assert_eq!(l.seen(&hosts[0]).anchor, Some(9));
+        assert_eq!(
+            update(&mut l, &mut rows[0], |s| s.anchor = Some(9)).anchor,
+            Some(7)
+        );
+        assert_eq!(seen(&l, &rows[0]).anchor, Some(9));
         assert_eq!(l.anchors, 3);
         // Emptied entries go, and their room takes the next mute.
-        for h in &hosts {
-            l.update(*h, |s| *s = Seen::default());
+        for row in &mut rows {
+            update(&mut l, row, |s| *s = Seen::default());
         }
-        assert!(l.seen.is_empty());
+        assert!(rows.iter().flatten().all(|(s, _)| *s == other.slot));
+        assert_eq!(rows.iter().map(|r| r.len()).sum::<usize>(), 2);
         assert_eq!((l.muted, l.anchors), (0, 0));
-        assert!(!l.update(hosts[4], |s| s.muted = true).muted);
-        assert!(l.seen(&hosts[4]).muted);
+        assert_eq!(count(&other, &rows, |s| s.muted), 2);
+        assert!(!update(&mut l, &mut rows[4], |s| s.muted = true).muted);
+        assert!(seen(&l, &rows[4]).muted);
         assert_eq!(l.muted, 1);
+    }
+
+    /// The rows hold only what the links hold, and `tracked` counts the hosts tracked.
+    fn consistent(r: &Relay<u8>) {
+        assert_eq!(
+            r.tracked,
+            r.hosts.values().filter(|e| e.host.is_some()).count()
+        );
+        assert!(r.hosts.values().all(|e| !e.is_empty()));
+        for e in r.hosts.values() {
+            for (s, x) in &e.seen {
+                assert_ne!(*x, Seen::default());
+                assert!(
+                    r.links.values().any(|l| l.slot == *s),
+                    "slot {s} of no link"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_link_gone_leaves_nothing_for_the_next_to_inherit() {
+        let mut r = relay();
+        let hosts: Vec<SecretKey> = (0..4u8).map(|i| SecretKey::from_seed([i; 32])).collect();
+        for k in &hosts {
+            let a = advert(k, 1);
+            r.on_frame(1, &frame(&[Item::Advert(&a)]), 0).unwrap();
+            r.accepted(Some(1), k.public(), 1, &a, 0);
+            // Link 3 mutes every host; link 2 holds every anchor.
+            r.on_frame(3, &frame(&[Item::Prune(k.public())]), 0)
+                .unwrap();
+        }
+        consistent(&r);
+        let slot = r.links[&3].slot;
+        r.remove_link(&3);
+        consistent(&r);
+        // The next link takes the slot, and starts as any new link: pruned for every host heard
+        // over another, muting none, holding no anchor.
+        r.add_link(4);
+        assert_eq!(r.links[&4].slot, slot);
+        consistent(&r);
+        let l = &r.links[&4];
+        assert_eq!((l.muted, l.anchors), (0, 0));
+        for k in &hosts {
+            let s = seen(l, &r.hosts[&k.public()].seen);
+            assert_eq!(
+                s,
+                Seen {
+                    muted: false,
+                    pruned: true,
+                    anchor: None
+                }
+            );
+        }
+        let a = advert(&hosts[0], 2);
+        r.accepted(Some(1), hosts[0].public(), 2, &a, 1000);
+        assert!(sent(&mut r)[&4].contains(&Item::Advert(&a)));
+        // Forgetting the hosts leaves the links' mutes only.
+        r.on_frame(4, &frame(&[Item::Prune(hosts[1].public())]), 0)
+            .unwrap();
+        r.repair(10 * r.cfg.forget_ms);
+        consistent(&r);
+        assert_eq!(r.hosts(), 0);
+        assert_eq!(r.hosts.len(), 1);
+        assert!(seen(&r.links[&4], &r.hosts[&hosts[1].public()].seen).muted);
     }
 
     #[test]
