@@ -5,12 +5,13 @@
 
 use std::time::Duration;
 
-/// Gossipsub heartbeat (mesh maintenance, peer scores and gossip emission): gossipsub's default.
-/// It was 500 ms while adverts rode gossipsub; what is left there (outcomes, announcements,
-/// trust messages) is rare, and each heartbeat scores every peer: with the score refresh, an
-/// eighth of an idle node's CPU at 100 nodes (docs/BENCHMARKS.md). Its timer, like every libp2p
+/// Gossipsub heartbeat (mesh maintenance, peer scores and gossip emission). Gossipsub's default
+/// is 1 s, and it was 500 ms while adverts rode gossipsub; what is left there (outcomes,
+/// announcements, trust messages) is rare, and each heartbeat scores every peer: a fifth of an
+/// idle node's CPU at 100 nodes with 1 s (docs/BENCHMARKS.md). A mesh repaired or a graylisted
+/// peer pruned a second later costs nothing the space would see. Its timer, like every libp2p
 /// timer here, runs on the node's runtime (patches/futures-timer).
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often libp2p ping measures each connection (its default is 15 s). A node holds ~25
 /// connections, each pinged from both ends; dead peers are found by the transports
 /// ([`TCP_KEEPALIVE_IDLE`], QUIC's keep-alive), so a minute is enough.
@@ -30,7 +31,7 @@ const _: () = assert!(TCP_KEEPALIVE_IDLE.as_secs() < TCP_USER_TIMEOUT.as_secs())
 /// advert is superseded by the next one within seconds, so the mesh and IHAVE gossip carry it.
 pub const FLOOD_PUBLISH: bool = false;
 /// IHAVE gossip (the fallback for messages the mesh missed): ids of the last `HISTORY_GOSSIP`
-/// heartbeats (2 s), sent to `GOSSIP_LAZY` peers outside the mesh per topic and heartbeat, or to
+/// heartbeats (4 s), sent to `GOSSIP_LAZY` peers outside the mesh per topic and heartbeat, or to
 /// `GOSSIP_FACTOR` of them if more. Gossipsub's defaults (3 heartbeats to 6 peers) carried every
 /// message id 1.5 s long to 6 peers twice a second: ~17 kB/s per node at 30 adverts/s, three
 /// times the adverts themselves.
