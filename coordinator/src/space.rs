@@ -311,13 +311,17 @@ impl Node {
         lookup.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(tuning::RELAY_FLUSH);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Made once, as in the client's node loop: not a waiter put on the token's list and
+        // taken off again at every wake.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let queued = self.relay.queued();
             // Each branch says whether it may have queued swarm work (a dial, a walk, a relay
             // link opened): such work wakes no one, so the swarm is then marked due. The relay's
             // frames and flushes do not touch the swarm.
             let touched = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = &mut cancelled => return,
                 _ = redial.tick() => {
                     discovery::redial(&mut self.swarm, &self.bootstrap, |_| false);
                     true
