@@ -722,19 +722,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
         bytes: &[u8],
         now_ms: u64,
     ) {
-        let Relay {
-            cfg,
-            links,
-            hosts,
-            tracked,
-            stats,
-        } = self;
-        let full = *tracked >= cfg.max_hosts;
-        let max = cfg.max_queued;
-        with_entry(hosts, tracked, host, |e| {
-            if confirm(e, full, from, seq, now_ms).is_err() {
-                return;
-            }
+        self.taken(from, host, seq, now_ms, |e, links, stats, max| {
             if from.is_some() {
                 stats.signed += 1;
             }
@@ -761,19 +749,7 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// A verified refresh that is news, from neighbour `from` (`None`: this node's own): queued
     /// like an advert, each neighbour that lacks its anchor sent the anchor first.
     pub fn accepted_refresh(&mut self, from: Option<P>, r: &Refresh, now_ms: u64) {
-        let Relay {
-            cfg,
-            links,
-            hosts,
-            tracked,
-            stats,
-        } = self;
-        let full = *tracked >= cfg.max_hosts;
-        let max = cfg.max_queued;
-        with_entry(hosts, tracked, r.host, |e| {
-            if confirm(e, full, from, r.seq(), now_ms).is_err() {
-                return;
-            }
+        self.taken(from, r.host, r.seq(), now_ms, |e, links, stats, max| {
             if from.is_some() {
                 stats.refreshes += 1;
             }
@@ -806,6 +782,31 @@ impl<P: Copy + Eq + Hash> Relay<P> {
                 if !queue(l, &Item::Refresh(*r), max) {
                     stats.dropped += 1;
                 }
+            }
+        });
+    }
+
+    /// Marks (host, seq) taken from `from` ([`confirm`]) and, unless a newer one was taken first,
+    /// runs `f` on the host's entry with the links, the counters and the queue bound.
+    fn taken(
+        &mut self,
+        from: Option<P>,
+        host: PublicKey,
+        seq: u64,
+        now_ms: u64,
+        f: impl FnOnce(&mut Entry<P>, &mut Map<P, Link>, &mut RelayStats, usize),
+    ) {
+        let Relay {
+            cfg,
+            links,
+            hosts,
+            tracked,
+            stats,
+        } = self;
+        let full = *tracked >= cfg.max_hosts;
+        with_entry(hosts, tracked, host, |e| {
+            if confirm(e, full, from, seq, now_ms).is_ok() {
+                f(e, links, stats, cfg.max_queued);
             }
         });
     }
@@ -961,28 +962,19 @@ impl<P: Copy + Eq + Hash> Relay<P> {
     /// 388 ms in a same-time pair at 100 nodes, docs/BENCHMARKS.md); with none, such a subtree
     /// waited in silence for [`RelayConfig::repair_ms`] and its spread (3–6 s).
     fn orphan(&mut self, host: PublicKey, from: Option<P>) {
-        let Relay {
-            links,
-            hosts,
-            tracked,
-            stats,
-            ..
-        } = self;
-        with_entry(hosts, tracked, host, |e| {
-            if let Some(h) = &mut e.host {
-                h.from = None;
-            }
-            for (p, l) in links.iter_mut() {
-                if Some(*p) != from {
-                    update(l, &mut e.seen, |s| s.pruned = false);
-                    encode(&mut l.out, &Item::Graft(host));
-                    stats.grafts_sent += 1;
-                }
-            }
-        });
+        if let Some(h) = self.hosts.get_mut(&host).and_then(|e| e.host.as_mut()) {
+            h.from = None;
+        }
+        self.graft_on(host, |p, _| Some(*p) != from);
     }
 
+    /// Grafts `host` back on the links this node pruned it on.
     fn graft(&mut self, host: PublicKey) {
+        self.graft_on(host, |_, s| s.pruned);
+    }
+
+    /// Grafts `host` on the links `pick` chooses by their neighbour and what they hold of it.
+    fn graft_on(&mut self, host: PublicKey, pick: impl Fn(&P, Seen) -> bool) {
         let Relay {
             links,
             hosts,
@@ -991,8 +983,9 @@ impl<P: Copy + Eq + Hash> Relay<P> {
             ..
         } = self;
         with_entry(hosts, tracked, host, |e| {
-            for l in links.values_mut() {
-                if update(l, &mut e.seen, |s| s.pruned = false).pruned {
+            for (p, l) in links.iter_mut() {
+                if pick(p, seen(l, &e.seen)) {
+                    update(l, &mut e.seen, |s| s.pruned = false);
                     encode(&mut l.out, &Item::Graft(host));
                     stats.grafts_sent += 1;
                 }
