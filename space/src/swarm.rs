@@ -191,9 +191,20 @@ pub fn gossipsub_behaviour(
     let gcfg = gossipsub_config(duplicate_cache)?;
     let mut gs = gossipsub::Behaviour::new(MessageAuthenticity::Anonymous, gcfg)
         .map_err(|e| format!("gossipsub: {e}"))?;
+    // Gossipsub's default decays are per 1 s decay: the same per second on ours.
+    let (defaults, topic_defaults) = (
+        gossipsub::PeerScoreParams::default(),
+        gossipsub::TopicScoreParams::default(),
+    );
+    let per_s = |per_default_tick: f64| {
+        tuning::decay_per_tick(per_default_tick.powf(1.0 / defaults.decay_interval.as_secs_f64()))
+    };
     let mut params = gossipsub::PeerScoreParams {
         ip_colocation_factor_weight: tuning::IP_COLOCATION_FACTOR_WEIGHT,
         app_specific_weight: tuning::APP_SPECIFIC_WEIGHT,
+        decay_interval: tuning::SCORE_DECAY_INTERVAL,
+        behaviour_penalty_decay: per_s(defaults.behaviour_penalty_decay),
+        slow_peer_decay: per_s(defaults.slow_peer_decay),
         ..Default::default()
     };
     for h in topics {
@@ -209,7 +220,14 @@ pub fn gossipsub_behaviour(
                 mesh_message_deliveries_weight: tuning::MESH_MESSAGE_DELIVERIES_WEIGHT,
                 mesh_failure_penalty_weight: tuning::MESH_FAILURE_PENALTY_WEIGHT,
                 invalid_message_deliveries_weight: tuning::INVALID_MESSAGE_DELIVERIES_WEIGHT,
-                invalid_message_deliveries_decay: tuning::INVALID_MESSAGE_DELIVERIES_DECAY,
+                invalid_message_deliveries_decay: tuning::decay_per_tick(
+                    tuning::INVALID_MESSAGE_DELIVERIES_DECAY_PER_S,
+                ),
+                first_message_deliveries_decay: per_s(
+                    topic_defaults.first_message_deliveries_decay,
+                ),
+                mesh_message_deliveries_decay: per_s(topic_defaults.mesh_message_deliveries_decay),
+                mesh_failure_penalty_decay: per_s(topic_defaults.mesh_failure_penalty_decay),
                 ..Default::default()
             },
         );
