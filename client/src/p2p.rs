@@ -806,19 +806,18 @@ impl Node {
             // request): such work wakes no one, so the swarm is then marked due.
             let touched = tokio::select! {
                 _ = &mut cancelled => return,
+                // A redial or a walk touches the swarm only when it dialled or started one.
                 _ = redial.tick(), if dialling => {
-                    discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p));
-                    true
+                    discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p))
                 }
-                _ = housekeeping.tick(), if !alone => {
-                    self.housekeeping();
-                    true
-                }
+                // Most seconds housekeeping changes nothing the swarm must act on: polling it
+                // then for nothing (every behaviour, the pool, the listeners) was a swarm poll a
+                // second per node.
+                _ = housekeeping.tick(), if !alone => self.housekeeping(),
                 _ = lookup.tick(), if !alone || dialling => {
                     let target = self.dial_target();
                     let now_ms = crate::factory::now_ms();
-                    discovery::lookup(&mut self.swarm, target, &mut self.walks, now_ms);
-                    true
+                    discovery::lookup(&mut self.swarm, target, &mut self.walks, now_ms)
                 }
                 // The relay touches the swarm only to fetch a machine type (`want`, which marks
                 // it due itself).
@@ -852,7 +851,10 @@ impl Node {
         }
     }
 
-    fn housekeeping(&mut self) {
+    /// The once-a-second chores; says whether they changed the swarm outside its poll (a ban,
+    /// a ban lifted, a connection closed, a peer's score set, an announcement published), so
+    /// that the swarm is polled. Links opened and fetches asked for wake what they need.
+    fn housekeeping(&mut self) -> bool {
         let now = now();
         // Ban peers that sent junk lately and whose score says they send enough of it. Only
         // those are scored here: a low score without junk is slowness (see BAN_SCORE).
@@ -860,6 +862,7 @@ impl Node {
         let low = to_ban(&self.rejects, &self.replays, &self.banned, |p| {
             gossipsub.peer_score(p)
         });
+        let mut touched = !low.is_empty();
         for (p, why) in low {
             self.ban(p, &why, now);
         }
@@ -868,6 +871,7 @@ impl Node {
         }
         self.rejects.retain(|_, n| *n > 0.01);
         // Replay penalties and refused requests fade, so an honest peer's odd one is forgotten.
+        touched |= !self.replays.is_empty();
         for (p, n) in self.replays.iter_mut() {
             *n *= PENALTY_DECAY;
             let score = -REPLAY_PENALTY * *n * *n;
@@ -883,6 +887,7 @@ impl Node {
             .filter(|(_, b)| b.refused >= MT_FLOOD_BAN)
             .map(|(p, b)| (*p, b.refused))
             .collect();
+        touched |= !flooders.is_empty();
         for (p, n) in flooders {
             self.mt_buckets.remove(&p);
             self.ban(
@@ -900,6 +905,7 @@ impl Node {
             .filter(|(_, until)| **until <= now)
             .map(|(p, _)| *p)
             .collect();
+        touched |= !lifted.is_empty();
         for p in lifted {
             self.banned.remove(&p);
             self.swarm.behaviour_mut().blocked.unblock_peer(p);
@@ -911,12 +917,12 @@ impl Node {
             |p| banned.contains_key(p),
             ms,
         );
-        self.trim(ms);
+        touched |= self.trim(ms);
         self.gate.rates.forget_idle(ms);
         self.mt_buckets
             .retain(|_, b| ms.saturating_sub(b.last_ms) < 60_000 || b.refused > 1.0);
         self.fetch_wanted(now);
-        self.announce_trust_due(now);
+        touched | self.announce_trust_due(now)
     }
 
     /// Where trimming stops: three quarters of `max_peers`, as [`tuning::TRIM_LOW`] is of
@@ -932,12 +938,12 @@ impl Node {
     }
 
     /// Closes the connections this node dialled and no longer needs, once it holds more than
-    /// `max_peers` ([`gleaner_space::trim`]).
-    fn trim(&mut self, now_ms: u64) {
+    /// `max_peers` ([`gleaner_space::trim`]); says whether it closed any.
+    fn trim(&mut self, now_ms: u64) -> bool {
         let (high, low) = (self.max_peers, self.trim_low());
         // Most seconds there is nothing to trim: the mesh is not gathered for nothing.
         if !self.trimmer.may_trim(high, now_ms) {
-            return;
+            return false;
         }
         let gossipsub = &self.swarm.behaviour().gossipsub;
         let mesh: HashSet<PeerId> = gossipsub.all_mesh_peers().copied().collect();
@@ -955,17 +961,21 @@ impl Node {
         if surplus.is_empty() {
             self.trimmer.found_nothing(grace_ms, now_ms);
         }
+        let mut closed = false;
         for c in surplus {
             if self.swarm.close_connection(c) {
                 self.trimmer.closing(c);
                 self.trimmed += 1;
+                closed = true;
             }
         }
+        closed
     }
 
     /// Publishes the rotations and revocations whose time has come; one no peer could take yet
-    /// is tried again soon, one that went out (or that the space already had) in a while.
-    fn announce_trust_due(&mut self, now: u64) {
+    /// is tried again soon, one that went out (or that the space already had) in a while. Says
+    /// whether it published any.
+    fn announce_trust_due(&mut self, now: u64) -> bool {
         let due: Vec<Digest> = self
             .trust
             .iter()
@@ -974,6 +984,7 @@ impl Node {
             .collect();
         self.trust_heard
             .retain(|_, at| now.saturating_sub(*at) < TRUST_HEARD_S);
+        let mut published = false;
         for d in due {
             let Some((envelope, next)) = self.trust.get_mut(&d) else {
                 continue;
@@ -983,6 +994,7 @@ impl Node {
                 continue;
             }
             let topic = self.topics.trust.clone();
+            published = true;
             *next = match self
                 .swarm
                 .behaviour_mut()
@@ -997,6 +1009,7 @@ impl Node {
                 }
             };
         }
+        published
     }
 
     fn ban(&mut self, p: PeerId, why: &str, now: u64) {

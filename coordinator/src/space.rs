@@ -322,10 +322,7 @@ impl Node {
             // frames and flushes do not touch the swarm.
             let touched = tokio::select! {
                 _ = &mut cancelled => return,
-                _ = redial.tick() => {
-                    discovery::redial(&mut self.swarm, &self.bootstrap, |_| false);
-                    true
-                }
+                _ = redial.tick() => discovery::redial(&mut self.swarm, &self.bootstrap, |_| false),
                 _ = tick.tick() => {
                     let now = now();
                     self.view.expire(now);
@@ -336,15 +333,12 @@ impl Node {
                     tx.send_replace(self.snapshot());
                     true
                 }
-                _ = lookup.tick() => {
-                    discovery::lookup(
-                        &mut self.swarm,
-                        tuning::TARGET_PEERS,
-                        &mut self.walks,
-                        now_ms(),
-                    );
-                    true
-                }
+                _ = lookup.tick() => discovery::lookup(
+                    &mut self.swarm,
+                    tuning::TARGET_PEERS,
+                    &mut self.walks,
+                    now_ms(),
+                ),
                 _ = flush.tick(), if queued => {
                     self.flush_relay();
                     false

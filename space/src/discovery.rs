@@ -65,36 +65,39 @@ pub fn dial_bootstrap<B: SpaceBehaviour>(swarm: &mut Swarm<B>, bootstrap: &[Mult
 }
 
 /// A bootstrap peer may not be up yet, may restart, or may have been cut off: redial it (unless
-/// `banned`). One without a peer id is dialled only while nothing is connected.
+/// `banned`). One without a peer id is dialled only while nothing is connected. Says whether it
+/// dialled any (a dial waits for the swarm's next poll).
 pub fn redial<B: SpaceBehaviour>(
     swarm: &mut Swarm<B>,
     bootstrap: &[Multiaddr],
     banned: impl Fn(&PeerId) -> bool,
-) {
+) -> bool {
     let none = swarm.connected_peers().next().is_none();
+    let mut dialled = false;
     for b in bootstrap {
         let go = match peer_of(b) {
             Some(p) => !swarm.is_connected(&p) && !banned(&p),
             None => none,
         };
         if go {
-            let _ = swarm.dial(b.clone());
+            dialled |= swarm.dial(b.clone()).is_ok();
         }
     }
+    dialled
 }
 
 /// Walks the DHT while the node has fewer than `target` peers connected, as often as `walks`
-/// allows.
+/// allows. Says whether it started a walk (it waits for the swarm's next poll).
 pub fn lookup<B: SpaceBehaviour>(
     swarm: &mut Swarm<B>,
     target: usize,
     walks: &mut Walks,
     now_ms: u64,
-) {
+) -> bool {
     let connected = swarm.connected_peers().count();
-    if connected < target && walks.due(connected, now_ms) {
-        let _ = swarm.behaviour_mut().kad().bootstrap();
-    }
+    connected < target
+        && walks.due(connected, now_ms)
+        && swarm.behaviour_mut().kad().bootstrap().is_ok()
 }
 
 /// When a node below its target walks the DHT next: every [`LOOKUP_INTERVAL`] while walks bring
