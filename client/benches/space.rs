@@ -4,7 +4,7 @@
 //! received per node per second and per useful byte, CPU per advert per node and per node per
 //! second, and the graph: connections per node (mean, min, max) and advert relay links per node.
 //! The steady window opens `GLEANER_BENCH_SETTLE_S` (150) after convergence and lasts
-//! `GLEANER_BENCH_WINDOW_S` (120: two ping intervals, one anchor period) seconds, as does the
+//! `GLEANER_BENCH_WINDOW_S` (120: one ping interval, one anchor period) seconds, as does the
 //! idle window. The nodes share one current-thread runtime, as the daemon runs its node on a
 //! current-thread runtime of its own; `GLEANER_BENCH_RUNTIME=multi` shares a two-worker runtime
 //! instead. The nodes speak TCP (noise, yamux); `GLEANER_BENCH_TRANSPORT=quic` makes them speak
@@ -203,7 +203,7 @@ async fn run(n: usize) -> Results {
     let (in0, _) = p2p::transport_bytes();
     let (cpu0, pub0) = (cpu_s(), published.load(Ordering::Relaxed));
     // The window lasts one cycle of what every node does on a period by default, so that it
-    // holds its average: each connection's ping (`tuning::PING_INTERVAL`, 60 s) and each node's
+    // holds its average: each connection's ping (`tuning::PING_INTERVAL`, 120 s) and each node's
     // signed anchor (`gleaner::chain::CHAIN_LEN`, one per 120 s of refreshes). The bench starts
     // every node within a second, so both come in bursts, and a 10 s window met a burst or a lull
     // by chance: the idle windows of two runs counted 824 and 1 642 pings, their steady windows

@@ -13,9 +13,11 @@ use std::time::Duration;
 /// timer here, runs on the node's runtime (patches/futures-timer).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often libp2p ping measures each connection (its default is 15 s). A node holds ~25
-/// connections, each pinged from both ends; dead peers are found by the transports
-/// ([`TCP_KEEPALIVE_IDLE`], QUIC's keep-alive), so a minute is enough.
-pub const PING_INTERVAL: Duration = Duration::from_secs(60);
+/// connections, each pinged from both ends, and nothing here reads the round trips; dead peers
+/// are found by the transports ([`TCP_KEEPALIVE_IDLE`], QUIC's keep-alive). Each ping wakes the
+/// connection at both ends twice: every minute, that was about a tenth of an idle node's CPU at
+/// 100 nodes (docs/BENCHMARKS.md). Every two minutes it is half that.
+pub const PING_INTERVAL: Duration = Duration::from_secs(120);
 /// How long a TCP connection may be silent before the kernel probes its peer, and how often it
 /// probes again ([`crate::swarm`]): a peer switched off without closing is found in about
 /// [`TCP_USER_TIMEOUT`], by the kernel, at no cost to the node while its connections carry data.
