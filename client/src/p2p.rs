@@ -806,7 +806,7 @@ impl Node {
             // request): such work wakes no one, so the swarm is then marked due.
             let touched = tokio::select! {
                 _ = &mut cancelled => return,
-                // A redial or a walk touches the swarm only when it dialled or started one.
+                // A redial or a walk touches the swarm only when it tried a dial or started one.
                 _ = redial.tick(), if dialling => {
                     discovery::redial(&mut self.swarm, &self.bootstrap, |p| self.banned.contains_key(p))
                 }

@@ -66,24 +66,26 @@ pub fn dial_bootstrap<B: SpaceBehaviour>(swarm: &mut Swarm<B>, bootstrap: &[Mult
 
 /// A bootstrap peer may not be up yet, may restart, or may have been cut off: redial it (unless
 /// `banned`). One without a peer id is dialled only while nothing is connected. Says whether it
-/// dialled any (a dial waits for the swarm's next poll).
+/// tried any: a dial waits for the swarm's next poll, and one refused at once may have left the
+/// behaviours work for it (they hear of the failure).
 pub fn redial<B: SpaceBehaviour>(
     swarm: &mut Swarm<B>,
     bootstrap: &[Multiaddr],
     banned: impl Fn(&PeerId) -> bool,
 ) -> bool {
     let none = swarm.connected_peers().next().is_none();
-    let mut dialled = false;
+    let mut tried = false;
     for b in bootstrap {
         let go = match peer_of(b) {
             Some(p) => !swarm.is_connected(&p) && !banned(&p),
             None => none,
         };
         if go {
-            dialled |= swarm.dial(b.clone()).is_ok();
+            let _ = swarm.dial(b.clone());
+            tried = true;
         }
     }
-    dialled
+    tried
 }
 
 /// Walks the DHT while the node has fewer than `target` peers connected, as often as `walks`
