@@ -274,12 +274,14 @@ pub fn ping_behaviour() -> ping::Behaviour {
     ping::Behaviour::new(ping::Config::new().with_interval(tuning::PING_INTERVAL))
 }
 
-/// Identify, announcing [`crate::IDENTIFY_PROTOCOL`].
+/// Identify, announcing [`crate::IDENTIFY_PROTOCOL`]: on every new connection, to every peer
+/// when this node's listen addresses change, and again every [`tuning::IDENTIFY_INTERVAL`].
 pub fn identify_behaviour(k: &Keypair) -> identify::Behaviour {
-    identify::Behaviour::new(identify::Config::new(
-        crate::IDENTIFY_PROTOCOL.into(),
-        k.public(),
-    ))
+    identify::Behaviour::new(
+        identify::Config::new(crate::IDENTIFY_PROTOCOL.into(), k.public())
+            .with_interval(tuning::IDENTIFY_INTERVAL)
+            .with_push_listen_addr_updates(true),
+    )
 }
 
 /// mDNS on the LAN when `on`, off otherwise.

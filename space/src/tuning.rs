@@ -18,6 +18,12 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// connection at both ends twice: every minute, that was about a tenth of an idle node's CPU at
 /// 100 nodes (docs/BENCHMARKS.md). Every two minutes it is half that.
 pub const PING_INTERVAL: Duration = Duration::from_secs(120);
+/// How often identify asks each connection's peer again (libp2p-identify's default is 5 min).
+/// A peer's listen addresses are learnt when the connection opens and pushed when they change
+/// (`with_push_listen_addr_updates`), so the periodic ask is only a net; every 5 min it was
+/// 7 % of an idle node's CPU at 100 nodes, the connections made at start-up coming due
+/// together (docs/BENCHMARKS.md).
+pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(30 * 60);
 /// How long a TCP connection may be silent before the kernel probes its peer, and how often it
 /// probes again ([`crate::swarm`]): a peer switched off without closing is found in about
 /// [`TCP_USER_TIMEOUT`], by the kernel, at no cost to the node while its connections carry data.
