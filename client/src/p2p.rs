@@ -1076,8 +1076,12 @@ impl Node {
             Command::SetTrusted(keys) => {
                 if keys != self.trusted {
                     self.trusted = keys;
-                    // Types refused for an untrusted publisher may be wanted now.
+                    // Types refused for an untrusted publisher may be wanted now, and so may
+                    // those the view shows running that were not wanted while nobody was
+                    // trusted: `fetch_wanted` asks a host running each at its next pass (a
+                    // refresh reports no types, and the next signed advert may be minutes off).
                     self.refused.clear();
+                    self.want_from_view(now());
                 }
             }
             Command::AnnounceTrust { envelope, reply } => {
@@ -1345,8 +1349,8 @@ impl Node {
         self.relayed(out);
     }
 
-    /// What the relay took and refused: the machine types its news shows running are wanted,
-    /// junk counts against its sender.
+    /// What the relay took and refused: the machine types its signed adverts show running are
+    /// wanted, junk counts against its sender.
     fn relayed(&mut self, out: gleaner_space::relay::Outcome) {
         let now = now();
         for (author, running) in out.taken {
@@ -1488,16 +1492,20 @@ impl Node {
         if self.trusted.is_empty() {
             return;
         }
-        let Some(host) = peer_id(&host) else {
-            return;
-        };
-        if host == *self.swarm.local_peer_id() {
-            return;
-        }
+        // Most adverts show types held or refused here already: the host's key becomes a
+        // `PeerId` only for one that is neither.
+        let mut peer = None;
         for d in running {
             if self.types.contains_key(d) || self.refused.contains(d) {
                 continue;
             }
+            let host = match peer {
+                Some(p) => p,
+                None => match peer_id(&host) {
+                    Some(p) if p != *self.swarm.local_peer_id() => *peer.insert(p),
+                    _ => return,
+                },
+            };
             if self.wanted.len() < MAX_STORED_TYPES {
                 self.wanted.entry(*d).or_insert(now);
             }
@@ -1514,6 +1522,23 @@ impl Node {
                 self.swarm_due.touch();
                 self.fetching.insert(id, (*d, host));
                 self.wanted.insert(*d, now + FETCH_RETRY_S);
+            }
+        }
+    }
+
+    /// Every type the view shows running and not held here becomes wanted (if room is left).
+    fn want_from_view(&mut self, now: u64) {
+        if self.trusted.is_empty() {
+            return;
+        }
+        for p in self.view.peers() {
+            for r in &p.advert.running {
+                if self.wanted.len() >= MAX_STORED_TYPES {
+                    return;
+                }
+                if !self.types.contains_key(&r.machine_type) {
+                    self.wanted.entry(r.machine_type).or_insert(now);
+                }
             }
         }
     }

@@ -244,3 +244,80 @@ async fn a_node_without_the_file_learns_the_type_from_a_peer_and_runs_it() {
     );
     cancel.cancel();
 }
+
+/// A node that trusted nobody when a peer's signed advert came learns the types that peer runs
+/// once it trusts their publisher, from the view, though the peer only refreshes its advert (a
+/// refresh reports no types, and its next signed advert is two minutes off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_comes_to_trust_a_publisher_fetches_what_its_view_shows_running() {
+    let cancel = CancellationToken::new();
+    let publisher = SecretKey::from_seed([0x52; 32]);
+    let t = signed_type(&publisher, "atlas-sim", 1);
+    let d = digest_of(&t);
+    // B holds the type and advertises running it; C trusts nobody yet.
+    let (kb, b, b_addr) = node(4, vec![publisher.public()], vec![], &cancel).await;
+    b.handle.provide(t.clone()).await.unwrap();
+    let (_kc, mut c, _) = node(5, vec![], vec![b_addr], &cancel).await;
+    let content = CapacityAdvert {
+        v: 1,
+        host: kb.public(),
+        seq: 1,
+        at: now(),
+        free_cores: 1,
+        free_memory_mib: 1024,
+        free_disk_mib: 0,
+        backends: 1,
+        running: vec![Running {
+            machine_type: d,
+            count: 1,
+        }],
+        owner_present: false,
+        draining: false,
+        benchmark: 1000,
+        chain: gleaner::Digest::default(),
+    };
+    // B advertises once a second, as the daemon does: one signed advert, then refreshes.
+    let advertiser = {
+        let (h, content) = (b.handle.clone(), content.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Never two in a second after a late tick: that would sign anew.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let _ = h.advertise(content.clone());
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let anchor_of = |v: gleaner::space::SpaceView| v.anchor_seq(&kb.public());
+    let anchor = loop {
+        if let Some(seq) = anchor_of(c.handle.view().await.unwrap()) {
+            break seq;
+        }
+        assert!(Instant::now() < deadline, "C never saw B's advert");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Trusting nobody, C fetched nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(c.learned.try_recv().is_err());
+    let trusted_at = Instant::now();
+    c.handle
+        .set_trusted(vec![publisher.public()])
+        .await
+        .unwrap();
+    let l = tokio::time::timeout(Duration::from_secs(20), c.learned.recv())
+        .await
+        .expect("C did not fetch the type its view shows B running once it trusted the publisher")
+        .unwrap();
+    assert_eq!(l.digest, d);
+    // The same anchor the whole time: what C fetched came from its view, not a new signed advert.
+    assert_eq!(
+        anchor_of(c.handle.view().await.unwrap()),
+        Some(anchor),
+        "B signed anew {:?} after C trusted the publisher",
+        trusted_at.elapsed()
+    );
+    advertiser.abort();
+    cancel.cancel();
+}

@@ -173,38 +173,24 @@ impl AdvertGate {
     /// Checks a relayed refresh of a host's advert: that host's rate, then its link against the
     /// chain of the advert held ([`SpaceView::refresh`]). A link that does not hash to the chain
     /// is a forgery (rejected); a refresh of an advert not held is ignored (it may have expired
-    /// here, or a newer one came first). A refresh taken reports the machine types its advert
-    /// shows running, as a signed advert does: a node that could not fetch one yet tries again.
+    /// here, or a newer one came first). A refresh reports no machine types: it cannot change
+    /// those its anchor showed, which were reported when the anchor was taken, and a node that
+    /// could not fetch one yet retries from the view.
     pub fn check_refresh(
         &mut self,
         r: &Refresh,
         view: &mut SpaceView,
         now: u64,
         now_ms: u64,
-    ) -> Checked {
+    ) -> Verdict {
         if !self.rates.ok(r.host, now_ms) {
             self.rate_limited += 1;
-            return Checked {
-                verdict: Verdict::Ignore(format!("{} sends too many messages", r.host)),
-                running: None,
-            };
+            return Verdict::Ignore(format!("{} sends too many messages", r.host));
         }
         match view.refresh(r, now) {
-            Ok(p) => {
-                let types = p.advert.running.iter().map(|x| x.machine_type).collect();
-                Checked {
-                    verdict: self.verdict_of(r.host, Ok(())),
-                    running: Some((r.host, types)),
-                }
-            }
-            Err(e @ Refused::Forged(_)) => Checked {
-                verdict: Verdict::Reject(e.to_string()),
-                running: None,
-            },
-            Err(e) => Checked {
-                verdict: self.verdict_of(r.host, Err(e)),
-                running: None,
-            },
+            Ok(_) => self.verdict_of(r.host, Ok(())),
+            Err(e @ Refused::Forged(_)) => Verdict::Reject(e.to_string()),
+            Err(e) => self.verdict_of(r.host, Err(e)),
         }
     }
 
@@ -330,7 +316,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refresh_taken_reports_its_running_types_and_one_not_taken_reports_none() {
+    fn a_refresh_is_taken_after_its_anchor_once_and_a_forged_one_moves_nothing() {
         use gleaner::chain::{Advertiser, Outgoing};
         let (mut g, mut v) = (AdvertGate::default(), SpaceView::with_ttl(60));
         let key = SecretKey::from_seed([1; 32]);
@@ -346,29 +332,27 @@ mod tests {
         else {
             panic!("the same content is signed once, then refreshed");
         };
-        // Before its anchor: not taken, nothing reported.
-        let c = g.check_refresh(&r, &mut v, NOW + 1, 1000);
-        assert!(matches!(c.verdict, Verdict::Ignore(_)), "{c:?}");
-        assert_eq!(c.running, None);
+        // Before its anchor: not taken.
+        let verdict = g.check_refresh(&r, &mut v, NOW + 1, 1000);
+        assert!(matches!(verdict, Verdict::Ignore(_)), "{verdict:?}");
+        // The anchor reports the types it shows running, so a type not fetched yet is asked for.
         let c = check(&mut g, &mut v, &anchor.to_bytes(), 1000);
         assert!(matches!(c.verdict, Verdict::Accept), "{c:?}");
-        // Taken: the types its advert shows running, so a type not fetched yet is asked for.
-        let c = g.check_refresh(&r, &mut v, NOW + 1, 2000);
-        assert!(matches!(c.verdict, Verdict::Accept), "{c:?}");
         assert_eq!(c.running, Some((key.public(), vec![Digest([3; 32])])));
+        // Taken after it.
+        let verdict = g.check_refresh(&r, &mut v, NOW + 1, 2000);
+        assert!(matches!(verdict, Verdict::Accept), "{verdict:?}");
         assert_eq!(v.peer(&key.public()).unwrap().advert.seq, r.seq());
-        // Again: a replay, nothing reported.
-        let c = g.check_refresh(&r, &mut v, NOW + 1, 3000);
-        assert!(matches!(c.verdict, Verdict::Replay(_)), "{c:?}");
-        assert_eq!(c.running, None);
-        // A link that is not the host's: rejected, nothing reported, nothing moved.
+        // Again: a replay.
+        let verdict = g.check_refresh(&r, &mut v, NOW + 1, 3000);
+        assert!(matches!(verdict, Verdict::Replay(_)), "{verdict:?}");
+        // A link that is not the host's: rejected, nothing moved.
         let forged = Refresh {
             link: [0xee; 32],
             ..r2
         };
-        let c = g.check_refresh(&forged, &mut v, NOW + 2, 4000);
-        assert!(matches!(c.verdict, Verdict::Reject(_)), "{c:?}");
-        assert_eq!(c.running, None);
+        let verdict = g.check_refresh(&forged, &mut v, NOW + 2, 4000);
+        assert!(matches!(verdict, Verdict::Reject(_)), "{verdict:?}");
         assert_eq!(v.peer(&key.public()).unwrap().advert.seq, r.seq());
     }
 

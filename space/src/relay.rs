@@ -26,7 +26,8 @@ use crate::tuning::{
 /// What a link event or a flush came to, for the node's own bookkeeping.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// Adverts taken into the view: their authors and the machine types they show running.
+    /// Signed adverts taken into the view: their authors and the machine types they show
+    /// running (a refresh cannot change them).
     pub taken: Vec<(PublicKey, Vec<Digest>)>,
     /// Items a peer should not have relayed (junk, forgeries, broken frames), with reasons.
     pub rejected: Vec<(PeerId, String)>,
@@ -229,11 +230,11 @@ impl AdvertRelay {
             .collect::<Vec<_>>()
             .into_iter();
         for n in &news {
+            // A refresh shows no running types of its own (its anchor's were reported).
             let checked = match n.refresh {
-                Some(_) => refreshed.next(),
-                None => signed.next(),
-            }
-            .map(|c| (c.verdict, c.running));
+                Some(_) => refreshed.next().map(|v| (v, None)),
+                None => signed.next().map(|c| (c.verdict, c.running)),
+            };
             // One verdict per item, in order: none is missing.
             let Some((verdict, running)) = checked else {
                 continue;
