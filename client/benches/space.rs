@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use gleaner::advert::CapacityAdvert;
 use gleaner::relay::RelayStats;
-use gleaner::{Envelope, SecretKey};
+use gleaner::{Envelope, PublicKey, SecretKey};
 use gleaner_client::p2p::{self, SpaceConfig, SpaceHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +35,21 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The machine type every node runs, signed by the publisher every node trusts, and its digest:
+/// what a daemon's space holds, so that a node spends on each advert what a daemon's does.
+static TYPE: std::sync::LazyLock<(PublicKey, Vec<u8>, gleaner::Digest)> =
+    std::sync::LazyLock::new(|| {
+        let publisher = SecretKey::from_seed([0x50; 32]);
+        let mut mt = gleaner::MachineType::example(publisher.public());
+        mt.name = "bench".into();
+        mt.not_after = 4_000_000_000;
+        let bytes = Envelope::seal(&mt, &publisher).to_bytes();
+        let digest = Envelope::open_bytes::<gleaner::MachineType>(&bytes)
+            .expect("the bench's machine type opens")
+            .digest;
+        (publisher.public(), bytes, digest)
+    });
+
 /// A factory's advert as the bench's nodes make it (the same capacity every time).
 fn content(key: &SecretKey, seq: u64) -> CapacityAdvert {
     CapacityAdvert {
@@ -47,7 +62,7 @@ fn content(key: &SecretKey, seq: u64) -> CapacityAdvert {
         free_disk_mib: 10240,
         backends: 1,
         running: vec![gleaner::advert::Running {
-            machine_type: gleaner::Digest([7; 32]),
+            machine_type: TYPE.2,
             count: 1,
         }],
         owner_present: false,
@@ -121,7 +136,9 @@ async fn run(n: usize) -> Results {
             }
         }
         cfg.kad_server = Some(true);
+        cfg.trusted = vec![TYPE.0];
         let (handle, a, _) = p2p::start(&key, cfg, cancel.clone()).await.unwrap();
+        handle.provide(TYPE.1.clone()).await.unwrap();
         addrs.push(a[0].clone().with(libp2p::multiaddr::Protocol::P2p(
             key.public().to_string().parse().unwrap(),
         )));
