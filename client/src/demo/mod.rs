@@ -534,37 +534,9 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     let want_project = vm.as_ref().map(|_| "demo-vm-hashing");
     let result = watch(args, &clients, &api, &base, want_project).await;
 
-    // The daemons found each other over libp2p: wait (briefly) until the first sees them all.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = match ControlClient::connect(&clients[0].socket).await {
-            Ok(mut cc) => cc.call(&Request::Space).await.ok(),
-            Err(_) => None,
-        };
-        let n = seen
-            .as_ref()
-            .and_then(|v| v["peers"].as_array().map(Vec::len))
-            .unwrap_or(0);
-        // The coordinator joined the space too: its dashboard shows the same factories.
-        let on_dashboard = match api.http().get(format!("{base}/api/space")).send().await {
-            Ok(r) => r
-                .text()
-                .await
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()),
-            Err(_) => None,
-        }
-        .and_then(|v| v["totals"]["peers"].as_u64())
-        .unwrap_or(0);
-        if (n >= clients.len() && on_dashboard >= clients.len() as u64) || Instant::now() > deadline
-        {
-            println!(
-                "space: {} sees {n} factories in the space \"demo\"; the dashboard's space page shows {on_dashboard}",
-                clients[0].name
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // Not after Ctrl-C: the terminal sent it to the daemons too, and they are stopping.
+    if matches!(result, Ok(Ended::Done)) {
+        report_space(&clients, &api, &base).await;
     }
     // Only this demo's hosts: other Gleaner users of the same engine are not ours to judge.
     let hosts: Vec<String> = clients.iter().map(|c| c.host.clone()).collect();
@@ -605,7 +577,56 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     } else {
         println!("    nothing left behind");
     }
-    result
+    result.map(|_| ())
+}
+
+/// The daemons found each other over libp2p: waits (briefly) until the first sees them all, and
+/// the coordinator's dashboard too, and says what each shows.
+async fn report_space(
+    clients: &[Client],
+    api: &crate::coordinator_client::HttpUploader,
+    base: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = match ControlClient::connect(&clients[0].socket).await {
+            Ok(mut cc) => cc.call(&Request::Space).await.ok(),
+            Err(_) => None,
+        };
+        let n = seen
+            .as_ref()
+            .and_then(|v| v["peers"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        // The coordinator joined the space too: its dashboard shows the same factories.
+        let on_dashboard = match api.http().get(format!("{base}/api/space")).send().await {
+            Ok(r) => r
+                .text()
+                .await
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()),
+            Err(_) => None,
+        }
+        .and_then(|v| v["totals"]["peers"].as_u64())
+        .unwrap_or(0);
+        if (n >= clients.len() && on_dashboard >= clients.len() as u64) || Instant::now() > deadline
+        {
+            println!(
+                "space: {} sees {n} factories in the space \"demo\"; the dashboard's space page shows {on_dashboard}",
+                clients[0].name
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How watching the local space ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Credit came (`--until-credit`) or `--duration` passed.
+    Done,
+    /// Ctrl-C.
+    Interrupted,
 }
 
 async fn watch(
@@ -615,12 +636,14 @@ async fn watch(
     base: &str,
     // A project whose credit must show too before `--until-credit` ends (the VM project).
     want_project: Option<&str>,
-) -> Result<()> {
+) -> Result<Ended> {
     let started = Instant::now();
     let mut last_lines: Vec<String> = vec![String::new(); clients.len()];
     let mut last_total = String::new();
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // Listening from here on (not from the first wait below), so that a Ctrl-C while the first
+    // statuses are read still stops the demo cleanly instead of killing it.
+    let mut ctrl_c = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listening for Ctrl-C")?;
     loop {
         for (i, c) in clients.iter().enumerate() {
             let line = match ControlClient::connect(&c.socket).await {
@@ -698,18 +721,19 @@ async fn watch(
                 println!("  the VM project's credit ({w}) is on the dashboard");
             }
             println!("  every client's credit is on the dashboard");
-            return Ok(());
+            return Ok(Ended::Done);
         }
         if args
             .duration
             .is_some_and(|d| started.elapsed() >= Duration::from_secs(d))
         {
-            return Ok(());
+            return Ok(Ended::Done);
         }
         tokio::select! {
-            _ = &mut ctrl_c => {
+            _ = ctrl_c.recv() => {
                 println!();
-                return Ok(());
+                println!("  interrupted");
+                return Ok(Ended::Interrupted);
             }
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
