@@ -1,7 +1,8 @@
 //! Machine types over the space (issue 5): a node without the file learns a signed machine type
 //! from a peer that advertises running it (`/gleaner/mt/1`), checks it against the digest and the
 //! trusted publishers, and runs it; a publisher's announcement of a new version reaches it too; a
-//! type from a publisher it does not trust is fetched but never offered.
+//! type from a publisher it does not trust is fetched but never offered; a node that comes to
+//! trust a publisher fetches the types its view shows running, with no new signed advert.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
