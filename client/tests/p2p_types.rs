@@ -82,14 +82,9 @@ fn factory(state: &std::path::Path, cancel: &CancellationToken) -> FactoryHandle
     f.spawn(cancel.clone()).0
 }
 
-/// The advert the daemon would publish for this factory: what it runs.
-async fn advert(key: &SecretKey, seq: u64, f: &FactoryHandle) -> Envelope {
-    let s = f.status().await.unwrap();
-    let mut running: std::collections::BTreeMap<Digest, u16> = Default::default();
-    for m in &s.machines {
-        *running.entry(m.machine_type.parse().unwrap()).or_default() += 1;
-    }
-    let a = CapacityAdvert {
+/// A factory's capacity as its adverts show it, running `running`.
+fn capacity(key: &SecretKey, seq: u64, running: Vec<Running>) -> CapacityAdvert {
+    CapacityAdvert {
         v: 1,
         host: key.public(),
         seq,
@@ -98,19 +93,29 @@ async fn advert(key: &SecretKey, seq: u64, f: &FactoryHandle) -> Envelope {
         free_memory_mib: 1024,
         free_disk_mib: 0,
         backends: 1,
-        running: running
-            .into_iter()
-            .map(|(machine_type, count)| Running {
-                machine_type,
-                count,
-            })
-            .collect(),
+        running,
         owner_present: false,
         draining: false,
         benchmark: 1000,
         chain: gleaner::Digest::default(),
-    };
-    Envelope::seal(&a, key)
+    }
+}
+
+/// The advert the daemon would publish for this factory: what it runs.
+async fn advert(key: &SecretKey, seq: u64, f: &FactoryHandle) -> Envelope {
+    let s = f.status().await.unwrap();
+    let mut running: std::collections::BTreeMap<Digest, u16> = Default::default();
+    for m in &s.machines {
+        *running.entry(m.machine_type.parse().unwrap()).or_default() += 1;
+    }
+    let running = running
+        .into_iter()
+        .map(|(machine_type, count)| Running {
+            machine_type,
+            count,
+        })
+        .collect();
+    Envelope::seal(&capacity(key, seq, running), key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,24 +264,14 @@ async fn a_node_that_comes_to_trust_a_publisher_fetches_what_its_view_shows_runn
     let (kb, b, b_addr) = node(4, vec![publisher.public()], vec![], &cancel).await;
     b.handle.provide(t.clone()).await.unwrap();
     let (_kc, mut c, _) = node(5, vec![], vec![b_addr], &cancel).await;
-    let content = CapacityAdvert {
-        v: 1,
-        host: kb.public(),
-        seq: 1,
-        at: now(),
-        free_cores: 1,
-        free_memory_mib: 1024,
-        free_disk_mib: 0,
-        backends: 1,
-        running: vec![Running {
+    let content = capacity(
+        &kb,
+        1,
+        vec![Running {
             machine_type: d,
             count: 1,
         }],
-        owner_present: false,
-        draining: false,
-        benchmark: 1000,
-        chain: gleaner::Digest::default(),
-    };
+    );
     // B advertises once a second, as the daemon does: one signed advert, then refreshes.
     let advertiser = {
         let (h, content) = (b.handle.clone(), content.clone());
