@@ -17,6 +17,8 @@ use gleaner_client::trust::{Catalogue, TrustStore};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod support;
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -285,15 +287,12 @@ async fn a_node_that_comes_to_trust_a_publisher_fetches_what_its_view_shows_runn
             }
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
     let anchor_of = |v: gleaner::space::SpaceView| v.anchor_seq(&kb.public());
-    let anchor = loop {
-        if let Some(seq) = anchor_of(c.handle.view().await.unwrap()) {
-            break seq;
-        }
-        assert!(Instant::now() < deadline, "C never saw B's advert");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let handle = c.handle.clone();
+    let anchor = support::eventually(30, "C to hold B's signed advert", async || {
+        anchor_of(handle.view().await.unwrap())
+    })
+    .await;
     // Trusting nobody, C fetched nothing.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(c.learned.try_recv().is_err());
