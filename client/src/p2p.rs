@@ -90,7 +90,7 @@ const REPLAY_PENALTY: f64 = 10.0;
 const PENALTY_DECAY: f64 = 0.9;
 /// Signed machine types kept to serve to peers.
 const MAX_STORED_TYPES: usize = 256;
-/// Machine-type fetches in flight at once, and how soon a failed one is tried again.
+/// Machine-type fetches in flight at once, and the longest wait between asks for one type.
 const MAX_FETCHES: usize = 8;
 const FETCH_RETRY_S: u64 = 30;
 /// Digests found unusable (untrusted publisher, rollback), not fetched again.
@@ -657,6 +657,28 @@ enum TypeVerdict {
     Bad(String),
 }
 
+/// A machine type to fetch.
+struct Wanted {
+    /// When to ask next (s).
+    next: u64,
+    /// The host asked last: the next ask goes to the one after it among the hosts the view shows
+    /// running the type, so a host that advertises a type and does not serve it holds up no one.
+    asked: Option<PublicKey>,
+    /// Asks answered without the type or failed since the last success: the next host is asked
+    /// 2, 4, 8, 16 s after, then every [`FETCH_RETRY_S`].
+    failed: u32,
+}
+
+impl Wanted {
+    fn at(next: u64) -> Wanted {
+        Wanted {
+            next,
+            asked: None,
+            failed: 0,
+        }
+    }
+}
+
 struct Node {
     swarm: libp2p::Swarm<Quiet<Behaviour>>,
     /// Whether the swarm is due a poll: the loop polls it only when it woke the task or was
@@ -691,8 +713,8 @@ struct Node {
     type_order: u64,
     /// Highest version seen per (publisher, name), and its digest: older ones are rollbacks.
     latest: BTreeMap<(PublicKey, String), (u64, Digest)>,
-    /// Digests to fetch and when to try next.
-    wanted: HashMap<Digest, u64>,
+    /// Digests to fetch: when to ask next, and whom.
+    wanted: HashMap<Digest, Wanted>,
     fetching: HashMap<OutboundRequestId, (Digest, PeerId)>,
     refused: HashSet<Digest>,
     learned: mpsc::Sender<LearnedType>,
@@ -1499,7 +1521,7 @@ impl Node {
             if self.types.contains_key(d) || self.refused.contains(d) {
                 continue;
             }
-            let host = match peer {
+            let to = match peer {
                 Some(p) => p,
                 None => match peer_id(&host) {
                     Some(p) if p != *self.swarm.local_peer_id() => *peer.insert(p),
@@ -1507,21 +1529,22 @@ impl Node {
                 },
             };
             if self.wanted.len() < MAX_STORED_TYPES {
-                self.wanted.entry(*d).or_insert(now);
+                self.wanted.entry(*d).or_insert(Wanted::at(now));
             }
-            if self.fetching.values().all(|(f, _)| f != d)
-                && self.fetching.len() < MAX_FETCHES
-                && self.wanted.get(d).is_some_and(|&t| t <= now)
-            {
+            if self.fetching.values().all(|(f, _)| f != d) && self.fetching.len() < MAX_FETCHES {
+                let Some(w) = self.wanted.get_mut(d).filter(|w| w.next <= now) else {
+                    continue;
+                };
+                w.next = now + FETCH_RETRY_S;
+                w.asked = Some(host);
                 let id = self.swarm.behaviour_mut().mt.send_request(
-                    &host,
+                    &to,
                     MtRequest::Get {
                         digest: serde_bytes::ByteBuf::from(d.0.to_vec()),
                     },
                 );
                 self.swarm_due.touch();
-                self.fetching.insert(id, (*d, host));
-                self.wanted.insert(*d, now + FETCH_RETRY_S);
+                self.fetching.insert(id, (*d, to));
             }
         }
     }
@@ -1537,35 +1560,52 @@ impl Node {
                     return;
                 }
                 if !self.types.contains_key(&r.machine_type) {
-                    self.wanted.entry(r.machine_type).or_insert(now);
+                    self.wanted.entry(r.machine_type).or_insert(Wanted::at(now));
                 }
             }
         }
     }
 
-    /// Retries wanted types from peers whose adverts show them running.
+    /// Retries wanted types from peers whose adverts show them running: each time the host after
+    /// the one asked last (in the view's order, wrapping round), never this host itself.
     fn fetch_wanted(&mut self, now: u64) {
-        let due: Vec<Digest> = self
+        let due: Vec<(Digest, Option<PublicKey>)> = self
             .wanted
             .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(d, _)| *d)
+            .filter(|(_, w)| w.next <= now)
+            .map(|(d, w)| (*d, w.asked))
             .collect();
-        for d in due {
-            let host = self.view.peers().find_map(|p| {
-                p.advert
-                    .running
-                    .iter()
-                    .any(|r| r.machine_type == d)
-                    .then_some(p.advert.host)
-            });
-            match host {
-                Some(h) => self.want(&[d], h, now),
-                // Nobody runs it any more.
+        if due.is_empty() {
+            return;
+        }
+        let me = self.advertiser.host();
+        for (d, asked) in due {
+            let holders: Vec<PublicKey> = self
+                .view
+                .peers()
+                .filter(|p| {
+                    p.advert.host != me && p.advert.running.iter().any(|r| r.machine_type == d)
+                })
+                .map(|p| p.advert.host)
+                .collect();
+            let next = asked
+                .and_then(|a| holders.iter().find(|h| **h > a))
+                .or(holders.first());
+            match next {
+                Some(h) => self.want(&[d], *h, now),
+                // Nobody else runs it any more.
                 None => {
                     self.wanted.remove(&d);
                 }
             }
+        }
+    }
+
+    /// A fetch of `d` came back without it: the next host is asked soon, then less often.
+    fn fetch_failed(&mut self, d: Digest, now: u64) {
+        if let Some(w) = self.wanted.get_mut(&d) {
+            w.failed = w.failed.saturating_add(1);
+            w.next = now + (1u64 << w.failed.min(5)).min(FETCH_RETRY_S);
         }
     }
 
@@ -1636,6 +1676,8 @@ impl Node {
                     return;
                 };
                 let MtResponse::Found { envelope } = response else {
+                    tracing::debug!("{peer} does not hold machine type {want}");
+                    self.fetch_failed(want, now());
                     return;
                 };
                 let envelope = envelope.into_vec();
@@ -1655,8 +1697,12 @@ impl Node {
                     }
                     TypeVerdict::Bad(why) => {
                         tracing::warn!("{peer} sent a bad machine type for {want}: {why}");
+                        self.fetch_failed(want, now());
                     }
-                    _ => tracing::warn!("{peer} sent another machine type than {want}"),
+                    _ => {
+                        tracing::warn!("{peer} sent another machine type than {want}");
+                        self.fetch_failed(want, now());
+                    }
                 }
             }
             Event::OutboundFailure {
@@ -1664,6 +1710,7 @@ impl Node {
             } => {
                 if let Some((d, p)) = self.fetching.remove(&request_id) {
                     tracing::debug!("fetching {d} from {p}: {error}");
+                    self.fetch_failed(d, now());
                 }
             }
             _ => {}

@@ -2,7 +2,8 @@
 //! from a peer that advertises running it (`/gleaner/mt/1`), checks it against the digest and the
 //! trusted publishers, and runs it; a publisher's announcement of a new version reaches it too; a
 //! type from a publisher it does not trust is fetched but never offered; a node that comes to
-//! trust a publisher fetches the types its view shows running, with no new signed advert.
+//! trust a publisher fetches the types its view shows running, with no new signed advert, and
+//! from another host when the first it asks does not serve it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,6 +102,20 @@ fn capacity(key: &SecretKey, seq: u64, running: Vec<Running>) -> CapacityAdvert 
         benchmark: 1000,
         chain: gleaner::Digest::default(),
     }
+}
+
+/// Advertises `content` once a second, as the daemon does: one signed advert, then refreshes.
+fn advertise_every_second(s: &Space, content: CapacityAdvert) -> tokio::task::JoinHandle<()> {
+    let h = s.handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Never two in a second after a late tick: that would sign anew.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _ = h.advertise(content.clone());
+        }
+    })
 }
 
 /// The advert the daemon would publish for this factory: what it runs.
@@ -274,19 +289,7 @@ async fn a_node_that_comes_to_trust_a_publisher_fetches_what_its_view_shows_runn
             count: 1,
         }],
     );
-    // B advertises once a second, as the daemon does: one signed advert, then refreshes.
-    let advertiser = {
-        let (h, content) = (b.handle.clone(), content.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            // Never two in a second after a late tick: that would sign anew.
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let _ = h.advertise(content.clone());
-            }
-        })
-    };
+    let advertiser = advertise_every_second(&b, content);
     let anchor_of = |v: gleaner::space::SpaceView| v.anchor_seq(&kb.public());
     let handle = c.handle.clone();
     let anchor = support::eventually(30, "C to hold B's signed advert", async || {
@@ -314,5 +317,53 @@ async fn a_node_that_comes_to_trust_a_publisher_fetches_what_its_view_shows_runn
         trusted_at.elapsed()
     );
     advertiser.abort();
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_is_fetched_from_another_host_when_the_first_asked_does_not_serve_it() {
+    let cancel = CancellationToken::new();
+    let publisher = SecretKey::from_seed([0x53; 32]);
+    let t = signed_type(&publisher, "cms-sim", 1);
+    let d = digest_of(&t);
+    // In the view's order (by host key): C first, then L, then H. All three advertise running the
+    // type; only H holds it. C's own advert shows it too (as when its store let it go), and L
+    // answers that it does not hold it. C trusts nobody yet.
+    let mut seeds = [6u8, 7, 8];
+    seeds.sort_by_key(|s| SecretKey::from_seed([*s; 32]).public());
+    let (kh, h, h_addr) = node(seeds[2], vec![publisher.public()], vec![], &cancel).await;
+    h.handle.provide(t.clone()).await.unwrap();
+    let (kl, l, _) = node(seeds[1], vec![], vec![h_addr.clone()], &cancel).await;
+    let (kc, mut c, _) = node(seeds[0], vec![], vec![h_addr], &cancel).await;
+    let running = || {
+        vec![Running {
+            machine_type: d,
+            count: 1,
+        }]
+    };
+    let advertisers = [
+        advertise_every_second(&h, capacity(&kh, 1, running())),
+        advertise_every_second(&l, capacity(&kl, 1, running())),
+        advertise_every_second(&c, capacity(&kc, 1, running())),
+    ];
+    let handle = c.handle.clone();
+    support::eventually(30, "C to hold L's and H's signed adverts", async || {
+        let v = handle.view().await.ok()?;
+        (v.anchor_seq(&kl.public()).is_some() && v.anchor_seq(&kh.public()).is_some()).then_some(())
+    })
+    .await;
+    c.handle
+        .set_trusted(vec![publisher.public()])
+        .await
+        .unwrap();
+    // C asks the first host after itself, L, which has nothing to give; then the one after L.
+    let got = tokio::time::timeout(Duration::from_secs(20), c.learned.recv())
+        .await
+        .expect("C did not fetch the type from H after L did not serve it")
+        .unwrap();
+    assert_eq!(got.digest, d);
+    for a in advertisers {
+        a.abort();
+    }
     cancel.cancel();
 }
