@@ -1,11 +1,11 @@
 //! The main job end to end: `gleaner demo` brings up a coordinator and three client daemons that
 //! run real containers (and, with libvirtd, a VM), until the dashboard shows credit from all three
 //! and from the VM project; then it shuts down and nothing is left in the engines. Ctrl-C stops
-//! it as cleanly, at once.
+//! it as cleanly, at once, whether it is watching or still starting.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -75,20 +75,16 @@ fn demo_reaches_credit_from_every_client_and_leaves_nothing() {
     );
 }
 
-/// Ctrl-C in the terminal reaches the demo and its daemons alike (one process group): the demo
-/// stops everything, says so, removes its folder, and does not wait on a space its daemons have
-/// already left.
-#[test]
-fn ctrl_c_stops_the_demo_cleanly() {
-    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
+/// Runs the demo in its own process group, as a terminal runs its foreground job; once `ready`
+/// says of its output so far that the time has come, sends SIGINT to the whole group, as a
+/// terminal does on Ctrl-C, and returns how the demo ended and all it printed.
+fn interrupted_demo(dir: &std::path::Path, ready: impl Fn(&str) -> bool) -> (ExitStatus, String) {
     let mut child = Command::new(gleaner())
         .args(["demo", "--work-seconds", "6"])
         .arg("--dir")
-        .arg(dir.path().join("demo"))
+        .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Its own group, as a terminal's foreground job is.
         .process_group(0)
         .spawn()
         .unwrap();
@@ -108,22 +104,15 @@ fn ctrl_c_stops_the_demo_cleanly() {
     drop(tx);
     let mut text = String::new();
     let deadline = Instant::now() + Duration::from_secs(300);
-    // Up, and watching: the first client's status line comes after "Press Ctrl-C".
-    let mut pressed = false;
-    loop {
+    while !ready(&text) {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = rx.recv_timeout(left) else {
             let _ = child.kill();
-            panic!("the demo never came up: {text}");
+            panic!("the demo never came that far: {text}");
         };
         text.push_str(&line);
         text.push('\n');
-        pressed |= line.contains("Press Ctrl-C");
-        if pressed && line.contains("client-1:") {
-            break;
-        }
     }
-    // What a terminal does on Ctrl-C: SIGINT to the whole foreground group.
     // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
     assert_eq!(unsafe { libc::kill(-pgid, libc::SIGINT) }, 0);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -140,7 +129,37 @@ fn ctrl_c_stops_the_demo_cleanly() {
             }
         }
     }
-    let st = child.wait().unwrap();
+    (child.wait().unwrap(), text)
+}
+
+/// Processes whose command line names `dir` (the demo's coordinator and daemons all do).
+fn processes_under(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&dir) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+/// Ctrl-C in the terminal reaches the demo and its daemons alike (one process group): the demo
+/// stops everything, says so, removes its folder, and does not wait on a space its daemons have
+/// already left.
+#[test]
+fn ctrl_c_stops_the_demo_cleanly() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    // Up, and watching: the first client's status line comes after "Press Ctrl-C".
+    let (st, text) = interrupted_demo(&demo, |text| {
+        text.split_once("Press Ctrl-C")
+            .is_some_and(|(_, after)| after.contains("client-1:"))
+    });
     assert!(st.success(), "{st}: {text}");
     assert!(text.contains("interrupted"), "{text}");
     assert!(
@@ -148,8 +167,26 @@ fn ctrl_c_stops_the_demo_cleanly() {
         "no wait on the space the daemons left: {text}"
     );
     assert!(text.contains("nothing left behind"), "{text}");
+    assert!(!demo.exists(), "the working folder is removed: {text}");
+    assert_eq!(processes_under(&demo), Vec::<String>::new(), "{text}");
+}
+
+/// Ctrl-C while the demo is still starting (the coordinator up, the daemons being started) stops
+/// what had started as cleanly: no process of the demo's is left, nor its folder.
+#[test]
+fn ctrl_c_while_starting_stops_the_demo_cleanly() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let (st, text) = interrupted_demo(&demo, |text| text.contains("client daemons"));
+    assert!(st.success(), "{st}: {text}");
+    assert!(text.contains("interrupted while starting"), "{text}");
     assert!(
-        !dir.path().join("demo").exists(),
-        "the working folder is removed: {text}"
+        !text.contains("Press Ctrl-C"),
+        "it never got to watching: {text}"
     );
+    assert!(text.contains("stopping the coordinator"), "{text}");
+    assert!(text.contains("nothing left behind"), "{text}");
+    assert!(!demo.exists(), "the working folder is removed: {text}");
+    assert_eq!(processes_under(&demo), Vec::<String>::new(), "{text}");
 }

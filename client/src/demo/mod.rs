@@ -267,7 +267,66 @@ fn step(msg: &str) {
     println!("==> {msg}");
 }
 
+/// What the demo has started so far: stopped at the end, whether start-up finished, failed or
+/// was interrupted.
+#[derive(Default)]
+struct Parts {
+    /// The demo's own connection to Docker Engine, to check that nothing is left in it.
+    probe: Option<crate::runtime::docker::DockerRuntime>,
+    /// Whether the VM project runs (so libvirt is checked too).
+    vms: bool,
+    coordinator: Option<Proc>,
+    clients: Vec<Client>,
+}
+
+/// A local space that came up: its coordinator, and the project whose credit must show too.
+struct Started {
+    api: crate::coordinator_client::HttpUploader,
+    base: String,
+    /// A project whose credit must show too before `--until-credit` ends (the VM project).
+    want_project: Option<&'static str>,
+}
+
 async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
+    // Listening from the start: Ctrl-C while images are built or the coordinator and daemons
+    // start stops what has started and removes the folder, as it does once the demo is watching.
+    let mut ctrl_c = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listening for Ctrl-C")?;
+    let mut parts = Parts::default();
+    let started = tokio::select! {
+        s = start(args, dir, &mut parts) => s.map(Some),
+        _ = ctrl_c.recv() => {
+            println!();
+            println!("  interrupted while starting");
+            Ok(None)
+        }
+    };
+    let result = match started {
+        Ok(Some(s)) => {
+            let ended = watch(
+                args,
+                &parts.clients,
+                &s.api,
+                &s.base,
+                s.want_project,
+                &mut ctrl_c,
+            )
+            .await;
+            // Not after Ctrl-C: the terminal sent it to the daemons too, and they are stopping.
+            if matches!(ended, Ok(Ended::Done)) {
+                report_space(&parts.clients, &s.api, &s.base).await;
+            }
+            ended.map(|_| ())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    stop(parts, dir).await;
+    result
+}
+
+/// Brings the local space up, keeping each part in `parts` as it starts.
+async fn start(args: &DemoArgs, dir: &Path, parts: &mut Parts) -> Result<Started> {
     let now = crate::factory::now_ms() / 1000;
     step("checking the container engine");
     let probe_rt = crate::runtime::docker::DockerRuntime::connect(
@@ -282,8 +341,10 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
         "    Docker Engine {}, cgroup v{}",
         probe.version, probe.cgroup_version
     );
+    parts.probe = Some(probe_rt);
 
     let vm = vm_project(dir).await;
+    parts.vms = vm.is_some();
 
     step("starting the coordinator (SQLite, self-signed TLS)");
     let coord_bin = sibling_binary("gleaner-coordinator")?;
@@ -331,10 +392,10 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
         .spawn()
         .context("cannot start gleaner-coordinator")?;
     let stdout = child.stdout.take().context("no coordinator output")?;
-    let coordinator = Proc {
+    parts.coordinator = Some(Proc {
         name: "coordinator".into(),
         child,
-    };
+    });
     let mut fingerprint = None;
     for line in BufReader::new(stdout).lines().take(5) {
         let line = line?;
@@ -426,7 +487,6 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
 
     step(&format!("starting {} client daemons", args.clients));
     let gleaner = std::env::current_exe()?;
-    let mut clients = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
         let name = format!("client-{}", i + 1);
         let state = dir.join(&name);
@@ -495,7 +555,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
             .stderr(log)
             .spawn()
             .context("cannot start gleaner daemon")?;
-        clients.push(Client {
+        parts.clients.push(Client {
             name,
             socket,
             host: String::new(),
@@ -505,7 +565,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
             },
         });
     }
-    for c in &mut clients {
+    for c in &mut parts.clients {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(mut cc) = ControlClient::connect(&c.socket).await
@@ -531,19 +591,47 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     println!("Space:     {base}/space   (live capacity the factories advertise)");
     println!("Press Ctrl-C to stop everything.");
     println!();
-    let want_project = vm.as_ref().map(|_| "demo-vm-hashing");
-    let result = watch(args, &clients, &api, &base, want_project).await;
+    Ok(Started {
+        api,
+        base,
+        want_project: vm.as_ref().map(|_| "demo-vm-hashing"),
+    })
+}
 
-    // Not after Ctrl-C: the terminal sent it to the daemons too, and they are stopping.
-    if matches!(result, Ok(Ended::Done)) {
-        report_space(&clients, &api, &base).await;
+/// Stops what the demo started, and checks that the engines hold none of its clients' machines.
+async fn stop(parts: Parts, dir: &Path) {
+    let Parts {
+        probe,
+        vms,
+        coordinator,
+        clients,
+    } = parts;
+    // Only this demo's hosts: other Gleaner users of the same engine are not ours to judge. A
+    // daemon stopped before it answered is known by its key (its machines' owner label); one
+    // without a key file had started none.
+    let hosts: Vec<String> = clients
+        .iter()
+        .filter_map(|c| {
+            if !c.host.is_empty() {
+                return Some(c.host.clone());
+            }
+            let state = c.socket.parent()?;
+            let key = crate::daemon::host_key_path(state);
+            let key = crate::keys::read(&key).ok()?;
+            Some(key.public().to_string())
+        })
+        .collect();
+    if !clients.is_empty() {
+        step("stopping the clients (their machines are stopped and accounted for)");
+        drop(clients);
     }
-    // Only this demo's hosts: other Gleaner users of the same engine are not ours to judge.
-    let hosts: Vec<String> = clients.iter().map(|c| c.host.clone()).collect();
-    step("stopping the clients (their machines are stopped and accounted for)");
-    drop(clients);
-    step("stopping the coordinator");
-    drop(coordinator);
+    if let Some(c) = coordinator {
+        step("stopping the coordinator");
+        drop(c);
+    }
+    let Some(probe_rt) = probe else {
+        return;
+    };
     let mut left = 0;
     for host in &hosts {
         left += probe_rt
@@ -561,7 +649,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
             .map(|l| l.len())
             .unwrap_or(0);
     }
-    if vm.is_some() {
+    if vms {
         for host in &hosts {
             let cfg = crate::runtime::vmhost::LibvirtConfig::new(host, dir.join("probe-vms"));
             if let Ok(helper) = crate::runtime::vmhost::find_helper()
@@ -577,7 +665,6 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> Result<()> {
     } else {
         println!("    nothing left behind");
     }
-    result.map(|_| ())
 }
 
 /// The daemons found each other over libp2p: waits (briefly) until the first sees them all, and
@@ -636,14 +723,11 @@ async fn watch(
     base: &str,
     // A project whose credit must show too before `--until-credit` ends (the VM project).
     want_project: Option<&str>,
+    ctrl_c: &mut tokio::signal::unix::Signal,
 ) -> Result<Ended> {
     let started = Instant::now();
     let mut last_lines: Vec<String> = vec![String::new(); clients.len()];
     let mut last_total = String::new();
-    // Listening from here on (not from the first wait below), so that a Ctrl-C while the first
-    // statuses are read still stops the demo cleanly instead of killing it.
-    let mut ctrl_c = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("listening for Ctrl-C")?;
     loop {
         for (i, c) in clients.iter().enumerate() {
             let line = match ControlClient::connect(&c.socket).await {
