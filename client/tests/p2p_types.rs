@@ -118,6 +118,18 @@ fn advertise_every_second(s: &Space, content: CapacityAdvert) -> tokio::task::Jo
     })
 }
 
+/// Makes `s` trust `publisher` and returns the first machine type it learns after, within 20 s.
+async fn trust_and_learn(s: &mut Space, publisher: &SecretKey, failed: &str) -> p2p::LearnedType {
+    s.handle
+        .set_trusted(vec![publisher.public()])
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), s.learned.recv())
+        .await
+        .expect(failed)
+        .unwrap()
+}
+
 /// The advert the daemon would publish for this factory: what it runs.
 async fn advert(key: &SecretKey, seq: u64, f: &FactoryHandle) -> Envelope {
     let s = f.status().await.unwrap();
@@ -300,14 +312,12 @@ async fn a_node_that_comes_to_trust_a_publisher_fetches_what_its_view_shows_runn
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(c.learned.try_recv().is_err());
     let trusted_at = Instant::now();
-    c.handle
-        .set_trusted(vec![publisher.public()])
-        .await
-        .unwrap();
-    let l = tokio::time::timeout(Duration::from_secs(20), c.learned.recv())
-        .await
-        .expect("C did not fetch the type its view shows B running once it trusted the publisher")
-        .unwrap();
+    let l = trust_and_learn(
+        &mut c,
+        &publisher,
+        "C did not fetch the type its view shows B running once it trusted the publisher",
+    )
+    .await;
     assert_eq!(l.digest, d);
     // The same anchor the whole time: what C fetched came from its view, not a new signed advert.
     assert_eq!(
@@ -352,15 +362,13 @@ async fn a_type_is_fetched_from_another_host_when_the_first_asked_does_not_serve
         (v.anchor_seq(&kl.public()).is_some() && v.anchor_seq(&kh.public()).is_some()).then_some(())
     })
     .await;
-    c.handle
-        .set_trusted(vec![publisher.public()])
-        .await
-        .unwrap();
     // C asks the first host after itself, L, which has nothing to give; then the one after L.
-    let got = tokio::time::timeout(Duration::from_secs(20), c.learned.recv())
-        .await
-        .expect("C did not fetch the type from H after L did not serve it")
-        .unwrap();
+    let got = trust_and_learn(
+        &mut c,
+        &publisher,
+        "C did not fetch the type from H after L did not serve it",
+    )
+    .await;
     assert_eq!(got.digest, d);
     for a in advertisers {
         a.abort();
