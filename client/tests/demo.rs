@@ -147,6 +147,15 @@ fn processes_under(dir: &std::path::Path) -> Vec<String> {
     found
 }
 
+/// The demo at `demo` exited cleanly, said it left nothing in the engines, removed its folder and
+/// left no process of its own.
+fn stopped_cleanly(demo: &std::path::Path, st: ExitStatus, text: &str) {
+    assert!(st.success(), "{st}: {text}");
+    assert!(text.contains("nothing left behind"), "{text}");
+    assert!(!demo.exists(), "the working folder is removed: {text}");
+    assert_eq!(processes_under(demo), Vec::<String>::new(), "{text}");
+}
+
 /// Ctrl-C in the terminal reaches the demo and its daemons alike (one process group): the demo
 /// stops everything, says so, removes its folder, and does not wait on a space its daemons have
 /// already left.
@@ -160,15 +169,12 @@ fn ctrl_c_stops_the_demo_cleanly() {
         text.split_once("Press Ctrl-C")
             .is_some_and(|(_, after)| after.contains("client-1:"))
     });
-    assert!(st.success(), "{st}: {text}");
+    stopped_cleanly(&demo, st, &text);
     assert!(text.contains("interrupted"), "{text}");
     assert!(
         !text.contains("factories in the space"),
         "no wait on the space the daemons left: {text}"
     );
-    assert!(text.contains("nothing left behind"), "{text}");
-    assert!(!demo.exists(), "the working folder is removed: {text}");
-    assert_eq!(processes_under(&demo), Vec::<String>::new(), "{text}");
 }
 
 /// Ctrl-C while the demo is still starting (the coordinator up, the daemons being started) stops
@@ -179,14 +185,11 @@ fn ctrl_c_while_starting_stops_the_demo_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let demo = dir.path().join("demo");
     let (st, text) = interrupted_demo(&demo, |text| text.contains("client daemons"));
-    assert!(st.success(), "{st}: {text}");
+    stopped_cleanly(&demo, st, &text);
     assert!(text.contains("interrupted while starting"), "{text}");
     assert!(
         !text.contains("Press Ctrl-C"),
         "it never got to watching: {text}"
     );
     assert!(text.contains("stopping the coordinator"), "{text}");
-    assert!(text.contains("nothing left behind"), "{text}");
-    assert!(!demo.exists(), "the working folder is removed: {text}");
-    assert_eq!(processes_under(&demo), Vec::<String>::new(), "{text}");
 }
