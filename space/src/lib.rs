@@ -2,10 +2,11 @@
 //! coordinator's observer cannot drift apart: the names on the wire (gossipsub topics, protocol
 //! ids), the size limits, the transport and behaviours (anonymous gossipsub whose message id is the
 //! SHA-256 of the bytes, peer scoring, Kademlia, identify, mDNS), the checks an advert or outcome
-//! passes, the discovery steps of the event loop, and the advert relay ([`relay`], over the stream
-//! links of [`links`]). The tunable constants live in [`tuning`]. This crate links the core and
+//! passes, the discovery steps of the event loop, and the advert relay ([`relay`], over the links
+//! of [`links`], on connections of their own where both ends take them, [`direct`]). The tunable constants live in [`tuning`]. This crate links the core and
 //! libp2p, never an engine (no bollard, no virt).
 
+pub mod direct;
 pub mod discovery;
 pub mod gate;
 pub mod links;
@@ -103,6 +104,6 @@ mod tests {
         assert_eq!(IDENTIFY_PROTOCOL, "/gleaner/1");
         assert_eq!(MT_PROTOCOL, "/gleaner/mt/1");
         assert_eq!(GOSSIPSUB_PROTOCOL, "/meshsub/1.1.0");
-        assert_eq!(RELAY_PROTOCOL.as_ref(), "/gleaner/adverts/1");
+        assert_eq!(RELAY_PROTOCOL.as_ref(), "/gleaner/adverts/2");
     }
 }

@@ -24,12 +24,17 @@ use std::time::Duration;
 use libp2p::futures::StreamExt;
 use libp2p::futures::io::{AsyncRead, AsyncWrite};
 use libp2p::futures::task::AtomicWaker;
-use libp2p::{PeerId, Stream, StreamProtocol};
-use tokio::sync::mpsc;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::AbortHandle;
 
+use crate::direct::{self, DirectConfig, LinkStream};
+
 /// The protocol of relay links.
-pub const RELAY_PROTOCOL: StreamProtocol = StreamProtocol::new("/gleaner/adverts/1");
+///
+/// Version 2: the accepting peer first writes its direct port and the opener answers, before any
+/// frame ([`crate::direct`]).
+pub const RELAY_PROTOCOL: StreamProtocol = StreamProtocol::new("/gleaner/adverts/2");
 /// Largest frame on a link; a bigger length prefix closes the link.
 pub const MAX_FRAME: usize = 256 * 1024;
 /// Bytes (frames with their prefixes) a link holds that its stream has not taken yet; `send`
@@ -40,6 +45,9 @@ pub const LINK_BACKLOG: usize = 4 * (MAX_FRAME + 4);
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reports from the open and accept tasks waiting for [`Links::next`].
 const EVENT_QUEUE: usize = 256;
+/// Inbound opens on the swarm waiting for their opener's choice at most ([`direct`]); one beyond
+/// them is dropped (reset), and its opener tries again later.
+const ACCEPTING: usize = 32;
 /// How often every link's pending read is polled again unprompted, in case a wake was lost: the
 /// longest a link could outlive its stream's end if one were. yamux's graceful close did not wake
 /// its streams' readers (libp2p/rust-yamux#216), and this was 1 s; the patched yamux
@@ -92,13 +100,17 @@ impl fmt::Debug for LinkEvent {
 
 /// What the open and accept tasks report to [`Links::next`].
 enum Report {
-    /// A peer opened a stream to us.
-    Inbound { peer: PeerId, stream: Stream },
+    /// A peer opened a link to us (on the swarm, or `direct`).
+    Inbound {
+        peer: PeerId,
+        stream: LinkStream,
+        direct: bool,
+    },
     /// An outbound open (attempt `attempt`) finished.
     Opened {
         peer: PeerId,
         attempt: u64,
-        result: Result<Stream, String>,
+        result: Result<(LinkStream, bool), String>,
     },
 }
 
@@ -190,6 +202,8 @@ impl Wake for LinkWake {
 struct Link {
     id: u64,
     outbound: bool,
+    /// On a connection of its own ([`direct`]), not a swarm stream.
+    direct: bool,
     io: LinkIo,
     wake: Arc<LinkWake>,
     /// `wake` as a [`Waker`], made once.
@@ -199,7 +213,7 @@ struct Link {
 /// A link's stream with what was read from it and not yet taken as frames, and what was sent to
 /// it and not yet taken by it.
 struct LinkIo {
-    stream: Stream,
+    stream: LinkStream,
     /// Read bytes; `inbuf[read_at..read_end]` are not yet taken as frames.
     inbuf: Vec<u8>,
     read_at: usize,
@@ -212,7 +226,7 @@ struct LinkIo {
 }
 
 impl LinkIo {
-    fn new(stream: Stream) -> LinkIo {
+    fn new(stream: LinkStream) -> LinkIo {
         LinkIo {
             stream,
             inbuf: Vec::new(),
@@ -323,7 +337,7 @@ struct Pending {
     task: AbortHandle,
     /// A stream the peer opened meanwhile, held while ours is in flight because ours wins the
     /// tie (we have the smaller id); it is used only if ours fails.
-    parked: Option<Stream>,
+    parked: Option<(LinkStream, bool)>,
 }
 
 /// The relay links of one node: at most one per peer, inbound ones capped.
@@ -343,6 +357,11 @@ pub struct Links {
     ready: VecDeque<LinkEvent>,
     next_id: u64,
     accept: AbortHandle,
+    /// Direct links' listener (its port and identity), if this node takes them.
+    direct: Option<direct::Listener>,
+    /// Where this node is connected to each peer (the address of its first connection): where a
+    /// direct link to it is dialled.
+    ips: HashMap<PeerId, std::net::IpAddr>,
     /// Ticks every [`REPOLL`] while links are up: every link is polled again.
     repoll: tokio::time::Interval,
     /// Frames wait for [`Links::read_frames`] ([`Links::defer_frames`]).
@@ -352,13 +371,16 @@ pub struct Links {
 impl Links {
     /// Starts accepting inbound links on [`RELAY_PROTOCOL`] through `control` (from the swarm's
     /// `libp2p_stream::Behaviour`); at most `max_inbound` inbound links are kept, more are closed
-    /// at once. `local` is this node's peer id, for the tie-break between crossed opens. Spawns a
-    /// task, so it must be called inside a tokio runtime. Fails if the protocol is already
-    /// accepted through this behaviour (a second `Links` on one swarm).
+    /// at once. `local` is this node's peer id, for the tie-break between crossed opens. With
+    /// `direct`, links are taken on connections of their own at its address, and opened that way
+    /// to peers that take them ([`crate::direct`]). Spawns tasks, so it must be called inside a
+    /// tokio runtime. Fails if the protocol is already accepted through this behaviour (a second
+    /// `Links` on one swarm), or `direct`'s address cannot be listened on.
     pub fn new(
         mut control: libp2p_stream::Control,
         local: PeerId,
         max_inbound: usize,
+        direct: Option<DirectConfig>,
     ) -> Result<Links, String> {
         let mut incoming = control
             .accept(RELAY_PROTOCOL)
@@ -369,14 +391,48 @@ impl Links {
             tx,
             due: due.clone(),
         };
+        let direct = match direct {
+            Some(cfg) => {
+                let tx = reports_tx.clone();
+                Some(direct::listen(&cfg, move |peer, stream| {
+                    let tx = tx.clone();
+                    async move {
+                        tx.send(Report::Inbound {
+                            peer,
+                            stream,
+                            direct: true,
+                        })
+                        .await
+                    }
+                })?)
+            }
+            None => None,
+        };
+        let port = direct.as_ref().map_or(0, |d| d.port);
         let tx = reports_tx.clone();
         // libp2p-stream hands over inbound streams through a one-slot channel and drops those
-        // that find it full, so they are taken off it at once; the wait is here instead.
+        // that find it full, so they are taken off it at once; the opener's choice is waited for
+        // in a task of each stream's own, and the wait for room in the reports there.
         let accept = tokio::spawn(async move {
+            let room = Arc::new(Semaphore::new(ACCEPTING));
             while let Some((peer, stream)) = incoming.next().await {
-                if !tx.send(Report::Inbound { peer, stream }).await {
-                    break;
-                }
+                let Ok(permit) = room.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "relay link refused: {ACCEPTING} opens under way");
+                    continue;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let stream = direct::accept_stream(stream, port, OPEN_TIMEOUT).await;
+                    drop(permit);
+                    if let Some(stream) = stream {
+                        tx.send(Report::Inbound {
+                            peer,
+                            stream: Box::new(stream),
+                            direct: false,
+                        })
+                        .await;
+                    }
+                });
             }
         })
         .abort_handle();
@@ -394,6 +450,8 @@ impl Links {
             ready: VecDeque::new(),
             next_id: 0,
             accept,
+            direct,
+            ips: HashMap::new(),
             repoll: {
                 let mut every = tokio::time::interval(REPOLL);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -414,15 +472,24 @@ impl Links {
         let attempt = self.id();
         let mut control = self.control.clone();
         let tx = self.reports_tx.clone();
+        let direct = self
+            .direct
+            .as_ref()
+            .zip(self.ips.get(&peer))
+            .map(|(d, ip)| (d.keypair.clone(), *ip));
         let task = tokio::spawn(async move {
-            let result =
-                match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, RELAY_PROTOCOL))
+            let open = async {
+                let stream = control
+                    .open_stream(peer, RELAY_PROTOCOL)
                     .await
-                {
-                    Ok(Ok(stream)) => Ok(stream),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no stream after {OPEN_TIMEOUT:?}")),
-                };
+                    .map_err(|e| e.to_string())?;
+                let direct = direct.as_ref().map(|(k, ip)| (k, *ip));
+                direct::open_stream(stream, peer, direct).await
+            };
+            let result = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("no link after {OPEN_TIMEOUT:?}")),
+            };
             tx.send(Report::Opened {
                 peer,
                 attempt,
@@ -633,6 +700,34 @@ impl Links {
         self.links.values().filter(|l| !l.outbound).count()
     }
 
+    /// Links up now on connections of their own ([`crate::direct`]).
+    pub fn direct(&self) -> usize {
+        self.links.values().filter(|l| l.direct).count()
+    }
+
+    /// Whether the link to `peer` is on a connection of its own.
+    pub fn is_direct(&self, peer: &PeerId) -> bool {
+        self.links.get(peer).is_some_and(|l| l.direct)
+    }
+
+    /// The port direct links are taken on, if they are.
+    pub fn direct_port(&self) -> Option<u16> {
+        self.direct.as_ref().map(|d| d.port)
+    }
+
+    /// This node is connected to `peer` at `ip` (`None`: no longer connected): where a direct
+    /// link to it is dialled. The first address is kept while the peer stays connected.
+    pub fn set_address(&mut self, peer: PeerId, ip: Option<std::net::IpAddr>) {
+        match ip {
+            Some(ip) => {
+                self.ips.entry(peer).or_insert(ip);
+            }
+            None => {
+                self.ips.remove(&peer);
+            }
+        }
+    }
+
     /// Whether an open to `peer` is in flight.
     pub fn pending(&self, peer: &PeerId) -> bool {
         self.pending.contains_key(peer)
@@ -645,17 +740,21 @@ impl Links {
 
     fn handle(&mut self, report: Report) {
         match report {
-            Report::Inbound { peer, stream } => {
+            Report::Inbound {
+                peer,
+                stream,
+                direct,
+            } => {
                 let our_open_wins = self.local < peer;
                 if let Some(p) = self.pending.get_mut(&peer)
                     && our_open_wins
                     && !self.links.contains_key(&peer)
                 {
                     tracing::debug!(%peer, "inbound relay link held until our crossing open ends");
-                    p.parked = Some(stream);
+                    p.parked = Some((stream, direct));
                     return;
                 }
-                self.admit(peer, stream, false);
+                self.admit(peer, stream, false, direct);
             }
             Report::Opened {
                 peer,
@@ -671,15 +770,15 @@ impl Links {
                     return;
                 }
                 match result {
-                    Ok(stream) => {
+                    Ok((stream, direct)) => {
                         // A parked stream lost the tie to this one; dropping it resets it.
                         drop(p.parked);
-                        self.admit(peer, stream, true);
+                        self.admit(peer, stream, true, direct);
                     }
                     Err(error) => {
                         tracing::debug!(%peer, %error, "relay link open failed");
-                        if let Some(stream) = p.parked {
-                            self.admit(peer, stream, false);
+                        if let Some((stream, direct)) = p.parked {
+                            self.admit(peer, stream, false, direct);
                         } else if !self.links.contains_key(&peer) {
                             self.ready.push_back(LinkEvent::OpenFailed { peer, error });
                         }
@@ -692,7 +791,7 @@ impl Links {
     /// Takes `stream` as the link to `peer` unless the rules refuse it: one link per peer (the
     /// one opened by the smaller peer id wins; between two the peer opened, the newer), and at
     /// most `max_inbound` inbound links. A refused stream is dropped, which resets it.
-    fn admit(&mut self, peer: PeerId, stream: Stream, outbound: bool) {
+    fn admit(&mut self, peer: PeerId, stream: LinkStream, outbound: bool, direct: bool) {
         let inbound = self.inbound();
         if let Some(existing) = self.links.get(&peer) {
             let keep_new = if existing.outbound == outbound {
@@ -714,12 +813,12 @@ impl Links {
             tracing::debug!(%peer, max = self.max_inbound, "inbound relay link refused: full");
             return;
         }
-        self.start(peer, stream, outbound);
+        self.start(peer, stream, outbound, direct);
     }
 
     /// Takes `stream` as the link to `peer` (due at once: the peer may have written already)
     /// and reports it `Up`.
-    fn start(&mut self, peer: PeerId, stream: Stream, outbound: bool) {
+    fn start(&mut self, peer: PeerId, stream: LinkStream, outbound: bool, direct: bool) {
         let id = self.id();
         let wake = Arc::new(LinkWake {
             peer,
@@ -733,6 +832,7 @@ impl Links {
             Link {
                 id,
                 outbound,
+                direct,
                 io: LinkIo::new(stream),
                 waker: Waker::from(Arc::clone(&wake)),
                 wake,
@@ -758,6 +858,9 @@ impl Links {
 impl Drop for Links {
     fn drop(&mut self) {
         self.accept.abort();
+        if let Some(d) = &self.direct {
+            d.task.abort();
+        }
         for p in self.pending.values() {
             p.task.abort();
         }

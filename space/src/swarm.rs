@@ -38,7 +38,7 @@ pub fn transport_bytes() -> (u64, u64) {
 }
 
 /// A TCP stream that counts its bytes.
-struct Metered<S>(S);
+pub(crate) struct Metered<S>(pub(crate) S);
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     fn poll_read(
@@ -85,7 +85,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
 /// down. libp2p ping only reports a failed ping (libp2p-ping 0.48 leaves closing to its user);
 /// QUIC has its own keep-alive and idle timeout. A socket that refuses the options keeps its
 /// connection, without them.
-fn keep_alive(s: &tokio::net::TcpStream) {
+pub(crate) fn keep_alive(s: &tokio::net::TcpStream) {
     let sock = socket2::SockRef::from(s);
     let probes = socket2::TcpKeepalive::new()
         .with_time(tuning::TCP_KEEPALIVE_IDLE)

@@ -1,11 +1,16 @@
 //! Relay links between real swarms on loopback TCP: frames both ways, send's refusals, the frame
 //! limit, closing, crossed and late-crossed opens, a peer's replacement link, the inbound cap,
-//! failed opens, and a connection closed under a link.
+//! failed opens, and a connection closed under a link; links on connections of their own
+//! (direct), kept on the swarm when either side takes none or the dial fails, and never to a peer
+//! other than the one asked.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use gleaner::SecretKey;
+use std::net::IpAddr;
+
+use gleaner_space::direct::{DirectConfig, STAY};
 use gleaner_space::links::{LINK_BACKLOG, MAX_FRAME, OPEN_TIMEOUT};
 use gleaner_space::{LinkEvent, Links, RELAY_PROTOCOL};
 use libp2p::futures::future::select_all;
@@ -46,11 +51,21 @@ impl Node {
     /// A node listening on loopback TCP; with relay links (keeping `max_inbound` inbound ones)
     /// or, with `None`, a bare one that does not speak the relay protocol.
     async fn new(seed: u8, max_inbound: Option<usize>) -> Node {
+        Node::with(seed, max_inbound, false).await
+    }
+
+    /// As [`Node::new`], taking direct links on loopback (and opening them where it can).
+    async fn direct(seed: u8) -> Node {
+        Node::with(seed, Some(8), true).await
+    }
+
+    async fn with(seed: u8, max_inbound: Option<usize>, direct: bool) -> Node {
         let kp = gleaner_space::keypair(&SecretKey::from_seed([seed; 32])).unwrap();
-        let mut swarm = gleaner_space::build_swarm_with(kp, Duration::from_secs(60), |_| {
-            Ok(libp2p_stream::Behaviour::new())
-        })
-        .unwrap();
+        let mut swarm =
+            gleaner_space::build_swarm_with(kp.clone(), Duration::from_secs(60), |_| {
+                Ok(libp2p_stream::Behaviour::new())
+            })
+            .unwrap();
         let id = *swarm.local_peer_id();
         swarm
             .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
@@ -61,7 +76,11 @@ impl Node {
             }
         };
         let control = swarm.behaviour().new_control();
-        let links = max_inbound.map(|m| Links::new(control.clone(), id, m).unwrap());
+        let direct = direct.then(|| DirectConfig {
+            keypair: kp.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+        });
+        let links = max_inbound.map(|m| Links::new(control.clone(), id, m, direct).unwrap());
         let (cmds, mut cmd_rx) = mpsc::channel(8);
         let (conn_tx, connected) = watch::channel(HashSet::new());
         let swarm = tokio::spawn(async move {
@@ -137,11 +156,36 @@ impl Node {
     }
 }
 
-/// `a` dials `b`; returns once both see the connection.
-async fn connect(a: &Node, b: &Node) {
+/// `a` dials `b`; returns once both see the connection, and their links know where it is.
+async fn connect(a: &mut Node, b: &mut Node) {
     a.cmds.send(Cmd::Dial(b.addr.clone())).await.unwrap();
     a.wait_connected(b.id, true).await;
     b.wait_connected(a.id, true).await;
+    let (a_id, b_id) = (a.id, b.id);
+    for (n, peer) in [(a, b_id), (b, a_id)] {
+        if let Some(l) = n.links.as_mut() {
+            l.set_address(peer, Some(LOOPBACK));
+        }
+    }
+}
+
+const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// `from` opens a raw stream of the relay protocol to `to` and chooses to stay on it, as an
+/// opener does that takes no direct links.
+async fn raw_link(from: &Node, to: PeerId) -> libp2p::Stream {
+    let mut raw = timeout(WAIT, from.control.clone().open_stream(to, RELAY_PROTOCOL))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut hello = [0u8; 2];
+    timeout(WAIT, raw.read_exact(&mut hello))
+        .await
+        .unwrap()
+        .unwrap();
+    raw.write_all(&[STAY]).await.unwrap();
+    raw.flush().await.unwrap();
+    raw
 }
 
 /// The events of every node in `nodes` until none has come for [`QUIET`], one list per node.
@@ -193,7 +237,7 @@ fn frame(tag: usize, len: usize) -> Vec<u8> {
 async fn linked_pair(a_seed: u8, b_seed: u8) -> (Node, Node) {
     let mut a = Node::new(a_seed, Some(8)).await;
     let mut b = Node::new(b_seed, Some(8)).await;
-    connect(&a, &b).await;
+    connect(&mut a, &mut b).await;
     a.links().open(b.id);
     a.expect_up(b.id, true).await;
     b.expect_up(a.id, false).await;
@@ -204,7 +248,7 @@ async fn linked_pair(a_seed: u8, b_seed: u8) -> (Node, Node) {
 async fn a_link_opens_and_frames_flow_both_ways_in_order() {
     let mut a = Node::new(1, Some(8)).await;
     let mut b = Node::new(2, Some(8)).await;
-    connect(&a, &b).await;
+    connect(&mut a, &mut b).await;
     a.links().open(b.id);
     a.links().open(b.id); // one open in flight already: no-op
     assert!(a.links().pending(&b.id));
@@ -319,11 +363,8 @@ async fn send_refuses_frames_past_the_backlog_an_unlinked_peer_and_an_oversize_f
 async fn an_oversize_frame_closes_the_link() {
     let mut a = Node::new(1, Some(8)).await;
     let mut b = Node::new(2, Some(8)).await;
-    connect(&a, &b).await;
-    let mut raw = timeout(WAIT, b.control.open_stream(a.id, RELAY_PROTOCOL))
-        .await
-        .unwrap()
-        .unwrap();
+    connect(&mut a, &mut b).await;
+    let mut raw = raw_link(&b, a.id).await;
     a.expect_up(b.id, false).await;
     // A frame of exactly MAX_FRAME is fine. It is more than yamux's window: `a` reads while `b`
     // writes.
@@ -369,7 +410,7 @@ async fn write_raw(s: &mut libp2p::Stream, frame: &[u8]) {
 async fn a_peers_new_link_replaces_its_old_one_whose_late_reports_are_ignored() {
     let mut a = Node::new(1, Some(8)).await;
     let mut b = Node::new(2, Some(8)).await;
-    connect(&a, &b).await;
+    connect(&mut a, &mut b).await;
     let up = LinkEvent::Up {
         peer: b.id,
         outbound: false,
@@ -378,19 +419,13 @@ async fn a_peers_new_link_replaces_its_old_one_whose_late_reports_are_ignored() 
         peer: b.id,
         frame: f.to_vec(),
     };
-    let mut old = timeout(WAIT, b.control.open_stream(a.id, RELAY_PROTOCOL))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut old = raw_link(&b, a.id).await;
     write_raw(&mut old, b"old").await;
     assert_eq!(a.event().await, up);
     assert_eq!(a.event().await, fr(b"old"));
 
     // The old link's reader is running; `a` is not looking while the rest happens.
-    let mut new = timeout(WAIT, b.control.open_stream(a.id, RELAY_PROTOCOL))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut new = raw_link(&b, a.id).await;
     write_raw(&mut old, b"old, late").await;
     old.close().await.unwrap();
     drop(old);
@@ -483,7 +518,7 @@ async fn close_takes_the_link_down_on_both_sides() {
 async fn crossed_opens_leave_one_link_both_sides_agree_on() {
     let mut a = Node::new(1, Some(8)).await;
     let mut b = Node::new(2, Some(8)).await;
-    connect(&a, &b).await;
+    connect(&mut a, &mut b).await;
     let a_opens = a.id < b.id;
     for round in 0..6u8 {
         // Alternate who calls first; both calls happen before either swarm task runs.
@@ -570,9 +605,9 @@ async fn crossed_opens_leave_one_link_both_sides_agree_on() {
 /// smaller side's came first, the larger side's late open must be dropped without a flap.
 #[tokio::test]
 async fn late_crossed_opens_end_with_the_smaller_sides_link() {
-    let a = Node::new(1, Some(8)).await;
-    let b = Node::new(2, Some(8)).await;
-    connect(&a, &b).await;
+    let mut a = Node::new(1, Some(8)).await;
+    let mut b = Node::new(2, Some(8)).await;
+    connect(&mut a, &mut b).await;
     let (mut small, mut large) = if a.id < b.id { (a, b) } else { (b, a) };
     for round in 0..3u8 {
         // The larger side's link comes up on its side; the smaller side opens before it has
@@ -664,11 +699,8 @@ async fn a_held_crossing_link_is_taken_when_our_own_open_fails() {
     };
     let mut small = Node::new(s, Some(8)).await;
     let mut large = Node::new(l, None).await;
-    connect(&small, &large).await;
-    let mut raw = timeout(WAIT, large.control.open_stream(small.id, RELAY_PROTOCOL))
-        .await
-        .unwrap()
-        .unwrap();
+    connect(&mut small, &mut large).await;
+    let mut raw = raw_link(&large, small.id).await;
     small.links().open(large.id);
     small.expect_up(large.id, false).await;
     let ev = settle(&mut [&mut small]).await;
@@ -694,8 +726,8 @@ async fn inbound_links_beyond_the_cap_are_refused() {
     let mut c = Node::new(3, Some(1)).await;
     let mut a = Node::new(1, Some(8)).await;
     let mut b = Node::new(2, Some(8)).await;
-    connect(&a, &c).await;
-    connect(&b, &c).await;
+    connect(&mut a, &mut c).await;
+    connect(&mut b, &mut c).await;
     a.links().open(c.id);
     a.expect_up(c.id, true).await;
     c.expect_up(a.id, false).await;
@@ -736,8 +768,8 @@ async fn inbound_links_beyond_the_cap_are_refused() {
 #[tokio::test]
 async fn open_fails_without_the_protocol_or_a_connection() {
     let mut a = Node::new(1, Some(8)).await;
-    let bare = Node::new(2, None).await;
-    connect(&a, &bare).await;
+    let mut bare = Node::new(2, None).await;
+    connect(&mut a, &mut bare).await;
     a.links().open(bare.id);
     match a.event().await {
         LinkEvent::OpenFailed { peer, error } => {
@@ -859,4 +891,138 @@ async fn deferred_frames_wait_for_read_frames() {
     assert_eq!(got.len(), 6);
     assert_eq!(got[5], (a.id, vec![7; 3]));
     b.expect_down(a.id).await;
+}
+
+// ---- direct links (gleaner_space::direct) ----
+
+/// Two nodes that take direct links: `a`'s open ends on a connection of its own, both sides
+/// say so, frames flow both ways, and the link outlives the swarm connection it was opened on
+/// (it is not carried by it). Closed by one side, it goes down at both.
+#[tokio::test]
+async fn a_link_between_nodes_that_take_direct_links_is_direct() {
+    let mut a = Node::direct(1).await;
+    let mut b = Node::direct(2).await;
+    connect(&mut a, &mut b).await;
+    a.links().open(b.id);
+    a.expect_up(b.id, true).await;
+    b.expect_up(a.id, false).await;
+    assert!(a.links().is_direct(&b.id) && b.links().is_direct(&a.id));
+    assert_eq!((a.links().direct(), b.links().direct()), (1, 1));
+
+    a.cmds.send(Cmd::Disconnect(b.id)).await.unwrap();
+    a.wait_connected(b.id, false).await;
+    b.wait_connected(a.id, false).await;
+    for i in 0..3 {
+        assert!(a.links().send(&b.id, frame(i, 1000)));
+        assert!(b.links().send(&a.id, frame(i + 10, 10)));
+    }
+    let got = events(&mut [&mut a, &mut b], &[3, 3]).await;
+    let frames = |peer: PeerId, tags: [usize; 3], len| {
+        tags.iter()
+            .map(|&t| LinkEvent::Frame {
+                peer,
+                frame: frame(t, len),
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(got[0], frames(b.id, [10, 11, 12], 10));
+    assert_eq!(got[1], frames(a.id, [0, 1, 2], 1000));
+
+    b.links().close(&a.id);
+    b.expect_down(a.id).await;
+    a.expect_down(b.id).await;
+    assert!(a.linked().is_empty() && b.linked().is_empty());
+}
+
+/// A node that takes direct links and one that does not: the link stays on the swarm, whichever
+/// opens it.
+#[tokio::test]
+async fn a_link_stays_on_the_swarm_when_either_side_takes_no_direct_links() {
+    for direct_opens in [true, false] {
+        let mut d = Node::direct(1).await;
+        let mut s = Node::new(2, Some(8)).await;
+        connect(&mut d, &mut s).await;
+        let (opener, other) = if direct_opens {
+            (&mut d, &mut s)
+        } else {
+            (&mut s, &mut d)
+        };
+        let other_id = other.id;
+        opener.links().open(other_id);
+        opener.expect_up(other_id, true).await;
+        other.expect_up(opener.id, false).await;
+        assert_eq!((d.links().direct(), s.links().direct()), (0, 0));
+        assert!(d.links().send(&s.id, vec![1]));
+        assert_eq!(
+            s.event().await,
+            LinkEvent::Frame {
+                peer: d.id,
+                frame: vec![1]
+            }
+        );
+    }
+}
+
+/// An opener whose direct dial fails (nothing listens where it dials) stays on the swarm stream.
+#[tokio::test]
+async fn a_failed_direct_dial_leaves_the_link_on_the_swarm() {
+    let mut a = Node::direct(1).await;
+    let mut b = Node::direct(2).await;
+    connect(&mut a, &mut b).await;
+    // b listens on 127.0.0.1 only: a dial to 127.0.0.2 at its port is refused.
+    a.links().set_address(b.id, None);
+    a.links()
+        .set_address(b.id, Some("127.0.0.2".parse().unwrap()));
+    a.links().open(b.id);
+    a.expect_up(b.id, true).await;
+    b.expect_up(a.id, false).await;
+    assert!(!a.links().is_direct(&b.id) && !b.links().is_direct(&a.id));
+    assert!(b.links().send(&a.id, vec![2]));
+    assert_eq!(
+        a.event().await,
+        LinkEvent::Frame {
+            peer: b.id,
+            frame: vec![2]
+        }
+    );
+}
+
+/// A direct link must be to the peer asked: a peer that points the opener at another node's
+/// direct port (which proves to be that node) gets no direct link, and the opener stays on the
+/// stream it opened, telling the peer so.
+#[tokio::test]
+async fn a_direct_port_that_proves_another_peer_is_not_linked() {
+    let mut a = Node::direct(1).await;
+    let mut liar = Node::new(2, None).await;
+    let mut other = Node::direct(3).await;
+    // Accepted before the connection: its handlers list their protocols when it opens.
+    let mut incoming = liar.control.accept(RELAY_PROTOCOL).unwrap();
+    connect(&mut a, &mut liar).await;
+    connect(&mut a, &mut other).await;
+    let port = other.links().direct_port().unwrap();
+    a.links().open(liar.id);
+    let (from, mut raw) = timeout(WAIT, incoming.next()).await.unwrap().unwrap();
+    assert_eq!(from, a.id);
+    raw.write_all(&port.to_be_bytes()).await.unwrap();
+    raw.flush().await.unwrap();
+    let mut choice = [0u8; 1];
+    timeout(WAIT, raw.read_exact(&mut choice))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(choice[0], STAY, "the opener went direct to the wrong peer");
+    a.expect_up(liar.id, true).await;
+    assert!(!a.links().is_direct(&liar.id));
+    // `other` took the connection `a` dialled for a link (it was `a`), and lost it when `a` let
+    // it go.
+    let rest = settle(&mut [&mut other]).await;
+    let brief = vec![
+        LinkEvent::Up {
+            peer: a.id,
+            outbound: false,
+        },
+        LinkEvent::Down { peer: a.id },
+    ];
+    assert!(rest == vec![vec![]] || rest == vec![brief], "{rest:?}");
+    assert!(other.linked().is_empty());
 }
