@@ -28,6 +28,7 @@ use gleaner::advert::{CapacityAdvert, OutcomeReport};
 use gleaner::chain::{Advertiser, Outgoing};
 use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, Kind, MachineType, PublicKey, SecretKey};
+use gleaner_space::direct::DirectConfig;
 use gleaner_space::gate::refill;
 use gleaner_space::relay::{AdvertRelay, RelaySummary};
 use gleaner_space::trim::Keep;
@@ -124,6 +125,9 @@ pub struct SpaceConfig {
     pub max_peers: usize,
     /// A connection younger than this is never closed as surplus.
     pub trim_grace: Duration,
+    /// Whether advert relay links go on TCP connections of their own where both ends can
+    /// (`gleaner_space::direct`; on by default), rather than on the swarm's connections.
+    pub direct_links: bool,
 }
 
 impl SpaceConfig {
@@ -141,6 +145,7 @@ impl SpaceConfig {
             idle_timeout: tuning::IDLE_CONNECTION_TIMEOUT,
             max_peers: tuning::TRIM_HIGH,
             trim_grace: tuning::TRIM_GRACE,
+            direct_links: true,
         }
     }
 }
@@ -539,7 +544,7 @@ pub async fn start_space(
     let kad_proto = kad_protocol.clone();
     let topics_scored = [t.outcomes.hash(), t.types.hash(), t.trust.hash()];
     let duplicate_cache = Duration::from_secs(cfg.duplicate_cache_s.max(1));
-    let mut swarm = gleaner_space::build_swarm_with(keypair, cfg.idle_timeout, |k| {
+    let mut swarm = gleaner_space::build_swarm_with(keypair.clone(), cfg.idle_timeout, |k| {
         let codec = request_response::cbor::codec::Codec::default()
             .set_request_size_maximum(1024)
             .set_response_size_maximum(MAX_MACHINE_TYPE as u64 + 1024);
@@ -587,7 +592,13 @@ pub async fn start_space(
     .map_err(SpaceError::Setup)?;
     discovery::dial_bootstrap(&mut swarm, &cfg.bootstrap);
     let local = *swarm.local_peer_id();
-    let relay = AdvertRelay::new(swarm.behaviour().stream.new_control(), local)
+    let direct = gleaner_space::relay::direct_listen(&cfg.listen)
+        .filter(|_| cfg.direct_links)
+        .map(|listen| DirectConfig {
+            keypair: keypair.clone(),
+            listen,
+        });
+    let relay = AdvertRelay::new(swarm.behaviour().stream.new_control(), local, direct)
         .map_err(SpaceError::Setup)?;
     let (tx, rx) = mpsc::channel(256);
     let (learned_tx, learned) = mpsc::channel(32);
@@ -1286,12 +1297,22 @@ impl Node {
                 ..
             } => {
                 let (dialled, now_ms) = (endpoint.is_dialer(), crate::factory::now_ms());
+                self.relay
+                    .connection(peer_id, Some(endpoint.get_remote_address()));
                 self.opened += 1;
                 self.trimmer
                     .established(connection_id, peer_id, dialled, now_ms);
                 discovery::on_connected(&mut self.swarm, peer_id, &self.bootstrap)
             }
-            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+            SwarmEvent::ConnectionClosed {
+                connection_id,
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.relay.connection(peer_id, None);
+                }
                 self.trimmer.closed(connection_id)
             }
             SwarmEvent::NewListenAddr { address, .. } if is_public(&address) => {
@@ -1348,8 +1369,15 @@ impl Node {
             .verdict
     }
 
-    /// A link of the advert relay came, went, or brought a frame.
+    /// A link of the advert relay came, went, or brought a frame. A banned peer's link is closed
+    /// as it comes: the swarm refuses its connections, but a direct link is not the swarm's.
     fn link_event(&mut self, ev: LinkEvent) {
+        if let LinkEvent::Up { peer, .. } = &ev
+            && self.banned.contains_key(peer)
+        {
+            tracing::debug!(%peer, "relay link from a banned peer closed");
+            self.relay.close(peer);
+        }
         let out = self.relay.handle(
             ev,
             &mut self.gate,

@@ -180,9 +180,10 @@ pub fn render(req: &Request, v: &Value) -> String {
             let r = |k: &str| v["relay"][k].as_u64().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "relay {} links opened here, {} by peers; {} refreshes taken, {} copies of adverts heard, {} prunes and {} grafts sent, {} dropped",
+                "relay {} links opened here, {} by peers ({} on connections of their own); {} refreshes taken, {} copies of adverts heard, {} prunes and {} grafts sent, {} dropped",
                 r("outbound"),
                 r("inbound"),
+                r("direct"),
                 r("refreshes"),
                 r("duplicates"),
                 r("prunes_sent"),
@@ -284,12 +285,12 @@ mod space_tests {
     fn the_space_line_shows_every_abuse_counter() {
         let v = serde_json::json!({"space": "dept", "connected": 3, "opened": 37, "trimmed": 29, "rejected_messages": 2,
             "replayed": 5, "rate_limited": 7, "mt_throttled": 11, "peer_id": "12D3", "peers": [],
-            "relay": {"outbound": 3, "inbound": 4, "refreshes": 31, "duplicates": 13, "prunes_sent": 17,
+            "relay": {"outbound": 3, "inbound": 4, "direct": 6, "refreshes": 31, "duplicates": 13, "prunes_sent": 17,
                 "grafts_sent": 19, "dropped": 23}});
         let text = render(&Request::Space, &v);
         assert!(
             text.contains(
-                "relay 3 links opened here, 4 by peers; 31 refreshes taken, 13 copies of adverts heard, 17 prunes and 19 grafts sent, 23 dropped"
+                "relay 3 links opened here, 4 by peers (6 on connections of their own); 31 refreshes taken, 13 copies of adverts heard, 17 prunes and 19 grafts sent, 23 dropped"
             ),
             "{text}"
         );

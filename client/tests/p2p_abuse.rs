@@ -15,6 +15,7 @@ use gleaner::chain::Refresh;
 use gleaner::relay::{FRAME_VERSION, Item, encode};
 use gleaner::{Backend, Blob, Digest, Envelope, Id16, MachineType, OutcomeCode, SecretKey};
 use gleaner_client::p2p::{self, MtRequest, MtResponse, SpaceConfig, SpaceHandle};
+use gleaner_space::direct::STAY;
 use gleaner_space::links::{MAX_FRAME, RELAY_PROTOCOL};
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
 use libp2p::request_response::{self, ProtocolSupport};
@@ -468,15 +469,21 @@ fn refresh_forger(
     (id, state)
 }
 
-/// A relay link from a bare relay peer to `peer`, or `None` if it is not open within 2 s.
+/// A relay link from a bare relay peer to `peer`, or `None` if it is not open within 2 s: the
+/// stream, the peer's hello read and the choice to stay on it written (`gleaner_space::direct`).
 async fn open_link(control: &mut libp2p_stream::Control, peer: PeerId) -> Option<libp2p::Stream> {
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        control.open_stream(peer, RELAY_PROTOCOL),
-    )
-    .await
-    .ok()?
-    .ok()
+    use futures_util::{AsyncReadExt, AsyncWriteExt};
+    let open = async {
+        let mut link = control.open_stream(peer, RELAY_PROTOCOL).await.ok()?;
+        let mut hello = [0u8; 2];
+        link.read_exact(&mut hello).await.ok()?;
+        link.write_all(&[STAY]).await.ok()?;
+        link.flush().await.ok()?;
+        Some(link)
+    };
+    tokio::time::timeout(Duration::from_secs(2), open)
+        .await
+        .ok()?
 }
 
 /// Reads the frames `link` brings and answers each refresh of `host`'s advert with two

@@ -103,6 +103,18 @@ async fn adverts_converge_and_forgeries_are_rejected() {
         nodes.push((k, h));
     }
     let seq = converge(&nodes, "views did not converge").await;
+    // Every node's relay links are on TCP connections of their own (gleaner_space::direct).
+    for (k, h) in &nodes {
+        let r = h.summary().await.unwrap().relay;
+        assert!(
+            r.outbound + r.inbound > 0 && r.direct == r.outbound + r.inbound,
+            "{}: {} out, {} in, {} direct",
+            k.public(),
+            r.outbound,
+            r.inbound,
+            r.direct
+        );
+    }
 
     // An outcome (a fizzle) from one node reaches every view: back-off across the space.
     let (k5, h5) = &nodes[5];
@@ -291,6 +303,11 @@ async fn a_space_over_quic_alone_converges() {
         nodes.push((k, h));
     }
     converge(&nodes, "a space over QUIC alone did not converge").await;
+    // No TCP listener, no direct links: they stay on the QUIC connections.
+    for (_, h) in &nodes {
+        let r = h.summary().await.unwrap().relay;
+        assert!(r.outbound + r.inbound > 0 && r.direct == 0, "{r:?}");
+    }
     cancel.cancel();
 }
 

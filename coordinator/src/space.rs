@@ -227,7 +227,7 @@ pub async fn start(
     let kad_protocol = gleaner_space::kad_protocol(&cfg.space).map_err(SpaceError::Setup)?;
     let mdns_on = cfg.mdns;
     let kad_proto = kad_protocol.clone();
-    let mut swarm = gleaner_space::build_swarm(keypair, |k| {
+    let mut swarm = gleaner_space::build_swarm(keypair.clone(), |k| {
         Ok(Behaviour {
             stream: gleaner_space::StreamBehaviour::new(),
             identify: gleaner_space::swarm::identify_behaviour(k),
@@ -239,9 +239,16 @@ pub async fn start(
     .map_err(SpaceError::Setup)?;
     // An observer looks peers up but answers no lookups: the factories keep the DHT.
     swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
+    let direct = gleaner_space::relay::direct_listen(&cfg.listen).map(|listen| {
+        gleaner_space::direct::DirectConfig {
+            keypair: keypair.clone(),
+            listen,
+        }
+    });
     let relay = AdvertRelay::new(
         swarm.behaviour().stream.new_control(),
         *swarm.local_peer_id(),
+        direct,
     )
     .map_err(SpaceError::Setup)?;
     let addrs = discovery::listen(&mut swarm, &cfg.listen, |_, _| {})
@@ -391,9 +398,18 @@ impl Node {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => {
                 discovery::on_kad(&mut self.swarm, e, tuning::TARGET_PEERS, |_| false)
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                self.relay
+                    .connection(peer_id, Some(endpoint.get_remote_address()));
                 discovery::on_connected(&mut self.swarm, peer_id, &self.bootstrap)
             }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => self.relay.connection(peer_id, None),
             _ => {}
         }
     }

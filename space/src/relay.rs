@@ -16,6 +16,7 @@ use gleaner::space::SpaceView;
 use gleaner::{Digest, Envelope, PublicKey};
 use libp2p::PeerId;
 
+use crate::direct::DirectConfig;
 use crate::gate::{AdvertGate, Verdict};
 use crate::links::{LinkEvent, Links};
 use crate::tuning::{
@@ -49,6 +50,8 @@ pub struct RelaySummary {
     /// Neighbours linked now (opened by this node, and by them).
     pub outbound: usize,
     pub inbound: usize,
+    /// Of those, links on connections of their own ([`crate::direct`]).
+    pub direct: usize,
     /// Copies, prunes, grafts and why, frame bytes, drops (frames a link could not take
     /// included).
     #[serde(flatten)]
@@ -76,9 +79,15 @@ pub struct AdvertRelay {
 const MAX_NEWS: usize = 256;
 
 impl AdvertRelay {
-    /// A relay over `control` (from the swarm's `libp2p_stream::Behaviour`) for node `local`.
-    pub fn new(control: libp2p_stream::Control, local: PeerId) -> Result<AdvertRelay, String> {
-        let mut links = Links::new(control, local, RELAY_MAX_INBOUND)?;
+    /// A relay over `control` (from the swarm's `libp2p_stream::Behaviour`) for node `local`,
+    /// its links on connections of their own where peers take them if `direct` says where this
+    /// node takes them ([`crate::direct`]).
+    pub fn new(
+        control: libp2p_stream::Control,
+        local: PeerId,
+        direct: Option<DirectConfig>,
+    ) -> Result<AdvertRelay, String> {
+        let mut links = Links::new(control, local, RELAY_MAX_INBOUND, direct)?;
         links.defer_frames();
         Ok(AdvertRelay {
             links,
@@ -377,6 +386,19 @@ impl AdvertRelay {
         self.links.pending(peer) || self.links.linked().any(|(p, _)| p == *peer)
     }
 
+    /// A connection to `peer` came up (`remote`: its address) or, with `None`, its last one
+    /// closed: where a direct link to it is dialled.
+    pub fn connection(&mut self, peer: PeerId, remote: Option<&libp2p::Multiaddr>) {
+        match remote {
+            Some(addr) => {
+                if let Some(ip) = ip_of(addr) {
+                    self.links.set_address(peer, Some(ip));
+                }
+            }
+            None => self.links.set_address(peer, None),
+        }
+    }
+
     /// Closes the link to `peer` (a banned one).
     pub fn close(&mut self, peer: &PeerId) {
         self.links.close(peer);
@@ -386,9 +408,34 @@ impl AdvertRelay {
         RelaySummary {
             outbound: self.links.outbound(),
             inbound: self.links.inbound(),
+            direct: self.links.direct(),
             stats: self.relay.stats.clone(),
         }
     }
+}
+
+/// The IP address a multiaddr starts with, if it does.
+fn ip_of(addr: &libp2p::Multiaddr) -> Option<std::net::IpAddr> {
+    match addr.iter().next()? {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(ip.into()),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
+}
+
+/// Where a node whose swarm listens at `listen` takes direct links: the IP of its first TCP
+/// listen address, any port. `None` without one (a QUIC-only node keeps its links on the swarm).
+pub fn direct_listen(listen: &[libp2p::Multiaddr]) -> Option<std::net::SocketAddr> {
+    listen.iter().find_map(|a| {
+        let mut it = a.iter();
+        let ip = match it.next()? {
+            libp2p::multiaddr::Protocol::Ip4(ip) => std::net::IpAddr::from(ip),
+            libp2p::multiaddr::Protocol::Ip6(ip) => std::net::IpAddr::from(ip),
+            _ => return None,
+        };
+        matches!(it.next()?, libp2p::multiaddr::Protocol::Tcp(_))
+            .then_some(std::net::SocketAddr::new(ip, 0))
+    })
 }
 
 /// When a node rotates its links: the first time between half a [`RELAY_ROTATE_MS`] and one and a
