@@ -3,7 +3,8 @@
 //! closes its link and never reaches a view; a node that floods valid adverts is rate-limited
 //! without being banned; honest adverts keep arriving throughout; a replayed outcome is ignored,
 //! not forwarded, and costs its re-sender until it is banned; a peer flooding machine-type
-//! requests is refused and banned while an honest peer's fetch succeeds.
+//! requests is refused and banned while an honest peer's fetch succeeds; a peer banned over a
+//! direct relay link that dials the node's direct port again is closed as it comes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -123,7 +124,13 @@ struct Attack {
 /// A peer with a fresh key that speaks nothing but libp2p-stream (for raw relay links) over
 /// TCP, noise and yamux.
 fn bare_relay_swarm() -> (libp2p::Swarm<libp2p_stream::Behaviour>, PeerId) {
-    let key = libp2p::identity::Keypair::generate_ed25519();
+    bare_relay_swarm_with(libp2p::identity::Keypair::generate_ed25519())
+}
+
+/// As [`bare_relay_swarm`], with the identity `key`.
+fn bare_relay_swarm_with(
+    key: libp2p::identity::Keypair,
+) -> (libp2p::Swarm<libp2p_stream::Behaviour>, PeerId) {
     let id = key.public().to_peer_id();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -418,6 +425,123 @@ async fn junk_floods_are_banned_and_honest_adverts_still_arrive() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    cancel.cancel();
+}
+
+/// A frame of ten adverts for `victim`'s host, each with its signature broken (`tag` makes the
+/// seqs new), with its length prefix.
+fn forged_frame(victim: &SecretKey, tag: u64) -> Vec<u8> {
+    let mut items = Vec::new();
+    for i in 0..10u64 {
+        let mut env = advert(victim, 1_000_000 + tag * 10 + i, 999);
+        env.signature[0] ^= 0xff;
+        encode(&mut items, &Item::Advert(&env.to_bytes()));
+    }
+    let mut f = (items.len() as u32).to_be_bytes().to_vec();
+    f.extend(items);
+    f
+}
+
+/// Whether `link` is closed by its other end within `wait` (what it sends meanwhile is read
+/// and dropped).
+async fn closed_within(link: &mut gleaner_space::direct::LinkStream, wait: Duration) -> bool {
+    use futures_util::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let drain = async {
+        loop {
+            match link.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(wait, drain).await.is_ok()
+}
+
+/// Direct relay links are not the swarm's, so its block list does not keep a banned peer off
+/// them: a peer that sent forged adverts over a direct link is banned and its link closed, and
+/// when it dials the node's direct port again (it learnt the port from the hello) and proves who
+/// it is, that link is closed as it comes, before anything it sends is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_banned_peer_that_dials_a_direct_link_again_is_closed_at_once() {
+    use futures_util::{AsyncReadExt, AsyncWriteExt};
+    let cancel = CancellationToken::new();
+    let (victim_key, h, addr) = node(61, vec![], &cancel).await;
+    // The host the forged adverts claim to be from.
+    let honest_key = SecretKey::from_seed([62; 32]);
+    let target: PeerId = victim_key.public().to_string().parse().unwrap();
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let (mut swarm, bad) = bare_relay_swarm_with(key.clone());
+    let mut control = swarm.behaviour().new_control();
+    swarm.dial(addr).unwrap();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = c.cancelled() => return,
+                _ = swarm.select_next_some() => {}
+            }
+        }
+    });
+    // The node's direct port, from the hello of a stream opened and dropped.
+    let port = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(mut s) = control.open_stream(target, RELAY_PROTOCOL).await {
+                let mut hello = [0u8; 2];
+                s.read_exact(&mut hello).await.unwrap();
+                return u16::from_be_bytes(hello);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("no relay stream to the node");
+    assert_ne!(port, 0, "the node takes no direct links");
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+
+    // Forged adverts over a direct link until the node bans the sender and closes it.
+    let mut link = gleaner_space::direct::dial(&key, target, loopback, port)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tag = 0;
+    let before = loop {
+        tag += 1;
+        let sent = link.write_all(&forged_frame(&honest_key, tag)).await;
+        let _ = link.flush().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = h.summary().await.unwrap();
+        if s.banned.contains(&bad.to_string()) {
+            break s;
+        }
+        assert!(sent.is_ok(), "the link closed before a ban: {s:?}");
+        assert!(Instant::now() < deadline, "no ban: {s:?}");
+    };
+    assert!(
+        closed_within(&mut link, Duration::from_secs(5)).await,
+        "the banned peer's link stayed open"
+    );
+
+    // Back on the direct port, proved: closed at once, and nothing it sends is read.
+    for round in 0..3 {
+        let mut again = gleaner_space::direct::dial(&key, target, loopback, port)
+            .await
+            .expect("the handshake itself is not refused");
+        let _ = again
+            .write_all(&forged_frame(&honest_key, 1000 + round))
+            .await;
+        let _ = again.flush().await;
+        assert!(
+            closed_within(&mut again, Duration::from_secs(5)).await,
+            "a banned peer's direct link was kept (round {round})"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = h.summary().await.unwrap();
+    assert_eq!(
+        after.rejected_messages, before.rejected_messages,
+        "a banned peer's frames were read"
+    );
     cancel.cancel();
 }
 

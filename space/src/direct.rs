@@ -138,7 +138,7 @@ fn wrap(socket: tokio::net::TcpStream) -> Metered<tcp::tokio::TcpStream> {
 }
 
 /// Dials `peer`'s direct links at `ip:port` and proves it is `peer` (within [`DIAL_TIMEOUT`]).
-pub(crate) async fn dial(
+pub async fn dial(
     keypair: &Keypair,
     peer: PeerId,
     ip: IpAddr,
