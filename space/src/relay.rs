@@ -1,7 +1,9 @@
 //! A space node's advert relay: the core's [`gleaner::relay::Relay`] (batching, prune on copies,
-//! graft on silence) over [`Links`] (long-lived `/gleaner/adverts/1` streams to a few
-//! neighbours), with every piece of news checked by the [`AdvertGate`] in one batch signature
-//! check per frame. The client's factories and the coordinator's observer both run one.
+//! graft on silence) over [`Links`] (long-lived `/gleaner/adverts/2` links to a few
+//! neighbours, each on a TCP connection of its own where both ends take that,
+//! [`crate::direct`]), with every piece of news checked by the [`AdvertGate`] in one batch
+//! signature check per frame. The client's factories and the coordinator's observer both run
+//! one.
 //!
 //! Adverts left gossipsub for this: gossipsub sends each message to each mesh peer as its own
 //! frame with its own timer, and each node got every advert D − 1 times; at 30 nodes that was

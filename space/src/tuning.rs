@@ -145,8 +145,9 @@ pub const APP_SPECIFIC_WEIGHT: f64 = 1.0;
 pub const RELAY_OUTBOUND: usize = 2;
 pub const RELAY_MAX_INBOUND: usize = 8;
 /// How often each neighbour's queued adverts go out as one frame: the delay each hop adds at
-/// most, and what makes a frame carry many adverts. Frames are most of a node's CPU (each wakes
-/// a connection at both ends, and crosses the kernel): at 100 nodes, 130 ms sent 18 % fewer than
+/// most, and what makes a frame carry many adverts. Frames are most of a node's CPU (each crosses
+/// the kernel at both ends, and a link on the swarm wakes its connection at both ends; measured
+/// before links went direct, `crate::direct`): at 100 nodes, 130 ms sent 18 % fewer than
 /// 100 ms and cost 12–17 % less CPU per advert; its p99 read 541, 583 and 809 ms in three runs
 /// (100 ms: 505–516 ms; the goal is 1 s), the 809 a tree broken once in the run. 115 ms saved
 /// half as much. Longer flushes took p99 past 1 s in earlier builds (docs/BENCHMARKS.md).
