@@ -261,7 +261,9 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "LIST")]
     pub backends: Option<String>,
     /// Listen for the space's peers on this libp2p address (repeatable)
-    /// [default: /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1]
+    /// [default: /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1]. Advert relay links also
+    /// take TCP connections of their own on the first TCP address's IP, at a port of the
+    /// system's choosing; where a peer cannot reach it they stay on the libp2p connection
     #[arg(long = "listen", value_name = "MULTIADDR")]
     pub listen: Vec<libp2p::Multiaddr>,
     /// Dial these peers to join the space (a wide-area space's bootstrap nodes; repeatable)
