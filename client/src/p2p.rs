@@ -592,12 +592,10 @@ pub async fn start_space(
     .map_err(SpaceError::Setup)?;
     discovery::dial_bootstrap(&mut swarm, &cfg.bootstrap);
     let local = *swarm.local_peer_id();
-    let direct = gleaner_space::relay::direct_listen(&cfg.listen)
-        .filter(|_| cfg.direct_links)
-        .map(|listen| DirectConfig {
-            keypair: keypair.clone(),
-            listen,
-        });
+    let direct = cfg
+        .direct_links
+        .then(|| DirectConfig::for_swarm(&keypair, &cfg.listen))
+        .flatten();
     let relay = AdvertRelay::new(swarm.behaviour().stream.new_control(), local, direct)
         .map_err(SpaceError::Setup)?;
     let (tx, rx) = mpsc::channel(256);

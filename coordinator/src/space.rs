@@ -239,12 +239,7 @@ pub async fn start(
     .map_err(SpaceError::Setup)?;
     // An observer looks peers up but answers no lookups: the factories keep the DHT.
     swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
-    let direct = gleaner_space::relay::direct_listen(&cfg.listen).map(|listen| {
-        gleaner_space::direct::DirectConfig {
-            keypair: keypair.clone(),
-            listen,
-        }
-    });
+    let direct = gleaner_space::direct::DirectConfig::for_swarm(&keypair, &cfg.listen);
     let relay = AdvertRelay::new(
         swarm.behaviour().stream.new_control(),
         *swarm.local_peer_id(),

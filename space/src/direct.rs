@@ -24,7 +24,8 @@ use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade}
 use libp2p::futures::io::{AsyncRead, AsyncWrite};
 use libp2p::futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::identity::Keypair;
-use libp2p::{PeerId, noise, tcp};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId, noise, tcp};
 use tokio::sync::Semaphore;
 
 use crate::swarm::{Metered, keep_alive};
@@ -51,6 +52,30 @@ pub struct DirectConfig {
     pub keypair: Keypair,
     /// The address to listen on (port 0: any).
     pub listen: SocketAddr,
+}
+
+impl DirectConfig {
+    /// Direct links for a node whose swarm listens at `listen`: on the IP of its first TCP listen
+    /// address, any port. `None` without one (a QUIC-only node keeps its links on the swarm).
+    pub fn for_swarm(keypair: &Keypair, listen: &[Multiaddr]) -> Option<DirectConfig> {
+        let ip = listen.iter().find_map(|a| {
+            let ip = ip_of(a)?;
+            matches!(a.iter().nth(1)?, Protocol::Tcp(_)).then_some(ip)
+        })?;
+        Some(DirectConfig {
+            keypair: keypair.clone(),
+            listen: SocketAddr::new(ip, 0),
+        })
+    }
+}
+
+/// The IP address a multiaddr starts with, if it does.
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
 }
 
 /// A direct links listener: its port, and the task accepting on it.

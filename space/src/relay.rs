@@ -393,7 +393,7 @@ impl AdvertRelay {
     pub fn connection(&mut self, peer: PeerId, remote: Option<&libp2p::Multiaddr>) {
         match remote {
             Some(addr) => {
-                if let Some(ip) = ip_of(addr) {
+                if let Some(ip) = crate::direct::ip_of(addr) {
                     self.links.set_address(peer, Some(ip));
                 }
             }
@@ -414,30 +414,6 @@ impl AdvertRelay {
             stats: self.relay.stats.clone(),
         }
     }
-}
-
-/// The IP address a multiaddr starts with, if it does.
-fn ip_of(addr: &libp2p::Multiaddr) -> Option<std::net::IpAddr> {
-    match addr.iter().next()? {
-        libp2p::multiaddr::Protocol::Ip4(ip) => Some(ip.into()),
-        libp2p::multiaddr::Protocol::Ip6(ip) => Some(ip.into()),
-        _ => None,
-    }
-}
-
-/// Where a node whose swarm listens at `listen` takes direct links: the IP of its first TCP
-/// listen address, any port. `None` without one (a QUIC-only node keeps its links on the swarm).
-pub fn direct_listen(listen: &[libp2p::Multiaddr]) -> Option<std::net::SocketAddr> {
-    listen.iter().find_map(|a| {
-        let mut it = a.iter();
-        let ip = match it.next()? {
-            libp2p::multiaddr::Protocol::Ip4(ip) => std::net::IpAddr::from(ip),
-            libp2p::multiaddr::Protocol::Ip6(ip) => std::net::IpAddr::from(ip),
-            _ => return None,
-        };
-        matches!(it.next()?, libp2p::multiaddr::Protocol::Tcp(_))
-            .then_some(std::net::SocketAddr::new(ip, 0))
-    })
 }
 
 /// When a node rotates its links: the first time between half a [`RELAY_ROTATE_MS`] and one and a
