@@ -31,10 +31,10 @@ use tokio::sync::Semaphore;
 use crate::swarm::{Metered, keep_alive};
 
 /// A link's byte stream: a swarm stream or a direct connection.
-pub trait LinkIo: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> LinkIo for T {}
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for T {}
 /// A link's byte stream, boxed.
-pub type LinkStream = Box<dyn LinkIo>;
+pub type LinkStream = Box<dyn ByteStream>;
 
 /// What the opener writes on the swarm stream when it keeps the stream as the link.
 pub const STAY: u8 = b'S';
@@ -192,7 +192,7 @@ pub async fn dial(
 /// The accepting side of an open on the swarm: says this node's direct port (0: none), then waits
 /// for the opener's choice. The stream, if the opener stays on it; `None` if it went direct (it
 /// closes the stream) or gave up.
-pub(crate) async fn accept_stream<S: LinkIo>(
+pub(crate) async fn accept_stream<S: ByteStream>(
     mut stream: S,
     port: u16,
     wait: Duration,
@@ -213,7 +213,7 @@ pub(crate) async fn accept_stream<S: LinkIo>(
 /// The opening side: reads the peer's direct port and dials it if this node can (`direct`: its
 /// identity, and `ip`: where it is connected to the peer); stays on the stream otherwise, or if the
 /// dial fails. The link's stream, and whether it is direct.
-pub(crate) async fn open_stream<S: LinkIo + 'static>(
+pub(crate) async fn open_stream<S: ByteStream + 'static>(
     mut stream: S,
     peer: PeerId,
     direct: Option<(&Keypair, IpAddr)>,
